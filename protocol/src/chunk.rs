@@ -1,0 +1,203 @@
+//! Content-defined chunking and BLAKE3 hashing of release files.
+//!
+//! Files are cut with FastCDC (the 2020 variant, normalisation level 1) into
+//! chunks of [`MIN_CHUNK`] to [`MAX_CHUNK`] bytes, [`AVG_CHUNK`] on average.
+//! Because cut points depend on content, not offsets, an edit moves only the
+//! boundaries near it: the next version of a file shares every chunk that the
+//! edit did not touch, and only changed chunks cross a site's uplink.
+//!
+//! The sizes are a trade. About 1 MiB on average keeps a 1 GiB release near
+//! a thousand chunks, so manifests stay around a hundred kilobytes and the
+//! per-chunk cost of a request is small next to the chunk, while a small edit
+//! still costs only about a megabyte over the uplink. The minimum (a quarter
+//! of the average) stops content with many cut candidates from producing
+//! floods of tiny chunks; the maximum (four times the average) bounds what a
+//! node holds in memory for one chunk and what a lying peer can make it
+//! download before the hash check catches it. A file's last chunk may be
+//! smaller than the minimum; an empty file has no chunks.
+//!
+//! Everything here streams: a file passes through one buffer of twice the
+//! maximum chunk size and is never held in memory whole.
+
+use std::io::{self, Read};
+
+use crate::Hash;
+
+/// Smallest chunk FastCDC cuts (except a file's last chunk).
+pub const MIN_CHUNK: usize = 256 * 1024;
+/// Average chunk size FastCDC aims for.
+pub const AVG_CHUNK: usize = 1024 * 1024;
+/// Largest chunk FastCDC cuts, and the largest a manifest may list.
+pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
+
+/// One chunk of a file: its length and the BLAKE3 hash of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Chunk {
+    pub size: u64,
+    pub hash: Hash,
+}
+
+impl Chunk {
+    /// Whether `data` is exactly this chunk.
+    pub fn matches(&self, data: &[u8]) -> bool {
+        data.len() as u64 == self.size && Hash::of(data) == self.hash
+    }
+}
+
+/// What chunking a file yields: its size, whole-file hash and chunks in
+/// order. The chunks concatenated are the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    pub size: u64,
+    /// BLAKE3 of the whole file, as `b3sum` prints it.
+    pub hash: Hash,
+    pub chunks: Vec<Chunk>,
+}
+
+/// Chunks and hashes everything `reader` yields. `on_chunk` sees each chunk's
+/// bytes with its description, in order, so a caller can copy or store the
+/// file in the same pass.
+pub fn digest_reader<R: Read>(
+    mut reader: R,
+    mut on_chunk: impl FnMut(&[u8], &Chunk) -> io::Result<()>,
+) -> io::Result<FileDigest> {
+    let (mask_s, mask_l) =
+        fastcdc::v2020::select_masks(AVG_CHUNK, fastcdc::v2020::Normalization::Level1);
+    let mut buf = vec![0u8; 2 * MAX_CHUNK];
+    let mut file_hasher = blake3::Hasher::new();
+    let mut chunks = Vec::new();
+    let (mut start, mut end, mut eof) = (0usize, 0usize, false);
+    let mut size = 0u64;
+    loop {
+        // FastCDC needs MAX_CHUNK bytes ahead (or the end of the file) to
+        // place a cut where a whole-file pass would.
+        while !eof && end - start < MAX_CHUNK {
+            if end == buf.len() {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            match reader.read(&mut buf[end..]) {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    file_hasher.update(&buf[end..end + n]);
+                    end += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if start == end {
+            break;
+        }
+        let (_, len) = fastcdc::v2020::cut(
+            &buf[start..end],
+            MIN_CHUNK,
+            AVG_CHUNK,
+            MAX_CHUNK,
+            mask_s,
+            mask_l,
+            mask_s << 1,
+            mask_l << 1,
+        );
+        let data = &buf[start..start + len];
+        let chunk = Chunk {
+            size: len as u64,
+            hash: Hash::of(data),
+        };
+        on_chunk(data, &chunk)?;
+        chunks.push(chunk);
+        size += len as u64;
+        start += len;
+    }
+    Ok(FileDigest {
+        size,
+        hash: file_hasher.finalize().into(),
+        chunks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic incompressible bytes (xorshift), so cut points are
+    /// spread as they are for real binaries.
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_concatenate_to_the_file_and_match_one_pass_fastcdc() {
+        let data = pseudo_random(9 * 1024 * 1024 + 12345, 7);
+        let mut joined = Vec::new();
+        let digest = digest_reader(&data[..], |bytes, chunk| {
+            assert!(chunk.matches(bytes));
+            joined.extend_from_slice(bytes);
+            Ok(())
+        })
+        .expect("in-memory read");
+        assert_eq!(joined, data);
+        assert_eq!(digest.size, data.len() as u64);
+        assert_eq!(digest.hash, Hash::of(&data));
+        let whole: Vec<u64> = fastcdc::v2020::FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+            .map(|c| c.length as u64)
+            .collect();
+        let streamed: Vec<u64> = digest.chunks.iter().map(|c| c.size).collect();
+        assert_eq!(streamed, whole);
+        for c in &digest.chunks[..digest.chunks.len() - 1] {
+            assert!((MIN_CHUNK as u64..=MAX_CHUNK as u64).contains(&c.size));
+        }
+    }
+
+    #[test]
+    fn small_reads_cut_in_the_same_places() {
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = out.len().min(self.0.len()).min(4099);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let data = pseudo_random(6 * 1024 * 1024, 3);
+        let a = digest_reader(&data[..], |_, _| Ok(())).expect("read");
+        let b = digest_reader(Trickle(&data), |_, _| Ok(())).expect("read");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn empty_file_has_no_chunks() {
+        let d = digest_reader(&b""[..], |_, _| Ok(())).expect("read");
+        assert_eq!(d.size, 0);
+        assert!(d.chunks.is_empty());
+        assert_eq!(d.hash, Hash::of(b""));
+    }
+
+    #[test]
+    fn an_edit_changes_only_nearby_chunks() {
+        let mut data = pseudo_random(16 * 1024 * 1024, 11);
+        let before = digest_reader(&data[..], |_, _| Ok(())).expect("read");
+        for b in &mut data[8_000_000..8_000_100] {
+            *b ^= 0xff;
+        }
+        let after = digest_reader(&data[..], |_, _| Ok(())).expect("read");
+        let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.hash).collect();
+        let new_bytes: u64 = after
+            .chunks
+            .iter()
+            .filter(|c| !old.contains(&c.hash))
+            .map(|c| c.size)
+            .sum();
+        assert!(new_bytes <= 2 * MAX_CHUNK as u64, "{new_bytes} new bytes");
+    }
+}

@@ -1,0 +1,649 @@
+//! `AutoUpdater.xml`: the release manifest, in the classic shape and in
+//! format 2.
+//!
+//! [`Manifest::parse`] reads both shapes; [`Manifest::validate`] applies the
+//! rules a node checks before anything touches disk, and refuses the classic
+//! shape (no sizes, no hashes) for install; [`Manifest::check_offer`] adds the
+//! rules that depend on the node (its installed release, the time).
+//! [`Manifest::to_xml`] writes format 2.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::chunk::{Chunk, MAX_CHUNK};
+use crate::hash::HashParseError;
+use crate::version::VersionParseError;
+use crate::{Hash, Version};
+
+/// The manifest's file name in a release directory.
+pub const MANIFEST_FILE: &str = "AutoUpdater.xml";
+/// The detached signature's file name, next to the manifest.
+pub const SIGNATURE_FILE: &str = "AutoUpdater.xml.sig";
+/// Manifests larger than this are refused before parsing. A 1 GiB release
+/// lists about a thousand chunks, a bit over 100 KiB of XML; 16 MiB leaves
+/// room for very large releases while bounding what a hostile origin or peer
+/// can make a node parse.
+pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Which shape a manifest has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The classic single-machine updater's manifest: file names only.
+    Legacy,
+    /// `Format="2"`: sizes, modes, whole-file and chunk hashes.
+    V2,
+}
+
+/// A parsed `AutoUpdater.xml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub format: Format,
+    /// `URLAddres@URL`: the base URL the files are published under.
+    pub url: String,
+    /// `UpdateInfo/UpdateTime@Date`.
+    pub update_time: Option<OffsetDateTime>,
+    /// `UpdateInfo/Version@Num`.
+    pub version: Option<Version>,
+    /// `UpdateInfo/Expires@Date`: after this a node refuses the release.
+    pub expires: Option<OffsetDateTime>,
+    pub files: Vec<UpdateFile>,
+    pub restart: Restart,
+}
+
+/// One `UpdateFile` element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFile {
+    /// Path relative to the install directory, `/`-separated.
+    pub name: String,
+    pub size: Option<u64>,
+    /// Unix permission bits (`Mode="755"`, octal).
+    pub mode: Option<u32>,
+    /// BLAKE3 of the whole file.
+    pub hash: Option<Hash>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// `RestartApp`: whether the application is restarted after an update, and
+/// which one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    pub allow: bool,
+    pub app_name: Option<String>,
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Restart {
+            allow: true,
+            app_name: None,
+        }
+    }
+}
+
+/// Everything that can be wrong with a manifest. Each message names the
+/// element or file and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    #[error("manifest is {size} bytes, more than the {max} bytes lanup accepts")]
+    TooLarge { size: u64, max: u64 },
+    #[error("manifest is not UTF-8 text")]
+    NotUtf8,
+    #[error("manifest is not well-formed XML: {0}")]
+    Xml(String),
+    #[error("manifest Format=\"{0}\" is not supported (lanup reads the classic shape and format 2)")]
+    UnsupportedFormat(String),
+    #[error("manifest has no {0} element")]
+    MissingElement(&'static str),
+    #[error("manifest {element} has no {attribute} attribute")]
+    MissingAttribute { element: String, attribute: &'static str },
+    #[error("manifest UpdateInfo has neither Version nor UpdateTime: nothing says which release this is")]
+    NoVersionOrDate,
+    #[error("manifest Version Num=\"{value}\": {reason}")]
+    InvalidVersion { value: String, reason: VersionParseError },
+    #[error("manifest {element} Date=\"{value}\": not a date (use 2026-11-20 or 2026-11-20T08:00:00Z)")]
+    InvalidDate { element: &'static str, value: String },
+    #[error("manifest ReStart Allow=\"{0}\": expected Yes or No")]
+    InvalidRestart(String),
+    #[error("manifest UpdateFile \"{file}\": {attribute}=\"{value}\" is not a whole number of bytes")]
+    InvalidSize { file: String, attribute: &'static str, value: String },
+    #[error("manifest UpdateFile \"{file}\": Mode=\"{value}\" is not octal permission bits (at most 777)")]
+    InvalidMode { file: String, value: String },
+    #[error("manifest UpdateFile \"{file}\": {element} Hash=\"{value}\" is malformed: {reason}")]
+    InvalidHash { file: String, element: String, value: String, reason: HashParseError },
+    #[error("{}", legacy_message())]
+    Legacy,
+    #[error("manifest UpdateFileList lists no files")]
+    EmptyFileList,
+    #[error("manifest UpdateFile \"{0}\": empty file name")]
+    EmptyPath(String),
+    #[error("manifest UpdateFile \"{0}\": absolute path; names must be relative to the install directory")]
+    AbsolutePath(String),
+    #[error("manifest UpdateFile \"{0}\": Windows drive letter; names must be relative to the install directory")]
+    DriveLetter(String),
+    #[error("manifest UpdateFile \"{0}\": path leaves the install directory (\"..\")")]
+    ParentDir(String),
+    #[error("manifest UpdateFile {0:?}: NUL or control character in the name")]
+    ControlCharacter(String),
+    #[error("manifest UpdateFile \"{0}\": not a normalised path (use '/' between parts, no empty, '.' or trailing parts)")]
+    NotNormalised(String),
+    #[error("manifest UpdateFile \"{0}\" is listed twice")]
+    DuplicateFile(String),
+    #[error("manifest UpdateFile \"{file}\" is also used as a folder by \"{other}\"")]
+    FileIsFolder { file: String, other: String },
+    #[error("manifest UpdateFile \"{file}\": Size is {size} but its chunks add up to {chunk_sum}")]
+    SizeMismatch { file: String, size: u64, chunk_sum: u64 },
+    #[error("manifest UpdateFile \"{file}\": chunk {index} has size {size}, outside 1..={max}")]
+    ChunkSize { file: String, index: usize, size: u64, max: u64 },
+    #[error("release {release} expired at {expires}")]
+    Expired { release: String, expires: String },
+    #[error("release {offered} is not newer than the installed {installed}; lanup does not downgrade silently")]
+    NotNewer { offered: String, installed: String },
+}
+
+fn legacy_message() -> &'static str {
+    "this is a classic AutoUpdater.xml (no Format=\"2\", no sizes, hashes or signature): lanup \
+     will not install from it. Publish the release properly with `lanup publish --dir RELEASE_DIR \
+     --version V --app NAME --url BASE_URL --key PUBLISHER_KEY --out OUT --from-legacy \
+     AutoUpdater.xml`, which hashes every file and signs the manifest"
+}
+
+impl Manifest {
+    /// Parses either shape. Checks syntax: required elements and attributes,
+    /// numbers, dates, hashes. The rules that make a manifest installable are
+    /// in [`Manifest::validate`].
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge {
+                size: bytes.len() as u64,
+                max: MAX_MANIFEST_BYTES,
+            });
+        }
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
+        let xml: xml::AutoUpdater =
+            quick_xml::de::from_str(text).map_err(|e| ManifestError::Xml(e.to_string()))?;
+        Manifest::from_xml(xml)
+    }
+
+    fn from_xml(xml: xml::AutoUpdater) -> Result<Manifest, ManifestError> {
+        let format = match xml.format.as_deref().map(str::trim) {
+            None => Format::Legacy,
+            Some("2") => Format::V2,
+            Some(other) => return Err(ManifestError::UnsupportedFormat(other.to_owned())),
+        };
+        let url = xml
+            .url
+            .ok_or(ManifestError::MissingElement("URLAddres"))?
+            .url
+            .filter(|u| !u.trim().is_empty())
+            .ok_or_else(|| ManifestError::MissingAttribute {
+                element: "URLAddres".into(),
+                attribute: "URL",
+            })?;
+        let info = xml.info.unwrap_or_default();
+        let version = info
+            .version
+            .map(|v| {
+                let num = v.num.ok_or_else(|| ManifestError::MissingAttribute {
+                    element: "Version".into(),
+                    attribute: "Num",
+                })?;
+                num.parse::<Version>()
+                    .map_err(|reason| ManifestError::InvalidVersion { value: num, reason })
+            })
+            .transpose()?;
+        let update_time = parse_date_element(info.update_time, "UpdateTime")?;
+        let expires = parse_date_element(info.expires, "Expires")?;
+        if version.is_none() && update_time.is_none() {
+            return Err(ManifestError::NoVersionOrDate);
+        }
+        let files = xml
+            .files
+            .ok_or(ManifestError::MissingElement("UpdateFileList"))?
+            .files
+            .into_iter()
+            .map(UpdateFile::from_xml)
+            .collect::<Result<Vec<_>, _>>()?;
+        let restart = match xml.restart {
+            None => Restart::default(),
+            Some(r) => Restart {
+                allow: match r.restart.and_then(|a| a.allow) {
+                    None => true,
+                    Some(a) => match a.trim().to_ascii_lowercase().as_str() {
+                        "yes" | "true" | "1" => true,
+                        "no" | "false" | "0" => false,
+                        _ => return Err(ManifestError::InvalidRestart(a)),
+                    },
+                },
+                app_name: r.app_name.and_then(|n| n.name).filter(|n| !n.is_empty()),
+            },
+        };
+        Ok(Manifest {
+            format,
+            url,
+            update_time,
+            version,
+            expires,
+            files,
+            restart,
+        })
+    }
+
+    /// Checks the rules that make a manifest fit to install, whatever node
+    /// reads it: format 2, every file with a safe relative name, a size, a
+    /// hash and chunks that add up to the size, no file listed twice.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format == Format::Legacy {
+            return Err(ManifestError::Legacy);
+        }
+        if self.files.is_empty() {
+            return Err(ManifestError::EmptyFileList);
+        }
+        let mut names = HashSet::with_capacity(self.files.len());
+        for file in &self.files {
+            check_file_name(&file.name)?;
+            if !names.insert(file.name.as_str()) {
+                return Err(ManifestError::DuplicateFile(file.name.clone()));
+            }
+            let element = || format!("UpdateFile \"{}\"", file.name);
+            let size = file.size.ok_or_else(|| ManifestError::MissingAttribute {
+                element: element(),
+                attribute: "Size",
+            })?;
+            if file.hash.is_none() {
+                return Err(ManifestError::MissingAttribute {
+                    element: element(),
+                    attribute: "Hash",
+                });
+            }
+            let mut chunk_sum = 0u64;
+            for (index, chunk) in file.chunks.iter().enumerate() {
+                if chunk.size == 0 || chunk.size > MAX_CHUNK as u64 {
+                    return Err(ManifestError::ChunkSize {
+                        file: file.name.clone(),
+                        index,
+                        size: chunk.size,
+                        max: MAX_CHUNK as u64,
+                    });
+                }
+                chunk_sum += chunk.size;
+            }
+            if chunk_sum != size {
+                return Err(ManifestError::SizeMismatch {
+                    file: file.name.clone(),
+                    size,
+                    chunk_sum,
+                });
+            }
+        }
+        // A name that is also a folder of another name cannot both be
+        // installed.
+        for file in &self.files {
+            let mut prefix = file.name.as_str();
+            while let Some((parent, _)) = prefix.rsplit_once('/') {
+                if names.contains(parent) {
+                    return Err(ManifestError::FileIsFolder {
+                        file: parent.to_owned(),
+                        other: file.name.clone(),
+                    });
+                }
+                prefix = parent;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Manifest::validate`], then the rules that depend on the node: the
+    /// release has not expired at `now`, and it is newer than what is
+    /// installed.
+    pub fn check_offer(
+        &self,
+        installed: Option<&Manifest>,
+        now: OffsetDateTime,
+    ) -> Result<(), ManifestError> {
+        self.validate()?;
+        if let Some(expires) = self.expires {
+            if expires <= now {
+                return Err(ManifestError::Expired {
+                    release: self.release_name(),
+                    expires: format_date(expires),
+                });
+            }
+        }
+        if let Some(installed) = installed {
+            if self.compare_release(installed) != Ordering::Greater {
+                return Err(ManifestError::NotNewer {
+                    offered: self.release_name(),
+                    installed: installed.release_name(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Orders releases as the classic updater did: by Version when both have
+    /// one, otherwise by UpdateTime.
+    pub fn compare_release(&self, other: &Manifest) -> Ordering {
+        match (&self.version, &other.version) {
+            (Some(a), Some(b)) => a.cmp(b),
+            _ => self.update_time.cmp(&other.update_time),
+        }
+    }
+
+    /// The version, or the update date when there is none.
+    pub fn release_name(&self) -> String {
+        match (&self.version, self.update_time) {
+            (Some(v), _) => v.to_string(),
+            (None, Some(t)) => format_date(t),
+            (None, None) => "(unnamed)".into(),
+        }
+    }
+
+    /// Total bytes of all files.
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().filter_map(|f| f.size).sum()
+    }
+
+    /// Writes the manifest as format 2 XML.
+    pub fn to_xml(&self) -> Result<String, ManifestError> {
+        let xml = xml::AutoUpdater {
+            format: Some("2".into()),
+            url: Some(xml::Url {
+                url: Some(self.url.clone()),
+            }),
+            info: Some(xml::Info {
+                update_time: self.update_time.map(|d| xml::Date {
+                    date: Some(format_date(d)),
+                }),
+                version: self.version.as_ref().map(|v| xml::VersionNum {
+                    num: Some(v.to_string()),
+                }),
+                expires: self.expires.map(|d| xml::Date {
+                    date: Some(format_date(d)),
+                }),
+            }),
+            files: Some(xml::FileList {
+                files: self.files.iter().map(UpdateFile::to_xml).collect(),
+            }),
+            restart: Some(xml::RestartApp {
+                restart: Some(xml::Allow {
+                    allow: Some(if self.restart.allow { "Yes" } else { "No" }.into()),
+                }),
+                app_name: self.restart.app_name.clone().map(|n| xml::Name { name: Some(n) }),
+            }),
+        };
+        let mut out = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n");
+        let mut ser = quick_xml::se::Serializer::new(&mut out);
+        ser.indent(' ', 2);
+        xml.serialize(ser)
+            .map_err(|e| ManifestError::Xml(e.to_string()))?;
+        out.push('\n');
+        Ok(out)
+    }
+}
+
+impl UpdateFile {
+    fn from_xml(f: xml::File) -> Result<UpdateFile, ManifestError> {
+        let name = f.name.ok_or_else(|| ManifestError::MissingAttribute {
+            element: "UpdateFile".into(),
+            attribute: "FileName",
+        })?;
+        let size = f
+            .size
+            .map(|s| parse_size(&name, "Size", s))
+            .transpose()?;
+        let mode = f
+            .mode
+            .map(|m| match u32::from_str_radix(m.trim(), 8) {
+                Ok(bits) if bits <= 0o777 && !m.trim().is_empty() => Ok(bits),
+                _ => Err(ManifestError::InvalidMode {
+                    file: name.clone(),
+                    value: m,
+                }),
+            })
+            .transpose()?;
+        let hash = f
+            .hash
+            .map(|h| parse_hash(&name, "UpdateFile".into(), h))
+            .transpose()?;
+        let chunks = f
+            .chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let element = format!("Chunk {i}");
+                let size = c.size.ok_or_else(|| ManifestError::MissingAttribute {
+                    element: format!("UpdateFile \"{name}\" {element}"),
+                    attribute: "Size",
+                })?;
+                let hash = c.hash.ok_or_else(|| ManifestError::MissingAttribute {
+                    element: format!("UpdateFile \"{name}\" {element}"),
+                    attribute: "Hash",
+                })?;
+                Ok(Chunk {
+                    size: parse_size(&name, "Chunk Size", size)?,
+                    hash: parse_hash(&name, element, hash)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ManifestError>>()?;
+        Ok(UpdateFile {
+            name,
+            size,
+            mode,
+            hash,
+            chunks,
+        })
+    }
+
+    fn to_xml(&self) -> xml::File {
+        xml::File {
+            name: Some(self.name.clone()),
+            size: self.size.map(|s| s.to_string()),
+            mode: self.mode.map(|m| format!("{m:o}")),
+            hash: self.hash.map(|h| h.to_string()),
+            chunks: self
+                .chunks
+                .iter()
+                .map(|c| xml::Chunk {
+                    size: Some(c.size.to_string()),
+                    hash: Some(c.hash.to_string()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Checks that `name` is a safe, normalised relative path: it cannot leave
+/// the install directory on Unix or Windows.
+pub fn check_file_name(name: &str) -> Result<(), ManifestError> {
+    let err = |make: fn(String) -> ManifestError| Err(make(name.to_owned()));
+    if name.is_empty() {
+        return err(ManifestError::EmptyPath);
+    }
+    if name.chars().any(char::is_control) {
+        return err(ManifestError::ControlCharacter);
+    }
+    if name.starts_with('/') || name.starts_with('\\') {
+        return err(ManifestError::AbsolutePath);
+    }
+    let b = name.as_bytes();
+    if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':' {
+        return err(ManifestError::DriveLetter);
+    }
+    let parts = name.split(['/', '\\']);
+    if parts.clone().any(|p| p == "..") {
+        return err(ManifestError::ParentDir);
+    }
+    if name.contains('\\') || name.split('/').any(|p| p.is_empty() || p == ".") {
+        return err(ManifestError::NotNormalised);
+    }
+    Ok(())
+}
+
+/// Formats a manifest date: RFC 3339 in UTC.
+pub fn format_date(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Reads a manifest date: RFC 3339 (`2026-11-20T08:00:00Z`) or a plain day
+/// (`2005-02-02`, as the classic manifest writes it; midnight UTC).
+pub fn parse_date(value: &str) -> Option<OffsetDateTime> {
+    let value = value.trim();
+    if let Ok(t) = OffsetDateTime::parse(value, &Rfc3339) {
+        return Some(t);
+    }
+    let day = time::Date::parse(value, time::macros::format_description!("[year]-[month]-[day]"))
+        .ok()?;
+    Some(day.midnight().assume_utc())
+}
+
+fn parse_date_element(
+    el: Option<xml::Date>,
+    element: &'static str,
+) -> Result<Option<OffsetDateTime>, ManifestError> {
+    let Some(el) = el else { return Ok(None) };
+    let value = el.date.ok_or_else(|| ManifestError::MissingAttribute {
+        element: element.into(),
+        attribute: "Date",
+    })?;
+    parse_date(&value)
+        .map(Some)
+        .ok_or(ManifestError::InvalidDate { element, value })
+}
+
+fn parse_size(file: &str, attribute: &'static str, value: String) -> Result<u64, ManifestError> {
+    value.trim().parse().map_err(|_| ManifestError::InvalidSize {
+        file: file.to_owned(),
+        attribute,
+        value,
+    })
+}
+
+fn parse_hash(file: &str, element: String, value: String) -> Result<Hash, ManifestError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|reason| ManifestError::InvalidHash {
+            file: file.to_owned(),
+            element,
+            value,
+            reason,
+        })
+}
+
+/// The chunks a manifest needs, each once, with how many bytes they are.
+/// Identical chunks inside or across files are one entry.
+pub fn unique_chunks<'a>(files: impl IntoIterator<Item = &'a UpdateFile>) -> BTreeMap<Hash, u64> {
+    files
+        .into_iter()
+        .flat_map(|f| f.chunks.iter())
+        .map(|c| (c.hash, c.size))
+        .collect()
+}
+
+/// The XML as written, attribute values as text: conversion to typed values
+/// happens in one place with errors that name the element.
+mod xml {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(rename = "AutoUpdater")]
+    pub(super) struct AutoUpdater {
+        #[serde(rename = "@Format", default, skip_serializing_if = "Option::is_none")]
+        pub(super) format: Option<String>,
+        #[serde(rename = "URLAddres", default, skip_serializing_if = "Option::is_none")]
+        pub(super) url: Option<Url>,
+        #[serde(rename = "UpdateInfo", default, skip_serializing_if = "Option::is_none")]
+        pub(super) info: Option<Info>,
+        #[serde(rename = "UpdateFileList", default, skip_serializing_if = "Option::is_none")]
+        pub(super) files: Option<FileList>,
+        #[serde(rename = "RestartApp", default, skip_serializing_if = "Option::is_none")]
+        pub(super) restart: Option<RestartApp>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Url {
+        #[serde(rename = "@URL", default)]
+        pub(super) url: Option<String>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Info {
+        #[serde(rename = "UpdateTime", default, skip_serializing_if = "Option::is_none")]
+        pub(super) update_time: Option<Date>,
+        #[serde(rename = "Version", default, skip_serializing_if = "Option::is_none")]
+        pub(super) version: Option<VersionNum>,
+        #[serde(rename = "Expires", default, skip_serializing_if = "Option::is_none")]
+        pub(super) expires: Option<Date>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Date {
+        #[serde(rename = "@Date", default)]
+        pub(super) date: Option<String>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct VersionNum {
+        #[serde(rename = "@Num", default)]
+        pub(super) num: Option<String>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct FileList {
+        #[serde(rename = "UpdateFile", default)]
+        pub(super) files: Vec<File>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct File {
+        #[serde(rename = "@FileName", default)]
+        pub(super) name: Option<String>,
+        #[serde(rename = "@Size", default, skip_serializing_if = "Option::is_none")]
+        pub(super) size: Option<String>,
+        #[serde(rename = "@Mode", default, skip_serializing_if = "Option::is_none")]
+        pub(super) mode: Option<String>,
+        #[serde(rename = "@Hash", default, skip_serializing_if = "Option::is_none")]
+        pub(super) hash: Option<String>,
+        #[serde(rename = "Chunk", default)]
+        pub(super) chunks: Vec<Chunk>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Chunk {
+        #[serde(rename = "@Size", default)]
+        pub(super) size: Option<String>,
+        #[serde(rename = "@Hash", default)]
+        pub(super) hash: Option<String>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct RestartApp {
+        #[serde(rename = "ReStart", default, skip_serializing_if = "Option::is_none")]
+        pub(super) restart: Option<Allow>,
+        #[serde(rename = "AppName", default, skip_serializing_if = "Option::is_none")]
+        pub(super) app_name: Option<Name>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Allow {
+        #[serde(rename = "@Allow", default)]
+        pub(super) allow: Option<String>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Name {
+        #[serde(rename = "@Name", default)]
+        pub(super) name: Option<String>,
+    }
+}
+
+#[cfg(test)]
+mod tests;
