@@ -1,1 +1,8 @@
-//! lanup-node
+//! lanup's node as a library. Today it holds what every later part stands
+//! on: reading and checking releases ([`release`]), publisher keys on disk
+//! ([`keys`]), and the embedded HTTP origin ([`origin`]). The site swarm, the
+//! chunk store and the applier build on these.
+
+pub mod keys;
+pub mod origin;
+pub mod release;

@@ -72,7 +72,11 @@ pub struct UpdateFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restart {
     pub allow: bool,
+    /// `AppName@Name`: the application's process name.
     pub app_name: Option<String>,
+    /// `AppName@Exe` (format 2): the listed file that starts the
+    /// application, when it is not simply `Name`.
+    pub exe: Option<String>,
 }
 
 impl Default for Restart {
@@ -80,6 +84,7 @@ impl Default for Restart {
         Restart {
             allow: true,
             app_name: None,
+            exe: None,
         }
     }
 }
@@ -139,6 +144,8 @@ pub enum ManifestError {
     SizeMismatch { file: String, size: u64, chunk_sum: u64 },
     #[error("manifest UpdateFile \"{file}\": chunk {index} has size {size}, outside 1..={max}")]
     ChunkSize { file: String, index: usize, size: u64, max: u64 },
+    #[error("manifest AppName Exe=\"{0}\" is not a file the manifest lists")]
+    UnknownExe(String),
     #[error("release {release} expired at {expires}")]
     Expired { release: String, expires: String },
     #[error("release {offered} is not newer than the installed {installed}; lanup does not downgrade silently")]
@@ -220,7 +227,12 @@ impl Manifest {
                         _ => return Err(ManifestError::InvalidRestart(a)),
                     },
                 },
-                app_name: r.app_name.and_then(|n| n.name).filter(|n| !n.is_empty()),
+                app_name: r
+                    .app_name
+                    .as_ref()
+                    .and_then(|n| n.name.clone())
+                    .filter(|n| !n.is_empty()),
+                exe: r.app_name.and_then(|n| n.exe).filter(|n| !n.is_empty()),
             },
         };
         Ok(Manifest {
@@ -279,6 +291,11 @@ impl Manifest {
                     size,
                     chunk_sum,
                 });
+            }
+        }
+        if let Some(exe) = &self.restart.exe {
+            if !names.contains(exe.as_str()) {
+                return Err(ManifestError::UnknownExe(exe.clone()));
             }
         }
         // A name that is also a folder of another name cannot both be
@@ -374,7 +391,12 @@ impl Manifest {
                 restart: Some(xml::Allow {
                     allow: Some(if self.restart.allow { "Yes" } else { "No" }.into()),
                 }),
-                app_name: self.restart.app_name.clone().map(|n| xml::Name { name: Some(n) }),
+                app_name: (self.restart.app_name.is_some() || self.restart.exe.is_some()).then(
+                    || xml::Name {
+                        name: self.restart.app_name.clone(),
+                        exe: self.restart.exe.clone(),
+                    },
+                ),
             }),
         };
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n");
@@ -640,8 +662,10 @@ mod xml {
 
     #[derive(Debug, Default, Serialize, Deserialize)]
     pub(super) struct Name {
-        #[serde(rename = "@Name", default)]
+        #[serde(rename = "@Name", default, skip_serializing_if = "Option::is_none")]
         pub(super) name: Option<String>,
+        #[serde(rename = "@Exe", default, skip_serializing_if = "Option::is_none")]
+        pub(super) exe: Option<String>,
     }
 }
 

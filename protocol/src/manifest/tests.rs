@@ -35,6 +35,7 @@ fn sample() -> Manifest {
         restart: Restart {
             allow: true,
             app_name: Some("TIMS".into()),
+            exe: Some("bin/TIMS".into()),
         },
     }
 }
@@ -57,7 +58,8 @@ fn parses_the_classic_manifest_as_it_is() {
         m.restart,
         Restart {
             allow: true,
-            app_name: Some("TIMS.exe".into())
+            app_name: Some("TIMS.exe".into()),
+            exe: None,
         }
     );
 }
@@ -301,4 +303,12 @@ fn bad_values_are_named() {
     }
     assert_eq!(Manifest::parse(b"\xff\xfe"), Err(ManifestError::NotUtf8));
     assert!(matches!(Manifest::parse(b"<AutoUpdater"), Err(ManifestError::Xml(_))));
+}
+
+#[test]
+fn the_start_file_must_be_listed() {
+    let mut m = sample();
+    m.restart.exe = Some("bin/missing".into());
+    let err = parse_v2(&m).validate().expect_err("unknown exe");
+    assert_eq!(err, ManifestError::UnknownExe("bin/missing".into()));
 }

@@ -1,0 +1,420 @@
+//! Command-line flags and what each command does with them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lanup_node::origin::Origin;
+use lanup_node::release::{self, ManifestSource, PublishOptions};
+use lanup_node::keys;
+use lanup_protocol::manifest::{format_date, parse_date, unique_chunks, Format, Restart};
+use lanup_protocol::sign::PublicKey;
+use lanup_protocol::units::{format_bytes, Rate};
+use lanup_protocol::{Manifest, Version};
+use time::OffsetDateTime;
+
+/// lanup: one download per site, verified peer-to-peer distribution, and
+/// crash-safe replace-and-restart of an application across a fleet.
+#[derive(Debug, Parser)]
+#[command(name = "lanup", version, about, long_about = None)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a signing key (publisher or admin); prints its public key.
+    Keygen {
+        /// Where to write the secret key (mode 0600; never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Build a signed format-2 release directory from a folder.
+    Publish(PublishArgs),
+    /// (Re)sign a manifest that was edited by hand.
+    Sign {
+        /// The publisher's secret key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The AutoUpdater.xml to sign; the signature goes next to it.
+        manifest: PathBuf,
+    },
+    /// Show what a manifest holds; with --trust, check it as a node would.
+    Inspect {
+        /// A manifest file, a release folder, or an http(s) URL.
+        manifest: String,
+        /// A publisher public key to trust (ed25519:<64 hex digits>);
+        /// repeatable. With it, the signature and the validation rules are
+        /// checked and a failure exits non-zero.
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Vec<PublicKey>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a folder holds every file of a manifest with the right
+    /// size and hash.
+    Verify {
+        /// A manifest file, a release folder, or an http(s) URL.
+        #[arg(long, value_name = "MANIFEST")]
+        manifest: String,
+        /// The folder to check (an install or a release directory).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A publisher public key to trust; repeatable. With it, the
+        /// manifest's signature is checked first.
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Vec<PublicKey>,
+    },
+    /// Serve a release folder over HTTP (GET/HEAD, Range, ETag), with a
+    /// byte count at /_lanup/stats and an optional rate cap.
+    Origin {
+        /// The folder to serve.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Address to listen on, e.g. 0.0.0.0:8080 (port 0 picks one).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Cap on the total send rate: bytes per second (2MiB, 500KB) or
+        /// bits per second (16mbit).
+        #[arg(long, value_name = "RATE")]
+        rate: Option<Rate>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct PublishArgs {
+    /// The folder holding the release's files as they are installed.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The release's version, e.g. 1.0.0.2 (compared part by part).
+    #[arg(long, value_name = "V")]
+    version: Version,
+    /// The application's process name (AppName). Taken from --from-legacy
+    /// when not given.
+    #[arg(long, value_name = "NAME")]
+    app: Option<String>,
+    /// Base URL the output folder will be served under (URLAddres).
+    #[arg(long, value_name = "BASE")]
+    url: String,
+    /// The publisher's secret key file.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Where to write the release directory (not inside --dir).
+    #[arg(long, value_name = "OUT")]
+    out: PathBuf,
+    /// Whether nodes restart the application after installing (default:
+    /// from --from-legacy, else yes).
+    #[arg(long, value_enum)]
+    restart: Option<YesNo>,
+    /// The listed file that starts the application, e.g. bin/TIMS.
+    #[arg(long, value_name = "NAME")]
+    app_exe: Option<String>,
+    /// Release date (UpdateTime): 2026-11-20 or 2026-11-20T08:00:00Z.
+    /// Default: now.
+    #[arg(long, value_name = "DATE")]
+    date: Option<String>,
+    /// Date after which nodes refuse the release.
+    #[arg(long, value_name = "DATE")]
+    expires: Option<String>,
+    /// A classic AutoUpdater.xml to take the app name and restart policy
+    /// from.
+    #[arg(long, value_name = "XML")]
+    from_legacy: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum YesNo {
+    Yes,
+    No,
+}
+
+pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let public = keys::generate(&out)?;
+            eprintln!("secret key written to {} (mode 0600)", out.display());
+            println!("{public}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish(args) => publish(args),
+        Command::Sign { key, manifest } => {
+            let key = keys::load_secret(&key)?;
+            let sig = release::sign_manifest(&manifest, &key)?;
+            eprintln!("signed by {}", key.public());
+            println!("{}", sig.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            manifest,
+            trust,
+            json,
+        } => runtime()?.block_on(inspect(&manifest, &trust, json)),
+        Command::Verify {
+            manifest,
+            dir,
+            trust,
+        } => runtime()?.block_on(verify(&manifest, &dir, &trust)),
+        Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn date_arg(flag: &str, value: &str) -> Result<OffsetDateTime> {
+    parse_date(value).with_context(|| {
+        format!("{flag} {value:?}: not a date (use 2026-11-20 or 2026-11-20T08:00:00Z)")
+    })
+}
+
+fn publish(args: PublishArgs) -> Result<ExitCode> {
+    let legacy = match &args.from_legacy {
+        None => None,
+        Some(path) => {
+            let source = ManifestSource {
+                location: path.display().to_string(),
+                bytes: std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                signature: None,
+                signature_location: String::new(),
+            };
+            Some(source.parse()?)
+        }
+    };
+    let app_name = args
+        .app
+        .clone()
+        .or_else(|| legacy.as_ref().and_then(|l| l.restart.app_name.clone()))
+        .context("--app NAME is required (or --from-legacy with an AppName)")?;
+    let allow = match args.restart {
+        Some(YesNo::Yes) => true,
+        Some(YesNo::No) => false,
+        None => legacy.as_ref().is_none_or(|l| l.restart.allow),
+    };
+    if !(args.url.starts_with("http://") || args.url.starts_with("https://")) {
+        bail!("--url {:?}: expected an http:// or https:// base URL", args.url);
+    }
+    let mut url = args.url.clone();
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    let update_time = match &args.date {
+        Some(d) => date_arg("--date", d)?,
+        None => {
+            let now = OffsetDateTime::now_utc();
+            now.replace_nanosecond(0).unwrap_or(now)
+        }
+    };
+    let expires = args.expires.as_deref().map(|d| date_arg("--expires", d)).transpose()?;
+    let key = keys::load_secret(&args.key)?;
+    let opts = PublishOptions {
+        dir: args.dir.clone(),
+        out: args.out.clone(),
+        version: args.version.clone(),
+        url,
+        update_time,
+        expires,
+        restart: Restart {
+            allow,
+            app_name: Some(app_name),
+            exe: args.app_exe.clone(),
+        },
+    };
+    let published = release::publish(&opts, &key)?;
+    if let Some(legacy) = &legacy {
+        let listed: std::collections::HashSet<_> =
+            published.manifest.files.iter().map(|f| f.name.as_str()).collect();
+        for f in legacy.files.iter().filter(|f| !listed.contains(f.name.as_str())) {
+            eprintln!(
+                "warning: {} lists {:?}, which is not in {}",
+                args.from_legacy.as_deref().unwrap_or(Path::new("")).display(),
+                f.name,
+                args.dir.display()
+            );
+        }
+    }
+    let m = &published.manifest;
+    eprintln!(
+        "published {} {}: {} files, {} in {} chunks, signed by {}",
+        m.restart.app_name.as_deref().unwrap_or(""),
+        m.release_name(),
+        m.files.len(),
+        format_bytes(m.total_size()),
+        m.files.iter().map(|f| f.chunks.len()).sum::<usize>(),
+        published.signed_by
+    );
+    println!("{}", published.manifest_path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn inspect(location: &str, trust: &[PublicKey], json: bool) -> Result<ExitCode> {
+    let source = ManifestSource::read(location).await?;
+    let (manifest, checked) = if trust.is_empty() {
+        (source.parse()?, false)
+    } else {
+        (source.authenticate(trust, OffsetDateTime::now_utc())?, true)
+    };
+    let signer = source.signature().ok().map(|s| s.key);
+    if json {
+        println!("{}", manifest_json(&source.location, &manifest, signer.as_ref(), checked));
+    } else {
+        print_manifest(&source.location, &manifest, signer.as_ref(), checked);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manifest_json(
+    location: &str,
+    m: &Manifest,
+    signer: Option<&PublicKey>,
+    checked: bool,
+) -> serde_json::Value {
+    let files: Vec<_> = m
+        .files
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "name": f.name,
+                "size": f.size,
+                "mode": f.mode.map(|m| format!("{m:o}")),
+                "hash": f.hash.map(|h| h.to_string()),
+                "chunks": f.chunks.iter().map(|c| serde_json::json!({
+                    "size": c.size, "hash": c.hash.to_string()
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "source": location,
+        "format": match m.format { Format::Legacy => 1, Format::V2 => 2 },
+        "version": m.version.as_ref().map(ToString::to_string),
+        "update_time": m.update_time.map(format_date),
+        "expires": m.expires.map(format_date),
+        "url": m.url,
+        "restart": {
+            "allow": m.restart.allow,
+            "app_name": m.restart.app_name,
+            "exe": m.restart.exe,
+        },
+        "total_size": m.total_size(),
+        "chunk_count": m.files.iter().map(|f| f.chunks.len()).sum::<usize>(),
+        "unique_chunks": unique_chunks(&m.files).len(),
+        "files": files,
+        "signature": {
+            "key": signer.map(ToString::to_string),
+            "verified": checked,
+        },
+    })
+}
+
+fn print_manifest(location: &str, m: &Manifest, signer: Option<&PublicKey>, checked: bool) {
+    let mut out = std::io::stdout().lock();
+    let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+    let chunk_count: usize = m.files.iter().map(|f| f.chunks.len()).sum();
+    let _ = writeln!(out, "manifest   {location}");
+    let _ = writeln!(
+        out,
+        "format     {}",
+        match m.format {
+            Format::V2 => "2",
+            Format::Legacy => "classic (file names only; cannot be installed as it is)",
+        }
+    );
+    let _ = writeln!(out, "version    {}", or_dash(m.version.as_ref().map(ToString::to_string)));
+    let _ = writeln!(out, "released   {}", or_dash(m.update_time.map(format_date)));
+    let _ = writeln!(out, "expires    {}", or_dash(m.expires.map(format_date)));
+    let _ = writeln!(out, "url        {}", m.url);
+    let _ = writeln!(
+        out,
+        "restart    {} (app {}, started by {})",
+        if m.restart.allow { "yes" } else { "no" },
+        or_dash(m.restart.app_name.clone()),
+        or_dash(m.restart.exe.clone().or_else(|| m.restart.app_name.clone()))
+    );
+    let _ = writeln!(
+        out,
+        "files      {} files, {} in {chunk_count} chunks ({} unique)",
+        m.files.len(),
+        format_bytes(m.total_size()),
+        unique_chunks(&m.files).len()
+    );
+    let sig = match (signer, checked) {
+        (Some(k), true) => format!("valid, by trusted key {k}"),
+        (Some(k), false) => format!("by {k}, not checked (pass --trust KEY)"),
+        (None, _) => "none".into(),
+    };
+    let _ = writeln!(out, "signature  {sig}");
+    for f in &m.files {
+        let _ = writeln!(
+            out,
+            "  {:>4} {:>12} {} {}",
+            f.mode.map_or("-".into(), |m| format!("{m:o}")),
+            f.size.map_or("-".into(), |s| s.to_string()),
+            f.hash.map_or("-".repeat(16), |h| h.to_string()[..16].to_owned()),
+            f.name
+        );
+    }
+}
+
+async fn verify(location: &str, dir: &Path, trust: &[PublicKey]) -> Result<ExitCode> {
+    let source = ManifestSource::read(location).await?;
+    let manifest = if trust.is_empty() {
+        let m = source.parse()?;
+        m.validate().with_context(|| source.location.clone())?;
+        m
+    } else {
+        source.authenticate(trust, OffsetDateTime::now_utc())?
+    };
+    let mismatches = release::verify_dir(&manifest, dir);
+    if mismatches.is_empty() {
+        println!(
+            "ok: {} holds all {} files of {} {} ({})",
+            dir.display(),
+            manifest.files.len(),
+            manifest.restart.app_name.as_deref().unwrap_or("release"),
+            manifest.release_name(),
+            format_bytes(manifest.total_size())
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (name, why) in &mismatches {
+        println!("MISMATCH {name}: {why}");
+    }
+    eprintln!(
+        "lanup: {} of {} files in {} do not match {}",
+        mismatches.len(),
+        manifest.files.len(),
+        dir.display(),
+        source.location
+    );
+    Ok(ExitCode::from(1))
+}
+
+async fn origin(dir: &Path, listen: &str, rate: Option<Rate>) -> Result<ExitCode> {
+    let origin = Origin::bind(dir, listen, rate).await?;
+    let addr = origin.local_addr()?;
+    println!("lanup origin: serving {} at http://{addr}/", dir.display());
+    std::io::stdout().flush()?;
+    origin.serve(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,380 @@
+//! Release directories: publishing one from a folder, reading a manifest and
+//! its signature from a path or URL, and checking a folder against a
+//! manifest.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use lanup_protocol::chunk::digest_reader;
+use lanup_protocol::manifest::{
+    check_file_name, Format, Restart, MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE,
+};
+use lanup_protocol::sign::{PublicKey, SecretKey, Signature};
+use lanup_protocol::{Hash, Manifest, UpdateFile, Version};
+use time::OffsetDateTime;
+
+/// What `lanup publish` needs, resolved from flags and a classic manifest.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// The folder holding the release's files as they are installed.
+    pub dir: PathBuf,
+    /// Where the release directory is written; must not be inside `dir`.
+    pub out: PathBuf,
+    pub version: Version,
+    /// Base URL the release directory will be served under.
+    pub url: String,
+    pub update_time: OffsetDateTime,
+    pub expires: Option<OffsetDateTime>,
+    pub restart: Restart,
+}
+
+/// What a publish produced.
+#[derive(Debug)]
+pub struct Published {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub signed_by: PublicKey,
+}
+
+/// Builds a signed format-2 release directory: every regular file of
+/// `opts.dir` is chunked, hashed and copied to `opts.out` at its `FileName`
+/// path in one streaming pass, then `AutoUpdater.xml` and its signature are
+/// written. Files are written under a temporary name and renamed into place,
+/// so a reader never sees half a file.
+pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
+    let dir = fs::canonicalize(&opts.dir)
+        .with_context(|| format!("release folder {}", opts.dir.display()))?;
+    if !dir.is_dir() {
+        bail!("release folder {}: not a directory", dir.display());
+    }
+    fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
+    let out = fs::canonicalize(&opts.out)?;
+    if out.starts_with(&dir) {
+        bail!(
+            "output folder {} is inside the release folder {}; choose an output folder elsewhere",
+            out.display(),
+            dir.display()
+        );
+    }
+
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(&dir).sort_by_file_name() {
+        let entry = entry.with_context(|| format!("cannot read release folder {}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry.file_type();
+        if kind.is_dir() {
+            continue;
+        }
+        if kind.is_symlink() {
+            bail!(
+                "{}: is a symbolic link; lanup publishes regular files only (copy the target in)",
+                path.display()
+            );
+        }
+        if !kind.is_file() {
+            bail!("{}: not a regular file", path.display());
+        }
+        let name = file_name_of(&dir, path)?;
+        check_file_name(&name).with_context(|| format!("{}", path.display()))?;
+        files.push(copy_and_digest(path, &out, &name)?);
+    }
+
+    let manifest = Manifest {
+        format: Format::V2,
+        url: opts.url.clone(),
+        update_time: Some(opts.update_time),
+        version: Some(opts.version.clone()),
+        expires: opts.expires,
+        files,
+        restart: opts.restart.clone(),
+    };
+    manifest
+        .validate()
+        .context("the release would not be installable")?;
+    let xml = manifest.to_xml()?;
+    let manifest_path = out.join(MANIFEST_FILE);
+    write_atomically(&manifest_path, xml.as_bytes())?;
+    let signature = key.sign(xml.as_bytes());
+    write_atomically(&out.join(SIGNATURE_FILE), signature.to_text().as_bytes())?;
+    Ok(Published {
+        manifest,
+        manifest_path,
+        signed_by: key.public(),
+    })
+}
+
+/// Re-signs a manifest edited by hand, after checking it still parses and
+/// validates: a signature over a manifest no node would accept helps nobody.
+pub fn sign_manifest(manifest_path: &Path, key: &SecretKey) -> Result<PathBuf> {
+    let bytes = read_bounded_file(manifest_path)?;
+    let manifest = Manifest::parse(&bytes).with_context(|| format!("{}", manifest_path.display()))?;
+    manifest
+        .validate()
+        .with_context(|| format!("{}", manifest_path.display()))?;
+    let sig_path = signature_path_for(manifest_path);
+    write_atomically(&sig_path, key.sign(&bytes).to_text().as_bytes())?;
+    Ok(sig_path)
+}
+
+/// The `.sig` file that belongs to a manifest file.
+pub fn signature_path_for(manifest_path: &Path) -> PathBuf {
+    let mut name = manifest_path.as_os_str().to_owned();
+    name.push(".sig");
+    PathBuf::from(name)
+}
+
+fn file_name_of(root: &Path, path: &Path) -> Result<String> {
+    let rel = path.strip_prefix(root)?;
+    let parts = rel
+        .components()
+        .map(|c| {
+            c.as_os_str()
+                .to_str()
+                .with_context(|| format!("{}: file name is not UTF-8", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(parts.join("/"))
+}
+
+fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
+    let reader = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let mode = reader.metadata()?.permissions().mode() & 0o777;
+    let dest = out.join(name);
+    let parent = dest.parent().unwrap_or(out);
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = temp_path(&dest);
+    let mut writer =
+        File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let digest = digest_reader(reader, |data, _| writer.write_all(data))
+        .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
+    writer.set_permissions(fs::Permissions::from_mode(mode))?;
+    drop(writer);
+    fs::rename(&tmp, &dest).with_context(|| format!("cannot rename into {}", dest.display()))?;
+    Ok(UpdateFile {
+        name: name.to_owned(),
+        size: Some(digest.size),
+        mode: Some(mode),
+        hash: Some(digest.hash),
+        chunks: digest.chunks,
+    })
+}
+
+fn temp_path(dest: &Path) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    dest.with_file_name(format!(".{name}.lanup-tmp"))
+}
+
+fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(dest);
+    let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dest).with_context(|| format!("cannot rename into {}", dest.display()))
+}
+
+/// A manifest's bytes and its signature file's, as read from disk or HTTP.
+#[derive(Debug, Clone)]
+pub struct ManifestSource {
+    /// Where the manifest came from, for messages.
+    pub location: String,
+    pub bytes: Vec<u8>,
+    /// The `.sig` file's text, when there is one.
+    pub signature: Option<Vec<u8>>,
+    /// Where the signature was looked for.
+    pub signature_location: String,
+}
+
+impl ManifestSource {
+    /// Reads a manifest from a file, a release folder, or an http(s) URL (a
+    /// URL ending in `/` names a release directory). Manifests over
+    /// [`MAX_MANIFEST_BYTES`] are refused before they are read whole.
+    pub async fn read(location: &str) -> Result<ManifestSource> {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            let url = if location.ends_with('/') {
+                format!("{location}{MANIFEST_FILE}")
+            } else {
+                location.to_owned()
+            };
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()?;
+            let bytes = http_get_bounded(&client, &url)
+                .await?
+                .with_context(|| format!("{url}: not found"))?;
+            let sig_url = format!("{url}.sig");
+            let signature = http_get_bounded(&client, &sig_url).await?;
+            return Ok(ManifestSource {
+                location: url,
+                bytes,
+                signature,
+                signature_location: sig_url,
+            });
+        }
+        let mut path = PathBuf::from(location);
+        if path.is_dir() {
+            path = path.join(MANIFEST_FILE);
+        }
+        let bytes = read_bounded_file(&path)?;
+        let sig_path = signature_path_for(&path);
+        let signature = match fs::read(&sig_path) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", sig_path.display())),
+        };
+        Ok(ManifestSource {
+            location: path.display().to_string(),
+            bytes,
+            signature,
+            signature_location: sig_path.display().to_string(),
+        })
+    }
+
+    /// The signature, parsed; an error names the file and the reason.
+    pub fn signature(&self) -> Result<Signature> {
+        let Some(bytes) = &self.signature else {
+            bail!("{}: no signature file", self.signature_location);
+        };
+        let text = std::str::from_utf8(bytes)
+            .with_context(|| format!("{}: not text", self.signature_location))?;
+        Signature::from_text(text).with_context(|| self.signature_location.clone())
+    }
+
+    /// Checks, in this order, that a trusted key signed these exact bytes,
+    /// that they parse, and that the manifest is installable at `now`.
+    pub fn authenticate(&self, trusted: &[PublicKey], now: OffsetDateTime) -> Result<Manifest> {
+        self.signature()?
+            .verify(&self.bytes, trusted)
+            .with_context(|| self.location.clone())?;
+        let manifest = self.parse()?;
+        manifest
+            .check_offer(None, now)
+            .with_context(|| self.location.clone())?;
+        Ok(manifest)
+    }
+
+    /// Parses without any trust check (for display).
+    pub fn parse(&self) -> Result<Manifest> {
+        Manifest::parse(&self.bytes).with_context(|| self.location.clone())
+    }
+}
+
+fn read_bounded_file(path: &Path) -> Result<Vec<u8>> {
+    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let size = file.metadata()?.len();
+    if size > MAX_MANIFEST_BYTES {
+        bail!(
+            "{}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} bytes lanup accepts",
+            path.display()
+        );
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        bail!("{}: manifest grew past {MAX_MANIFEST_BYTES} bytes while being read", path.display());
+    }
+    Ok(bytes)
+}
+
+/// GETs `url`, refusing bodies over [`MAX_MANIFEST_BYTES`]. `None` on 404.
+async fn http_get_bounded(client: &reqwest::Client, url: &str) -> Result<Option<Vec<u8>>> {
+    let mut resp = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("cannot fetch {url}"))?;
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    if !resp.status().is_success() {
+        bail!("{url}: origin answered {}", resp.status());
+    }
+    if let Some(len) = resp.content_length() {
+        if len > MAX_MANIFEST_BYTES {
+            bail!("{url}: manifest is {len} bytes, more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
+        }
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.with_context(|| format!("reading {url}"))? {
+        body.extend_from_slice(&chunk);
+        if body.len() as u64 > MAX_MANIFEST_BYTES {
+            bail!("{url}: manifest is more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
+        }
+    }
+    Ok(Some(body))
+}
+
+/// How one file on disk differs from its manifest entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    Missing,
+    NotAFile,
+    Size { expected: u64, actual: u64 },
+    Hash { expected: Hash, actual: Hash },
+    Unreadable(String),
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mismatch::Missing => f.write_str("missing"),
+            Mismatch::NotAFile => f.write_str("not a regular file"),
+            Mismatch::Size { expected, actual } => {
+                write!(f, "size {actual}, expected {expected}")
+            }
+            Mismatch::Hash { expected, actual } => {
+                write!(f, "hash {actual}, expected {expected}")
+            }
+            Mismatch::Unreadable(e) => write!(f, "unreadable: {e}"),
+        }
+    }
+}
+
+/// Checks that `dir` holds every file `manifest` lists with the right size
+/// and hash. Returns each mismatching file with how it differs; empty means
+/// all match. Files the manifest does not list are not looked at.
+pub fn verify_dir(manifest: &Manifest, dir: &Path) -> Vec<(String, Mismatch)> {
+    manifest
+        .files
+        .iter()
+        .filter_map(|file| verify_file(file, dir).err().map(|m| (file.name.clone(), m)))
+        .collect()
+}
+
+fn verify_file(file: &UpdateFile, dir: &Path) -> Result<(), Mismatch> {
+    let path = dir.join(&file.name);
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Mismatch::Missing),
+        Err(e) => return Err(Mismatch::Unreadable(e.to_string())),
+    };
+    if !meta.is_file() {
+        return Err(Mismatch::NotAFile);
+    }
+    if let Some(expected) = file.size {
+        if meta.len() != expected {
+            return Err(Mismatch::Size {
+                expected,
+                actual: meta.len(),
+            });
+        }
+    }
+    if let Some(expected) = file.hash {
+        let actual = hash_file(&path).map_err(|e| Mismatch::Unreadable(e.to_string()))?;
+        if actual != expected {
+            return Err(Mismatch::Hash { expected, actual });
+        }
+    }
+    Ok(())
+}
+
+/// BLAKE3 of a file, streamed.
+pub fn hash_file(path: &Path) -> io::Result<Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path)?)?;
+    Ok(hasher.finalize().into())
+}
