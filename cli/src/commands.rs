@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use lanup_node::keys;
 use lanup_node::origin::Origin;
 use lanup_node::release::{self, ManifestSource, PublishOptions};
-use lanup_node::keys;
 use lanup_protocol::manifest::{format_date, parse_date, unique_chunks, Format, Restart};
 use lanup_protocol::sign::PublicKey;
 use lanup_protocol::units::{format_bytes, Rate};
@@ -200,7 +200,10 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
         None => legacy.as_ref().is_none_or(|l| l.restart.allow),
     };
     if !(args.url.starts_with("http://") || args.url.starts_with("https://")) {
-        bail!("--url {:?}: expected an http:// or https:// base URL", args.url);
+        bail!(
+            "--url {:?}: expected an http:// or https:// base URL",
+            args.url
+        );
     }
     let mut url = args.url.clone();
     if !url.ends_with('/') {
@@ -213,7 +216,11 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
             now.replace_nanosecond(0).unwrap_or(now)
         }
     };
-    let expires = args.expires.as_deref().map(|d| date_arg("--expires", d)).transpose()?;
+    let expires = args
+        .expires
+        .as_deref()
+        .map(|d| date_arg("--expires", d))
+        .transpose()?;
     let key = keys::load_secret(&args.key)?;
     let opts = PublishOptions {
         dir: args.dir.clone(),
@@ -230,12 +237,23 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
     };
     let published = release::publish(&opts, &key)?;
     if let Some(legacy) = &legacy {
-        let listed: std::collections::HashSet<_> =
-            published.manifest.files.iter().map(|f| f.name.as_str()).collect();
-        for f in legacy.files.iter().filter(|f| !listed.contains(f.name.as_str())) {
+        let listed: std::collections::HashSet<_> = published
+            .manifest
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        for f in legacy
+            .files
+            .iter()
+            .filter(|f| !listed.contains(f.name.as_str()))
+        {
             eprintln!(
                 "warning: {} lists {:?}, which is not in {}",
-                args.from_legacy.as_deref().unwrap_or(Path::new("")).display(),
+                args.from_legacy
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display(),
                 f.name,
                 args.dir.display()
             );
@@ -264,7 +282,10 @@ async fn inspect(location: &str, trust: &[PublicKey], json: bool) -> Result<Exit
     };
     let signer = source.signature().ok().map(|s| s.key);
     if json {
-        println!("{}", manifest_json(&source.location, &manifest, signer.as_ref(), checked));
+        println!(
+            "{}",
+            manifest_json(&source.location, &manifest, signer.as_ref(), checked)
+        );
     } else {
         print_manifest(&source.location, &manifest, signer.as_ref(), checked);
     }
@@ -328,8 +349,16 @@ fn print_manifest(location: &str, m: &Manifest, signer: Option<&PublicKey>, chec
             Format::Legacy => "classic (file names only; cannot be installed as it is)",
         }
     );
-    let _ = writeln!(out, "version    {}", or_dash(m.version.as_ref().map(ToString::to_string)));
-    let _ = writeln!(out, "released   {}", or_dash(m.update_time.map(format_date)));
+    let _ = writeln!(
+        out,
+        "version    {}",
+        or_dash(m.version.as_ref().map(ToString::to_string))
+    );
+    let _ = writeln!(
+        out,
+        "released   {}",
+        or_dash(m.update_time.map(format_date))
+    );
     let _ = writeln!(out, "expires    {}", or_dash(m.expires.map(format_date)));
     let _ = writeln!(out, "url        {}", m.url);
     let _ = writeln!(
@@ -358,7 +387,8 @@ fn print_manifest(location: &str, m: &Manifest, signer: Option<&PublicKey>, chec
             "  {:>4} {:>12} {} {}",
             f.mode.map_or("-".into(), |m| format!("{m:o}")),
             f.size.map_or("-".into(), |s| s.to_string()),
-            f.hash.map_or("-".repeat(16), |h| h.to_string()[..16].to_owned()),
+            f.hash
+                .map_or("-".repeat(16), |h| h.to_string()[..16].to_owned()),
             f.name
         );
     }

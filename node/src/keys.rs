@@ -27,8 +27,8 @@ pub fn generate(path: &Path) -> Result<PublicKey> {
 
 /// Reads a secret key file. Refuses one that others can read, as ssh does.
 pub fn load_secret(path: &Path) -> Result<SecretKey> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(
@@ -54,7 +54,10 @@ mod tests {
         let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(load_secret(&path)?.public(), public);
-        assert!(generate(&path).is_err(), "an existing key must not be replaced");
+        assert!(
+            generate(&path).is_err(),
+            "an existing key must not be replaced"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
         let err = load_secret(&path).expect_err("world-readable key refused");
         assert!(err.to_string().contains("chmod 600"), "{err}");

@@ -106,7 +106,10 @@ impl Origin {
     }
 
     /// Serves until `shutdown` completes.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let addr = self.listener.local_addr()?;
         info!(
             root = %self.shared.root.display(),
@@ -132,7 +135,11 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "requests": s.requests(),
         "rate_bytes_per_sec": shared.rate.map(Rate::bytes_per_sec),
     });
-    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn serve_file(State(shared): State<Arc<Shared>>, req: Request) -> Response {
@@ -293,7 +300,10 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("secret"), root.join("link"))?;
 
         assert_eq!(resolve(&root, "/bin/app"), Some(root.join("bin/app")));
-        assert_eq!(resolve(&root, "/%C3%A9t%C3%A9.txt"), Some(root.join("été.txt")));
+        assert_eq!(
+            resolve(&root, "/%C3%A9t%C3%A9.txt"),
+            Some(root.join("été.txt"))
+        );
         assert_eq!(resolve(&root, "/../etc/passwd"), None);
         assert_eq!(resolve(&root, "/bin/%2E%2E/%2E%2E/etc/passwd"), None);
         assert_eq!(resolve(&root, "/bin/..%2F..%2Fetc"), None);

@@ -63,7 +63,8 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
 
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(&dir).sort_by_file_name() {
-        let entry = entry.with_context(|| format!("cannot read release folder {}", dir.display()))?;
+        let entry =
+            entry.with_context(|| format!("cannot read release folder {}", dir.display()))?;
         let path = entry.path();
         let kind = entry.file_type();
         if kind.is_dir() {
@@ -111,7 +112,8 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
 /// validates: a signature over a manifest no node would accept helps nobody.
 pub fn sign_manifest(manifest_path: &Path, key: &SecretKey) -> Result<PathBuf> {
     let bytes = read_bounded_file(manifest_path)?;
-    let manifest = Manifest::parse(&bytes).with_context(|| format!("{}", manifest_path.display()))?;
+    let manifest =
+        Manifest::parse(&bytes).with_context(|| format!("{}", manifest_path.display()))?;
     manifest
         .validate()
         .with_context(|| format!("{}", manifest_path.display()))?;
@@ -164,7 +166,10 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
 }
 
 fn temp_path(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.lanup-tmp"))
 }
 
@@ -275,7 +280,10 @@ fn read_bounded_file(path: &Path) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(size as usize);
     file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-        bail!("{}: manifest grew past {MAX_MANIFEST_BYTES} bytes while being read", path.display());
+        bail!(
+            "{}: manifest grew past {MAX_MANIFEST_BYTES} bytes while being read",
+            path.display()
+        );
     }
     Ok(bytes)
 }
@@ -299,7 +307,11 @@ async fn http_get_bounded(client: &reqwest::Client, url: &str) -> Result<Option<
         }
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.with_context(|| format!("reading {url}"))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("reading {url}"))?
+    {
         body.extend_from_slice(&chunk);
         if body.len() as u64 > MAX_MANIFEST_BYTES {
             bail!("{url}: manifest is more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");

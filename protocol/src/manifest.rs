@@ -100,26 +100,50 @@ pub enum ManifestError {
     NotUtf8,
     #[error("manifest is not well-formed XML: {0}")]
     Xml(String),
-    #[error("manifest Format=\"{0}\" is not supported (lanup reads the classic shape and format 2)")]
+    #[error(
+        "manifest Format=\"{0}\" is not supported (lanup reads the classic shape and format 2)"
+    )]
     UnsupportedFormat(String),
     #[error("manifest has no {0} element")]
     MissingElement(&'static str),
     #[error("manifest {element} has no {attribute} attribute")]
-    MissingAttribute { element: String, attribute: &'static str },
+    MissingAttribute {
+        element: String,
+        attribute: &'static str,
+    },
     #[error("manifest UpdateInfo has neither Version nor UpdateTime: nothing says which release this is")]
     NoVersionOrDate,
     #[error("manifest Version Num=\"{value}\": {reason}")]
-    InvalidVersion { value: String, reason: VersionParseError },
-    #[error("manifest {element} Date=\"{value}\": not a date (use 2026-11-20 or 2026-11-20T08:00:00Z)")]
-    InvalidDate { element: &'static str, value: String },
+    InvalidVersion {
+        value: String,
+        reason: VersionParseError,
+    },
+    #[error(
+        "manifest {element} Date=\"{value}\": not a date (use 2026-11-20 or 2026-11-20T08:00:00Z)"
+    )]
+    InvalidDate {
+        element: &'static str,
+        value: String,
+    },
     #[error("manifest ReStart Allow=\"{0}\": expected Yes or No")]
     InvalidRestart(String),
-    #[error("manifest UpdateFile \"{file}\": {attribute}=\"{value}\" is not a whole number of bytes")]
-    InvalidSize { file: String, attribute: &'static str, value: String },
+    #[error(
+        "manifest UpdateFile \"{file}\": {attribute}=\"{value}\" is not a whole number of bytes"
+    )]
+    InvalidSize {
+        file: String,
+        attribute: &'static str,
+        value: String,
+    },
     #[error("manifest UpdateFile \"{file}\": Mode=\"{value}\" is not octal permission bits (at most 777)")]
     InvalidMode { file: String, value: String },
     #[error("manifest UpdateFile \"{file}\": {element} Hash=\"{value}\" is malformed: {reason}")]
-    InvalidHash { file: String, element: String, value: String, reason: HashParseError },
+    InvalidHash {
+        file: String,
+        element: String,
+        value: String,
+        reason: HashParseError,
+    },
     #[error("{}", legacy_message())]
     Legacy,
     #[error("manifest UpdateFileList lists no files")]
@@ -141,9 +165,18 @@ pub enum ManifestError {
     #[error("manifest UpdateFile \"{file}\" is also used as a folder by \"{other}\"")]
     FileIsFolder { file: String, other: String },
     #[error("manifest UpdateFile \"{file}\": Size is {size} but its chunks add up to {chunk_sum}")]
-    SizeMismatch { file: String, size: u64, chunk_sum: u64 },
+    SizeMismatch {
+        file: String,
+        size: u64,
+        chunk_sum: u64,
+    },
     #[error("manifest UpdateFile \"{file}\": chunk {index} has size {size}, outside 1..={max}")]
-    ChunkSize { file: String, index: usize, size: u64, max: u64 },
+    ChunkSize {
+        file: String,
+        index: usize,
+        size: u64,
+        max: u64,
+    },
     #[error("manifest AppName Exe=\"{0}\" is not a file the manifest lists")]
     UnknownExe(String),
     #[error("release {release} expired at {expires}")]
@@ -415,10 +448,7 @@ impl UpdateFile {
             element: "UpdateFile".into(),
             attribute: "FileName",
         })?;
-        let size = f
-            .size
-            .map(|s| parse_size(&name, "Size", s))
-            .transpose()?;
+        let size = f.size.map(|s| parse_size(&name, "Size", s)).transpose()?;
         let mode = f
             .mode
             .map(|m| match u32::from_str_radix(m.trim(), 8) {
@@ -521,8 +551,11 @@ pub fn parse_date(value: &str) -> Option<OffsetDateTime> {
     if let Ok(t) = OffsetDateTime::parse(value, &Rfc3339) {
         return Some(t);
     }
-    let day = time::Date::parse(value, time::macros::format_description!("[year]-[month]-[day]"))
-        .ok()?;
+    let day = time::Date::parse(
+        value,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .ok()?;
     Some(day.midnight().assume_utc())
 }
 
@@ -541,11 +574,14 @@ fn parse_date_element(
 }
 
 fn parse_size(file: &str, attribute: &'static str, value: String) -> Result<u64, ManifestError> {
-    value.trim().parse().map_err(|_| ManifestError::InvalidSize {
-        file: file.to_owned(),
-        attribute,
-        value,
-    })
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ManifestError::InvalidSize {
+            file: file.to_owned(),
+            attribute,
+            value,
+        })
 }
 
 fn parse_hash(file: &str, element: String, value: String) -> Result<Hash, ManifestError> {
@@ -582,11 +618,23 @@ mod xml {
         pub(super) format: Option<String>,
         #[serde(rename = "URLAddres", default, skip_serializing_if = "Option::is_none")]
         pub(super) url: Option<Url>,
-        #[serde(rename = "UpdateInfo", default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            rename = "UpdateInfo",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         pub(super) info: Option<Info>,
-        #[serde(rename = "UpdateFileList", default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            rename = "UpdateFileList",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         pub(super) files: Option<FileList>,
-        #[serde(rename = "RestartApp", default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            rename = "RestartApp",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         pub(super) restart: Option<RestartApp>,
     }
 
@@ -598,7 +646,11 @@ mod xml {
 
     #[derive(Debug, Default, Serialize, Deserialize)]
     pub(super) struct Info {
-        #[serde(rename = "UpdateTime", default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            rename = "UpdateTime",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         pub(super) update_time: Option<Date>,
         #[serde(rename = "Version", default, skip_serializing_if = "Option::is_none")]
         pub(super) version: Option<VersionNum>,

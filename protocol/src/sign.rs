@@ -166,7 +166,9 @@ impl Signature {
         }
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         if lines.next() != Some(SIG_MAGIC) {
-            return Err(SignatureError::Malformed("first line is not `lanup-signature 1`"));
+            return Err(SignatureError::Malformed(
+                "first line is not `lanup-signature 1`",
+            ));
         }
         let key = lines
             .next()
@@ -181,7 +183,9 @@ impl Signature {
         hex::decode_to_slice(sig_hex.trim(), &mut bytes)
             .map_err(|_| SignatureError::Malformed("signature is not 128 hex digits"))?;
         if lines.next().is_some() {
-            return Err(SignatureError::Malformed("unexpected text after the signature"));
+            return Err(SignatureError::Malformed(
+                "unexpected text after the signature",
+            ));
         }
         Ok(Signature { key, bytes })
     }
@@ -240,7 +244,10 @@ mod tests {
             sig.verify(&manifest, &[other]),
             Err(SignatureError::Untrusted(key.public()))
         );
-        assert_eq!(sig.verify(&manifest, &[]), Err(SignatureError::NoTrustedKeys));
+        assert_eq!(
+            sig.verify(&manifest, &[]),
+            Err(SignatureError::NoTrustedKeys)
+        );
     }
 
     #[test]

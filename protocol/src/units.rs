@@ -26,7 +26,12 @@ pub fn parse_size(input: &str) -> Result<u64, UnitParseError> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" => 1e12,
         "tib" => 1024f64.powi(4),
-        _ => return Err(err(input, "unknown unit (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        _ => {
+            return Err(err(
+                input,
+                "unknown unit (use B, KiB, MiB, GiB, KB, MB, GB)",
+            ))
+        }
     };
     to_u64(input, value * mult)
 }
@@ -52,7 +57,12 @@ impl Rate {
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.bytes_per_sec as f64;
-        write!(f, "{:.2} MiB/s ({:.1} Mbit/s)", b / 1048576.0, b * 8.0 / 1e6)
+        write!(
+            f,
+            "{:.2} MiB/s ({:.1} Mbit/s)",
+            b / 1048576.0,
+            b * 8.0 / 1e6
+        )
     }
 }
 

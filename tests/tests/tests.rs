@@ -1,1 +1,7 @@
-//! Tests
+//! Workspace-level tests: the `lanup` binary run as separate processes
+//! against real files and a real HTTP origin.
+
+mod bad_input;
+mod common;
+mod origin;
+mod publish;

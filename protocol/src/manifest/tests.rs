@@ -70,7 +70,10 @@ fn legacy_is_refused_for_install_with_directions() {
     let err = m.validate().expect_err("legacy must not validate");
     assert_eq!(err, ManifestError::Legacy);
     let msg = err.to_string();
-    assert!(msg.contains("lanup publish") && msg.contains("--from-legacy"), "{msg}");
+    assert!(
+        msg.contains("lanup publish") && msg.contains("--from-legacy"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -125,20 +128,44 @@ fn unsafe_file_names_are_refused_each_with_its_reason() {
         with_name("../etc/passwd"),
         ManifestError::ParentDir("../etc/passwd".into())
     );
-    assert_eq!(with_name("bin/../../x"), ManifestError::ParentDir("bin/../../x".into()));
+    assert_eq!(
+        with_name("bin/../../x"),
+        ManifestError::ParentDir("bin/../../x".into())
+    );
     assert_eq!(with_name("..\\x"), ManifestError::ParentDir("..\\x".into()));
-    assert_eq!(with_name("/etc/passwd"), ManifestError::AbsolutePath("/etc/passwd".into()));
-    assert_eq!(with_name("\\\\server\\x"), ManifestError::AbsolutePath("\\\\server\\x".into()));
-    assert_eq!(with_name("C:\\Windows\\x"), ManifestError::DriveLetter("C:\\Windows\\x".into()));
+    assert_eq!(
+        with_name("/etc/passwd"),
+        ManifestError::AbsolutePath("/etc/passwd".into())
+    );
+    assert_eq!(
+        with_name("\\\\server\\x"),
+        ManifestError::AbsolutePath("\\\\server\\x".into())
+    );
+    assert_eq!(
+        with_name("C:\\Windows\\x"),
+        ManifestError::DriveLetter("C:\\Windows\\x".into())
+    );
     assert_eq!(with_name("c:x"), ManifestError::DriveLetter("c:x".into()));
-    assert_eq!(with_name("a\0b"), ManifestError::ControlCharacter("a\0b".into()));
-    assert_eq!(with_name("a//b"), ManifestError::NotNormalised("a//b".into()));
+    assert_eq!(
+        with_name("a\0b"),
+        ManifestError::ControlCharacter("a\0b".into())
+    );
+    assert_eq!(
+        with_name("a//b"),
+        ManifestError::NotNormalised("a//b".into())
+    );
     assert_eq!(with_name("./a"), ManifestError::NotNormalised("./a".into()));
     assert_eq!(with_name("a/"), ManifestError::NotNormalised("a/".into()));
-    assert_eq!(with_name("bin\\TIMS"), ManifestError::NotNormalised("bin\\TIMS".into()));
+    assert_eq!(
+        with_name("bin\\TIMS"),
+        ManifestError::NotNormalised("bin\\TIMS".into())
+    );
     assert_eq!(with_name(""), ManifestError::EmptyPath("".into()));
     let msg = with_name("../x").to_string();
-    assert_eq!(msg, "manifest UpdateFile \"../x\": path leaves the install directory (\"..\")");
+    assert_eq!(
+        msg,
+        "manifest UpdateFile \"../x\": path leaves the install directory (\"..\")"
+    );
 }
 
 #[test]
@@ -152,7 +179,10 @@ fn a_nul_in_the_xml_is_refused() {
         .and_then(|m| m.validate())
         .expect_err("NUL refused");
     assert!(
-        matches!(err, ManifestError::Xml(_) | ManifestError::ControlCharacter(_)),
+        matches!(
+            err,
+            ManifestError::Xml(_) | ManifestError::ControlCharacter(_)
+        ),
         "{err:?}"
     );
 }
@@ -179,7 +209,11 @@ fn chunk_sizes_are_bounded() {
     m.files[0].chunks.push(chunk(0, b"c"));
     assert!(matches!(
         m.validate(),
-        Err(ManifestError::ChunkSize { index: 2, size: 0, .. })
+        Err(ManifestError::ChunkSize {
+            index: 2,
+            size: 0,
+            ..
+        })
     ));
     let mut m = sample();
     m.files[0].chunks = vec![chunk(MAX_CHUNK as u64 + 1, b"c")];
@@ -193,7 +227,10 @@ fn malformed_hashes_name_the_file() {
     let xml = sample().to_xml().expect("serialise");
     let bad = xml.replacen(&good, &good[..63], 1);
     let err = Manifest::parse(bad.as_bytes()).expect_err("short hash");
-    assert!(matches!(&err, ManifestError::InvalidHash { file, .. } if file == "bin/TIMS"), "{err:?}");
+    assert!(
+        matches!(&err, ManifestError::InvalidHash { file, .. } if file == "bin/TIMS"),
+        "{err:?}"
+    );
     let bad = xml.replacen(&good, &format!("z{}", &good[1..]), 1);
     let err = Manifest::parse(bad.as_bytes()).expect_err("non-hex hash");
     assert!(err.to_string().contains("bin/TIMS"), "{err}");
@@ -235,10 +272,16 @@ fn missing_hash_or_size_is_named() {
 fn duplicates_and_file_folder_clashes_are_refused() {
     let mut m = sample();
     m.files[1].name = "bin/TIMS".into();
-    assert_eq!(m.validate(), Err(ManifestError::DuplicateFile("bin/TIMS".into())));
+    assert_eq!(
+        m.validate(),
+        Err(ManifestError::DuplicateFile("bin/TIMS".into()))
+    );
     let mut m = sample();
     m.files[1].name = "bin/TIMS/x".into();
-    assert!(matches!(m.validate(), Err(ManifestError::FileIsFolder { .. })));
+    assert!(matches!(
+        m.validate(),
+        Err(ManifestError::FileIsFolder { .. })
+    ));
 }
 
 #[test]
@@ -260,7 +303,9 @@ fn offers_must_be_newer_and_unexpired() {
         Err(ManifestError::NotNewer { .. })
     ));
     offer.version = Some("1.0.0.10".parse().expect("version"));
-    offer.check_offer(Some(&installed), now).expect("newer is fine");
+    offer
+        .check_offer(Some(&installed), now)
+        .expect("newer is fine");
     let later = parse_date("2027-03-01").expect("date");
     assert!(matches!(
         offer.check_offer(Some(&installed), later),
@@ -287,22 +332,34 @@ fn without_versions_the_date_decides() {
 fn bad_values_are_named() {
     let xml = sample().to_xml().expect("serialise");
     let cases = [
-        (xml.replace("Num=\"1.0.0.2\"", "Num=\"1.x\""), "Version Num=\"1.x\""),
+        (
+            xml.replace("Num=\"1.0.0.2\"", "Num=\"1.x\""),
+            "Version Num=\"1.x\"",
+        ),
         (
             xml.replace("Date=\"2026-11-20T08:00:00Z\"", "Date=\"yesterday\""),
             "UpdateTime Date=\"yesterday\"",
         ),
-        (xml.replace("Mode=\"755\"", "Mode=\"4755\""), "Mode=\"4755\""),
+        (
+            xml.replace("Mode=\"755\"", "Mode=\"4755\""),
+            "Mode=\"4755\"",
+        ),
         (xml.replace("Size=\"3000\"", "Size=\"3k\""), "Size=\"3k\""),
         (xml.replace("Format=\"2\"", "Format=\"3\""), "Format=\"3\""),
-        (xml.replace("Allow=\"Yes\"", "Allow=\"maybe\""), "Allow=\"maybe\""),
+        (
+            xml.replace("Allow=\"Yes\"", "Allow=\"maybe\""),
+            "Allow=\"maybe\"",
+        ),
     ];
     for (bad, expected) in cases {
         let err = Manifest::parse(bad.as_bytes()).expect_err(expected);
         assert!(err.to_string().contains(expected), "{err} lacks {expected}");
     }
     assert_eq!(Manifest::parse(b"\xff\xfe"), Err(ManifestError::NotUtf8));
-    assert!(matches!(Manifest::parse(b"<AutoUpdater"), Err(ManifestError::Xml(_))));
+    assert!(matches!(
+        Manifest::parse(b"<AutoUpdater"),
+        Err(ManifestError::Xml(_))
+    ));
 }
 
 #[test]

@@ -1,0 +1,265 @@
+//! Publish → inspect → verify round trips, over files and over HTTP.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::common::*;
+
+/// The release folder the round trip uses: nested folders, an empty file,
+/// a 50 MiB file, names outside ASCII.
+fn sample_release(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    files.insert("bin/TIMS".to_owned(), pseudo_random(3_000_000, 1));
+    files.insert(
+        "big/data.bin".to_owned(),
+        pseudo_random(50 * 1024 * 1024, 2),
+    );
+    files.insert("empty.cfg".to_owned(), Vec::new());
+    files.insert(
+        "share/données/été €.txt".to_owned(),
+        "bonjour\n".as_bytes().to_vec(),
+    );
+    files.insert("a/b/c/d/deep.dat".to_owned(), pseudo_random(70_000, 3));
+    for (name, bytes) in &files {
+        write(dir, name, bytes);
+    }
+    files
+}
+
+#[test]
+fn publish_inspect_verify_round_trip() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rel = tmp.path().join("release");
+    let out = tmp.path().join("out");
+    let files = sample_release(&rel);
+    let (key, public) = keygen(tmp.path(), "publisher.key");
+
+    run_ok(&[
+        "publish",
+        "--dir",
+        s(&rel),
+        "--version",
+        "1.0.0.2",
+        "--app",
+        "TIMS",
+        "--app-exe",
+        "bin/TIMS",
+        "--url",
+        "http://127.0.0.1/tims",
+        "--key",
+        s(&key),
+        "--out",
+        s(&out),
+    ]);
+
+    // inspect --trust accepts it and reports what it holds.
+    let json = run_ok(&[
+        "inspect",
+        s(&out.join("AutoUpdater.xml")),
+        "--trust",
+        &public,
+        "--json",
+    ]);
+    let m: serde_json::Value = serde_json::from_str(&json).expect("inspect --json is JSON");
+    assert_eq!(m["version"], "1.0.0.2");
+    assert_eq!(m["url"], "http://127.0.0.1/tims/");
+    assert_eq!(m["signature"]["verified"], true);
+    assert_eq!(m["restart"]["exe"], "bin/TIMS");
+    let listed = m["files"].as_array().expect("files");
+    assert_eq!(listed.len(), files.len());
+
+    // Every listed file: the hash is what b3sum prints, the chunks
+    // concatenated are the file, and the published copy is byte-identical.
+    for f in listed {
+        let name = f["name"].as_str().expect("name");
+        let original = &files[name];
+        assert_eq!(f["size"], original.len() as u64, "{name}");
+        assert_eq!(
+            f["hash"],
+            blake3::hash(original).to_hex().as_str(),
+            "{name}"
+        );
+        let mut offset = 0usize;
+        for c in f["chunks"].as_array().expect("chunks") {
+            let size = c["size"].as_u64().expect("size") as usize;
+            let piece = &original[offset..offset + size];
+            assert_eq!(
+                c["hash"],
+                blake3::hash(piece).to_hex().as_str(),
+                "{name} @{offset}"
+            );
+            offset += size;
+        }
+        assert_eq!(offset, original.len(), "{name}: chunks cover the file");
+        assert_eq!(
+            &std::fs::read(out.join(name)).expect("published copy"),
+            original
+        );
+    }
+    let big_chunks = listed
+        .iter()
+        .find(|f| f["name"] == "big/data.bin")
+        .and_then(|f| f["chunks"].as_array())
+        .map_or(0, Vec::len);
+    assert!(
+        (20..=120).contains(&big_chunks),
+        "50 MiB in {big_chunks} chunks"
+    );
+
+    // verify: both the source folder and the published folder match.
+    let ok = run_ok(&[
+        "verify",
+        "--manifest",
+        s(&out),
+        "--dir",
+        s(&rel),
+        "--trust",
+        &public,
+    ]);
+    assert!(ok.starts_with("ok:"), "{ok}");
+    run_ok(&[
+        "verify",
+        "--manifest",
+        s(&out),
+        "--dir",
+        s(&out),
+        "--trust",
+        &public,
+    ]);
+
+    // ...and over HTTP from a real origin.
+    let origin = OriginProc::start(&out, None);
+    let text = run_ok(&["inspect", &origin.url, "--trust", &public]);
+    assert!(text.contains("valid, by trusted key"), "{text}");
+    run_ok(&[
+        "verify",
+        "--manifest",
+        &origin.url,
+        "--dir",
+        s(&rel),
+        "--trust",
+        &public,
+    ]);
+
+    // A changed, a missing and a truncated file are each named.
+    std::fs::write(rel.join("bin/TIMS"), b"tampered").expect("write");
+    std::fs::remove_file(rel.join("empty.cfg")).expect("rm");
+    let deep = rel.join("a/b/c/d/deep.dat");
+    let mut bytes = std::fs::read(&deep).expect("read");
+    bytes[100] ^= 1;
+    std::fs::write(&deep, bytes).expect("write");
+    let out_v = run(&[
+        "verify",
+        "--manifest",
+        s(&out),
+        "--dir",
+        s(&rel),
+        "--trust",
+        &public,
+    ]);
+    assert_eq!(out_v.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out_v.stdout);
+    assert!(
+        report.contains("MISMATCH bin/TIMS: size 8, expected 3000000"),
+        "{report}"
+    );
+    assert!(report.contains("MISMATCH empty.cfg: missing"), "{report}");
+    assert!(
+        report.contains("MISMATCH a/b/c/d/deep.dat: hash"),
+        "{report}"
+    );
+    assert_eq!(report.lines().count(), 3, "{report}");
+}
+
+#[test]
+fn from_legacy_takes_app_and_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rel = tmp.path().join("release");
+    for name in ["aa.txt", "VB40.rar", "VB4-1.CAB"] {
+        write(&rel, name, name.as_bytes());
+    }
+    let legacy = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/fixtures/AutoUpdater.legacy.xml"),
+    )
+    .expect("fixture")
+    .replace("Allow = \"Yes\"", "Allow = \"No\"");
+    let legacy_path = tmp.path().join("AutoUpdater.xml");
+    std::fs::write(&legacy_path, legacy).expect("write");
+    let (key, public) = keygen(tmp.path(), "k");
+    let out = tmp.path().join("out");
+    run_ok(&[
+        "publish",
+        "--dir",
+        s(&rel),
+        "--version",
+        "1.0.0.2",
+        "--url",
+        "https://updates.example/tims/",
+        "--key",
+        s(&key),
+        "--out",
+        s(&out),
+        "--from-legacy",
+        s(&legacy_path),
+        "--date",
+        "2026-11-20",
+        "--expires",
+        "2099-01-01",
+    ]);
+    let json = run_ok(&["inspect", s(&out), "--trust", &public, "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(m["restart"]["app_name"], "TIMS.exe");
+    assert_eq!(m["restart"]["allow"], false);
+    assert_eq!(m["update_time"], "2026-11-20T00:00:00Z");
+    assert_eq!(m["expires"], "2099-01-01T00:00:00Z");
+    assert_eq!(m["files"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn sign_re_signs_a_hand_edited_manifest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rel = tmp.path().join("release");
+    write(&rel, "app", b"v1");
+    let (key, public) = keygen(tmp.path(), "k");
+    let out = tmp.path().join("out");
+    run_ok(&[
+        "publish",
+        "--dir",
+        s(&rel),
+        "--version",
+        "1",
+        "--app",
+        "app",
+        "--url",
+        "http://a/",
+        "--key",
+        s(&key),
+        "--out",
+        s(&out),
+    ]);
+    let manifest = out.join("AutoUpdater.xml");
+    let edited = std::fs::read_to_string(&manifest)
+        .expect("read")
+        .replace("http://a/", "http://b/");
+    std::fs::write(&manifest, edited).expect("write");
+    let err = run_fails(&["inspect", s(&manifest), "--trust", &public]);
+    assert!(err.contains("does not match the manifest bytes"), "{err}");
+    run_ok(&["sign", "--key", s(&key), s(&manifest)]);
+    let text = run_ok(&["inspect", s(&manifest), "--trust", &public]);
+    assert!(text.contains("http://b/"), "{text}");
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_prints_one_public_string() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(tmp.path(), "k");
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        public.starts_with("ed25519:") && public.len() == 72,
+        "{public}"
+    );
+    let err = run_fails(&["keygen", "--out", s(&key)]);
+    assert!(err.contains("cannot create key file"), "{err}");
+}
