@@ -24,8 +24,22 @@ pub(crate) struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// The demo narrates for itself; other commands log at INFO.
+    pub(crate) fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Demo(_) => "warn",
+            _ => "info",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run lanup's job end to end on this machine: publish a sample release,
+    /// serve it behind a capped uplink, fetch, verify and stage it, then do
+    /// the same for a second version with small edits.
+    Demo(crate::demo::DemoArgs),
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
         /// Where to write the secret key (mode 0600; never overwritten).
@@ -134,6 +148,10 @@ enum YesNo {
 
 pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Demo(args) => {
+            runtime()?.block_on(crate::demo::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { out } => {
             let public = keys::generate(&out)?;
             eprintln!("secret key written to {} (mode 0600)", out.display());

@@ -3,6 +3,7 @@
 //! mapped to an exit code.
 
 mod commands;
+mod demo;
 
 use std::process::ExitCode;
 
@@ -10,7 +11,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = commands::Cli::parse();
-    init_logging();
+    init_logging(cli.default_log_level());
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -20,9 +21,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr; `LANUP_LOG` (e.g. `debug`, `lanup_node=trace`)
+/// overrides the command's default level.
+fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LANUP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

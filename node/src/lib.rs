@@ -3,6 +3,8 @@
 //! ([`keys`]), and the embedded HTTP origin ([`origin`]). The site swarm, the
 //! chunk store and the applier build on these.
 
+pub mod fetch;
 pub mod keys;
 pub mod origin;
 pub mod release;
+pub mod store;

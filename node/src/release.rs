@@ -148,14 +148,16 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
     let dest = out.join(name);
     let parent = dest.parent().unwrap_or(out);
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = temp_path(&dest);
-    let mut writer =
-        File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut writer = tempfile::NamedTempFile::new_in(parent)
+        .with_context(|| format!("cannot write in {}", parent.display()))?;
     let digest = digest_reader(reader, |data, _| writer.write_all(data))
         .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
-    writer.set_permissions(fs::Permissions::from_mode(mode))?;
-    drop(writer);
-    fs::rename(&tmp, &dest).with_context(|| format!("cannot rename into {}", dest.display()))?;
+    writer
+        .as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    writer
+        .persist(&dest)
+        .with_context(|| format!("cannot rename into {}", dest.display()))?;
     Ok(UpdateFile {
         name: name.to_owned(),
         size: Some(digest.size),

@@ -27,6 +27,7 @@
 pub mod chunk;
 pub mod hash;
 pub mod manifest;
+pub mod plan;
 pub mod sign;
 pub mod units;
 pub mod version;

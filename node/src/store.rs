@@ -1,0 +1,117 @@
+//! The node's content-addressed chunk store: every chunk it holds, of every
+//! release, once, named by its BLAKE3 hash. A chunk is checked against its
+//! hash before it is stored, so the store only ever holds good bytes.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use lanup_protocol::chunk::Chunk;
+use lanup_protocol::Hash;
+
+/// Chunks on disk under one folder: `<root>/<first two hex digits>/<hash>`.
+#[derive(Debug, Clone)]
+pub struct ChunkStore {
+    root: PathBuf,
+}
+
+/// Why a chunk was not stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("chunk {expected}: received {len} bytes that do not hash to it")]
+    Corrupt { expected: Hash, len: usize },
+    #[error("chunk store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ChunkStore {
+    /// Opens (creating) a store at `root`.
+    pub fn open(root: &Path) -> Result<ChunkStore, StoreError> {
+        fs::create_dir_all(root).map_err(|source| StoreError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        Ok(ChunkStore {
+            root: root.to_owned(),
+        })
+    }
+
+    fn path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_string();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// Whether the store holds `hash`.
+    pub fn has(&self, hash: &Hash) -> bool {
+        self.path(hash).is_file()
+    }
+
+    /// Stores `data` as `chunk` after checking it hashes to it. Written
+    /// under a temporary name and renamed, so a crash never leaves a partial
+    /// chunk under a real name.
+    pub fn put(&self, chunk: &Chunk, data: &[u8]) -> Result<(), StoreError> {
+        if !chunk.matches(data) {
+            return Err(StoreError::Corrupt {
+                expected: chunk.hash,
+                len: data.len(),
+            });
+        }
+        let path = self.path(&chunk.hash);
+        if path.is_file() {
+            return Ok(());
+        }
+        let io_err = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(io_err)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+        tmp.write_all(data).map_err(io_err)?;
+        tmp.persist(&path).map(drop).map_err(|e| io_err(e.error))
+    }
+
+    /// Opens a stored chunk for reading.
+    pub fn open_chunk(&self, hash: &Hash) -> io::Result<File> {
+        File::open(self.path(hash))
+    }
+
+    /// Reads a stored chunk whole (chunks are at most 4 MiB).
+    pub fn get(&self, hash: &Hash) -> io::Result<Vec<u8>> {
+        fs::read(self.path(hash))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_only_bytes_that_match_their_hash() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|source| StoreError::Io {
+            path: PathBuf::new(),
+            source,
+        })?;
+        let store = ChunkStore::open(dir.path())?;
+        let data = b"chunk bytes";
+        let chunk = Chunk {
+            size: data.len() as u64,
+            hash: Hash::of(data),
+        };
+        assert!(!store.has(&chunk.hash));
+        assert!(matches!(
+            store.put(&chunk, b"chunk bytez"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(!store.has(&chunk.hash));
+        store.put(&chunk, data)?;
+        assert!(store.has(&chunk.hash));
+        assert_eq!(store.get(&chunk.hash).ok().as_deref(), Some(&data[..]));
+        Ok(())
+    }
+}
