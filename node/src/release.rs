@@ -150,7 +150,7 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let mut writer = tempfile::NamedTempFile::new_in(parent)
         .with_context(|| format!("cannot write in {}", parent.display()))?;
-    let digest = digest_reader(reader, |data, _| writer.write_all(data))
+    let digest = digest_reader(reader, |data| writer.write_all(data))
         .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
     writer
         .as_file()

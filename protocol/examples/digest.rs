@@ -14,7 +14,7 @@ fn main() -> std::io::Result<()> {
         .nth(1)
         .ok_or_else(|| std::io::Error::other("usage: digest FILE"))?;
     let started = Instant::now();
-    let digest = digest_reader(File::open(&path)?, |_, _| Ok(()))?;
+    let digest = digest_reader(File::open(&path)?, |_| Ok(()))?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{} bytes, {} chunks, {:.3} s, {:.1} MB/s, blake3 {}",

@@ -55,9 +55,9 @@ pub enum SignatureError {
     #[error("signature file is truncated or malformed: {0}")]
     Malformed(&'static str),
     #[error("signed by {0}, which is not a trusted publisher key")]
-    Untrusted(PublicKey),
+    Untrusted(String),
     #[error("signature by {0} does not match the manifest bytes (changed after signing?)")]
-    BadSignature(PublicKey),
+    BadSignature(String),
     #[error("no trusted publisher key given; pass --trust with the publisher's public key")]
     NoTrustedKeys,
 }
@@ -196,10 +196,10 @@ impl Signature {
             return Err(SignatureError::NoTrustedKeys);
         }
         if !trusted.contains(&self.key) {
-            return Err(SignatureError::Untrusted(self.key.clone()));
+            return Err(SignatureError::Untrusted(self.key.to_string()));
         }
         if !self.key.verify(message, &self.bytes) {
-            return Err(SignatureError::BadSignature(self.key.clone()));
+            return Err(SignatureError::BadSignature(self.key.to_string()));
         }
         Ok(())
     }
@@ -237,12 +237,12 @@ mod tests {
         changed[3] ^= 1;
         assert_eq!(
             sig.verify(&changed, &trusted),
-            Err(SignatureError::BadSignature(key.public()))
+            Err(SignatureError::BadSignature(key.public().to_string()))
         );
         let other = SecretKey::generate().public();
         assert_eq!(
             sig.verify(&manifest, &[other]),
-            Err(SignatureError::Untrusted(key.public()))
+            Err(SignatureError::Untrusted(key.public().to_string()))
         );
         assert_eq!(
             sig.verify(&manifest, &[]),

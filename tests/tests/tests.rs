@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod common;
+mod demo;
 mod origin;
 mod publish;
