@@ -19,7 +19,7 @@ use reqwest::header::RANGE;
 use reqwest::StatusCode;
 use tracing::{info, warn};
 
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, StoreError};
 
 /// Characters escaped in one URL path segment.
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -92,6 +92,13 @@ pub async fn fetch_missing(
         loop {
             match fetch_range(client, base, request, store, &mut report, &mut on_bytes).await {
                 Ok(()) => break,
+                // Wrong bytes from the origin are not a network hiccup: the
+                // published folder differs from its manifest.
+                Err(e) if e.downcast_ref::<StoreError>().is_some() => {
+                    return Err(e.context(
+                        "the origin serves a file that differs from its signed manifest; republish the release",
+                    ));
+                }
                 Err(e) if attempt < RETRIES => {
                     attempt += 1;
                     warn!(file = %request.file, error = %format!("{e:#}"), attempt, "origin download interrupted; resuming");

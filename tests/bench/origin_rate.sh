@@ -14,11 +14,12 @@ trap cleanup EXIT
 cargo build --quiet --release -p lanup-cli
 lanup=target/release/lanup
 
-start_origin() { # RATE -> prints URL
+start_origin() { # RATE -> sets $url and $origin_pid
   "$lanup" origin --dir "$work/www" --listen 127.0.0.1:0 --rate "$1" > "$work/origin.out" 2> /dev/null &
-  pids+=($!)
+  origin_pid=$!
+  pids+=("$origin_pid")
   for _ in $(seq 50); do grep -q http "$work/origin.out" 2>/dev/null && break; sleep 0.1; done
-  grep -o 'http://[^ ]*' "$work/origin.out"
+  url=$(grep -o 'http://[^ ]*' "$work/origin.out")
 }
 
 mkdir -p "$work/www"
@@ -27,7 +28,7 @@ for spec in "2MiB:2097152" "16mbit:2000000"; do
   rate=${spec%%:*} bps=${spec##*:}
   size=$((bps * 10))
   head -c "$size" /dev/urandom > "$work/www/file.bin"
-  url=$(start_origin "$rate")
+  start_origin "$rate"
   measured=()
   for _ in $(seq "$runs"); do
     measured+=("$(curl -s -o /dev/null -w '%{speed_download}' "${url}file.bin")")
@@ -45,5 +46,5 @@ for spec in "2MiB:2097152" "16mbit:2000000"; do
   t1=$(date +%s.%N)
   echo "--rate $rate: four parallel clients, total $(awk -v s=$size -v a=$t0 -v b=$t1 -v bps=$bps 'BEGIN{r=s/(b-a); printf "%.0f B/s, %+.1f%% of cap", r, (r/bps-1)*100}')"
   echo "origin stats: $(curl -s "${url}_lanup/stats")"
-  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  kill "$origin_pid"; wait "$origin_pid" 2>/dev/null || true
 done
