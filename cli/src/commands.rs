@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 /// lanup: one download per site, verified peer-to-peer distribution, and
 /// crash-safe replace-and-restart of an application across a fleet.
 #[derive(Debug, Parser)]
-#[command(name = "lanup", version, about, long_about = None)]
+#[command(name = "lanup", version)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
