@@ -163,7 +163,6 @@ pub fn digest_reader<R: Read>(
             start += len;
         }
         hand_over(Batch { buf, cuts })?;
-        drop(hand_over);
         drop(to_hasher);
         let (hash, chunks) = hasher
             .join()

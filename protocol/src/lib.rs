@@ -29,6 +29,7 @@ pub mod hash;
 pub mod manifest;
 pub mod plan;
 pub mod sign;
+pub mod transfer;
 pub mod units;
 pub mod version;
 

@@ -1,0 +1,430 @@
+//! The transfer scheduler: which chunk to ask for next, and from which peer.
+//!
+//! A pure state machine. The node feeds it what happens (a peer connected,
+//! announced chunks, delivered one, sent garbage, went away) with the time in
+//! milliseconds, and asks it for the next requests to send; the simulator in
+//! `simulations/` drives the same code in simulated time.
+//!
+//! Policy:
+//! * **rarest first**: among the chunks still wanted and not in flight, those
+//!   held by the fewest usable peers go first, so rare chunks spread before
+//!   the peers holding them leave, and every peer soon has something to
+//!   offer the others;
+//! * **spread the load**: a chunk goes to the holder with the fewest requests
+//!   in flight, then the one asked least so far;
+//! * **bounded**: at most `per_peer` requests in flight to one peer and
+//!   `total` overall; a request unanswered after `request_timeout_ms` is
+//!   given up and the chunk asked elsewhere;
+//! * **distrust**: a peer that delivers bytes that do not match the chunk's
+//!   hash is banned for `ban_ms` and everything in flight to it is asked
+//!   elsewhere.
+//!
+//! Collections are ordered so that the same events give the same requests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::Hash;
+
+/// Bounds the scheduler keeps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests in flight to one peer.
+    pub per_peer: usize,
+    /// Requests in flight in all.
+    pub total: usize,
+    /// A request unanswered this long is given up.
+    pub request_timeout_ms: u64,
+    /// How long a peer that sent a bad chunk is ignored.
+    pub ban_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_peer: 4,
+            total: 16,
+            request_timeout_ms: 30_000,
+            ban_ms: 10 * 60_000,
+        }
+    }
+}
+
+/// One request to send: ask `peer` for the chunk `hash` of `size` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<P> {
+    pub peer: P,
+    pub hash: Hash,
+    pub size: u64,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    has: HashSet<Hash>,
+    in_flight: usize,
+    asked: u64,
+    banned_until: Option<u64>,
+}
+
+impl PeerState {
+    fn usable(&self, now: u64) -> bool {
+        self.banned_until.is_none_or(|until| until <= now)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct InFlight<P> {
+    peer: P,
+    since: u64,
+}
+
+/// The scheduler for one release at one node.
+#[derive(Debug)]
+pub struct Transfer<P> {
+    limits: Limits,
+    /// Chunks this node still lacks, with their sizes.
+    wanted: BTreeMap<Hash, u64>,
+    peers: BTreeMap<P, PeerState>,
+    in_flight: HashMap<Hash, InFlight<P>>,
+}
+
+impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
+    /// A transfer of the chunks in `wanted` (hash, size).
+    pub fn new(wanted: impl IntoIterator<Item = (Hash, u64)>, limits: Limits) -> Self {
+        Transfer {
+            limits,
+            wanted: wanted.into_iter().collect(),
+            peers: BTreeMap::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+
+    /// A peer is connected and may be asked once it says what it holds.
+    pub fn peer_connected(&mut self, peer: P) {
+        self.peers.entry(peer).or_default();
+    }
+
+    /// A peer is gone: what was in flight to it is asked elsewhere. Its ban,
+    /// if any, is forgotten with it only when it was not banned.
+    pub fn peer_disconnected(&mut self, peer: &P) {
+        self.in_flight.retain(|_, f| f.peer != *peer);
+        match self.peers.get_mut(peer) {
+            Some(state) if state.banned_until.is_some() => {
+                state.has.clear();
+                state.in_flight = 0;
+            }
+            _ => {
+                self.peers.remove(peer);
+            }
+        }
+    }
+
+    /// A peer announced that it holds these chunks (all of them, or the
+    /// ones it gained since its last announcement).
+    pub fn peer_has(&mut self, peer: &P, hashes: impl IntoIterator<Item = Hash>) {
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.has.extend(hashes);
+        }
+    }
+
+    /// This node obtained `hash` some other way (the origin, another
+    /// release): it is no longer wanted.
+    pub fn obtained(&mut self, hash: &Hash) {
+        self.wanted.remove(hash);
+    }
+
+    /// `peer` delivered `hash` and it matched.
+    pub fn delivered(&mut self, peer: &P, hash: &Hash) {
+        self.release(peer, hash);
+        self.wanted.remove(hash);
+    }
+
+    /// Asking `peer` for `hash` failed (an error, a closed stream): the chunk
+    /// is asked elsewhere, or again later.
+    pub fn failed(&mut self, peer: &P, hash: &Hash) {
+        self.release(peer, hash);
+    }
+
+    /// `peer` sent bytes that are not `hash`: it is banned until
+    /// `now + ban_ms` and everything in flight to it is asked elsewhere.
+    /// Returns the chunks that were in flight to it.
+    pub fn corrupt(&mut self, peer: &P, hash: &Hash, now: u64) -> Vec<Hash> {
+        self.release(peer, hash);
+        let mut dropped: Vec<Hash> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.peer == *peer)
+            .map(|(h, _)| *h)
+            .collect();
+        dropped.sort();
+        for h in &dropped {
+            self.in_flight.remove(h);
+        }
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.in_flight = 0;
+            state.banned_until = Some(now + self.limits.ban_ms);
+        }
+        dropped
+    }
+
+    /// Whether `peer` is banned at `now`.
+    pub fn is_banned(&self, peer: &P, now: u64) -> bool {
+        self.peers.get(peer).is_some_and(|s| !s.usable(now))
+    }
+
+    fn release(&mut self, peer: &P, hash: &Hash) {
+        if self.in_flight.get(hash).is_some_and(|f| f.peer == *peer) {
+            self.in_flight.remove(hash);
+            if let Some(state) = self.peers.get_mut(peer) {
+                state.in_flight = state.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Gives up requests older than the timeout (returned, so the node can
+    /// drop them), then decides which requests to send now.
+    pub fn poll(&mut self, now: u64) -> (Vec<Request<P>>, Vec<Request<P>>) {
+        let timeout = self.limits.request_timeout_ms;
+        let mut expired: Vec<Request<P>> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| now.saturating_sub(f.since) >= timeout)
+            .map(|(h, f)| Request {
+                peer: f.peer.clone(),
+                hash: *h,
+                size: self.wanted.get(h).copied().unwrap_or(0),
+            })
+            .collect();
+        expired.sort_by(|a, b| a.hash.cmp(&b.hash));
+        for r in &expired {
+            self.release(&r.peer, &r.hash);
+        }
+        (self.assign(now), expired)
+    }
+
+    fn assign(&mut self, now: u64) -> Vec<Request<P>> {
+        let mut requests = Vec::new();
+        let mut room = self.limits.total.saturating_sub(self.in_flight.len());
+        if room == 0 {
+            return requests;
+        }
+        // Rarest first: (holders, hash) for every wanted chunk not in flight
+        // that some usable peer holds.
+        let mut candidates: Vec<(usize, Hash)> = self
+            .wanted
+            .keys()
+            .filter(|h| !self.in_flight.contains_key(h))
+            .map(|h| {
+                let holders = self
+                    .peers
+                    .values()
+                    .filter(|s| s.usable(now) && s.has.contains(h))
+                    .count();
+                (holders, *h)
+            })
+            .filter(|(holders, _)| *holders > 0)
+            .collect();
+        candidates.sort();
+        for (_, hash) in candidates {
+            if room == 0 {
+                break;
+            }
+            let per_peer = self.limits.per_peer;
+            let best = self
+                .peers
+                .iter()
+                .filter(|(_, s)| s.usable(now) && s.in_flight < per_peer && s.has.contains(&hash))
+                .min_by_key(|(p, s)| (s.in_flight, s.asked, (*p).clone()))
+                .map(|(p, _)| p.clone());
+            let Some(peer) = best else { continue };
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.in_flight += 1;
+                state.asked += 1;
+            }
+            self.in_flight.insert(
+                hash,
+                InFlight {
+                    peer: peer.clone(),
+                    since: now,
+                },
+            );
+            requests.push(Request {
+                peer,
+                hash,
+                size: self.wanted.get(&hash).copied().unwrap_or(0),
+            });
+            room -= 1;
+        }
+        requests
+    }
+
+    /// Whether every wanted chunk is here.
+    pub fn is_done(&self) -> bool {
+        self.wanted.is_empty()
+    }
+
+    /// Bytes still wanted.
+    pub fn missing_bytes(&self) -> u64 {
+        self.wanted.values().sum()
+    }
+
+    /// Wanted chunks that no usable peer holds: what only the origin can
+    /// provide, in hash order.
+    pub fn unavailable(&self, now: u64) -> BTreeSet<Hash> {
+        self.wanted
+            .keys()
+            .filter(|h| {
+                !self
+                    .peers
+                    .values()
+                    .any(|s| s.usable(now) && s.has.contains(h))
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: u8) -> Hash {
+        Hash::of(&[n])
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            per_peer: 2,
+            total: 4,
+            request_timeout_ms: 1000,
+            ban_ms: 5000,
+        }
+    }
+
+    fn transfer(chunks: &[u8]) -> Transfer<&'static str> {
+        Transfer::new(chunks.iter().map(|&n| (h(n), 100 + n as u64)), limits())
+    }
+
+    #[test]
+    fn rarest_chunks_go_first_and_load_spreads() {
+        let mut t = transfer(&[1, 2, 3]);
+        for p in ["a", "b", "c"] {
+            t.peer_connected(p);
+        }
+        t.peer_has(&"a", [h(1), h(2), h(3)]);
+        t.peer_has(&"b", [h(1), h(2)]);
+        t.peer_has(&"c", [h(1)]);
+        let (reqs, _) = t.poll(0);
+        // 3 has one holder, 2 has two, 1 has three.
+        let order: Vec<Hash> = reqs.iter().map(|r| r.hash).collect();
+        assert_eq!(order, [h(3), h(2), h(1)]);
+        let peers: Vec<&str> = reqs.iter().map(|r| r.peer).collect();
+        assert_eq!(peers, ["a", "b", "c"], "each chunk to a different holder");
+        assert_eq!(reqs[0].size, 103);
+    }
+
+    #[test]
+    fn limits_are_kept() {
+        let mut t = transfer(&[1, 2, 3, 4, 5, 6]);
+        t.peer_connected("a");
+        t.peer_has(&"a", (1..=6).map(h));
+        let (reqs, _) = t.poll(0);
+        assert_eq!(reqs.len(), 2, "per-peer limit");
+        t.peer_connected("b");
+        t.peer_has(&"b", (1..=6).map(h));
+        let (more, _) = t.poll(0);
+        assert_eq!(more.len(), 2, "total limit");
+        assert_eq!(t.in_flight(), 4);
+        assert!(t.poll(0).0.is_empty());
+        t.delivered(&"a", &reqs[0].hash);
+        let (next, _) = t.poll(1);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].peer, "a");
+    }
+
+    #[test]
+    fn a_lost_peer_s_requests_go_elsewhere() {
+        let mut t = transfer(&[1]);
+        t.peer_connected("a");
+        t.peer_connected("b");
+        t.peer_has(&"a", [h(1)]);
+        t.peer_has(&"b", [h(1)]);
+        let (reqs, _) = t.poll(0);
+        assert_eq!(reqs[0].peer, "a");
+        t.peer_disconnected(&"a");
+        let (again, _) = t.poll(1);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].peer, "b");
+        t.delivered(&"b", &h(1));
+        assert!(t.is_done());
+        assert_eq!(t.missing_bytes(), 0);
+    }
+
+    #[test]
+    fn a_corrupting_peer_is_banned_and_the_chunk_fetched_elsewhere() {
+        let mut t = transfer(&[1, 2]);
+        t.peer_connected("bad");
+        t.peer_connected("good");
+        t.peer_has(&"bad", [h(1), h(2)]);
+        let (reqs, _) = t.poll(0);
+        assert!(reqs.iter().all(|r| r.peer == "bad"));
+        let dropped = t.corrupt(&"bad", &reqs[0].hash, 10);
+        assert_eq!(dropped, vec![reqs[1].hash]);
+        assert!(t.is_banned(&"bad", 10));
+        assert!(t.poll(20).0.is_empty(), "nobody else holds the chunks yet");
+        assert_eq!(
+            t.unavailable(20).len(),
+            2,
+            "the origin is the only source now"
+        );
+        t.peer_has(&"good", [h(1), h(2)]);
+        let (reqs, _) = t.poll(30);
+        assert_eq!(reqs.len(), 2);
+        assert!(reqs.iter().all(|r| r.peer == "good"));
+        // The ban outlives a reconnect and ends after ban_ms.
+        t.peer_disconnected(&"bad");
+        t.peer_connected("bad");
+        assert!(t.is_banned(&"bad", 5009));
+        assert!(!t.is_banned(&"bad", 5010));
+    }
+
+    #[test]
+    fn unanswered_requests_time_out_and_are_asked_again() {
+        let mut t = transfer(&[1]);
+        t.peer_connected("slow");
+        t.peer_connected("other");
+        t.peer_has(&"slow", [h(1)]);
+        let (reqs, _) = t.poll(0);
+        assert_eq!(reqs[0].peer, "slow");
+        let (none, expired) = t.poll(999);
+        assert!(none.is_empty() && expired.is_empty());
+        t.peer_has(&"other", [h(1)]);
+        let (again, expired) = t.poll(1000);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].peer, "slow");
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            again[0].peer, "other",
+            "the slow peer was asked more already"
+        );
+        // A late answer from the slow peer is ignored for bookkeeping.
+        t.failed(&"slow", &h(1));
+        assert_eq!(t.in_flight(), 1);
+    }
+
+    #[test]
+    fn chunks_obtained_elsewhere_are_not_asked_for() {
+        let mut t = transfer(&[1, 2]);
+        t.peer_connected("a");
+        t.peer_has(&"a", [h(1), h(2)]);
+        t.obtained(&h(1));
+        let (reqs, _) = t.poll(0);
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].hash, h(2));
+        assert_eq!(t.missing_bytes(), 102);
+    }
+}
