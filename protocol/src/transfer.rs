@@ -194,7 +194,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                 size: self.wanted.get(h).copied().unwrap_or(0),
             })
             .collect();
-        expired.sort_by(|a, b| a.hash.cmp(&b.hash));
+        expired.sort_by_key(|r| r.hash);
         for r in &expired {
             self.release(&r.peer, &r.hash);
         }
