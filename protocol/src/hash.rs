@@ -55,6 +55,19 @@ impl FromStr for Hash {
     }
 }
 
+/// On the wire a hash is 32 raw bytes.
+impl serde::Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::Bytes::new(&self.0).serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_bytes::ByteArray::<32>::deserialize(deserializer).map(|b| Hash(b.into_array()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ pub mod sign;
 pub mod transfer;
 pub mod units;
 pub mod version;
+pub mod wire;
 
 pub use hash::Hash;
 pub use manifest::{Manifest, ManifestError, UpdateFile};

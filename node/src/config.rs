@@ -1,0 +1,242 @@
+//! The node's configuration: a TOML file (see `lanup.sample.toml`) with
+//! command-line flags that override it, resolved and checked in one place so
+//! that a mistake is reported with the file, the key and the reason before
+//! the node starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use lanup_protocol::sign::PublicKey;
+use lanup_protocol::units::Rate;
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+/// Where a node keeps its identity, chunk store, staging area and control
+/// socket when nothing else is said.
+pub const DEFAULT_STATE: &str = "/var/lib/lanup";
+/// The port nodes listen on by default, so static peer lists can name it.
+pub const DEFAULT_PORT: u16 = 4710;
+
+/// The TOML file as written. Unknown keys are an error: a misspelt key
+/// silently ignored is a node that does not do what its operator thinks.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub state: Option<PathBuf>,
+    pub listen: Option<Vec<String>>,
+    pub peers: Option<Vec<String>>,
+    pub origin: Option<String>,
+    pub trust_publisher: Option<Vec<String>>,
+    pub site: Option<String>,
+    pub psk: Option<PathBuf>,
+    pub wan_rate: Option<String>,
+    pub lan_rate: Option<String>,
+    pub poll_interval: Option<String>,
+    /// The application this node installs (used by the applier).
+    pub app: Option<toml::Table>,
+}
+
+/// Values given on the command line; each one that is set replaces the
+/// file's.
+pub type Overrides = ConfigFile;
+
+/// The resolved configuration a node runs with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub state: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    /// Static peers, for networks that drop multicast.
+    pub peers: Vec<Multiaddr>,
+    /// Base URL of a published release directory; without it the node never
+    /// contacts an origin.
+    pub origin: Option<String>,
+    pub trust_publisher: Vec<PublicKey>,
+    /// Namespaces the gossip topics so two sites on one LAN do not mix.
+    pub site: String,
+    /// A private swarm's pre-shared key file (TCP only).
+    pub psk: Option<PathBuf>,
+    pub wan_rate: Option<Rate>,
+    pub lan_rate: Option<Rate>,
+    pub poll_interval: Duration,
+    pub app: Option<toml::Table>,
+}
+
+impl NodeConfig {
+    /// Reads `file` when given, applies `overrides`, and checks the result.
+    pub fn resolve(file: Option<&Path>, overrides: Overrides) -> Result<NodeConfig> {
+        let (raw, origin_of) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?;
+                let raw: ConfigFile =
+                    toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+                (raw, format!("config {}", path.display()))
+            }
+            None => (ConfigFile::default(), "flags".to_owned()),
+        };
+        let merged = merge(raw, overrides);
+        resolve(merged).with_context(|| origin_of)
+    }
+}
+
+fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
+    fn list(flag: Option<Vec<String>>, file: Option<Vec<String>>) -> Option<Vec<String>> {
+        flag.filter(|v| !v.is_empty()).or(file)
+    }
+    ConfigFile {
+        state: flags.state.or(file.state),
+        listen: list(flags.listen, file.listen),
+        peers: list(flags.peers, file.peers),
+        origin: flags.origin.or(file.origin),
+        trust_publisher: list(flags.trust_publisher, file.trust_publisher),
+        site: flags.site.or(file.site),
+        psk: flags.psk.or(file.psk),
+        wan_rate: flags.wan_rate.or(file.wan_rate),
+        lan_rate: flags.lan_rate.or(file.lan_rate),
+        poll_interval: flags.poll_interval.or(file.poll_interval),
+        app: flags.app.or(file.app),
+    }
+}
+
+fn multiaddrs(key: &str, values: Vec<String>) -> Result<Vec<Multiaddr>> {
+    values
+        .into_iter()
+        .map(|v| {
+            v.parse::<Multiaddr>().with_context(|| {
+                format!("{key} {v:?}: not a multiaddr (e.g. /ip4/10.0.0.5/tcp/{DEFAULT_PORT})")
+            })
+        })
+        .collect()
+}
+
+fn rate(key: &str, value: Option<String>) -> Result<Option<Rate>> {
+    value
+        .map(|v| v.parse::<Rate>().with_context(|| key.to_owned()))
+        .transpose()
+}
+
+fn resolve(c: ConfigFile) -> Result<NodeConfig> {
+    let listen = multiaddrs(
+        "listen",
+        c.listen
+            .unwrap_or_else(|| vec![format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")]),
+    )?;
+    let peers = multiaddrs("peers", c.peers.unwrap_or_default())?;
+    let trust_publisher = c
+        .trust_publisher
+        .unwrap_or_default()
+        .iter()
+        .map(|k| k.parse::<PublicKey>().context("trust_publisher"))
+        .collect::<Result<Vec<_>>>()?;
+    if trust_publisher.is_empty() {
+        bail!("no trusted publisher key: set trust_publisher (or --trust-publisher KEY); a node accepts only releases signed by a key it trusts");
+    }
+    if let Some(origin) = &c.origin {
+        if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            bail!("origin {origin:?}: expected an http:// or https:// URL of a release directory");
+        }
+    }
+    if c.psk.is_some() {
+        if let Some(quic) = listen.iter().chain(&peers).find(|a| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+        }) {
+            bail!("{quic}: a private swarm (psk) runs over TCP only; QUIC would let peers without the key in");
+        }
+    }
+    let site = c.site.unwrap_or_else(|| "default".into());
+    if site.is_empty()
+        || !site
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    {
+        bail!("site {site:?}: use letters, digits, '-', '_' or '.'");
+    }
+    let poll_interval = match c.poll_interval {
+        None => Duration::from_secs(300),
+        Some(v) => humantime::parse_duration(&v)
+            .with_context(|| format!("poll_interval {v:?}: expected a duration like 30s or 5m"))?,
+    };
+    Ok(NodeConfig {
+        state: c.state.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE)),
+        listen,
+        peers,
+        origin: c.origin,
+        trust_publisher,
+        site,
+        psk: c.psk,
+        wan_rate: rate("wan_rate", c.wan_rate)?,
+        lan_rate: rate("lan_rate", c.lan_rate)?,
+        poll_interval,
+        app: c.app,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ed25519:d55f9c6ed8104035677cbfed33d8dc2d9c79626c165522c37244bf0e9803fb5d";
+
+    fn sample() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lanup.sample.toml");
+        std::fs::read_to_string(path).expect("sample config is in the repo")
+    }
+
+    #[test]
+    fn the_sample_config_resolves() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("lanup.toml");
+        std::fs::write(&path, sample())?;
+        let c = NodeConfig::resolve(Some(&path), Overrides::default())?;
+        assert_eq!(c.site, "head-office");
+        assert_eq!(c.poll_interval, Duration::from_secs(300));
+        assert_eq!(c.wan_rate.map(Rate::bytes_per_sec), Some(2_000_000));
+        assert!(c.origin.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn flags_override_the_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("lanup.toml");
+        std::fs::write(&path, sample())?;
+        let c = NodeConfig::resolve(
+            Some(&path),
+            Overrides {
+                site: Some("branch-7".into()),
+                peers: Some(vec!["/ip4/127.0.0.2/tcp/4710".into()]),
+                ..Overrides::default()
+            },
+        )?;
+        assert_eq!(c.site, "branch-7");
+        assert_eq!(c.peers.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lanup.toml");
+        let cases = [
+            (format!("trust_publisher = [\"{KEY}\"]\nlisten = [\"tcp/1\"]"), "listen \"tcp/1\""),
+            (format!("trust_publisher = [\"{KEY}\"]\nwan_rate = \"fast\""), "wan_rate"),
+            (format!("trust_publisher = [\"{KEY}\"]\npoll_intervall = \"5m\""), "poll_intervall"),
+            ("site = \"x\"".to_owned(), "no trusted publisher key"),
+            (
+                format!("trust_publisher = [\"{KEY}\"]\npsk = \"k\"\nlisten = [\"/ip4/0.0.0.0/udp/1/quic-v1\"]"),
+                "TCP only",
+            ),
+        ];
+        for (text, expected) in cases {
+            std::fs::write(&path, text).expect("write");
+            let err = NodeConfig::resolve(Some(&path), Overrides::default()).expect_err(expected);
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains(expected) && msg.contains("lanup.toml"),
+                "{msg}"
+            );
+        }
+    }
+}

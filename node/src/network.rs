@@ -1,0 +1,498 @@
+//! The site swarm: libp2p transports, discovery and the small messages.
+//!
+//! One task owns the `Swarm` ([`Network::run`]); the rest of the node holds
+//! a cheap [`NetworkClient`] that sends it commands, and reads
+//! [`NetworkEvent`]s from a channel. Transports are TCP + noise + yamux, and
+//! QUIC unless the site uses a pre-shared key (pnet does not cover QUIC).
+//! Peers are found by mDNS on the LAN and by static addresses; of two peers
+//! that find each other only the one with the lower PeerId dials, which
+//! avoids the simultaneous-dial race that breaks noise handshakes.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use lanup_protocol::wire::{Request, Response};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, OrTransport};
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    gossipsub, identify, mdns, noise, quic, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+    Transport,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// The request/response protocol for manifests and chunk lists.
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/lanup/rpc/1");
+/// The raw-stream protocol chunk bodies travel on.
+pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/lanup/chunk/1");
+
+/// How the swarm is set up.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    pub listen: Vec<Multiaddr>,
+    pub peers: Vec<Multiaddr>,
+    /// Gossip topics are named after the site.
+    pub site: String,
+    pub psk: Option<PreSharedKey>,
+    /// mDNS on every non-loopback interface.
+    pub mdns: bool,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    gossipsub: gossipsub::Behaviour,
+    rpc: request_response::cbor::Behaviour<Request, Response>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// What the swarm tells the node.
+#[derive(Debug)]
+pub enum NetworkEvent {
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+    /// A gossip message on `topic`. The node must answer with
+    /// [`NetworkClient::validate`], or it is neither forwarded nor dropped.
+    Gossip {
+        topic: String,
+        from: PeerId,
+        id: gossipsub::MessageId,
+        data: Vec<u8>,
+    },
+    /// A peer asks something; answer with [`NetworkClient::respond`].
+    Request {
+        from: PeerId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    },
+}
+
+enum Command {
+    Subscribe(String),
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Validate {
+        id: gossipsub::MessageId,
+        from: PeerId,
+        accept: gossipsub::MessageAcceptance,
+    },
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response>>,
+    },
+    Respond {
+        channel: ResponseChannel<Response>,
+        response: Response,
+    },
+    Peers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+}
+
+/// A handle on the swarm task.
+#[derive(Clone)]
+pub struct NetworkClient {
+    commands: mpsc::Sender<Command>,
+    streams: libp2p_stream::Control,
+    local: PeerId,
+}
+
+/// The swarm and its task; [`Network::run`] drives it.
+pub struct Network {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetworkEvent>,
+    static_peers: Vec<Multiaddr>,
+    pending: std::collections::HashMap<OutboundRequestId, oneshot::Sender<Result<Response>>>,
+    connected: HashSet<PeerId>,
+}
+
+fn transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
+    let noise = noise::Config::new(key).context("noise setup")?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .boxed(),
+        None => {
+            let tcp = tcp
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default());
+            let quic = quic::tokio::Transport::new(quic::Config::new(key));
+            OrTransport::new(quic, tcp)
+                .map(|either, _| match either {
+                    futures_util::future::Either::Left((peer, conn)) => {
+                        (peer, StreamMuxerBox::new(conn))
+                    }
+                    futures_util::future::Either::Right((peer, conn)) => {
+                        (peer, StreamMuxerBox::new(conn))
+                    }
+                })
+                .boxed()
+        }
+    })
+}
+
+fn behaviour(key: &Keypair, mdns_on: bool) -> Result<Behaviour> {
+    let gossip = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_secs(1))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .build()
+        .context("gossipsub config")?;
+    let mdns = if mdns_on {
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())
+                .context("mDNS")?,
+        )
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        identify: identify::Behaviour::new(identify::Config::new(
+            "/lanup/1.0.0".into(),
+            key.public(),
+        )),
+        mdns: Toggle::from(mdns),
+        gossipsub: gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip,
+        )
+        .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?,
+        rpc: request_response::cbor::Behaviour::new(
+            [(RPC_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+        ),
+        stream: libp2p_stream::Behaviour::new(),
+    })
+}
+
+impl Network {
+    /// Builds the swarm, starts listening, and returns it with its client
+    /// and event stream.
+    pub fn new(
+        key: Keypair,
+        config: NetworkConfig,
+    ) -> Result<(Network, NetworkClient, mpsc::Receiver<NetworkEvent>)> {
+        let local = key.public().to_peer_id();
+        let transport = transport(&key, config.psk)?;
+        let behaviour = behaviour(&key, config.mdns)?;
+        let mut swarm = Swarm::new(
+            transport,
+            behaviour,
+            local,
+            libp2p::swarm::Config::with_tokio_executor()
+                .with_idle_connection_timeout(Duration::from_secs(3600)),
+        );
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+        let streams = swarm.behaviour().stream.new_control();
+        let (commands_tx, commands) = mpsc::channel(256);
+        let (events, events_rx) = mpsc::channel(1024);
+        let network = Network {
+            swarm,
+            commands,
+            events,
+            static_peers: config.peers,
+            pending: Default::default(),
+            connected: HashSet::new(),
+        };
+        Ok((
+            network,
+            NetworkClient {
+                commands: commands_tx,
+                streams,
+                local,
+            },
+            events_rx,
+        ))
+    }
+
+    /// Drives the swarm until every client is dropped.
+    pub async fn run(mut self) {
+        for addr in self.static_peers.clone() {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                warn!(%addr, error = %e, "cannot dial static peer");
+            }
+        }
+        // Static peers are redialled while they are not connected.
+        let mut redial = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(c) => self.command(c),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.event(event).await,
+                _ = redial.tick() => self.redial_static(),
+            }
+        }
+    }
+
+    fn redial_static(&mut self) {
+        for addr in &self.static_peers {
+            let known = addr.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            if known.is_some_and(|id| self.connected.contains(&id)) {
+                continue;
+            }
+            if known.is_none() && !self.connected.is_empty() {
+                // Without a PeerId we cannot tell; dialling again is cheap
+                // but noisy, so only while alone.
+                continue;
+            }
+            let _ = self.swarm.dial(addr.clone());
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        let b = self.swarm.behaviour_mut();
+        match command {
+            Command::Subscribe(topic) => {
+                if let Err(e) = b.gossipsub.subscribe(&gossipsub::IdentTopic::new(topic)) {
+                    warn!(error = %e, "cannot subscribe");
+                }
+            }
+            Command::Publish { topic, data, reply } => {
+                let result = b
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(topic), data)
+                    .map(drop)
+                    .map_err(|e| anyhow::anyhow!("gossip publish: {e}"));
+                let _ = reply.send(result);
+            }
+            Command::Validate { id, from, accept } => {
+                b.gossipsub
+                    .report_message_validation_result(&id, &from, accept);
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = b.rpc.send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                let _ = b.rpc.send_response(channel, response);
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.connected.iter().copied().collect());
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+    }
+
+    async fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening for peers"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } if num_established.get() == 1 && self.connected.insert(peer_id) => {
+                info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer found");
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .add_explicit_peer(&peer_id);
+                let _ = self.events.send(NetworkEvent::PeerConnected(peer_id)).await;
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } if num_established == 0 && self.connected.remove(&peer_id) => {
+                info!(peer = %peer_id, "peer lost");
+                let _ = self
+                    .events
+                    .send(NetworkEvent::PeerDisconnected(peer_id))
+                    .await;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let local = *self.swarm.local_peer_id();
+                for (peer, addr) in found {
+                    // Only the lower PeerId dials (see the module docs).
+                    if local < peer && !self.connected.contains(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        if let Err(e) = self.swarm.dial(opts) {
+                            debug!(%peer, error = %e, "dial after mDNS discovery failed");
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let _ = self
+                    .events
+                    .send(NetworkEvent::Gossip {
+                        topic: message.topic.into_string(),
+                        from: propagation_source,
+                        id: message_id,
+                        data: message.data,
+                    })
+                    .await;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                peer,
+                message,
+                ..
+            })) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let _ = self
+                        .events
+                        .send(NetworkEvent::Request {
+                            from: peer,
+                            request,
+                            channel,
+                        })
+                        .await;
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(
+                request_response::Event::OutboundFailure {
+                    request_id,
+                    error,
+                    peer,
+                    ..
+                },
+            )) => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(anyhow::anyhow!("request to {peer} failed: {error}")));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl NetworkClient {
+    /// This node's PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    async fn send(&self, command: Command) -> Result<()> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| anyhow::anyhow!("the network task has stopped"))
+    }
+
+    /// Joins a gossip topic.
+    pub async fn subscribe(&self, topic: &str) -> Result<()> {
+        self.send(Command::Subscribe(topic.to_owned())).await
+    }
+
+    /// Gossips `data` on `topic`.
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Publish {
+            topic: topic.to_owned(),
+            data,
+            reply,
+        })
+        .await?;
+        rx.await.context("the network task has stopped")?
+    }
+
+    /// Accepts (forwards) or rejects a gossip message.
+    pub async fn validate(
+        &self,
+        id: gossipsub::MessageId,
+        from: PeerId,
+        accept: bool,
+    ) -> Result<()> {
+        let accept = if accept {
+            gossipsub::MessageAcceptance::Accept
+        } else {
+            gossipsub::MessageAcceptance::Reject
+        };
+        self.send(Command::Validate { id, from, accept }).await
+    }
+
+    /// Asks `peer` something and waits for the answer.
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.context("the network task has stopped")?
+    }
+
+    /// Answers a peer's request.
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel<Response>,
+        response: Response,
+    ) -> Result<()> {
+        self.send(Command::Respond { channel, response }).await
+    }
+
+    /// Peers connected now.
+    pub async fn peers(&self) -> Result<Vec<PeerId>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Peers(reply)).await?;
+        rx.await.context("the network task has stopped")
+    }
+
+    /// Addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ListenAddrs(reply)).await?;
+        rx.await.context("the network task has stopped")
+    }
+
+    /// A handle for opening and accepting raw streams (chunk bodies).
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
+    }
+}

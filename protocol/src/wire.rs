@@ -1,0 +1,44 @@
+//! Messages nodes exchange. Small ones go over gossipsub (announcements,
+//! heartbeats) or request/response (manifests, chunk lists); chunk bodies go
+//! over raw streams (see `lanup-node`'s transfer), never through these types.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Hash;
+
+/// Gossiped by a node that holds a verified release: small enough for
+/// gossipsub, the manifest itself is fetched from the announcer by RPC and
+/// checked against `manifest_hash` and `signature`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// The release's name (version, or date).
+    pub release: String,
+    /// BLAKE3 of the exact manifest bytes.
+    pub manifest_hash: Hash,
+    /// The `.sig` file's text.
+    pub signature: String,
+}
+
+/// Requests a node answers for its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The manifest with this hash and its signature.
+    Manifest { manifest_hash: Hash },
+    /// Which chunks of this release the peer holds.
+    Have { manifest_hash: Hash },
+}
+
+/// Answers to [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Manifest {
+        #[serde(with = "serde_bytes")]
+        xml: Vec<u8>,
+        signature: String,
+    },
+    Have {
+        chunks: Vec<Hash>,
+    },
+    /// The peer does not know that release.
+    Unknown,
+}
