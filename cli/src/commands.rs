@@ -40,6 +40,10 @@ enum Command {
     /// serve it behind a capped uplink, fetch, verify and stage it, then do
     /// the same for a second version with small edits.
     Demo(crate::demo::DemoArgs),
+    /// Run a node in the foreground: find the site's peers, fetch releases
+    /// (one node per site from the origin, the rest from each other),
+    /// verify and stage them.
+    Node(NodeArgs),
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
         /// Where to write the secret key (mode 0600; never overwritten).
@@ -140,6 +144,46 @@ struct PublishArgs {
     from_legacy: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// The node's TOML configuration (see lanup.sample.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory: identity, chunk store, staging [default: /var/lib/lanup].
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4710.
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// A static peer (repeatable), for networks that drop multicast.
+    #[arg(long, value_name = "MULTIADDR")]
+    peer: Vec<String>,
+    /// Base URL of the published release directory.
+    #[arg(long, value_name = "URL")]
+    origin: Option<String>,
+    /// A publisher key to trust (repeatable).
+    #[arg(long, value_name = "KEY")]
+    trust_publisher: Vec<String>,
+    /// Site name; nodes of different sites ignore each other's gossip.
+    #[arg(long, value_name = "NAME")]
+    site: Option<String>,
+    /// Pre-shared key file for a private swarm (TCP only).
+    #[arg(long, value_name = "FILE")]
+    psk: Option<PathBuf>,
+    /// Cap on this site's origin downloads (e.g. 16mbit).
+    #[arg(long, value_name = "RATE")]
+    wan_rate: Option<String>,
+    /// Cap on this node's LAN traffic.
+    #[arg(long, value_name = "RATE")]
+    lan_rate: Option<String>,
+    /// How often the fetcher polls the origin (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION")]
+    poll_interval: Option<String>,
+    /// Do not look for peers by mDNS (static --peer addresses only).
+    #[arg(long)]
+    no_mdns: bool,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum YesNo {
     Yes,
@@ -150,6 +194,27 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => {
             runtime()?.block_on(crate::demo::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(args) => {
+            let config = lanup_node::config::NodeConfig::resolve(
+                args.config.as_deref(),
+                lanup_node::config::Overrides {
+                    state: args.state,
+                    listen: Some(args.listen),
+                    peers: Some(args.peer),
+                    origin: args.origin,
+                    trust_publisher: Some(args.trust_publisher),
+                    site: args.site,
+                    psk: args.psk,
+                    wan_rate: args.wan_rate,
+                    lan_rate: args.lan_rate,
+                    poll_interval: args.poll_interval,
+                    mdns: args.no_mdns.then_some(false),
+                    app: None,
+                },
+            )?;
+            runtime()?.block_on(lanup_node::node::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { out } => {

@@ -118,7 +118,15 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
         let manifest =
             source.authenticate(std::slice::from_ref(&public), OffsetDateTime::now_utc())?;
         let bar = progress(size);
-        let report = fetch_missing(&client, &base, &manifest, &store, |n| bar.inc(n)).await?;
+        let report = fetch_missing(
+            &client,
+            &base,
+            &manifest,
+            &store,
+            |_| false,
+            |c| bar.inc(c.size),
+        )
+        .await?;
         bar.finish_and_clear();
         let staging = state.join("staging").join(version);
         assemble(&manifest, &store, &staging)?;

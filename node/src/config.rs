@@ -33,6 +33,8 @@ pub struct ConfigFile {
     pub wan_rate: Option<String>,
     pub lan_rate: Option<String>,
     pub poll_interval: Option<String>,
+    /// Find peers by mDNS on the LAN (default true).
+    pub mdns: Option<bool>,
     /// The application this node installs (used by the applier).
     pub app: Option<toml::Table>,
 }
@@ -59,6 +61,8 @@ pub struct NodeConfig {
     pub wan_rate: Option<Rate>,
     pub lan_rate: Option<Rate>,
     pub poll_interval: Duration,
+    /// mDNS discovery on every non-loopback interface.
+    pub mdns: bool,
     pub app: Option<toml::Table>,
 }
 
@@ -95,6 +99,7 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         wan_rate: flags.wan_rate.or(file.wan_rate),
         lan_rate: flags.lan_rate.or(file.lan_rate),
         poll_interval: flags.poll_interval.or(file.poll_interval),
+        mdns: flags.mdns.or(file.mdns),
         app: flags.app.or(file.app),
     }
 }
@@ -169,6 +174,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
         wan_rate: rate("wan_rate", c.wan_rate)?,
         lan_rate: rate("lan_rate", c.lan_rate)?,
         poll_interval,
+        mdns: c.mdns.unwrap_or(true),
         app: c.app,
     })
 }

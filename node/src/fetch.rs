@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use lanup_protocol::chunk::Chunk;
 use lanup_protocol::manifest::check_file_name;
 use lanup_protocol::plan::{origin_requests, RangeRequest};
 use lanup_protocol::{Hash, Manifest};
@@ -62,15 +63,17 @@ pub fn file_url(base: &str, name: &str) -> String {
 }
 
 /// Fetches every chunk of `manifest` that `store` lacks from the release
-/// directory at `base`. `on_bytes` is told of every verified chunk's size.
+/// directory at `base`, except those `skip` says are to be had elsewhere.
+/// `on_chunk` is told of every chunk verified and stored.
 pub async fn fetch_missing(
     client: &reqwest::Client,
     base: &str,
     manifest: &Manifest,
     store: &ChunkStore,
-    mut on_bytes: impl FnMut(u64),
+    skip: impl Fn(&Hash) -> bool,
+    mut on_chunk: impl FnMut(&Chunk),
 ) -> Result<FetchReport> {
-    let plan = origin_requests(manifest, |h| store.has(h));
+    let plan = origin_requests(manifest, |h| store.has(h) || skip(h));
     let missing: u64 = plan.iter().map(RangeRequest::len).sum();
     let unique: u64 = lanup_protocol::manifest::unique_chunks(&manifest.files)
         .values()
@@ -90,7 +93,7 @@ pub async fn fetch_missing(
     for request in &plan {
         let mut attempt = 0;
         loop {
-            match fetch_range(client, base, request, store, &mut report, &mut on_bytes).await {
+            match fetch_range(client, base, request, store, &mut report, &mut on_chunk).await {
                 Ok(()) => break,
                 // Wrong bytes from the origin are not a network hiccup: the
                 // published folder differs from its manifest.
@@ -125,7 +128,7 @@ async fn fetch_range(
     request: &RangeRequest,
     store: &ChunkStore,
     report: &mut FetchReport,
-    on_bytes: &mut impl FnMut(u64),
+    on_chunk: &mut impl FnMut(&Chunk),
 ) -> Result<()> {
     let mut start = request.start;
     let mut chunks = request.chunks.as_slice();
@@ -174,7 +177,7 @@ async fn fetch_range(
             store
                 .put(chunk, &buf[..size])
                 .with_context(|| format!("{url} bytes {start}..{}", start + chunk.size))?;
-            on_bytes(chunk.size);
+            on_chunk(chunk);
             report.chunks += 1;
             start += chunk.size;
             buf.drain(..size);

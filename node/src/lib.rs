@@ -3,10 +3,12 @@
 //! ([`keys`]), and the embedded HTTP origin ([`origin`]). The site swarm, the
 //! chunk store and the applier build on these.
 
+pub mod chunks;
 pub mod config;
 pub mod fetch;
 pub mod keys;
 pub mod network;
+pub mod node;
 pub mod origin;
 pub mod release;
 pub mod store;

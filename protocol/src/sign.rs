@@ -122,6 +122,11 @@ impl SecretKey {
         }
     }
 
+    /// The same key as a libp2p identity (a node's own key is both).
+    pub fn to_libp2p(&self) -> libp2p_identity::Keypair {
+        libp2p_identity::Keypair::from(self.0.clone())
+    }
+
     /// The key file's text.
     pub fn to_text(&self) -> String {
         let secret = self.0.secret();

@@ -6,3 +6,4 @@ mod common;
 mod demo;
 mod origin;
 mod publish;
+mod swarm;

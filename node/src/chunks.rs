@@ -1,0 +1,138 @@
+//! Chunk bodies between peers, over raw libp2p streams.
+//!
+//! The asker opens a stream and writes the 32-byte hash it wants; the holder
+//! answers one status byte (`0` held, `1` not held) and, when held, the
+//! chunk's length (8 bytes, little-endian) and its bytes. One chunk per
+//! stream keeps the protocol trivial; yamux makes streams cheap. The asker
+//! checks the length against the manifest and the bytes against the hash
+//! before anything is stored.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use lanup_protocol::chunk::{Chunk, MAX_CHUNK};
+use lanup_protocol::Hash;
+use libp2p::PeerId;
+use tracing::debug;
+
+use crate::network::CHUNK_PROTOCOL;
+use crate::store::ChunkStore;
+
+/// How long one chunk may take from request to last byte.
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a chunk did not arrive.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// The peer sent bytes that are not the chunk: it must be distrusted.
+    #[error("peer {peer} sent bytes that are not chunk {hash}")]
+    Corrupt { peer: PeerId, hash: Hash },
+    /// Anything else: the chunk can be asked again, there or elsewhere.
+    #[error("chunk {hash} from {peer}: {reason:#}")]
+    Failed {
+        peer: PeerId,
+        hash: Hash,
+        reason: anyhow::Error,
+    },
+}
+
+/// Asks `peer` for `chunk`, checks it, and stores it.
+pub async fn fetch(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    chunk: Chunk,
+    store: ChunkStore,
+) -> Result<(), ChunkError> {
+    let failed = |reason: anyhow::Error| ChunkError::Failed {
+        peer,
+        hash: chunk.hash,
+        reason,
+    };
+    let data = tokio::time::timeout(CHUNK_TIMEOUT, async {
+        let mut stream = control
+            .open_stream(peer, CHUNK_PROTOCOL)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        stream.write_all(&chunk.hash.0).await?;
+        stream.flush().await?;
+        let mut status = [0u8; 1];
+        stream.read_exact(&mut status).await?;
+        if status[0] != 0 {
+            bail!("peer does not hold it");
+        }
+        let mut len = [0u8; 8];
+        stream.read_exact(&mut len).await?;
+        let len = u64::from_le_bytes(len);
+        if len != chunk.size {
+            // A wrong length is a lie about the chunk, not a hiccup.
+            return Ok(None);
+        }
+        let mut data = vec![0u8; len as usize];
+        stream.read_exact(&mut data).await?;
+        Ok(Some(data))
+    })
+    .await
+    .map_err(|_| failed(anyhow::anyhow!("timed out")))?
+    .map_err(failed)?;
+    let Some(data) = data else {
+        return Err(ChunkError::Corrupt {
+            peer,
+            hash: chunk.hash,
+        });
+    };
+    let stored = tokio::task::spawn_blocking(move || store.put(&chunk, &data))
+        .await
+        .map_err(|e| ChunkError::Failed {
+            peer,
+            hash: chunk.hash,
+            reason: e.into(),
+        })?;
+    match stored {
+        Ok(()) => Ok(()),
+        Err(crate::store::StoreError::Corrupt { .. }) => Err(ChunkError::Corrupt {
+            peer,
+            hash: chunk.hash,
+        }),
+        Err(e) => Err(ChunkError::Failed {
+            peer,
+            hash: chunk.hash,
+            reason: e.into(),
+        }),
+    }
+}
+
+/// Serves chunks from `store` to every peer that asks, until the stream of
+/// incoming streams ends.
+pub async fn serve(mut incoming: libp2p_stream::IncomingStreams, store: ChunkStore) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let store = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, &store).await {
+                debug!(%peer, error = %format!("{e:#}"), "serving a chunk failed");
+            }
+        });
+    }
+}
+
+async fn serve_one(mut stream: libp2p::Stream, store: &ChunkStore) -> Result<()> {
+    let mut hash = [0u8; 32];
+    tokio::time::timeout(CHUNK_TIMEOUT, stream.read_exact(&mut hash))
+        .await
+        .context("request timed out")??;
+    let hash = Hash(hash);
+    let data = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.get(&hash)).await?
+    };
+    match data {
+        Ok(data) if data.len() <= MAX_CHUNK => {
+            stream.write_all(&[0]).await?;
+            stream.write_all(&(data.len() as u64).to_le_bytes()).await?;
+            stream.write_all(&data).await?;
+        }
+        _ => stream.write_all(&[1]).await?,
+    }
+    stream.close().await?;
+    Ok(())
+}
