@@ -571,6 +571,16 @@ impl Node {
             }
             Done::OriginFinished(result) => {
                 self.origin_busy = false;
+                // Chunk notices are best effort (a full queue drops them);
+                // the store is the truth.
+                if let Some(t) = &mut self.target {
+                    for hash in unique_chunks(&t.manifest.files).keys() {
+                        if !t.held.contains(hash) && self.store.has(hash) {
+                            t.transfer.obtained(hash);
+                            t.held.insert(*hash);
+                        }
+                    }
+                }
                 match result {
                     Ok(bytes) => self.origin_bytes += bytes,
                     Err(e) => {
