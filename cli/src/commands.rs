@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use lanup_node::control::{self, ControlRequest};
 use lanup_node::keys;
 use lanup_node::origin::Origin;
 use lanup_node::release::{self, ManifestSource, PublishOptions};
@@ -44,6 +45,30 @@ enum Command {
     /// (one node per site from the origin, the rest from each other),
     /// verify and stage them.
     Node(NodeArgs),
+    /// Show every node of the site, as the local node hears them.
+    Status {
+        /// The local node's state directory.
+        #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
+        state: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the peers the local node is connected to.
+    Peers {
+        /// The local node's state directory.
+        #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
+        state: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the site's fetcher to poll the origin now.
+    Check {
+        /// The local node's state directory.
+        #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
+        state: PathBuf,
+    },
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
         /// Where to write the secret key (mode 0600; never overwritten).
@@ -217,6 +242,35 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(lanup_node::node::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { state, json } => {
+            let answer = runtime()?.block_on(control::ask(&state, ControlRequest::Status))?;
+            if json {
+                println!("{answer}");
+            } else {
+                print_status(&answer);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Peers { state, json } => {
+            let answer = runtime()?.block_on(control::ask(&state, ControlRequest::Peers))?;
+            if json {
+                println!("{answer}");
+            } else {
+                for p in answer["peers"].as_array().into_iter().flatten() {
+                    println!("{}", p.as_str().unwrap_or_default());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { state } => {
+            let answer = runtime()?.block_on(control::ask(&state, ControlRequest::Check))?;
+            if answer["fetcher"] == true {
+                println!("polling the origin now");
+            } else {
+                println!("this node is not the site's fetcher; the fetcher polls the origin");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { out } => {
             let public = keys::generate(&out)?;
             eprintln!("secret key written to {} (mode 0600)", out.display());
@@ -242,6 +296,46 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             trust,
         } => runtime()?.block_on(verify(&manifest, &dir, &trust)),
         Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
+    }
+}
+
+fn print_status(answer: &serde_json::Value) {
+    println!("site {}", answer["site"].as_str().unwrap_or("?"));
+    println!(
+        "{:<54} {:<9} {:<10} {:>15} {:>12} {:>10}",
+        "node", "state", "release", "progress", "from origin", "last seen"
+    );
+    for n in answer["nodes"].as_array().into_iter().flatten() {
+        let mut id = n["peer_id"].as_str().unwrap_or("?").to_owned();
+        if n["self"] == true {
+            id.push_str(" (this)");
+        }
+        if n["fetcher"] == true {
+            id.push_str(" *");
+        }
+        let have = n["bytes_have"].as_u64().unwrap_or(0);
+        let total = n["bytes_total"].as_u64().unwrap_or(0);
+        let progress = if total == 0 {
+            "-".to_owned()
+        } else {
+            format!(
+                "{:.0}% of {}",
+                have as f64 * 100.0 / total as f64,
+                format_bytes(total)
+            )
+        };
+        let seen = n["last_seen_ms"].as_u64().map_or("never".to_owned(), |ms| {
+            format!("{:.1} s ago", ms as f64 / 1000.0)
+        });
+        println!(
+            "{:<54} {:<9} {:<10} {:>15} {:>12} {:>10}",
+            id,
+            n["state"].as_str().unwrap_or("?"),
+            n["release"].as_str().unwrap_or("-"),
+            progress,
+            format_bytes(n["origin_bytes"].as_u64().unwrap_or(0)),
+            seen
+        );
     }
 }
 

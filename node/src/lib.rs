@@ -5,6 +5,7 @@
 
 pub mod chunks;
 pub mod config;
+pub mod control;
 pub mod fetch;
 pub mod keys;
 pub mod network;

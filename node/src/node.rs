@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::chunks::{self, ChunkError};
 use crate::config::NodeConfig;
+use crate::control::ControlRequest;
 use crate::fetch::fetch_missing;
 use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_PROTOCOL};
 use crate::release::ManifestSource;
@@ -43,8 +44,10 @@ const PEER_SILENT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Heartbeat {
     has_origin: bool,
+    /// `idle`, `fetching` or `staged`.
+    state: String,
     release: Option<String>,
-    staged: bool,
+    staged_version: Option<String>,
     bytes_have: u64,
     bytes_total: u64,
     origin_bytes: u64,
@@ -143,6 +146,8 @@ pub async fn run(
     net.subscribe(&announce_topic).await?;
     net.subscribe(&status_topic).await?;
     let (done_tx, mut done) = mpsc::channel(1024);
+    let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
+    crate::control::listen(&config.state, control_tx)?;
     let mut node = Node {
         config,
         net,
@@ -170,6 +175,9 @@ pub async fn run(
             _ = &mut shutdown => break,
             Some(event) = events.recv() => node.on_network(event).await,
             Some(d) = done.recv() => node.on_done(d).await,
+            Some((request, reply)) = control.recv() => {
+                let _ = reply.send(node.control(request));
+            }
             _ = heartbeat.tick() => {
                 node.heartbeat().await;
                 // Give peers a moment to connect before deciding who fetches.
@@ -209,18 +217,71 @@ impl Node {
         })
     }
 
-    async fn heartbeat(&mut self) {
-        let hb = Heartbeat {
+    fn own_heartbeat(&self) -> Heartbeat {
+        let t = self.target.as_ref();
+        Heartbeat {
             has_origin: self.config.origin.is_some(),
-            release: self.target.as_ref().map(|t| t.manifest.release_name()),
-            staged: self.target.as_ref().is_some_and(|t| t.staged),
-            bytes_have: self
-                .target
-                .as_ref()
-                .map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
-            bytes_total: self.target.as_ref().map_or(0, |t| t.bytes_total),
+            state: match t {
+                None => "idle",
+                Some(t) if t.staged => "staged",
+                Some(_) => "fetching",
+            }
+            .into(),
+            release: t.map(|t| t.manifest.release_name()),
+            staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
+            bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
+            bytes_total: t.map_or(0, |t| t.bytes_total),
             origin_bytes: self.origin_bytes,
+        }
+    }
+
+    /// Answers the CLI.
+    fn control(&mut self, request: ControlRequest) -> serde_json::Value {
+        let row = |peer: &PeerId, hb: Option<&Heartbeat>, last_seen_ms: Option<u64>| {
+            serde_json::json!({
+                "peer_id": peer.to_string(),
+                "installed_version": null,
+                "state": hb.map_or("unknown", |h| h.state.as_str()),
+                "release": hb.and_then(|h| h.release.clone()),
+                "staged_version": hb.and_then(|h| h.staged_version.clone()),
+                "bytes_have": hb.map_or(0, |h| h.bytes_have),
+                "bytes_total": hb.map_or(0, |h| h.bytes_total),
+                "origin_bytes": hb.map_or(0, |h| h.origin_bytes),
+                "last_seen_ms": last_seen_ms,
+                "fetcher": false,
+            })
         };
+        match request {
+            ControlRequest::Status => {
+                let own = self.own_heartbeat();
+                let mut mine = row(&self.local, Some(&own), Some(0));
+                mine["fetcher"] = serde_json::json!(self.is_fetcher());
+                mine["self"] = serde_json::json!(true);
+                let mut nodes = vec![mine];
+                for (peer, info) in &self.peers {
+                    let (hb, seen) = match &info.heartbeat {
+                        Some((at, hb)) => (Some(hb), Some(at.elapsed().as_millis() as u64)),
+                        None => (None, None),
+                    };
+                    nodes.push(row(peer, hb, seen));
+                }
+                serde_json::json!({ "site": self.config.site, "nodes": nodes })
+            }
+            ControlRequest::Peers => serde_json::json!({
+                "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
+            }),
+            ControlRequest::Check => {
+                let fetcher = self.is_fetcher();
+                if fetcher && !self.origin_busy {
+                    self.poll_origin();
+                }
+                serde_json::json!({ "fetcher": fetcher, "polling": fetcher })
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let hb = self.own_heartbeat();
         if let Ok(data) = serde_json::to_vec(&hb) {
             let _ = self.net.publish(&self.status_topic, data).await;
         }

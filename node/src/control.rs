@@ -1,0 +1,100 @@
+//! The control socket: how the `lanup` CLI talks to the node running on the
+//! same machine. A Unix socket in the state directory, mode 0600, so only
+//! the node's owner may use it; one JSON request per connection, one JSON
+//! answer.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+/// The socket's file name in the state directory.
+pub const SOCKET: &str = "control.sock";
+
+/// What the CLI can ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlRequest {
+    /// Every node of the site, from heartbeats.
+    Status,
+    /// The peers this node is connected to.
+    Peers,
+    /// Poll the origin now (on the fetcher).
+    Check,
+}
+
+/// A request on its way to the node, with where to send the answer.
+pub type Incoming = (ControlRequest, oneshot::Sender<serde_json::Value>);
+
+/// The socket path for a state directory.
+pub fn socket_path(state: &Path) -> PathBuf {
+    state.join(SOCKET)
+}
+
+/// Listens on the state directory's socket and hands requests to the node.
+pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
+    let path = socket_path(state);
+    // A socket left by a node that died is stale; a live node answers.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            bail!("another node is running on {}", state.display());
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let node = node.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, node).await {
+                    debug!(error = %format!("{e:#}"), "control request failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(stream: UnixStream, node: mpsc::Sender<Incoming>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: ControlRequest =
+        serde_json::from_str(line.trim()).context("malformed control request")?;
+    let (tx, rx) = oneshot::channel();
+    node.send((request, tx)).await.context("node stopped")?;
+    let answer = rx.await.context("node stopped")?;
+    write.write_all(answer.to_string().as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    Ok(())
+}
+
+/// Sends `request` to the node whose state directory is `state`.
+pub async fn ask(state: &Path, request: ControlRequest) -> Result<serde_json::Value> {
+    let path = socket_path(state);
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "no node answers on {} (is `lanup node --state {}` running?)",
+            path.display(),
+            state.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{}\n", serde_json::to_string(&request)?).as_bytes())
+        .await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    serde_json::from_str(line.trim()).context("malformed answer from the node")
+}
