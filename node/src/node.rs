@@ -37,6 +37,8 @@ use crate::store::ChunkStore;
 
 /// How often a node says it is alive, and re-announces its release.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a node asks its peers what chunks they gained.
+const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A peer silent this long no longer counts for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_secs(5);
 
@@ -66,6 +68,10 @@ struct Target {
     hash: Hash,
     transfer: Transfer<PeerId>,
     held: HashSet<Hash>,
+    /// `held` in the order chunks arrived, so peers can ask what is new.
+    held_order: Vec<Hash>,
+    /// Per peer, how many of its chunks this node has heard of.
+    peer_since: BTreeMap<PeerId, u32>,
     bytes_total: u64,
     staged: bool,
     staging: bool,
@@ -73,7 +79,7 @@ struct Target {
 
 enum Done {
     Chunk(Result<(PeerId, Hash), ChunkError>),
-    Have(PeerId, Hash, Vec<Hash>),
+    Have(PeerId, Hash, Vec<Hash>, u32),
     Manifest(PeerId, Result<(Vec<u8>, String)>),
     OriginChunk(Hash),
     OriginManifest(Result<ManifestSource>),
@@ -167,6 +173,7 @@ pub async fn run(
     };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
+    let mut have = tokio::time::interval(HAVE_INTERVAL);
     let mut last_poll: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -192,6 +199,7 @@ pub async fn run(
                 }
             }
             _ = schedule.tick() => node.schedule(),
+            _ = have.tick() => node.ask_have(),
         }
     }
     info!("node stopping");
@@ -294,28 +302,36 @@ impl Node {
             if let Ok(data) = serde_json::to_vec(&announce) {
                 let _ = self.net.publish(&self.announce_topic, data).await;
             }
-            // Ask every peer what it holds: that is how chunks fetched
-            // from the origin or from others become visible here.
-            if !t.transfer.is_done() {
-                for peer in self.peers.keys().copied() {
-                    let net = self.net.clone();
-                    let tx = self.done_tx.clone();
-                    let hash = t.hash;
-                    tokio::spawn(async move {
-                        if let Ok(Response::Have { chunks }) = net
-                            .request(
-                                peer,
-                                Request::Have {
-                                    manifest_hash: hash,
-                                },
-                            )
-                            .await
-                        {
-                            let _ = tx.send(Done::Have(peer, hash, chunks)).await;
-                        }
-                    });
+        }
+    }
+
+    /// Asks every peer which chunks it gained since last time: that is how
+    /// chunks fetched from the origin or from others become visible here,
+    /// a fraction of a second after they arrive (cut-through).
+    fn ask_have(&mut self) {
+        let Some(t) = &self.target else { return };
+        if t.transfer.is_done() {
+            return;
+        }
+        for peer in self.peers.keys().copied() {
+            let net = self.net.clone();
+            let tx = self.done_tx.clone();
+            let hash = t.hash;
+            let since = t.peer_since.get(&peer).copied().unwrap_or(0);
+            tokio::spawn(async move {
+                if let Ok(Response::Have { chunks, total }) = net
+                    .request(
+                        peer,
+                        Request::Have {
+                            manifest_hash: hash,
+                            since,
+                        },
+                    )
+                    .await
+                {
+                    let _ = tx.send(Done::Have(peer, hash, chunks, total)).await;
                 }
-            }
+            });
         }
     }
 
@@ -368,9 +384,17 @@ impl Node {
                             signature: t.signature.clone(),
                         }
                     }
-                    (Request::Have { manifest_hash }, Some(t)) if *manifest_hash == t.hash => {
+                    (
+                        Request::Have {
+                            manifest_hash,
+                            since,
+                        },
+                        Some(t),
+                    ) if *manifest_hash == t.hash => {
+                        let from = (*since as usize).min(t.held_order.len());
                         Response::Have {
-                            chunks: t.held.iter().copied().collect(),
+                            chunks: t.held_order[from..].to_vec(),
+                            total: t.held_order.len() as u32,
                         }
                     }
                     _ => Response::Unknown,
@@ -478,7 +502,9 @@ impl Node {
             signature,
             hash,
             transfer,
+            held_order: held.iter().copied().collect(),
             held,
+            peer_since: BTreeMap::new(),
             bytes_total,
             staged: false,
             staging: false,
@@ -584,7 +610,9 @@ impl Node {
                 match result {
                     Ok((peer, hash)) => {
                         t.transfer.delivered(&peer, &hash);
-                        t.held.insert(hash);
+                        if t.held.insert(hash) {
+                            t.held_order.push(hash);
+                        }
                     }
                     Err(ChunkError::Corrupt { peer, hash }) => {
                         warn!(%peer, chunk = %hash, "peer sent a bad chunk; banning it for a while");
@@ -593,10 +621,11 @@ impl Node {
                     Err(ChunkError::Failed { peer, hash, .. }) => t.transfer.failed(&peer, &hash),
                 }
             }
-            Done::Have(peer, hash, chunks) => {
+            Done::Have(peer, hash, chunks, total) => {
                 if let Some(t) = self.target.as_mut().filter(|t| t.hash == hash) {
                     t.transfer.peer_connected(peer);
                     t.transfer.peer_has(&peer, chunks);
+                    t.peer_since.insert(peer, total);
                 }
             }
             Done::Manifest(peer, result) => match result {
@@ -627,7 +656,9 @@ impl Node {
             Done::OriginChunk(hash) => {
                 if let Some(t) = &mut self.target {
                     t.transfer.obtained(&hash);
-                    t.held.insert(hash);
+                    if t.held.insert(hash) {
+                        t.held_order.push(hash);
+                    }
                 }
             }
             Done::OriginFinished(result) => {
@@ -639,6 +670,7 @@ impl Node {
                         if !t.held.contains(hash) && self.store.has(hash) {
                             t.transfer.obtained(hash);
                             t.held.insert(*hash);
+                            t.held_order.push(*hash);
                         }
                     }
                 }

@@ -107,6 +107,7 @@ async fn two_nodes_connect_gossip_ask_and_stream() -> Result<()> {
                 peer,
                 Request::Have {
                     manifest_hash: hash,
+                    since: 0,
                 },
             )
             .await
@@ -121,12 +122,25 @@ async fn two_nodes_connect_gossip_ask_and_stream() -> Result<()> {
     assert_eq!(
         request,
         Request::Have {
-            manifest_hash: hash
+            manifest_hash: hash,
+            since: 0,
         }
     );
-    a.respond(channel, Response::Have { chunks: vec![hash] })
-        .await?;
-    assert_eq!(asker.await??, Response::Have { chunks: vec![hash] });
+    a.respond(
+        channel,
+        Response::Have {
+            chunks: vec![hash],
+            total: 1,
+        },
+    )
+    .await?;
+    assert_eq!(
+        asker.await??,
+        Response::Have {
+            chunks: vec![hash],
+            total: 1
+        }
+    );
 
     // A raw stream carries a chunk-sized body.
     let mut incoming = a.streams().accept(CHUNK_PROTOCOL)?;

@@ -24,8 +24,9 @@ pub struct Announce {
 pub enum Request {
     /// The manifest with this hash and its signature.
     Manifest { manifest_hash: Hash },
-    /// Which chunks of this release the peer holds.
-    Have { manifest_hash: Hash },
+    /// Which chunks of this release the peer holds, from the `since`-th it
+    /// gained on (0 for all): asked often, answered with what is new.
+    Have { manifest_hash: Hash, since: u32 },
 }
 
 /// Answers to [`Request`].
@@ -37,7 +38,10 @@ pub enum Response {
         signature: String,
     },
     Have {
+        /// The chunks gained from `since` on, in the order they were gained.
         chunks: Vec<Hash>,
+        /// How many the peer holds in all: the next `since`.
+        total: u32,
     },
     /// The peer does not know that release.
     Unknown,
