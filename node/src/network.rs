@@ -40,8 +40,6 @@ pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/lanup/chunk/1")
 pub struct NetworkConfig {
     pub listen: Vec<Multiaddr>,
     pub peers: Vec<Multiaddr>,
-    /// Gossip topics are named after the site.
-    pub site: String,
     pub psk: Option<PreSharedKey>,
     /// mDNS on every non-loopback interface.
     pub mdns: bool,

@@ -135,7 +135,6 @@ pub async fn run(
         NetworkConfig {
             listen: config.listen.clone(),
             peers: config.peers.clone(),
-            site: config.site.clone(),
             psk,
             mdns: config.mdns,
         },

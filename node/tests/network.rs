@@ -20,7 +20,6 @@ async fn start(
         NetworkConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
             peers,
-            site: "test".into(),
             psk: None,
             mdns: false,
         },
