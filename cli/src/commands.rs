@@ -47,27 +47,24 @@ enum Command {
     Node(NodeArgs),
     /// Show every node of the site, as the local node hears them.
     Status {
-        /// The local node's state directory.
-        #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
-        state: PathBuf,
+        #[command(flatten)]
+        node: LocalNode,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// List the peers the local node is connected to.
     Peers {
-        /// The local node's state directory.
-        #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
-        state: PathBuf,
+        #[command(flatten)]
+        node: LocalNode,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Ask the site's fetcher to poll the origin now.
     Check {
-        /// The local node's state directory.
-        #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
-        state: PathBuf,
+        #[command(flatten)]
+        node: LocalNode,
     },
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
@@ -169,6 +166,21 @@ struct PublishArgs {
     from_legacy: Option<PathBuf>,
 }
 
+/// Which local node a command talks to.
+#[derive(Debug, clap::Args)]
+struct LocalNode {
+    /// The local node's state directory.
+    #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
+    state: PathBuf,
+}
+
+impl LocalNode {
+    /// Sends one request over the node's control socket.
+    fn ask(&self, request: ControlRequest) -> Result<serde_json::Value> {
+        runtime()?.block_on(control::ask(&self.state, request))
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
     /// The node's TOML configuration (see lanup.sample.toml); flags override it.
@@ -242,8 +254,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(lanup_node::node::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { state, json } => {
-            let answer = runtime()?.block_on(control::ask(&state, ControlRequest::Status))?;
+        Command::Status { node, json } => {
+            let answer = node.ask(ControlRequest::Status)?;
             if json {
                 println!("{answer}");
             } else {
@@ -251,8 +263,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Peers { state, json } => {
-            let answer = runtime()?.block_on(control::ask(&state, ControlRequest::Peers))?;
+        Command::Peers { node, json } => {
+            let answer = node.ask(ControlRequest::Peers)?;
             if json {
                 println!("{answer}");
             } else {
@@ -262,8 +274,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { state } => {
-            let answer = runtime()?.block_on(control::ask(&state, ControlRequest::Check))?;
+        Command::Check { node } => {
+            let answer = node.ask(ControlRequest::Check)?;
             if answer["fetcher"] == true {
                 println!("polling the origin now");
             } else {

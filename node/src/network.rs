@@ -96,7 +96,6 @@ enum Command {
         channel: ResponseChannel<Response>,
         response: Response,
     },
-    Peers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
 }
 
@@ -297,9 +296,6 @@ impl Network {
             Command::Respond { channel, response } => {
                 let _ = b.rpc.send_response(channel, response);
             }
-            Command::Peers(reply) => {
-                let _ = reply.send(self.connected.iter().copied().collect());
-            }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
@@ -473,13 +469,6 @@ impl NetworkClient {
         response: Response,
     ) -> Result<()> {
         self.send(Command::Respond { channel, response }).await
-    }
-
-    /// Peers connected now.
-    pub async fn peers(&self) -> Result<Vec<PeerId>> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Peers(reply)).await?;
-        rx.await.context("the network task has stopped")
     }
 
     /// Addresses this node listens on.

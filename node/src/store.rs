@@ -2,7 +2,7 @@
 //! release, once, named by its BLAKE3 hash. A chunk is checked against its
 //! hash before it is stored, so the store only ever holds good bytes.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -74,11 +74,6 @@ impl ChunkStore {
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
         tmp.write_all(data).map_err(io_err)?;
         tmp.persist(&path).map(drop).map_err(|e| io_err(e.error))
-    }
-
-    /// Opens a stored chunk for reading.
-    pub fn open_chunk(&self, hash: &Hash) -> io::Result<File> {
-        File::open(self.path(hash))
     }
 
     /// Reads a stored chunk whole (chunks are at most 4 MiB).
