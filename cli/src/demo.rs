@@ -15,6 +15,7 @@ use lanup_node::keys;
 use lanup_node::origin::{Origin, Stats};
 use lanup_node::release::{self, ManifestSource, PublishOptions};
 use lanup_node::store::ChunkStore;
+use lanup_node::throttle::Throttle;
 use lanup_protocol::manifest::Restart;
 use lanup_protocol::units::{format_bytes, Rate};
 use time::OffsetDateTime;
@@ -123,6 +124,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
             &base,
             &manifest,
             &store,
+            &Throttle::default(),
             |_| false,
             |c| bar.inc(c.size),
         )

@@ -14,10 +14,11 @@ use futures_util::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use lanup_protocol::chunk::{Chunk, MAX_CHUNK};
 use lanup_protocol::Hash;
 use libp2p::PeerId;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::network::CHUNK_PROTOCOL;
 use crate::store::ChunkStore;
+use crate::throttle::Throttle;
 
 /// How long one chunk may take from request to last byte.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -102,20 +103,30 @@ pub async fn fetch(
     }
 }
 
-/// Serves chunks from `store` to every peer that asks, until the stream of
-/// incoming streams ends.
-pub async fn serve(mut incoming: libp2p_stream::IncomingStreams, store: ChunkStore) {
+/// Serves chunks from `store` to every peer that asks, no faster in total
+/// than `lan` allows, until the stream of incoming streams ends.
+pub async fn serve(mut incoming: libp2p_stream::IncomingStreams, store: ChunkStore, lan: Throttle) {
+    let faulty = fault_corrupt_chunks();
     while let Some((peer, stream)) = incoming.next().await {
         let store = store.clone();
+        let lan = lan.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &store).await {
+            if let Err(e) = serve_one(stream, &store, &lan, faulty).await {
                 debug!(%peer, error = %format!("{e:#}"), "serving a chunk failed");
             }
         });
     }
 }
 
-async fn serve_one(mut stream: libp2p::Stream, store: &ChunkStore) -> Result<()> {
+/// Bytes written to a stream between two looks at the rate cap.
+const SERVE_BLOCK: usize = 64 * 1024;
+
+async fn serve_one(
+    mut stream: libp2p::Stream,
+    store: &ChunkStore,
+    lan: &Throttle,
+    faulty: bool,
+) -> Result<()> {
     let mut hash = [0u8; 32];
     tokio::time::timeout(CHUNK_TIMEOUT, stream.read_exact(&mut hash))
         .await
@@ -123,16 +134,35 @@ async fn serve_one(mut stream: libp2p::Stream, store: &ChunkStore) -> Result<()>
     let hash = Hash(hash);
     let data = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.get(&hash)).await?
+        tokio::task::spawn_blocking(move || store.get_verified(&hash)).await?
     };
     match data {
-        Ok(data) if data.len() <= MAX_CHUNK => {
+        Ok(mut data) if data.len() <= MAX_CHUNK => {
+            if faulty {
+                if let Some(b) = data.last_mut() {
+                    *b ^= 0xff;
+                }
+            }
             stream.write_all(&[0]).await?;
             stream.write_all(&(data.len() as u64).to_le_bytes()).await?;
-            stream.write_all(&data).await?;
+            for block in data.chunks(SERVE_BLOCK) {
+                lan.take(block.len()).await;
+                stream.write_all(block).await?;
+            }
         }
         _ => stream.write_all(&[1]).await?,
     }
     stream.close().await?;
     Ok(())
+}
+
+/// A fault for the tests, honoured by debug builds only: with
+/// `LANUP_FAULT_CORRUPT_CHUNKS=1` the node flips a byte of every chunk it
+/// serves, so the tests can watch its peers refuse the bytes and ban it.
+fn fault_corrupt_chunks() -> bool {
+    let on = cfg!(debug_assertions) && std::env::var_os("LANUP_FAULT_CORRUPT_CHUNKS").is_some();
+    if on {
+        warn!("fault injection: serving corrupted chunks (LANUP_FAULT_CORRUPT_CHUNKS)");
+    }
+    on
 }

@@ -21,6 +21,7 @@ use reqwest::StatusCode;
 use tracing::{info, warn};
 
 use crate::store::{ChunkStore, StoreError};
+use crate::throttle::Throttle;
 
 /// Characters escaped in one URL path segment.
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -63,13 +64,15 @@ pub fn file_url(base: &str, name: &str) -> String {
 }
 
 /// Fetches every chunk of `manifest` that `store` lacks from the release
-/// directory at `base`, except those `skip` says are to be had elsewhere.
-/// `on_chunk` is told of every chunk verified and stored.
+/// directory at `base`, except those `skip` says are to be had elsewhere,
+/// no faster than `wan` allows. `on_chunk` is told of every chunk verified
+/// and stored.
 pub async fn fetch_missing(
     client: &reqwest::Client,
     base: &str,
     manifest: &Manifest,
     store: &ChunkStore,
+    wan: &Throttle,
     skip: impl Fn(&Hash) -> bool,
     mut on_chunk: impl FnMut(&Chunk),
 ) -> Result<FetchReport> {
@@ -93,7 +96,17 @@ pub async fn fetch_missing(
     for request in &plan {
         let mut attempt = 0;
         loop {
-            match fetch_range(client, base, request, store, &mut report, &mut on_chunk).await {
+            match fetch_range(
+                client,
+                base,
+                request,
+                store,
+                wan,
+                &mut report,
+                &mut on_chunk,
+            )
+            .await
+            {
                 Ok(()) => break,
                 // Wrong bytes from the origin are not a network hiccup: the
                 // published folder differs from its manifest.
@@ -127,6 +140,7 @@ async fn fetch_range(
     base: &str,
     request: &RangeRequest,
     store: &ChunkStore,
+    wan: &Throttle,
     report: &mut FetchReport,
     on_chunk: &mut impl FnMut(&Chunk),
 ) -> Result<()> {
@@ -161,6 +175,7 @@ async fn fetch_range(
         .await
         .with_context(|| format!("reading {url}"))?
     {
+        wan.take(body.len()).await;
         report.bytes += body.len() as u64;
         let mut body = &body[..];
         if skip > 0 {

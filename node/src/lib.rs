@@ -13,3 +13,4 @@ pub mod node;
 pub mod origin;
 pub mod release;
 pub mod store;
+pub mod throttle;

@@ -32,8 +32,9 @@ use crate::config::NodeConfig;
 use crate::control::ControlRequest;
 use crate::fetch::fetch_missing;
 use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_PROTOCOL};
-use crate::release::ManifestSource;
+use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
+use crate::throttle::Throttle;
 
 /// How often a node says it is alive, and re-announces its release.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -41,6 +42,14 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A peer silent this long no longer counts for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_secs(5);
+/// A node waits this long after starting before it may fetch, so that it
+/// hears the site's other nodes first.
+const STARTUP_GRACE: Duration = Duration::from_secs(3);
+/// A peer connected this long without a heartbeat no longer holds up the
+/// election.
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
+/// The longest wait between polls after the origin failed to answer.
+const POLL_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// The heartbeat every node gossips.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +66,7 @@ struct Heartbeat {
 
 #[derive(Debug)]
 struct PeerInfo {
+    connected_at: Instant,
     heartbeat: Option<(Instant, Heartbeat)>,
 }
 
@@ -81,8 +91,8 @@ enum Done {
     Chunk(Result<(PeerId, Hash), ChunkError>),
     Have(PeerId, Hash, Vec<Hash>, u32),
     Manifest(PeerId, Result<(Vec<u8>, String)>),
-    OriginChunk(Hash),
-    OriginManifest(Result<ManifestSource>),
+    OriginChunk(Hash, u64),
+    OriginPoll(Result<Poll>),
     OriginFinished(Result<u64>),
     Staged(Hash, Result<PathBuf>),
 }
@@ -95,8 +105,19 @@ struct Node {
     peers: BTreeMap<PeerId, PeerInfo>,
     target: Option<Target>,
     done_tx: mpsc::Sender<Done>,
-    origin_busy: bool,
+    /// The poll or download running against the origin, if any.
+    origin_task: Option<tokio::task::AbortHandle>,
+    /// Whether this node was the fetcher at the last look (for the log).
+    was_fetcher: bool,
+    /// Bytes this node took from the origin, counted as chunks arrive.
     origin_bytes: u64,
+    /// Of those, the bytes counted during the download now running.
+    origin_counted: u64,
+    /// The origin manifest's ETag at the last poll, for a conditional GET.
+    etag: Option<String>,
+    next_poll: Instant,
+    poll_failures: u32,
+    wan: Throttle,
     started: Instant,
     http: reqwest::Client,
     announce_topic: String,
@@ -144,7 +165,11 @@ pub async fn run(
     tokio::spawn(network.run());
     let store = ChunkStore::open(&config.state.join("chunks"))?;
     let incoming = net.streams().accept(CHUNK_PROTOCOL)?;
-    tokio::spawn(chunks::serve(incoming, store.clone()));
+    tokio::spawn(chunks::serve(
+        incoming,
+        store.clone(),
+        Throttle::new(config.lan_rate),
+    ));
 
     let announce_topic = format!("lanup/{}/announce", config.site);
     let status_topic = format!("lanup/{}/status", config.site);
@@ -153,6 +178,7 @@ pub async fn run(
     let (done_tx, mut done) = mpsc::channel(1024);
     let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
     crate::control::listen(&config.state, control_tx)?;
+    let wan = Throttle::new(config.wan_rate);
     let mut node = Node {
         config,
         net,
@@ -161,8 +187,14 @@ pub async fn run(
         peers: BTreeMap::new(),
         target: None,
         done_tx,
-        origin_busy: false,
+        origin_task: None,
+        was_fetcher: false,
         origin_bytes: 0,
+        origin_counted: 0,
+        etag: None,
+        next_poll: Instant::now(),
+        poll_failures: 0,
+        wan,
         started: Instant::now(),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(300))
@@ -173,7 +205,6 @@ pub async fn run(
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
     let mut have = tokio::time::interval(HAVE_INTERVAL);
-    let mut last_poll: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -186,16 +217,7 @@ pub async fn run(
             }
             _ = heartbeat.tick() => {
                 node.heartbeat().await;
-                // Give peers a moment to connect before deciding who fetches.
-                let due = last_poll.is_none_or(|t| t.elapsed() >= node.config.poll_interval);
-                if node.started.elapsed() >= Duration::from_secs(3) && node.is_fetcher() {
-                    if due && !node.origin_busy {
-                        last_poll = Some(Instant::now());
-                        node.poll_origin();
-                    } else {
-                        node.resume_origin_download();
-                    }
-                }
+                node.fetcher_duties();
             }
             _ = schedule.tick() => node.schedule(),
             _ = have.tick() => node.ask_have(),
@@ -208,6 +230,115 @@ pub async fn run(
 impl Node {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether this node has heard from every peer it is connected to, so
+    /// an election now would see the whole site.
+    fn settled(&self) -> bool {
+        self.started.elapsed() >= STARTUP_GRACE
+            && self
+                .peers
+                .values()
+                .all(|p| p.heartbeat.is_some() || p.connected_at.elapsed() >= HEARTBEAT_WAIT)
+    }
+
+    /// The fetcher polls the origin when a poll is due and downloads what
+    /// no node at the site holds; a node that stops being the fetcher (a
+    /// lower PeerId appeared) stops its download, and the chunks it got stay
+    /// at the site.
+    fn fetcher_duties(&mut self) {
+        let fetcher = self.is_fetcher() && self.settled();
+        if fetcher != self.was_fetcher {
+            self.was_fetcher = fetcher;
+            if fetcher {
+                info!("this node is now the site's fetcher");
+            } else if let Some(task) = self.origin_task.take() {
+                task.abort();
+                self.reconcile_store();
+                info!("another node is the site's fetcher now; stopped talking to the origin");
+            }
+        }
+        if !fetcher || self.origin_busy() {
+            return;
+        }
+        if Instant::now() >= self.next_poll {
+            self.poll_origin();
+        } else {
+            self.resume_origin_download();
+        }
+    }
+
+    fn origin_busy(&self) -> bool {
+        self.origin_task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// When the next poll is due: the poll interval with ±10% jitter, so a
+    /// fleet of sites does not poll in step; after failures, sooner, backing
+    /// off from 5 s.
+    fn schedule_poll(&mut self, ok: bool) {
+        let wait = if ok {
+            self.poll_failures = 0;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let jitter = 0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0;
+            self.config.poll_interval.mul_f64(jitter)
+        } else {
+            self.poll_failures = (self.poll_failures + 1).min(10);
+            (Duration::from_secs(5) * (1 << (self.poll_failures - 1)))
+                .min(POLL_BACKOFF_MAX)
+                .min(self.config.poll_interval)
+        };
+        self.next_poll = Instant::now() + wait;
+    }
+
+    /// Chunk notices from a download are best effort (a full queue drops
+    /// them); the store is the truth.
+    fn reconcile_store(&mut self) {
+        let Some(t) = &mut self.target else { return };
+        for hash in unique_chunks(&t.manifest.files).keys() {
+            if !t.held.contains(hash) && self.store.has(hash) {
+                t.transfer.obtained(hash);
+                t.held.insert(*hash);
+                t.held_order.push(*hash);
+            }
+        }
+    }
+
+    /// Keeps the store bounded: once a release is staged, chunks and staged
+    /// folders of other releases go. (The installed release keeps its files
+    /// in the application's folder.)
+    fn collect_garbage(&self) {
+        let Some(t) = self.target.as_ref().filter(|t| t.staged) else {
+            return;
+        };
+        let keep: HashSet<Hash> = unique_chunks(&t.manifest.files).into_keys().collect();
+        let store = self.store.clone();
+        let staging = self.config.state.join("staging");
+        let current = t.manifest.release_name();
+        tokio::task::spawn_blocking(move || {
+            match store.retain(&keep) {
+                Ok((0, _)) => {}
+                Ok((chunks, bytes)) => {
+                    info!(chunks, bytes, "removed chunks no staged release needs")
+                }
+                Err(e) => warn!(error = %e, "cannot clean the chunk store"),
+            }
+            let Ok(entries) = std::fs::read_dir(&staging) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                if entry.file_name().to_str() != Some(current.as_str()) {
+                    let path = entry.path();
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => info!(dir = %path.display(), "removed an older staged release"),
+                        Err(e) => {
+                            warn!(dir = %path.display(), error = %e, "cannot remove an older staged release")
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Among live nodes with an origin, the lowest PeerId fetches.
@@ -279,10 +410,11 @@ impl Node {
             }),
             ControlRequest::Check => {
                 let fetcher = self.is_fetcher();
-                if fetcher && !self.origin_busy {
+                let polling = fetcher && !self.origin_busy();
+                if polling {
                     self.poll_origin();
                 }
-                serde_json::json!({ "fetcher": fetcher, "polling": fetcher })
+                serde_json::json!({ "fetcher": fetcher, "polling": polling })
             }
         }
     }
@@ -337,7 +469,13 @@ impl Node {
     async fn on_network(&mut self, event: NetworkEvent) {
         match event {
             NetworkEvent::PeerConnected(peer) => {
-                self.peers.insert(peer, PeerInfo { heartbeat: None });
+                self.peers.insert(
+                    peer,
+                    PeerInfo {
+                        connected_at: Instant::now(),
+                        heartbeat: None,
+                    },
+                );
                 if let Some(t) = &mut self.target {
                     t.transfer.peer_connected(peer);
                 }
@@ -514,13 +652,14 @@ impl Node {
         let Some(origin) = self.config.origin.clone() else {
             return;
         };
-        self.origin_busy = true;
         let tx = self.done_tx.clone();
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Done::OriginManifest(ManifestSource::read(&origin).await))
-                .await;
+        let http = self.http.clone();
+        let etag = self.etag.clone();
+        let task = tokio::spawn(async move {
+            let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
+            let _ = tx.send(Done::OriginPoll(result)).await;
         });
+        self.origin_task = Some(task.abort_handle());
     }
 
     /// The fetcher downloads what no peer at the site holds.
@@ -528,7 +667,7 @@ impl Node {
         let (Some(origin), Some(t)) = (self.config.origin.clone(), &self.target) else {
             return;
         };
-        if self.origin_busy || t.transfer.is_done() {
+        if self.origin_busy() || t.transfer.is_done() {
             return;
         }
         let now = self.now_ms();
@@ -536,27 +675,30 @@ impl Node {
         if nobody_has.is_empty() {
             return;
         }
-        self.origin_busy = true;
         let manifest = t.manifest.clone();
         let store = self.store.clone();
         let http = self.http.clone();
+        let wan = self.wan.clone();
         let tx = self.done_tx.clone();
-        tokio::spawn(async move {
+        self.origin_counted = 0;
+        let task = tokio::spawn(async move {
             let chunk_tx = tx.clone();
             let result = fetch_missing(
                 &http,
                 &origin,
                 &manifest,
                 &store,
+                &wan,
                 |h| !nobody_has.contains(h),
                 |c: &Chunk| {
-                    let _ = chunk_tx.try_send(Done::OriginChunk(c.hash));
+                    let _ = chunk_tx.try_send(Done::OriginChunk(c.hash, c.size));
                 },
             )
             .await
             .map(|r| r.bytes);
             let _ = tx.send(Done::OriginFinished(result)).await;
         });
+        self.origin_task = Some(task.abort_handle());
     }
 
     fn schedule(&mut self) {
@@ -633,10 +775,16 @@ impl Node {
                     warn!(%peer, error = %format!("{e:#}"), "could not fetch an announced manifest")
                 }
             },
-            Done::OriginManifest(result) => {
-                self.origin_busy = false;
+            Done::OriginPoll(result) => {
+                self.origin_task = None;
                 match result {
-                    Ok(source) => {
+                    Ok(Poll::Unchanged) => {
+                        self.schedule_poll(true);
+                        self.resume_origin_download();
+                    }
+                    Ok(Poll::Changed { source, etag }) => {
+                        self.schedule_poll(true);
+                        self.etag = etag;
                         let Some(sig) = source
                             .signature
                             .clone()
@@ -649,10 +797,15 @@ impl Node {
                         self.adopt(&location, source.bytes, sig);
                         self.resume_origin_download();
                     }
-                    Err(e) => warn!(error = %format!("{e:#}"), "cannot read the origin's manifest"),
+                    Err(e) => {
+                        self.schedule_poll(false);
+                        warn!(error = %format!("{e:#}"), retry_in = ?self.next_poll.saturating_duration_since(Instant::now()), "cannot read the origin's manifest");
+                    }
                 }
             }
-            Done::OriginChunk(hash) => {
+            Done::OriginChunk(hash, size) => {
+                self.origin_bytes += size;
+                self.origin_counted += size;
                 if let Some(t) = &mut self.target {
                     t.transfer.obtained(&hash);
                     if t.held.insert(hash) {
@@ -661,20 +814,15 @@ impl Node {
                 }
             }
             Done::OriginFinished(result) => {
-                self.origin_busy = false;
-                // Chunk notices are best effort (a full queue drops them);
-                // the store is the truth.
-                if let Some(t) = &mut self.target {
-                    for hash in unique_chunks(&t.manifest.files).keys() {
-                        if !t.held.contains(hash) && self.store.has(hash) {
-                            t.transfer.obtained(hash);
-                            t.held.insert(*hash);
-                            t.held_order.push(*hash);
-                        }
-                    }
-                }
+                self.origin_task = None;
+                self.reconcile_store();
                 match result {
-                    Ok(bytes) => self.origin_bytes += bytes,
+                    Ok(bytes) => {
+                        // The exact count, including bytes that were not a
+                        // whole chunk.
+                        self.origin_bytes = self.origin_bytes - self.origin_counted + bytes;
+                        self.origin_counted = 0;
+                    }
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "download from the origin failed; will resume")
                     }
@@ -689,6 +837,7 @@ impl Node {
                     Ok(dir) => {
                         t.staged = true;
                         info!(release = %t.manifest.release_name(), dir = %dir.display(), "release staged and verified");
+                        self.collect_garbage();
                     }
                     Err(e) => warn!(error = %format!("{e:#}"), "staging failed"),
                 }

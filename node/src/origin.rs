@@ -3,7 +3,6 @@
 //! the bytes it served, and an optional cap on its total send rate so a
 //! laptop can play a site's slow uplink.
 
-use std::num::NonZeroU32;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,12 +16,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use lanup_protocol::units::Rate;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 use tokio_util::io::ReaderStream;
 use tracing::{debug, info};
+
+use crate::throttle::Throttle;
 
 /// Path of the statistics endpoint.
 pub const STATS_PATH: &str = "/_lanup/stats";
@@ -54,7 +54,7 @@ impl Stats {
 struct Shared {
     root: PathBuf,
     stats: Arc<Stats>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    throttle: Throttle,
     rate: Option<Rate>,
 }
 
@@ -76,20 +76,13 @@ impl Origin {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let limiter = rate.map(|r| {
-            let per_sec = u32::try_from(r.bytes_per_sec()).unwrap_or(u32::MAX);
-            let per_sec = NonZeroU32::new(per_sec).unwrap_or(NonZeroU32::MIN);
-            // A burst of 50 ms of traffic, and never less than one block.
-            let burst = (per_sec.get() / 20).max(SEND_BLOCK as u32);
-            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst))
-        });
+        let throttle = Throttle::new(rate);
         Ok(Origin {
             listener,
             shared: Arc::new(Shared {
                 root,
                 stats: Arc::default(),
-                limiter,
+                throttle,
                 rate,
             }),
         })
@@ -259,11 +252,7 @@ async fn respond(
         let shared = shared.clone();
         async move {
             let block = block?;
-            if let (Some(limiter), Some(n)) = (&shared.limiter, NonZeroU32::new(block.len() as u32))
-            {
-                // Blocks never exceed the burst size, so this cannot fail.
-                let _ = limiter.until_n_ready(n).await;
-            }
+            shared.throttle.take(block.len()).await;
             shared
                 .stats
                 .bytes_served

@@ -202,25 +202,13 @@ impl ManifestSource {
     /// [`MAX_MANIFEST_BYTES`] are refused before they are read whole.
     pub async fn read(location: &str) -> Result<ManifestSource> {
         if location.starts_with("http://") || location.starts_with("https://") {
-            let url = if location.ends_with('/') {
-                format!("{location}{MANIFEST_FILE}")
-            } else {
-                location.to_owned()
-            };
             let client = reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(60))
                 .build()?;
-            let bytes = http_get_bounded(&client, &url)
-                .await?
-                .with_context(|| format!("{url}: not found"))?;
-            let sig_url = format!("{url}.sig");
-            let signature = http_get_bounded(&client, &sig_url).await?;
-            return Ok(ManifestSource {
-                location: url,
-                bytes,
-                signature,
-                signature_location: sig_url,
-            });
+            return match ManifestSource::poll(&client, location, None).await? {
+                Poll::Changed { source, .. } => Ok(source),
+                Poll::Unchanged => bail!("{location}: origin answered 304 to an unconditional GET"),
+            };
         }
         let mut path = PathBuf::from(location);
         if path.is_dir() {
@@ -238,6 +226,40 @@ impl ManifestSource {
             bytes,
             signature,
             signature_location: sig_path.display().to_string(),
+        })
+    }
+
+    /// Polls an origin: GETs the manifest at `location` (a URL ending in `/`
+    /// names a release directory) with `If-None-Match: etag` when an ETag
+    /// from the last poll is given, and its signature when it changed.
+    pub async fn poll(
+        client: &reqwest::Client,
+        location: &str,
+        etag: Option<&str>,
+    ) -> Result<Poll> {
+        let url = if location.ends_with('/') {
+            format!("{location}{MANIFEST_FILE}")
+        } else {
+            location.to_owned()
+        };
+        let (bytes, etag) = match http_get_bounded(client, &url, etag).await? {
+            Got::Body(bytes, etag) => (bytes, etag),
+            Got::NotModified => return Ok(Poll::Unchanged),
+            Got::NotFound => bail!("{url}: not found"),
+        };
+        let sig_url = format!("{url}.sig");
+        let signature = match http_get_bounded(client, &sig_url, None).await? {
+            Got::Body(bytes, _) => Some(bytes),
+            Got::NotFound | Got::NotModified => None,
+        };
+        Ok(Poll::Changed {
+            source: ManifestSource {
+                location: url,
+                bytes,
+                signature,
+                signature_location: sig_url,
+            },
+            etag,
         })
     }
 
@@ -290,24 +312,52 @@ fn read_bounded_file(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// GETs `url`, refusing bodies over [`MAX_MANIFEST_BYTES`]. `None` on 404.
-async fn http_get_bounded(client: &reqwest::Client, url: &str) -> Result<Option<Vec<u8>>> {
-    let mut resp = client
-        .get(url)
+/// What a conditional poll of the origin found.
+#[derive(Debug)]
+pub enum Poll {
+    /// The manifest is as it was at the last poll (HTTP 304).
+    Unchanged,
+    /// The manifest and signature as served now, with the manifest's ETag.
+    Changed {
+        source: ManifestSource,
+        etag: Option<String>,
+    },
+}
+
+/// What one bounded GET returned.
+enum Got {
+    Body(Vec<u8>, Option<String>),
+    NotModified,
+    NotFound,
+}
+
+/// GETs `url` (conditionally, given an ETag), refusing bodies over
+/// [`MAX_MANIFEST_BYTES`].
+async fn http_get_bounded(client: &reqwest::Client, url: &str, etag: Option<&str>) -> Result<Got> {
+    let mut request = client.get(url);
+    if let Some(etag) = etag {
+        request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+    }
+    let mut resp = request
         .send()
         .await
         .with_context(|| format!("cannot fetch {url}"))?;
-    if resp.status() == reqwest::StatusCode::NOT_FOUND {
-        return Ok(None);
-    }
-    if !resp.status().is_success() {
-        bail!("{url}: origin answered {}", resp.status());
+    match resp.status() {
+        reqwest::StatusCode::NOT_FOUND => return Ok(Got::NotFound),
+        reqwest::StatusCode::NOT_MODIFIED => return Ok(Got::NotModified),
+        s if !s.is_success() => bail!("{url}: origin answered {s}"),
+        _ => {}
     }
     if let Some(len) = resp.content_length() {
         if len > MAX_MANIFEST_BYTES {
             bail!("{url}: manifest is {len} bytes, more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
         }
     }
+    let etag = resp
+        .headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut body = Vec::new();
     while let Some(chunk) = resp
         .chunk()
@@ -319,7 +369,7 @@ async fn http_get_bounded(client: &reqwest::Client, url: &str) -> Result<Option<
             bail!("{url}: manifest is more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
         }
     }
-    Ok(Some(body))
+    Ok(Got::Body(body, etag))
 }
 
 /// How one file on disk differs from its manifest entry.

@@ -80,6 +80,51 @@ impl ChunkStore {
     pub fn get(&self, hash: &Hash) -> io::Result<Vec<u8>> {
         fs::read(self.path(hash))
     }
+
+    /// Reads a stored chunk and checks it still hashes to its name; a chunk
+    /// damaged on disk is removed (it is fetched again when needed) rather
+    /// than handed on.
+    pub fn get_verified(&self, hash: &Hash) -> io::Result<Vec<u8>> {
+        let data = self.get(hash)?;
+        if Hash::of(&data) == *hash {
+            return Ok(data);
+        }
+        let path = self.path(hash);
+        tracing::warn!(path = %path.display(), "chunk damaged on disk; removed");
+        let _ = fs::remove_file(&path);
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} does not hash to its name", path.display()),
+        ))
+    }
+
+    /// Removes every chunk not in `keep`; returns how many chunks and bytes
+    /// were freed.
+    pub fn retain(&self, keep: &std::collections::HashSet<Hash>) -> io::Result<(usize, u64)> {
+        let mut freed = (0, 0);
+        for dir in fs::read_dir(&self.root)? {
+            let dir = dir?;
+            if !dir.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(dir.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                // Only chunks: a `put` may be writing a temporary file.
+                let Some(hash) = name.to_str().and_then(|n| n.parse::<Hash>().ok()) else {
+                    continue;
+                };
+                if keep.contains(&hash) {
+                    continue;
+                }
+                let len = entry.metadata()?.len();
+                fs::remove_file(entry.path())?;
+                freed.0 += 1;
+                freed.1 += len;
+            }
+        }
+        Ok(freed)
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +152,31 @@ mod tests {
         store.put(&chunk, data)?;
         assert!(store.has(&chunk.hash));
         assert_eq!(store.get(&chunk.hash).ok().as_deref(), Some(&data[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn damaged_chunks_are_not_served_and_collection_keeps_what_is_asked() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = ChunkStore::open(dir.path())?;
+        let chunk = |data: &[u8]| Chunk {
+            size: data.len() as u64,
+            hash: Hash::of(data),
+        };
+        let (a, b, c) = (chunk(b"aaaa"), chunk(b"bbbbbb"), chunk(b"cc"));
+        store.put(&a, b"aaaa")?;
+        store.put(&b, b"bbbbbb")?;
+        store.put(&c, b"cc")?;
+
+        fs::write(store.path(&c.hash), b"cd")?;
+        assert!(store.get_verified(&c.hash).is_err());
+        assert!(!store.has(&c.hash), "a damaged chunk is removed");
+        assert_eq!(store.get_verified(&a.hash)?, b"aaaa");
+
+        let keep = std::collections::HashSet::from([a.hash]);
+        assert_eq!(store.retain(&keep)?, (1, 6));
+        assert!(store.has(&a.hash));
+        assert!(!store.has(&b.hash));
         Ok(())
     }
 }

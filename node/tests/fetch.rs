@@ -9,6 +9,7 @@ use lanup_node::fetch::{assemble, fetch_missing};
 use lanup_node::origin::Origin;
 use lanup_node::release::{publish, verify_dir, ManifestSource, PublishOptions};
 use lanup_node::store::ChunkStore;
+use lanup_node::throttle::Throttle;
 use lanup_protocol::manifest::{unique_chunks, Restart};
 use lanup_protocol::plan::origin_requests;
 use lanup_protocol::sign::SecretKey;
@@ -82,7 +83,16 @@ async fn only_missing_chunks_cross_and_files_assemble() -> Result<()> {
     assert_eq!(m1, v1);
     let manifest_bytes = stats.bytes_served();
 
-    let report = fetch_missing(&client, &base, &m1, &store, |_| false, |_| {}).await?;
+    let report = fetch_missing(
+        &client,
+        &base,
+        &m1,
+        &store,
+        &Throttle::default(),
+        |_| false,
+        |_| {},
+    )
+    .await?;
     let unique: u64 = unique_chunks(&m1.files).values().sum();
     assert_eq!(report.bytes, unique);
     assert_eq!(stats.bytes_served() - manifest_bytes, unique);
@@ -103,7 +113,16 @@ async fn only_missing_chunks_cross_and_files_assemble() -> Result<()> {
         .map(|r| r.len())
         .sum();
     let before = stats.bytes_served();
-    let report = fetch_missing(&client, &base, &v2, &store, |_| false, |_| {}).await?;
+    let report = fetch_missing(
+        &client,
+        &base,
+        &v2,
+        &store,
+        &Throttle::default(),
+        |_| false,
+        |_| {},
+    )
+    .await?;
     assert_eq!(report.bytes, expected);
     assert_eq!(stats.bytes_served() - before, expected);
     assert!(
@@ -123,9 +142,17 @@ async fn only_missing_chunks_cross_and_files_assemble() -> Result<()> {
     let v3 = publish_dir(&v3_app, &www3, "3", &base, &key)?;
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("x.bin"), pseudo_random(500_000, 10))?;
-    let err = fetch_missing(&client, &base, &v3, &store, |_| false, |_| {})
-        .await
-        .expect_err("corrupt origin file refused");
+    let err = fetch_missing(
+        &client,
+        &base,
+        &v3,
+        &store,
+        &Throttle::default(),
+        |_| false,
+        |_| {},
+    )
+    .await
+    .expect_err("corrupt origin file refused");
     assert!(format!("{err:#}").contains("x.bin"), "{err:#}");
     assert!(v3.files[0].chunks.iter().all(|c| !store.has(&c.hash)));
 

@@ -162,3 +162,144 @@ pub(crate) fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 pub(crate) fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// A signed release published into `www` from `app`.
+pub(crate) struct Published {
+    pub(crate) www: PathBuf,
+    pub(crate) public: String,
+    /// Sum of the file sizes.
+    pub(crate) size: u64,
+    /// `AutoUpdater.xml` plus its `.sig`, which every poll may fetch.
+    pub(crate) manifest_bytes: u64,
+}
+
+/// Runs `lanup publish --dir APP --version VERSION … --out WWW`.
+pub(crate) fn publish(
+    app: &Path,
+    version: &str,
+    url: &str,
+    (key, public): &(PathBuf, String),
+    www: &Path,
+) -> Published {
+    run_ok(&[
+        "publish",
+        "--dir",
+        s(app),
+        "--version",
+        version,
+        "--app",
+        "app",
+        "--url",
+        url,
+        "--key",
+        s(key),
+        "--out",
+        s(www),
+    ]);
+    let size = walk_size(app);
+    let len = |name: &str| std::fs::metadata(www.join(name)).expect("published").len();
+    Published {
+        www: www.to_owned(),
+        public: public.clone(),
+        size,
+        manifest_bytes: len("AutoUpdater.xml") + len("AutoUpdater.xml.sig"),
+    }
+}
+
+/// Total size of the files under `dir`.
+pub(crate) fn walk_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let meta = entry.metadata().expect("metadata");
+        total += if meta.is_dir() {
+            walk_size(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+/// `lanup node` for `state`, logging at INFO to `state.log`, polling hourly
+/// (the first poll happens at start), with the origin when given.
+pub(crate) fn node_command(
+    state: &Path,
+    origin: Option<&str>,
+    publisher: &str,
+    site: &str,
+) -> Command {
+    let mut cmd = lanup();
+    cmd.arg("node")
+        .arg("--state")
+        .arg(state)
+        .args(["--trust-publisher", publisher, "--site", site])
+        .args(["--poll-interval", "1h"])
+        .env("LANUP_LOG", "info");
+    if let Some(origin) = origin {
+        cmd.args(["--origin", origin]);
+    }
+    cmd
+}
+
+/// Whether `state/staging/VERSION` holds exactly the published release.
+pub(crate) fn staged_ok(state: &Path, version: &str, release: &Published) -> bool {
+    let staged = state.join("staging").join(version);
+    staged.is_dir()
+        && run(&[
+            "verify",
+            "--manifest",
+            s(&release.www),
+            "--dir",
+            s(&staged),
+            "--trust",
+            &release.public,
+        ])
+        .status
+        .success()
+}
+
+/// Waits until every state directory has `version` staged and verified, or
+/// `timeout` passes; returns the ones that did not get there.
+pub(crate) fn wait_staged<'a>(
+    states: &[&'a Path],
+    version: &str,
+    release: &Published,
+    timeout: std::time::Duration,
+) -> Vec<&'a Path> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pending: Vec<&Path> = states.to_vec();
+    while !pending.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        pending.retain(|state| !staged_ok(state, version, release));
+    }
+    pending
+}
+
+/// The log a node started by the tests writes next to its state directory.
+pub(crate) fn node_log(state: &Path) -> String {
+    std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
+}
+
+/// `lanup status --json` of the node at `state`, asked until it lists `n`
+/// nodes that all have `version` staged (heartbeats take a second to
+/// arrive) or `timeout` passes; returns the last answer.
+pub(crate) fn wait_status_staged(
+    state: &Path,
+    n: usize,
+    version: &str,
+    timeout: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"]))
+                .expect("status JSON");
+        let nodes = status["nodes"].as_array().map_or(&[][..], Vec::as_slice);
+        let done = nodes.len() == n && nodes.iter().all(|n| n["staged_version"] == version);
+        if done || std::time::Instant::now() > deadline {
+            return status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

@@ -3,57 +3,62 @@
 //! release; all stage it with the published hashes.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::common::*;
 
 /// A free loopback TCP port (bound, read, released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-struct NodeProc {
-    state: PathBuf,
-    _proc: Proc,
+/// A site of `lanup node` processes on loopback with static peers (mDNS off:
+/// it would multicast on the machine's real interface).
+pub(crate) struct LoopSite {
+    pub(crate) site: String,
+    pub(crate) ports: Vec<u16>,
+    pub(crate) states: Vec<PathBuf>,
+    pub(crate) procs: Vec<Option<Proc>>,
 }
 
-fn start_node(
-    state: &Path,
-    port: u16,
-    peers: &[u16],
-    origin: &str,
-    publisher: &str,
-    site: &str,
-) -> NodeProc {
-    let mut cmd = lanup();
-    cmd.arg("node")
-        .arg("--state")
-        .arg(state)
-        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
-        .args([
-            "--origin",
-            origin,
-            "--trust-publisher",
-            publisher,
-            "--site",
-            site,
-        ])
-        .args(["--poll-interval", "1h", "--no-mdns"])
-        .env("LANUP_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(state.with_extension("log")).expect("log file"),
-        ));
-    for p in peers {
-        cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{p}")]);
+impl LoopSite {
+    /// Room for `n` nodes with state under `dir`; none started yet.
+    pub(crate) fn new(dir: &Path, n: usize) -> LoopSite {
+        LoopSite {
+            site: format!("loop-{}-{}", std::process::id(), free_port()),
+            ports: (0..n).map(|_| free_port()).collect(),
+            states: (0..n).map(|i| dir.join(format!("node{i}"))).collect(),
+            procs: (0..n).map(|_| None).collect(),
+        }
     }
-    NodeProc {
-        state: state.to_owned(),
-        _proc: Proc(cmd.spawn().expect("node starts")),
+
+    /// `lanup node` for node `i`, knowing all the others by address.
+    pub(crate) fn command(&self, i: usize, origin: Option<&str>, publisher: &str) -> Command {
+        let mut cmd = node_command(&self.states[i], origin, publisher, &self.site);
+        cmd.args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.ports[i])])
+            .arg("--no-mdns");
+        for (j, port) in self.ports.iter().enumerate() {
+            if j != i {
+                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{port}")]);
+            }
+        }
+        cmd
+    }
+
+    /// Starts node `i` from `cmd`, logging to its log file.
+    pub(crate) fn start(&mut self, i: usize, mut cmd: Command) {
+        let log = std::fs::File::create(self.states[i].with_extension("log")).expect("log");
+        cmd.stdout(Stdio::null()).stderr(Stdio::from(log));
+        self.procs[i] = Some(Proc(cmd.spawn().expect("node starts")));
+    }
+
+    /// The nodes' state directories.
+    pub(crate) fn state_refs(&self) -> Vec<&Path> {
+        self.states.iter().map(PathBuf::as_path).collect()
     }
 }
 
@@ -66,90 +71,54 @@ fn five_nodes_stage_a_release_that_crossed_the_uplink_once() {
     write(&app, "etc/app.conf", b"port = 1\n");
     let www = tmp.path().join("www");
     std::fs::create_dir_all(&www).expect("mkdir");
-    let (key, public) = keygen(tmp.path(), "publisher.key");
+    let key = keygen(tmp.path(), "publisher.key");
     let origin = OriginProc::start(&www, Some("32MiB"));
-    run_ok(&[
-        "publish",
-        "--dir",
-        s(&app),
-        "--version",
-        "1.0",
-        "--app",
-        "app",
-        "--url",
-        &origin.url,
-        "--key",
-        s(&key),
-        "--out",
-        s(&www),
-    ]);
-    let release_size: u64 = 5 * 1024 * 1024 + 1_500_000 + 9;
-    let manifest_bytes = std::fs::metadata(www.join("AutoUpdater.xml"))
-        .expect("manifest")
-        .len()
-        + std::fs::metadata(www.join("AutoUpdater.xml.sig"))
-            .expect("sig")
-            .len();
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
 
-    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-    let site = format!("loop-{}", std::process::id());
-    let nodes: Vec<NodeProc> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| {
-            let others: Vec<u16> = ports.iter().copied().filter(|p| p != port).collect();
-            start_node(
-                &tmp.path().join(format!("node{i}")),
-                *port,
-                &others,
-                &origin.url,
-                &public,
-                &site,
-            )
-        })
-        .collect();
-
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut pending: Vec<&NodeProc> = nodes.iter().collect();
-    while !pending.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        pending.retain(|n| {
-            let staged = n.state.join("staging/1.0");
-            !(staged.is_dir()
-                && run(&[
-                    "verify",
-                    "--manifest",
-                    s(&www),
-                    "--dir",
-                    s(&staged),
-                    "--trust",
-                    &public,
-                ])
-                .status
-                .success())
-        });
+    let mut site = LoopSite::new(tmp.path(), 5);
+    for i in 0..5 {
+        let cmd = site.command(i, Some(&origin.url), &release.public);
+        site.start(i, cmd);
     }
-    let logs: Vec<String> = nodes
-        .iter()
-        .map(|n| std::fs::read_to_string(n.state.with_extension("log")).unwrap_or_default())
-        .collect();
+    let pending = wait_staged(&site.state_refs(), "1.0", &release, Duration::from_secs(90));
     assert!(
         pending.is_empty(),
         "{} of 5 nodes did not stage; first node's log:\n{}",
         pending.len(),
-        logs[0]
+        node_log(&site.states[0])
     );
     let served = origin.stats()["bytes_served"].as_u64().expect("count");
-    let limit = (release_size as f64 * 1.02) as u64 + manifest_bytes * 10;
+    let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
     assert!(
         served <= limit,
-        "origin served {served} bytes for a {release_size}-byte release (limit {limit})"
+        "origin served {served} bytes for a {}-byte release (limit {limit})",
+        release.size
     );
     assert_eq!(
-        logs.iter()
-            .filter(|l| l.contains("downloading release from the origin"))
+        site.states
+            .iter()
+            .filter(|s| node_log(s).contains("downloading release from the origin"))
             .count(),
         1,
         "exactly one node downloads from the origin"
     );
+    let status = wait_status_staged(&site.states[0], 5, "1.0", Duration::from_secs(5));
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 5, "{status}");
+    for n in nodes {
+        for field in [
+            "peer_id",
+            "installed_version",
+            "state",
+            "staged_version",
+            "bytes_have",
+            "bytes_total",
+            "origin_bytes",
+            "last_seen_ms",
+        ] {
+            assert!(n.get(field).is_some(), "status lacks {field}: {n}");
+        }
+        assert_eq!(n["state"], "staged", "{n}");
+        assert_eq!(n["staged_version"], "1.0", "{n}");
+    }
 }

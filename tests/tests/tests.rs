@@ -4,6 +4,8 @@
 mod bad_input;
 mod common;
 mod demo;
+mod lan;
 mod origin;
 mod publish;
 mod swarm;
+mod testbed;

@@ -1,0 +1,118 @@
+//! The site on the LAN testbed (root): nodes in their own network
+//! namespaces on a bridge find each other by real mDNS, with no static
+//! peers; the origin sits behind a `tbf`-shaped uplink.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::testbed::{self, Host, Testbed};
+
+const ORIGIN_PORT: u16 = 8080;
+
+/// A running origin on the testbed.
+pub(crate) struct LanOrigin {
+    pub(crate) url: String,
+    addr: String,
+    /// The host the test asks the origin's byte counter from.
+    via: Host,
+    _proc: Proc,
+}
+
+impl LanOrigin {
+    /// Starts `lanup origin` in the origin namespace and waits until it
+    /// answers.
+    pub(crate) fn start(bed: &Testbed, www: &Path, log: &Path) -> LanOrigin {
+        let addr = format!("{}:{ORIGIN_PORT}", bed.origin.ip);
+        let mut cmd = lanup();
+        cmd.arg("origin")
+            .arg("--dir")
+            .arg(www)
+            .args(["--listen", &addr]);
+        let proc = Testbed::spawn(&bed.origin, &cmd, log);
+        let origin = LanOrigin {
+            url: format!("http://{addr}/"),
+            addr,
+            via: bed.hosts[0].clone(),
+            _proc: proc,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Testbed::http_get(&origin.via, &origin.addr, "/_lanup/stats").is_err() {
+            assert!(Instant::now() < deadline, "the origin did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        origin
+    }
+
+    /// Body bytes the origin has served so far.
+    pub(crate) fn bytes_served(&self) -> u64 {
+        let body =
+            Testbed::http_get(&self.via, &self.addr, "/_lanup/stats").expect("origin answers");
+        serde_json::from_str::<serde_json::Value>(&body).expect("stats are JSON")["bytes_served"]
+            .as_u64()
+            .expect("a byte count")
+    }
+}
+
+#[test]
+fn lan_site_finds_its_peers_by_mdns_and_takes_one_copy_over_the_uplink() {
+    if !testbed::available() {
+        return;
+    }
+    let bed = Testbed::new(5, "32mbit");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(6 * 1024 * 1024, 31));
+    write(&app, "lib/data.bin", &pseudo_random(1_000_000, 32));
+    write(&app, "etc/app.conf", b"port = 1\n");
+    let www = tmp.path().join("www");
+    let key = keygen(tmp.path(), "publisher.key");
+    let url = format!("http://{}:{ORIGIN_PORT}/", bed.origin.ip);
+    let release = publish(&app, "1.0", &url, &key, &www);
+    let origin = LanOrigin::start(&bed, &www, &tmp.path().join("origin.log"));
+
+    let site = format!("lan-{}", std::process::id());
+    let states: Vec<PathBuf> = (0..bed.hosts.len())
+        .map(|i| tmp.path().join(format!("node{i}")))
+        .collect();
+    let _nodes: Vec<Proc> = bed
+        .hosts
+        .iter()
+        .zip(&states)
+        .map(|(host, state)| {
+            let cmd = node_command(state, Some(&origin.url), &release.public, &site);
+            Testbed::spawn(host, &cmd, &state.with_extension("log"))
+        })
+        .collect();
+
+    let refs: Vec<&Path> = states.iter().map(PathBuf::as_path).collect();
+    let pending = wait_staged(&refs, "1.0", &release, Duration::from_secs(90));
+    assert!(
+        pending.is_empty(),
+        "{} of {} nodes did not stage; a node's log:\n{}",
+        pending.len(),
+        states.len(),
+        node_log(pending.first().copied().unwrap_or(&states[0]))
+    );
+
+    let served = origin.bytes_served();
+    let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
+    assert!(
+        served <= limit,
+        "origin served {served} bytes for a {}-byte release (limit {limit})",
+        release.size
+    );
+    let downloaders = states
+        .iter()
+        .filter(|s| node_log(s).contains("downloading release from the origin"))
+        .count();
+    assert_eq!(downloaders, 1, "exactly one node downloads from the origin");
+    // Every node found the four others by mDNS alone.
+    let status = wait_status_staged(&states[0], 5, "1.0", Duration::from_secs(5));
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 5, "status lists the whole site: {status}");
+    assert!(
+        nodes.iter().all(|n| n["state"] == "staged"),
+        "all staged in status: {status}"
+    );
+}
