@@ -4,6 +4,7 @@
 mod bad_input;
 mod common;
 mod demo;
+mod faults;
 mod lan;
 mod origin;
 mod publish;
