@@ -97,6 +97,10 @@ enum Command {
         response: Response,
     },
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Ban {
+        peer: PeerId,
+        until: std::time::Instant,
+    },
 }
 
 /// A handle on the swarm task.
@@ -115,6 +119,8 @@ pub struct Network {
     static_peers: Vec<Multiaddr>,
     pending: std::collections::HashMap<OutboundRequestId, oneshot::Sender<Result<Response>>>,
     connected: HashSet<PeerId>,
+    /// Peers refused until the given time (they sent bad chunks).
+    banned: std::collections::HashMap<PeerId, std::time::Instant>,
 }
 
 fn transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
@@ -213,6 +219,7 @@ impl Network {
             static_peers: config.peers,
             pending: Default::default(),
             connected: HashSet::new(),
+            banned: Default::default(),
         };
         Ok((
             network,
@@ -299,12 +306,26 @@ impl Network {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Ban { peer, until } => {
+                self.banned.insert(peer, until);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
         }
+    }
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned
+            .get(peer)
+            .is_some_and(|until| *until > std::time::Instant::now())
     }
 
     async fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening for peers"),
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if self.is_banned(&peer_id) => {
+                debug!(peer = %peer_id, "refused a connection from a banned peer");
+                let _ = self.swarm.disconnect_peer_id(peer_id);
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
@@ -333,7 +354,7 @@ impl Network {
                 let local = *self.swarm.local_peer_id();
                 for (peer, addr) in found {
                     // Only the lower PeerId dials (see the module docs).
-                    if local < peer && !self.connected.contains(&peer) {
+                    if local < peer && !self.connected.contains(&peer) && !self.is_banned(&peer) {
                         let opts = DialOpts::peer_id(peer)
                             .addresses(vec![addr])
                             .condition(PeerCondition::DisconnectedAndNotDialing)
@@ -469,6 +490,12 @@ impl NetworkClient {
         response: Response,
     ) -> Result<()> {
         self.send(Command::Respond { channel, response }).await
+    }
+
+    /// Disconnects `peer` and refuses its connections for `duration`.
+    pub async fn ban(&self, peer: PeerId, duration: Duration) -> Result<()> {
+        let until = std::time::Instant::now() + duration;
+        self.send(Command::Ban { peer, until }).await
     }
 
     /// Addresses this node listens on.

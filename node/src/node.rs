@@ -756,8 +756,10 @@ impl Node {
                         }
                     }
                     Err(ChunkError::Corrupt { peer, hash }) => {
-                        warn!(%peer, chunk = %hash, "peer sent a bad chunk; banning it for a while");
+                        let ban = Duration::from_millis(Limits::default().ban_ms);
+                        warn!(%peer, chunk = %hash, ban = %humantime::format_duration(ban), "peer sent a bad chunk; disconnected and banned");
                         t.transfer.corrupt(&peer, &hash, now);
+                        let _ = self.net.ban(peer, ban).await;
                     }
                     Err(ChunkError::Failed { peer, hash, .. }) => t.transfer.failed(&peer, &hash),
                 }

@@ -189,6 +189,16 @@ fn a_peer_serving_corrupted_chunks_is_banned_and_nothing_wrong_is_staged() {
         "no node reported the corrupting peer {liar}:\n{}",
         logs.join("\n----\n")
     );
+    // Whoever caught it no longer talks to it.
+    for (i, log) in [2, 3].iter().zip(&logs) {
+        if log.contains(&liar) && log.contains("bad chunk") {
+            let peers = run_ok(&["peers", "--state", s(&site.states[*i]), "--json"]);
+            assert!(
+                !peers.contains(&liar),
+                "node {i} still connected to {liar}: {peers}"
+            );
+        }
+    }
     let total = served(&origin);
     let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
     assert!(
