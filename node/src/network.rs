@@ -461,13 +461,8 @@ impl NetworkClient {
         &self,
         id: gossipsub::MessageId,
         from: PeerId,
-        accept: bool,
+        accept: gossipsub::MessageAcceptance,
     ) -> Result<()> {
-        let accept = if accept {
-            gossipsub::MessageAcceptance::Accept
-        } else {
-            gossipsub::MessageAcceptance::Reject
-        };
         self.send(Command::Validate { id, from, accept }).await
     }
 

@@ -10,7 +10,7 @@
 //! and serving it. When every chunk is here the release is assembled and
 //! checked in `state/staging/<release>/`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,8 @@ use lanup_protocol::manifest::unique_chunks;
 use lanup_protocol::sign::{SecretKey, Signature};
 use lanup_protocol::transfer::{Limits, Transfer};
 use lanup_protocol::wire::{Announce, Request, Response};
-use lanup_protocol::{Hash, Manifest};
+use lanup_protocol::{Hash, Manifest, Version};
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -90,7 +91,7 @@ struct Target {
 enum Done {
     Chunk(Result<(PeerId, Hash), ChunkError>),
     Have(PeerId, Hash, Vec<Hash>, u32),
-    Manifest(PeerId, Result<(Vec<u8>, String)>),
+    Manifest(PeerId, Hash, Result<(Vec<u8>, String)>),
     OriginChunk(Hash, u64),
     OriginPoll(Result<Poll>),
     OriginFinished(Result<u64>),
@@ -122,6 +123,12 @@ struct Node {
     http: reqwest::Client,
     announce_topic: String,
     status_topic: String,
+    /// Announcements held back from forwarding until their manifest has
+    /// been fetched and checked, by manifest hash.
+    validating: HashMap<Hash, Vec<(MessageId, PeerId)>>,
+    /// (peer, manifest) pairs already refused, so a peer that keeps
+    /// announcing is warned about once.
+    refused: HashSet<(PeerId, Hash)>,
 }
 
 /// Loads or creates the node's identity in `state/identity.key`.
@@ -201,6 +208,8 @@ pub async fn run(
             .build()?,
         announce_topic,
         status_topic,
+        validating: HashMap::new(),
+        refused: HashSet::new(),
     };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
@@ -492,22 +501,24 @@ impl Node {
                 id,
                 data,
             } => {
-                let accept = if topic == self.status_topic {
+                let verdict = if topic == self.status_topic {
                     match serde_json::from_slice::<Heartbeat>(&data) {
                         Ok(hb) => {
                             if let Some(info) = self.peers.get_mut(&from) {
                                 info.heartbeat = Some((Instant::now(), hb));
                             }
-                            true
+                            Some(MessageAcceptance::Accept)
                         }
-                        Err(_) => false,
+                        Err(_) => Some(MessageAcceptance::Reject),
                     }
                 } else if topic == self.announce_topic {
-                    self.on_announce(from, &data)
+                    self.on_announce(from, id.clone(), &data)
                 } else {
-                    false
+                    Some(MessageAcceptance::Ignore)
                 };
-                let _ = self.net.validate(id, from, accept).await;
+                if let Some(verdict) = verdict {
+                    let _ = self.net.validate(id, from, verdict).await;
+                }
             }
             NetworkEvent::Request {
                 from: _,
@@ -541,37 +552,74 @@ impl Node {
         }
     }
 
-    /// Checks an announcement before it is forwarded; fetches the manifest
-    /// when it is new. Returns whether to forward it.
-    fn on_announce(&mut self, from: PeerId, data: &[u8]) -> bool {
+    /// Warns once per peer and manifest about a refused announcement.
+    fn refuse(&mut self, from: PeerId, hash: Hash, release: &str, reason: &str) {
+        if self.refused.insert((from, hash)) {
+            warn!(peer = %from, release, reason, "refused announcement");
+        }
+    }
+
+    /// Checks an announcement before it is forwarded. A new release's
+    /// manifest is fetched from the announcer and checked first; the
+    /// verdict then comes later (`None` now).
+    fn on_announce(
+        &mut self,
+        from: PeerId,
+        id: MessageId,
+        data: &[u8],
+    ) -> Option<MessageAcceptance> {
         let announce = match serde_json::from_slice::<Announce>(data) {
             Ok(a) => a,
             Err(e) => {
                 warn!(peer = %from, error = %e, "refused announcement: not readable");
-                return false;
+                return Some(MessageAcceptance::Reject);
             }
         };
+        let hash = announce.manifest_hash;
+        if self.target.as_ref().is_some_and(|t| t.hash == hash) {
+            return Some(MessageAcceptance::Accept);
+        }
         let signature = match Signature::from_text(&announce.signature) {
             Ok(s) => s,
             Err(e) => {
-                warn!(peer = %from, release = %announce.release, error = %e, "refused announcement");
-                return false;
+                self.refuse(from, hash, &announce.release, &format!("{e:#}"));
+                return Some(MessageAcceptance::Reject);
             }
         };
         if !self.config.trust_publisher.contains(&signature.key) {
-            warn!(peer = %from, release = %announce.release, key = %signature.key, "refused announcement: signed by a key this node does not trust");
-            return false;
+            let reason = format!(
+                "signed by {}, a key this node does not trust",
+                signature.key
+            );
+            self.refuse(from, hash, &announce.release, &reason);
+            return Some(MessageAcceptance::Reject);
         }
-        if self
-            .target
-            .as_ref()
-            .is_some_and(|t| t.hash == announce.manifest_hash)
-        {
-            return true;
+        if let (Some(t), Ok(announced)) = (&self.target, announce.release.parse::<Version>()) {
+            if t.manifest
+                .version
+                .as_ref()
+                .is_some_and(|have| announced <= *have)
+            {
+                let reason = format!(
+                    "not newer than {}, which this node has",
+                    t.manifest.release_name()
+                );
+                self.refuse(from, hash, &announce.release, &reason);
+                // An honest peer that lags behind: not forwarded, not held
+                // against it.
+                return Some(MessageAcceptance::Ignore);
+            }
         }
+        if self.refused.contains(&(from, hash)) {
+            return Some(MessageAcceptance::Reject);
+        }
+        if let Some(waiting) = self.validating.get_mut(&hash) {
+            waiting.push((id, from));
+            return None;
+        }
+        self.validating.insert(hash, vec![(id, from)]);
         let net = self.net.clone();
         let tx = self.done_tx.clone();
-        let hash = announce.manifest_hash;
         tokio::spawn(async move {
             let result = match net
                 .request(
@@ -586,13 +634,15 @@ impl Node {
                 Ok(_) => Err(anyhow::anyhow!("peer does not have the manifest")),
                 Err(e) => Err(e),
             };
-            let _ = tx.send(Done::Manifest(from, result)).await;
+            let _ = tx.send(Done::Manifest(from, hash, result)).await;
         });
-        true
+        None
     }
 
-    /// Adopts a manifest after checking it as `lanup inspect --trust` does.
-    fn adopt(&mut self, from: &str, xml: Vec<u8>, signature: String) {
+    /// Adopts a manifest after checking it as `lanup inspect --trust` does,
+    /// if it is newer than what this node has. Returns whether an
+    /// announcement of it may be forwarded.
+    fn adopt(&mut self, from: &str, xml: Vec<u8>, signature: String) -> MessageAcceptance {
         let source = ManifestSource {
             location: from.to_owned(),
             bytes: xml,
@@ -604,15 +654,17 @@ impl Node {
                 Ok(m) => m,
                 Err(e) => {
                     warn!(source = from, error = %format!("{e:#}"), "refused release");
-                    return;
+                    return MessageAcceptance::Reject;
                 }
             };
         let hash = Hash::of(&source.bytes);
         if let Some(t) = &self.target {
-            if t.hash == hash
-                || manifest.compare_release(&t.manifest) != std::cmp::Ordering::Greater
-            {
-                return;
+            if t.hash == hash {
+                return MessageAcceptance::Accept;
+            }
+            if manifest.compare_release(&t.manifest) != std::cmp::Ordering::Greater {
+                warn!(source = from, release = %manifest.release_name(), have = %t.manifest.release_name(), "refused release: not newer than the one this node has");
+                return MessageAcceptance::Ignore;
             }
         }
         let chunks = unique_chunks(&manifest.files);
@@ -646,6 +698,7 @@ impl Node {
             staged: false,
             staging: false,
         });
+        MessageAcceptance::Accept
     }
 
     fn poll_origin(&mut self) {
@@ -771,12 +824,26 @@ impl Node {
                     t.peer_since.insert(peer, total);
                 }
             }
-            Done::Manifest(peer, result) => match result {
-                Ok((xml, sig)) => self.adopt(&format!("peer {peer}"), xml, sig),
-                Err(e) => {
-                    warn!(%peer, error = %format!("{e:#}"), "could not fetch an announced manifest")
+            Done::Manifest(peer, hash, result) => {
+                let waiting = self.validating.remove(&hash).unwrap_or_default();
+                let verdict = match result {
+                    Ok((xml, _)) if Hash::of(&xml) != hash => {
+                        warn!(%peer, "refused announcement: the manifest it sent is not the one it announced");
+                        MessageAcceptance::Reject
+                    }
+                    Ok((xml, sig)) => self.adopt(&format!("peer {peer}"), xml, sig),
+                    Err(e) => {
+                        warn!(%peer, error = %format!("{e:#}"), "could not fetch an announced manifest");
+                        MessageAcceptance::Ignore
+                    }
+                };
+                if verdict == MessageAcceptance::Reject {
+                    self.refused.insert((peer, hash));
                 }
-            },
+                for (id, from) in waiting {
+                    let _ = self.net.validate(id, from, verdict).await;
+                }
+            }
             Done::OriginPoll(result) => {
                 self.origin_task = None;
                 match result {
@@ -796,7 +863,7 @@ impl Node {
                             return;
                         };
                         let location = source.location.clone();
-                        self.adopt(&location, source.bytes, sig);
+                        let _ = self.adopt(&location, source.bytes, sig);
                         self.resume_origin_download();
                     }
                     Err(e) => {

@@ -94,7 +94,8 @@ async fn two_nodes_connect_gossip_ask_and_stream() -> Result<()> {
         (data.as_slice(), topic.as_str(), from),
         (&b"hello site"[..], "lanup/test/announce", b.local_peer_id())
     );
-    a.validate(id, from, true).await?;
+    a.validate(id, from, libp2p::gossipsub::MessageAcceptance::Accept)
+        .await?;
 
     // Request/response: b asks a, a answers.
     let hash = Hash::of(b"manifest");

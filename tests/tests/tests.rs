@@ -1,6 +1,7 @@
 //! Workspace-level tests: the `lanup` binary run as separate processes
 //! against real files and a real HTTP origin.
 
+mod announce;
 mod bad_input;
 mod common;
 mod demo;
