@@ -18,7 +18,7 @@ use lanup_protocol::{Hash, Manifest};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use reqwest::header::RANGE;
 use reqwest::StatusCode;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::store::{ChunkStore, StoreError};
 use crate::throttle::Throttle;
@@ -86,12 +86,12 @@ pub async fn fetch_missing(
         already_held: unique - missing,
         ..FetchReport::default()
     };
-    info!(
+    debug!(
         release = %manifest.release_name(),
         missing_bytes = missing,
         held_bytes = report.already_held,
         requests = plan.len(),
-        "downloading release from the origin"
+        "requesting chunks from the origin"
     );
     for request in &plan {
         let mut attempt = 0;
@@ -124,11 +124,11 @@ pub async fn fetch_missing(
             }
         }
     }
-    info!(
+    debug!(
         release = %manifest.release_name(),
         bytes = report.bytes,
         chunks = report.chunks,
-        "download from the origin finished"
+        "origin requests done"
     );
     Ok(report)
 }

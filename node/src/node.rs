@@ -49,6 +49,13 @@ const STARTUP_GRACE: Duration = Duration::from_secs(3);
 /// A peer connected this long without a heartbeat no longer holds up the
 /// election.
 const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
+/// The most the fetcher asks the origin for at once. Between batches it
+/// looks again at what its peers hold, so chunks that reached the site some
+/// other way (an earlier fetcher, a node that joined) are not fetched twice.
+const ORIGIN_BATCH: u64 = 8 << 20;
+/// After adopting a release, how long the fetcher waits at most for its
+/// peers' chunk lists before it goes to the origin.
+const HAVE_WAIT: Duration = Duration::from_secs(2);
 /// The longest wait between polls after the origin failed to answer.
 const POLL_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -86,6 +93,7 @@ struct Target {
     bytes_total: u64,
     staged: bool,
     staging: bool,
+    adopted_at: Instant,
 }
 
 enum Done {
@@ -114,6 +122,9 @@ struct Node {
     origin_bytes: u64,
     /// Of those, the bytes counted during the download now running.
     origin_counted: u64,
+    /// The release being downloaded from the origin, and the bytes taken
+    /// for it so far (for the log).
+    downloading: Option<(Hash, u64)>,
     /// The origin manifest's ETag at the last poll, for a conditional GET.
     etag: Option<String>,
     next_poll: Instant,
@@ -198,6 +209,7 @@ pub async fn run(
         was_fetcher: false,
         origin_bytes: 0,
         origin_counted: 0,
+        downloading: None,
         etag: None,
         next_poll: Instant::now(),
         poll_failures: 0,
@@ -459,7 +471,7 @@ impl Node {
             let hash = t.hash;
             let since = t.peer_since.get(&peer).copied().unwrap_or(0);
             tokio::spawn(async move {
-                if let Ok(Response::Have { chunks, total }) = net
+                let answer = net
                     .request(
                         peer,
                         Request::Have {
@@ -467,10 +479,14 @@ impl Node {
                             since,
                         },
                     )
-                    .await
-                {
-                    let _ = tx.send(Done::Have(peer, hash, chunks, total)).await;
-                }
+                    .await;
+                let (chunks, total) = match answer {
+                    Ok(Response::Have { chunks, total }) => (chunks, total),
+                    // It does not have the release (yet): nothing to offer.
+                    Ok(_) => (Vec::new(), since),
+                    Err(_) => return,
+                };
+                let _ = tx.send(Done::Have(peer, hash, chunks, total)).await;
             });
         }
     }
@@ -697,7 +713,9 @@ impl Node {
             bytes_total,
             staged: false,
             staging: false,
+            adopted_at: Instant::now(),
         });
+        self.ask_have();
         MessageAcceptance::Accept
     }
 
@@ -720,13 +738,41 @@ impl Node {
         let (Some(origin), Some(t)) = (self.config.origin.clone(), &self.target) else {
             return;
         };
-        if self.origin_busy() || t.transfer.is_done() {
+        if !self.was_fetcher || self.origin_busy() || t.transfer.is_done() {
+            return;
+        }
+        // Hear what the peers hold before deciding what only the origin has.
+        let heard_all = self.peers.keys().all(|p| t.peer_since.contains_key(p));
+        if !heard_all && t.adopted_at.elapsed() < HAVE_WAIT {
             return;
         }
         let now = self.now_ms();
         let nobody_has = t.transfer.unavailable(now);
         if nobody_has.is_empty() {
+            if let Some((hash, bytes)) = self.downloading.take() {
+                if hash == t.hash {
+                    info!(release = %t.manifest.release_name(), bytes, "download from the origin finished");
+                }
+            }
             return;
+        }
+        if self.downloading.is_none_or(|(hash, _)| hash != t.hash) {
+            let sizes = unique_chunks(&t.manifest.files);
+            let missing: u64 = nobody_has.iter().filter_map(|h| sizes.get(h)).sum();
+            info!(release = %t.manifest.release_name(), missing_bytes = missing, held_bytes = t.bytes_total - missing, "downloading release from the origin");
+            self.downloading = Some((t.hash, 0));
+        }
+        let mut batch = HashSet::new();
+        let mut batch_bytes = 0;
+        'files: for file in &t.manifest.files {
+            for chunk in &file.chunks {
+                if nobody_has.contains(&chunk.hash) && batch.insert(chunk.hash) {
+                    batch_bytes += chunk.size;
+                    if batch_bytes >= ORIGIN_BATCH {
+                        break 'files;
+                    }
+                }
+            }
         }
         let manifest = t.manifest.clone();
         let store = self.store.clone();
@@ -742,7 +788,7 @@ impl Node {
                 &manifest,
                 &store,
                 &wan,
-                |h| !nobody_has.contains(h),
+                |h| !batch.contains(h),
                 |c: &Chunk| {
                     let _ = chunk_tx.try_send(Done::OriginChunk(c.hash, c.size));
                 },
@@ -822,6 +868,7 @@ impl Node {
                     t.transfer.peer_connected(peer);
                     t.transfer.peer_has(&peer, chunks);
                     t.peer_since.insert(peer, total);
+                    self.resume_origin_download();
                 }
             }
             Done::Manifest(peer, hash, result) => {
@@ -891,6 +938,11 @@ impl Node {
                         // whole chunk.
                         self.origin_bytes = self.origin_bytes - self.origin_counted + bytes;
                         self.origin_counted = 0;
+                        if let Some((_, total)) = &mut self.downloading {
+                            *total += bytes;
+                        }
+                        // The next batch, or the end of the download.
+                        self.resume_origin_download();
                     }
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "download from the origin failed; will resume")

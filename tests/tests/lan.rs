@@ -95,18 +95,19 @@ fn lan_site_finds_its_peers_by_mdns_and_takes_one_copy_over_the_uplink() {
         node_log(pending.first().copied().unwrap_or(&states[0]))
     );
 
-    let served = origin.bytes_served();
-    let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
-    assert!(
-        served <= limit,
-        "origin served {served} bytes for a {}-byte release (limit {limit})",
-        release.size
-    );
+    // A node that fetched before it heard of a lower PeerId hands over; the
+    // uplink still carries one copy.
     let downloaders = states
         .iter()
         .filter(|s| node_log(s).contains("downloading release from the origin"))
         .count();
-    assert_eq!(downloaders, 1, "exactly one node downloads from the origin");
+    let served = origin.bytes_served();
+    let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
+    assert!(
+        served <= limit,
+        "origin served {served} bytes for a {}-byte release (limit {limit}); {downloaders} nodes downloaded",
+        release.size
+    );
     // Every node found the four others by mDNS alone.
     let status = wait_status_staged(&states[0], 5, "1.0", Duration::from_secs(5));
     let nodes = status["nodes"].as_array().expect("nodes");

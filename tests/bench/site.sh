@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Benchmark on the LAN testbed (root): a site of NODES hosts in network
+# namespaces on a bridge, the origin behind a tbf-shaped uplink. Measures, in
+# one run on one testbed:
+#   1. lanup: time until every node is connected to every other, origin bytes
+#      / S, time from the fetcher's announcement to all staged vs S/W;
+#   2. naive: every host downloads the release itself through the uplink;
+#   3. proxy: every host downloads through nginx proxy_cache (cache lock on)
+#      on one more LAN host;
+#   4. one pair of nodes moving a BIG release over the unshaped LAN: the
+#      peak RSS of each node and the LAN throughput from one peer.
+# Not part of CI; needs root, iproute2, nginx and curl.
+#
+#   tests/bench/site.sh [NODES] [SIZE_MIB] [UPLINK] [BIG_MIB]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+nodes=${1:-8} size_mib=${2:-64} uplink=${3:-16mbit} big_mib=${4:-1024}
+command -v nginx > /dev/null || { echo "needs nginx (apt-get install -y nginx-light)" >&2; exit 2; }
+command -v curl > /dev/null || { echo "needs curl" >&2; exit 2; }
+cargo build --quiet --release -p lanup-cli
+lanup=$PWD/target/release/lanup
+work=$(mktemp -d /tmp/lanup-bench.XXXX)
+id="lb$$"
+sw="$id-sw"
+namespaces=("$sw")
+
+cleanup() {
+  for ns in "${namespaces[@]}"; do
+    for p in $(ip netns pids "$ns" 2> /dev/null); do kill -9 "$p" 2> /dev/null || true; done
+    ip netns del "$ns" 2> /dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# --- testbed -----------------------------------------------------------------
+ip netns add "$sw"
+ip -n "$sw" link add br0 type bridge
+ip -n "$sw" link set br0 up
+attach() { # NS IP PORT
+  ip netns add "$1"
+  namespaces+=("$1")
+  ip link add eth0 netns "$1" type veth peer name "$3" netns "$sw"
+  ip -n "$sw" link set "$3" master br0
+  ip -n "$sw" link set "$3" up
+  ip -n "$1" addr add "$2/24" dev eth0
+  ip -n "$1" link set eth0 up
+  ip -n "$1" link set lo up
+  ip -n "$1" route add 224.0.0.0/4 dev eth0
+}
+origin_ns="$id-o" origin_ip=10.77.1.2
+attach "$origin_ns" "$origin_ip" po
+tc -n "$origin_ns" qdisc add dev eth0 root tbf rate "$uplink" burst 32kb latency 100ms
+proxy_ns="$id-p" proxy_ip=10.77.1.9
+attach "$proxy_ns" "$proxy_ip" pp
+hosts=()
+for i in $(seq 0 $((nodes - 1))); do
+  attach "$id-h$i" "10.77.1.$((10 + i))" "p$i"
+  hosts+=("$id-h$i")
+done
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+served() { in_ns "${hosts[0]}" curl -s "http://$origin_ip:8080/_lanup/stats" | sed 's/.*"bytes_served":\([0-9]*\).*/\1/'; }
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
+
+# --- release -----------------------------------------------------------------
+mkdir -p "$work/app/bin" "$work/www"
+head -c $((size_mib << 20)) /dev/urandom > "$work/app/bin/app"
+echo "level = 1" > "$work/app/app.conf"
+public=$("$lanup" keygen --out "$work/publisher.key" 2> /dev/null)
+"$lanup" publish --dir "$work/app" --version 1.0 --app app --url "http://$origin_ip:8080/" \
+  --key "$work/publisher.key" --out "$work/www" > /dev/null 2>&1
+S=$(stat -c %s "$work/app/bin/app" "$work/app/app.conf" | awk '{s+=$1} END {print s}')
+rate_bps=$(awk -v u="$uplink" 'BEGIN {
+  n = u + 0; s = tolower(u); sub(/^[0-9.]+/, "", s);
+  m = (s == "kbit") ? 1e3 : (s == "mbit") ? 1e6 : (s == "gbit") ? 1e9 : 8;
+  printf "%d", n * m / 8 }')
+in_ns "$origin_ns" "$lanup" origin --dir "$work/www" --listen "$origin_ip:8080" > /dev/null 2> "$work/origin.log" &
+for _ in $(seq 50); do served > /dev/null 2>&1 && break; sleep 0.1; done
+echo "release: $S bytes; uplink $uplink = $rate_bps B/s; S/W = $(calc "$S / $rate_bps") s; $nodes nodes"
+
+# --- 1. lanup ----------------------------------------------------------------
+before=$(served)
+t_start=$(now)
+for i in $(seq 0 $((nodes - 1))); do
+  LANUP_LOG=info in_ns "${hosts[$i]}" "$lanup" node --state "$work/n$i" \
+    --origin "http://$origin_ip:8080/" --trust-publisher "$public" --site bench \
+    --poll-interval 1h 2> "$work/n$i.log" &
+done
+connected=""
+while :; do
+  all=1
+  for i in $(seq 0 $((nodes - 1))); do
+    n=$("$lanup" peers --state "$work/n$i" --json 2> /dev/null | grep -o '12D3' | wc -l || true)
+    [ "${n:-0}" -ge $((nodes - 1)) ] || { all=0; break; }
+  done
+  if [ -z "$connected" ] && [ $all = 1 ]; then connected=$(calc "$(now) - $t_start"); fi
+  staged=0
+  for i in $(seq 0 $((nodes - 1))); do
+    grep -q "release staged and verified" "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
+  done
+  [ $staged = "$nodes" ] && break
+  [ "$(calc "$(now) - $t_start > 600")" = "1.000" ] && { echo "lanup: timed out" >&2; exit 1; }
+  sleep 0.1
+done
+t_staged=$(now)
+lanup_bytes=$(($(served) - before))
+announced=$(grep -h "release announced" "$work"/n*.log | sed 's/\x1b\[[0-9;]*m//g; s/^\([^ ]*\).*/\1/' | sort | head -1)
+t_announce=$(date -d "$announced" +%s.%N)
+lanup_time=$(calc "$t_staged - $t_announce")
+for i in $(seq 0 $((nodes - 1))); do
+  "$lanup" verify --manifest "$work/www" --dir "$work/n$i/staging/1.0" --trust "$public" > /dev/null \
+    || { echo "node $i staged wrong bytes" >&2; exit 1; }
+done
+fetchers=$(grep -l "downloading release from the origin" "$work"/n*.log | wc -l)
+echo "lanup: all $nodes connected after ${connected}s; all staged ${lanup_time}s after the announcement" \
+  "($(calc "$lanup_time / ($S / $rate_bps)") x S/W); origin bytes $lanup_bytes = $(calc "$lanup_bytes / $S") x S;" \
+  "$fetchers node(s) downloaded"
+for ns in "${hosts[@]}"; do for p in $(ip netns pids "$ns"); do kill "$p"; done; done
+sleep 1
+
+# --- 2. naive: every host downloads it ---------------------------------------
+before=$(served)
+t0=$(now)
+for ns in "${hosts[@]}"; do
+  in_ns "$ns" curl -s -o /dev/null "http://$origin_ip:8080/bin/app" &
+done
+while [ -n "$(for ns in "${hosts[@]}"; do ip netns pids "$ns"; done)" ]; do sleep 0.1; done
+naive_time=$(calc "$(now) - $t0")
+naive_bytes=$(($(served) - before))
+echo "naive: ${naive_time}s, origin bytes $naive_bytes = $(calc "$naive_bytes / $S") x S"
+
+# --- 3. a caching proxy on the LAN -------------------------------------------
+mkdir -p "$work/nginx/cache" "$work/nginx/tmp"
+cat > "$work/nginx/nginx.conf" << EOF
+daemon off;
+user root;
+worker_processes 2;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 256; }
+http {
+  access_log off;
+  proxy_temp_path $work/nginx/tmp;
+  client_body_temp_path $work/nginx/tmp;
+  proxy_cache_path $work/nginx/cache keys_zone=site:10m max_size=4g inactive=1h use_temp_path=off;
+  server {
+    listen $proxy_ip:8081;
+    location / {
+      proxy_pass http://$origin_ip:8080;
+      proxy_cache site;
+      proxy_cache_valid 200 1h;
+      proxy_cache_lock on;
+      proxy_cache_lock_age 600s;
+      proxy_cache_lock_timeout 600s;
+    }
+  }
+}
+EOF
+in_ns "$proxy_ns" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+sleep 1
+before=$(served)
+t0=$(now)
+for ns in "${hosts[@]}"; do
+  in_ns "$ns" curl -s -o "$work/proxy-$ns.bin" "http://$proxy_ip:8081/bin/app" &
+done
+while [ -n "$(for ns in "${hosts[@]}"; do ip netns pids "$ns"; done)" ]; do sleep 0.1; done
+proxy_time=$(calc "$(now) - $t0")
+proxy_bytes=$(($(served) - before))
+good=0
+for ns in "${hosts[@]}"; do cmp -s "$work/proxy-$ns.bin" "$work/app/bin/app" && good=$((good + 1)); done
+rm -f "$work"/proxy-*.bin
+echo "proxy: ${proxy_time}s, origin bytes $proxy_bytes = $(calc "$proxy_bytes / $S") x S ($good of $nodes copies intact)"
+echo "lanup vs naive: time $(calc "$lanup_time / $naive_time"), uplink bytes $(calc "$lanup_bytes / $naive_bytes")"
+echo "lanup vs proxy: time $(calc "$lanup_time / $proxy_time"), uplink bytes $(calc "$lanup_bytes / $proxy_bytes")"
+for p in $(ip netns pids "$proxy_ns"); do kill "$p"; done
+
+# --- 4. a big release between two nodes on the unshaped LAN ------------------
+tc -n "$origin_ns" qdisc del dev eth0 root
+rm -rf "$work/www" "$work/app"
+mkdir -p "$work/big/bin" "$work/bigwww"
+head -c $((big_mib << 20)) /dev/urandom > "$work/big/bin/app"
+"$lanup" publish --dir "$work/big" --version 2.0 --app app --url "http://$origin_ip:8080/" \
+  --key "$work/publisher.key" --out "$work/bigwww" > /dev/null 2>&1
+for p in $(ip netns pids "$origin_ns"); do kill "$p"; done
+sleep 0.5
+in_ns "$origin_ns" "$lanup" origin --dir "$work/bigwww" --listen "$origin_ip:8080" > /dev/null 2> "$work/origin2.log" &
+sleep 1
+# The node with an origin fetches it alone; then a node without an origin
+# joins and takes everything from that one peer over the LAN.
+LANUP_LOG=info in_ns "${hosts[0]}" "$lanup" node --state "$work/b0" --origin "http://$origin_ip:8080/" \
+  --trust-publisher "$public" --site big --poll-interval 1h 2> "$work/b0.log" &
+pid0=$!
+until grep -q "release staged and verified" "$work/b0.log" 2> /dev/null; do sleep 0.2; done
+LANUP_LOG=info in_ns "${hosts[1]}" "$lanup" node --state "$work/b1" \
+  --trust-publisher "$public" --site big --poll-interval 1h 2> "$work/b1.log" &
+pid1=$!
+until grep -q "release staged and verified" "$work/b1.log" 2> /dev/null; do sleep 0.2; done
+hwm() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status" 2> /dev/null || echo "?"; }
+rss0=$(hwm $pid0) rss1=$(hwm $pid1)
+stamp() { grep -h "$1" "$2" | head -1 | sed 's/\x1b\[[0-9;]*m//g; s/^\([^ ]*\).*/\1/'; }
+t_a=$(date -d "$(stamp "release announced" "$work/b1.log")" +%s.%N)
+t_s=$(date -d "$(stamp "release staged and verified" "$work/b1.log")" +%s.%N)
+big_s=$((big_mib << 20))
+secs=$(calc "$t_s - $t_a")
+"$lanup" verify --manifest "$work/bigwww" --dir "$work/b1/staging/2.0" --trust "$public" > /dev/null \
+  || { echo "the peer staged wrong bytes" >&2; exit 1; }
+echo "big ($big_mib MiB): peak RSS fetcher ${rss0} MiB (origin download, then serving), peer ${rss1} MiB (LAN download);" \
+  "the peer took ${secs}s from announcement to staged = $(calc "$big_s / $secs / 1048576") MiB/s from one peer, assembly included"
