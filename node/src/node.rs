@@ -76,6 +76,9 @@ struct Heartbeat {
 struct PeerInfo {
     connected_at: Instant,
     heartbeat: Option<(Instant, Heartbeat)>,
+    /// Connected but silent for [`PEER_SILENT`] (a frozen machine): not
+    /// asked for chunks until it speaks again.
+    silent: bool,
 }
 
 /// The release this node is moving towards.
@@ -238,6 +241,7 @@ pub async fn run(
             }
             _ = heartbeat.tick() => {
                 node.heartbeat().await;
+                node.notice_silence();
                 node.fetcher_duties();
             }
             _ = schedule.tick() => node.schedule(),
@@ -261,6 +265,25 @@ impl Node {
                 .peers
                 .values()
                 .all(|p| p.heartbeat.is_some() || p.connected_at.elapsed() >= HEARTBEAT_WAIT)
+    }
+
+    /// Peers that stopped talking without disconnecting (a frozen machine)
+    /// are no longer asked for chunks; what is in flight to them is asked
+    /// elsewhere, and the fetcher treats their chunks as missing.
+    fn notice_silence(&mut self) {
+        for (peer, info) in &mut self.peers {
+            let last = info
+                .heartbeat
+                .as_ref()
+                .map_or(info.connected_at, |(at, _)| *at);
+            if !info.silent && last.elapsed() >= PEER_SILENT {
+                info.silent = true;
+                warn!(%peer, "peer connected but silent for 5 s; not asking it for chunks");
+                if let Some(t) = &mut self.target {
+                    t.transfer.peer_disconnected(peer);
+                }
+            }
+        }
     }
 
     /// The fetcher polls the origin when a poll is due and downloads what
@@ -465,7 +488,8 @@ impl Node {
         if t.transfer.is_done() {
             return;
         }
-        for peer in self.peers.keys().copied() {
+        let speaking = self.peers.iter().filter(|(_, p)| !p.silent);
+        for peer in speaking.map(|(peer, _)| *peer) {
             let net = self.net.clone();
             let tx = self.done_tx.clone();
             let hash = t.hash;
@@ -499,6 +523,7 @@ impl Node {
                     PeerInfo {
                         connected_at: Instant::now(),
                         heartbeat: None,
+                        silent: false,
                     },
                 );
                 if let Some(t) = &mut self.target {
@@ -522,6 +547,14 @@ impl Node {
                         Ok(hb) => {
                             if let Some(info) = self.peers.get_mut(&from) {
                                 info.heartbeat = Some((Instant::now(), hb));
+                                if std::mem::take(&mut info.silent) {
+                                    info!(peer = %from, "peer speaks again");
+                                    if let Some(t) = &mut self.target {
+                                        // Its chunk list is asked afresh.
+                                        t.transfer.peer_connected(from);
+                                        t.peer_since.remove(&from);
+                                    }
+                                }
                             }
                             Some(MessageAcceptance::Accept)
                         }
@@ -742,7 +775,10 @@ impl Node {
             return;
         }
         // Hear what the peers hold before deciding what only the origin has.
-        let heard_all = self.peers.keys().all(|p| t.peer_since.contains_key(p));
+        let heard_all = self
+            .peers
+            .iter()
+            .all(|(p, info)| info.silent || t.peer_since.contains_key(p));
         if !heard_all && t.adopted_at.elapsed() < HAVE_WAIT {
             return;
         }
@@ -864,7 +900,8 @@ impl Node {
                 }
             }
             Done::Have(peer, hash, chunks, total) => {
-                if let Some(t) = self.target.as_mut().filter(|t| t.hash == hash) {
+                let silent = self.peers.get(&peer).is_none_or(|p| p.silent);
+                if let Some(t) = self.target.as_mut().filter(|t| t.hash == hash && !silent) {
                     t.transfer.peer_connected(peer);
                     t.transfer.peer_has(&peer, chunks);
                     t.peer_since.insert(peer, total);

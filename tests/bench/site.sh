@@ -62,6 +62,8 @@ in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 served() { in_ns "${hosts[0]}" curl -s "http://$origin_ip:8080/_lanup/stats" | sed 's/.*"bytes_served":\([0-9]*\).*/\1/'; }
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
+# The time of the first log line containing TEXT in FILE, in seconds.
+stamp() { date -d "$(grep -h "$1" "$2" | head -1 | sed 's/^\([^ ]*\).*/\1/')" +%s.%N; }
 
 # --- release -----------------------------------------------------------------
 mkdir -p "$work/app/bin" "$work/www"
@@ -87,14 +89,7 @@ for i in $(seq 0 $((nodes - 1))); do
     --origin "http://$origin_ip:8080/" --trust-publisher "$public" --site bench \
     --poll-interval 1h 2> "$work/n$i.log" &
 done
-connected=""
 while :; do
-  all=1
-  for i in $(seq 0 $((nodes - 1))); do
-    n=$("$lanup" peers --state "$work/n$i" --json 2> /dev/null | grep -o '12D3' | wc -l || true)
-    [ "${n:-0}" -ge $((nodes - 1)) ] || { all=0; break; }
-  done
-  if [ -z "$connected" ] && [ $all = 1 ]; then connected=$(calc "$(now) - $t_start"); fi
   staged=0
   for i in $(seq 0 $((nodes - 1))); do
     grep -q "release staged and verified" "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
@@ -105,8 +100,15 @@ while :; do
 done
 t_staged=$(now)
 lanup_bytes=$(($(served) - before))
-announced=$(grep -h "release announced" "$work"/n*.log | sed 's/\x1b\[[0-9;]*m//g; s/^\([^ ]*\).*/\1/' | sort | head -1)
+announced=$(grep -h "release announced" "$work"/n*.log | sed 's/^\([^ ]*\).*/\1/' | sort | head -1)
 t_announce=$(date -d "$announced" +%s.%N)
+# Connected: from the first node's start to the moment the last node had
+# found all the others ("peer found" lines, one per peer).
+first_start=$(for i in $(seq 0 $((nodes - 1))); do stamp "node starting" "$work/n$i.log"; done | sort -n | head -1)
+all_found=$(for i in $(seq 0 $((nodes - 1))); do
+  date -d "$(grep -h "peer found" "$work/n$i.log" | sed -n "$((nodes - 1))p" | sed 's/^\([^ ]*\).*/\1/')" +%s.%N
+done | sort -n | tail -1)
+connected=$(calc "$all_found - $first_start")
 lanup_time=$(calc "$t_staged - $t_announce")
 for i in $(seq 0 $((nodes - 1))); do
   "$lanup" verify --manifest "$work/www" --dir "$work/n$i/staging/1.0" --trust "$public" > /dev/null \
@@ -190,17 +192,15 @@ sleep 1
 # joins and takes everything from that one peer over the LAN.
 LANUP_LOG=info in_ns "${hosts[0]}" "$lanup" node --state "$work/b0" --origin "http://$origin_ip:8080/" \
   --trust-publisher "$public" --site big --poll-interval 1h 2> "$work/b0.log" &
-pid0=$!
 until grep -q "release staged and verified" "$work/b0.log" 2> /dev/null; do sleep 0.2; done
 LANUP_LOG=info in_ns "${hosts[1]}" "$lanup" node --state "$work/b1" \
   --trust-publisher "$public" --site big --poll-interval 1h 2> "$work/b1.log" &
-pid1=$!
 until grep -q "release staged and verified" "$work/b1.log" 2> /dev/null; do sleep 0.2; done
-hwm() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status" 2> /dev/null || echo "?"; }
-rss0=$(hwm $pid0) rss1=$(hwm $pid1)
-stamp() { grep -h "$1" "$2" | head -1 | sed 's/\x1b\[[0-9;]*m//g; s/^\([^ ]*\).*/\1/'; }
-t_a=$(date -d "$(stamp "release announced" "$work/b1.log")" +%s.%N)
-t_s=$(date -d "$(stamp "release staged and verified" "$work/b1.log")" +%s.%N)
+# Each node is the only process in its namespace.
+hwm() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$(ip netns pids "$1" | head -1)/status"; }
+rss0=$(hwm "${hosts[0]}") rss1=$(hwm "${hosts[1]}")
+t_a=$(stamp "release announced" "$work/b1.log")
+t_s=$(stamp "release staged and verified" "$work/b1.log")
 big_s=$((big_mib << 20))
 secs=$(calc "$t_s - $t_a")
 "$lanup" verify --manifest "$work/bigwww" --dir "$work/b1/staging/2.0" --trust "$public" > /dev/null \
