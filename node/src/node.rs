@@ -898,6 +898,8 @@ impl Node {
                     }
                     Err(ChunkError::Failed { peer, hash, .. }) => t.transfer.failed(&peer, &hash),
                 }
+                // A free slot is used at once, not at the next tick.
+                self.schedule();
             }
             Done::Have(peer, hash, chunks, total) => {
                 let silent = self.peers.get(&peer).is_none_or(|p| p.silent);

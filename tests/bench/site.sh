@@ -12,6 +12,7 @@
 # Not part of CI; needs root, iproute2, nginx and curl.
 #
 #   tests/bench/site.sh [NODES] [SIZE_MIB] [UPLINK] [BIG_MIB]
+#   ONLY_BIG=1 tests/bench/site.sh      # part 4 alone
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-8} size_mib=${2:-64} uplink=${3:-16mbit} big_mib=${4:-1024}
@@ -81,6 +82,7 @@ in_ns "$origin_ns" "$lanup" origin --dir "$work/www" --listen "$origin_ip:8080" 
 for _ in $(seq 50); do served > /dev/null 2>&1 && break; sleep 0.1; done
 echo "release: $S bytes; uplink $uplink = $rate_bps B/s; S/W = $(calc "$S / $rate_bps") s; $nodes nodes"
 
+if [ -z "${ONLY_BIG:-}" ]; then
 # --- 1. lanup ----------------------------------------------------------------
 before=$(served)
 t_start=$(now)
@@ -176,6 +178,8 @@ echo "proxy: ${proxy_time}s, origin bytes $proxy_bytes = $(calc "$proxy_bytes / 
 echo "lanup vs naive: time $(calc "$lanup_time / $naive_time"), uplink bytes $(calc "$lanup_bytes / $naive_bytes")"
 echo "lanup vs proxy: time $(calc "$lanup_time / $proxy_time"), uplink bytes $(calc "$lanup_bytes / $proxy_bytes")"
 for p in $(ip netns pids "$proxy_ns"); do kill "$p"; done
+
+fi # ONLY_BIG
 
 # --- 4. a big release between two nodes on the unshaped LAN ------------------
 tc -n "$origin_ns" qdisc del dev eth0 root
