@@ -26,6 +26,7 @@
 
 pub mod chunk;
 pub mod hash;
+pub mod journal;
 pub mod manifest;
 pub mod plan;
 pub mod sign;
