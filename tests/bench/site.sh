@@ -97,7 +97,7 @@ while :; do
     grep -q "release staged and verified" "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
   done
   [ $staged = "$nodes" ] && break
-  [ "$(calc "$(now) - $t_start > 600")" = "1.000" ] && { echo "lanup: timed out" >&2; exit 1; }
+  [ "$(calc "($(now) - $t_start > 600)")" = "1.000" ] && { echo "lanup: timed out" >&2; exit 1; }
   sleep 0.1
 done
 t_staged=$(now)
