@@ -23,6 +23,10 @@ use crate::throttle::Throttle;
 /// How long one chunk may take from request to last byte.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many times a chunk request is sent when the peer drops the stream
+/// before answering.
+const OPEN_ATTEMPTS: u64 = 4;
+
 /// Why a chunk did not arrive.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -51,15 +55,31 @@ pub async fn fetch(
         reason,
     };
     let data = tokio::time::timeout(CHUNK_TIMEOUT, async {
-        let mut stream = control
-            .open_stream(peer, CHUNK_PROTOCOL)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        stream.write_all(&chunk.hash.0).await?;
-        stream.flush().await?;
-        let mut status = [0u8; 1];
-        stream.read_exact(&mut status).await?;
-        if status[0] != 0 {
+        // A stream that arrives while the peer's accept queue is full is
+        // dropped unanswered (libp2p-stream queues very few); asking again
+        // at once is cheap, since nothing was sent yet.
+        let mut attempt = 0;
+        let (mut stream, status) = loop {
+            attempt += 1;
+            let opened = async {
+                let mut stream = control
+                    .open_stream(peer, CHUNK_PROTOCOL)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                stream.write_all(&chunk.hash.0).await?;
+                stream.flush().await?;
+                let mut status = [0u8; 1];
+                stream.read_exact(&mut status).await?;
+                anyhow::Ok((stream, status[0]))
+            }
+            .await;
+            match opened {
+                Ok(answer) => break answer,
+                Err(e) if attempt >= OPEN_ATTEMPTS => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5 * attempt)).await,
+            }
+        };
+        if status != 0 {
             bail!("peer does not hold it");
         }
         let mut len = [0u8; 8];

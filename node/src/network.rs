@@ -239,8 +239,12 @@ impl Network {
                 warn!(%addr, error = %e, "cannot dial static peer");
             }
         }
-        // Static peers are redialled while they are not connected.
-        let mut redial = tokio::time::interval(Duration::from_secs(5));
+        // Static peers are redialled while they are not connected (not at
+        // once: the dials above are still under way, and a second
+        // connection to the same peer would only be closed again, taking
+        // its streams with it).
+        let every = Duration::from_secs(5);
+        let mut redial = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
                 biased;
@@ -268,7 +272,14 @@ impl Network {
                 // but noisy, so only while alone.
                 continue;
             }
-            let _ = self.swarm.dial(addr.clone());
+            let opts = match known {
+                Some(id) => DialOpts::peer_id(id)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            };
+            let _ = self.swarm.dial(opts);
         }
     }
 
