@@ -66,6 +66,19 @@ enum Command {
         #[command(flatten)]
         node: LocalNode,
     },
+    /// Install a staged release on this node now: stop the application,
+    /// swap its files, start it and check its health; roll back to the old
+    /// release if anything fails. Prints each step; exits 0 when the new
+    /// release is committed, 1 when it was rolled back or refused.
+    Apply {
+        /// The staged release, e.g. 1.0.0.2.
+        version: String,
+        #[command(flatten)]
+        node: LocalNode,
+        /// Print each step and the outcome as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
         /// Where to write the secret key (mode 0600; never overwritten).
@@ -97,13 +110,19 @@ enum Command {
     },
     /// Check that a folder holds every file of a manifest with the right
     /// size and hash.
+    ///
+    /// With --state instead, checks the install directory of the node's
+    /// application against the release recorded as installed there.
     Verify {
         /// A manifest file, a release folder, or an http(s) URL.
-        #[arg(long, value_name = "MANIFEST")]
-        manifest: String,
+        #[arg(long, value_name = "MANIFEST", required_unless_present = "state")]
+        manifest: Option<String>,
         /// The folder to check (an install or a release directory).
-        #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "state")]
+        dir: Option<PathBuf>,
+        /// A node's state directory: check its recorded install.
+        #[arg(long, value_name = "DIR", conflicts_with = "manifest")]
+        state: Option<PathBuf>,
         /// A publisher public key to trust; repeatable. With it, the
         /// manifest's signature is checked first.
         #[arg(long, value_name = "PUBKEY")]
@@ -305,17 +324,75 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify {
             manifest,
             dir,
+            state,
             trust,
-        } => runtime()?.block_on(verify(&manifest, &dir, &trust)),
+        } => {
+            let (manifest, dir) = match (state, manifest, dir) {
+                (Some(state), _, dir) => {
+                    let installed =
+                        lanup_node::apply::read_installed(&state)?.with_context(|| {
+                            format!("{}: no release is recorded as installed", state.display())
+                        })?;
+                    let manifest = state.join("installed").display().to_string();
+                    (manifest, dir.unwrap_or(installed.record.install_dir))
+                }
+                (None, Some(manifest), Some(dir)) => (manifest, dir),
+                _ => bail!("give --manifest and --dir, or --state"),
+            };
+            runtime()?.block_on(verify(&manifest, &dir, &trust))
+        }
+        Command::Apply {
+            version,
+            node,
+            json,
+        } => apply(&node, &version, json),
         Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
+    }
+}
+
+fn apply(node: &LocalNode, version: &str, json: bool) -> Result<ExitCode> {
+    let request = ControlRequest::Apply {
+        version: version.to_owned(),
+    };
+    let last = runtime()?.block_on(control::ask_each(&node.state, request, |line| {
+        if json {
+            println!("{line}");
+        } else if let Some(e) = line.get("event") {
+            println!(
+                "{:>7} ms  {:<11} {}",
+                e["ms"].as_u64().unwrap_or(0),
+                e["step"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+    }))?;
+    if let Some(e) = last.get("error").and_then(|e| e.as_str()) {
+        bail!("{version}: {e}");
+    }
+    let outcome = &last["outcome"];
+    match outcome["ending"].as_str() {
+        Some("committed") => Ok(ExitCode::SUCCESS),
+        Some(ending) => {
+            eprintln!(
+                "lanup: {version} {}: {}",
+                if ending == "failed" {
+                    "not installed"
+                } else {
+                    "rolled back"
+                },
+                outcome["reason"].as_str().unwrap_or("no reason given")
+            );
+            Ok(ExitCode::from(1))
+        }
+        None => bail!("the node's answer has no outcome: {last}"),
     }
 }
 
 fn print_status(answer: &serde_json::Value) {
     println!("site {}", answer["site"].as_str().unwrap_or("?"));
     println!(
-        "{:<54} {:<9} {:<10} {:>15} {:>12} {:>10}",
-        "node", "state", "release", "progress", "from origin", "last seen"
+        "{:<54} {:<11} {:<10} {:<10} {:>15} {:>12} {:>10}",
+        "node", "state", "installed", "release", "progress", "from origin", "last seen"
     );
     for n in answer["nodes"].as_array().into_iter().flatten() {
         let mut id = n["peer_id"].as_str().unwrap_or("?").to_owned();
@@ -339,15 +416,23 @@ fn print_status(answer: &serde_json::Value) {
         let seen = n["last_seen_ms"].as_u64().map_or("never".to_owned(), |ms| {
             format!("{:.1} s ago", ms as f64 / 1000.0)
         });
+        let mut state = n["state"].as_str().unwrap_or("?").to_owned();
+        if let Some(step) = n["apply_step"].as_str() {
+            state = format!("{state}: {step}");
+        }
         println!(
-            "{:<54} {:<9} {:<10} {:>15} {:>12} {:>10}",
+            "{:<54} {:<11} {:<10} {:<10} {:>15} {:>12} {:>10}",
             id,
-            n["state"].as_str().unwrap_or("?"),
+            state,
+            n["installed_version"].as_str().unwrap_or("-"),
             n["release"].as_str().unwrap_or("-"),
             progress,
             format_bytes(n["origin_bytes"].as_u64().unwrap_or(0)),
             seen
         );
+        if let Some(error) = n["last_error"].as_str() {
+            println!("    last apply failed: {error}");
+        }
     }
 }
 

@@ -35,8 +35,55 @@ pub struct ConfigFile {
     pub poll_interval: Option<String>,
     /// Find peers by mDNS on the LAN (default true).
     pub mdns: Option<bool>,
-    /// The application this node installs (used by the applier).
-    pub app: Option<toml::Table>,
+    /// The application this node installs and restarts.
+    pub app: Option<AppFile>,
+}
+
+/// The `[app]` table as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppFile {
+    pub name: Option<String>,
+    pub install_dir: Option<PathBuf>,
+    pub start: Option<Vec<String>>,
+    pub stop_timeout: Option<String>,
+    pub health_after: Option<String>,
+    pub health_command: Option<Vec<String>>,
+    pub health_timeout: Option<String>,
+    pub apply: Option<String>,
+}
+
+/// When a staged release is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplyPolicy {
+    /// When an administrator asks (`lanup apply`, or a rollout).
+    OnRollout,
+    /// As soon as it is staged, when the manifest's RestartApp allows: the
+    /// classic updater's behaviour.
+    Auto,
+}
+
+/// The application a node installs and restarts, resolved.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// The process name to look for; the manifest's AppName when not set.
+    pub name: Option<String>,
+    /// Absolute: a daemon has no meaningful working directory.
+    pub install_dir: PathBuf,
+    /// The command that starts the application; relative program paths
+    /// resolve inside `install_dir`. When not set, the manifest's
+    /// `AppName@Exe` (or `AppName@Name`) inside `install_dir`.
+    pub start: Option<Vec<String>>,
+    /// How long a polite SIGTERM gets before SIGKILL.
+    pub stop_timeout: Duration,
+    /// The new process must still be alive this long after its start.
+    pub health_after: Duration,
+    /// Run after `health_after` in `install_dir`; exit 0 means healthy.
+    pub health_command: Option<Vec<String>>,
+    /// How long `health_command` may run before it counts as a failure.
+    pub health_timeout: Duration,
+    pub apply: ApplyPolicy,
 }
 
 /// Values given on the command line; each one that is set replaces the
@@ -63,7 +110,7 @@ pub struct NodeConfig {
     pub poll_interval: Duration,
     /// mDNS discovery on every non-loopback interface.
     pub mdns: bool,
-    pub app: Option<toml::Table>,
+    pub app: Option<AppConfig>,
 }
 
 impl NodeConfig {
@@ -121,6 +168,54 @@ fn rate(key: &str, value: Option<String>) -> Result<Option<Rate>> {
         .transpose()
 }
 
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(&v)
+            .with_context(|| format!("{key} {v:?}: expected a duration like 10s or 500ms")),
+    }
+}
+
+fn command(key: &str, value: Option<Vec<String>>) -> Result<Option<Vec<String>>> {
+    match value {
+        Some(v) if v.first().is_none_or(|p| p.is_empty()) => {
+            bail!("{key}: expected a program and its arguments, e.g. [\"bin/app\", \"--serve\"]")
+        }
+        v => Ok(v),
+    }
+}
+
+fn resolve_app(a: AppFile) -> Result<AppConfig> {
+    let install_dir = a
+        .install_dir
+        .context("app.install_dir: required (the folder the application is installed in)")?;
+    if !install_dir.is_absolute() {
+        bail!(
+            "app.install_dir {:?}: must be an absolute path",
+            install_dir.display()
+        );
+    }
+    let apply = match a.apply.as_deref() {
+        None | Some("on-rollout") => ApplyPolicy::OnRollout,
+        Some("auto") => ApplyPolicy::Auto,
+        Some(other) => bail!("app.apply {other:?}: expected \"on-rollout\" or \"auto\""),
+    };
+    Ok(AppConfig {
+        name: a.name.filter(|n| !n.is_empty()),
+        install_dir,
+        start: command("app.start", a.start)?,
+        stop_timeout: duration("app.stop_timeout", a.stop_timeout, Duration::from_secs(10))?,
+        health_after: duration("app.health_after", a.health_after, Duration::from_secs(3))?,
+        health_command: command("app.health_command", a.health_command)?,
+        health_timeout: duration(
+            "app.health_timeout",
+            a.health_timeout,
+            Duration::from_secs(30),
+        )?,
+        apply,
+    })
+}
+
 fn resolve(c: ConfigFile) -> Result<NodeConfig> {
     let listen = multiaddrs(
         "listen",
@@ -175,7 +270,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
         lan_rate: rate("lan_rate", c.lan_rate)?,
         poll_interval,
         mdns: c.mdns.unwrap_or(true),
-        app: c.app,
+        app: c.app.map(resolve_app).transpose()?,
     })
 }
 
@@ -200,6 +295,12 @@ mod tests {
         assert_eq!(c.poll_interval, Duration::from_secs(300));
         assert_eq!(c.wan_rate.map(Rate::bytes_per_sec), Some(2_000_000));
         assert!(c.origin.is_some());
+        let app = c.app.expect("the sample has an [app] table");
+        assert_eq!(app.install_dir, PathBuf::from("/opt/tims"));
+        assert_eq!(app.stop_timeout, Duration::from_secs(10));
+        assert_eq!(app.health_after, Duration::from_secs(3));
+        assert_eq!(app.apply, ApplyPolicy::OnRollout);
+        assert_eq!(app.start.as_deref().map(<[String]>::len), Some(2));
         Ok(())
     }
 
@@ -233,6 +334,24 @@ mod tests {
             (
                 format!("trust_publisher = [\"{KEY}\"]\npsk = \"k\"\nlisten = [\"/ip4/0.0.0.0/udp/1/quic-v1\"]"),
                 "TCP only",
+            ),
+            (format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"opt/x\""), "absolute"),
+            (format!("trust_publisher = [\"{KEY}\"]\n[app]\nname = \"x\""), "app.install_dir"),
+            (
+                format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\nstop_timeout = \"soon\""),
+                "app.stop_timeout",
+            ),
+            (
+                format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\napply = \"now\""),
+                "app.apply",
+            ),
+            (
+                format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\nstart = []"),
+                "app.start",
+            ),
+            (
+                format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\nhealth_afterr = \"1s\""),
+                "health_afterr",
             ),
         ];
         for (text, expected) in cases {

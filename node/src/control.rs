@@ -1,7 +1,8 @@
 //! The control socket: how the `lanup` CLI talks to the node running on the
 //! same machine. A Unix socket in the state directory, mode 0600, so only
-//! the node's owner may use it; one JSON request per connection, one JSON
-//! answer.
+//! the node's owner may use it; one JSON request per connection, answered
+//! by one JSON line, or for a request that takes a while (an apply) by a
+//! line per step and a last line with the result.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,14 +11,14 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 /// The socket's file name in the state directory.
 pub const SOCKET: &str = "control.sock";
 
 /// What the CLI can ask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlRequest {
     /// Every node of the site, from heartbeats.
@@ -26,10 +27,13 @@ pub enum ControlRequest {
     Peers,
     /// Poll the origin now (on the fetcher).
     Check,
+    /// Install a staged release now; answered step by step.
+    Apply { version: String },
 }
 
-/// A request on its way to the node, with where to send the answer.
-pub type Incoming = (ControlRequest, oneshot::Sender<serde_json::Value>);
+/// A request on its way to the node, with where to send the answer's
+/// lines. The answer ends when the sender is dropped.
+pub type Incoming = (ControlRequest, mpsc::Sender<serde_json::Value>);
 
 /// The socket path for a state directory.
 pub fn socket_path(state: &Path) -> PathBuf {
@@ -72,16 +76,28 @@ async fn answer(stream: UnixStream, node: mpsc::Sender<Incoming>) -> Result<()> 
     BufReader::new(read).read_line(&mut line).await?;
     let request: ControlRequest =
         serde_json::from_str(line.trim()).context("malformed control request")?;
-    let (tx, rx) = oneshot::channel();
+    let (tx, mut rx) = mpsc::channel(64);
     node.send((request, tx)).await.context("node stopped")?;
-    let answer = rx.await.context("node stopped")?;
-    write.write_all(answer.to_string().as_bytes()).await?;
-    write.write_all(b"\n").await?;
+    while let Some(line) = rx.recv().await {
+        write.write_all(line.to_string().as_bytes()).await?;
+        write.write_all(b"\n").await?;
+    }
     Ok(())
 }
 
-/// Sends `request` to the node whose state directory is `state`.
+/// Sends `request` to the node whose state directory is `state`; returns
+/// its answer (the last line, for an answer given step by step).
 pub async fn ask(state: &Path, request: ControlRequest) -> Result<serde_json::Value> {
+    ask_each(state, request, |_| {}).await
+}
+
+/// Sends `request` and hands every line of the answer to `each` as it
+/// arrives; returns the last one.
+pub async fn ask_each(
+    state: &Path,
+    request: ControlRequest,
+    mut each: impl FnMut(&serde_json::Value),
+) -> Result<serde_json::Value> {
     let path = socket_path(state);
     let stream = UnixStream::connect(&path).await.with_context(|| {
         format!(
@@ -94,7 +110,13 @@ pub async fn ask(state: &Path, request: ControlRequest) -> Result<serde_json::Va
     write
         .write_all(format!("{}\n", serde_json::to_string(&request)?).as_bytes())
         .await?;
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    serde_json::from_str(line.trim()).context("malformed answer from the node")
+    let mut lines = BufReader::new(read).lines();
+    let mut last = None;
+    while let Some(line) = lines.next_line().await? {
+        let value: serde_json::Value =
+            serde_json::from_str(line.trim()).context("malformed answer from the node")?;
+        each(&value);
+        last = Some(value);
+    }
+    last.context("the node closed the control connection without answering")
 }

@@ -3,6 +3,8 @@
 //! ([`keys`]), and the embedded HTTP origin ([`origin`]). The site swarm, the
 //! chunk store and the applier build on these.
 
+pub mod app;
+pub mod apply;
 pub mod chunks;
 pub mod config;
 pub mod control;

@@ -28,6 +28,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::apply::{Applier, Ending, Event, Outcome, Release};
 use crate::chunks::{self, ChunkError};
 use crate::config::NodeConfig;
 use crate::control::ControlRequest;
@@ -70,6 +71,18 @@ struct Heartbeat {
     bytes_have: u64,
     bytes_total: u64,
     origin_bytes: u64,
+    #[serde(default)]
+    installed_version: Option<String>,
+    /// `applying`, or how the last apply ended: `committed`,
+    /// `rolled-back`, `failed`.
+    #[serde(default)]
+    apply: Option<String>,
+    /// The step an apply under way is at.
+    #[serde(default)]
+    apply_step: Option<String>,
+    /// Why the last apply did not commit.
+    #[serde(default)]
+    last_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -107,6 +120,8 @@ enum Done {
     OriginPoll(Result<Poll>),
     OriginFinished(Result<u64>),
     Staged(Hash, Result<PathBuf>),
+    ApplyStep(Event),
+    Applied(Outcome),
 }
 
 struct Node {
@@ -143,6 +158,15 @@ struct Node {
     /// (peer, manifest) pairs already refused, so a peer that keeps
     /// announcing is warned about once.
     refused: HashSet<(PeerId, Hash)>,
+    /// Installs releases into the configured `[app]`; none without one.
+    applier: Option<Applier>,
+    /// The installed release's manifest.
+    installed: Option<Manifest>,
+    /// The apply under way: its release and the step it is at.
+    applying: Option<(String, String)>,
+    last_apply: Option<Outcome>,
+    /// Releases that rolled back here: not applied again automatically.
+    failed_releases: HashSet<String>,
 }
 
 /// Loads or creates the node's identity in `state/identity.key`.
@@ -163,6 +187,21 @@ pub async fn run(
     std::fs::create_dir_all(&config.state)
         .with_context(|| format!("cannot create state directory {}", config.state.display()))?;
     let key = identity(&config.state)?;
+    // An interrupted apply is resolved before anything else.
+    let applier = config
+        .app
+        .clone()
+        .map(|app| Applier::new(&config.state, app));
+    if let Some(applier) = applier.clone() {
+        let recovered = tokio::task::spawn_blocking(move || applier.recover(&mut |_| {}))
+            .await
+            .context("recovery task")??;
+        if let Some(outcome) = recovered {
+            info!(release = %outcome.version, ending = ?outcome.ending, "resolved an interrupted apply");
+        }
+    }
+    let installed = crate::apply::read_installed(&config.state)?;
+    let last_apply = applier.as_ref().and_then(Applier::last);
     let psk = match &config.psk {
         None => None,
         Some(path) => Some(
@@ -225,7 +264,20 @@ pub async fn run(
         status_topic,
         validating: HashMap::new(),
         refused: HashSet::new(),
+        applier,
+        installed: installed.map(|i| i.manifest),
+        applying: None,
+        failed_releases: last_apply
+            .iter()
+            .filter(|o| o.ending == Ending::RolledBack)
+            .map(|o| o.version.clone())
+            .collect(),
+        last_apply,
     };
+    if let Some(m) = &node.installed {
+        info!(release = %m.release_name(), "installed release");
+    }
+    node.load_staged();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
     let mut have = tokio::time::interval(HAVE_INTERVAL);
@@ -236,9 +288,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             Some(event) = events.recv() => node.on_network(event).await,
             Some(d) = done.recv() => node.on_done(d).await,
-            Some((request, reply)) = control.recv() => {
-                let _ = reply.send(node.control(request));
-            }
+            Some((request, reply)) = control.recv() => node.control(request, reply),
             _ = heartbeat.tick() => {
                 node.heartbeat().await;
                 node.notice_silence();
@@ -359,6 +409,7 @@ impl Node {
         let keep: HashSet<Hash> = unique_chunks(&t.manifest.files).into_keys().collect();
         let store = self.store.clone();
         let staging = self.config.state.join("staging");
+        let releases = self.config.state.join("releases");
         let current = t.manifest.release_name();
         tokio::task::spawn_blocking(move || {
             match store.retain(&keep) {
@@ -367,6 +418,13 @@ impl Node {
                     info!(chunks, bytes, "removed chunks no staged release needs")
                 }
                 Err(e) => warn!(error = %e, "cannot clean the chunk store"),
+            }
+            if let Ok(entries) = std::fs::read_dir(&releases) {
+                for entry in entries.flatten() {
+                    if entry.file_name().to_str() != Some(current.as_str()) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
             }
             let Ok(entries) = std::fs::read_dir(&staging) else {
                 return;
@@ -399,16 +457,48 @@ impl Node {
         })
     }
 
+    fn installed_name(&self) -> Option<String> {
+        self.installed.as_ref().map(Manifest::release_name)
+    }
+
     fn own_heartbeat(&self) -> Heartbeat {
         let t = self.target.as_ref();
+        let installed = self.installed_name();
+        let last = self.last_apply.as_ref();
+        let target_failed = t.is_some_and(|t| {
+            last.is_some_and(|o| {
+                o.ending == Ending::RolledBack && o.version == t.manifest.release_name()
+            })
+        });
         Heartbeat {
             has_origin: self.config.origin.is_some(),
             state: match t {
+                _ if self.applying.is_some() => "applying",
+                Some(t) if installed.as_ref() == Some(&t.manifest.release_name()) => "installed",
+                Some(_) if target_failed => "rolled-back",
+                None if installed.is_some() => "installed",
                 None => "idle",
                 Some(t) if t.staged => "staged",
                 Some(_) => "fetching",
             }
             .into(),
+            installed_version: installed,
+            apply: match &self.applying {
+                Some(_) => Some("applying".into()),
+                None => last.map(|o| {
+                    match o.ending {
+                        Ending::Committed => "committed",
+                        Ending::RolledBack => "rolled-back",
+                        Ending::Failed => "failed",
+                    }
+                    .to_owned()
+                }),
+            },
+            apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
+            last_error: last
+                .filter(|o| o.ending != Ending::Committed)
+                .and_then(|o| o.reason.as_ref())
+                .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str()))),
             release: t.map(|t| t.manifest.release_name()),
             staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
             bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
@@ -417,12 +507,26 @@ impl Node {
         }
     }
 
-    /// Answers the CLI.
-    fn control(&mut self, request: ControlRequest) -> serde_json::Value {
+    /// Answers the CLI: one line, or for an apply a line per step.
+    fn control(&mut self, request: ControlRequest, reply: mpsc::Sender<serde_json::Value>) {
+        if let ControlRequest::Apply { version } = request {
+            if let Err(e) = self.start_apply(&version, Some(reply.clone())) {
+                let _ = reply.try_send(serde_json::json!({ "error": format!("{e:#}") }));
+            }
+            return;
+        }
+        let answer = self.answer(request);
+        let _ = reply.try_send(answer);
+    }
+
+    fn answer(&mut self, request: ControlRequest) -> serde_json::Value {
         let row = |peer: &PeerId, hb: Option<&Heartbeat>, last_seen_ms: Option<u64>| {
             serde_json::json!({
                 "peer_id": peer.to_string(),
-                "installed_version": null,
+                "installed_version": hb.and_then(|h| h.installed_version.clone()),
+                "apply": hb.and_then(|h| h.apply.clone()),
+                "apply_step": hb.and_then(|h| h.apply_step.clone()),
+                "last_error": hb.and_then(|h| h.last_error.clone()),
                 "state": hb.map_or("unknown", |h| h.state.as_str()),
                 "release": hb.and_then(|h| h.release.clone()),
                 "staged_version": hb.and_then(|h| h.staged_version.clone()),
@@ -460,6 +564,152 @@ impl Node {
                 }
                 serde_json::json!({ "fetcher": fetcher, "polling": polling })
             }
+            ControlRequest::Apply { .. } => serde_json::json!({ "error": "not here" }),
+        }
+    }
+
+    /// The staged release `version`, ready to install.
+    fn staged_release(&self, version: &str) -> Result<Release> {
+        let t = self
+            .target
+            .as_ref()
+            .filter(|t| t.manifest.release_name() == version);
+        match t {
+            Some(t) if t.staged => Ok(Release {
+                manifest: t.manifest.clone(),
+                xml: t.xml.clone(),
+                signature: t.signature.clone(),
+                staged: self.config.state.join("staging").join(version),
+            }),
+            Some(_) => anyhow::bail!("{version} is not staged yet (it is still being fetched)"),
+            None => anyhow::bail!(
+                "{version} is not staged on this node ({})",
+                match &self.target {
+                    Some(t) if t.staged => format!("staged: {}", t.manifest.release_name()),
+                    Some(t) => format!("fetching: {}", t.manifest.release_name()),
+                    None => "nothing staged".into(),
+                }
+            ),
+        }
+    }
+
+    /// Starts installing the staged release `version` in the background;
+    /// each step goes to the log, the status, and `reply` when a CLI asked.
+    fn start_apply(
+        &mut self,
+        version: &str,
+        reply: Option<mpsc::Sender<serde_json::Value>>,
+    ) -> Result<()> {
+        let Some(applier) = self.applier.clone() else {
+            anyhow::bail!(
+                "this node has no [app] in its configuration, so it stages releases but does not install them"
+            );
+        };
+        if let Some((running, _)) = &self.applying {
+            anyhow::bail!("an apply of {running} is under way");
+        }
+        let release = self.staged_release(version)?;
+        info!(release = version, "installing the staged release");
+        self.applying = Some((version.to_owned(), "verify".into()));
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = applier.apply(&release, &mut |event| {
+                if let Some(reply) = &reply {
+                    let _ = reply.blocking_send(serde_json::json!({ "event": event }));
+                }
+                let _ = tx.blocking_send(Done::ApplyStep(event));
+            });
+            if let Some(reply) = &reply {
+                let _ = reply.blocking_send(serde_json::json!({ "outcome": outcome }));
+            }
+            let _ = tx.blocking_send(Done::Applied(outcome));
+        });
+        Ok(())
+    }
+
+    /// With `apply = "auto"`, a staged release newer than the installed
+    /// one is installed at once, when its RestartApp allows, unless it
+    /// already rolled back here.
+    fn maybe_auto_apply(&mut self) {
+        let auto = self
+            .config
+            .app
+            .as_ref()
+            .is_some_and(|a| a.apply == crate::config::ApplyPolicy::Auto);
+        let Some(t) = self.target.as_ref().filter(|t| t.staged) else {
+            return;
+        };
+        let version = t.manifest.release_name();
+        let newer = self
+            .installed
+            .as_ref()
+            .is_none_or(|i| t.manifest.compare_release(i) == std::cmp::Ordering::Greater);
+        if !auto || !newer || self.applying.is_some() || self.failed_releases.contains(&version) {
+            return;
+        }
+        if !t.manifest.restart.allow {
+            info!(release = %version, "staged; not installed automatically because its RestartApp says no (use lanup apply)");
+            self.failed_releases.insert(version);
+            return;
+        }
+        if let Err(e) = self.start_apply(&version, None) {
+            warn!(error = %format!("{e:#}"), "cannot install the staged release");
+        }
+    }
+
+    /// Takes up the release staged before the node last stopped, so it can
+    /// be served and installed without fetching it again.
+    fn load_staged(&mut self) {
+        let releases = self.config.state.join("releases");
+        let Ok(entries) = std::fs::read_dir(&releases) else {
+            return;
+        };
+        let mut found: Vec<(Manifest, Vec<u8>, String)> = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let (Ok(xml), Ok(sig)) = (
+                std::fs::read(dir.join(lanup_protocol::manifest::MANIFEST_FILE)),
+                std::fs::read_to_string(dir.join(lanup_protocol::manifest::SIGNATURE_FILE)),
+            ) else {
+                continue;
+            };
+            let source = ManifestSource {
+                location: dir.display().to_string(),
+                bytes: xml.clone(),
+                signature: Some(sig.clone().into_bytes()),
+                signature_location: format!("{} (signature)", dir.display()),
+            };
+            match source.authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc()) {
+                Ok(m) => found.push((m, xml, sig)),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %format!("{e:#}"), "not taking up a stored release")
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.compare_release(&b.0));
+        let Some((manifest, xml, sig)) = found.pop() else {
+            return;
+        };
+        let location = releases.join(manifest.release_name());
+        if self.adopt(&location.display().to_string(), xml, sig) != MessageAcceptance::Accept {
+            return;
+        }
+        let staging = self
+            .config
+            .state
+            .join("staging")
+            .join(manifest.release_name());
+        let complete = manifest.files.iter().all(|f| {
+            std::fs::metadata(staging.join(&f.name)).is_ok_and(|m| Some(m.len()) == f.size)
+        });
+        if let Some(t) = self
+            .target
+            .as_mut()
+            .filter(|t| complete && t.transfer.is_done())
+        {
+            t.staged = true;
+            info!(release = %manifest.release_name(), "release staged before the node stopped; taken up again");
+            self.maybe_auto_apply();
         }
     }
 
@@ -659,6 +909,22 @@ impl Node {
                 return Some(MessageAcceptance::Ignore);
             }
         }
+        if let (Some(installed), Ok(announced)) =
+            (&self.installed, announce.release.parse::<Version>())
+        {
+            if installed
+                .version
+                .as_ref()
+                .is_some_and(|have| announced < *have)
+            {
+                let reason = format!(
+                    "older than {}, which is installed here",
+                    installed.release_name()
+                );
+                self.refuse(from, hash, &announce.release, &reason);
+                return Some(MessageAcceptance::Ignore);
+            }
+        }
         if self.refused.contains(&(from, hash)) {
             return Some(MessageAcceptance::Reject);
         }
@@ -707,6 +973,12 @@ impl Node {
                 }
             };
         let hash = Hash::of(&source.bytes);
+        if let Some(installed) = &self.installed {
+            if manifest.compare_release(installed) == std::cmp::Ordering::Less {
+                warn!(source = from, release = %manifest.release_name(), installed = %installed.release_name(), "refused release: older than the installed one");
+                return MessageAcceptance::Ignore;
+            }
+        }
         if let Some(t) = &self.target {
             if t.hash == hash {
                 return MessageAcceptance::Accept;
@@ -997,10 +1269,54 @@ impl Node {
                     Ok(dir) => {
                         t.staged = true;
                         info!(release = %t.manifest.release_name(), dir = %dir.display(), "release staged and verified");
+                        let keep = self
+                            .config
+                            .state
+                            .join("releases")
+                            .join(t.manifest.release_name());
+                        let written = crate::apply::write_synced(
+                            &keep.join(lanup_protocol::manifest::MANIFEST_FILE),
+                            &t.xml,
+                        )
+                        .and_then(|()| {
+                            crate::apply::write_synced(
+                                &keep.join(lanup_protocol::manifest::SIGNATURE_FILE),
+                                t.signature.as_bytes(),
+                            )
+                        });
+                        if let Err(e) = written {
+                            warn!(dir = %keep.display(), error = %e, "cannot keep the staged release's manifest");
+                        }
                         self.collect_garbage();
+                        self.maybe_auto_apply();
                     }
                     Err(e) => warn!(error = %format!("{e:#}"), "staging failed"),
                 }
+            }
+            Done::ApplyStep(event) => {
+                if let Some((_, step)) = &mut self.applying {
+                    *step = event.step;
+                }
+            }
+            Done::Applied(outcome) => {
+                self.applying = None;
+                match outcome.ending {
+                    Ending::Committed => {
+                        self.installed = crate::apply::read_installed(&self.config.state)
+                            .ok()
+                            .flatten()
+                            .map(|i| i.manifest);
+                        info!(release = %outcome.version, downtime_ms = ?outcome.downtime_ms, "release installed");
+                    }
+                    Ending::RolledBack => {
+                        self.failed_releases.insert(outcome.version.clone());
+                        warn!(release = %outcome.version, reason = ?outcome.reason, "release rolled back");
+                    }
+                    Ending::Failed => {
+                        warn!(release = %outcome.version, reason = ?outcome.reason, "release not installed")
+                    }
+                }
+                self.last_apply = Some(outcome);
             }
         }
     }

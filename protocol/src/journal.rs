@@ -12,14 +12,16 @@
 //! 2. stop the application;
 //! 3. move aside every file in [`Journal::aside`] (the old release's files,
 //!    and any unlisted file a new name would overwrite);
-//! 4. move every new file in;
+//! 4. create the folders the new files need ([`Journal::dirs`]) and move
+//!    every new file in;
 //! 5. journal [`Phase::Swapped`], start the application, check its health;
 //! 6. journal [`Phase::Committed`] and drop `old`.
 //!
 //! Any failure, and any crash before `Committed`, is undone by
 //! [`rollback_plan`]; a crash after it needs only the clean-up. Every step
 //! of either plan can be run again after a crash part-way through: a move
-//! whose source is gone was already done.
+//! whose source is gone was already done, a folder that is there was
+//! already made, and one that is gone was already removed.
 
 use std::collections::BTreeSet;
 
@@ -39,6 +41,18 @@ pub enum Phase {
     RolledBack,
 }
 
+impl Phase {
+    /// The name operators see in logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Begin => "begin",
+            Phase::Swapped => "swapped",
+            Phase::Committed => "committed",
+            Phase::RolledBack => "rolled-back",
+        }
+    }
+}
+
 /// The journal of one apply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
@@ -52,6 +66,18 @@ pub struct Journal {
     /// Names moved aside before the new files go in: the old release's
     /// files that exist, and existing files the new release would overwrite.
     pub aside: BTreeSet<String>,
+    /// Folders the new files need that are not in the install directory
+    /// yet; a rollback removes them again.
+    #[serde(default)]
+    pub dirs: BTreeSet<String>,
+    /// Whether the application was running when the apply began: a
+    /// rollback starts the old one again only then.
+    #[serde(default)]
+    pub was_running: bool,
+    /// Whether the new release's application is started after the swap
+    /// (the manifest's `RestartApp`).
+    #[serde(default)]
+    pub start_new: bool,
     /// Why the apply was rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -65,7 +91,7 @@ pub enum Place {
     Old,
 }
 
-/// One step of a plan, on one relative file name. A step whose source is
+/// One step of a plan, on one relative name. A step whose source is
 /// missing has already been done and is skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -77,6 +103,30 @@ pub enum Op {
     },
     /// Remove the file from the install directory, if it is there.
     Remove { name: String },
+    /// Create the folder in the install directory, if it is not there.
+    MakeDir { name: String },
+    /// Remove the folder from the install directory, if it is there and
+    /// empty.
+    RemoveDir { name: String },
+}
+
+/// What a name in the install directory is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Missing,
+    File,
+    Dir,
+}
+
+/// Why an apply cannot begin: the new release's layout clashes with what is
+/// in the install directory. Nothing has been touched when this is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Conflict {
+    #[error("{0}: the new release has a file where the install directory has a folder")]
+    FolderInTheWay(String),
+    #[error("{name}: the new release needs a folder here, but {file} is a file the old release does not list")]
+    FileInTheWay { name: String, file: String },
 }
 
 /// What a node does with the journal it finds when it starts.
@@ -88,31 +138,66 @@ pub enum Recovery {
     RollBack,
 }
 
+/// The folders above a relative file name, outermost first: `a/b/c` gives
+/// `a`, `a/b`.
+fn parents(name: &str) -> impl Iterator<Item = &str> {
+    name.match_indices('/').map(move |(i, _)| &name[..i])
+}
+
 impl Journal {
     /// A journal for installing `to` (its files `new_files`) over `from`
-    /// (its files `old_files`); `exists` says which names are in the install
-    /// directory now.
+    /// (its files `old_files`); `kind` says what each name is in the
+    /// install directory now. Refuses layouts a rename cannot swap.
     pub fn begin(
         from: Option<String>,
         to: String,
         old_files: &BTreeSet<String>,
         new_files: BTreeSet<String>,
-        exists: impl Fn(&str) -> bool,
-    ) -> Journal {
-        let aside = old_files
-            .iter()
-            .chain(&new_files)
-            .filter(|name| exists(name))
-            .cloned()
-            .collect();
-        Journal {
+        kind: impl Fn(&str) -> Kind,
+    ) -> Result<Journal, Conflict> {
+        let mut aside = BTreeSet::new();
+        for name in old_files.iter().chain(&new_files) {
+            match kind(name) {
+                Kind::File => {
+                    aside.insert(name.clone());
+                }
+                Kind::Dir if new_files.contains(name) => {
+                    return Err(Conflict::FolderInTheWay(name.clone()))
+                }
+                Kind::Dir | Kind::Missing => {}
+            }
+        }
+        let mut dirs = BTreeSet::new();
+        for name in &new_files {
+            for dir in parents(name) {
+                match kind(dir) {
+                    Kind::Dir => {}
+                    Kind::File if aside.contains(dir) && old_files.contains(dir) => {
+                        dirs.insert(dir.to_owned());
+                    }
+                    Kind::File => {
+                        return Err(Conflict::FileInTheWay {
+                            name: name.clone(),
+                            file: dir.to_owned(),
+                        })
+                    }
+                    Kind::Missing => {
+                        dirs.insert(dir.to_owned());
+                    }
+                }
+            }
+        }
+        Ok(Journal {
             from,
             to,
             phase: Phase::Begin,
             new_files,
             aside,
+            dirs,
+            was_running: false,
+            start_new: false,
             reason: None,
-        }
+        })
     }
 
     /// What to do with this journal at start-up.
@@ -123,37 +208,69 @@ impl Journal {
         }
     }
 
-    /// Moves old files aside, then new files in.
+    /// Moves old files aside, makes the new folders (outermost first), then
+    /// moves new files in.
     pub fn swap_plan(&self) -> Vec<Op> {
         let aside = self.aside.iter().map(|name| Op::Move {
             name: name.clone(),
             from: Place::Install,
             to: Place::Old,
         });
+        // BTreeSet order puts `a` before `a/b`.
+        let dirs = self
+            .dirs
+            .iter()
+            .map(|name| Op::MakeDir { name: name.clone() });
         let new = self.new_files.iter().map(|name| Op::Move {
             name: name.clone(),
             from: Place::New,
             to: Place::Install,
         });
-        aside.chain(new).collect()
+        aside.chain(dirs).chain(new).collect()
     }
 }
 
 /// Puts the install directory back as it was before `journal`'s apply:
-/// every new file that replaced nothing is removed, then every file moved
-/// aside is moved back (over the new one, where there is one).
+/// every new file that replaced nothing is removed, the folders the apply
+/// made are removed (innermost first), then every file moved aside is moved
+/// back (over the new one, where there is one).
 pub fn rollback_plan(journal: &Journal) -> Vec<Op> {
     let remove = journal
         .new_files
         .iter()
         .filter(|name| !journal.aside.contains(*name))
         .map(|name| Op::Remove { name: name.clone() });
+    let dirs = journal
+        .dirs
+        .iter()
+        .rev()
+        .map(|name| Op::RemoveDir { name: name.clone() });
     let restore = journal.aside.iter().map(|name| Op::Move {
         name: name.clone(),
         from: Place::Old,
         to: Place::Install,
     });
-    remove.chain(restore).collect()
+    remove.chain(dirs).chain(restore).collect()
+}
+
+/// After a commit: the folders that held only files of the old release are
+/// removed when they are empty now (innermost first), so the install
+/// directory holds the new release's layout and nothing of the old one.
+pub fn commit_plan(journal: &Journal) -> Vec<Op> {
+    let needed: BTreeSet<&str> = journal.new_files.iter().flat_map(|n| parents(n)).collect();
+    let emptied: BTreeSet<&str> = journal
+        .aside
+        .iter()
+        .flat_map(|n| parents(n))
+        .filter(|d| !needed.contains(d))
+        .collect();
+    emptied
+        .into_iter()
+        .rev()
+        .map(|name| Op::RemoveDir {
+            name: name.to_owned(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -165,98 +282,176 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
-    /// A model of the three places: name -> content, per place.
+    /// A model of the three places, strict where a filesystem is: a file
+    /// moves into the install directory only under folders that exist, and
+    /// never onto a folder. `None` is a folder.
     #[derive(Debug, Clone, PartialEq, Eq, Default)]
-    struct Dirs(BTreeMap<(u8, String), String>);
-
-    fn key(place: Place) -> u8 {
-        match place {
-            Place::Install => 0,
-            Place::New => 1,
-            Place::Old => 2,
-        }
+    struct Dirs {
+        install: BTreeMap<String, Option<String>>,
+        new: BTreeMap<String, String>,
+        old: BTreeMap<String, String>,
     }
 
     impl Dirs {
-        fn get(&self, place: Place, name: &str) -> Option<&String> {
-            self.0.get(&(key(place), name.to_string()))
+        fn kind(&self, name: &str) -> Kind {
+            match self.install.get(name) {
+                None => Kind::Missing,
+                Some(None) => Kind::Dir,
+                Some(Some(_)) => Kind::File,
+            }
         }
-        fn put(&mut self, place: Place, name: &str, content: &str) {
-            self.0
-                .insert((key(place), name.to_string()), content.to_string());
+
+        fn file(&mut self, name: &str, content: &str) {
+            for dir in parents(name) {
+                self.install.insert(dir.to_owned(), None);
+            }
+            self.install
+                .insert(name.to_owned(), Some(content.to_owned()));
         }
+
+        fn put_in(&mut self, name: &str) -> Result<(), String> {
+            if parents(name).any(|d| self.kind(d) != Kind::Dir) {
+                return Err(format!("{name}: a folder above it is missing"));
+            }
+            if self.kind(name) == Kind::Dir {
+                return Err(format!("{name}: a folder is in the way"));
+            }
+            Ok(())
+        }
+
         /// Runs one op the way the node does: a missing source is skipped.
-        fn run(&mut self, op: &Op) {
+        fn run(&mut self, op: &Op) -> Result<(), String> {
             match op {
                 Op::Move { name, from, to } => {
-                    if let Some(c) = self.0.remove(&(key(*from), name.clone())) {
-                        self.0.insert((key(*to), name.clone()), c);
+                    let content = match from {
+                        Place::Install => match self.install.get(name) {
+                            None => return Ok(()),
+                            Some(None) => return Err(format!("{name}: moving a folder")),
+                            Some(Some(_)) => self.install.remove(name).flatten(),
+                        },
+                        Place::New => self.new.remove(name),
+                        Place::Old => self.old.remove(name),
+                    };
+                    let Some(content) = content else {
+                        return Ok(());
+                    };
+                    match to {
+                        Place::Install => {
+                            self.put_in(name)?;
+                            self.install.insert(name.clone(), Some(content));
+                        }
+                        Place::New => {
+                            self.new.insert(name.clone(), content);
+                        }
+                        Place::Old => {
+                            self.old.insert(name.clone(), content);
+                        }
                     }
                 }
-                Op::Remove { name } => {
-                    self.0.remove(&(key(Place::Install), name.clone()));
+                Op::Remove { name } => match self.kind(name) {
+                    Kind::Dir => return Err(format!("{name}: removing a folder as a file")),
+                    Kind::File => {
+                        self.install.remove(name);
+                    }
+                    Kind::Missing => {}
+                },
+                Op::MakeDir { name } => match self.kind(name) {
+                    Kind::File => return Err(format!("{name}: a file is in the way")),
+                    Kind::Dir => {}
+                    Kind::Missing => {
+                        self.put_in(name)?;
+                        self.install.insert(name.clone(), None);
+                    }
+                },
+                Op::RemoveDir { name } => {
+                    let prefix = format!("{name}/");
+                    let empty = !self.install.keys().any(|k| k.starts_with(&prefix));
+                    if self.kind(name) == Kind::Dir && empty {
+                        self.install.remove(name);
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn run_all(&mut self, ops: &[Op]) {
+            for op in ops {
+                if let Err(e) = self.run(op) {
+                    panic!("{op:?} failed: {e}");
                 }
             }
         }
-        fn install(&self) -> BTreeMap<String, String> {
-            self.0
-                .iter()
-                .filter(|((p, _), _)| *p == 0)
-                .map(|((_, n), c)| (n.clone(), c.clone()))
-                .collect()
-        }
     }
 
-    /// v1 lists a, b, c; v2 lists b, c, d, e; `user.conf` is nobody's, and
-    /// `e` exists unlisted before the apply.
+    /// v1 lists a, b, c, x and old/only; v2 lists b, c, d, e, x/y (a file
+    /// becomes a folder) and n/m/k (new folders); `user.conf` and
+    /// `keep/data` are nobody's, and `e` exists unlisted before the apply.
     fn setup() -> (Dirs, Journal) {
         let mut dirs = Dirs::default();
         for (n, c) in [
             ("a", "a1"),
             ("b", "b1"),
             ("c", "c1"),
+            ("x", "x1"),
+            ("old/only", "o1"),
             ("user.conf", "mine"),
+            ("keep/data", "mine too"),
             ("e", "e-user"),
         ] {
-            dirs.put(Place::Install, n, c);
+            dirs.file(n, c);
         }
-        for (n, c) in [("b", "b2"), ("c", "c2"), ("d", "d2"), ("e", "e2")] {
-            dirs.put(Place::New, n, c);
+        for (n, c) in [
+            ("b", "b2"),
+            ("c", "c2"),
+            ("d", "d2"),
+            ("e", "e2"),
+            ("x/y", "y2"),
+            ("n/m/k", "k2"),
+        ] {
+            dirs.new.insert(n.into(), c.into());
         }
         let j = Journal::begin(
             Some("1".into()),
             "2".into(),
-            &names(&["a", "b", "c"]),
-            names(&["b", "c", "d", "e"]),
-            |n| dirs.get(Place::Install, n).is_some(),
-        );
+            &names(&["a", "b", "c", "x", "old/only"]),
+            names(&["b", "c", "d", "e", "x/y", "n/m/k"]),
+            |n| dirs.kind(n),
+        )
+        .expect("no conflict");
         (dirs, j)
     }
 
     #[test]
     fn a_swap_installs_exactly_the_new_files_and_keeps_unlisted_ones() {
         let (mut dirs, j) = setup();
-        assert_eq!(j.aside, names(&["a", "b", "c", "e"]));
-        for op in j.swap_plan() {
-            dirs.run(&op);
-        }
-        let want: BTreeMap<String, String> = [
-            ("b", "b2"),
-            ("c", "c2"),
-            ("d", "d2"),
-            ("e", "e2"),
-            ("user.conf", "mine"),
+        assert_eq!(j.aside, names(&["a", "b", "c", "e", "old/only", "x"]));
+        assert_eq!(j.dirs, names(&["n", "n/m", "x"]));
+        dirs.run_all(&j.swap_plan());
+        dirs.run_all(&commit_plan(&j));
+        let want: BTreeMap<String, Option<String>> = [
+            ("b", Some("b2")),
+            ("c", Some("c2")),
+            ("d", Some("d2")),
+            ("e", Some("e2")),
+            ("x", None),
+            ("x/y", Some("y2")),
+            ("n", None),
+            ("n/m", None),
+            ("n/m/k", Some("k2")),
+            ("user.conf", Some("mine")),
+            ("keep", None),
+            ("keep/data", Some("mine too")),
         ]
         .iter()
-        .map(|(n, c)| (n.to_string(), c.to_string()))
+        .map(|(n, c)| (n.to_string(), c.map(str::to_owned)))
         .collect();
-        assert_eq!(dirs.install(), want);
+        assert_eq!(dirs.install, want);
     }
 
     #[test]
     fn a_crash_at_any_point_rolls_back_to_exactly_the_old_install() {
         let (start, j) = setup();
-        let before = start.install();
+        let before = start.install.clone();
         let swap = j.swap_plan();
         let rollback = rollback_plan(&j);
         // Crash after `done` swap steps, then after `again` rollback steps,
@@ -265,16 +460,55 @@ mod tests {
         for done in 0..=swap.len() {
             for again in 0..=rollback.len() {
                 let mut dirs = start.clone();
-                swap[..done].iter().for_each(|op| dirs.run(op));
-                rollback[..again].iter().for_each(|op| dirs.run(op));
-                rollback.iter().for_each(|op| dirs.run(op));
+                dirs.run_all(&swap[..done]);
+                dirs.run_all(&rollback[..again]);
+                dirs.run_all(&rollback);
                 assert_eq!(
-                    dirs.install(),
-                    before,
+                    dirs.install, before,
                     "crash after {done} swap steps and {again} rollback steps"
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_crash_during_the_clean_up_of_a_commit_can_be_redone() {
+        let (start, j) = setup();
+        let mut once = start.clone();
+        once.run_all(&j.swap_plan());
+        let clean = commit_plan(&j);
+        once.run_all(&clean);
+        for k in 0..=clean.len() {
+            let mut dirs = start.clone();
+            dirs.run_all(&j.swap_plan());
+            dirs.run_all(&clean[..k]);
+            dirs.run_all(&clean);
+            assert_eq!(
+                dirs.install, once.install,
+                "clean-up redone after {k} steps"
+            );
+        }
+    }
+
+    #[test]
+    fn layouts_a_rename_cannot_swap_are_refused_before_anything_moves() {
+        let mut dirs = Dirs::default();
+        dirs.file("plugins/x", "mine");
+        dirs.file("notes", "mine");
+        let err = Journal::begin(None, "2".into(), &names(&[]), names(&["plugins"]), |n| {
+            dirs.kind(n)
+        });
+        assert_eq!(err, Err(Conflict::FolderInTheWay("plugins".into())));
+        let err = Journal::begin(None, "2".into(), &names(&[]), names(&["notes/a"]), |n| {
+            dirs.kind(n)
+        });
+        assert_eq!(
+            err,
+            Err(Conflict::FileInTheWay {
+                name: "notes/a".into(),
+                file: "notes".into()
+            })
+        );
     }
 
     #[test]

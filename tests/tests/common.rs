@@ -22,9 +22,31 @@ pub(crate) fn lanup_bin() -> &'static Path {
             "lanup-cli",
             "--bin",
             "lanup",
+            // The crash tests' hook; the same features the tests build
+            // lanup-node with, so this build reuses theirs.
+            "--features",
+            "lanup-node/fault-injection",
         ]);
         if !cfg!(debug_assertions) {
             build.arg("--release");
+        }
+        // Cargo gives the test process the tests crate's own variables; a
+        // build script that watches one (ring watches CARGO_MANIFEST_DIR)
+        // would rebuild, and the outer build after it, every run.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            let per_crate = [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ];
+            if per_crate.iter().any(|p| name.starts_with(p)) {
+                build.env_remove(name.as_ref());
+            }
         }
         let status = build.status().expect("cargo runs");
         assert!(status.success(), "building the lanup binary failed");

@@ -2,6 +2,7 @@
 //! against real files and a real HTTP origin.
 
 mod announce;
+mod apply;
 mod bad_input;
 mod common;
 mod demo;

@@ -1,0 +1,396 @@
+//! The installed application as a running program: finding its processes,
+//! stopping them (SIGTERM, then SIGKILL after a timeout), starting it from
+//! its install directory, and checking that it came up healthy.
+//!
+//! A process counts as the application's when its name is the app's name
+//! and it runs from the install directory (its executable or working
+//! directory is inside it), so several installs of one program on a machine
+//! never stop each other. The application is started in its own process
+//! group with its output appended to a log file: it outlives the node, as
+//! it did before lanup started it, and a node that restarts finds it again.
+
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, UpdateKind};
+
+use crate::config::AppConfig;
+
+/// How often a wait for a process looks again.
+const POLL: Duration = Duration::from_millis(20);
+/// Linux truncates a process's name to this many bytes.
+const COMM_LEN: usize = 15;
+
+/// Failures of the running program, each naming what failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    #[error("no start command: set app.start, or publish with an AppName Exe")]
+    NoStartCommand,
+    #[error("cannot start {program}: {source}")]
+    Start {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the application log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("process {pid} is still running {waited:?} after SIGKILL")]
+    Unkillable { pid: u32, waited: Duration },
+    #[error("the application exited {status} {after:.1?} after it started (health_after is {health_after:?})")]
+    Exited {
+        status: String,
+        after: Duration,
+        health_after: Duration,
+    },
+    #[error("the application's process {pid} is gone {after:.1?} after it started")]
+    Vanished { pid: u32, after: Duration },
+    #[error("health command {command:?} failed: {reason}")]
+    Unhealthy { command: String, reason: String },
+}
+
+/// One process of the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppProcess {
+    pub pid: u32,
+    /// Distinguishes this process from a later one that reuses the pid.
+    start_time: u64,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Default)]
+pub struct Stopped {
+    pub pids: Vec<u32>,
+    /// Processes that ignored SIGTERM for `stop_timeout` and were killed.
+    pub killed: Vec<u32>,
+}
+
+/// A process this node started, with its exit status once it has one.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub pid: u32,
+    pub at: Instant,
+    exit: Arc<Mutex<Option<ExitStatus>>>,
+}
+
+impl Started {
+    fn exited(&self) -> Option<ExitStatus> {
+        self.exit.lock().ok().and_then(|e| *e)
+    }
+}
+
+/// The application of one install directory.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub config: AppConfig,
+    /// Where the started application's stdout and stderr go.
+    pub log: PathBuf,
+}
+
+fn refresh_kind() -> ProcessRefreshKind {
+    ProcessRefreshKind::nothing()
+        .with_exe(UpdateKind::Always)
+        .with_cwd(UpdateKind::Always)
+        .without_tasks()
+}
+
+fn name_matches(name: &OsStr, exe: Option<&Path>, wanted: &str) -> bool {
+    let name = name.to_string_lossy();
+    name == wanted
+        || exe.and_then(Path::file_name).is_some_and(|f| f == wanted)
+        || (wanted.len() > COMM_LEN && wanted.as_bytes().get(..COMM_LEN) == Some(name.as_bytes()))
+}
+
+fn alive(status: ProcessStatus) -> bool {
+    !matches!(status, ProcessStatus::Zombie | ProcessStatus::Dead)
+}
+
+impl App {
+    pub fn new(config: AppConfig, log: PathBuf) -> App {
+        App { config, log }
+    }
+
+    /// The install directory with symbolic links resolved, as the kernel
+    /// reports process paths.
+    fn install_root(&self) -> PathBuf {
+        std::fs::canonicalize(&self.config.install_dir)
+            .unwrap_or_else(|_| self.config.install_dir.clone())
+    }
+
+    /// The process name to look for: the configured one, else the
+    /// manifest's AppName.
+    pub fn name<'a>(&'a self, manifest_name: Option<&'a str>) -> Option<&'a str> {
+        self.config.name.as_deref().or(manifest_name)
+    }
+
+    /// The application's live processes.
+    pub fn processes(&self, name: Option<&str>) -> Vec<AppProcess> {
+        let Some(name) = name else {
+            return Vec::new();
+        };
+        let root = self.install_root();
+        let mut sys = System::new();
+        sys.refresh_processes_specifics(ProcessesToUpdate::All, true, refresh_kind());
+        let own = std::process::id();
+        let mut found: Vec<AppProcess> = sys
+            .processes()
+            .values()
+            .filter(|p| p.pid().as_u32() != own && p.thread_kind().is_none())
+            .filter(|p| alive(p.status()))
+            .filter(|p| name_matches(p.name(), p.exe(), name))
+            .filter(|p| {
+                p.exe().is_some_and(|e| e.starts_with(&root))
+                    || p.cwd().is_some_and(|c| c.starts_with(&root))
+            })
+            .map(|p| AppProcess {
+                pid: p.pid().as_u32(),
+                start_time: p.start_time(),
+            })
+            .collect();
+        found.sort_by_key(|p| p.pid);
+        found
+    }
+
+    /// Which of `procs` still run.
+    fn still_running(procs: &[AppProcess]) -> Vec<AppProcess> {
+        let pids: Vec<Pid> = procs.iter().map(|p| Pid::from_u32(p.pid)).collect();
+        let mut sys = System::new();
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&pids),
+            true,
+            ProcessRefreshKind::nothing().without_tasks(),
+        );
+        procs
+            .iter()
+            .filter(|want| {
+                sys.process(Pid::from_u32(want.pid))
+                    .is_some_and(|p| alive(p.status()) && p.start_time() == want.start_time)
+            })
+            .copied()
+            .collect()
+    }
+
+    fn signal(procs: &[AppProcess], signal: rustix::process::Signal) {
+        for p in procs {
+            if let Some(pid) = i32::try_from(p.pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+    }
+
+    /// Stops every process of the application: SIGTERM, and SIGKILL for
+    /// those still running after `stop_timeout`. Returns once all are gone.
+    pub fn stop(&self, name: Option<&str>) -> Result<Stopped, AppError> {
+        let procs = self.processes(name);
+        let mut stopped = Stopped {
+            pids: procs.iter().map(|p| p.pid).collect(),
+            killed: Vec::new(),
+        };
+        if procs.is_empty() {
+            return Ok(stopped);
+        }
+        Self::signal(&procs, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + self.config.stop_timeout;
+        let mut left = Self::still_running(&procs);
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+            left = Self::still_running(&left);
+        }
+        if left.is_empty() {
+            return Ok(stopped);
+        }
+        stopped.killed = left.iter().map(|p| p.pid).collect();
+        tracing::warn!(pids = ?stopped.killed, timeout = ?self.config.stop_timeout, "the application ignored SIGTERM; killing it");
+        Self::signal(&left, rustix::process::Signal::KILL);
+        let waited = Instant::now();
+        while !left.is_empty() {
+            if waited.elapsed() > Duration::from_secs(10) {
+                return Err(AppError::Unkillable {
+                    pid: left[0].pid,
+                    waited: waited.elapsed(),
+                });
+            }
+            std::thread::sleep(POLL);
+            left = Self::still_running(&left);
+        }
+        Ok(stopped)
+    }
+
+    /// The start command: `app.start`, else the manifest's AppName Exe or
+    /// Name inside the install directory.
+    fn start_command(
+        &self,
+        exe: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<String>, AppError> {
+        if let Some(start) = &self.config.start {
+            return Ok(start.clone());
+        }
+        exe.or(name)
+            .map(|e| vec![e.to_owned()])
+            .ok_or(AppError::NoStartCommand)
+    }
+
+    /// A program path as the start and health commands use it: relative
+    /// paths with a folder in them, or naming a file that exists in the
+    /// install directory, resolve there; bare names are looked up on PATH.
+    fn program(&self, program: &str) -> PathBuf {
+        let path = Path::new(program);
+        let inside = self.config.install_dir.join(path);
+        if path.is_absolute() {
+            path.to_owned()
+        } else if program.contains('/') || inside.exists() {
+            inside
+        } else {
+            path.to_owned()
+        }
+    }
+
+    /// Starts the application from its install directory, in its own
+    /// process group, output appended to the log. `exe` and `name` are the
+    /// manifest's AppName Exe and Name, used when `app.start` is not set.
+    pub fn start(&self, exe: Option<&str>, name: Option<&str>) -> Result<Started, AppError> {
+        use std::os::unix::process::CommandExt;
+        let argv = self.start_command(exe, name)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|source| AppError::Log {
+                path: self.log.clone(),
+                source,
+            })?;
+        let err_log = log.try_clone().map_err(|source| AppError::Log {
+            path: self.log.clone(),
+            source,
+        })?;
+        let program = self.program(&argv[0]);
+        let mut child = Command::new(&program)
+            .args(&argv[1..])
+            .current_dir(&self.config.install_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| AppError::Start {
+                program: program.display().to_string(),
+                source,
+            })?;
+        let started = Started {
+            pid: child.id(),
+            at: Instant::now(),
+            exit: Arc::new(Mutex::new(None)),
+        };
+        // Reaped here while the node lives; after that, by init.
+        let exit = started.exit.clone();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                if let Ok(mut e) = exit.lock() {
+                    *e = Some(status);
+                }
+            }
+        });
+        Ok(started)
+    }
+
+    /// The new process must still run `health_after` after its start, and
+    /// then `health_command`, if set, must exit 0 within `health_timeout`.
+    pub fn check_health(&self, started: &Started) -> Result<(), AppError> {
+        let health_after = self.config.health_after;
+        let exited = |status: ExitStatus| AppError::Exited {
+            status: status.to_string(),
+            after: started.at.elapsed(),
+            health_after,
+        };
+        while started.at.elapsed() < health_after {
+            if let Some(status) = started.exited() {
+                return Err(exited(status));
+            }
+            std::thread::sleep(POLL.min(health_after.saturating_sub(started.at.elapsed())));
+        }
+        // The reaper may need a moment to see an exit that just happened.
+        std::thread::sleep(POLL);
+        if let Some(status) = started.exited() {
+            return Err(exited(status));
+        }
+        let mut sys = System::new();
+        let pid = Pid::from_u32(started.pid);
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            true,
+            ProcessRefreshKind::nothing().without_tasks(),
+        );
+        if !sys.process(pid).is_some_and(|p| alive(p.status())) {
+            return Err(AppError::Vanished {
+                pid: started.pid,
+                after: started.at.elapsed(),
+            });
+        }
+        if let Some(argv) = &self.config.health_command {
+            self.run_health_command(argv)?;
+        }
+        Ok(())
+    }
+
+    fn run_health_command(&self, argv: &[String]) -> Result<(), AppError> {
+        let shown = argv.join(" ");
+        let unhealthy = |reason: String| AppError::Unhealthy {
+            command: shown.clone(),
+            reason,
+        };
+        let mut child = Command::new(self.program(&argv[0]))
+            .args(&argv[1..])
+            .current_dir(&self.config.install_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| unhealthy(format!("cannot run it: {e}")))?;
+        let deadline = Instant::now() + self.config.health_timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => return Err(unhealthy(format!("it exited {status}"))),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(unhealthy(format!(
+                        "no answer within {:?} (app.health_timeout)",
+                        self.config.health_timeout
+                    )));
+                }
+                Ok(None) => std::thread::sleep(POLL),
+                Err(e) => return Err(unhealthy(e.to_string())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_as_linux_reports_them() {
+        let long = "a-very-long-application-name";
+        assert!(name_matches(OsStr::new("TIMS"), None, "TIMS"));
+        assert!(name_matches(OsStr::new("a-very-long-app"), None, long));
+        assert!(name_matches(
+            OsStr::new("x"),
+            Some(Path::new("/opt/tims/bin/TIMS")),
+            "TIMS"
+        ));
+        assert!(!name_matches(OsStr::new("TIMSX"), None, "TIMS"));
+        assert!(!name_matches(OsStr::new("TIM"), None, "TIMS"));
+    }
+}

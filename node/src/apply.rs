@@ -1,0 +1,930 @@
+//! Installing a staged release: the replace-and-restart of the classic
+//! updater, driven by the journal of `lanup_protocol::journal` so that a
+//! crash, a kill or a power cut at any moment leaves exactly the old or
+//! exactly the new installation once the node has started again.
+//!
+//! On disk:
+//! - `STATE/installed/`: the installed release's `AutoUpdater.xml`, its
+//!   signature and `install.json` (version and install directory), so
+//!   `lanup verify --state` can check an install and no older release is
+//!   offered as new;
+//! - `STATE/apply/journal.json`: the journal of an apply under way, synced
+//!   before every step that changes the install directory;
+//! - `STATE/apply/next/`: the release being installed, promoted to
+//!   `installed/` on commit;
+//! - `STATE/apply/last.json`: how the last apply ended, and why;
+//! - `INSTALL/.lanup-apply/{new,old}`: the new files, copied and checked
+//!   before the application is stopped, and the replaced files, kept until
+//!   the new release is proven. Both are inside the install directory, so
+//!   every move of the swap is a rename on one filesystem.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use lanup_protocol::journal::{
+    commit_plan, rollback_plan, Journal, Kind, Op, Phase, Place, Recovery,
+};
+use lanup_protocol::manifest::{check_file_name, MANIFEST_FILE, SIGNATURE_FILE};
+use lanup_protocol::{Hash, Manifest};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::config::AppConfig;
+
+/// The apply's working folder inside the install directory. No release may
+/// list a file under it.
+pub const WORK_DIR: &str = ".lanup-apply";
+
+/// Every point where the crash tests' fault hook can kill the node, in the
+/// order an apply (then a rollback) passes them.
+pub const FAULT_POINTS: &[&str] = &[
+    "copied",
+    "begin",
+    "stopped",
+    "aside-1",
+    "aside",
+    "in-1",
+    "in",
+    "swapped",
+    "started",
+    "healthy",
+    "committed",
+    "cleaned",
+    "rollback-stopped",
+    "rollback-files",
+    "rollback-started",
+    "rolled-back",
+];
+
+/// With the `fault-injection` feature (tests only), `LANUP_FAULT=POINT`
+/// makes the node kill itself with SIGKILL when it reaches POINT: a crash
+/// exactly there, with nothing flushed or cleaned up.
+fn fault(point: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("LANUP_FAULT").is_ok_and(|p| p == point) {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = point;
+}
+
+/// A release ready to install: its checked manifest and its staged files.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub manifest: Manifest,
+    pub xml: Vec<u8>,
+    pub signature: String,
+    /// `STATE/staging/<version>/`.
+    pub staged: PathBuf,
+}
+
+/// What `STATE/installed/install.json` records beside the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallRecord {
+    pub version: String,
+    pub install_dir: PathBuf,
+    /// Seconds since the Unix epoch.
+    pub installed_at: u64,
+}
+
+/// The installed release, as recorded.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub manifest: Manifest,
+    pub record: InstallRecord,
+}
+
+/// How an apply ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ending {
+    /// The new release is installed and healthy.
+    Committed,
+    /// The new release was tried and the old one put back.
+    RolledBack,
+    /// Refused or failed before the install directory was touched.
+    Failed,
+}
+
+/// The outcome of an apply, kept in `STATE/apply/last.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub version: String,
+    pub from: Option<String>,
+    pub ending: Ending,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Old application stopped → new application started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub finished_at: u64,
+}
+
+/// One step of an apply, as it is reported to the CLI and the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub step: String,
+    pub message: String,
+    /// Milliseconds since the apply started.
+    pub ms: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Syncs a folder, so renames and new names in it survive a power cut.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` so that after a crash it holds either the old
+/// or the new content, never a mix: a synced temporary file renamed over
+/// it, and the folder synced.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// The applier of one node: its state directory and its application.
+#[derive(Debug, Clone)]
+pub struct Applier {
+    state: PathBuf,
+    app: App,
+}
+
+impl Applier {
+    pub fn new(state: &Path, config: AppConfig) -> Applier {
+        Applier {
+            state: state.to_owned(),
+            app: App::new(config, state.join("app.log")),
+        }
+    }
+
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    fn install_dir(&self) -> &Path {
+        &self.app.config.install_dir
+    }
+
+    fn work(&self) -> PathBuf {
+        self.install_dir().join(WORK_DIR)
+    }
+
+    fn place(&self, place: Place) -> PathBuf {
+        match place {
+            Place::Install => self.install_dir().to_owned(),
+            Place::New => self.work().join("new"),
+            Place::Old => self.work().join("old"),
+        }
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.state.join("apply").join("journal.json")
+    }
+
+    fn next_dir(&self) -> PathBuf {
+        self.state.join("apply").join("next")
+    }
+
+    fn last_path(&self) -> PathBuf {
+        self.state.join("apply").join("last.json")
+    }
+
+    /// The installed release as recorded in `STATE/installed/`.
+    pub fn installed(&self) -> Result<Option<Installed>> {
+        read_installed(&self.state)
+    }
+
+    /// How the last apply ended, if there was one.
+    pub fn last(&self) -> Option<Outcome> {
+        let text = fs::read(self.last_path()).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Whether an apply was interrupted and waits for [`Applier::recover`].
+    pub fn pending(&self) -> bool {
+        self.journal_path().exists()
+    }
+
+    fn write_journal(&self, journal: &Journal) -> Result<()> {
+        let path = self.journal_path();
+        let text = serde_json::to_vec_pretty(journal)?;
+        write_synced(&path, &text).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn finish(&self, outcome: &Outcome) {
+        if let Ok(text) = serde_json::to_vec_pretty(outcome) {
+            if let Err(e) = write_synced(&self.last_path(), &text) {
+                warn!(error = %e, "cannot record how the apply ended");
+            }
+        }
+    }
+
+    /// Installs `release`, reporting each step. Ends committed, rolled back
+    /// (the old release back in place and started), or failed before the
+    /// install directory was touched.
+    pub fn apply(&self, release: &Release, report: &mut dyn FnMut(Event)) -> Outcome {
+        let began = Instant::now();
+        let mut say = |step: &str, message: String| {
+            info!(step, "{message}");
+            report(Event {
+                step: step.to_owned(),
+                message,
+                ms: began.elapsed().as_millis() as u64,
+            });
+        };
+        let version = release.manifest.release_name();
+        let installed = match self.installed() {
+            Ok(i) => i,
+            Err(e) => return self.failed(&version, None, format!("{e:#}"), &mut say),
+        };
+        let from = installed.as_ref().map(|i| i.manifest.release_name());
+        let journal = match self.prepare(release, installed.as_ref(), &mut say) {
+            Ok(j) => j,
+            Err(e) => {
+                let _ = fs::remove_dir_all(self.work());
+                let _ = fs::remove_dir_all(self.next_dir());
+                return self.failed(&version, from, format!("{e:#}"), &mut say);
+            }
+        };
+        say(
+            "begin",
+            format!(
+                "journal begin: {} → {version}, {} files in, {} aside",
+                from.as_deref().unwrap_or("nothing installed"),
+                journal.new_files.len(),
+                journal.aside.len()
+            ),
+        );
+        fault("begin");
+        let old_name = installed
+            .as_ref()
+            .and_then(|i| i.manifest.restart.app_name.clone());
+        let name = self.app.name(old_name.as_deref());
+        let stopped = match self.app.stop(name) {
+            Ok(s) => s,
+            Err(e) => return self.roll_back(journal, format!("{e}"), &mut say),
+        };
+        let stopped_at = Instant::now();
+        say(
+            "stop",
+            if stopped.pids.is_empty() {
+                "the application was not running".to_owned()
+            } else if stopped.killed.is_empty() {
+                format!("stopped the application (pids {:?})", stopped.pids)
+            } else {
+                format!(
+                    "stopped the application (pids {:?}; {:?} ignored SIGTERM and were killed)",
+                    stopped.pids, stopped.killed
+                )
+            },
+        );
+        fault("stopped");
+        if let Err(e) = self.swap(&journal, &mut say) {
+            return self.roll_back(journal, format!("{e:#}"), &mut say);
+        }
+        let mut journal = journal;
+        journal.phase = Phase::Swapped;
+        if let Err(e) = self.write_journal(&journal) {
+            return self.roll_back(journal, format!("{e:#}"), &mut say);
+        }
+        say(
+            "swapped",
+            "journal swapped: the new files are in place".into(),
+        );
+        fault("swapped");
+        let mut downtime = None;
+        if journal.start_new {
+            let restart = &release.manifest.restart;
+            let new_name = restart.app_name.as_deref();
+            let started = match self.app.start(restart.exe.as_deref(), new_name) {
+                Ok(s) => s,
+                Err(e) => return self.roll_back(journal, e.to_string(), &mut say),
+            };
+            if !stopped.pids.is_empty() {
+                downtime = Some(stopped_at.elapsed());
+            }
+            say("start", format!("started {version} (pid {})", started.pid));
+            fault("started");
+            if let Err(e) = self.app.check_health(&started) {
+                return self.roll_back(journal, e.to_string(), &mut say);
+            }
+            say(
+                "health",
+                format!(
+                    "healthy: still running after {:?}{}",
+                    self.app.config.health_after,
+                    if self.app.config.health_command.is_some() {
+                        " and the health command passed"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            fault("healthy");
+        } else {
+            say(
+                "start",
+                "not started: the release's RestartApp says no".into(),
+            );
+        }
+        journal.phase = Phase::Committed;
+        if let Err(e) = self.write_journal(&journal) {
+            return self.roll_back(journal, format!("{e:#}"), &mut say);
+        }
+        fault("committed");
+        self.finish_commit(&journal);
+        fault("cleaned");
+        let outcome = Outcome {
+            version: version.clone(),
+            from,
+            ending: Ending::Committed,
+            reason: None,
+            downtime_ms: downtime.map(|d| d.as_millis() as u64),
+            finished_at: unix_now(),
+        };
+        say(
+            "committed",
+            match downtime {
+                Some(d) => format!("committed {version}; the application was down {d:.0?}"),
+                None => format!("committed {version}"),
+            },
+        );
+        self.finish(&outcome);
+        let _ = ignore_missing(fs::remove_file(self.journal_path()));
+        outcome
+    }
+
+    fn failed(
+        &self,
+        version: &str,
+        from: Option<String>,
+        reason: String,
+        say: &mut dyn FnMut(&str, String),
+    ) -> Outcome {
+        say(
+            "failed",
+            format!("not installed, nothing changed: {reason}"),
+        );
+        let outcome = Outcome {
+            version: version.to_owned(),
+            from,
+            ending: Ending::Failed,
+            reason: Some(reason),
+            downtime_ms: None,
+            finished_at: unix_now(),
+        };
+        self.finish(&outcome);
+        outcome
+    }
+
+    /// Everything before the first change to the install directory: checks,
+    /// the copy of the new files next to it, the journal's `begin`.
+    fn prepare(
+        &self,
+        release: &Release,
+        installed: Option<&Installed>,
+        say: &mut dyn FnMut(&str, String),
+    ) -> Result<Journal> {
+        let manifest = &release.manifest;
+        let version = manifest.release_name();
+        if self.pending() {
+            bail!(
+                "an earlier apply is unfinished ({}); the node resolves it when it starts",
+                self.journal_path().display()
+            );
+        }
+        if let Some(i) = installed {
+            if manifest.compare_release(&i.manifest) != std::cmp::Ordering::Greater {
+                bail!(
+                    "{version} is not newer than the installed {}",
+                    i.manifest.release_name()
+                );
+            }
+        }
+        let install = self.install_dir();
+        if !install.is_dir() {
+            fs::create_dir_all(install).with_context(|| {
+                format!("cannot create install directory {}", install.display())
+            })?;
+        }
+        for file in &manifest.files {
+            check_file_name(&file.name)?;
+            if file.name == WORK_DIR || file.name.starts_with(&format!("{WORK_DIR}/")) {
+                bail!(
+                    "{}: lanup keeps its own work in {WORK_DIR}; a release cannot list it",
+                    file.name
+                );
+            }
+            if file.hash.is_none() || file.size.is_none() {
+                bail!(
+                    "{}: the manifest gives no size or hash to check it by",
+                    file.name
+                );
+            }
+        }
+        // Anything there is left from a copy that was cut short.
+        ignore_missing(fs::remove_dir_all(self.work()))
+            .with_context(|| format!("cannot clear {}", self.work().display()))?;
+        let copied = self.copy_new(release)?;
+        say(
+            "verify",
+            format!(
+                "checked and copied {} files ({} bytes) into {}",
+                manifest.files.len(),
+                copied,
+                self.place(Place::New).display()
+            ),
+        );
+        fault("copied");
+        // The release being installed, recorded before the journal names it.
+        let next = self.next_dir();
+        let _ = fs::remove_dir_all(&next);
+        write_synced(&next.join(MANIFEST_FILE), &release.xml)?;
+        write_synced(&next.join(SIGNATURE_FILE), release.signature.as_bytes())?;
+        let record = InstallRecord {
+            version: version.clone(),
+            install_dir: install.to_owned(),
+            installed_at: unix_now(),
+        };
+        write_synced(
+            &next.join("install.json"),
+            &serde_json::to_vec_pretty(&record)?,
+        )?;
+        let old_files: BTreeSet<String> = installed
+            .map(|i| i.manifest.files.iter().map(|f| f.name.clone()).collect())
+            .unwrap_or_default();
+        let new_files = manifest.files.iter().map(|f| f.name.clone()).collect();
+        let kind = |name: &str| match fs::symlink_metadata(install.join(name)) {
+            Ok(m) if m.is_dir() => Kind::Dir,
+            Ok(_) => Kind::File,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Kind::Missing,
+            Err(_) => Kind::File,
+        };
+        let mut journal = Journal::begin(
+            installed.map(|i| i.manifest.release_name()),
+            version,
+            &old_files,
+            new_files,
+            kind,
+        )?;
+        let old_name = installed.and_then(|i| i.manifest.restart.app_name.as_deref());
+        journal.was_running = !self.app.processes(self.app.name(old_name)).is_empty();
+        journal.start_new = manifest.restart.allow;
+        self.write_journal(&journal)?;
+        Ok(journal)
+    }
+
+    /// Copies every staged file into `new`, checking its size and hash on
+    /// the way and giving it the manifest's mode, then syncs it all.
+    /// Returns the bytes copied.
+    fn copy_new(&self, release: &Release) -> Result<u64> {
+        let new = self.place(Place::New);
+        let mut dirs = BTreeSet::new();
+        let mut total = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        for file in &release.manifest.files {
+            let src = release.staged.join(&file.name);
+            let dest = new.join(&file.name);
+            let dir = dest.parent().unwrap_or(&new).to_owned();
+            fs::create_dir_all(&dir).with_context(|| {
+                format!(
+                    "cannot create {} (on the install directory's filesystem)",
+                    dir.display()
+                )
+            })?;
+            let mut input = File::open(&src)
+                .with_context(|| format!("staged file {}: cannot read it", src.display()))?;
+            let mut output =
+                File::create(&dest).with_context(|| format!("cannot write {}", dest.display()))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            loop {
+                let n = input
+                    .read(&mut buf)
+                    .with_context(|| format!("staged file {}: read failed", src.display()))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                output.write_all(&buf[..n]).with_context(|| {
+                    format!(
+                        "cannot write {} ({} bytes of the release must fit beside the install)",
+                        dest.display(),
+                        release.manifest.total_size()
+                    )
+                })?;
+                size += n as u64;
+            }
+            let hash: Hash = hasher.finalize().into();
+            if Some(size) != file.size || Some(hash) != file.hash {
+                bail!(
+                    "staged file {}: {size} bytes hashing to {hash}, not what the manifest lists; it is staged again at the next fetch",
+                    file.name
+                );
+            }
+            if let Some(mode) = file.mode {
+                output.set_permissions(fs::Permissions::from_mode(mode))?;
+            }
+            output
+                .sync_all()
+                .with_context(|| format!("cannot write {}", dest.display()))?;
+            total += size;
+            dirs.insert(dir);
+        }
+        for dir in dirs.iter().chain([&new, &self.work()]) {
+            sync_dir(dir).with_context(|| format!("cannot sync {}", dir.display()))?;
+        }
+        if let Some(parent) = self.install_dir().parent() {
+            let _ = sync_dir(parent);
+        }
+        sync_dir(self.install_dir())?;
+        Ok(total)
+    }
+
+    fn run_op(&self, op: &Op) -> io::Result<()> {
+        match op {
+            Op::Move { name, from, to } => {
+                let src = self.place(*from).join(name);
+                let dest = self.place(*to).join(name);
+                match fs::symlink_metadata(&src) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(e),
+                    // The journal moves files only; a folder here is not
+                    // one the apply put aside.
+                    Ok(m) if m.is_dir() => {
+                        return Err(io::Error::other(format!(
+                            "{} is a folder, not the file the journal names",
+                            src.display()
+                        )))
+                    }
+                    Ok(_) => {}
+                }
+                if *to != Place::Install {
+                    if let Some(dir) = dest.parent() {
+                        fs::create_dir_all(dir)?;
+                    }
+                }
+                fs::rename(&src, &dest).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot move {} to {}: {e}", src.display(), dest.display()),
+                    )
+                })
+            }
+            Op::Remove { name } => ignore_missing(fs::remove_file(self.install_dir().join(name))),
+            Op::MakeDir { name } => match fs::create_dir(self.install_dir().join(name)) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                r => r,
+            },
+            Op::RemoveDir { name } => match fs::remove_dir(self.install_dir().join(name)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+                    warn!(dir = %name, "folder is not empty; left in place");
+                    Ok(())
+                }
+                r => r,
+            },
+        }
+    }
+
+    /// Syncs every folder the journal's names live in, in all three places.
+    fn sync_places(&self, journal: &Journal) {
+        let mut dirs = BTreeSet::new();
+        for name in journal.aside.iter().chain(&journal.new_files) {
+            for place in [Place::Install, Place::Old, Place::New] {
+                if let Some(dir) = self.place(place).join(name).parent() {
+                    dirs.insert(dir.to_owned());
+                }
+            }
+        }
+        for dir in dirs {
+            if let Err(e) = ignore_missing(sync_dir(&dir)) {
+                warn!(dir = %dir.display(), error = %e, "cannot sync folder");
+            }
+        }
+    }
+
+    fn swap(&self, journal: &Journal, say: &mut dyn FnMut(&str, String)) -> Result<()> {
+        let plan = journal.swap_plan();
+        let (mut aside, mut moved_in) = (0, 0);
+        for op in &plan {
+            self.run_op(op)?;
+            match op {
+                Op::Move { to: Place::Old, .. } => {
+                    aside += 1;
+                    if aside == 1 {
+                        fault("aside-1");
+                    }
+                    if aside == journal.aside.len() {
+                        say("aside", format!("moved {aside} old files aside"));
+                        fault("aside");
+                    }
+                }
+                Op::Move {
+                    to: Place::Install, ..
+                } => {
+                    moved_in += 1;
+                    if moved_in == 1 {
+                        fault("in-1");
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.sync_places(journal);
+        say("in", format!("moved {moved_in} new files in"));
+        fault("in");
+        Ok(())
+    }
+
+    /// Puts the old release back: stops whatever runs, undoes the moves,
+    /// starts the old application again if it was running, and records
+    /// why. A rollback that cannot finish leaves the journal for the next
+    /// start to try again.
+    fn roll_back(
+        &self,
+        mut journal: Journal,
+        reason: String,
+        say: &mut dyn FnMut(&str, String),
+    ) -> Outcome {
+        say("rollback", format!("rolling back: {reason}"));
+        let installed = self.installed().ok().flatten();
+        let old = installed.as_ref().map(|i| &i.manifest.restart);
+        let new_name = self.next_name();
+        let old_name = old.and_then(|r| r.app_name.clone());
+        // The new release's process (if it started) and the old one's.
+        for name in [new_name.as_deref(), old_name.as_deref()] {
+            if let Err(e) = self.app.stop(self.app.name(name)) {
+                warn!(error = %e, "cannot stop the application before the rollback");
+            }
+            if self.app.config.name.is_some() {
+                break;
+            }
+        }
+        fault("rollback-stopped");
+        let mut undone = Ok(());
+        for op in rollback_plan(&journal) {
+            if let Err(e) = self.run_op(&op) {
+                undone = Err(e);
+                break;
+            }
+        }
+        self.sync_places(&journal);
+        let _ = sync_dir(self.install_dir());
+        fault("rollback-files");
+        let version = journal.to.clone();
+        if let Err(e) = undone {
+            let reason = format!(
+                "{reason}; and the rollback failed ({e}); the node tries again when it next starts"
+            );
+            say("rolled-back", reason.clone());
+            return Outcome {
+                version,
+                from: journal.from.clone(),
+                ending: Ending::RolledBack,
+                reason: Some(reason),
+                downtime_ms: None,
+                finished_at: unix_now(),
+            };
+        }
+        if journal.was_running {
+            let restart = old.cloned().unwrap_or_default();
+            match self
+                .app
+                .start(restart.exe.as_deref(), restart.app_name.as_deref())
+            {
+                Ok(s) => say(
+                    "start",
+                    format!(
+                        "started {} again (pid {})",
+                        journal.from.as_deref().unwrap_or("the old release"),
+                        s.pid
+                    ),
+                ),
+                Err(e) => warn!(error = %e, "cannot start the old application again"),
+            }
+        }
+        fault("rollback-started");
+        journal.phase = Phase::RolledBack;
+        journal.reason = Some(reason.clone());
+        if let Err(e) = self.write_journal(&journal) {
+            warn!(error = %format!("{e:#}"), "cannot record the rollback in the journal");
+        }
+        fault("rolled-back");
+        self.clean_up();
+        let outcome = Outcome {
+            version,
+            from: journal.from.clone(),
+            ending: Ending::RolledBack,
+            reason: Some(reason.clone()),
+            downtime_ms: None,
+            finished_at: unix_now(),
+        };
+        say(
+            "rolled-back",
+            format!(
+                "rolled back to {}: {reason}",
+                journal.from.as_deref().unwrap_or("nothing installed")
+            ),
+        );
+        self.finish(&outcome);
+        let _ = ignore_missing(fs::remove_file(self.journal_path()));
+        outcome
+    }
+
+    /// The app name of the release being installed, from `apply/next`.
+    fn next_name(&self) -> Option<String> {
+        let xml = fs::read(self.next_dir().join(MANIFEST_FILE)).ok()?;
+        Manifest::parse(&xml).ok()?.restart.app_name
+    }
+
+    /// Removes the work folder and the record of the release that was not
+    /// installed.
+    fn clean_up(&self) {
+        if let Err(e) = ignore_missing(fs::remove_dir_all(self.work())) {
+            warn!(dir = %self.work().display(), error = %e, "cannot remove the apply's work folder");
+        }
+        let _ = fs::remove_dir_all(self.next_dir());
+    }
+
+    /// After `committed`: the new release becomes the recorded one, the
+    /// folders only the old release used go, and so does the backup.
+    fn finish_commit(&self, journal: &Journal) {
+        if let Err(e) = promote(&self.state, &self.next_dir()) {
+            warn!(error = %e, "cannot record the installed release");
+        }
+        for op in commit_plan(journal) {
+            if let Err(e) = self.run_op(&op) {
+                warn!(error = %e, "cannot remove a folder the old release used");
+            }
+        }
+        if let Err(e) = ignore_missing(fs::remove_dir_all(self.work())) {
+            warn!(dir = %self.work().display(), error = %e, "cannot remove the old release's backup");
+        }
+        let _ = sync_dir(self.install_dir());
+    }
+
+    /// Resolves what an interrupted apply left, before the node does
+    /// anything else: a committed apply is finished, anything earlier is
+    /// rolled back and the old application started. Returns how it ended,
+    /// or `None` when there was nothing to resolve.
+    pub fn recover(&self, report: &mut dyn FnMut(Event)) -> Result<Option<Outcome>> {
+        let path = self.journal_path();
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A copy cut short before `begin` touched nothing else.
+                if self.work().exists() {
+                    info!(dir = %self.work().display(), "removing an unfinished copy of a release (the install was not touched)");
+                    self.clean_up();
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let journal: Journal = serde_json::from_slice(&text).with_context(|| {
+            format!(
+                "{}: unreadable apply journal; check {} by hand, then remove it",
+                path.display(),
+                self.install_dir().display()
+            )
+        })?;
+        let began = Instant::now();
+        let mut say = |step: &str, message: String| {
+            info!(step, "{message}");
+            report(Event {
+                step: step.to_owned(),
+                message,
+                ms: began.elapsed().as_millis() as u64,
+            });
+        };
+        let outcome = match journal.recovery() {
+            Recovery::RollBack => {
+                let phase = journal.phase.as_str();
+                let reason = format!(
+                    "the node stopped during the apply (at journal {phase}); the old release was put back when it started again"
+                );
+                self.roll_back(journal, reason, &mut say)
+            }
+            Recovery::CleanUp => {
+                let ending = if journal.phase == Phase::Committed {
+                    self.finish_commit(&journal);
+                    say(
+                        "committed",
+                        format!("finished the committed install of {}", journal.to),
+                    );
+                    Ending::Committed
+                } else {
+                    self.clean_up();
+                    Ending::RolledBack
+                };
+                let outcome = Outcome {
+                    version: journal.to.clone(),
+                    from: journal.from.clone(),
+                    ending,
+                    reason: journal.reason.clone(),
+                    downtime_ms: None,
+                    finished_at: unix_now(),
+                };
+                self.ensure_running(&journal, &mut say);
+                self.finish(&outcome);
+                let _ = ignore_missing(fs::remove_file(&path));
+                outcome
+            }
+        };
+        Ok(Some(outcome))
+    }
+
+    /// After a crash past the apply's last start: the application that
+    /// should run (the new one if committed, the old one if it was running)
+    /// is started if it does not.
+    fn ensure_running(&self, journal: &Journal, say: &mut dyn FnMut(&str, String)) {
+        let should = match journal.phase {
+            Phase::Committed => journal.start_new,
+            _ => journal.was_running,
+        };
+        let Ok(Some(installed)) = self.installed() else {
+            return;
+        };
+        let restart = &installed.manifest.restart;
+        let name = self.app.name(restart.app_name.as_deref());
+        if !should || !self.app.processes(name).is_empty() {
+            return;
+        }
+        match self
+            .app
+            .start(restart.exe.as_deref(), restart.app_name.as_deref())
+        {
+            Ok(s) => say(
+                "start",
+                format!(
+                    "started {} (pid {})",
+                    installed.manifest.release_name(),
+                    s.pid
+                ),
+            ),
+            Err(e) => warn!(error = %e, "cannot start the application"),
+        }
+    }
+}
+
+/// Makes `next` the recorded installed release. Each step can be run again
+/// after a crash.
+fn promote(state: &Path, next: &Path) -> io::Result<()> {
+    if !next.exists() {
+        return Ok(());
+    }
+    let installed = state.join("installed");
+    let prev = state.join("installed.prev");
+    if installed.exists() {
+        ignore_missing(fs::remove_dir_all(&prev))?;
+        fs::rename(&installed, &prev)?;
+    }
+    fs::rename(next, &installed)?;
+    sync_dir(state)?;
+    ignore_missing(fs::remove_dir_all(&prev))
+}
+
+/// Reads `STATE/installed/`: the installed release's manifest and record.
+pub fn read_installed(state: &Path) -> Result<Option<Installed>> {
+    let dir = state.join("installed");
+    let record_path = dir.join("install.json");
+    let record = match fs::read(&record_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", record_path.display())),
+    };
+    let record: InstallRecord = serde_json::from_slice(&record)
+        .with_context(|| format!("{}: not an install record", record_path.display()))?;
+    let xml_path = dir.join(MANIFEST_FILE);
+    let xml = fs::read(&xml_path).with_context(|| format!("cannot read {}", xml_path.display()))?;
+    let manifest = Manifest::parse(&xml).with_context(|| format!("{}", xml_path.display()))?;
+    Ok(Some(Installed { manifest, record }))
+}
