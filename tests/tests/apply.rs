@@ -336,7 +336,10 @@ impl AppSite {
 }
 
 /// The site with v1 installed by lanup and running, and v2 staged.
-fn v1_running_v2_staged(app: &str, v2_behaviour: Option<&str>) -> (AppSite, PathBuf, PathBuf) {
+pub(crate) fn v1_running_v2_staged(
+    app: &str,
+    v2_behaviour: Option<&str>,
+) -> (AppSite, PathBuf, PathBuf) {
     let mut site = AppSite::new(app, None);
     let v1 = site.root.join("v1");
     app_tree(

@@ -5,6 +5,7 @@ mod announce;
 mod apply;
 mod bad_input;
 mod common;
+mod crash;
 mod demo;
 mod faults;
 mod lan;
