@@ -57,6 +57,9 @@ const ORIGIN_BATCH: u64 = 8 << 20;
 /// After adopting a release, how long the fetcher waits at most for its
 /// peers' chunk lists before it goes to the origin.
 const HAVE_WAIT: Duration = Duration::from_secs(2);
+/// How long a node waits before it assembles a release again after that
+/// failed (a full disk does not empty itself in 100 ms).
+const STAGE_RETRY: Duration = Duration::from_secs(30);
 /// The longest wait between polls after the origin failed to answer.
 const POLL_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -109,6 +112,9 @@ struct Target {
     bytes_total: u64,
     staged: bool,
     staging: bool,
+    /// Why the last staging failed (a full disk, say), and when to try
+    /// again.
+    stage_failed: Option<(String, Instant)>,
     adopted_at: Instant,
 }
 
@@ -495,10 +501,17 @@ impl Node {
                 }),
             },
             apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
-            last_error: last
-                .filter(|o| o.ending != Ending::Committed)
-                .and_then(|o| o.reason.as_ref())
-                .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str()))),
+            last_error: t
+                .and_then(|t| {
+                    t.stage_failed.as_ref().map(|(reason, _)| {
+                        format!("staging {} failed: {reason}", t.manifest.release_name())
+                    })
+                })
+                .or_else(|| {
+                    last.filter(|o| o.ending != Ending::Committed)
+                        .and_then(|o| o.reason.as_ref())
+                        .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str())))
+                }),
             release: t.map(|t| t.manifest.release_name()),
             staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
             bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
@@ -1018,6 +1031,7 @@ impl Node {
             bytes_total,
             staged: false,
             staging: false,
+            stage_failed: None,
             adopted_at: Instant::now(),
         });
         self.ask_have();
@@ -1127,7 +1141,11 @@ impl Node {
                 let _ = tx.send(Done::Chunk(result)).await;
             });
         }
-        if t.transfer.is_done() && !t.staged && !t.staging {
+        let retry = t
+            .stage_failed
+            .as_ref()
+            .is_none_or(|(_, at)| Instant::now() >= *at);
+        if t.transfer.is_done() && !t.staged && !t.staging && retry {
             t.staging = true;
             let manifest = t.manifest.clone();
             let store = self.store.clone();
@@ -1268,6 +1286,7 @@ impl Node {
                 match result {
                     Ok(dir) => {
                         t.staged = true;
+                        t.stage_failed = None;
                         info!(release = %t.manifest.release_name(), dir = %dir.display(), "release staged and verified");
                         let keep = self
                             .config
@@ -1290,7 +1309,11 @@ impl Node {
                         self.collect_garbage();
                         self.maybe_auto_apply();
                     }
-                    Err(e) => warn!(error = %format!("{e:#}"), "staging failed"),
+                    Err(e) => {
+                        let reason = format!("{e:#}");
+                        warn!(release = %t.manifest.release_name(), error = %reason, retry_in = ?STAGE_RETRY, "staging failed; the installed release is untouched");
+                        t.stage_failed = Some((reason, Instant::now() + STAGE_RETRY));
+                    }
                 }
             }
             Done::ApplyStep(event) => {

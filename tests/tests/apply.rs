@@ -150,8 +150,14 @@ pub(crate) struct AppSite {
 
 impl AppSite {
     /// `app` is the rest of the `[app]` table (after name, install_dir and
-    /// start). `install` overrides where the application is installed.
-    pub(crate) fn new(app: &str, install: Option<&Path>) -> AppSite {
+    /// start).
+    pub(crate) fn new(app: &str) -> AppSite {
+        AppSite::with_dirs(app, None, None)
+    }
+
+    /// As [`AppSite::new`], with the install and state directories
+    /// elsewhere (on a small filesystem, say).
+    pub(crate) fn with_dirs(app: &str, install: Option<&Path>, state: Option<&Path>) -> AppSite {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
         let www = root.join("www");
@@ -177,7 +183,7 @@ impl AppSite {
             origin,
             key,
             www,
-            state: root.join("state"),
+            state: state.map_or_else(|| root.join("state"), Path::to_owned),
             apps: KillUnder(install.clone()),
             install,
             config,
@@ -340,7 +346,14 @@ pub(crate) fn v1_running_v2_staged(
     app: &str,
     v2_behaviour: Option<&str>,
 ) -> (AppSite, PathBuf, PathBuf) {
-    let mut site = AppSite::new(app, None);
+    let mut site = AppSite::new(app);
+    let v1 = install_v1(&mut site);
+    let v2 = stage_v2(&site, v2_behaviour);
+    (site, v1, v2)
+}
+
+/// Publishes v1, stages it and installs it; returns its release folder.
+pub(crate) fn install_v1(site: &mut AppSite) -> PathBuf {
     let v1 = site.root.join("v1");
     app_tree(
         &v1,
@@ -359,7 +372,19 @@ pub(crate) fn v1_running_v2_staged(
     assert!(out.contains("committed"), "{out}");
     site.wait_running("1.0.0");
     assert_eq!(site.installed_tree(), AppSite::expected_tree(&v1));
+    v1
+}
 
+/// Publishes v2 (`lib/old-only.bin` gone, `plugins/new/` new, edits) and
+/// stages it; returns its release folder.
+pub(crate) fn stage_v2(site: &AppSite, v2_behaviour: Option<&str>) -> PathBuf {
+    let (v2, r2) = publish_v2(site, v2_behaviour);
+    site.stage("2.0.0", &r2);
+    v2
+}
+
+/// Publishes v2; returns its release folder and the published release.
+pub(crate) fn publish_v2(site: &AppSite, v2_behaviour: Option<&str>) -> (PathBuf, Published) {
     let v2 = site.root.join("v2");
     let mut data = pseudo_random(600_000, 1);
     data[1000..1100].fill(7);
@@ -374,8 +399,7 @@ pub(crate) fn v1_running_v2_staged(
         ],
     );
     let r2 = site.publish(&v2, "2.0.0");
-    site.stage("2.0.0", &r2);
-    (site, v1, v2)
+    (v2, r2)
 }
 
 #[test]
@@ -462,7 +486,7 @@ fn a_release_that_does_not_stay_up_is_rolled_back_and_the_old_one_runs() {
 
 #[test]
 fn an_app_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
-    let mut site = AppSite::new("stop_timeout = \"1500ms\"\nhealth_after = \"300ms\"", None);
+    let mut site = AppSite::new("stop_timeout = \"1500ms\"\nhealth_after = \"300ms\"");
     let v1 = site.root.join("v1");
     app_tree(&v1, "1.0.0", Some("ignore-term"), &[]);
     let r1 = site.publish(&v1, "1.0.0");

@@ -7,6 +7,7 @@ mod bad_input;
 mod common;
 mod crash;
 mod demo;
+mod diskfull;
 mod faults;
 mod lan;
 mod origin;
