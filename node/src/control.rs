@@ -40,14 +40,22 @@ pub fn socket_path(state: &Path) -> PathBuf {
     state.join(SOCKET)
 }
 
+/// Fails when a live node already answers on the state directory's socket:
+/// two nodes on one state directory would apply over each other.
+pub fn ensure_alone(state: &Path) -> Result<()> {
+    let path = socket_path(state);
+    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        bail!("another node is running on {}", state.display());
+    }
+    Ok(())
+}
+
 /// Listens on the state directory's socket and hands requests to the node.
 pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
     let path = socket_path(state);
     // A socket left by a node that died is stale; a live node answers.
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            bail!("another node is running on {}", state.display());
-        }
+        ensure_alone(state)?;
         std::fs::remove_file(&path)
             .with_context(|| format!("cannot remove stale {}", path.display()))?;
     }

@@ -192,6 +192,7 @@ pub async fn run(
 ) -> Result<()> {
     std::fs::create_dir_all(&config.state)
         .with_context(|| format!("cannot create state directory {}", config.state.display()))?;
+    crate::control::ensure_alone(&config.state)?;
     let key = identity(&config.state)?;
     // An interrupted apply is resolved before anything else.
     let applier = config

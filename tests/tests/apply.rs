@@ -506,3 +506,28 @@ fn an_app_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
     site.wait_running("2.0.0");
     assert_eq!(site.installed_tree(), AppSite::expected_tree(&v2));
 }
+
+#[test]
+fn with_apply_auto_a_staged_release_is_installed_at_once_and_a_failed_one_once() {
+    let mut site = AppSite::new("health_after = \"300ms\"\napply = \"auto\"");
+    let v1 = site.root.join("v1");
+    app_tree(&v1, "1.0.0", None, &[]);
+    site.publish(&v1, "1.0.0");
+    site.start_node(true, None);
+    // Nobody asks: staged, then installed and started by the node.
+    site.wait_running("1.0.0");
+    assert_eq!(site.installed_tree(), AppSite::expected_tree(&v1));
+    publish_v2(&site, Some("exit"));
+    run_ok(&["check", "--state", s(&site.state)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while site.own_status()["apply"] != "rolled-back" {
+        assert!(Instant::now() < deadline, "{}", node_log(&site.state));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    site.wait_running("1.0.0");
+    assert_eq!(site.installed_tree(), AppSite::expected_tree(&v1));
+    // A release that rolled back is not tried again and again.
+    std::thread::sleep(Duration::from_secs(2));
+    let history = std::fs::read_to_string(site.install.join("var/history")).expect("history");
+    assert_eq!(history.matches("2.0.0 ").count(), 1, "{history}");
+}
