@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use lanup_protocol::journal::{
     commit_plan, rollback_plan, Journal, Kind, Op, Phase, Place, Recovery,
 };
-use lanup_protocol::manifest::{check_file_name, MANIFEST_FILE, SIGNATURE_FILE};
+use lanup_protocol::manifest::{check_file_name, Restart, MANIFEST_FILE, SIGNATURE_FILE};
 use lanup_protocol::{Hash, Manifest};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -716,20 +716,11 @@ impl Applier {
         }
         if journal.was_running {
             let restart = old.cloned().unwrap_or_default();
-            match self
-                .app
-                .start(restart.exe.as_deref(), restart.app_name.as_deref())
-            {
-                Ok(s) => say(
-                    "start",
-                    format!(
-                        "started {} again (pid {})",
-                        journal.from.as_deref().unwrap_or("the old release"),
-                        s.pid
-                    ),
-                ),
-                Err(e) => warn!(error = %e, "cannot start the old application again"),
-            }
+            let what = format!(
+                "{} again",
+                journal.from.as_deref().unwrap_or("the old release")
+            );
+            self.start_quietly(&restart, &what, say);
         }
         fault("rollback-started");
         journal.phase = Phase::RolledBack;
@@ -878,19 +869,18 @@ impl Applier {
         if !should || !self.app.processes(name).is_empty() {
             return;
         }
+        self.start_quietly(restart, &installed.manifest.release_name(), say);
+    }
+
+    /// Starts the application of a release that is already in place (no
+    /// health check: there is nothing left to fall back to).
+    fn start_quietly(&self, restart: &Restart, what: &str, say: &mut dyn FnMut(&str, String)) {
         match self
             .app
             .start(restart.exe.as_deref(), restart.app_name.as_deref())
         {
-            Ok(s) => say(
-                "start",
-                format!(
-                    "started {} (pid {})",
-                    installed.manifest.release_name(),
-                    s.pid
-                ),
-            ),
-            Err(e) => warn!(error = %e, "cannot start the application"),
+            Ok(s) => say("start", format!("started {what} (pid {})", s.pid)),
+            Err(e) => warn!(error = %e, "cannot start {what}"),
         }
     }
 }

@@ -352,11 +352,10 @@ pub(crate) fn v1_running_v2_staged(
     (site, v1, v2)
 }
 
-/// Publishes v1, stages it and installs it; returns its release folder.
-pub(crate) fn install_v1(site: &mut AppSite) -> PathBuf {
-    let v1 = site.root.join("v1");
+/// The sample application's v1 release folder, with data beside it.
+pub(crate) fn v1_tree(dir: &Path) {
     app_tree(
-        &v1,
+        dir,
         "1.0.0",
         None,
         &[
@@ -365,6 +364,12 @@ pub(crate) fn install_v1(site: &mut AppSite) -> PathBuf {
             ("share/doc.txt", b"v1 docs\n".to_vec()),
         ],
     );
+}
+
+/// Publishes v1, stages it and installs it; returns its release folder.
+pub(crate) fn install_v1(site: &mut AppSite) -> PathBuf {
+    let v1 = site.root.join("v1");
+    v1_tree(&v1);
     let r1 = site.publish(&v1, "1.0.0");
     site.start_node(true, None);
     site.stage("1.0.0", &r1);

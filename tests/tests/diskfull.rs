@@ -68,16 +68,7 @@ impl Drop for Mounts {
 fn v1_size() -> u64 {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v1");
-    app_tree(
-        &dir,
-        "1.0.0",
-        None,
-        &[
-            ("lib/data.bin", pseudo_random(600_000, 1)),
-            ("lib/old-only.bin", pseudo_random(70_000, 2)),
-            ("share/doc.txt", b"v1 docs\n".to_vec()),
-        ],
-    );
+    v1_tree(&dir);
     walk_size(&dir)
 }
 
