@@ -372,7 +372,10 @@ impl Applier {
         say(
             "committed",
             match downtime {
-                Some(d) => format!("committed {version}; the application was down {d:.0?}"),
+                Some(d) => format!(
+                    "committed {version}; the application was down {} ms",
+                    d.as_millis()
+                ),
                 None => format!("committed {version}"),
             },
         );
@@ -428,6 +431,15 @@ impl Applier {
                 );
             }
         }
+        let old_name = installed.and_then(|i| i.manifest.restart.app_name.as_deref());
+        if self.app.name(old_name).is_none()
+            || self
+                .app
+                .name(manifest.restart.app_name.as_deref())
+                .is_none()
+        {
+            bail!("cannot tell which processes are the application's: set app.name, or publish the release with an AppName");
+        }
         let install = self.install_dir();
         if !install.is_dir() {
             fs::create_dir_all(install).with_context(|| {
@@ -456,9 +468,9 @@ impl Applier {
         say(
             "verify",
             format!(
-                "checked and copied {} files ({} bytes) into {}",
+                "checked and copied {} files ({}) into {}",
                 manifest.files.len(),
-                copied,
+                lanup_protocol::units::format_bytes(copied),
                 self.place(Place::New).display()
             ),
         );
@@ -494,7 +506,6 @@ impl Applier {
             new_files,
             kind,
         )?;
-        let old_name = installed.and_then(|i| i.manifest.restart.app_name.as_deref());
         journal.was_running = !self.app.processes(self.app.name(old_name)).is_empty();
         journal.start_new = manifest.restart.allow;
         self.write_journal(&journal)?;

@@ -9,7 +9,8 @@ files and copying the new ones in from a temporary folder while the program
 is closed. Medians of both, and their ratio.
 
 Usage: tests/bench/apply_downtime.py [RUNS] [FILES] [KIB_PER_FILE]
-(defaults 7, 500, 64). Builds the release binaries first.
+(defaults 7, 500, 64); SHOW_STEPS=1 prints each apply's steps as
+`lanup apply` does. Builds the release binaries first.
 """
 
 import json
@@ -75,6 +76,11 @@ def apply(lanup, state, version):
     if out.returncode != 0:
         raise SystemExit(f"apply {version} failed: {out.stderr}\n{out.stdout}")
     steps = {l["event"]["step"]: l["event"]["ms"] for l in lines if "event" in l}
+    if os.environ.get("SHOW_STEPS"):
+        for l in lines:
+            if "event" in l:
+                e = l["event"]
+                print(f"{e['ms']:>7} ms  {e['step']:<11} {e['message']}")
     return lines[-1]["outcome"], steps
 
 

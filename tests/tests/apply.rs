@@ -536,3 +536,21 @@ fn with_apply_auto_a_staged_release_is_installed_at_once_and_a_failed_one_once()
     let history = std::fs::read_to_string(site.install.join("var/history")).expect("history");
     assert_eq!(history.matches("2.0.0 ").count(), 1, "{history}");
 }
+
+#[test]
+fn a_failing_health_command_rolls_the_release_back() {
+    // Healthy means the running application reports the release on disk.
+    let (site, v1, _v2) = v1_running_v2_staged(
+        "health_after = \"200ms\"\nhealth_command = [\"/bin/sh\", \"-c\", \"grep -q 1.0.0 var/current\"]\nhealth_timeout = \"5s\"",
+        None,
+    );
+    let out = site.apply("2.0.0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("health command") && stderr.contains("exit status: 1"),
+        "{stderr}"
+    );
+    site.wait_running("1.0.0");
+    assert_eq!(site.installed_tree(), AppSite::expected_tree(&v1));
+}
