@@ -29,6 +29,7 @@ pub mod hash;
 pub mod journal;
 pub mod manifest;
 pub mod plan;
+pub mod rollout;
 pub mod sign;
 pub mod transfer;
 pub mod units;

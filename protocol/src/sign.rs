@@ -155,6 +155,11 @@ impl fmt::Debug for SecretKey {
 }
 
 impl Signature {
+    /// The signature's 64 bytes in hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.bytes)
+    }
+
     /// The `.sig` file's text.
     pub fn to_text(&self) -> String {
         format!(

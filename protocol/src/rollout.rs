@@ -1,0 +1,435 @@
+//! Rollout commands: what an administrator signs on any node and every node
+//! of the site checks before it acts, and the canary waves they run in.
+//!
+//! A command is JSON signed as it is sent: the signature covers the exact
+//! bytes, as for manifests, so nothing is re-serialised before checking.
+//! A node accepts a command only when a trusted admin key signed it, it names
+//! this site, it is fresh ([`MAX_AGE`], with [`MAX_SKEW`] for clocks ahead),
+//! and its id was not seen before (no replay). Waves are assigned from the
+//! command's id and the nodes it names, so every node computes the same plan.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sign::{PublicKey, SecretKey};
+
+/// A command older than this is refused: it cannot be replayed later.
+pub const MAX_AGE_MS: u64 = 10 * 60 * 1000;
+/// A command from up to this far in the future is accepted (clock skew).
+pub const MAX_SKEW_MS: u64 = 2 * 60 * 1000;
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    /// Install `version` across the site, wave by wave.
+    Rollout { version: String },
+    /// Stop the rollout under way: no further wave applies.
+    Abort,
+    /// Return to `version`, which the nodes still hold (the only way to
+    /// install an older release).
+    Rollback { version: String },
+}
+
+/// A wave's size: a count of nodes, or a share of the site (cumulative:
+/// `1,25%,100%` is one canary, then up to a quarter, then the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaveSize {
+    Nodes(u32),
+    Percent(u8),
+}
+
+impl FromStr for WaveSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let bad = || format!("wave {s:?}: expected a number of nodes (1) or a share (25%)");
+        match s.strip_suffix('%') {
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(WaveSize::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => match s.parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(WaveSize::Nodes(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for WaveSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaveSize::Nodes(n) => write!(f, "{n}"),
+            WaveSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// Reads `1,25%,100%`. The last wave always takes every node left.
+pub fn parse_waves(text: &str) -> Result<Vec<WaveSize>, String> {
+    let waves = text
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<WaveSize>, String>>()?;
+    if waves.is_empty() {
+        return Err("no waves given".into());
+    }
+    Ok(waves)
+}
+
+/// The command an administrator signs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// The site it is meant for: a command for another site is refused.
+    pub site: String,
+    #[serde(flatten)]
+    pub action: Action,
+    /// Milliseconds since the Unix epoch, by the issuing machine's clock.
+    pub issued_at_ms: u64,
+    /// 32 hex digits, random: what makes each command unique.
+    pub id: String,
+    /// Wave sizes (rollouts only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<WaveSize>,
+    /// The site's nodes as the issuing node saw them (PeerIds). Nodes not
+    /// named here join the last wave.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+}
+
+/// A command with its signature, as gossiped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCommand {
+    /// The command's exact JSON text.
+    pub command: String,
+    /// The admin key that signed it (`ed25519:…`).
+    pub key: String,
+    /// 128 hex digits: ed25519 over the bytes of `command`.
+    pub signature: String,
+}
+
+/// Why a node refused a command. Each message says what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    #[error("not signed: no signature")]
+    Unsigned,
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("signed by {0}, which is not a trusted admin key")]
+    UntrustedKey(String),
+    #[error("the signature by {0} does not match the command (changed after signing?)")]
+    BadSignature(String),
+    #[error("meant for site {0:?}, not this one")]
+    OtherSite(String),
+    #[error("issued {0} s ago, more than the 600 s a command stays valid")]
+    Stale(u64),
+    #[error("issued {0} s in the future (check this machine's clock)")]
+    Future(u64),
+    #[error("command {0} was already received (a replay)")]
+    Replayed(String),
+}
+
+/// Signs `command` with an admin key.
+pub fn sign(command: &Command, key: &SecretKey) -> SignedCommand {
+    let text = serde_json::to_string(command).unwrap_or_default();
+    let signature = key.sign(text.as_bytes());
+    SignedCommand {
+        command: text,
+        key: key.public().to_string(),
+        signature: signature.to_hex(),
+    }
+}
+
+/// The ids of commands a node accepted or refused recently, so none is
+/// acted on twice. Ids older than [`MAX_AGE_MS`] are forgotten: a command
+/// that old is refused as stale anyway.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayGuard {
+    seen: BTreeMap<String, u64>,
+}
+
+impl ReplayGuard {
+    /// Remembers `id`, issued at `issued_at_ms`.
+    pub fn remember(&mut self, id: &str, issued_at_ms: u64) {
+        self.seen.insert(id.to_owned(), issued_at_ms);
+    }
+
+    fn forget_before(&mut self, ms: u64) {
+        self.seen.retain(|_, at| *at >= ms);
+    }
+
+    /// Checks `signed` as a node of `site` whose trusted admin keys are
+    /// `trusted`, at `now_ms`; an accepted command is remembered.
+    pub fn check(
+        &mut self,
+        signed: &SignedCommand,
+        trusted: &[PublicKey],
+        site: &str,
+        now_ms: u64,
+    ) -> Result<Command, Refusal> {
+        if signed.signature.trim().is_empty() || signed.key.trim().is_empty() {
+            return Err(Refusal::Unsigned);
+        }
+        let key: PublicKey = signed
+            .key
+            .parse()
+            .map_err(|_| Refusal::Malformed(format!("key {:?}", signed.key)))?;
+        if !trusted.contains(&key) {
+            return Err(Refusal::UntrustedKey(key.to_string()));
+        }
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(signed.signature.trim(), &mut sig)
+            .map_err(|_| Refusal::Malformed("signature is not 128 hex digits".into()))?;
+        if !key.verify(signed.command.as_bytes(), &sig) {
+            return Err(Refusal::BadSignature(key.to_string()));
+        }
+        let command: Command =
+            serde_json::from_str(&signed.command).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        if command.site != site {
+            return Err(Refusal::OtherSite(command.site));
+        }
+        if command.issued_at_ms + MAX_AGE_MS < now_ms {
+            return Err(Refusal::Stale((now_ms - command.issued_at_ms) / 1000));
+        }
+        if command.issued_at_ms > now_ms + MAX_SKEW_MS {
+            return Err(Refusal::Future((command.issued_at_ms - now_ms) / 1000));
+        }
+        self.forget_before(now_ms.saturating_sub(MAX_AGE_MS + MAX_SKEW_MS));
+        if self.seen.contains_key(&command.id) {
+            return Err(Refusal::Replayed(command.id));
+        }
+        self.remember(&command.id, command.issued_at_ms);
+        Ok(command)
+    }
+}
+
+/// Splits the site into waves: `nodes` ordered by a hash of the command id
+/// and the node (the same order on every node, a different one for every
+/// rollout), cut at the cumulative sizes; the last wave takes the rest.
+pub fn assign_waves(id: &str, nodes: &[String], sizes: &[WaveSize]) -> Vec<Vec<String>> {
+    let mut order: Vec<(blake3::Hash, &String)> = nodes
+        .iter()
+        .map(|n| (blake3::hash(format!("{id}/{n}").as_bytes()), n))
+        .collect();
+    order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(b.1)));
+    order.dedup_by(|a, b| a.1 == b.1);
+    let total = order.len();
+    let mut waves = Vec::new();
+    let mut taken = 0;
+    for (i, size) in sizes.iter().enumerate() {
+        let upto = if i + 1 == sizes.len() {
+            total
+        } else {
+            match size {
+                WaveSize::Nodes(n) => taken + *n as usize,
+                WaveSize::Percent(p) => (total * *p as usize).div_ceil(100),
+            }
+            .clamp(taken, total)
+        };
+        if upto > taken || i + 1 == sizes.len() {
+            waves.push(
+                order[taken..upto]
+                    .iter()
+                    .map(|(_, n)| (*n).clone())
+                    .collect(),
+            );
+            taken = upto;
+        }
+    }
+    waves.retain(|w: &Vec<String>| !w.is_empty());
+    waves
+}
+
+/// What one node reports about the rollout's release.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeReport {
+    pub installed: Option<String>,
+    /// How its last apply of the rollout's release ended, if it tried.
+    pub failed: Option<String>,
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    /// Wave `n` (from 0) may apply; the ones before it are healthy.
+    Wave(usize),
+    /// A node failed: nothing more applies.
+    Halted { node: String, reason: String },
+    /// Every wave is healthy on the new release.
+    Done,
+}
+
+/// Evaluates a rollout of `version` over `waves` from the nodes' reports.
+/// A node that reports nothing yet is not done; a failure anywhere halts.
+pub fn evaluate(
+    waves: &[Vec<String>],
+    version: &str,
+    reports: &BTreeMap<String, NodeReport>,
+) -> Stage {
+    for wave in waves {
+        for node in wave {
+            if let Some(reason) = reports.get(node).and_then(|r| r.failed.clone()) {
+                return Stage::Halted {
+                    node: node.clone(),
+                    reason,
+                };
+            }
+        }
+    }
+    for (i, wave) in waves.iter().enumerate() {
+        let healthy = wave.iter().all(|n| {
+            reports
+                .get(n)
+                .is_some_and(|r| r.installed.as_deref() == Some(version))
+        });
+        if !healthy {
+            return Stage::Wave(i);
+        }
+    }
+    Stage::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node{i}")).collect()
+    }
+
+    fn command(site: &str, at: u64, id: &str) -> Command {
+        Command {
+            site: site.into(),
+            action: Action::Rollout {
+                version: "2.0.0".into(),
+            },
+            issued_at_ms: at,
+            id: id.into(),
+            waves: parse_waves("1,25%,100%").expect("waves"),
+            nodes: nodes(3),
+        }
+    }
+
+    #[test]
+    fn waves_are_cumulative_deterministic_and_cover_every_node_once() {
+        let sizes = parse_waves("1,25%,100%").expect("waves");
+        let w = assign_waves("abc", &nodes(8), &sizes);
+        assert_eq!(w.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 6]);
+        assert_eq!(w, assign_waves("abc", &nodes(8), &sizes));
+        let mut all: Vec<String> = w.concat();
+        all.sort();
+        assert_eq!(all, {
+            let mut n = nodes(8);
+            n.sort();
+            n
+        });
+        assert_ne!(
+            w,
+            assign_waves("abd", &nodes(8), &sizes),
+            "each rollout draws anew"
+        );
+        assert_eq!(assign_waves("x", &nodes(1), &sizes), vec![nodes(1)]);
+        assert_eq!(
+            assign_waves("x", &nodes(20), &parse_waves("2,50%,100%").expect("w"))
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            vec![2, 8, 10]
+        );
+        assert!(
+            parse_waves("0").is_err() && parse_waves("101%").is_err() && parse_waves("x").is_err()
+        );
+    }
+
+    #[test]
+    fn only_fresh_commands_signed_by_a_trusted_admin_for_this_site_pass_once() {
+        let admin = SecretKey::generate();
+        let other = SecretKey::generate();
+        let trusted = vec![admin.public()];
+        let now = 1_800_000_000_000;
+        let mut guard = ReplayGuard::default();
+        let good = sign(&command("s", now - 1000, "id1"), &admin);
+        assert!(guard.check(&good, &trusted, "s", now).is_ok());
+        assert_eq!(
+            guard.check(&good, &trusted, "s", now + 5000),
+            Err(Refusal::Replayed("id1".into()))
+        );
+        let wrong_key = sign(&command("s", now, "id2"), &other);
+        assert!(matches!(
+            guard.check(&wrong_key, &trusted, "s", now),
+            Err(Refusal::UntrustedKey(_))
+        ));
+        let mut tampered = sign(&command("s", now, "id3"), &admin);
+        tampered.command = tampered.command.replace("2.0.0", "9.0.0");
+        assert!(matches!(
+            guard.check(&tampered, &trusted, "s", now),
+            Err(Refusal::BadSignature(_))
+        ));
+        let mut unsigned = sign(&command("s", now, "id4"), &admin);
+        unsigned.signature.clear();
+        assert_eq!(
+            guard.check(&unsigned, &trusted, "s", now),
+            Err(Refusal::Unsigned)
+        );
+        let stale = sign(&command("s", now - MAX_AGE_MS - 1000, "id5"), &admin);
+        assert!(matches!(
+            guard.check(&stale, &trusted, "s", now),
+            Err(Refusal::Stale(_))
+        ));
+        let future = sign(&command("s", now + MAX_SKEW_MS + 1000, "id6"), &admin);
+        assert!(matches!(
+            guard.check(&future, &trusted, "s", now),
+            Err(Refusal::Future(_))
+        ));
+        let elsewhere = sign(&command("t", now, "id7"), &admin);
+        assert_eq!(
+            guard.check(&elsewhere, &trusted, "s", now),
+            Err(Refusal::OtherSite("t".into()))
+        );
+    }
+
+    #[test]
+    fn a_wave_starts_when_the_one_before_is_healthy_and_a_failure_halts() {
+        let waves = vec![vec!["a".to_string()], vec!["b".into(), "c".into()]];
+        let mut reports = BTreeMap::new();
+        assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(0));
+        reports.insert(
+            "a".to_string(),
+            NodeReport {
+                installed: Some("2".into()),
+                failed: None,
+            },
+        );
+        assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(1));
+        reports.insert(
+            "b".to_string(),
+            NodeReport {
+                installed: Some("2".into()),
+                failed: None,
+            },
+        );
+        assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(1));
+        reports.insert(
+            "c".to_string(),
+            NodeReport {
+                installed: Some("1".into()),
+                failed: Some("exited".into()),
+            },
+        );
+        assert_eq!(
+            evaluate(&waves, "2", &reports),
+            Stage::Halted {
+                node: "c".into(),
+                reason: "exited".into()
+            }
+        );
+        reports.get_mut("c").expect("c").failed = None;
+        reports.get_mut("c").expect("c").installed = Some("2".into());
+        assert_eq!(evaluate(&waves, "2", &reports), Stage::Done);
+    }
+}
