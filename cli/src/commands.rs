@@ -79,6 +79,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Roll a staged release out across the site in canary waves, by a
+    /// command signed here with an admin key and gossiped to every node.
+    /// A wave starts when every node of the one before is healthy; any
+    /// failure halts the rollout.
+    Rollout(RolloutArgs),
+    /// Show the rollout commands this node accepted or refused, and what
+    /// it did about them.
+    History {
+        #[command(flatten)]
+        node: LocalNode,
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
         /// Where to write the secret key (mode 0600; never overwritten).
@@ -185,6 +199,29 @@ struct PublishArgs {
     from_legacy: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct RolloutArgs {
+    /// The release to roll out, e.g. 1.0.0.2.
+    #[arg(required_unless_present = "abort")]
+    version: Option<String>,
+    /// The admin's secret key file (the command is signed here; nodes
+    /// never see the secret).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    #[command(flatten)]
+    node: LocalNode,
+    /// Wave sizes, cumulative: a count of nodes or a share of the site.
+    #[arg(long, value_name = "SIZES", default_value = "1,25%,100%")]
+    waves: String,
+    /// Stop the rollout under way: no further wave applies.
+    #[arg(long, conflicts_with = "version")]
+    abort: bool,
+    /// Follow the rollout until every node is done (exit 0) or it halts
+    /// (exit 1).
+    #[arg(long)]
+    wait: bool,
+}
+
 /// Which local node a command talks to.
 #[derive(Debug, clap::Args)]
 struct LocalNode {
@@ -220,6 +257,10 @@ struct NodeArgs {
     /// A publisher key to trust (repeatable).
     #[arg(long, value_name = "KEY")]
     trust_publisher: Vec<String>,
+    /// An admin key whose signed rollout commands this node obeys
+    /// (repeatable).
+    #[arg(long, value_name = "KEY")]
+    trust_admin: Vec<String>,
     /// Site name; nodes of different sites ignore each other's gossip.
     #[arg(long, value_name = "NAME")]
     site: Option<String>,
@@ -261,6 +302,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     peers: Some(args.peer),
                     origin: args.origin,
                     trust_publisher: Some(args.trust_publisher),
+                    trust_admin: Some(args.trust_admin),
                     site: args.site,
                     psk: args.psk,
                     wan_rate: args.wan_rate,
@@ -346,8 +388,127 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             node,
             json,
         } => apply(&node, &version, json),
+        Command::Rollout(args) => rollout(args),
+        Command::History { node, json } => history(&node.state, json),
         Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
     }
+}
+
+fn rollout(args: RolloutArgs) -> Result<ExitCode> {
+    use lanup_protocol::rollout::{parse_waves, sign, Action, Command as RolloutCommand};
+    let key = keys::load_secret(&args.key)?;
+    let waves = parse_waves(&args.waves).map_err(|e| anyhow::anyhow!("--waves: {e}"))?;
+    let status = args.node.ask(ControlRequest::Status)?;
+    let site = status["site"].as_str().unwrap_or("default").to_owned();
+    let nodes: Vec<String> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["peer_id"].as_str().map(str::to_owned))
+        .collect();
+    let action = match &args.version {
+        Some(version) if !args.abort => Action::Rollout {
+            version: version.clone(),
+        },
+        _ => Action::Abort,
+    };
+    let command = RolloutCommand {
+        site,
+        action,
+        issued_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64,
+        // 128 random bits from the OS, as for a key.
+        id: hex::encode(
+            &lanup_protocol::sign::SecretKey::generate()
+                .public()
+                .to_bytes()[..16],
+        ),
+        waves: if args.abort { Vec::new() } else { waves },
+        nodes: if args.abort { Vec::new() } else { nodes },
+    };
+    let signed = sign(&command, &key);
+    let answer = args.node.ask(ControlRequest::Rollout { signed })?;
+    if let Some(e) = answer["error"].as_str() {
+        bail!("{e}");
+    }
+    let r = &answer["rollout"];
+    if args.abort {
+        println!("abort sent (signed by {})", key.public());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "rollout of {} sent (id {}, signed by {}); waves:",
+        r["version"].as_str().unwrap_or("?"),
+        command.id,
+        key.public()
+    );
+    for (i, wave) in r["waves"].as_array().into_iter().flatten().enumerate() {
+        let ids: Vec<&str> = wave
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str())
+            .collect();
+        println!("  {}: {}", i + 1, ids.join(" "));
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let status = args.node.ask(ControlRequest::Status)?;
+        let r = &status["rollout"];
+        match r["stage"].as_str() {
+            Some("done") => {
+                println!(
+                    "done: every node runs {}",
+                    r["version"].as_str().unwrap_or("?")
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some("halted") => {
+                eprintln!(
+                    "lanup: rollout halted by {}: {}",
+                    r["halted_by"].as_str().unwrap_or("?"),
+                    r["reason"].as_str().unwrap_or("?")
+                );
+                return Ok(ExitCode::from(1));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn history(state: &Path, json: bool) -> Result<ExitCode> {
+    let entries = lanup_node::audit::read(&state.join(lanup_node::audit::AUDIT_FILE))?;
+    for e in &entries {
+        if json {
+            println!("{}", serde_json::to_string(e)?);
+            continue;
+        }
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.at_ms) * 1_000_000)
+            .map(format_date)
+            .unwrap_or_default();
+        println!(
+            "{at}  {:<11} {:<8} {:<10} {}{}",
+            e.event,
+            e.action.as_deref().unwrap_or("-"),
+            e.version.as_deref().unwrap_or("-"),
+            e.key
+                .as_deref()
+                .map(|k| format!("by {k} "))
+                .unwrap_or_default(),
+            e.reason
+                .as_deref()
+                .map(|r| format!("({r})"))
+                .unwrap_or_default()
+        );
+    }
+    if entries.is_empty() && !json {
+        println!("no rollout commands recorded in {}", state.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn apply(node: &LocalNode, version: &str, json: bool) -> Result<ExitCode> {

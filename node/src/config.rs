@@ -28,6 +28,8 @@ pub struct ConfigFile {
     pub peers: Option<Vec<String>>,
     pub origin: Option<String>,
     pub trust_publisher: Option<Vec<String>>,
+    /// Admin keys whose signed rollout commands this node obeys.
+    pub trust_admin: Option<Vec<String>>,
     pub site: Option<String>,
     pub psk: Option<PathBuf>,
     pub wan_rate: Option<String>,
@@ -101,6 +103,7 @@ pub struct NodeConfig {
     /// contacts an origin.
     pub origin: Option<String>,
     pub trust_publisher: Vec<PublicKey>,
+    pub trust_admin: Vec<PublicKey>,
     /// Namespaces the gossip topics so two sites on one LAN do not mix.
     pub site: String,
     /// A private swarm's pre-shared key file (TCP only).
@@ -141,6 +144,7 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         peers: list(flags.peers, file.peers),
         origin: flags.origin.or(file.origin),
         trust_publisher: list(flags.trust_publisher, file.trust_publisher),
+        trust_admin: list(flags.trust_admin, file.trust_admin),
         site: flags.site.or(file.site),
         psk: flags.psk.or(file.psk),
         wan_rate: flags.wan_rate.or(file.wan_rate),
@@ -229,6 +233,12 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
         .iter()
         .map(|k| k.parse::<PublicKey>().context("trust_publisher"))
         .collect::<Result<Vec<_>>>()?;
+    let trust_admin = c
+        .trust_admin
+        .unwrap_or_default()
+        .iter()
+        .map(|k| k.parse::<PublicKey>().context("trust_admin"))
+        .collect::<Result<Vec<_>>>()?;
     if trust_publisher.is_empty() {
         bail!("no trusted publisher key: set trust_publisher (or --trust-publisher KEY); a node accepts only releases signed by a key it trusts");
     }
@@ -264,6 +274,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
         peers,
         origin: c.origin,
         trust_publisher,
+        trust_admin,
         site,
         psk: c.psk,
         wan_rate: rate("wan_rate", c.wan_rate)?,

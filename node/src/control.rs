@@ -29,6 +29,10 @@ pub enum ControlRequest {
     Check,
     /// Install a staged release now; answered step by step.
     Apply { version: String },
+    /// A signed rollout command to check, follow and gossip to the site.
+    Rollout {
+        signed: lanup_protocol::rollout::SignedCommand,
+    },
 }
 
 /// A request on its way to the node, with where to send the answer's

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod apply;
+pub mod audit;
 pub mod chunks;
 pub mod config;
 pub mod control;

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::apply::{Applier, Ending, Event, Outcome, Release};
+use crate::audit::{Audit, Entry};
 use crate::chunks::{self, ChunkError};
 use crate::config::NodeConfig;
 use crate::control::ControlRequest;
@@ -37,6 +38,9 @@ use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_
 use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
+use lanup_protocol::rollout::{
+    assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
+};
 
 /// How often a node says it is alive, and re-announces its release.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -86,6 +90,9 @@ struct Heartbeat {
     /// Why the last apply did not commit.
     #[serde(default)]
     last_error: Option<String>,
+    /// The release whose last apply here rolled back.
+    #[serde(default)]
+    failed_version: Option<String>,
 }
 
 #[derive(Debug)]
@@ -173,6 +180,23 @@ struct Node {
     last_apply: Option<Outcome>,
     /// Releases that rolled back here: not applied again automatically.
     failed_releases: HashSet<String>,
+    rollout_topic: String,
+    /// Rollout commands already seen, so none is obeyed twice.
+    guard: ReplayGuard,
+    audit: Audit,
+    /// The rollout this node follows.
+    rollout: Option<Rollout>,
+}
+
+/// An accepted rollout command and where it stands.
+struct Rollout {
+    command: Command,
+    signed: SignedCommand,
+    version: String,
+    waves: Vec<Vec<String>>,
+    /// Set once: the node that failed (or the admin that aborted) and why.
+    halted: Option<(String, String)>,
+    done: bool,
 }
 
 /// Loads or creates the node's identity in `state/identity.key`.
@@ -240,8 +264,17 @@ pub async fn run(
 
     let announce_topic = format!("lanup/{}/announce", config.site);
     let status_topic = format!("lanup/{}/status", config.site);
+    let rollout_topic = format!("lanup/{}/rollout", config.site);
     net.subscribe(&announce_topic).await?;
     net.subscribe(&status_topic).await?;
+    net.subscribe(&rollout_topic).await?;
+    let audit = Audit::new(&config.state);
+    let mut guard = ReplayGuard::default();
+    for entry in audit.read()?.iter().filter(|e| e.event == "accepted") {
+        if let (Some(id), Some(at)) = (&entry.id, entry.issued_at_ms) {
+            guard.remember(id, at);
+        }
+    }
     let (done_tx, mut done) = mpsc::channel(1024);
     let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
     crate::control::listen(&config.state, control_tx)?;
@@ -280,6 +313,10 @@ pub async fn run(
             .map(|o| o.version.clone())
             .collect(),
         last_apply,
+        rollout_topic,
+        guard,
+        audit,
+        rollout: None,
     };
     if let Some(m) = &node.installed {
         info!(release = %m.release_name(), "installed release");
@@ -300,6 +337,7 @@ pub async fn run(
                 node.heartbeat().await;
                 node.notice_silence();
                 node.fetcher_duties();
+                node.rollout_duties();
             }
             _ = schedule.tick() => node.schedule(),
             _ = have.tick() => node.ask_have(),
@@ -502,6 +540,9 @@ impl Node {
                 }),
             },
             apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
+            failed_version: last
+                .filter(|o| o.ending == Ending::RolledBack)
+                .map(|o| o.version.clone()),
             last_error: t
                 .and_then(|t| {
                     t.stage_failed.as_ref().map(|(reason, _)| {
@@ -523,6 +564,23 @@ impl Node {
 
     /// Answers the CLI: one line, or for an apply a line per step.
     fn control(&mut self, request: ControlRequest, reply: mpsc::Sender<serde_json::Value>) {
+        if let ControlRequest::Rollout { signed } = request {
+            let answer = match self.on_command("this node's CLI", signed.clone()) {
+                Ok(()) => {
+                    let net = self.net.clone();
+                    let topic = self.rollout_topic.clone();
+                    if let Ok(data) = serde_json::to_vec(&signed) {
+                        tokio::spawn(async move {
+                            let _ = net.publish(&topic, data).await;
+                        });
+                    }
+                    serde_json::json!({ "accepted": true, "rollout": self.rollout_json() })
+                }
+                Err(reason) => serde_json::json!({ "error": format!("refused: {reason}") }),
+            };
+            let _ = reply.try_send(answer);
+            return;
+        }
         if let ControlRequest::Apply { version } = request {
             if let Err(e) = self.start_apply(&version, Some(reply.clone())) {
                 let _ = reply.try_send(serde_json::json!({ "error": format!("{e:#}") }));
@@ -565,7 +623,7 @@ impl Node {
                     };
                     nodes.push(row(peer, hb, seen));
                 }
-                serde_json::json!({ "site": self.config.site, "nodes": nodes })
+                serde_json::json!({ "site": self.config.site, "nodes": nodes, "rollout": self.rollout_json() })
             }
             ControlRequest::Peers => serde_json::json!({
                 "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
@@ -578,8 +636,185 @@ impl Node {
                 }
                 serde_json::json!({ "fetcher": fetcher, "polling": polling })
             }
-            ControlRequest::Apply { .. } => serde_json::json!({ "error": "not here" }),
+            ControlRequest::Apply { .. } | ControlRequest::Rollout { .. } => {
+                serde_json::json!({ "error": "not here" })
+            }
         }
+    }
+
+    fn audit_entry(&self, entry: Entry) {
+        if let Err(e) = self.audit.append(&entry) {
+            warn!(error = %format!("{e:#}"), "cannot write the audit log");
+        }
+    }
+
+    fn refuse_command(&self, from: &str, command: Option<&SignedCommand>, reason: &str) {
+        warn!(source = from, reason, "refused rollout command");
+        let parsed = command.and_then(|c| serde_json::from_str::<Command>(&c.command).ok());
+        self.audit_entry(Entry {
+            event: "refused".into(),
+            key: command.map(|c| c.key.clone()),
+            from: Some(from.to_owned()),
+            reason: Some(reason.to_owned()),
+            ..command_fields(parsed.as_ref())
+        });
+    }
+
+    /// Checks a rollout command (signature, trusted admin key, this site,
+    /// freshness, never seen), records the verdict, and follows it.
+    fn on_command(&mut self, from: &str, signed: SignedCommand) -> Result<(), String> {
+        let checked = self.guard.check(
+            &signed,
+            &self.config.trust_admin,
+            &self.config.site,
+            now_unix_ms(),
+        );
+        let command = match checked {
+            Ok(c) => c,
+            Err(reason) => {
+                let reason = reason.to_string();
+                self.refuse_command(from, Some(&signed), &reason);
+                return Err(reason);
+            }
+        };
+        info!(source = from, key = %signed.key, action = ?command.action, "accepted rollout command");
+        self.audit_entry(Entry {
+            event: "accepted".into(),
+            key: Some(signed.key.clone()),
+            from: Some(from.to_owned()),
+            ..command_fields(Some(&command))
+        });
+        match &command.action {
+            Action::Rollout { version } => {
+                let waves = assign_waves(&command.id, &command.nodes, &command.waves);
+                self.rollout = Some(Rollout {
+                    version: version.clone(),
+                    waves,
+                    halted: None,
+                    done: false,
+                    command: command.clone(),
+                    signed,
+                });
+                self.rollout_duties();
+            }
+            Action::Abort => {
+                if let Some(r) = self
+                    .rollout
+                    .as_mut()
+                    .filter(|r| r.halted.is_none() && !r.done)
+                {
+                    r.halted = Some((format!("admin {}", signed.key), "aborted".into()));
+                }
+            }
+            Action::Rollback { version } => {
+                warn!(release = %version, "rollback commands are not carried out yet");
+            }
+        }
+        Ok(())
+    }
+
+    /// What every node of the site reports about `version`.
+    fn reports(&self, version: &str) -> BTreeMap<String, NodeReport> {
+        let report = |hb: &Heartbeat| NodeReport {
+            installed: hb.installed_version.clone(),
+            failed: (hb.failed_version.as_deref() == Some(version)).then(|| {
+                hb.last_error
+                    .clone()
+                    .unwrap_or_else(|| "rolled back".into())
+            }),
+        };
+        let mut reports = BTreeMap::new();
+        reports.insert(self.local.to_string(), report(&self.own_heartbeat()));
+        for (peer, info) in &self.peers {
+            if let Some((_, hb)) = &info.heartbeat {
+                reports.insert(peer.to_string(), report(hb));
+            }
+        }
+        reports
+    }
+
+    /// Follows the rollout: halts it when a node failed, and installs its
+    /// release here when this node's wave has come.
+    fn rollout_duties(&mut self) {
+        let Some(r) = &self.rollout else { return };
+        if r.halted.is_some() || r.done {
+            return;
+        }
+        let version = r.version.clone();
+        let stage = evaluate(&r.waves, &version, &self.reports(&version));
+        let me = self.local.to_string();
+        let my_wave = r
+            .waves
+            .iter()
+            .position(|w| w.contains(&me))
+            .unwrap_or(r.waves.len().saturating_sub(1));
+        let id = r.command.id.clone();
+        match stage {
+            Stage::Halted { node, reason } => {
+                warn!(release = %version, %node, reason, "rollout halted: a node failed; no further wave applies");
+                self.audit_entry(Entry {
+                    event: "halted".into(),
+                    action: Some("rollout".into()),
+                    version: Some(version.clone()),
+                    id: Some(id),
+                    from: Some(node.clone()),
+                    reason: Some(reason.clone()),
+                    ..Entry::default_at(now_unix_ms())
+                });
+                if let Some(r) = &mut self.rollout {
+                    r.halted = Some((node, reason));
+                }
+            }
+            Stage::Done => {
+                info!(release = %version, "rollout done: every node runs it");
+                if let Some(r) = &mut self.rollout {
+                    r.done = true;
+                }
+            }
+            Stage::Wave(wave) if wave >= my_wave => {
+                let installed = self.installed_name().as_deref() == Some(version.as_str());
+                let staged = self
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.staged && t.manifest.release_name() == version);
+                if !installed
+                    && staged
+                    && self.applying.is_none()
+                    && !self.failed_releases.contains(&version)
+                {
+                    info!(release = %version, wave = my_wave + 1, "this node's rollout wave has come");
+                    if let Err(e) = self.start_apply(&version, None) {
+                        warn!(error = %format!("{e:#}"), "cannot install the rollout's release");
+                    }
+                }
+            }
+            Stage::Wave(_) => {}
+        }
+    }
+
+    fn rollout_json(&self) -> serde_json::Value {
+        let Some(r) = &self.rollout else {
+            return serde_json::Value::Null;
+        };
+        let stage = match (&r.halted, r.done) {
+            (Some(_), _) => "halted".to_owned(),
+            (None, true) => "done".to_owned(),
+            (None, false) => match evaluate(&r.waves, &r.version, &self.reports(&r.version)) {
+                Stage::Wave(w) => format!("wave {} of {}", w + 1, r.waves.len()),
+                Stage::Halted { .. } => "halted".to_owned(),
+                Stage::Done => "done".to_owned(),
+            },
+        };
+        serde_json::json!({
+            "id": r.command.id,
+            "version": r.version,
+            "key": r.signed.key,
+            "issued_at_ms": r.command.issued_at_ms,
+            "waves": r.waves,
+            "stage": stage,
+            "halted_by": r.halted.as_ref().map(|(n, _)| n.clone()),
+            "reason": r.halted.as_ref().map(|(_, why)| why.clone()),
+        })
     }
 
     /// The staged release `version`, ready to install.
@@ -826,6 +1061,23 @@ impl Node {
                     }
                 } else if topic == self.announce_topic {
                     self.on_announce(from, id.clone(), &data)
+                } else if topic == self.rollout_topic {
+                    let verdict = match serde_json::from_slice::<SignedCommand>(&data) {
+                        Ok(signed) => self.on_command(&format!("peer {from}"), signed).is_ok(),
+                        Err(e) => {
+                            self.refuse_command(
+                                &format!("peer {from}"),
+                                None,
+                                &format!("malformed: {e}"),
+                            );
+                            false
+                        }
+                    };
+                    Some(if verdict {
+                        MessageAcceptance::Accept
+                    } else {
+                        MessageAcceptance::Reject
+                    })
                 } else {
                     Some(MessageAcceptance::Ignore)
                 };
@@ -1340,8 +1592,50 @@ impl Node {
                         warn!(release = %outcome.version, reason = ?outcome.reason, "release not installed")
                     }
                 }
+                if let Some(r) = self
+                    .rollout
+                    .as_ref()
+                    .filter(|r| r.version == outcome.version)
+                {
+                    self.audit_entry(Entry {
+                        event: match outcome.ending {
+                            Ending::Committed => "applied",
+                            Ending::RolledBack => "rolled-back",
+                            Ending::Failed => "apply-failed",
+                        }
+                        .into(),
+                        action: Some("rollout".into()),
+                        version: Some(outcome.version.clone()),
+                        id: Some(r.command.id.clone()),
+                        reason: outcome.reason.clone(),
+                        ..Entry::default_at(now_unix_ms())
+                    });
+                }
                 self.last_apply = Some(outcome);
             }
         }
     }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The audit fields a command fills in.
+fn command_fields(command: Option<&Command>) -> Entry {
+    let mut entry = Entry::default_at(now_unix_ms());
+    if let Some(c) = command {
+        let (action, version) = match &c.action {
+            Action::Rollout { version } => ("rollout", Some(version.clone())),
+            Action::Abort => ("abort", None),
+            Action::Rollback { version } => ("rollback", Some(version.clone())),
+        };
+        entry.action = Some(action.into());
+        entry.version = version;
+        entry.id = Some(c.id.clone());
+        entry.issued_at_ms = Some(c.issued_at_ms);
+    }
+    entry
 }

@@ -84,29 +84,12 @@ fn a_node_refuses_and_does_not_forward_bad_announcements() {
         sig: good.sig.clone(),
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let liar_key = SecretKey::generate().to_libp2p();
-    let liar_port = free_port();
-    let (network, liar, mut events) = {
-        let _guard = rt.enter();
-        Network::new(
-            liar_key,
-            NetworkConfig {
-                listen: vec![format!("/ip4/127.0.0.1/tcp/{liar_port}")
-                    .parse()
-                    .expect("addr")],
-                peers: vec![],
-                psk: None,
-                mdns: false,
-            },
-        )
-        .expect("the liar's swarm")
-    };
-    rt.spawn(network.run());
+    let Liar {
+        rt,
+        net: liar,
+        mut events,
+        port: liar_port,
+    } = Liar::start();
     let liar_id = liar.local_peer_id().to_string();
     let site = format!("liars-{}", std::process::id());
     let topic = format!("lanup/{site}/announce");
@@ -250,7 +233,56 @@ fn a_node_refuses_and_does_not_forward_bad_announcements() {
 }
 
 /// Starts `cmd`, logging to `state.log`.
-fn spawn_logged(mut cmd: std::process::Command, state: &Path) -> Proc {
+/// A libp2p peer in the test process that speaks lanup's protocol with
+/// whatever content a test makes up.
+pub(crate) struct Liar {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) net: lanup_node::network::NetworkClient,
+    pub(crate) events: tokio::sync::mpsc::Receiver<NetworkEvent>,
+    pub(crate) port: u16,
+}
+
+impl Liar {
+    pub(crate) fn start() -> Liar {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let port = free_port();
+        let (network, net, events) = {
+            let _guard = rt.enter();
+            Network::new(
+                SecretKey::generate().to_libp2p(),
+                NetworkConfig {
+                    listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")],
+                    peers: vec![],
+                    psk: None,
+                    mdns: false,
+                },
+            )
+            .expect("the liar's swarm")
+        };
+        rt.spawn(network.run());
+        Liar {
+            rt,
+            net,
+            events,
+            port,
+        }
+    }
+
+    /// The address a node dials to reach it.
+    pub(crate) fn addr(&self) -> String {
+        format!(
+            "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+            self.port,
+            self.net.local_peer_id()
+        )
+    }
+}
+
+pub(crate) fn spawn_logged(mut cmd: std::process::Command, state: &Path) -> Proc {
     let log = std::fs::File::create(state.with_extension("log")).expect("log");
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(log));

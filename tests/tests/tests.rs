@@ -12,5 +12,6 @@ mod faults;
 mod lan;
 mod origin;
 mod publish;
+mod rollout;
 mod swarm;
 mod testbed;

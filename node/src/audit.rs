@@ -1,0 +1,113 @@
+//! The audit log: every rollout command a node accepted or refused (who
+//! signed it, what it asked, when, and why it was refused), and what the
+//! node did about it, one JSON line each in `STATE/audit.jsonl`. It is only
+//! appended to and survives restarts; `lanup history` reads it.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The log's file name in the state directory.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Milliseconds since the Unix epoch, by this node's clock.
+    pub at_ms: u64,
+    /// `accepted`, `refused`, or what the node did: `applied`,
+    /// `rolled-back`, `halted`, `done`.
+    pub event: String,
+    /// The command's action (`rollout`, `abort`, `rollback`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The command's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The admin key that signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Where it came from: `this node's CLI` or the peer that sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Milliseconds since the Unix epoch when it was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at_ms: Option<u64>,
+    /// Why it was refused, or what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Entry {
+    /// An entry at `at_ms` with nothing else filled in.
+    pub fn default_at(at_ms: u64) -> Entry {
+        Entry {
+            at_ms,
+            event: String::new(),
+            action: None,
+            version: None,
+            id: None,
+            key: None,
+            from: None,
+            issued_at_ms: None,
+            reason: None,
+        }
+    }
+}
+
+/// The audit log of one state directory.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    path: PathBuf,
+}
+
+impl Audit {
+    pub fn new(state: &Path) -> Audit {
+        Audit {
+            path: state.join(AUDIT_FILE),
+        }
+    }
+
+    /// Appends `entry` and syncs it: an audit line that a crash can take
+    /// back is not much of a record.
+    pub fn append(&self, entry: &Entry) -> Result<()> {
+        let mut line = serde_json::to_vec(entry)?;
+        line.push(b'\n');
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        file.write_all(&line)?;
+        file.sync_data()
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
+    /// Every entry, oldest first. A line that does not parse (a torn last
+    /// line after a power cut) is skipped.
+    pub fn read(&self) -> Result<Vec<Entry>> {
+        read(&self.path)
+    }
+}
+
+/// Reads an audit log file; a missing file is an empty log.
+pub fn read(path: &Path) -> Result<Vec<Entry>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut entries = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if let Ok(entry) = serde_json::from_str(&line) {
+            entries.push(entry);
+        }
+    }
+    Ok(entries)
+}
