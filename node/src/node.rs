@@ -749,6 +749,7 @@ impl Node {
             .position(|w| w.contains(&me))
             .unwrap_or(r.waves.len().saturating_sub(1));
         let id = r.command.id.clone();
+        let waves_len = r.waves.len();
         match stage {
             Stage::Halted { node, reason } => {
                 warn!(release = %version, %node, reason, "rollout halted: a node failed; no further wave applies");
@@ -783,8 +784,18 @@ impl Node {
                     && !self.failed_releases.contains(&version)
                 {
                     info!(release = %version, wave = my_wave + 1, "this node's rollout wave has come");
-                    if let Err(e) = self.start_apply(&version, None) {
-                        warn!(error = %format!("{e:#}"), "cannot install the rollout's release");
+                    match self.start_apply(&version, None) {
+                        Ok(()) => self.audit_entry(Entry {
+                            event: "applying".into(),
+                            action: Some("rollout".into()),
+                            version: Some(version.clone()),
+                            id: Some(id),
+                            reason: Some(format!("wave {} of {}", my_wave + 1, waves_len)),
+                            ..Entry::default_at(now_unix_ms())
+                        }),
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "cannot install the rollout's release")
+                        }
                     }
                 }
             }
@@ -796,12 +807,16 @@ impl Node {
         let Some(r) = &self.rollout else {
             return serde_json::Value::Null;
         };
-        let stage = match (&r.halted, r.done) {
+        let mut halted = r.halted.clone();
+        let stage = match (&halted, r.done) {
             (Some(_), _) => "halted".to_owned(),
             (None, true) => "done".to_owned(),
             (None, false) => match evaluate(&r.waves, &r.version, &self.reports(&r.version)) {
                 Stage::Wave(w) => format!("wave {} of {}", w + 1, r.waves.len()),
-                Stage::Halted { .. } => "halted".to_owned(),
+                Stage::Halted { node, reason } => {
+                    halted = Some((node, reason));
+                    "halted".to_owned()
+                }
                 Stage::Done => "done".to_owned(),
             },
         };
@@ -812,8 +827,8 @@ impl Node {
             "issued_at_ms": r.command.issued_at_ms,
             "waves": r.waves,
             "stage": stage,
-            "halted_by": r.halted.as_ref().map(|(n, _)| n.clone()),
-            "reason": r.halted.as_ref().map(|(_, why)| why.clone()),
+            "halted_by": halted.as_ref().map(|(n, _)| n.clone()),
+            "reason": halted.as_ref().map(|(_, why)| why.clone()),
         })
     }
 

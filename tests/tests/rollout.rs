@@ -155,3 +155,233 @@ fn unsigned_wrong_key_tampered_and_replayed_commands_are_refused_by_every_node()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a trusted admin key"), "{stderr}");
 }
+
+/// A site of `n` nodes on loopback, each with the sample application in
+/// its own install directory, v1 installed and running on all of them and
+/// v2 published and staged.
+struct Fleet {
+    site: crate::swarm::LoopSite,
+    origin: OriginProc,
+    installs: Vec<std::path::PathBuf>,
+    admin: (std::path::PathBuf, String),
+    _apps: Vec<crate::apply::KillUnder>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn new(n: usize, v2_behaviour: Option<&str>) -> Fleet {
+        use crate::apply::{app_tree, KillUnder};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_owned();
+        let www = root.join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let key = keygen(&root, "publisher.key");
+        let admin = keygen(&root, "admin.key");
+        let origin = OriginProc::start(&www, None);
+        let mut site = crate::swarm::LoopSite::new(&root, n);
+        let installs: Vec<_> = (0..n).map(|i| root.join(format!("install{i}"))).collect();
+        let apps = installs.iter().map(|d| KillUnder(d.clone())).collect();
+        let v1 = root.join("v1");
+        app_tree(&v1, "1.0.0", None, &[]);
+        let r1 = publish(&v1, "1.0.0", &origin.url, &key, &www);
+        for i in 0..n {
+            let config = root.join(format!("node{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "trust_admin = [\"{}\"]\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"500ms\"\n",
+                    admin.1,
+                    installs[i].display()
+                ),
+            )
+            .expect("config");
+            let mut cmd = site.command(i, Some(&origin.url), &key.1);
+            cmd.arg("--config").arg(&config);
+            site.start(i, cmd);
+        }
+        let pending = wait_staged(&site.state_refs(), "1.0.0", &r1, Duration::from_secs(60));
+        assert!(
+            pending.is_empty(),
+            "v1 not staged:\n{}",
+            node_log(&site.states[0])
+        );
+        for state in &site.states {
+            run_ok(&["apply", "1.0.0", "--state", s(state)]);
+        }
+        let v2 = root.join("v2");
+        app_tree(
+            &v2,
+            "2.0.0",
+            v2_behaviour,
+            &[("lib/new.bin", pseudo_random(10_000, 9))],
+        );
+        let r2 = publish(&v2, "2.0.0", &origin.url, &key, &www);
+        for state in &site.states {
+            run_ok(&["check", "--state", s(state)]);
+        }
+        let pending = wait_staged(&site.state_refs(), "2.0.0", &r2, Duration::from_secs(60));
+        assert!(
+            pending.is_empty(),
+            "v2 not staged:\n{}",
+            node_log(&site.states[0])
+        );
+        Fleet {
+            site,
+            origin,
+            installs,
+            admin,
+            _apps: apps,
+            _tmp: tmp,
+        }
+    }
+
+    /// A node that is not the site's fetcher.
+    fn not_the_fetcher(&self) -> usize {
+        (0..self.site.states.len())
+            .find(|&i| {
+                let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+                    "status",
+                    "--state",
+                    s(&self.site.states[i]),
+                    "--json",
+                ]))
+                .expect("JSON");
+                status["nodes"]
+                    .as_array()
+                    .and_then(|n| n.iter().find(|n| n["self"] == true))
+                    .is_some_and(|me| me["fetcher"] == false)
+            })
+            .expect("a node that is not the fetcher")
+    }
+
+    /// This node's PeerId.
+    fn peer_id(&self, i: usize) -> String {
+        let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+            "status",
+            "--state",
+            s(&self.site.states[i]),
+            "--json",
+        ]))
+        .expect("JSON");
+        status["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["self"] == true))
+            .and_then(|me| me["peer_id"].as_str().map(str::to_owned))
+            .expect("own peer id")
+    }
+
+    /// The version the application in install `i` runs, if it runs.
+    fn running(&self, i: usize) -> Option<String> {
+        let text = std::fs::read_to_string(self.installs[i].join("var/current")).ok()?;
+        let (version, pid) = text.trim().split_once(' ')?;
+        crate::apply::alive(pid.parse().ok()?).then(|| version.to_owned())
+    }
+
+    /// `at_ms` of the first history entry of node `i` with `event`.
+    fn at(&self, i: usize, event: &str) -> Option<u64> {
+        history(&self.site.states[i])
+            .iter()
+            .find(|e| e["event"] == event && e["version"] == "2.0.0")
+            .and_then(|e| e["at_ms"].as_u64())
+    }
+}
+
+#[test]
+fn a_rollout_from_any_node_reaches_every_node_wave_after_wave() {
+    let fleet = Fleet::new(3, None);
+    let from = fleet.not_the_fetcher();
+    let out = run(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        s(&fleet.admin.0),
+        "--state",
+        s(&fleet.site.states[from]),
+        "--waves",
+        "1,100%",
+        "--wait",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node_log(&fleet.site.states[from])
+    );
+    assert!(stdout.contains("done"), "{stdout}");
+    for i in 0..3 {
+        assert_eq!(fleet.running(i).as_deref(), Some("2.0.0"), "node {i}");
+        run_ok(&["verify", "--state", s(&fleet.site.states[i])]);
+    }
+    // The canary applied first; the others began only once it was healthy.
+    let canary_id = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("1: "))
+        .expect("wave 1 listed")
+        .trim()
+        .to_owned();
+    let canary = (0..3)
+        .find(|&i| fleet.peer_id(i) == canary_id)
+        .expect("canary is a node");
+    let canary_done = fleet.at(canary, "applied").expect("canary applied");
+    for i in (0..3).filter(|&i| i != canary) {
+        let began = fleet.at(i, "applying").expect("applying recorded");
+        assert!(
+            began >= canary_done,
+            "node {i} began at {began}, before the canary was done at {canary_done}"
+        );
+    }
+    let _ = &fleet.origin;
+}
+
+#[test]
+fn a_canary_that_fails_halts_the_rollout_and_the_rest_stay_on_the_old_release() {
+    let fleet = Fleet::new(3, Some("exit"));
+    let out = run(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        s(&fleet.admin.0),
+        "--state",
+        s(&fleet.site.states[0]),
+        "--waves",
+        "1,100%",
+        "--wait",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rollout halted by"), "{stderr}");
+    let halted_by = stderr
+        .split("halted by ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .expect("node named")
+        .to_owned();
+    for i in 0..3 {
+        // Everyone on v1, checked against the recorded install.
+        assert_eq!(fleet.running(i).as_deref(), Some("1.0.0"), "node {i}");
+        let verify = run_ok(&["verify", "--state", s(&fleet.site.states[i])]);
+        assert!(verify.contains("1.0.0"), "{verify}");
+        if fleet.peer_id(i) != halted_by {
+            assert!(
+                fleet.at(i, "applying").is_none(),
+                "node {i} ({}) applied after the halt by {halted_by}: {:#?}\n{stderr}",
+                fleet.peer_id(i),
+                history(&fleet.site.states[i])
+            );
+        }
+        let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+            "status",
+            "--state",
+            s(&fleet.site.states[i]),
+            "--json",
+        ]))
+        .expect("JSON");
+        assert_eq!(status["rollout"]["stage"], "halted", "{status}");
+        assert_eq!(
+            status["rollout"]["halted_by"],
+            halted_by.as_str(),
+            "{status}"
+        );
+    }
+}
