@@ -184,14 +184,14 @@ impl Fleet {
         let v1 = root.join("v1");
         app_tree(&v1, "1.0.0", None, &[]);
         let r1 = publish(&v1, "1.0.0", &origin.url, &key, &www);
-        for i in 0..n {
+        for (i, install) in installs.iter().enumerate() {
             let config = root.join(format!("node{i}.toml"));
             std::fs::write(
                 &config,
                 format!(
                     "trust_admin = [\"{}\"]\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"500ms\"\n",
                     admin.1,
-                    installs[i].display()
+                    install.display()
                 ),
             )
             .expect("config");
