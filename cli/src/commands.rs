@@ -551,6 +551,20 @@ fn apply(node: &LocalNode, version: &str, json: bool) -> Result<ExitCode> {
 
 fn print_status(answer: &serde_json::Value) {
     println!("site {}", answer["site"].as_str().unwrap_or("?"));
+    let r = &answer["rollout"];
+    if let Some(version) = r["version"].as_str() {
+        let mut line = format!(
+            "rollout of {version}: {}",
+            r["stage"].as_str().unwrap_or("?")
+        );
+        if let Some(node) = r["halted_by"].as_str() {
+            line.push_str(&format!(
+                " by {node}: {}",
+                r["reason"].as_str().unwrap_or("no reason given")
+            ));
+        }
+        println!("{line}");
+    }
     println!(
         "{:<54} {:<11} {:<10} {:<10} {:>15} {:>12} {:>10}",
         "node", "state", "installed", "release", "progress", "from origin", "last seen"

@@ -63,7 +63,11 @@ pub enum NetworkEvent {
     /// [`NetworkClient::validate`], or it is neither forwarded nor dropped.
     Gossip {
         topic: String,
+        /// The peer that passed the message on (validation answers it).
         from: PeerId,
+        /// The peer that wrote and signed the message, which may be
+        /// further away than `from`.
+        author: Option<PeerId>,
         id: gossipsub::MessageId,
         data: Vec<u8>,
     },
@@ -384,6 +388,7 @@ impl Network {
                 let _ = self
                     .events
                     .send(NetworkEvent::Gossip {
+                        author: message.source,
                         topic: message.topic.into_string(),
                         from: propagation_source,
                         id: message_id,

@@ -93,6 +93,13 @@ struct Heartbeat {
     /// The release whose last apply here rolled back.
     #[serde(default)]
     failed_version: Option<String>,
+    /// When the sender started (Unix ms) and how many heartbeats it sent
+    /// since: gossip can deliver an old heartbeat after a newer one, and
+    /// that must not turn back what the site knows of the sender.
+    #[serde(default)]
+    boot_ms: u64,
+    #[serde(default)]
+    seq: u64,
 }
 
 #[derive(Debug)]
@@ -181,6 +188,9 @@ struct Node {
     /// Releases that rolled back here: not applied again automatically.
     failed_releases: HashSet<String>,
     rollout_topic: String,
+    /// When this node started (Unix ms), and its heartbeats since.
+    boot_ms: u64,
+    heartbeats_sent: u64,
     /// Rollout commands already seen, so none is obeyed twice.
     guard: ReplayGuard,
     audit: Audit,
@@ -314,6 +324,8 @@ pub async fn run(
             .collect(),
         last_apply,
         rollout_topic,
+        boot_ms: now_unix_ms(),
+        heartbeats_sent: 0,
         guard,
         audit,
         rollout: None,
@@ -543,6 +555,8 @@ impl Node {
             failed_version: last
                 .filter(|o| o.ending == Ending::RolledBack)
                 .map(|o| o.version.clone()),
+            boot_ms: self.boot_ms,
+            seq: self.heartbeats_sent,
             last_error: t
                 .and_then(|t| {
                     t.stage_failed.as_ref().map(|(reason, _)| {
@@ -978,6 +992,7 @@ impl Node {
     }
 
     async fn heartbeat(&mut self) {
+        self.heartbeats_sent += 1;
         let hb = self.own_heartbeat();
         if let Ok(data) = serde_json::to_vec(&hb) {
             let _ = self.net.publish(&self.status_topic, data).await;
@@ -1053,13 +1068,21 @@ impl Node {
             NetworkEvent::Gossip {
                 topic,
                 from,
+                author,
                 id,
                 data,
             } => {
                 let verdict = if topic == self.status_topic {
                     match serde_json::from_slice::<Heartbeat>(&data) {
                         Ok(hb) => {
-                            if let Some(info) = self.peers.get_mut(&from) {
+                            // A heartbeat is its author's, whoever passed it on.
+                            let from = author.unwrap_or(from);
+                            let newer = |info: &PeerInfo| {
+                                info.heartbeat.as_ref().is_none_or(|(_, old)| {
+                                    (hb.boot_ms, hb.seq) > (old.boot_ms, old.seq)
+                                })
+                            };
+                            if let Some(info) = self.peers.get_mut(&from).filter(|i| newer(i)) {
                                 info.heartbeat = Some((Instant::now(), hb));
                                 if std::mem::take(&mut info.silent) {
                                     info!(peer = %from, "peer speaks again");

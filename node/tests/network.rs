@@ -86,6 +86,7 @@ async fn two_nodes_connect_gossip_ask_and_stream() -> Result<()> {
         id,
         data,
         topic,
+        ..
     } = next(&mut a_events, |e| matches!(e, NetworkEvent::Gossip { .. })).await?
     else {
         unreachable!()

@@ -370,13 +370,21 @@ fn a_canary_that_fails_halts_the_rollout_and_the_rest_stay_on_the_old_release() 
                 history(&fleet.site.states[i])
             );
         }
-        let status: serde_json::Value = serde_json::from_str(&run_ok(&[
-            "status",
-            "--state",
-            s(&fleet.site.states[i]),
-            "--json",
-        ]))
-        .expect("JSON");
+        // Each node hears of the failure by the canary's next heartbeats.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+                "status",
+                "--state",
+                s(&fleet.site.states[i]),
+                "--json",
+            ]))
+            .expect("JSON");
+            if status["rollout"]["stage"] == "halted" || Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         assert_eq!(status["rollout"]["stage"], "halted", "{status}");
         assert_eq!(
             status["rollout"]["halted_by"],
