@@ -455,10 +455,18 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
+    let mut bars = RolloutBars::default();
+    let mut last_stage = String::new();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let status = args.node.ask(ControlRequest::Status)?;
         let r = &status["rollout"];
+        bars.update(&status);
+        let stage = r["stage"].as_str().unwrap_or("?").to_owned();
+        if stage != last_stage {
+            bars.println(&format!("rollout: {stage}"));
+            last_stage = stage;
+        }
         match r["stage"].as_str() {
             Some("done") => {
                 println!(
@@ -476,6 +484,73 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
             _ => {}
+        }
+    }
+}
+
+/// One progress bar per node while a rollout runs: the release's bytes as
+/// they arrive, then the apply's steps. On a terminal only; elsewhere each
+/// node's changes are printed as lines.
+#[derive(Default)]
+struct RolloutBars {
+    multi: Option<indicatif::MultiProgress>,
+    bars: std::collections::BTreeMap<String, indicatif::ProgressBar>,
+    said: std::collections::BTreeMap<String, String>,
+}
+
+impl RolloutBars {
+    fn println(&self, line: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(line);
+            }
+            None => println!("{line}"),
+        }
+    }
+
+    fn update(&mut self, status: &serde_json::Value) {
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let version = status["rollout"]["version"].as_str().unwrap_or("");
+        for n in status["nodes"].as_array().into_iter().flatten() {
+            let id = n["peer_id"].as_str().unwrap_or("?").to_owned();
+            let short = id
+                .chars()
+                .rev()
+                .take(8)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>();
+            let what = if n["installed_version"] == version {
+                format!("installed {version}")
+            } else if let Some(step) = n["apply_step"].as_str() {
+                format!("applying: {step}")
+            } else if n["failed_version"] == version || n["state"] == "rolled-back" {
+                format!("rolled back: {}", n["last_error"].as_str().unwrap_or("?"))
+            } else {
+                n["state"].as_str().unwrap_or("?").to_owned()
+            };
+            if !terminal {
+                if self.said.get(&id) != Some(&what) {
+                    println!("  …{short}  {what}");
+                    self.said.insert(id, what);
+                }
+                continue;
+            }
+            let multi = self.multi.get_or_insert_with(indicatif::MultiProgress::new);
+            let bar = self.bars.entry(id).or_insert_with(|| {
+                let bar = multi.add(indicatif::ProgressBar::new(1));
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "  …{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
+                ) {
+                    bar.set_style(style);
+                }
+                bar.set_prefix(short);
+                bar
+            });
+            bar.set_length(n["bytes_total"].as_u64().unwrap_or(0).max(1));
+            bar.set_position(n["bytes_have"].as_u64().unwrap_or(0));
+            bar.set_message(what);
         }
     }
 }

@@ -188,6 +188,8 @@ struct Node {
     /// Releases that rolled back here: not applied again automatically.
     failed_releases: HashSet<String>,
     rollout_topic: String,
+    /// The newest (boot, sequence) heard from each heartbeat's author.
+    heard: HashMap<PeerId, (u64, u64)>,
     /// When this node started (Unix ms), and its heartbeats since.
     boot_ms: u64,
     heartbeats_sent: u64,
@@ -324,6 +326,7 @@ pub async fn run(
             .collect(),
         last_apply,
         rollout_topic,
+        heard: HashMap::new(),
         boot_ms: now_unix_ms(),
         heartbeats_sent: 0,
         guard,
@@ -613,6 +616,7 @@ impl Node {
                 "apply": hb.and_then(|h| h.apply.clone()),
                 "apply_step": hb.and_then(|h| h.apply_step.clone()),
                 "last_error": hb.and_then(|h| h.last_error.clone()),
+                "failed_version": hb.and_then(|h| h.failed_version.clone()),
                 "state": hb.map_or("unknown", |h| h.state.as_str()),
                 "release": hb.and_then(|h| h.release.clone()),
                 "staged_version": hb.and_then(|h| h.staged_version.clone()),
@@ -1075,14 +1079,25 @@ impl Node {
                 let verdict = if topic == self.status_topic {
                     match serde_json::from_slice::<Heartbeat>(&data) {
                         Ok(hb) => {
-                            // A heartbeat is its author's, whoever passed it on.
-                            let from = author.unwrap_or(from);
-                            let newer = |info: &PeerInfo| {
-                                info.heartbeat.as_ref().is_none_or(|(_, old)| {
-                                    (hb.boot_ms, hb.seq) > (old.boot_ms, old.seq)
-                                })
+                            // Gossip can bring an author's old heartbeat after
+                            // a newer one; only the newest counts.
+                            let author = author.unwrap_or(from);
+                            let fresh = self
+                                .heard
+                                .get(&author)
+                                .is_none_or(|old| (hb.boot_ms, hb.seq) > *old);
+                            if fresh {
+                                self.heard.insert(author, (hb.boot_ms, hb.seq));
+                            }
+                            // The author's own record when it is a peer; one
+                            // passed on from further away counts for the
+                            // peer that passed it.
+                            let from = if self.peers.contains_key(&author) {
+                                author
+                            } else {
+                                from
                             };
-                            if let Some(info) = self.peers.get_mut(&from).filter(|i| newer(i)) {
+                            if let Some(info) = self.peers.get_mut(&from).filter(|_| fresh) {
                                 info.heartbeat = Some((Instant::now(), hb));
                                 if std::mem::take(&mut info.silent) {
                                     info!(peer = %from, "peer speaks again");
