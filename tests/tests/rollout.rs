@@ -170,6 +170,10 @@ struct Fleet {
 
 impl Fleet {
     fn new(n: usize, v2_behaviour: Option<&str>) -> Fleet {
+        Fleet::with_health_after(n, v2_behaviour, "500ms")
+    }
+
+    fn with_health_after(n: usize, v2_behaviour: Option<&str>, health_after: &str) -> Fleet {
         use crate::apply::{app_tree, KillUnder};
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
@@ -189,7 +193,7 @@ impl Fleet {
             std::fs::write(
                 &config,
                 format!(
-                    "trust_admin = [\"{}\"]\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"500ms\"\n",
+                    "trust_admin = [\"{}\"]\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"{health_after}\"\n",
                     admin.1,
                     install.display()
                 ),
@@ -392,4 +396,51 @@ fn a_canary_that_fails_halts_the_rollout_and_the_rest_stay_on_the_old_release() 
             "{status}"
         );
     }
+}
+
+#[test]
+fn an_aborted_rollout_applies_no_further_wave() {
+    // The canary takes 3 s to be judged healthy; the abort comes first.
+    let fleet = Fleet::with_health_after(3, None, "3s");
+    let state = s(&fleet.site.states[0]);
+    let key = s(&fleet.admin.0);
+    run_ok(&[
+        "rollout", "2.0.0", "--key", key, "--state", state, "--waves", "1,100%",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_ok(&["rollout", "--abort", "--key", key, "--state", state]);
+    assert!(out.contains("abort sent"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for i in 0..3 {
+        loop {
+            let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+                "status",
+                "--state",
+                s(&fleet.site.states[i]),
+                "--json",
+            ]))
+            .expect("JSON");
+            if status["rollout"]["reason"] == "aborted" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {i} not aborted: {status}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(history(&fleet.site.states[i])
+            .iter()
+            .any(|e| e["event"] == "accepted" && e["action"] == "abort"));
+    }
+    // Long after the canary would have been healthy, nobody else began.
+    std::thread::sleep(Duration::from_secs(5));
+    let began: Vec<usize> = (0..3)
+        .filter(|&i| fleet.at(i, "applying").is_some())
+        .collect();
+    assert!(
+        began.len() <= 1,
+        "only the canary may have begun: {began:?}"
+    );
+    let on_v1 = (0..3)
+        .filter(|&i| fleet.running(i).as_deref() == Some("1.0.0"))
+        .count();
+    assert!(on_v1 >= 2, "the rest stay on 1.0.0");
 }
