@@ -167,21 +167,9 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
     })
 }
 
-fn temp_path(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.lanup-tmp"))
-}
-
 fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(dest);
-    let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dest).with_context(|| format!("cannot rename into {}", dest.display()))
+    crate::apply::write_synced(dest, bytes)
+        .with_context(|| format!("cannot write {}", dest.display()))
 }
 
 /// A manifest's bytes and its signature file's, as read from disk or HTTP.
