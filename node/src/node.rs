@@ -1665,6 +1665,9 @@ impl Node {
                     });
                 }
                 self.last_apply = Some(outcome);
+                // A release staged while this apply ran is next.
+                self.maybe_auto_apply();
+                self.rollout_duties();
             }
         }
     }
