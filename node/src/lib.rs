@@ -1,7 +1,9 @@
-//! lanup's node as a library. Today it holds what every later part stands
-//! on: reading and checking releases ([`release`]), publisher keys on disk
-//! ([`keys`]), and the embedded HTTP origin ([`origin`]). The site swarm, the
-//! chunk store and the applier build on these.
+//! lanup's node as a library: reading and checking releases ([`release`]),
+//! keys on disk ([`keys`]), the embedded HTTP origin ([`origin`]), the site
+//! swarm ([`network`]) and the node that drives it ([`node`]), the chunk
+//! store ([`store`], [`chunks`], [`fetch`]), installing releases into the
+//! running application ([`apply`], [`app`]), the audit log of rollout
+//! commands ([`audit`]), and the CLI's control socket ([`control`]).
 
 pub mod app;
 pub mod apply;

@@ -8,7 +8,11 @@
 //! too) asks its peers which chunks they hold and pulls the missing ones,
 //! rarest first (`lanup_protocol::transfer`), verifying each before storing
 //! and serving it. When every chunk is here the release is assembled and
-//! checked in `state/staging/<release>/`.
+//! checked in `state/staging/<release>/`. A node with an `[app]` installs
+//! a staged release ([`crate::apply`]) when asked, by itself (`auto`), or
+//! when its wave of a signed rollout command has come
+//! (`lanup_protocol::rollout`), and records every command in its audit
+//! log ([`crate::audit`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
