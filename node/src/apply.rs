@@ -138,6 +138,19 @@ pub struct Event {
     pub ms: u64,
 }
 
+/// Logs each step and hands it to `report`, timed from now.
+fn narrator(report: &mut dyn FnMut(Event)) -> impl FnMut(&str, String) + '_ {
+    let began = Instant::now();
+    move |step: &str, message: String| {
+        info!(step, "{message}");
+        report(Event {
+            step: step.to_owned(),
+            message,
+            ms: began.elapsed().as_millis() as u64,
+        });
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -250,15 +263,7 @@ impl Applier {
     /// (the old release back in place and started), or failed before the
     /// install directory was touched.
     pub fn apply(&self, release: &Release, report: &mut dyn FnMut(Event)) -> Outcome {
-        let began = Instant::now();
-        let mut say = |step: &str, message: String| {
-            info!(step, "{message}");
-            report(Event {
-                step: step.to_owned(),
-                message,
-                ms: began.elapsed().as_millis() as u64,
-            });
-        };
+        let mut say = narrator(report);
         let version = release.manifest.release_name();
         let installed = match self.installed() {
             Ok(i) => i,
@@ -818,15 +823,7 @@ impl Applier {
                 self.install_dir().display()
             )
         })?;
-        let began = Instant::now();
-        let mut say = |step: &str, message: String| {
-            info!(step, "{message}");
-            report(Event {
-                step: step.to_owned(),
-                message,
-                ms: began.elapsed().as_millis() as u64,
-            });
-        };
+        let mut say = narrator(report);
         let outcome = match journal.recovery() {
             Recovery::RollBack => {
                 let phase = journal.phase.as_str();

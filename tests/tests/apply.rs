@@ -108,6 +108,18 @@ pub(crate) fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// `lanup status --json` of the node at `state`: its own row.
+pub(crate) fn own_status(state: &Path) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"]))
+            .expect("status JSON");
+    status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["self"] == true))
+        .cloned()
+        .expect("own row")
+}
+
 /// Every regular file under `dir` with its BLAKE3 hash, by relative name.
 pub(crate) fn tree(dir: &Path) -> BTreeMap<String, String> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
@@ -330,14 +342,7 @@ impl AppSite {
 
     /// `lanup status --json`, this node's own row.
     pub(crate) fn own_status(&self) -> serde_json::Value {
-        let status: serde_json::Value =
-            serde_json::from_str(&run_ok(&["status", "--state", s(&self.state), "--json"]))
-                .expect("status JSON");
-        status["nodes"]
-            .as_array()
-            .and_then(|n| n.iter().find(|n| n["self"] == true))
-            .cloned()
-            .expect("own row")
+        own_status(&self.state)
     }
 }
 

@@ -9,6 +9,7 @@ use lanup_protocol::rollout::{sign, Action, Command, SignedCommand};
 use lanup_protocol::sign::SecretKey;
 
 use crate::announce::{spawn_logged, Liar};
+use crate::apply::own_status;
 use crate::common::*;
 use crate::swarm::free_port;
 
@@ -242,36 +243,16 @@ impl Fleet {
     /// A node that is not the site's fetcher.
     fn not_the_fetcher(&self) -> usize {
         (0..self.site.states.len())
-            .find(|&i| {
-                let status: serde_json::Value = serde_json::from_str(&run_ok(&[
-                    "status",
-                    "--state",
-                    s(&self.site.states[i]),
-                    "--json",
-                ]))
-                .expect("JSON");
-                status["nodes"]
-                    .as_array()
-                    .and_then(|n| n.iter().find(|n| n["self"] == true))
-                    .is_some_and(|me| me["fetcher"] == false)
-            })
+            .find(|&i| own_status(&self.site.states[i])["fetcher"] == false)
             .expect("a node that is not the fetcher")
     }
 
     /// This node's PeerId.
     fn peer_id(&self, i: usize) -> String {
-        let status: serde_json::Value = serde_json::from_str(&run_ok(&[
-            "status",
-            "--state",
-            s(&self.site.states[i]),
-            "--json",
-        ]))
-        .expect("JSON");
-        status["nodes"]
-            .as_array()
-            .and_then(|n| n.iter().find(|n| n["self"] == true))
-            .and_then(|me| me["peer_id"].as_str().map(str::to_owned))
+        own_status(&self.site.states[i])["peer_id"]
+            .as_str()
             .expect("own peer id")
+            .to_owned()
     }
 
     /// The version the application in install `i` runs, if it runs.
