@@ -55,6 +55,10 @@ const PEER_SILENT: Duration = Duration::from_secs(5);
 /// A node waits this long after starting before it may fetch, so that it
 /// hears the site's other nodes first.
 const STARTUP_GRACE: Duration = Duration::from_secs(3);
+/// The same with mDNS: peers found by multicast on a busy LAN can take a
+/// few seconds to appear, and a node that fetches before it has heard them
+/// costs the uplink a second copy.
+const STARTUP_GRACE_MDNS: Duration = Duration::from_secs(6);
 /// A peer connected this long without a heartbeat no longer holds up the
 /// election.
 const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
@@ -374,7 +378,12 @@ impl Node {
     /// Whether this node has heard from every peer it is connected to, so
     /// an election now would see the whole site.
     fn settled(&self) -> bool {
-        self.started.elapsed() >= STARTUP_GRACE
+        let grace = if self.config.mdns {
+            STARTUP_GRACE_MDNS
+        } else {
+            STARTUP_GRACE
+        };
+        self.started.elapsed() >= grace
             && self
                 .peers
                 .values()
