@@ -13,6 +13,11 @@ use crate::apply::own_status;
 use crate::common::*;
 use crate::swarm::free_port;
 
+/// `lanup status --json` of a node: the whole site and the rollout.
+fn site_status(state: &Path) -> serde_json::Value {
+    serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"])).expect("JSON")
+}
+
 /// `lanup history --json` of a node, one entry per line.
 fn history(state: &Path) -> Vec<serde_json::Value> {
     run_ok(&["history", "--state", s(state), "--json"])
@@ -132,9 +137,7 @@ fn unsigned_wrong_key_tampered_and_replayed_commands_are_refused_by_every_node()
                 .all(|e| e["event"] == "accepted" || e["event"] == "refused"),
             "{h:#?}"
         );
-        let status: serde_json::Value =
-            serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"]))
-                .expect("JSON");
+        let status = site_status(state);
         assert!(status["rollout"].is_null(), "{status}");
         // The table says who and why.
         let table = run_ok(&["history", "--state", s(state)]);
@@ -358,13 +361,7 @@ fn a_canary_that_fails_halts_the_rollout_and_the_rest_stay_on_the_old_release() 
         // Each node hears of the failure by the canary's next heartbeats.
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
-            let status: serde_json::Value = serde_json::from_str(&run_ok(&[
-                "status",
-                "--state",
-                s(&fleet.site.states[i]),
-                "--json",
-            ]))
-            .expect("JSON");
+            let status = site_status(&fleet.site.states[i]);
             if status["rollout"]["stage"] == "halted" || Instant::now() > deadline {
                 break status;
             }
@@ -394,13 +391,7 @@ fn an_aborted_rollout_applies_no_further_wave() {
     let deadline = Instant::now() + Duration::from_secs(15);
     for i in 0..3 {
         loop {
-            let status: serde_json::Value = serde_json::from_str(&run_ok(&[
-                "status",
-                "--state",
-                s(&fleet.site.states[i]),
-                "--json",
-            ]))
-            .expect("JSON");
+            let status = site_status(&fleet.site.states[i]);
             if status["rollout"]["reason"] == "aborted" {
                 break;
             }
