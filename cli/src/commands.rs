@@ -84,6 +84,11 @@ enum Command {
     /// A wave starts when every node of the one before is healthy; any
     /// failure halts the rollout.
     Rollout(RolloutArgs),
+    /// Return every node of the site to an older release it still holds,
+    /// by a command signed here with an admin key: the only way to install
+    /// an older release. All nodes at once; each checks the release's
+    /// files and rolls back by itself if the old release is not healthy.
+    Rollback(RollbackArgs),
     /// Show the rollout commands this node accepted or refused, and what
     /// it did about them.
     History {
@@ -217,6 +222,21 @@ struct RolloutArgs {
     #[arg(long, conflicts_with = "version")]
     abort: bool,
     /// Follow the rollout until every node is done (exit 0) or it halts
+    /// (exit 1).
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RollbackArgs {
+    /// The older release to return to, e.g. 1.0.0.1.
+    version: String,
+    /// The admin's secret key file.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    #[command(flatten)]
+    node: LocalNode,
+    /// Follow the rollback until every node is done (exit 0) or it halts
     /// (exit 1).
     #[arg(long)]
     wait: bool,
@@ -389,16 +409,42 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => apply(&node, &version, json),
         Command::Rollout(args) => rollout(args),
+        Command::Rollback(args) => {
+            let version = args.version.clone();
+            let action = lanup_protocol::rollout::Action::Rollback { version };
+            let sent = issue(&args.node, &args.key, action, Vec::new())?;
+            println!(
+                "rollback to {} sent (id {}, signed by {}): every node at once",
+                args.version, sent.id, sent.key
+            );
+            if !args.wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            follow(&args.node)
+        }
         Command::History { node, json } => history(&node.state, json),
         Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
     }
 }
 
-fn rollout(args: RolloutArgs) -> Result<ExitCode> {
-    use lanup_protocol::rollout::{parse_waves, sign, Action, Command as RolloutCommand};
-    let key = keys::load_secret(&args.key)?;
-    let waves = parse_waves(&args.waves).map_err(|e| anyhow::anyhow!("--waves: {e}"))?;
-    let status = args.node.ask(ControlRequest::Status)?;
+/// A command as sent: its id and the key that signed it.
+struct Sent {
+    id: String,
+    key: PublicKey,
+    rollout: serde_json::Value,
+}
+
+/// Signs a rollout command here and hands it to the local node, which
+/// checks it like any other and gossips it to the site.
+fn issue(
+    node: &LocalNode,
+    key: &Path,
+    action: lanup_protocol::rollout::Action,
+    waves: Vec<lanup_protocol::rollout::WaveSize>,
+) -> Result<Sent> {
+    use lanup_protocol::rollout::{sign, Action, Command as RolloutCommand};
+    let key = keys::load_secret(key)?;
+    let status = node.ask(ControlRequest::Status)?;
     let site = status["site"].as_str().unwrap_or("default").to_owned();
     let nodes: Vec<String> = status["nodes"]
         .as_array()
@@ -406,12 +452,7 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
         .flatten()
         .filter_map(|n| n["peer_id"].as_str().map(str::to_owned))
         .collect();
-    let action = match &args.version {
-        Some(version) if !args.abort => Action::Rollout {
-            version: version.clone(),
-        },
-        _ => Action::Abort,
-    };
+    let abort = action == Action::Abort;
     let command = RolloutCommand {
         site,
         action,
@@ -424,24 +465,42 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
                 .public()
                 .to_bytes()[..16],
         ),
-        waves: if args.abort { Vec::new() } else { waves },
-        nodes: if args.abort { Vec::new() } else { nodes },
+        waves,
+        nodes: if abort { Vec::new() } else { nodes },
     };
     let signed = sign(&command, &key);
-    let answer = args.node.ask(ControlRequest::Rollout { signed })?;
+    let answer = node.ask(ControlRequest::Rollout { signed })?;
     if let Some(e) = answer["error"].as_str() {
         bail!("{e}");
     }
-    let r = &answer["rollout"];
+    Ok(Sent {
+        id: command.id,
+        key: key.public(),
+        rollout: answer["rollout"].clone(),
+    })
+}
+
+fn rollout(args: RolloutArgs) -> Result<ExitCode> {
+    use lanup_protocol::rollout::{parse_waves, Action};
+    let waves = parse_waves(&args.waves).map_err(|e| anyhow::anyhow!("--waves: {e}"))?;
+    let action = match &args.version {
+        Some(version) if !args.abort => Action::Rollout {
+            version: version.clone(),
+        },
+        _ => Action::Abort,
+    };
     if args.abort {
-        println!("abort sent (signed by {})", key.public());
+        let sent = issue(&args.node, &args.key, action, Vec::new())?;
+        println!("abort sent (id {}, signed by {})", sent.id, sent.key);
         return Ok(ExitCode::SUCCESS);
     }
+    let sent = issue(&args.node, &args.key, action, waves)?;
+    let r = &sent.rollout;
     println!(
         "rollout of {} sent (id {}, signed by {}); waves:",
         r["version"].as_str().unwrap_or("?"),
-        command.id,
-        key.public()
+        sent.id,
+        sent.key
     );
     for (i, wave) in r["waves"].as_array().into_iter().flatten().enumerate() {
         let ids: Vec<&str> = wave
@@ -455,20 +514,30 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
+    follow(&args.node)
+}
+
+/// Draws the site's progress until the rollout (or rollback) the local
+/// node follows is done (exit 0) or halted (exit 1).
+fn follow(node: &LocalNode) -> Result<ExitCode> {
     let mut bars = RolloutBars::default();
     let mut last_stage = String::new();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let status = args.node.ask(ControlRequest::Status)?;
+        let status = node.ask(ControlRequest::Status)?;
         let r = &status["rollout"];
         bars.update(&status);
         let stage = r["stage"].as_str().unwrap_or("?").to_owned();
         if stage != last_stage {
-            bars.println(&format!("rollout: {stage}"));
+            bars.println(&format!(
+                "{}: {stage}",
+                r["action"].as_str().unwrap_or("rollout")
+            ));
             last_stage = stage;
         }
         match r["stage"].as_str() {
             Some("done") => {
+                bars.finish();
                 println!(
                     "done: every node runs {}",
                     r["version"].as_str().unwrap_or("?")
@@ -476,8 +545,10 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             Some("halted") => {
+                bars.finish();
                 eprintln!(
-                    "lanup: rollout halted by {}: {}",
+                    "lanup: {} halted by {}: {}",
+                    r["action"].as_str().unwrap_or("rollout"),
                     r["halted_by"].as_str().unwrap_or("?"),
                     r["reason"].as_str().unwrap_or("?")
                 );
@@ -505,6 +576,13 @@ impl RolloutBars {
                 let _ = m.println(line);
             }
             None => println!("{line}"),
+        }
+    }
+
+    /// Leaves the bars drawn as they are.
+    fn finish(&self) {
+        for bar in self.bars.values() {
+            bar.abandon();
         }
     }
 

@@ -84,6 +84,9 @@ pub struct Release {
     pub signature: String,
     /// `STATE/staging/<version>/`.
     pub staged: PathBuf,
+    /// A signed rollback: the release must be older than the installed one
+    /// (otherwise it must be newer).
+    pub rollback: bool,
 }
 
 /// What `STATE/installed/install.json` records beside the manifest.
@@ -429,11 +432,14 @@ impl Applier {
             );
         }
         if let Some(i) = installed {
-            if manifest.compare_release(&i.manifest) != std::cmp::Ordering::Greater {
-                bail!(
-                    "{version} is not newer than the installed {}",
-                    i.manifest.release_name()
-                );
+            let order = manifest.compare_release(&i.manifest);
+            let installed = i.manifest.release_name();
+            match (release.rollback, order) {
+                (false, std::cmp::Ordering::Greater) | (true, std::cmp::Ordering::Less) => {}
+                (false, _) => bail!("{version} is not newer than the installed {installed}"),
+                (true, _) => bail!(
+                    "{version} is not older than the installed {installed}: a rollback returns to an older release"
+                ),
             }
         }
         let old_name = installed.and_then(|i| i.manifest.restart.app_name.as_deref());

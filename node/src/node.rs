@@ -108,6 +108,10 @@ struct Heartbeat {
     boot_ms: u64,
     #[serde(default)]
     seq: u64,
+    /// The newest rollout command the sender follows (the abort, when it
+    /// stopped the rollout): a node that does not know it asks for it.
+    #[serde(default)]
+    command_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -150,6 +154,7 @@ enum Done {
     Staged(Hash, Result<PathBuf>),
     ApplyStep(Event),
     Applied(Outcome),
+    Commands(PeerId, Vec<SignedCommand>),
 }
 
 struct Node {
@@ -206,17 +211,117 @@ struct Node {
     audit: Audit,
     /// The rollout this node follows.
     rollout: Option<Rollout>,
+    /// Commands named in peers' heartbeats that this node asked for, and
+    /// when, so each is asked for again only after [`CATCH_UP_RETRY`].
+    asked: HashMap<String, Instant>,
 }
 
-/// An accepted rollout command and where it stands.
+/// An accepted rollout (or rollback) command and where it stands.
 struct Rollout {
     command: Command,
     signed: SignedCommand,
+    /// The abort that stopped it, offered with it to nodes that catch up.
+    abort: Option<SignedCommand>,
     version: String,
+    /// A rollback: every node returns to `version` at once.
+    back: bool,
     waves: Vec<Vec<String>>,
     /// Set once: the node that failed (or the admin that aborted) and why.
     halted: Option<(String, String)>,
     done: bool,
+}
+
+/// `STATE/rollout.json`: the rollout a node follows, so a restarted node
+/// goes on with it (its signatures are checked again when it is read).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedRollout {
+    /// The rollout or rollback, then its abort if any.
+    commands: Vec<SignedCommand>,
+    halted: Option<(String, String)>,
+    done: bool,
+}
+
+const ROLLOUT_FILE: &str = "rollout.json";
+
+/// How long before a command a peer names, and that could not be had, is
+/// asked for again.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(10);
+
+impl Rollout {
+    /// Follows an accepted command (a rollout or a rollback).
+    fn new(command: Command, signed: SignedCommand) -> Option<Rollout> {
+        let (version, back) = match &command.action {
+            Action::Rollout { version } => (version.clone(), false),
+            Action::Rollback { version } => (version.clone(), true),
+            Action::Abort => return None,
+        };
+        // A rollback is one wave: every node returns at once.
+        let sizes = if back {
+            vec![lanup_protocol::rollout::WaveSize::Percent(100)]
+        } else {
+            command.waves.clone()
+        };
+        let waves = assign_waves(&command.id, &command.nodes, &sizes);
+        Some(Rollout {
+            version,
+            back,
+            waves,
+            halted: None,
+            done: false,
+            abort: None,
+            command,
+            signed,
+        })
+    }
+
+    /// The id peers are told about: the abort's once there is one.
+    fn newest_id(&self) -> String {
+        self.abort
+            .as_ref()
+            .and_then(|a| serde_json::from_str::<Command>(&a.command).ok())
+            .map_or_else(|| self.command.id.clone(), |a| a.id)
+    }
+
+    fn commands(&self) -> Vec<SignedCommand> {
+        std::iter::once(self.signed.clone())
+            .chain(self.abort.clone())
+            .collect()
+    }
+
+    /// Reads `STATE/rollout.json`, checking each command's signature again
+    /// (the trusted keys may have changed); not its age.
+    fn load(
+        state: &std::path::Path,
+        trusted: &[lanup_protocol::sign::PublicKey],
+        site: &str,
+    ) -> Option<Rollout> {
+        let path = state.join(ROLLOUT_FILE);
+        let bytes = std::fs::read(&path).ok()?;
+        let saved: SavedRollout = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read the saved rollout; not following it");
+                return None;
+            }
+        };
+        let mut commands = saved.commands.into_iter();
+        let signed = commands.next()?;
+        let checked = lanup_protocol::rollout::authenticate(&signed, trusted, site);
+        let mut rollout = match checked.map(|c| Rollout::new(c, signed)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(file = %path.display(), reason = %e, "the saved rollout no longer checks; not following it");
+                return None;
+            }
+        };
+        rollout.abort = commands
+            .next()
+            .filter(|a| lanup_protocol::rollout::authenticate(a, trusted, site).is_ok());
+        rollout.halted = saved.halted;
+        rollout.done = saved.done;
+        Some(rollout)
+    }
 }
 
 /// Loads or creates the node's identity in `state/identity.key`.
@@ -299,6 +404,7 @@ pub async fn run(
     let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
     crate::control::listen(&config.state, control_tx)?;
     let wan = Throttle::new(config.wan_rate);
+    let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
     let mut node = Node {
         config,
         net,
@@ -337,10 +443,14 @@ pub async fn run(
         heard: HashMap::new(),
         boot_ms: now_unix_ms(),
         heartbeats_sent: 0,
+        rollout,
         guard,
         audit,
-        rollout: None,
+        asked: HashMap::new(),
     };
+    if let Some(r) = &node.rollout {
+        info!(release = %r.version, id = %r.command.id, "following the rollout saved before the node stopped");
+    }
     if let Some(m) = &node.installed {
         info!(release = %m.release_name(), "installed release");
     }
@@ -473,8 +583,8 @@ impl Node {
     }
 
     /// Keeps the store bounded: once a release is staged, chunks and staged
-    /// folders of other releases go. (The installed release keeps its files
-    /// in the application's folder.)
+    /// folders of other releases go, except the installed release's staged
+    /// folder and manifest: with them the site can roll back to it.
     fn collect_garbage(&self) {
         let Some(t) = self.target.as_ref().filter(|t| t.staged) else {
             return;
@@ -484,6 +594,10 @@ impl Node {
         let staging = self.config.state.join("staging");
         let releases = self.config.state.join("releases");
         let current = t.manifest.release_name();
+        let installed = self.installed_name();
+        let keep_dir = move |name: Option<&str>| {
+            name.is_some_and(|n| n == current || installed.as_deref() == Some(n))
+        };
         tokio::task::spawn_blocking(move || {
             match store.retain(&keep) {
                 Ok((0, _)) => {}
@@ -494,7 +608,7 @@ impl Node {
             }
             if let Ok(entries) = std::fs::read_dir(&releases) {
                 for entry in entries.flatten() {
-                    if entry.file_name().to_str() != Some(current.as_str()) {
+                    if !keep_dir(entry.file_name().to_str()) {
                         let _ = std::fs::remove_dir_all(entry.path());
                     }
                 }
@@ -503,7 +617,7 @@ impl Node {
                 return;
             };
             for entry in entries.flatten() {
-                if entry.file_name().to_str() != Some(current.as_str()) {
+                if !keep_dir(entry.file_name().to_str()) {
                     let path = entry.path();
                     match std::fs::remove_dir_all(&path) {
                         Ok(()) => info!(dir = %path.display(), "removed an older staged release"),
@@ -568,11 +682,14 @@ impl Node {
                 }),
             },
             apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
+            // A release that did not install (rolled back, or refused
+            // before anything changed) halts a rollout of it.
             failed_version: last
-                .filter(|o| o.ending == Ending::RolledBack)
+                .filter(|o| o.ending != Ending::Committed)
                 .map(|o| o.version.clone()),
             boot_ms: self.boot_ms,
             seq: self.heartbeats_sent,
+            command_id: self.rollout.as_ref().map(Rollout::newest_id),
             last_error: t
                 .and_then(|t| {
                     t.stage_failed.as_ref().map(|(reason, _)| {
@@ -595,7 +712,7 @@ impl Node {
     /// Answers the CLI: one line, or for an apply a line per step.
     fn control(&mut self, request: ControlRequest, reply: mpsc::Sender<serde_json::Value>) {
         if let ControlRequest::Rollout { signed } = request {
-            let answer = match self.on_command("this node's CLI", signed.clone()) {
+            let answer = match self.on_cli_command(signed.clone()) {
                 Ok(()) => {
                     let net = self.net.clone();
                     let topic = self.rollout_topic.clone();
@@ -692,14 +809,20 @@ impl Node {
     }
 
     /// Checks a rollout command (signature, trusted admin key, this site,
-    /// freshness, never seen), records the verdict, and follows it.
-    fn on_command(&mut self, from: &str, signed: SignedCommand) -> Result<(), String> {
-        let checked = self.guard.check(
-            &signed,
-            &self.config.trust_admin,
-            &self.config.site,
-            now_unix_ms(),
-        );
+    /// freshness, never seen), records the verdict, and follows it. One a
+    /// peer offered for catch-up may be older ([`CATCH_UP_MAX_AGE_MS`]).
+    fn on_command(
+        &mut self,
+        from: &str,
+        signed: SignedCommand,
+        catch_up: bool,
+    ) -> Result<(), String> {
+        let (trusted, site, now) = (&self.config.trust_admin, &self.config.site, now_unix_ms());
+        let checked = if catch_up {
+            self.guard.check_catch_up(&signed, trusted, site, now)
+        } else {
+            self.guard.check(&signed, trusted, site, now)
+        };
         let command = match checked {
             Ok(c) => c,
             Err(reason) => {
@@ -708,40 +831,116 @@ impl Node {
                 return Err(reason);
             }
         };
-        info!(source = from, key = %signed.key, action = ?command.action, "accepted rollout command");
+        info!(source = from, key = %signed.key, action = ?command.action, catch_up, "accepted rollout command");
         self.audit_entry(Entry {
             event: "accepted".into(),
             key: Some(signed.key.clone()),
             from: Some(from.to_owned()),
+            reason: catch_up.then(|| "caught up: issued while this node was away".to_owned()),
             ..command_fields(Some(&command))
         });
         match &command.action {
-            Action::Rollout { version } => {
-                let waves = assign_waves(&command.id, &command.nodes, &command.waves);
-                self.rollout = Some(Rollout {
-                    version: version.clone(),
-                    waves,
-                    halted: None,
-                    done: false,
-                    command: command.clone(),
-                    signed,
-                });
-                self.rollout_duties();
-            }
             Action::Abort => {
+                let issued = command.issued_at_ms;
                 if let Some(r) = self
                     .rollout
                     .as_mut()
-                    .filter(|r| r.halted.is_none() && !r.done)
+                    .filter(|r| r.command.issued_at_ms <= issued && r.abort.is_none())
                 {
-                    r.halted = Some((format!("admin {}", signed.key), "aborted".into()));
+                    r.abort = Some(signed.clone());
+                    if r.halted.is_none() && !r.done {
+                        r.halted = Some((format!("admin {}", signed.key), "aborted".into()));
+                    }
                 }
             }
-            Action::Rollback { version } => {
-                warn!(release = %version, "rollback commands are not carried out yet");
+            Action::Rollout { version } => {
+                // An admin asking again is a retry: a release that rolled
+                // back here may be tried once more.
+                self.failed_releases.remove(version);
+                self.rollout = Rollout::new(command.clone(), signed);
+            }
+            Action::Rollback { .. } => self.rollout = Rollout::new(command.clone(), signed),
+        }
+        self.save_rollout();
+        self.rollout_duties();
+        Ok(())
+    }
+
+    /// A command given on this node's CLI. A rollback is refused here,
+    /// before it reaches the site, when this node no longer holds the
+    /// release.
+    fn on_cli_command(&mut self, signed: SignedCommand) -> Result<(), String> {
+        let parsed = serde_json::from_str::<Command>(&signed.command);
+        if let Ok(Command {
+            action: Action::Rollback { version },
+            ..
+        }) = &parsed
+        {
+            if let Err(e) = self.stored_release(version) {
+                return Err(format!("{e:#}"));
             }
         }
-        Ok(())
+        self.on_command("this node's CLI", signed, false)
+    }
+
+    /// Writes `STATE/rollout.json`.
+    fn save_rollout(&self) {
+        let Some(r) = &self.rollout else { return };
+        let saved = SavedRollout {
+            commands: r.commands(),
+            halted: r.halted.clone(),
+            done: r.done,
+        };
+        let path = self.config.state.join(ROLLOUT_FILE);
+        let written = serde_json::to_vec_pretty(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::apply::write_synced(&path, &bytes));
+        if let Err(e) = written {
+            warn!(file = %path.display(), error = %e, "cannot save the rollout this node follows");
+        }
+    }
+
+    /// Asks `peer` for the command its heartbeat names, unless this node
+    /// follows it (or a newer one) or asked lately.
+    fn maybe_catch_up(&mut self, peer: PeerId, id: &str) {
+        let known =
+            self.guard.seen(id) || self.rollout.as_ref().is_some_and(|r| r.newest_id() == id);
+        let lately = self
+            .asked
+            .get(id)
+            .is_some_and(|at| at.elapsed() < CATCH_UP_RETRY);
+        if known || lately {
+            return;
+        }
+        self.asked.insert(id.to_owned(), Instant::now());
+        let net = self.net.clone();
+        let tx = self.done_tx.clone();
+        let request = Request::Commands { id: id.to_owned() };
+        tokio::spawn(async move {
+            if let Ok(Response::Commands { commands }) = net.request(peer, request).await {
+                let _ = tx.send(Done::Commands(peer, commands)).await;
+            }
+        });
+    }
+
+    /// Takes up the commands a peer follows: a rollout issued while this
+    /// node was away (or before it joined), and its abort.
+    fn catch_up(&mut self, peer: PeerId, commands: Vec<SignedCommand>) {
+        for signed in commands {
+            let parsed = serde_json::from_str::<Command>(&signed.command).ok();
+            let Some(command) = parsed else {
+                self.refuse_command(&format!("peer {peer}"), Some(&signed), "malformed");
+                continue;
+            };
+            // Already followed, or older than what this node follows.
+            let older = self.rollout.as_ref().is_some_and(|r| {
+                command.action != Action::Abort && r.command.issued_at_ms >= command.issued_at_ms
+            });
+            if self.guard.seen(&command.id) || older {
+                continue;
+            }
+            let _ = self.on_command(&format!("peer {peer}"), signed, true);
+        }
     }
 
     /// What every node of the site reports about `version`.
@@ -765,10 +964,11 @@ impl Node {
     }
 
     /// Follows the rollout: halts it when a node failed, and installs its
-    /// release here when this node's wave has come.
+    /// release here when this node's wave has come. A node the command does
+    /// not name (it joined later) is in the last wave.
     fn rollout_duties(&mut self) {
         let Some(r) = &self.rollout else { return };
-        if r.halted.is_some() || r.done {
+        if r.halted.is_some() {
             return;
         }
         let version = r.version.clone();
@@ -779,14 +979,14 @@ impl Node {
             .iter()
             .position(|w| w.contains(&me))
             .unwrap_or(r.waves.len().saturating_sub(1));
-        let id = r.command.id.clone();
-        let waves_len = r.waves.len();
-        match stage {
+        let (id, back, waves_len, was_done) = (r.command.id.clone(), r.back, r.waves.len(), r.done);
+        let action = if back { "rollback" } else { "rollout" };
+        let due = match stage {
             Stage::Halted { node, reason } => {
-                warn!(release = %version, %node, reason, "rollout halted: a node failed; no further wave applies");
+                warn!(release = %version, %node, reason, "{action} halted: a node failed; no further wave applies");
                 self.audit_entry(Entry {
                     event: "halted".into(),
-                    action: Some("rollout".into()),
+                    action: Some(action.into()),
                     version: Some(version.clone()),
                     id: Some(id),
                     from: Some(node.clone()),
@@ -796,41 +996,68 @@ impl Node {
                 if let Some(r) = &mut self.rollout {
                     r.halted = Some((node, reason));
                 }
+                self.save_rollout();
+                return;
             }
             Stage::Done => {
-                info!(release = %version, "rollout done: every node runs it");
-                if let Some(r) = &mut self.rollout {
-                    r.done = true;
-                }
-            }
-            Stage::Wave(wave) if wave >= my_wave => {
-                let installed = self.installed_name().as_deref() == Some(version.as_str());
-                let staged = self
-                    .target
-                    .as_ref()
-                    .is_some_and(|t| t.staged && t.manifest.release_name() == version);
-                if !installed
-                    && staged
-                    && self.applying.is_none()
-                    && !self.failed_releases.contains(&version)
-                {
-                    info!(release = %version, wave = my_wave + 1, "this node's rollout wave has come");
-                    match self.start_apply(&version, None) {
-                        Ok(()) => self.audit_entry(Entry {
-                            event: "applying".into(),
-                            action: Some("rollout".into()),
-                            version: Some(version.clone()),
-                            id: Some(id),
-                            reason: Some(format!("wave {} of {}", my_wave + 1, waves_len)),
-                            ..Entry::default_at(now_unix_ms())
-                        }),
-                        Err(e) => {
-                            warn!(error = %format!("{e:#}"), "cannot install the rollout's release")
-                        }
+                if !was_done {
+                    info!(release = %version, "{action} done: every node runs it");
+                    if let Some(r) = &mut self.rollout {
+                        r.done = true;
                     }
+                    self.save_rollout();
                 }
+                true
             }
-            Stage::Wave(_) => {}
+            Stage::Wave(wave) => wave >= my_wave,
+        };
+        let installed = self.installed_name().as_deref() == Some(version.as_str());
+        if !due || installed || self.applying.is_some() || self.failed_releases.contains(&version) {
+            return;
+        }
+        let release = if back {
+            self.stored_release(&version)
+        } else {
+            match self.staged_release(&version) {
+                Ok(r) => Ok(r),
+                // Still fetching: the wave waits for it.
+                Err(_) => return,
+            }
+        };
+        info!(release = %version, wave = my_wave + 1, "this node's {action} wave has come");
+        let started = release.and_then(|release| self.start_apply_release(release, None));
+        match started {
+            Ok(()) => self.audit_entry(Entry {
+                event: "applying".into(),
+                action: Some(action.into()),
+                version: Some(version.clone()),
+                id: Some(id),
+                reason: Some(format!("wave {} of {}", my_wave + 1, waves_len)),
+                ..Entry::default_at(now_unix_ms())
+            }),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(error = %reason, "cannot install the {action}'s release");
+                // Reported as an apply that failed before changing
+                // anything, so the rollout halts and says why.
+                self.failed_releases.insert(version.clone());
+                self.last_apply = Some(Outcome {
+                    version: version.clone(),
+                    from: self.installed_name(),
+                    ending: Ending::Failed,
+                    reason: Some(reason.clone()),
+                    downtime_ms: None,
+                    finished_at: now_unix_ms() / 1000,
+                });
+                self.audit_entry(Entry {
+                    event: "apply-failed".into(),
+                    action: Some(action.into()),
+                    version: Some(version),
+                    id: Some(id),
+                    reason: Some(reason),
+                    ..Entry::default_at(now_unix_ms())
+                });
+            }
         }
     }
 
@@ -853,6 +1080,7 @@ impl Node {
         };
         serde_json::json!({
             "id": r.command.id,
+            "action": if r.back { "rollback" } else { "rollout" },
             "version": r.version,
             "key": r.signed.key,
             "issued_at_ms": r.command.issued_at_ms,
@@ -875,6 +1103,7 @@ impl Node {
                 xml: t.xml.clone(),
                 signature: t.signature.clone(),
                 staged: self.config.state.join("staging").join(version),
+                rollback: false,
             }),
             Some(_) => anyhow::bail!("{version} is not staged yet (it is still being fetched)"),
             None => anyhow::bail!(
@@ -888,11 +1117,80 @@ impl Node {
         }
     }
 
+    /// A release this node still holds (`STATE/releases/` and
+    /// `STATE/staging/`), older than the installed one, to roll back to. Its
+    /// manifest is checked again; its files are checked as they are copied.
+    fn stored_release(&self, version: &str) -> Result<Release> {
+        let dir = self.config.state.join("releases").join(version);
+        let staged = self.config.state.join("staging").join(version);
+        let held = || {
+            let mut names: Vec<String> = std::fs::read_dir(self.config.state.join("releases"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect();
+            names.sort();
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        };
+        let (Ok(xml), Ok(signature), true) = (
+            std::fs::read(dir.join(lanup_protocol::manifest::MANIFEST_FILE)),
+            std::fs::read_to_string(dir.join(lanup_protocol::manifest::SIGNATURE_FILE)),
+            staged.is_dir(),
+        ) else {
+            anyhow::bail!(
+                "{version} is no longer in this node's store (it holds: {})",
+                held()
+            );
+        };
+        let source = ManifestSource {
+            location: dir.display().to_string(),
+            bytes: xml.clone(),
+            signature: Some(signature.clone().into_bytes()),
+            signature_location: format!("{} (signature)", dir.display()),
+        };
+        let manifest = source
+            .authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc())
+            .with_context(|| format!("cannot roll back to {version}"))?;
+        if let Some(installed) = &self.installed {
+            if manifest.compare_release(installed) != std::cmp::Ordering::Less {
+                anyhow::bail!(
+                    "{version} is not older than the installed {}: a rollback returns to an older release",
+                    installed.release_name()
+                );
+            }
+        }
+        Ok(Release {
+            manifest,
+            xml,
+            signature,
+            staged,
+            rollback: true,
+        })
+    }
+
     /// Starts installing the staged release `version` in the background;
     /// each step goes to the log, the status, and `reply` when a CLI asked.
     fn start_apply(
         &mut self,
         version: &str,
+        reply: Option<mpsc::Sender<serde_json::Value>>,
+    ) -> Result<()> {
+        if let Some((running, _)) = &self.applying {
+            anyhow::bail!("an apply of {running} is under way");
+        }
+        let release = self.staged_release(version)?;
+        self.start_apply_release(release, reply)
+    }
+
+    /// Starts installing `release` (see [`Node::start_apply`]).
+    fn start_apply_release(
+        &mut self,
+        release: Release,
         reply: Option<mpsc::Sender<serde_json::Value>>,
     ) -> Result<()> {
         let Some(applier) = self.applier.clone() else {
@@ -903,9 +1201,9 @@ impl Node {
         if let Some((running, _)) = &self.applying {
             anyhow::bail!("an apply of {running} is under way");
         }
-        let release = self.staged_release(version)?;
-        info!(release = version, "installing the staged release");
-        self.applying = Some((version.to_owned(), "verify".into()));
+        let version = release.manifest.release_name();
+        info!(release = %version, rollback = release.rollback, "installing the release");
+        self.applying = Some((version, "verify".into()));
         let tx = self.done_tx.clone();
         tokio::task::spawn_blocking(move || {
             let outcome = applier.apply(&release, &mut |event| {
@@ -939,7 +1237,15 @@ impl Node {
             .installed
             .as_ref()
             .is_none_or(|i| t.manifest.compare_release(i) == std::cmp::Ordering::Greater);
-        if !auto || !newer || self.applying.is_some() || self.failed_releases.contains(&version) {
+        // After a rollback the site stays on the older release until an
+        // admin rolls a release out again.
+        let held = self.rollout.as_ref().is_some_and(|r| r.back);
+        if !auto
+            || !newer
+            || held
+            || self.applying.is_some()
+            || self.failed_releases.contains(&version)
+        {
             return;
         }
         if !t.manifest.restart.allow {
@@ -1110,6 +1416,9 @@ impl Node {
                             } else {
                                 from
                             };
+                            if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
+                                self.maybe_catch_up(from, id);
+                            }
                             if let Some(info) = self.peers.get_mut(&from).filter(|_| fresh) {
                                 info.heartbeat = Some((Instant::now(), hb));
                                 if std::mem::take(&mut info.silent) {
@@ -1129,7 +1438,9 @@ impl Node {
                     self.on_announce(from, id.clone(), &data)
                 } else if topic == self.rollout_topic {
                     let verdict = match serde_json::from_slice::<SignedCommand>(&data) {
-                        Ok(signed) => self.on_command(&format!("peer {from}"), signed).is_ok(),
+                        Ok(signed) => self
+                            .on_command(&format!("peer {from}"), signed, false)
+                            .is_ok(),
                         Err(e) => {
                             self.refuse_command(
                                 &format!("peer {from}"),
@@ -1176,6 +1487,14 @@ impl Node {
                             total: t.held_order.len() as u32,
                         }
                     }
+                    (Request::Commands { id }, _) => match &self.rollout {
+                        Some(r) if r.command.id == *id || r.newest_id() == *id => {
+                            Response::Commands {
+                                commands: r.commands(),
+                            }
+                        }
+                        _ => Response::Unknown,
+                    },
                     _ => Response::Unknown,
                 };
                 let _ = self.net.respond(channel, response).await;
@@ -1635,6 +1954,7 @@ impl Node {
                     }
                 }
             }
+            Done::Commands(peer, commands) => self.catch_up(peer, commands),
             Done::ApplyStep(event) => {
                 if let Some((_, step)) = &mut self.applying {
                     *step = event.step;
@@ -1670,7 +1990,7 @@ impl Node {
                             Ending::Failed => "apply-failed",
                         }
                         .into(),
-                        action: Some("rollout".into()),
+                        action: Some(if r.back { "rollback" } else { "rollout" }.into()),
                         version: Some(outcome.version.clone()),
                         id: Some(r.command.id.clone()),
                         reason: outcome.reason.clone(),

@@ -126,8 +126,8 @@ pub enum Refusal {
     BadSignature(String),
     #[error("meant for site {0:?}, not this one")]
     OtherSite(String),
-    #[error("issued {0} s ago, more than the 600 s a command stays valid")]
-    Stale(u64),
+    #[error("issued {0} s ago, more than the {1} s a command stays valid")]
+    Stale(u64, u64),
     #[error("issued {0} s in the future (check this machine's clock)")]
     Future(u64),
     #[error("command {0} was already received (a replay)")]
@@ -145,9 +145,45 @@ pub fn sign(command: &Command, key: &SecretKey) -> SignedCommand {
     }
 }
 
-/// The ids of commands a node accepted or refused recently, so none is
-/// acted on twice. Ids older than [`MAX_AGE_MS`] are forgotten: a command
-/// that old is refused as stale anyway.
+/// A node that was away when a command was issued (a late joiner, a node
+/// restarted) takes the command its peers follow from them, up to this old:
+/// a rollout's later waves can run for hours.
+pub const CATCH_UP_MAX_AGE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Checks who signed `signed` and for which site, but not when: a trusted
+/// admin key, a signature over the exact text, and this site.
+pub fn authenticate(
+    signed: &SignedCommand,
+    trusted: &[PublicKey],
+    site: &str,
+) -> Result<Command, Refusal> {
+    if signed.signature.trim().is_empty() || signed.key.trim().is_empty() {
+        return Err(Refusal::Unsigned);
+    }
+    let key: PublicKey = signed
+        .key
+        .parse()
+        .map_err(|_| Refusal::Malformed(format!("key {:?}", signed.key)))?;
+    if !trusted.contains(&key) {
+        return Err(Refusal::UntrustedKey(key.to_string()));
+    }
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(signed.signature.trim(), &mut sig)
+        .map_err(|_| Refusal::Malformed("signature is not 128 hex digits".into()))?;
+    if !key.verify(signed.command.as_bytes(), &sig) {
+        return Err(Refusal::BadSignature(key.to_string()));
+    }
+    let command: Command =
+        serde_json::from_str(&signed.command).map_err(|e| Refusal::Malformed(e.to_string()))?;
+    if command.site != site {
+        return Err(Refusal::OtherSite(command.site));
+    }
+    Ok(command)
+}
+
+/// The ids of commands a node accepted recently, so none is acted on twice.
+/// Ids older than [`CATCH_UP_MAX_AGE_MS`] are forgotten: a command that old
+/// is refused as stale anyway.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayGuard {
     seen: BTreeMap<String, u64>,
@@ -159,12 +195,15 @@ impl ReplayGuard {
         self.seen.insert(id.to_owned(), issued_at_ms);
     }
 
-    fn forget_before(&mut self, ms: u64) {
-        self.seen.retain(|_, at| *at >= ms);
+    /// Whether `id` was accepted before.
+    pub fn seen(&self, id: &str) -> bool {
+        self.seen.contains_key(id)
     }
 
-    /// Checks `signed` as a node of `site` whose trusted admin keys are
-    /// `trusted`, at `now_ms`; an accepted command is remembered.
+    /// Checks `signed` as it arrives by gossip or from the CLI, as a node
+    /// of `site` whose trusted admin keys are `trusted`, at `now_ms`: it
+    /// must also be fresh ([`MAX_AGE_MS`]). An accepted command is
+    /// remembered.
     pub fn check(
         &mut self,
         signed: &SignedCommand,
@@ -172,34 +211,41 @@ impl ReplayGuard {
         site: &str,
         now_ms: u64,
     ) -> Result<Command, Refusal> {
-        if signed.signature.trim().is_empty() || signed.key.trim().is_empty() {
-            return Err(Refusal::Unsigned);
-        }
-        let key: PublicKey = signed
-            .key
-            .parse()
-            .map_err(|_| Refusal::Malformed(format!("key {:?}", signed.key)))?;
-        if !trusted.contains(&key) {
-            return Err(Refusal::UntrustedKey(key.to_string()));
-        }
-        let mut sig = [0u8; 64];
-        hex::decode_to_slice(signed.signature.trim(), &mut sig)
-            .map_err(|_| Refusal::Malformed("signature is not 128 hex digits".into()))?;
-        if !key.verify(signed.command.as_bytes(), &sig) {
-            return Err(Refusal::BadSignature(key.to_string()));
-        }
-        let command: Command =
-            serde_json::from_str(&signed.command).map_err(|e| Refusal::Malformed(e.to_string()))?;
-        if command.site != site {
-            return Err(Refusal::OtherSite(command.site));
-        }
-        if command.issued_at_ms + MAX_AGE_MS < now_ms {
-            return Err(Refusal::Stale((now_ms - command.issued_at_ms) / 1000));
+        self.check_within(signed, trusted, site, now_ms, MAX_AGE_MS)
+    }
+
+    /// Like [`ReplayGuard::check`] for a command a peer says the site
+    /// follows, which may be up to [`CATCH_UP_MAX_AGE_MS`] old.
+    pub fn check_catch_up(
+        &mut self,
+        signed: &SignedCommand,
+        trusted: &[PublicKey],
+        site: &str,
+        now_ms: u64,
+    ) -> Result<Command, Refusal> {
+        self.check_within(signed, trusted, site, now_ms, CATCH_UP_MAX_AGE_MS)
+    }
+
+    fn check_within(
+        &mut self,
+        signed: &SignedCommand,
+        trusted: &[PublicKey],
+        site: &str,
+        now_ms: u64,
+        max_age_ms: u64,
+    ) -> Result<Command, Refusal> {
+        let command = authenticate(signed, trusted, site)?;
+        if command.issued_at_ms + max_age_ms < now_ms {
+            return Err(Refusal::Stale(
+                (now_ms - command.issued_at_ms) / 1000,
+                max_age_ms / 1000,
+            ));
         }
         if command.issued_at_ms > now_ms + MAX_SKEW_MS {
             return Err(Refusal::Future((command.issued_at_ms - now_ms) / 1000));
         }
-        self.forget_before(now_ms.saturating_sub(MAX_AGE_MS + MAX_SKEW_MS));
+        self.seen
+            .retain(|_, at| *at + CATCH_UP_MAX_AGE_MS + MAX_SKEW_MS >= now_ms);
         if self.seen.contains_key(&command.id) {
             return Err(Refusal::Replayed(command.id));
         }
@@ -379,7 +425,7 @@ mod tests {
         let stale = sign(&command("s", now - MAX_AGE_MS - 1000, "id5"), &admin);
         assert!(matches!(
             guard.check(&stale, &trusted, "s", now),
-            Err(Refusal::Stale(_))
+            Err(Refusal::Stale(..))
         ));
         let future = sign(&command("s", now + MAX_SKEW_MS + 1000, "id6"), &admin);
         assert!(matches!(
@@ -391,6 +437,39 @@ mod tests {
             guard.check(&elsewhere, &trusted, "s", now),
             Err(Refusal::OtherSite("t".into()))
         );
+    }
+
+    #[test]
+    fn a_node_that_was_away_takes_a_day_old_command_from_its_peers_once() {
+        let admin = SecretKey::generate();
+        let trusted = vec![admin.public()];
+        let now = 1_800_000_000_000;
+        let mut guard = ReplayGuard::default();
+        let hour_old = sign(&command("s", now - 3_600_000, "late"), &admin);
+        assert!(matches!(
+            guard.check(&hour_old, &trusted, "s", now),
+            Err(Refusal::Stale(3600, 600))
+        ));
+        assert!(guard.check_catch_up(&hour_old, &trusted, "s", now).is_ok());
+        assert!(guard.seen("late"));
+        assert_eq!(
+            guard.check_catch_up(&hour_old, &trusted, "s", now),
+            Err(Refusal::Replayed("late".into()))
+        );
+        let too_old = sign(
+            &command("s", now - CATCH_UP_MAX_AGE_MS - 1000, "old"),
+            &admin,
+        );
+        assert!(matches!(
+            guard.check_catch_up(&too_old, &trusted, "s", now),
+            Err(Refusal::Stale(..))
+        ));
+        let mut forged = hour_old.clone();
+        forged.command = forged.command.replace("late", "lat3");
+        assert!(matches!(
+            guard.check_catch_up(&forged, &trusted, "s", now),
+            Err(Refusal::BadSignature(_))
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::SignedCommand;
 use crate::Hash;
 
 /// Gossiped by a node that holds a verified release: small enough for
@@ -27,6 +28,9 @@ pub enum Request {
     /// Which chunks of this release the peer holds, from the `since`-th it
     /// gained on (0 for all): asked often, answered with what is new.
     Have { manifest_hash: Hash, since: u32 },
+    /// The signed rollout commands the peer follows, when its heartbeat
+    /// names command `id` (a node that was away catches up).
+    Commands { id: String },
 }
 
 /// Answers to [`Request`].
@@ -43,6 +47,9 @@ pub enum Response {
         /// How many the peer holds in all: the next `since`.
         total: u32,
     },
-    /// The peer does not know that release.
+    /// The command a peer follows and, if it was aborted, the abort: in
+    /// the order they were issued.
+    Commands { commands: Vec<SignedCommand> },
+    /// The peer does not know that release (or command).
     Unknown,
 }

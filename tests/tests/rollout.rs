@@ -166,6 +166,8 @@ fn unsigned_wrong_key_tampered_and_replayed_commands_are_refused_by_every_node()
 struct Fleet {
     site: crate::swarm::LoopSite,
     origin: OriginProc,
+    publisher: String,
+    configs: Vec<std::path::PathBuf>,
     installs: Vec<std::path::PathBuf>,
     admin: (std::path::PathBuf, String),
     _apps: Vec<crate::apply::KillUnder>,
@@ -178,6 +180,17 @@ impl Fleet {
     }
 
     fn with_health_after(n: usize, v2_behaviour: Option<&str>, health_after: &str) -> Fleet {
+        Fleet::build(n, v2_behaviour, health_after, None)
+    }
+
+    /// As [`Fleet::new`]; node `away`, if any, is stopped once v1 runs
+    /// everywhere, so it misses v2 (its application keeps running).
+    fn build(
+        n: usize,
+        v2_behaviour: Option<&str>,
+        health_after: &str,
+        away: Option<usize>,
+    ) -> Fleet {
         use crate::apply::{app_tree, KillUnder};
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
@@ -192,8 +205,9 @@ impl Fleet {
         let v1 = root.join("v1");
         app_tree(&v1, "1.0.0", None, &[]);
         let r1 = publish(&v1, "1.0.0", &origin.url, &key, &www);
+        let configs: Vec<_> = (0..n).map(|i| root.join(format!("node{i}.toml"))).collect();
         for (i, install) in installs.iter().enumerate() {
-            let config = root.join(format!("node{i}.toml"));
+            let config = &configs[i];
             std::fs::write(
                 &config,
                 format!(
@@ -204,7 +218,7 @@ impl Fleet {
             )
             .expect("config");
             let mut cmd = site.command(i, Some(&origin.url), &key.1);
-            cmd.arg("--config").arg(&config);
+            cmd.arg("--config").arg(config);
             site.start(i, cmd);
         }
         let pending = wait_staged(&site.state_refs(), "1.0.0", &r1, Duration::from_secs(60));
@@ -216,6 +230,13 @@ impl Fleet {
         for state in &site.states {
             run_ok(&["apply", "1.0.0", "--state", s(state)]);
         }
+        if let Some(j) = away {
+            site.procs[j] = None;
+        }
+        let here: Vec<&Path> = (0..n)
+            .filter(|&i| Some(i) != away)
+            .map(|i| site.states[i].as_path())
+            .collect();
         let v2 = root.join("v2");
         app_tree(
             &v2,
@@ -224,10 +245,10 @@ impl Fleet {
             &[("lib/new.bin", pseudo_random(10_000, 9))],
         );
         let r2 = publish(&v2, "2.0.0", &origin.url, &key, &www);
-        for state in &site.states {
+        for state in &here {
             run_ok(&["check", "--state", s(state)]);
         }
-        let pending = wait_staged(&site.state_refs(), "2.0.0", &r2, Duration::from_secs(60));
+        let pending = wait_staged(&here, "2.0.0", &r2, Duration::from_secs(60));
         assert!(
             pending.is_empty(),
             "v2 not staged:\n{}",
@@ -236,10 +257,55 @@ impl Fleet {
         Fleet {
             site,
             origin,
+            publisher: key.1,
+            configs,
             installs,
             admin,
             _apps: apps,
             _tmp: tmp,
+        }
+    }
+
+    /// Starts node `i` (again).
+    fn start(&mut self, i: usize) {
+        let mut cmd = self
+            .site
+            .command(i, Some(&self.origin.url), &self.publisher);
+        cmd.arg("--config").arg(&self.configs[i]);
+        self.site.start(i, cmd);
+    }
+
+    /// Waits until node `i` hears exactly `n` nodes (itself included).
+    fn wait_site_size(&self, i: usize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = site_status(&self.site.states[i]);
+            if status["nodes"].as_array().map(Vec::len) == Some(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never saw {n} nodes: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until install `i` runs `version`, committed.
+    fn wait_running(&self, i: usize, version: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let committed = || {
+            let own = own_status(&self.site.states[i]);
+            own["installed_version"] == version && own["apply"] == "committed"
+        };
+        while self.running(i).as_deref() != Some(version) || !committed() {
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never ran {version}: {:?}\n{}",
+                self.running(i),
+                node_log(&self.site.states[i])
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -415,4 +481,125 @@ fn an_aborted_rollout_applies_no_further_wave() {
         .filter(|&i| fleet.running(i).as_deref() == Some("1.0.0"))
         .count();
     assert!(on_v1 >= 2, "the rest stay on 1.0.0");
+}
+
+#[test]
+fn a_node_away_during_a_rollout_catches_up_stages_and_applies_when_it_is_back() {
+    let mut fleet = Fleet::build(3, None, "500ms", Some(2));
+    fleet.wait_site_size(0, 2);
+    let out = run(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        s(&fleet.admin.0),
+        "--state",
+        s(&fleet.site.states[0]),
+        "--waves",
+        "1,100%",
+        "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fleet.running(2).as_deref(),
+        Some("1.0.0"),
+        "away: untouched"
+    );
+    fleet.start(2);
+    fleet.wait_running(2, "2.0.0");
+    let state = &fleet.site.states[2];
+    let verify = run_ok(&["verify", "--state", s(state)]);
+    assert!(verify.contains("2.0.0"), "{verify}");
+    let h = history(state);
+    let accepted = h
+        .iter()
+        .find(|e| e["event"] == "accepted" && e["action"] == "rollout")
+        .unwrap_or_else(|| panic!("no rollout accepted: {h:#?}"));
+    assert!(
+        accepted["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("caught up"),
+        "{accepted}"
+    );
+    assert!(accepted["from"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("peer"));
+    assert!(fleet.at(2, "applied").is_some(), "{h:#?}");
+    // It staged 2.0.0 only after it came back, then applied it.
+    let log = node_log(state);
+    let staged = log.rfind("release staged and verified").expect("staged");
+    let applied = log.rfind("release installed").expect("installed");
+    assert!(staged < applied, "{log}");
+    for i in 0..3 {
+        assert_eq!(fleet.running(i).as_deref(), Some("2.0.0"), "node {i}");
+    }
+}
+
+#[test]
+fn a_signed_rollback_returns_every_node_to_the_release_it_still_holds() {
+    // The install's files, without what the running app writes in var/.
+    let files = |dir: &Path| {
+        let mut t = crate::apply::tree(dir);
+        t.retain(|name, _| !name.starts_with("var/"));
+        t
+    };
+    let fleet = Fleet::new(2, None);
+    let key = s(&fleet.admin.0);
+    let state = s(&fleet.site.states[1]);
+    let v1 = files(&fleet.installs[0]);
+    let out = run(&[
+        "rollout", "2.0.0", "--key", key, "--state", state, "--waves", "100%", "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..2 {
+        assert_eq!(fleet.running(i).as_deref(), Some("2.0.0"), "node {i}");
+    }
+    // An older release cannot be applied, only rolled back to.
+    let out = run(&["apply", "1.0.0", "--state", state]);
+    assert!(!out.status.success());
+    // One the nodes no longer hold is refused before it is sent.
+    let out = run(&["rollback", "0.9.0", "--key", key, "--state", state]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("0.9.0 is no longer in this node's store")
+            && stderr.contains("1.0.0, 2.0.0"),
+        "{stderr}"
+    );
+    let out = run(&[
+        "rollback", "1.0.0", "--key", key, "--state", state, "--wait",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node_log(&fleet.site.states[0])
+    );
+    assert!(stdout.contains("every node runs 1.0.0"), "{stdout}");
+    for i in 0..2 {
+        let st = &fleet.site.states[i];
+        assert_eq!(fleet.running(i).as_deref(), Some("1.0.0"), "node {i}");
+        let verify = run_ok(&["verify", "--state", s(st)]);
+        assert!(verify.contains("1.0.0"), "{verify}");
+        // Exactly v1's files again: 2.0.0's new file is gone.
+        assert_eq!(files(&fleet.installs[i]), v1, "node {i}");
+        let h = history(st);
+        assert!(
+            h.iter()
+                .any(|e| e["event"] == "applied" && e["action"] == "rollback"),
+            "{h:#?}"
+        );
+        assert_eq!(own_status(st)["installed_version"], "1.0.0");
+    }
 }
