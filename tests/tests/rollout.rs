@@ -209,7 +209,7 @@ impl Fleet {
         for (i, install) in installs.iter().enumerate() {
             let config = &configs[i];
             std::fs::write(
-                &config,
+                config,
                 format!(
                     "trust_admin = [\"{}\"]\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"{health_after}\"\n",
                     admin.1,
