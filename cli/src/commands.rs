@@ -29,7 +29,7 @@ impl Cli {
     /// The demo narrates for itself; other commands log at INFO.
     pub(crate) fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Demo(_) => "warn",
+            Command::Demo(_) => "error",
             _ => "info",
         }
     }
@@ -37,9 +37,11 @@ impl Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run lanup's job end to end on this machine: publish a sample release,
-    /// serve it behind a capped uplink, fetch, verify and stage it, then do
-    /// the same for a second version with small edits.
+    /// Run lanup's job end to end on this machine: an origin behind a capped
+    /// uplink and a site of nodes on loopback, each with a sample app; v1 is
+    /// fetched once for the site and rolled out, then v2 (small edits) is
+    /// rolled out in canary waves; a report compares the uplink bytes with N
+    /// separate downloads.
     Demo(crate::demo::DemoArgs),
     /// Run a node in the foreground: find the site's peers, fetch releases
     /// (one node per site from the origin, the rest from each other),
@@ -244,15 +246,15 @@ struct RollbackArgs {
 
 /// Which local node a command talks to.
 #[derive(Debug, clap::Args)]
-struct LocalNode {
+pub(crate) struct LocalNode {
     /// The local node's state directory.
     #[arg(long, value_name = "DIR", default_value = lanup_node::config::DEFAULT_STATE)]
-    state: PathBuf,
+    pub(crate) state: PathBuf,
 }
 
 impl LocalNode {
     /// Sends one request over the node's control socket.
-    fn ask(&self, request: ControlRequest) -> Result<serde_json::Value> {
+    pub(crate) fn ask(&self, request: ControlRequest) -> Result<serde_json::Value> {
         runtime()?.block_on(control::ask(&self.state, request))
     }
 }
@@ -310,7 +312,7 @@ enum YesNo {
 pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => {
-            runtime()?.block_on(crate::demo::run(args))?;
+            crate::demo::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Node(args) => {
@@ -420,7 +422,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             if !args.wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            follow(&args.node)
+            exit_code(follow(&args.node)?)
         }
         Command::History { node, json } => history(&node.state, json),
         Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
@@ -428,15 +430,15 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// A command as sent: its id and the key that signed it.
-struct Sent {
-    id: String,
-    key: PublicKey,
-    rollout: serde_json::Value,
+pub(crate) struct Sent {
+    pub(crate) id: String,
+    pub(crate) key: PublicKey,
+    pub(crate) rollout: serde_json::Value,
 }
 
 /// Signs a rollout command here and hands it to the local node, which
 /// checks it like any other and gossips it to the site.
-fn issue(
+pub(crate) fn issue(
     node: &LocalNode,
     key: &Path,
     action: lanup_protocol::rollout::Action,
@@ -514,12 +516,20 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    follow(&args.node)
+    exit_code(follow(&args.node)?)
+}
+
+fn exit_code(done: bool) -> Result<ExitCode> {
+    Ok(if done {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Draws the site's progress until the rollout (or rollback) the local
 /// node follows is done (exit 0) or halted (exit 1).
-fn follow(node: &LocalNode) -> Result<ExitCode> {
+pub(crate) fn follow(node: &LocalNode) -> Result<bool> {
     let mut bars = RolloutBars::default();
     let mut last_stage = String::new();
     loop {
@@ -542,7 +552,7 @@ fn follow(node: &LocalNode) -> Result<ExitCode> {
                     "done: every node runs {}",
                     r["version"].as_str().unwrap_or("?")
                 );
-                return Ok(ExitCode::SUCCESS);
+                return Ok(true);
             }
             Some("halted") => {
                 bars.finish();
@@ -552,7 +562,7 @@ fn follow(node: &LocalNode) -> Result<ExitCode> {
                     r["halted_by"].as_str().unwrap_or("?"),
                     r["reason"].as_str().unwrap_or("?")
                 );
-                return Ok(ExitCode::from(1));
+                return Ok(false);
             }
             _ => {}
         }
@@ -563,7 +573,7 @@ fn follow(node: &LocalNode) -> Result<ExitCode> {
 /// they arrive, then the apply's steps. On a terminal only; elsewhere each
 /// node's changes are printed as lines.
 #[derive(Default)]
-struct RolloutBars {
+pub(crate) struct RolloutBars {
     multi: Option<indicatif::MultiProgress>,
     bars: std::collections::BTreeMap<String, indicatif::ProgressBar>,
     said: std::collections::BTreeMap<String, String>,
@@ -580,13 +590,13 @@ impl RolloutBars {
     }
 
     /// Leaves the bars drawn as they are.
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         for bar in self.bars.values() {
             bar.abandon();
         }
     }
 
-    fn update(&mut self, status: &serde_json::Value) {
+    pub(crate) fn update(&mut self, status: &serde_json::Value) {
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let version = status["rollout"]["version"].as_str().unwrap_or("");
         for n in status["nodes"].as_array().into_iter().flatten() {
