@@ -601,14 +601,7 @@ impl RolloutBars {
         let version = status["rollout"]["version"].as_str().unwrap_or("");
         for n in status["nodes"].as_array().into_iter().flatten() {
             let id = n["peer_id"].as_str().unwrap_or("?").to_owned();
-            let short = id
-                .chars()
-                .rev()
-                .take(8)
-                .collect::<String>()
-                .chars()
-                .rev()
-                .collect::<String>();
+            let short = short_id(&id);
             let what = if n["installed_version"] == version {
                 format!("installed {version}")
             } else if let Some(step) = n["apply_step"].as_str() {
@@ -620,7 +613,7 @@ impl RolloutBars {
             };
             if !terminal {
                 if self.said.get(&id) != Some(&what) {
-                    println!("  …{short}  {what}");
+                    println!("  {short}  {what}");
                     self.said.insert(id, what);
                 }
                 continue;
@@ -629,7 +622,7 @@ impl RolloutBars {
             let bar = self.bars.entry(id).or_insert_with(|| {
                 let bar = multi.add(indicatif::ProgressBar::new(1));
                 if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "  …{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
+                    "  {prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
                 ) {
                     bar.set_style(style);
                 }
@@ -712,37 +705,79 @@ fn apply(node: &LocalNode, version: &str, json: bool) -> Result<ExitCode> {
     }
 }
 
+/// The last 8 characters of a PeerId: enough to tell a site's nodes apart.
+pub(crate) fn short_id(id: &str) -> String {
+    let tail: String = id
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("…{tail}")
+}
+
+/// What a node is doing, in a few words: its state, the release it is
+/// moving to, and the apply step under way.
+fn node_doing(n: &serde_json::Value) -> String {
+    let state = n["state"].as_str().unwrap_or("?");
+    let release = n["release"].as_str();
+    match (state, release) {
+        ("applying", Some(r)) => {
+            format!("applying {r}: {}", n["apply_step"].as_str().unwrap_or("?"))
+        }
+        ("fetching" | "staging" | "staged", Some(r)) => format!("{state} {r}"),
+        _ => state.to_owned(),
+    }
+}
+
 fn print_status(answer: &serde_json::Value) {
-    println!("site {}", answer["site"].as_str().unwrap_or("?"));
+    let nodes = answer["nodes"].as_array().cloned().unwrap_or_default();
+    let mut head = format!(
+        "site {}: {} node{}",
+        answer["site"].as_str().unwrap_or("?"),
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" }
+    );
     let r = &answer["rollout"];
     if let Some(version) = r["version"].as_str() {
-        let mut line = format!(
-            "rollout of {version}: {}",
+        let what = match r["action"].as_str() {
+            Some("rollback") => "rollback to",
+            _ => "rollout of",
+        };
+        head.push_str(&format!(
+            "; {what} {version}: {}",
             r["stage"].as_str().unwrap_or("?")
-        );
+        ));
         if let Some(node) = r["halted_by"].as_str() {
-            line.push_str(&format!(
-                " by {node}: {}",
+            let by = if node.starts_with("12D3") {
+                short_id(node)
+            } else {
+                node.to_owned()
+            };
+            head.push_str(&format!(
+                " by {by}: {}",
                 r["reason"].as_str().unwrap_or("no reason given")
             ));
         }
-        println!("{line}");
     }
+    println!("{head}");
     println!(
-        "{:<54} {:<11} {:<10} {:<10} {:>15} {:>12} {:>10}",
-        "node", "state", "installed", "release", "progress", "from origin", "last seen"
+        "{:<13} {:<10} {:<24} {:<18} {:>11} {:>10}  LAST ERROR",
+        "NODE", "VERSION", "STATE", "PROGRESS", "FROM ORIGIN", "LAST SEEN"
     );
-    for n in answer["nodes"].as_array().into_iter().flatten() {
-        let mut id = n["peer_id"].as_str().unwrap_or("?").to_owned();
-        if n["self"] == true {
-            id.push_str(" (this)");
-        }
+    for n in &nodes {
+        let mut id = short_id(n["peer_id"].as_str().unwrap_or("?"));
         if n["fetcher"] == true {
             id.push_str(" *");
         }
+        if n["self"] == true {
+            id.push_str(" ●");
+        }
         let have = n["bytes_have"].as_u64().unwrap_or(0);
         let total = n["bytes_total"].as_u64().unwrap_or(0);
-        let progress = if total == 0 {
+        let progress = if total == 0 || (have == total && n["state"] != "fetching") {
             "-".to_owned()
         } else {
             format!(
@@ -751,27 +786,26 @@ fn print_status(answer: &serde_json::Value) {
                 format_bytes(total)
             )
         };
-        let seen = n["last_seen_ms"].as_u64().map_or("never".to_owned(), |ms| {
-            format!("{:.1} s ago", ms as f64 / 1000.0)
-        });
-        let mut state = n["state"].as_str().unwrap_or("?").to_owned();
-        if let Some(step) = n["apply_step"].as_str() {
-            state = format!("{state}: {step}");
-        }
+        let seen = match n["last_seen_ms"].as_u64() {
+            _ if n["self"] == true => "-".to_owned(),
+            Some(ms) => format!("{:.1} s ago", ms as f64 / 1000.0),
+            None => "never".to_owned(),
+        };
+        let error = n["last_error"]
+            .as_str()
+            .map_or("-".to_owned(), |e| format!("last apply failed: {e}"));
         println!(
-            "{:<54} {:<11} {:<10} {:<10} {:>15} {:>12} {:>10}",
+            "{:<13} {:<10} {:<24} {:<18} {:>11} {:>10}  {}",
             id,
-            state,
             n["installed_version"].as_str().unwrap_or("-"),
-            n["release"].as_str().unwrap_or("-"),
+            node_doing(n),
             progress,
             format_bytes(n["origin_bytes"].as_u64().unwrap_or(0)),
-            seen
+            seen,
+            error
         );
-        if let Some(error) = n["last_error"].as_str() {
-            println!("    last apply failed: {error}");
-        }
     }
+    println!("● this node   * the site's fetcher (the one node that talks to the origin)");
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -211,7 +211,10 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     let root = match &args.dir {
         Some(d) => {
             if d.exists() && std::fs::read_dir(d)?.next().is_some() {
-                bail!("--dir {}: not empty (the demo starts from nothing)", d.display());
+                bail!(
+                    "--dir {}: not empty (the demo starts from nothing)",
+                    d.display()
+                );
             }
             std::fs::create_dir_all(d)?;
             d.clone()
@@ -307,7 +310,10 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         let (waves, how) = if edit {
             (waves.clone(), format!("in waves {}", args.waves))
         } else {
-            (parse_waves("100%").map_err(anyhow::Error::msg)?, "on every node at once".into())
+            (
+                parse_waves("100%").map_err(anyhow::Error::msg)?,
+                "on every node at once".into(),
+            )
         };
         let sent = issue(
             &site.node(n - 1),
@@ -337,7 +343,14 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     site.stop();
     let _ = stop_origin.send(());
     let _ = site.rt.block_on(server);
-    report(&steps, n, &stats, counted, &results, began.elapsed().as_secs_f64());
+    report(
+        &steps,
+        n,
+        &stats,
+        counted,
+        &results,
+        began.elapsed().as_secs_f64(),
+    );
     Ok(())
 }
 
@@ -382,10 +395,7 @@ fn node_results(site: &Site) -> Result<Vec<NodeResult>> {
         let last = lanup_node::apply::Applier::new(state, app_config(install)).last();
         results.push(NodeResult {
             peer: own["peer_id"].as_str().unwrap_or("?").to_owned(),
-            installed: own["installed_version"]
-                .as_str()
-                .unwrap_or("-")
-                .to_owned(),
+            installed: own["installed_version"].as_str().unwrap_or("-").to_owned(),
             downtime_ms: last.and_then(|o| o.downtime_ms),
             pid: app.processes(Some(APP)).first().map(|p| p.pid),
         });
@@ -407,9 +417,7 @@ fn report(
     secs: f64,
 ) {
     println!();
-    println!(
-        "release   size        over the uplink   {n} separate downloads   saved   time"
-    );
+    println!("release   size        over the uplink   {n} separate downloads   saved   time");
     for s in steps {
         let separate = s.size * n as u64;
         println!(
@@ -434,14 +442,15 @@ fn report(
         served.saturating_sub(counted)
     );
     println!();
-    println!("node{:<50} installed  app pid   downtime", "");
+    println!("node       installed  app pid   downtime");
     for r in results {
         println!(
-            "{:<54} {:<10} {:<9} {}",
-            r.peer,
+            "{:<10} {:<10} {:<9} {}",
+            crate::commands::short_id(&r.peer),
             r.installed,
             r.pid.map_or("-".to_owned(), |p| p.to_string()),
-            r.downtime_ms.map_or("-".to_owned(), |ms| format!("{ms} ms"))
+            r.downtime_ms
+                .map_or("-".to_owned(), |ms| format!("{ms} ms"))
         );
     }
     println!("demo finished in {secs:.1} s; the nodes and their applications are stopped");

@@ -666,6 +666,7 @@ impl Node {
                 None if installed.is_some() => "installed",
                 None => "idle",
                 Some(t) if t.staged => "staged",
+                Some(t) if t.staging => "staging",
                 Some(_) => "fetching",
             }
             .into(),
@@ -763,13 +764,28 @@ impl Node {
                 let mut mine = row(&self.local, Some(&own), Some(0));
                 mine["fetcher"] = serde_json::json!(self.is_fetcher());
                 mine["self"] = serde_json::json!(true);
+                // The peer this node takes for the fetcher, by the same
+                // rule as the election.
+                let fetcher = self
+                    .peers
+                    .iter()
+                    .filter(|(_, info)| {
+                        info.heartbeat
+                            .as_ref()
+                            .is_some_and(|(at, hb)| hb.has_origin && at.elapsed() < PEER_SILENT)
+                    })
+                    .map(|(peer, _)| *peer)
+                    .min()
+                    .filter(|_| !self.is_fetcher());
                 let mut nodes = vec![mine];
                 for (peer, info) in &self.peers {
                     let (hb, seen) = match &info.heartbeat {
                         Some((at, hb)) => (Some(hb), Some(at.elapsed().as_millis() as u64)),
                         None => (None, None),
                     };
-                    nodes.push(row(peer, hb, seen));
+                    let mut r = row(peer, hb, seen);
+                    r["fetcher"] = serde_json::json!(fetcher == Some(*peer));
+                    nodes.push(r);
                 }
                 serde_json::json!({ "site": self.config.site, "nodes": nodes, "rollout": self.rollout_json() })
             }

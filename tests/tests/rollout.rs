@@ -439,6 +439,22 @@ fn a_canary_that_fails_halts_the_rollout_and_the_rest_stay_on_the_old_release() 
             halted_by.as_str(),
             "{status}"
         );
+        // The table says it at a glance: the halt, who, and the reason on
+        // the failing node's row.
+        let table = run_ok(&["status", "--state", s(&fleet.site.states[i])]);
+        let short = &halted_by[halted_by.len() - 8..];
+        assert!(
+            table.contains(&format!("rollout of 2.0.0: halted by …{short}")),
+            "{table}"
+        );
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("…{short}")))
+            .unwrap_or_else(|| panic!("no row for the canary:\n{table}"));
+        assert!(
+            row.contains("1.0.0") && row.contains("last apply failed: 2.0.0"),
+            "{table}"
+        );
     }
 }
 
