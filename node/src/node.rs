@@ -201,8 +201,9 @@ struct Node {
     /// Releases that rolled back here: not applied again automatically.
     failed_releases: HashSet<String>,
     rollout_topic: String,
-    /// The newest (boot, sequence) heard from each heartbeat's author.
-    heard: HashMap<PeerId, (u64, u64)>,
+    /// Per heartbeat author, directly connected or not: its newest (boot,
+    /// sequence), when that came, and whether it has an origin.
+    heard: HashMap<PeerId, Heard>,
     /// When this node started (Unix ms), and its heartbeats since.
     boot_ms: u64,
     heartbeats_sent: u64,
@@ -214,6 +215,14 @@ struct Node {
     /// Commands named in peers' heartbeats that this node asked for, and
     /// when, so each is asked for again only after [`CATCH_UP_RETRY`].
     asked: HashMap<String, Instant>,
+}
+
+/// The newest heartbeat of one author.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    boot_seq: (u64, u64),
+    at: Instant,
+    has_origin: bool,
 }
 
 /// An accepted rollout (or rollback) command and where it stands.
@@ -630,18 +639,25 @@ impl Node {
         });
     }
 
-    /// Among live nodes with an origin, the lowest PeerId fetches.
+    /// Among live nodes with an origin, the lowest PeerId fetches. A node
+    /// heard only through others (not connected to this one yet, as happens
+    /// while mDNS is still finding the site) counts as much as a peer: two
+    /// nodes that have not met must not both download.
     fn is_fetcher(&self) -> bool {
         if self.config.origin.is_none() {
             return false;
         }
-        !self.peers.iter().any(|(peer, info)| {
+        let peer_lower = self.peers.iter().any(|(peer, info)| {
             *peer < self.local
                 && info
                     .heartbeat
                     .as_ref()
                     .is_some_and(|(at, hb)| hb.has_origin && at.elapsed() < PEER_SILENT)
-        })
+        });
+        let heard_lower = self.heard.iter().any(|(author, h)| {
+            *author < self.local && h.has_origin && h.at.elapsed() < PEER_SILENT
+        });
+        !peer_lower && !heard_lower
     }
 
     fn installed_name(&self) -> Option<String> {
@@ -1420,9 +1436,16 @@ impl Node {
                             let fresh = self
                                 .heard
                                 .get(&author)
-                                .is_none_or(|old| (hb.boot_ms, hb.seq) > *old);
+                                .is_none_or(|old| (hb.boot_ms, hb.seq) > old.boot_seq);
                             if fresh {
-                                self.heard.insert(author, (hb.boot_ms, hb.seq));
+                                self.heard.insert(
+                                    author,
+                                    Heard {
+                                        boot_seq: (hb.boot_ms, hb.seq),
+                                        at: Instant::now(),
+                                        has_origin: hb.has_origin,
+                                    },
+                                );
                             }
                             // The author's own record when it is a peer; one
                             // passed on from further away counts for the
