@@ -309,6 +309,21 @@ impl Fleet {
         }
     }
 
+    /// `lanup rollout 2.0.0 --waves WAVES --wait` from node `from`.
+    fn rollout_wait(&self, from: usize, waves: &str) -> std::process::Output {
+        run(&[
+            "rollout",
+            "2.0.0",
+            "--key",
+            s(&self.admin.0),
+            "--state",
+            s(&self.site.states[from]),
+            "--waves",
+            waves,
+            "--wait",
+        ])
+    }
+
     /// A node that is not the site's fetcher.
     fn not_the_fetcher(&self) -> usize {
         (0..self.site.states.len())
@@ -344,17 +359,7 @@ impl Fleet {
 fn a_rollout_from_any_node_reaches_every_node_wave_after_wave() {
     let fleet = Fleet::new(3, None);
     let from = fleet.not_the_fetcher();
-    let out = run(&[
-        "rollout",
-        "2.0.0",
-        "--key",
-        s(&fleet.admin.0),
-        "--state",
-        s(&fleet.site.states[from]),
-        "--waves",
-        "1,100%",
-        "--wait",
-    ]);
+    let out = fleet.rollout_wait(from, "1,100%");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -391,17 +396,7 @@ fn a_rollout_from_any_node_reaches_every_node_wave_after_wave() {
 #[test]
 fn a_canary_that_fails_halts_the_rollout_and_the_rest_stay_on_the_old_release() {
     let fleet = Fleet::new(3, Some("exit"));
-    let out = run(&[
-        "rollout",
-        "2.0.0",
-        "--key",
-        s(&fleet.admin.0),
-        "--state",
-        s(&fleet.site.states[0]),
-        "--waves",
-        "1,100%",
-        "--wait",
-    ]);
+    let out = fleet.rollout_wait(0, "1,100%");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("rollout halted by"), "{stderr}");
@@ -503,17 +498,7 @@ fn an_aborted_rollout_applies_no_further_wave() {
 fn a_node_away_during_a_rollout_catches_up_stages_and_applies_when_it_is_back() {
     let mut fleet = Fleet::build(3, None, "500ms", Some(2));
     fleet.wait_site_size(0, 2);
-    let out = run(&[
-        "rollout",
-        "2.0.0",
-        "--key",
-        s(&fleet.admin.0),
-        "--state",
-        s(&fleet.site.states[0]),
-        "--waves",
-        "1,100%",
-        "--wait",
-    ]);
+    let out = fleet.rollout_wait(0, "1,100%");
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -569,9 +554,7 @@ fn a_signed_rollback_returns_every_node_to_the_release_it_still_holds() {
     let key = s(&fleet.admin.0);
     let state = s(&fleet.site.states[1]);
     let v1 = files(&fleet.installs[0]);
-    let out = run(&[
-        "rollout", "2.0.0", "--key", key, "--state", state, "--waves", "100%", "--wait",
-    ]);
+    let out = fleet.rollout_wait(1, "100%");
     assert!(
         out.status.success(),
         "{}",
