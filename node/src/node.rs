@@ -42,26 +42,18 @@ use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_
 use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
+use lanup_protocol::election::Election;
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
 
 /// How often a node says it is alive, and re-announces its release.
-const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEARTBEAT: Duration = Duration::from_millis(lanup_protocol::election::HEARTBEAT_MS);
 /// How often a node asks its peers what chunks they gained.
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
-/// A peer silent this long no longer counts for the fetcher election.
-const PEER_SILENT: Duration = Duration::from_secs(5);
-/// A node waits this long after starting before it may fetch, so that it
-/// hears the site's other nodes first.
-const STARTUP_GRACE: Duration = Duration::from_secs(3);
-/// The same with mDNS: peers found by multicast on a busy LAN can take a
-/// few seconds to appear, and a node that fetches before it has heard them
-/// costs the uplink a second copy.
-const STARTUP_GRACE_MDNS: Duration = Duration::from_secs(6);
-/// A peer connected this long without a heartbeat no longer holds up the
-/// election.
-const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
+/// A peer silent this long is not asked for chunks, and no longer counts
+/// for the fetcher election.
+const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
 /// The most the fetcher asks the origin for at once. Between batches it
 /// looks again at what its peers hold, so chunks that reached the site some
 /// other way (an earlier fetcher, a node that joined) are not fetched twice.
@@ -494,19 +486,27 @@ impl Node {
         self.started.elapsed().as_millis() as u64
     }
 
+    fn election(&self) -> Election {
+        if self.config.mdns {
+            Election::MDNS
+        } else {
+            Election::STATIC_PEERS
+        }
+    }
+
     /// Whether this node has heard from every peer it is connected to, so
     /// an election now would see the whole site.
     fn settled(&self) -> bool {
-        let grace = if self.config.mdns {
-            STARTUP_GRACE_MDNS
-        } else {
-            STARTUP_GRACE
-        };
-        self.started.elapsed() >= grace
-            && self
-                .peers
-                .values()
-                .all(|p| p.heartbeat.is_some() || p.connected_at.elapsed() >= HEARTBEAT_WAIT)
+        let ms = |d: Duration| d.as_millis() as u64;
+        self.election().settled(
+            ms(self.started.elapsed()),
+            self.peers.values().map(|p| {
+                (
+                    p.heartbeat.as_ref().map(|(at, _)| ms(at.elapsed())),
+                    ms(p.connected_at.elapsed()),
+                )
+            }),
+        )
     }
 
     /// Peers that stopped talking without disconnecting (a frozen machine)
@@ -644,20 +644,20 @@ impl Node {
     /// while mDNS is still finding the site) counts as much as a peer: two
     /// nodes that have not met must not both download.
     fn is_fetcher(&self) -> bool {
-        if self.config.origin.is_none() {
-            return false;
-        }
-        let peer_lower = self.peers.iter().any(|(peer, info)| {
-            *peer < self.local
-                && info
-                    .heartbeat
-                    .as_ref()
-                    .is_some_and(|(at, hb)| hb.has_origin && at.elapsed() < PEER_SILENT)
+        let ms = |at: &Instant| at.elapsed().as_millis() as u64;
+        let peers = self.peers.iter().filter_map(|(peer, info)| {
+            let (at, hb) = info.heartbeat.as_ref()?;
+            Some((*peer, hb.has_origin, ms(at)))
         });
-        let heard_lower = self.heard.iter().any(|(author, h)| {
-            *author < self.local && h.has_origin && h.at.elapsed() < PEER_SILENT
-        });
-        !peer_lower && !heard_lower
+        let heard = self
+            .heard
+            .iter()
+            .map(|(author, h)| (*author, h.has_origin, ms(&h.at)));
+        self.election().is_fetcher(
+            &self.local,
+            self.config.origin.is_some(),
+            peers.chain(heard),
+        )
     }
 
     fn installed_name(&self) -> Option<String> {

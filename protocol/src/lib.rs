@@ -25,6 +25,7 @@
 //! and key distribution (operators configure which publisher keys to trust).
 
 pub mod chunk;
+pub mod election;
 pub mod hash;
 pub mod journal;
 pub mod manifest;

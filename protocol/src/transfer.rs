@@ -57,12 +57,26 @@ pub struct Request<P> {
     pub size: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PeerState {
     has: HashSet<Hash>,
     in_flight: usize,
     asked: u64,
     banned_until: Option<u64>,
+    /// Whether `has` counts in the holders of each chunk: not while banned.
+    counted: bool,
+}
+
+impl Default for PeerState {
+    fn default() -> Self {
+        PeerState {
+            has: HashSet::new(),
+            in_flight: 0,
+            asked: 0,
+            banned_until: None,
+            counted: true,
+        }
+    }
 }
 
 impl PeerState {
@@ -78,6 +92,11 @@ struct InFlight<P> {
 }
 
 /// The scheduler for one release at one node.
+///
+/// What a poll needs is kept up to date as events come, so a poll costs
+/// about the requests it makes, not the size of the release times the size
+/// of the site: every wanted chunk's count of usable holders, and the
+/// chunks that could be asked for now ordered rarest first.
 #[derive(Debug)]
 pub struct Transfer<P> {
     limits: Limits,
@@ -85,16 +104,85 @@ pub struct Transfer<P> {
     wanted: BTreeMap<Hash, u64>,
     peers: BTreeMap<P, PeerState>,
     in_flight: HashMap<Hash, InFlight<P>>,
+    /// For each wanted chunk, how many usable peers hold it.
+    holders: HashMap<Hash, usize>,
+    /// Wanted chunks not in flight that a usable peer holds, as
+    /// (holders, hash): rarest first, then by hash.
+    ready: BTreeSet<(usize, Hash)>,
 }
 
 impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// A transfer of the chunks in `wanted` (hash, size).
     pub fn new(wanted: impl IntoIterator<Item = (Hash, u64)>, limits: Limits) -> Self {
+        let wanted: BTreeMap<Hash, u64> = wanted.into_iter().collect();
         Transfer {
             limits,
-            wanted: wanted.into_iter().collect(),
+            holders: wanted.keys().map(|h| (*h, 0)).collect(),
+            wanted,
             peers: BTreeMap::new(),
             in_flight: HashMap::new(),
+            ready: BTreeSet::new(),
+        }
+    }
+
+    /// Changes the holder count of `hash` (if still wanted) by `delta`.
+    fn count(&mut self, hash: &Hash, delta: isize) {
+        let Some(count) = self.holders.get_mut(hash) else {
+            return;
+        };
+        self.ready.remove(&(*count, *hash));
+        *count = count.saturating_add_signed(delta);
+        let count = *count;
+        if count > 0 && !self.in_flight.contains_key(hash) {
+            self.ready.insert((count, *hash));
+        }
+    }
+
+    /// `hash` is no longer in flight: it may be asked again.
+    fn make_ready(&mut self, hash: &Hash) {
+        if let Some(&count) = self.holders.get(hash) {
+            if count > 0 && !self.in_flight.contains_key(hash) {
+                self.ready.insert((count, *hash));
+            }
+        }
+    }
+
+    fn unwant(&mut self, hash: &Hash) {
+        self.wanted.remove(hash);
+        if let Some(count) = self.holders.remove(hash) {
+            self.ready.remove(&(count, *hash));
+        }
+    }
+
+    /// Stops counting `peer`'s chunks (it is banned or gone).
+    fn uncount(&mut self, peer: &P) {
+        let Some(state) = self.peers.get_mut(peer).filter(|s| s.counted) else {
+            return;
+        };
+        state.counted = false;
+        let has: Vec<Hash> = state.has.iter().copied().collect();
+        for h in &has {
+            self.count(h, -1);
+        }
+    }
+
+    /// Counts again the chunks of peers whose ban ended by `now`.
+    fn end_bans(&mut self, now: u64) {
+        let ended: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| !s.counted && s.usable(now))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in ended {
+            let Some(state) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            state.counted = true;
+            let has: Vec<Hash> = state.has.iter().copied().collect();
+            for h in &has {
+                self.count(h, 1);
+            }
         }
     }
 
@@ -106,11 +194,23 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// A peer is gone: what was in flight to it is asked elsewhere. Its ban,
     /// if any, is forgotten with it only when it was not banned.
     pub fn peer_disconnected(&mut self, peer: &P) {
-        self.in_flight.retain(|_, f| f.peer != *peer);
+        self.uncount(peer);
+        let lost: Vec<Hash> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.peer == *peer)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in &lost {
+            self.in_flight.remove(h);
+            self.make_ready(h);
+        }
         match self.peers.get_mut(peer) {
             Some(state) if state.banned_until.is_some() => {
                 state.has.clear();
                 state.in_flight = 0;
+                // Nothing left to count; its ban still runs.
+                state.counted = false;
             }
             _ => {
                 self.peers.remove(peer);
@@ -121,21 +221,31 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// A peer announced that it holds these chunks (all of them, or the
     /// ones it gained since its last announcement).
     pub fn peer_has(&mut self, peer: &P, hashes: impl IntoIterator<Item = Hash>) {
-        if let Some(state) = self.peers.get_mut(peer) {
-            state.has.extend(hashes);
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let counted = state.counted;
+        let new: Vec<Hash> = hashes
+            .into_iter()
+            .filter(|h| state.has.insert(*h))
+            .collect();
+        if counted {
+            for h in &new {
+                self.count(h, 1);
+            }
         }
     }
 
     /// This node obtained `hash` some other way (the origin, another
     /// release): it is no longer wanted.
     pub fn obtained(&mut self, hash: &Hash) {
-        self.wanted.remove(hash);
+        self.unwant(hash);
     }
 
     /// `peer` delivered `hash` and it matched.
     pub fn delivered(&mut self, peer: &P, hash: &Hash) {
         self.release(peer, hash);
-        self.wanted.remove(hash);
+        self.unwant(hash);
     }
 
     /// Asking `peer` for `hash` failed (an error, a closed stream): the chunk
@@ -163,6 +273,10 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             state.in_flight = 0;
             state.banned_until = Some(now + self.limits.ban_ms);
         }
+        self.uncount(peer);
+        for h in &dropped {
+            self.make_ready(h);
+        }
         dropped
     }
 
@@ -177,12 +291,14 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             if let Some(state) = self.peers.get_mut(peer) {
                 state.in_flight = state.in_flight.saturating_sub(1);
             }
+            self.make_ready(hash);
         }
     }
 
     /// Gives up requests older than the timeout (returned, so the node can
     /// drop them), then decides which requests to send now.
     pub fn poll(&mut self, now: u64) -> (Vec<Request<P>>, Vec<Request<P>>) {
+        self.end_bans(now);
         let timeout = self.limits.request_timeout_ms;
         let mut expired: Vec<Request<P>> = self
             .in_flight
@@ -201,45 +317,62 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         (self.assign(now), expired)
     }
 
+    /// The rarest ready chunk `state` holds. A peer holding much is likely
+    /// to hold one of the first ready chunks; one holding little is
+    /// cheaper to look through itself.
+    fn rarest_held(&self, state: &PeerState) -> Option<(usize, Hash)> {
+        let scan = state.has.len();
+        if let Some(found) = self
+            .ready
+            .iter()
+            .take(scan)
+            .find(|(_, h)| state.has.contains(h))
+        {
+            return Some(*found);
+        }
+        if scan >= self.ready.len() {
+            return None;
+        }
+        state
+            .has
+            .iter()
+            .filter_map(|h| self.holders.get(h).map(|c| (*c, *h)))
+            .filter(|key| self.ready.contains(key))
+            .min()
+    }
+
+    /// Rarest first: the rarest ready chunk that a peer with room holds
+    /// goes to the holder with the fewest requests in flight, then the one
+    /// asked least so far; again, until the limits or the chunks run out.
     fn assign(&mut self, now: u64) -> Vec<Request<P>> {
         let mut requests = Vec::new();
         let mut room = self.limits.total.saturating_sub(self.in_flight.len());
-        if room == 0 {
-            return requests;
-        }
-        // Rarest first: (holders, hash) for every wanted chunk not in flight
-        // that some usable peer holds.
-        let mut candidates: Vec<(usize, Hash)> = self
-            .wanted
-            .keys()
-            .filter(|h| !self.in_flight.contains_key(h))
-            .map(|h| {
-                let holders = self
-                    .peers
-                    .values()
-                    .filter(|s| s.usable(now) && s.has.contains(h))
-                    .count();
-                (holders, *h)
-            })
-            .filter(|(holders, _)| *holders > 0)
+        let per_peer = self.limits.per_peer;
+        let mut free: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| s.usable(now) && s.in_flight < per_peer && !s.has.is_empty())
+            .map(|(p, _)| p.clone())
             .collect();
-        candidates.sort();
-        for (_, hash) in candidates {
-            if room == 0 {
+        // Each free peer's rarest ready chunk.
+        let mut best: Vec<Option<(usize, Hash)>> = free
+            .iter()
+            .map(|p| self.peers.get(p).and_then(|s| self.rarest_held(s)))
+            .collect();
+        while room > 0 {
+            let Some((count, hash)) = best.iter().flatten().min().copied() else {
                 break;
-            }
-            let per_peer = self.limits.per_peer;
-            let best = self
-                .peers
+            };
+            let chosen = free
                 .iter()
-                .filter(|(_, s)| s.usable(now) && s.in_flight < per_peer && s.has.contains(&hash))
-                .min_by_key(|(p, s)| (s.in_flight, s.asked, (*p).clone()))
-                .map(|(p, _)| p.clone());
-            let Some(peer) = best else { continue };
-            if let Some(state) = self.peers.get_mut(&peer) {
-                state.in_flight += 1;
-                state.asked += 1;
-            }
+                .enumerate()
+                .filter_map(|(i, p)| self.peers.get(p).map(|s| (i, p, s)))
+                .filter(|(_, _, s)| s.has.contains(&hash))
+                .min_by_key(|(_, p, s)| (s.in_flight, s.asked, (*p).clone()))
+                .map(|(i, _, _)| i);
+            let Some(i) = chosen else { break };
+            let peer = free[i].clone();
+            self.ready.remove(&(count, hash));
             self.in_flight.insert(
                 hash,
                 InFlight {
@@ -247,12 +380,29 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                     since: now,
                 },
             );
+            let full = match self.peers.get_mut(&peer) {
+                Some(state) => {
+                    state.in_flight += 1;
+                    state.asked += 1;
+                    state.in_flight >= per_peer
+                }
+                None => true,
+            };
             requests.push(Request {
                 peer,
                 hash,
                 size: self.wanted.get(&hash).copied().unwrap_or(0),
             });
             room -= 1;
+            if full {
+                free.remove(i);
+                best.remove(i);
+            }
+            for (j, p) in free.iter().enumerate() {
+                if best[j].is_some_and(|(_, h)| h == hash) {
+                    best[j] = self.peers.get(p).and_then(|s| self.rarest_held(s));
+                }
+            }
         }
         requests
     }
@@ -270,15 +420,15 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// Wanted chunks that no usable peer holds: what only the origin can
     /// provide, in hash order.
     pub fn unavailable(&self, now: u64) -> BTreeSet<Hash> {
-        self.wanted
-            .keys()
-            .filter(|h| {
-                !self
-                    .peers
-                    .values()
-                    .any(|s| s.usable(now) && s.has.contains(h))
-            })
-            .copied()
+        let unbanned: Vec<&PeerState> = self
+            .peers
+            .values()
+            .filter(|s| !s.counted && s.usable(now))
+            .collect();
+        self.holders
+            .iter()
+            .filter(|(h, count)| **count == 0 && !unbanned.iter().any(|s| s.has.contains(h)))
+            .map(|(h, _)| *h)
             .collect()
     }
 
@@ -287,6 +437,9 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         self.in_flight.len()
     }
 }
+
+#[cfg(test)]
+mod reference;
 
 #[cfg(test)]
 mod tests {
@@ -426,5 +579,85 @@ mod tests {
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].hash, h(2));
         assert_eq!(t.missing_bytes(), 102);
+    }
+
+    /// Random events (peers coming and going, announcing, delivering,
+    /// failing, corrupting, timing out, chunks obtained elsewhere): the
+    /// incremental scheduler asks for exactly what the plain one asks for.
+    #[test]
+    fn the_incremental_scheduler_makes_the_same_requests_as_the_plain_one() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut made = 0;
+        for run in 0..200u64 {
+            let chunks: Vec<(Hash, u64)> = (0..40u8).map(|n| (h(n), 100 + n as u64)).collect();
+            let limits = Limits {
+                per_peer: 1 + (run % 4) as usize,
+                total: 2 + (run % 7) as usize,
+                request_timeout_ms: 50,
+                ban_ms: 80,
+            };
+            let mut fast = Transfer::new(chunks.clone(), limits);
+            let mut plain = reference::Reference::new(chunks, limits);
+            let mut now = 0;
+            let mut asked: Vec<Request<u8>> = Vec::new();
+            for _ in 0..400 {
+                now += next(5);
+                let peer = next(6) as u8;
+                match next(10) {
+                    0 => {
+                        fast.peer_connected(peer);
+                        plain.peer_connected(peer);
+                    }
+                    1 if next(4) == 0 => {
+                        fast.peer_disconnected(&peer);
+                        plain.peer_disconnected(&peer);
+                    }
+                    2 | 3 => {
+                        let has: Vec<Hash> = (0..next(6)).map(|_| h(next(40) as u8)).collect();
+                        fast.peer_has(&peer, has.clone());
+                        plain.peer_has(&peer, has);
+                    }
+                    4 if !asked.is_empty() => {
+                        let r = asked.swap_remove(next(asked.len() as u64) as usize);
+                        match next(8) {
+                            0 => {
+                                let a = fast.corrupt(&r.peer, &r.hash, now);
+                                assert_eq!(a, plain.corrupt(&r.peer, &r.hash, now));
+                            }
+                            1 | 2 => {
+                                fast.failed(&r.peer, &r.hash);
+                                plain.failed(&r.peer, &r.hash);
+                            }
+                            _ => {
+                                fast.delivered(&r.peer, &r.hash);
+                                plain.delivered(&r.peer, &r.hash);
+                            }
+                        }
+                    }
+                    5 if next(5) == 0 => {
+                        let c = h(next(40) as u8);
+                        fast.obtained(&c);
+                        plain.obtained(&c);
+                    }
+                    _ => {
+                        let got = fast.poll(now);
+                        assert_eq!(got, plain.poll(now), "run {run} at {now}");
+                        made += got.0.len();
+                        asked.extend(got.0);
+                    }
+                }
+                assert_eq!(fast.unavailable(now), plain.unavailable(now), "run {run}");
+                assert_eq!(fast.in_flight(), plain.in_flight());
+                assert_eq!(fast.missing_bytes(), plain.missing_bytes());
+                assert_eq!(fast.is_banned(&peer, now), plain.is_banned(&peer, now));
+            }
+        }
+        assert!(made > 5000, "the runs made requests: {made}");
     }
 }
