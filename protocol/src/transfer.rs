@@ -655,6 +655,7 @@ mod tests {
                 assert_eq!(fast.unavailable(now), plain.unavailable(now), "run {run}");
                 assert_eq!(fast.in_flight(), plain.in_flight());
                 assert_eq!(fast.missing_bytes(), plain.missing_bytes());
+                assert_eq!(fast.is_done(), plain.is_done());
                 assert_eq!(fast.is_banned(&peer, now), plain.is_banned(&peer, now));
             }
         }
