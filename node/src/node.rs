@@ -1691,7 +1691,13 @@ impl Node {
                 .filter(|(h, _)| !held.contains(*h))
                 .map(|(h, s)| (*h, *s)),
             Limits::default(),
-        );
+        )
+        // Equally rare chunks in this node's own order, from its PeerId.
+        .with_order(u64::from_le_bytes(
+            Hash::of(&self.local.to_bytes()).0[..8]
+                .try_into()
+                .unwrap_or_default(),
+        ));
         for peer in self.peers.keys() {
             transfer.peer_connected(*peer);
         }

@@ -9,7 +9,10 @@
 //! * **rarest first**: among the chunks still wanted and not in flight, those
 //!   held by the fewest usable peers go first, so rare chunks spread before
 //!   the peers holding them leave, and every peer soon has something to
-//!   offer the others;
+//!   offer the others; chunks equally rare go in an order of the node's own
+//!   ([`Transfer::with_order`]), so that nodes that hear the same (all of a
+//!   site, from the fetcher) do not all ask for the same chunk and have
+//!   nothing to give each other;
 //! * **spread the load**: a chunk goes to the holder with the fewest requests
 //!   in flight, then the one asked least so far;
 //! * **bounded**: at most `per_peer` requests in flight to one peer and
@@ -106,9 +109,21 @@ pub struct Transfer<P> {
     in_flight: HashMap<Hash, InFlight<P>>,
     /// For each wanted chunk, how many usable peers hold it.
     holders: HashMap<Hash, usize>,
-    /// Wanted chunks not in flight that a usable peer holds, as
-    /// (holders, hash): rarest first, then by hash.
-    ready: BTreeSet<(usize, Hash)>,
+    /// Wanted chunks not in flight that a usable peer holds: rarest first,
+    /// then in this node's order.
+    ready: BTreeSet<Key>,
+    /// Sets this node's order among equally rare chunks.
+    salt: u64,
+}
+
+/// A ready chunk's place: (holders, tie-break, hash).
+type Key = (usize, u64, Hash);
+
+/// Where `hash` goes among equally rare chunks for a node with `salt`.
+fn tie(hash: &Hash, salt: u64) -> u64 {
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&hash.0[..8]);
+    (u64::from_le_bytes(head) ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
@@ -122,19 +137,38 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             peers: BTreeMap::new(),
             in_flight: HashMap::new(),
             ready: BTreeSet::new(),
+            salt: 0,
         }
+    }
+
+    /// Orders equally rare chunks by `salt` (each node its own, from its
+    /// id) instead of all the same way.
+    pub fn with_order(mut self, salt: u64) -> Self {
+        self.salt = salt;
+        self.ready = self
+            .ready
+            .iter()
+            .map(|(c, _, h)| (*c, tie(h, salt), *h))
+            .collect();
+        self
+    }
+
+    fn key(&self, count: usize, hash: &Hash) -> Key {
+        (count, tie(hash, self.salt), *hash)
     }
 
     /// Changes the holder count of `hash` (if still wanted) by `delta`.
     fn count(&mut self, hash: &Hash, delta: isize) {
-        let Some(count) = self.holders.get_mut(hash) else {
+        let Some(&old) = self.holders.get(hash) else {
             return;
         };
-        self.ready.remove(&(*count, *hash));
-        *count = count.saturating_add_signed(delta);
-        let count = *count;
+        let key = self.key(old, hash);
+        self.ready.remove(&key);
+        let count = old.saturating_add_signed(delta);
+        self.holders.insert(*hash, count);
         if count > 0 && !self.in_flight.contains_key(hash) {
-            self.ready.insert((count, *hash));
+            let key = self.key(count, hash);
+            self.ready.insert(key);
         }
     }
 
@@ -142,7 +176,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     fn make_ready(&mut self, hash: &Hash) {
         if let Some(&count) = self.holders.get(hash) {
             if count > 0 && !self.in_flight.contains_key(hash) {
-                self.ready.insert((count, *hash));
+                let key = self.key(count, hash);
+                self.ready.insert(key);
             }
         }
     }
@@ -150,7 +185,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     fn unwant(&mut self, hash: &Hash) {
         self.wanted.remove(hash);
         if let Some(count) = self.holders.remove(hash) {
-            self.ready.remove(&(count, *hash));
+            let key = self.key(count, hash);
+            self.ready.remove(&key);
         }
     }
 
@@ -320,13 +356,13 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// The rarest ready chunk `state` holds. A peer holding much is likely
     /// to hold one of the first ready chunks; one holding little is
     /// cheaper to look through itself.
-    fn rarest_held(&self, state: &PeerState) -> Option<(usize, Hash)> {
+    fn rarest_held(&self, state: &PeerState) -> Option<Key> {
         let scan = state.has.len();
         if let Some(found) = self
             .ready
             .iter()
             .take(scan)
-            .find(|(_, h)| state.has.contains(h))
+            .find(|(_, _, h)| state.has.contains(h))
         {
             return Some(*found);
         }
@@ -336,7 +372,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         state
             .has
             .iter()
-            .filter_map(|h| self.holders.get(h).map(|c| (*c, *h)))
+            .filter_map(|h| self.holders.get(h).map(|c| self.key(*c, h)))
             .filter(|key| self.ready.contains(key))
             .min()
     }
@@ -355,14 +391,15 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             .map(|(p, _)| p.clone())
             .collect();
         // Each free peer's rarest ready chunk.
-        let mut best: Vec<Option<(usize, Hash)>> = free
+        let mut best: Vec<Option<Key>> = free
             .iter()
             .map(|p| self.peers.get(p).and_then(|s| self.rarest_held(s)))
             .collect();
         while room > 0 {
-            let Some((count, hash)) = best.iter().flatten().min().copied() else {
+            let Some(key) = best.iter().flatten().min().copied() else {
                 break;
             };
+            let hash = key.2;
             let chosen = free
                 .iter()
                 .enumerate()
@@ -372,7 +409,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                 .map(|(i, _, _)| i);
             let Some(i) = chosen else { break };
             let peer = free[i].clone();
-            self.ready.remove(&(count, hash));
+            self.ready.remove(&key);
             self.in_flight.insert(
                 hash,
                 InFlight {
@@ -399,7 +436,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                 best.remove(i);
             }
             for (j, p) in free.iter().enumerate() {
-                if best[j].is_some_and(|(_, h)| h == hash) {
+                if best[j].is_some_and(|(_, _, h)| h == hash) {
                     best[j] = self.peers.get(p).and_then(|s| self.rarest_held(s));
                 }
             }
@@ -478,6 +515,24 @@ mod tests {
         let peers: Vec<&str> = reqs.iter().map(|r| r.peer).collect();
         assert_eq!(peers, ["a", "b", "c"], "each chunk to a different holder");
         assert_eq!(reqs[0].size, 103);
+    }
+
+    #[test]
+    fn nodes_with_the_same_view_ask_for_different_chunks_first() {
+        let firsts: std::collections::BTreeSet<Hash> = (0..8u64)
+            .map(|salt| {
+                let mut t =
+                    Transfer::new((0..32u8).map(|n| (h(n), 100)), limits()).with_order(salt);
+                t.peer_connected("fetcher");
+                t.peer_has(&"fetcher", (0..32u8).map(h));
+                t.poll(0).0[0].hash
+            })
+            .collect();
+        assert!(
+            firsts.len() >= 6,
+            "eight nodes, {} distinct first chunks",
+            firsts.len()
+        );
     }
 
     #[test]
@@ -602,8 +657,8 @@ mod tests {
                 request_timeout_ms: 50,
                 ban_ms: 80,
             };
-            let mut fast = Transfer::new(chunks.clone(), limits);
-            let mut plain = reference::Reference::new(chunks, limits);
+            let mut fast = Transfer::new(chunks.clone(), limits).with_order(run);
+            let mut plain = reference::Reference::new(chunks, limits).with_order(run);
             let mut now = 0;
             let mut asked: Vec<Request<u8>> = Vec::new();
             for _ in 0..400 {

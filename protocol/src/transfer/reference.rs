@@ -35,6 +35,7 @@ pub(super) struct Reference<P> {
     wanted: BTreeMap<Hash, u64>,
     peers: BTreeMap<P, PeerState>,
     in_flight: HashMap<Hash, InFlight<P>>,
+    salt: u64,
 }
 
 impl<P: Ord + Clone + std::hash::Hash> Reference<P> {
@@ -45,7 +46,13 @@ impl<P: Ord + Clone + std::hash::Hash> Reference<P> {
             wanted: wanted.into_iter().collect(),
             peers: BTreeMap::new(),
             in_flight: HashMap::new(),
+            salt: 0,
         }
+    }
+
+    pub(super) fn with_order(mut self, salt: u64) -> Self {
+        self.salt = salt;
+        self
     }
 
     /// A peer is connected and may be asked once it says what it holds.
@@ -173,7 +180,7 @@ impl<P: Ord + Clone + std::hash::Hash> Reference<P> {
             })
             .filter(|(holders, _)| *holders > 0)
             .collect();
-        candidates.sort();
+        candidates.sort_by_key(|(holders, h)| (*holders, super::tie(h, self.salt), *h));
         for (_, hash) in candidates {
             if room == 0 {
                 break;
