@@ -14,6 +14,35 @@ impl Hash {
     }
 }
 
+/// Hashes a [`Hash`] for a hash map by its first eight bytes: a BLAKE3
+/// digest is already uniform, so hashing it again (SipHash over 32 bytes)
+/// only costs time. For maps whose keys come from a checked manifest, not
+/// from peers (a peer could choose keys that collide).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut head = [0u8; 8];
+        let n = bytes.len().min(8);
+        head[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(head);
+    }
+
+    // The array's length, written before its bytes: the same for all.
+    fn write_usize(&mut self, _: usize) {}
+}
+
+/// A map keyed by digests, hashed with [`DigestHasher`].
+pub type DigestMap<V> =
+    std::collections::HashMap<Hash, V, std::hash::BuildHasherDefault<DigestHasher>>;
+/// A set of digests, hashed with [`DigestHasher`].
+pub type DigestSet = std::collections::HashSet<Hash, std::hash::BuildHasherDefault<DigestHasher>>;
+
 impl From<blake3::Hash> for Hash {
     fn from(h: blake3::Hash) -> Self {
         Hash(*h.as_bytes())

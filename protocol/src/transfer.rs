@@ -24,7 +24,9 @@
 //!
 //! Collections are ordered so that the same events give the same requests.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::hash::{DigestMap, DigestSet};
 
 use crate::Hash;
 
@@ -62,7 +64,9 @@ pub struct Request<P> {
 
 #[derive(Debug)]
 struct PeerState {
-    has: HashSet<Hash>,
+    /// The wanted chunks it holds (only those: the keys come from the
+    /// manifest, not from the peer).
+    has: DigestSet,
     in_flight: usize,
     asked: u64,
     banned_until: Option<u64>,
@@ -73,7 +77,7 @@ struct PeerState {
 impl Default for PeerState {
     fn default() -> Self {
         PeerState {
-            has: HashSet::new(),
+            has: DigestSet::default(),
             in_flight: 0,
             asked: 0,
             banned_until: None,
@@ -98,7 +102,7 @@ struct InFlight<P> {
 ///
 /// What a poll needs is kept up to date as events come, so a poll costs
 /// about the requests it makes, not the size of the release times the size
-/// of the site: every wanted chunk's count of usable holders, and the
+/// of the site: every wanted chunk's usable holders, and the
 /// chunks that could be asked for now ordered rarest first.
 #[derive(Debug)]
 pub struct Transfer<P> {
@@ -106,9 +110,9 @@ pub struct Transfer<P> {
     /// Chunks this node still lacks, with their sizes.
     wanted: BTreeMap<Hash, u64>,
     peers: BTreeMap<P, PeerState>,
-    in_flight: HashMap<Hash, InFlight<P>>,
+    in_flight: DigestMap<InFlight<P>>,
     /// For each wanted chunk, how many usable peers hold it.
-    holders: HashMap<Hash, usize>,
+    holders: DigestMap<Vec<P>>,
     /// Wanted chunks not in flight that a usable peer holds: rarest first,
     /// then in this node's order.
     ready: BTreeSet<Key>,
@@ -132,10 +136,10 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         let wanted: BTreeMap<Hash, u64> = wanted.into_iter().collect();
         Transfer {
             limits,
-            holders: wanted.keys().map(|h| (*h, 0)).collect(),
+            holders: wanted.keys().map(|h| (*h, Vec::new())).collect(),
             wanted,
             peers: BTreeMap::new(),
-            in_flight: HashMap::new(),
+            in_flight: DigestMap::default(),
             ready: BTreeSet::new(),
             salt: 0,
         }
@@ -157,15 +161,21 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         (count, tie(hash, self.salt), *hash)
     }
 
-    /// Changes the holder count of `hash` (if still wanted) by `delta`.
-    fn count(&mut self, hash: &Hash, delta: isize) {
-        let Some(&old) = self.holders.get(hash) else {
+    /// Adds `peer` to the usable holders of `hash` (if still wanted), or
+    /// takes it away.
+    fn holds(&mut self, hash: &Hash, peer: &P, holds: bool) {
+        let Some(list) = self.holders.get_mut(hash) else {
             return;
         };
+        let old = list.len();
+        if holds {
+            list.push(peer.clone());
+        } else if let Some(at) = list.iter().position(|p| p == peer) {
+            list.swap_remove(at);
+        }
+        let count = list.len();
         let key = self.key(old, hash);
         self.ready.remove(&key);
-        let count = old.saturating_add_signed(delta);
-        self.holders.insert(*hash, count);
         if count > 0 && !self.in_flight.contains_key(hash) {
             let key = self.key(count, hash);
             self.ready.insert(key);
@@ -174,7 +184,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
 
     /// `hash` is no longer in flight: it may be asked again.
     fn make_ready(&mut self, hash: &Hash) {
-        if let Some(&count) = self.holders.get(hash) {
+        if let Some(count) = self.holders.get(hash).map(Vec::len) {
             if count > 0 && !self.in_flight.contains_key(hash) {
                 let key = self.key(count, hash);
                 self.ready.insert(key);
@@ -184,8 +194,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
 
     fn unwant(&mut self, hash: &Hash) {
         self.wanted.remove(hash);
-        if let Some(count) = self.holders.remove(hash) {
-            let key = self.key(count, hash);
+        if let Some(list) = self.holders.remove(hash) {
+            let key = self.key(list.len(), hash);
             self.ready.remove(&key);
         }
     }
@@ -198,7 +208,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         state.counted = false;
         let has: Vec<Hash> = state.has.iter().copied().collect();
         for h in &has {
-            self.count(h, -1);
+            self.holds(h, peer, false);
         }
     }
 
@@ -217,7 +227,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             state.counted = true;
             let has: Vec<Hash> = state.has.iter().copied().collect();
             for h in &has {
-                self.count(h, 1);
+                self.holds(h, &peer, true);
             }
         }
     }
@@ -261,13 +271,14 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             return;
         };
         let counted = state.counted;
+        let holders = &self.holders;
         let new: Vec<Hash> = hashes
             .into_iter()
-            .filter(|h| state.has.insert(*h))
+            .filter(|h| holders.contains_key(h) && state.has.insert(*h))
             .collect();
         if counted {
             for h in &new {
-                self.count(h, 1);
+                self.holds(h, peer, true);
             }
         }
     }
@@ -353,28 +364,19 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         (self.assign(now), expired)
     }
 
-    /// The rarest ready chunk `state` holds. A peer holding much is likely
-    /// to hold one of the first ready chunks; one holding little is
-    /// cheaper to look through itself.
-    fn rarest_held(&self, state: &PeerState) -> Option<Key> {
-        let scan = state.has.len();
-        if let Some(found) = self
-            .ready
-            .iter()
-            .take(scan)
-            .find(|(_, _, h)| state.has.contains(h))
-        {
-            return Some(*found);
-        }
-        if scan >= self.ready.len() {
-            return None;
-        }
-        state
-            .has
-            .iter()
-            .filter_map(|h| self.holders.get(h).map(|c| self.key(*c, h)))
-            .filter(|key| self.ready.contains(key))
-            .min()
+    /// The rarest ready chunk a peer with room holds, and that peer: the
+    /// one with the fewest requests in flight, then the one asked least so
+    /// far. Each ready chunk's holders are at hand, so this looks at the
+    /// chunks in order until one has a holder with room.
+    fn next_pick(&self, now: u64) -> Option<(Key, P)> {
+        let per_peer = self.limits.per_peer;
+        self.ready.iter().find_map(|key| {
+            let peer = self.holders.get(&key.2)?.iter().filter_map(|p| {
+                let s = self.peers.get(p)?;
+                (s.usable(now) && s.in_flight < per_peer).then_some((s.in_flight, s.asked, p))
+            });
+            peer.min().map(|(_, _, p)| (*key, p.clone()))
+        })
     }
 
     /// Rarest first: the rarest ready chunk that a peer with room holds
@@ -383,32 +385,11 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     fn assign(&mut self, now: u64) -> Vec<Request<P>> {
         let mut requests = Vec::new();
         let mut room = self.limits.total.saturating_sub(self.in_flight.len());
-        let per_peer = self.limits.per_peer;
-        let mut free: Vec<P> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| s.usable(now) && s.in_flight < per_peer && !s.has.is_empty())
-            .map(|(p, _)| p.clone())
-            .collect();
-        // Each free peer's rarest ready chunk.
-        let mut best: Vec<Option<Key>> = free
-            .iter()
-            .map(|p| self.peers.get(p).and_then(|s| self.rarest_held(s)))
-            .collect();
         while room > 0 {
-            let Some(key) = best.iter().flatten().min().copied() else {
+            let Some((key, peer)) = self.next_pick(now) else {
                 break;
             };
             let hash = key.2;
-            let chosen = free
-                .iter()
-                .enumerate()
-                .filter_map(|(i, p)| self.peers.get(p).map(|s| (i, p, s)))
-                .filter(|(_, _, s)| s.has.contains(&hash))
-                .min_by_key(|(_, p, s)| (s.in_flight, s.asked, (*p).clone()))
-                .map(|(i, _, _)| i);
-            let Some(i) = chosen else { break };
-            let peer = free[i].clone();
             self.ready.remove(&key);
             self.in_flight.insert(
                 hash,
@@ -417,29 +398,16 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                     since: now,
                 },
             );
-            let full = match self.peers.get_mut(&peer) {
-                Some(state) => {
-                    state.in_flight += 1;
-                    state.asked += 1;
-                    state.in_flight >= per_peer
-                }
-                None => true,
-            };
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.in_flight += 1;
+                state.asked += 1;
+            }
             requests.push(Request {
                 peer,
                 hash,
                 size: self.wanted.get(&hash).copied().unwrap_or(0),
             });
             room -= 1;
-            if full {
-                free.remove(i);
-                best.remove(i);
-            }
-            for (j, p) in free.iter().enumerate() {
-                if best[j].is_some_and(|(_, _, h)| h == hash) {
-                    best[j] = self.peers.get(p).and_then(|s| self.rarest_held(s));
-                }
-            }
         }
         requests
     }
@@ -464,7 +432,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             .collect();
         self.holders
             .iter()
-            .filter(|(h, count)| **count == 0 && !unbanned.iter().any(|s| s.has.contains(h)))
+            .filter(|(h, list)| list.is_empty() && !unbanned.iter().any(|s| s.has.contains(h)))
             .map(|(h, _)| *h)
             .collect()
     }

@@ -127,6 +127,8 @@ pub struct SiteResult {
     /// Nodes that ended staged, of those alive at the end.
     pub staged_nodes: usize,
     pub live_nodes: usize,
+    /// Bytes each node sent to its peers.
+    pub served: Vec<u64>,
 }
 
 /// The lower bound on the time to have every node staged (performance
@@ -215,6 +217,7 @@ struct Node {
     /// The origin download under way (its epoch), if any.
     origin: Option<u64>,
     was_fetcher: bool,
+    served: f64,
     flows_out: Vec<usize>,
     flows_in: Vec<usize>,
 }
@@ -229,6 +232,8 @@ struct Flow {
     rate: f64,
     at: Ns,
     version: u32,
+    /// When the event queued for its end is due.
+    due: Ns,
     live: bool,
     /// For origin flows: the batch's chunks after this one, and its epoch.
     rest: Vec<u32>,
@@ -245,8 +250,37 @@ enum Ev {
     Begin(Idx, Idx, u32),
     OriginBegin(Idx, Vec<u32>, u64),
     FlowDone(usize, u32),
-    Staged(Idx),
+    Staged,
     FetcherDies,
+}
+
+/// An event's place in the queue: when it is due, the order it was pushed
+/// in, and its slot in the event slab (the queue moves small entries).
+#[derive(Debug)]
+struct Due {
+    at: Ns,
+    seq: u64,
+    slot: u32,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 struct Sim<'m> {
@@ -254,14 +288,17 @@ struct Sim<'m> {
     election: Election,
     now: Ns,
     seq: u64,
-    queue: BinaryHeap<Reverse<(Ns, u64)>>,
-    events: HashMap<u64, Ev>,
+    queue: BinaryHeap<Reverse<Due>>,
+    slab: Vec<Option<Ev>>,
+    free_slots: Vec<u32>,
+    done: bool,
     nodes: Vec<Node>,
     origin: Idx,
     origin_up: f64,
     origin_flows: Vec<usize>,
     flows: Vec<Flow>,
     free_flows: Vec<usize>,
+    scratch: Vec<usize>,
     sizes: Vec<u64>,
     hashes: Vec<Hash>,
     index: HashMap<Hash, u32>,
@@ -275,8 +312,21 @@ struct Sim<'m> {
 impl<'m> Sim<'m> {
     fn push(&mut self, at: Ns, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.events.insert(self.seq, ev);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = Some(ev);
+                slot
+            }
+            None => {
+                self.slab.push(Some(ev));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.queue.push(Reverse(Due {
+            at,
+            seq: self.seq,
+            slot,
+        }));
     }
 
     fn ms(&self) -> u64 {
@@ -321,18 +371,16 @@ impl<'m> Sim<'m> {
 
     /// Runs until every live node is staged, or `limit` of simulated time.
     fn run(&mut self, limit: Ns) {
-        while let Some(Reverse((at, seq))) = self.queue.pop() {
-            if at > limit {
+        while let Some(Reverse(Due { at, slot, .. })) = self.queue.pop() {
+            if at > limit || self.done {
                 break;
             }
-            let Some(ev) = self.events.remove(&seq) else {
+            let Some(ev) = self.slab[slot as usize].take() else {
                 continue;
             };
+            self.free_slots.push(slot);
             self.now = at;
             self.handle(ev);
-            if self.finished() {
-                break;
-            }
         }
     }
 
@@ -421,17 +469,26 @@ impl<'m> Sim<'m> {
                 if !self.flows[f].live || self.flows[f].version != version {
                     return;
                 }
+                self.retime_left(f);
+                let fl = &mut self.flows[f];
+                if fl.left > 0.5 {
+                    // Slowed down since this event was queued.
+                    fl.version += 1;
+                    fl.due = self.now + flow_time(fl.left, fl.rate);
+                    let (due, version) = (fl.due, fl.version);
+                    self.push(due, Ev::FlowDone(f, version));
+                    return;
+                }
                 self.finish_flow(f);
             }
-            Ev::Staged(i) => {
-                let _ = i;
-            }
+            Ev::Staged => self.done = self.finished(),
             Ev::FetcherDies => {
                 if let Some(f) =
                     (0..self.nodes.len()).find(|&i| self.live(i) && self.nodes[i].was_fetcher)
                 {
                     self.kill(f);
                 }
+                self.done = self.finished();
             }
         }
     }
@@ -487,18 +544,18 @@ impl<'m> Sim<'m> {
         } else if self.m.have_interval > 0 {
             self.push(self.now, Ev::HaveTick(i));
         } else {
-            // Without polling: learn at once what every peer holds now;
-            // later chunks are pushed as they arrive.
+            // Without polling: learn at once what every peer holds now
+            // (nothing, from those without the release yet); later chunks
+            // are pushed as they arrive.
             let replies: Vec<_> = (0..self.nodes.len())
-                .filter(|&p| {
-                    p != i && self.live(p) && self.nodes[p].adopted.is_some_and(|a| a <= self.now)
-                })
+                .filter(|&p| p != i && self.live(p))
                 .map(|p| {
-                    (
-                        p,
-                        self.nodes[p].held.clone(),
-                        self.nodes[p].held.len() as u32,
-                    )
+                    let peer = &self.nodes[p];
+                    if peer.adopted.is_some_and(|a| a <= self.now) {
+                        (p, peer.held.clone(), peer.held.len() as u32)
+                    } else {
+                        (p, Vec::new(), 0)
+                    }
                 })
                 .collect();
             self.push(self.now + self.m.latency, Ev::HaveArrive(i, replies));
@@ -616,35 +673,35 @@ impl<'m> Sim<'m> {
     fn retime(&mut self, f: usize) {
         let rate = self.rate(&self.flows[f]);
         let now = self.now;
+        self.retime_left(f);
         let fl = &mut self.flows[f];
-        if fl.rate.is_finite() && fl.rate > 0.0 {
-            fl.left = (fl.left - fl.rate * (now - fl.at) as f64 / SEC as f64).max(0.0);
-        }
-        fl.at = now;
-        if rate == fl.rate && fl.version > 0 {
-            return;
-        }
         fl.rate = rate;
-        fl.version += 1;
-        let dt = if rate.is_infinite() {
-            0
-        } else {
-            (fl.left / rate * SEC as f64).ceil() as Ns
-        };
-        let version = fl.version;
-        self.push(now + dt, Ev::FlowDone(f, version));
+        let end = now + flow_time(fl.left, rate);
+        // A later end is found when the queued event comes; only a sooner
+        // one needs an event of its own.
+        if end < fl.due {
+            fl.version += 1;
+            fl.due = end;
+            let version = fl.version;
+            self.push(end, Ev::FlowDone(f, version));
+        }
     }
 
-    fn affected(&self, src: Idx, dst: Idx) -> Vec<usize> {
-        let mut all: Vec<usize> = if src == self.origin {
-            self.origin_flows.clone()
+    /// Retimes every flow out of `src` and into `dst` (a flow between
+    /// the two is retimed twice, which changes nothing).
+    fn retime_ends(&mut self, src: Idx, dst: Idx) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        if src == self.origin {
+            scratch.extend(&self.origin_flows);
         } else {
-            self.nodes[src].flows_out.clone()
-        };
-        all.extend(&self.nodes[dst].flows_in);
-        all.sort_unstable();
-        all.dedup();
-        all
+            scratch.extend(&self.nodes[src].flows_out);
+        }
+        scratch.extend(&self.nodes[dst].flows_in);
+        for &g in &scratch {
+            self.retime(g);
+        }
+        self.scratch = scratch;
     }
 
     fn start_flow(&mut self, src: Idx, dst: Idx, chunk: u32, rest: Vec<u32>, epoch: u64) {
@@ -658,6 +715,7 @@ impl<'m> Sim<'m> {
             rate: 0.0,
             at: self.now,
             version: 0,
+            due: Ns::MAX,
             live: true,
             rest,
             epoch,
@@ -679,13 +737,7 @@ impl<'m> Sim<'m> {
             self.nodes[src].flows_out.push(f);
         }
         self.nodes[dst].flows_in.push(f);
-        for g in self.affected(src, dst) {
-            if g == f {
-                self.flows[f].version += 1;
-                self.flows[f].rate = -1.0;
-            }
-            self.retime(g);
-        }
+        self.retime_ends(src, dst);
     }
 
     /// Removes flow `f` (done or cut), counting origin bytes, and retimes
@@ -696,17 +748,17 @@ impl<'m> Sim<'m> {
         fl.live = false;
         fl.version += 1;
         let (src, dst) = (fl.src, fl.dst);
+        let sent = fl.size - fl.left;
         if src == self.origin {
-            self.uplink_bytes += fl.size - fl.left;
+            self.uplink_bytes += sent;
             self.origin_flows.retain(|&g| g != f);
         } else {
+            self.nodes[src].served += sent;
             self.nodes[src].flows_out.retain(|&g| g != f);
         }
         self.nodes[dst].flows_in.retain(|&g| g != f);
         self.free_flows.push(f);
-        for g in self.affected(src, dst) {
-            self.retime(g);
-        }
+        self.retime_ends(src, dst);
     }
 
     fn retime_left(&mut self, f: usize) {
@@ -817,7 +869,7 @@ impl<'m> Sim<'m> {
             (self.m.size as f64 / self.m.stage_rate * SEC as f64) as Ns
         };
         self.nodes[i].staged = Some(self.now + dt);
-        self.push(self.now + dt, Ev::Staged(i));
+        self.push(self.now + dt, Ev::Staged);
     }
 
     fn kill(&mut self, i: Idx) {
@@ -841,6 +893,15 @@ impl<'m> Sim<'m> {
                 self.schedule(j);
             }
         }
+    }
+}
+
+/// Nanoseconds to move `bytes` at `rate` bytes per second.
+fn flow_time(bytes: f64, rate: f64) -> Ns {
+    if rate.is_infinite() || bytes <= 0.0 {
+        0
+    } else {
+        (bytes / rate * SEC as f64).ceil() as Ns
     }
 }
 
@@ -903,6 +964,7 @@ pub fn simulate_site(m: &SiteModel, seed: u64) -> SiteResult {
                 staged: None,
                 origin: None,
                 was_fetcher: false,
+                served: 0.0,
                 flows_out: Vec::new(),
                 flows_in: Vec::new(),
             }
@@ -918,13 +980,16 @@ pub fn simulate_site(m: &SiteModel, seed: u64) -> SiteResult {
         now: 0,
         seq: 0,
         queue: BinaryHeap::new(),
-        events: HashMap::new(),
+        slab: Vec::new(),
+        free_slots: Vec::new(),
+        done: false,
         origin: total,
         origin_up: m.uplink,
         origin_flows: Vec::new(),
         nodes,
         flows: Vec::new(),
         free_flows: Vec::new(),
+        scratch: Vec::new(),
         sizes,
         hashes,
         index,
@@ -969,6 +1034,7 @@ pub fn simulate_site(m: &SiteModel, seed: u64) -> SiteResult {
         bans: sim.bans,
         staged_nodes: live.iter().filter(|n| n.staged.is_some()).count(),
         live_nodes: live.len(),
+        served: sim.nodes.iter().map(|n| n.served.round() as u64).collect(),
     }
 }
 
