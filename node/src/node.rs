@@ -653,10 +653,18 @@ impl Node {
             .heard
             .iter()
             .map(|(author, h)| (*author, h.has_origin, ms(&h.at)));
+        // A peer this node banned for bad chunks does not fetch for it: a
+        // fetcher that serves garbage would otherwise stall the site.
+        let now = self.now_ms();
+        let banned = |peer: &PeerId| {
+            self.target
+                .as_ref()
+                .is_some_and(|t| t.transfer.is_banned(peer, now))
+        };
         self.election().is_fetcher(
             &self.local,
             self.config.origin.is_some(),
-            peers.chain(heard),
+            peers.chain(heard).filter(|(peer, _, _)| !banned(peer)),
         )
     }
 

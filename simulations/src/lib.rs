@@ -363,8 +363,11 @@ impl<'m> Sim<'m> {
         if !self.election.settled((self.now - start) / MS, connected) {
             return false;
         }
+        // As in the node: a peer banned for bad chunks does not count.
+        let now_ms = self.ms();
+        let banned = |j: Idx| n.transfer.as_ref().is_some_and(|t| t.is_banned(&j, now_ms));
         let others = (0..self.nodes.len())
-            .filter(|&j| j != i && self.nodes[j].start.is_some())
+            .filter(|&j| j != i && self.nodes[j].start.is_some() && !banned(j))
             .filter_map(|j| Some((self.nodes[j].id, true, self.heard_ago(j)?)));
         self.election.is_fetcher(&n.id, true, others)
     }

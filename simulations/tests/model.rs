@@ -123,6 +123,21 @@ fn a_peer_serving_bad_chunks_is_banned_and_the_site_still_stages() {
 }
 
 #[test]
+fn a_fetcher_serving_bad_chunks_is_banned_and_another_node_fetches() {
+    // Over many sites the bad node is sometimes the fetcher: each node that
+    // banned it counts it out of the election, so the site still stages.
+    let m = SiteModel {
+        lan_up: 3e6,
+        lan_down: 3e6,
+        events: vec![SiteEvent::BadPeers { nodes: 1 }],
+        ..SiteModel::default()
+    };
+    let r = simulate_fleet(&m, 30, 9);
+    assert_eq!(r.unfinished_sites, 0, "{r:?}");
+    assert!(r.uplink_bytes_max < 3 * S, "{r:?}");
+}
+
+#[test]
 fn late_joiners_and_deltas() {
     let m = SiteModel {
         events: vec![SiteEvent::Join {

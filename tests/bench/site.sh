@@ -13,10 +13,11 @@
 #
 #   tests/bench/site.sh [NODES] [SIZE_MIB] [UPLINK] [BIG_MIB]
 #   ONLY_BIG=1 tests/bench/site.sh      # part 4 alone
+#   ONLY_LANUP=1 tests/bench/site.sh    # part 1 alone (no nginx needed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-8} size_mib=${2:-64} uplink=${3:-16mbit} big_mib=${4:-1024}
-command -v nginx > /dev/null || { echo "needs nginx (apt-get install -y nginx-light)" >&2; exit 2; }
+[ -n "${ONLY_LANUP:-}" ] || command -v nginx > /dev/null || { echo "needs nginx (apt-get install -y nginx-light)" >&2; exit 2; }
 command -v curl > /dev/null || { echo "needs curl" >&2; exit 2; }
 cargo build --quiet --release -p lanup-cli
 lanup=$PWD/target/release/lanup
@@ -122,6 +123,7 @@ echo "lanup: all $nodes connected after ${connected}s; all staged ${lanup_time}s
   "$fetchers node(s) downloaded"
 for ns in "${hosts[@]}"; do for p in $(ip netns pids "$ns"); do kill "$p"; done; done
 sleep 1
+[ -n "${ONLY_LANUP:-}" ] && exit 0
 
 # --- 2. naive: every host downloads it ---------------------------------------
 before=$(served)
