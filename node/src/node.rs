@@ -43,6 +43,7 @@ use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
 use lanup_protocol::election::Election;
+use lanup_protocol::plan::ORIGIN_BATCH;
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
@@ -54,13 +55,8 @@ const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A peer silent this long is not asked for chunks, and no longer counts
 /// for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
-/// The most the fetcher asks the origin for at once. Between batches it
-/// looks again at what its peers hold, so chunks that reached the site some
-/// other way (an earlier fetcher, a node that joined) are not fetched twice.
-const ORIGIN_BATCH: u64 = 8 << 20;
-/// After adopting a release, how long the fetcher waits at most for its
-/// peers' chunk lists before it goes to the origin.
-const HAVE_WAIT: Duration = Duration::from_secs(2);
+/// How long the fetcher waits at most for its peers' chunk lists.
+const HAVE_WAIT: Duration = Duration::from_millis(lanup_protocol::plan::HAVE_WAIT_MS);
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
@@ -210,11 +206,13 @@ struct Node {
 }
 
 /// The newest heartbeat of one author.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Heard {
     boot_seq: (u64, u64),
     at: Instant,
     has_origin: bool,
+    /// The heartbeat itself, for a node heard only through others.
+    heartbeat: Heartbeat,
 }
 
 /// An accepted rollout (or rollback) command and where it stands.
@@ -811,6 +809,12 @@ impl Node {
                     r["fetcher"] = serde_json::json!(fetcher == Some(*peer));
                     nodes.push(r);
                 }
+                for (author, heard) in self.heard_only() {
+                    let seen = heard.at.elapsed().as_millis() as u64;
+                    let mut r = row(author, Some(&heard.heartbeat), Some(seen));
+                    r["via_gossip"] = serde_json::json!(true);
+                    nodes.push(r);
+                }
                 serde_json::json!({ "site": self.config.site, "nodes": nodes, "rollout": self.rollout_json() })
             }
             ControlRequest::Peers => serde_json::json!({
@@ -1000,7 +1004,19 @@ impl Node {
                 reports.insert(peer.to_string(), report(hb));
             }
         }
+        for (author, heard) in self.heard_only() {
+            reports.insert(author.to_string(), report(&heard.heartbeat));
+        }
         reports
+    }
+
+    /// Nodes heard lately only through others: not connected to this one.
+    fn heard_only(&self) -> impl Iterator<Item = (&PeerId, &Heard)> {
+        self.heard.iter().filter(|(author, h)| {
+            **author != self.local
+                && !self.peers.contains_key(author)
+                && h.at.elapsed() < PEER_SILENT
+        })
     }
 
     /// Follows the rollout: halts it when a node failed, and installs its
@@ -1452,20 +1468,19 @@ impl Node {
                                         boot_seq: (hb.boot_ms, hb.seq),
                                         at: Instant::now(),
                                         has_origin: hb.has_origin,
+                                        heartbeat: hb.clone(),
                                     },
                                 );
                             }
-                            // The author's own record when it is a peer; one
-                            // passed on from further away counts for the
-                            // peer that passed it.
-                            let from = if self.peers.contains_key(&author) {
-                                author
-                            } else {
-                                from
-                            };
+                            // A command the author follows is asked of the
+                            // peer that passed the heartbeat on (it knows
+                            // the command, or will).
                             if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
                                 self.maybe_catch_up(from, id);
                             }
+                            // The author's own record when it is a peer; one
+                            // heard only through others is kept in `heard`.
+                            let from = author;
                             if let Some(info) = self.peers.get_mut(&from).filter(|_| fresh) {
                                 info.heartbeat = Some((Instant::now(), hb));
                                 if std::mem::take(&mut info.silent) {

@@ -312,27 +312,32 @@ pub enum Stage {
 
 /// Evaluates a rollout of `version` over `waves` from the nodes' reports.
 /// A node that reports nothing yet is not done; a failure anywhere halts.
+/// A node that reports but is not named in the waves (it joined after the
+/// command was issued) belongs to the last wave: the rollout is done only
+/// once it runs the release too.
 pub fn evaluate(
     waves: &[Vec<String>],
     version: &str,
     reports: &BTreeMap<String, NodeReport>,
 ) -> Stage {
-    for wave in waves {
-        for node in wave {
-            if let Some(reason) = reports.get(node).and_then(|r| r.failed.clone()) {
-                return Stage::Halted {
-                    node: node.clone(),
-                    reason,
-                };
-            }
+    for (node, report) in reports {
+        if let Some(reason) = &report.failed {
+            return Stage::Halted {
+                node: node.clone(),
+                reason: reason.clone(),
+            };
         }
     }
+    let named: std::collections::BTreeSet<&String> = waves.iter().flatten().collect();
+    let unnamed = reports.keys().filter(|n| !named.contains(n));
+    let installed = |n: &String| {
+        reports
+            .get(n)
+            .is_some_and(|r| r.installed.as_deref() == Some(version))
+    };
     for (i, wave) in waves.iter().enumerate() {
-        let healthy = wave.iter().all(|n| {
-            reports
-                .get(n)
-                .is_some_and(|r| r.installed.as_deref() == Some(version))
-        });
+        let last = i + 1 == waves.len();
+        let healthy = wave.iter().all(installed) && (!last || unnamed.clone().all(installed));
         if !healthy {
             return Stage::Wave(i);
         }
@@ -509,6 +514,11 @@ mod tests {
         );
         reports.get_mut("c").expect("c").failed = None;
         reports.get_mut("c").expect("c").installed = Some("2".into());
+        assert_eq!(evaluate(&waves, "2", &reports), Stage::Done);
+        // A node that joined later is in the last wave.
+        reports.insert("late".to_string(), NodeReport::default());
+        assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(1));
+        reports.get_mut("late").expect("late").installed = Some("2".into());
         assert_eq!(evaluate(&waves, "2", &reports), Stage::Done);
     }
 }

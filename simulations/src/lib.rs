@@ -40,11 +40,7 @@ pub type Ns = u64;
 const MS: Ns = 1_000_000;
 const SEC: Ns = 1_000_000_000;
 
-/// As in the node: the most the fetcher asks the origin for at once.
-pub const ORIGIN_BATCH: u64 = 8 << 20;
-/// As in the node: after adopting a release, how long the fetcher waits at
-/// most for its peers' chunk lists before it goes to the origin.
-pub const HAVE_WAIT_MS: u64 = 2000;
+use lanup_protocol::plan::{HAVE_WAIT_MS, ORIGIN_BATCH};
 
 /// What one simulated site is like.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
