@@ -125,6 +125,10 @@ pub struct Network {
     connected: HashSet<PeerId>,
     /// Peers refused until the given time (they sent bad chunks).
     banned: std::collections::HashMap<PeerId, std::time::Instant>,
+    /// Peers mDNS found, their addresses and when: dialled again while
+    /// they stay unconnected (a first dial can fail, and mDNS reports a
+    /// peer once per record, not again minutes later).
+    discovered: std::collections::HashMap<PeerId, (Vec<Multiaddr>, std::time::Instant)>,
 }
 
 fn transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
@@ -223,6 +227,7 @@ impl Network {
             static_peers: config.peers,
             pending: Default::default(),
             connected: HashSet::new(),
+            discovered: std::collections::HashMap::new(),
             banned: Default::default(),
         };
         Ok((
@@ -249,6 +254,9 @@ impl Network {
         // its streams with it).
         let every = Duration::from_secs(5);
         let mut redial = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let found_every = Duration::from_secs(2);
+        let mut redial_found =
+            tokio::time::interval_at(tokio::time::Instant::now() + found_every, found_every);
         loop {
             tokio::select! {
                 biased;
@@ -258,6 +266,34 @@ impl Network {
                 },
                 event = self.swarm.select_next_some() => self.event(event).await,
                 _ = redial.tick() => self.redial_static(),
+                _ = redial_found.tick() => self.redial_discovered(),
+            }
+        }
+    }
+
+    /// Dials again the peers mDNS found that are still not connected: the
+    /// lower PeerId (whose job it is) every tick; the higher one too once
+    /// the lower has had 4 s, in case the lower one cannot reach it.
+    fn redial_discovered(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .discovered
+            .iter()
+            .filter(|(peer, (_, at))| {
+                !self.connected.contains(peer)
+                    && !self.is_banned(peer)
+                    && (local < **peer || at.elapsed() >= Duration::from_secs(4))
+            })
+            .map(|(peer, (addrs, _))| (*peer, addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            debug!(%peer, "dialling a peer mDNS found and that is not connected yet");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "dial failed");
             }
         }
     }
@@ -368,6 +404,13 @@ impl Network {
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let local = *self.swarm.local_peer_id();
                 for (peer, addr) in found {
+                    let entry = self
+                        .discovered
+                        .entry(peer)
+                        .or_insert_with(|| (Vec::new(), std::time::Instant::now()));
+                    if !entry.0.contains(&addr) {
+                        entry.0.push(addr.clone());
+                    }
                     // Only the lower PeerId dials (see the module docs).
                     if local < peer && !self.connected.contains(&peer) && !self.is_banned(&peer) {
                         let opts = DialOpts::peer_id(peer)
@@ -376,6 +419,16 @@ impl Network {
                             .build();
                         if let Err(e) = self.swarm.dial(opts) {
                             debug!(%peer, error = %e, "dial after mDNS discovery failed");
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, addr) in gone {
+                    if let Some((addrs, _)) = self.discovered.get_mut(&peer) {
+                        addrs.retain(|a| *a != addr);
+                        if addrs.is_empty() {
+                            self.discovered.remove(&peer);
                         }
                     }
                 }

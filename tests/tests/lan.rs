@@ -105,8 +105,14 @@ fn lan_site_finds_its_peers_by_mdns_and_takes_one_copy_over_the_uplink() {
     let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
     assert!(
         served <= limit,
-        "origin served {served} bytes for a {}-byte release (limit {limit}); {downloaders} nodes downloaded",
-        release.size
+        "origin served {served} bytes for a {}-byte release (limit {limit}); {downloaders} nodes downloaded; their logs:\n{}",
+        release.size,
+        states
+            .iter()
+            .filter(|s| node_log(s).contains("downloading release from the origin"))
+            .map(|s| node_log(s))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     );
     // Every node found the four others by mDNS alone.
     let status = wait_status_staged(&states[0], 5, "1.0", Duration::from_secs(5));
