@@ -33,6 +33,12 @@ struct Args {
     /// Each node's LAN upload and download (1gbit, inf).
     #[arg(long, value_name = "RATE")]
     lan: Option<String>,
+    /// Each node's LAN upload, when it differs from its download.
+    #[arg(long, value_name = "RATE")]
+    lan_up: Option<String>,
+    /// Each node's LAN download, when it differs from its upload.
+    #[arg(long, value_name = "RATE")]
+    lan_down: Option<String>,
     /// One-way LAN latency (200us).
     #[arg(long, value_name = "DURATION")]
     latency: Option<String>,
@@ -72,6 +78,8 @@ fn run(args: Args) -> Result<()> {
         size: args.size.clone(),
         uplink: args.uplink.clone(),
         lan: args.lan.clone(),
+        lan_up: args.lan_up.clone(),
+        lan_down: args.lan_down.clone(),
         latency: args.latency.clone(),
         shared: args.shared,
         seed: args.seed,

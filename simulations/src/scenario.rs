@@ -20,6 +20,9 @@ pub struct ScenarioFile {
     pub uplink: Option<String>,
     /// Each node's LAN upload and download (`1gbit`, `inf`).
     pub lan: Option<String>,
+    /// Upload or download alone, when they differ (they override `lan`).
+    pub lan_up: Option<String>,
+    pub lan_down: Option<String>,
     pub lan_jitter: Option<f64>,
     pub latency: Option<String>,
     pub wan_rtt: Option<String>,
@@ -67,6 +70,8 @@ impl ScenarioFile {
             size: over.size.or(self.size),
             uplink: over.uplink.or(self.uplink),
             lan: over.lan.or(self.lan),
+            lan_up: over.lan_up.or(self.lan_up),
+            lan_down: over.lan_down.or(self.lan_down),
             lan_jitter: over.lan_jitter.or(self.lan_jitter),
             latency: over.latency.or(self.latency),
             wan_rtt: over.wan_rtt.or(self.wan_rtt),
@@ -99,6 +104,8 @@ impl ScenarioFile {
             bail!("lan_jitter {jitter}: a fraction between 0 and 1 (exclusive)");
         }
         let lan = rate("lan", self.lan.as_deref(), d.lan_up)?;
+        let lan_up = rate("lan_up", self.lan_up.as_deref(), lan)?;
+        let lan_down = rate("lan_down", self.lan_down.as_deref(), lan)?;
         let mut events = Vec::new();
         for (i, e) in self.events.iter().enumerate() {
             let at = |what: &str| -> Result<Ns> {
@@ -138,8 +145,8 @@ impl ScenarioFile {
                 nodes,
                 size,
                 uplink: rate("uplink", self.uplink.as_deref(), d.uplink)?,
-                lan_up: lan,
-                lan_down: lan,
+                lan_up,
+                lan_down,
                 lan_jitter: jitter,
                 latency: duration("latency", self.latency.as_deref(), Some(d.latency))?,
                 wan_rtt: duration("wan_rtt", self.wan_rtt.as_deref(), Some(d.wan_rtt))?,
