@@ -104,17 +104,20 @@ fn when_the_fetcher_dies_another_node_takes_over_and_every_survivor_stages() {
     );
 }
 
-#[test]
-fn a_peer_serving_bad_chunks_is_banned_and_the_site_still_stages() {
-    // A LAN barely faster than the uplink: the fetcher alone cannot serve
-    // everyone, so peers take chunks from each other, the bad one too.
-    let m = SiteModel {
+/// A LAN barely faster than the uplink, so the fetcher alone cannot serve
+/// everyone and peers take chunks from each other; one of them is bad.
+fn slow_lan_with_a_bad_peer() -> SiteModel {
+    SiteModel {
         lan_up: 3e6,
         lan_down: 3e6,
         events: vec![SiteEvent::BadPeers { nodes: 1 }],
         ..SiteModel::default()
-    };
-    let r = simulate_site(&m, 5);
+    }
+}
+
+#[test]
+fn a_peer_serving_bad_chunks_is_banned_and_the_site_still_stages() {
+    let r = simulate_site(&slow_lan_with_a_bad_peer(), 5);
     assert!(r.bans > 0, "{r:?}");
     // The bad peer is banned by each node at its first bad chunk.
     assert!(r.bans <= 7 * 4, "{r:?}");
@@ -126,13 +129,7 @@ fn a_peer_serving_bad_chunks_is_banned_and_the_site_still_stages() {
 fn a_fetcher_serving_bad_chunks_is_banned_and_another_node_fetches() {
     // Over many sites the bad node is sometimes the fetcher: each node that
     // banned it counts it out of the election, so the site still stages.
-    let m = SiteModel {
-        lan_up: 3e6,
-        lan_down: 3e6,
-        events: vec![SiteEvent::BadPeers { nodes: 1 }],
-        ..SiteModel::default()
-    };
-    let r = simulate_fleet(&m, 30, 9);
+    let r = simulate_fleet(&slow_lan_with_a_bad_peer(), 30, 9);
     assert_eq!(r.unfinished_sites, 0, "{r:?}");
     assert!(r.uplink_bytes_max < 3 * S, "{r:?}");
 }
