@@ -65,6 +65,8 @@ struct Site {
     rt: tokio::runtime::Runtime,
     states: Vec<PathBuf>,
     installs: Vec<PathBuf>,
+    /// Each node's `[app]`, as its node runs with it.
+    apps: Vec<lanup_node::config::AppConfig>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
 }
@@ -85,6 +87,7 @@ impl Site {
             rt,
             states: (0..n).map(|i| root.join(format!("node{i}"))).collect(),
             installs: (0..n).map(|i| root.join(format!("install{i}"))).collect(),
+            apps: Vec::new(),
             stops: Vec::new(),
             tasks: Vec::new(),
         };
@@ -119,6 +122,7 @@ impl Site {
                     ..ConfigFile::default()
                 },
             )?;
+            site.apps.extend(config.app.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             site.stops.push(stop);
             site.tasks
@@ -173,11 +177,9 @@ impl Site {
                 let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
             }
         });
-        for (state, install) in self.states.iter().zip(&self.installs) {
-            if let Ok(dir) = std::path::absolute(install) {
-                let app = lanup_node::app::App::new(app_config(dir), state.join("app.log"));
-                let _ = app.stop(Some(APP));
-            }
+        for (state, config) in self.states.iter().zip(&self.apps) {
+            let app = lanup_node::app::App::new(config.clone(), state.join("app.log"));
+            let _ = app.stop(Some(APP));
         }
     }
 }
@@ -185,19 +187,6 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn app_config(install_dir: PathBuf) -> lanup_node::config::AppConfig {
-    lanup_node::config::AppConfig {
-        name: Some(APP.into()),
-        install_dir,
-        start: None,
-        stop_timeout: Duration::from_secs(5),
-        health_after: Duration::from_secs(1),
-        health_command: None,
-        health_timeout: Duration::from_secs(30),
-        apply: lanup_node::config::ApplyPolicy::OnRollout,
     }
 }
 
@@ -390,9 +379,9 @@ fn node_results(site: &Site) -> Result<Vec<NodeResult>> {
             .as_array()
             .and_then(|n| n.iter().find(|n| n["self"] == true).cloned())
             .unwrap_or_default();
-        let install = std::path::absolute(&site.installs[i])?;
-        let app = lanup_node::app::App::new(app_config(install.clone()), state.join("app.log"));
-        let last = lanup_node::apply::Applier::new(state, app_config(install)).last();
+        let config = &site.apps[i];
+        let app = lanup_node::app::App::new(config.clone(), state.join("app.log"));
+        let last = lanup_node::apply::Applier::new(state, config.clone()).last();
         results.push(NodeResult {
             peer: own["peer_id"].as_str().unwrap_or("?").to_owned(),
             installed: own["installed_version"].as_str().unwrap_or("-").to_owned(),

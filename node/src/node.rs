@@ -637,11 +637,13 @@ impl Node {
         });
     }
 
-    /// Among live nodes with an origin, the lowest PeerId fetches. A node
-    /// heard only through others (not connected to this one yet, as happens
-    /// while mDNS is still finding the site) counts as much as a peer: two
-    /// nodes that have not met must not both download.
-    fn is_fetcher(&self) -> bool {
+    /// The site's fetcher as this node sees it: among live nodes with an
+    /// origin, the lowest PeerId. A node heard only through others (not
+    /// connected to this one yet, as happens while mDNS is still finding the
+    /// site) counts as much as a peer: two nodes that have not met must not
+    /// both download. A peer this node banned for bad chunks does not
+    /// count: a fetcher that serves garbage would otherwise stall the site.
+    fn fetcher(&self) -> Option<PeerId> {
         let ms = |at: &Instant| at.elapsed().as_millis() as u64;
         let peers = self.peers.iter().filter_map(|(peer, info)| {
             let (at, hb) = info.heartbeat.as_ref()?;
@@ -651,19 +653,21 @@ impl Node {
             .heard
             .iter()
             .map(|(author, h)| (*author, h.has_origin, ms(&h.at)));
-        // A peer this node banned for bad chunks does not fetch for it: a
-        // fetcher that serves garbage would otherwise stall the site.
         let now = self.now_ms();
         let banned = |peer: &PeerId| {
             self.target
                 .as_ref()
                 .is_some_and(|t| t.transfer.is_banned(peer, now))
         };
-        self.election().is_fetcher(
-            &self.local,
+        self.election().fetcher(
+            self.local,
             self.config.origin.is_some(),
             peers.chain(heard).filter(|(peer, _, _)| !banned(peer)),
         )
+    }
+
+    fn is_fetcher(&self) -> bool {
+        self.fetcher() == Some(self.local)
     }
 
     fn installed_name(&self) -> Option<String> {
@@ -784,21 +788,9 @@ impl Node {
             ControlRequest::Status => {
                 let own = self.own_heartbeat();
                 let mut mine = row(&self.local, Some(&own), Some(0));
-                mine["fetcher"] = serde_json::json!(self.is_fetcher());
+                let fetcher = self.fetcher();
+                mine["fetcher"] = serde_json::json!(fetcher == Some(self.local));
                 mine["self"] = serde_json::json!(true);
-                // The peer this node takes for the fetcher, by the same
-                // rule as the election.
-                let fetcher = self
-                    .peers
-                    .iter()
-                    .filter(|(_, info)| {
-                        info.heartbeat
-                            .as_ref()
-                            .is_some_and(|(at, hb)| hb.has_origin && at.elapsed() < PEER_SILENT)
-                    })
-                    .map(|(peer, _)| *peer)
-                    .min()
-                    .filter(|_| !self.is_fetcher());
                 let mut nodes = vec![mine];
                 for (peer, info) in &self.peers {
                     let (hb, seen) = match &info.heartbeat {
@@ -812,6 +804,7 @@ impl Node {
                 for (author, heard) in self.heard_only() {
                     let seen = heard.at.elapsed().as_millis() as u64;
                     let mut r = row(author, Some(&heard.heartbeat), Some(seen));
+                    r["fetcher"] = serde_json::json!(fetcher == Some(*author));
                     r["via_gossip"] = serde_json::json!(true);
                     nodes.push(r);
                 }
@@ -1173,6 +1166,17 @@ impl Node {
         }
     }
 
+    /// The manifest kept in `dir` (under `STATE/releases/`), checked again
+    /// as a node checks any: its bytes and signature text with it.
+    fn stored_manifest(&self, dir: &std::path::Path) -> Result<(Manifest, Vec<u8>, String)> {
+        let source = ManifestSource::read_local(dir)?;
+        let manifest =
+            source.authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc())?;
+        let signature = String::from_utf8(source.signature.unwrap_or_default())
+            .with_context(|| format!("{}: signature is not text", source.signature_location))?;
+        Ok((manifest, source.bytes, signature))
+    }
+
     /// A release this node still holds (`STATE/releases/` and
     /// `STATE/staging/`), older than the installed one, to roll back to. Its
     /// manifest is checked again; its files are checked as they are copied.
@@ -1193,24 +1197,14 @@ impl Node {
                 names.join(", ")
             }
         };
-        let (Ok(xml), Ok(signature), true) = (
-            std::fs::read(dir.join(lanup_protocol::manifest::MANIFEST_FILE)),
-            std::fs::read_to_string(dir.join(lanup_protocol::manifest::SIGNATURE_FILE)),
-            staged.is_dir(),
-        ) else {
+        if !dir.is_dir() || !staged.is_dir() {
             anyhow::bail!(
                 "{version} is no longer in this node's store (it holds: {})",
                 held()
             );
-        };
-        let source = ManifestSource {
-            location: dir.display().to_string(),
-            bytes: xml.clone(),
-            signature: Some(signature.clone().into_bytes()),
-            signature_location: format!("{} (signature)", dir.display()),
-        };
-        let manifest = source
-            .authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc())
+        }
+        let (manifest, xml, signature) = self
+            .stored_manifest(&dir)
             .with_context(|| format!("cannot roll back to {version}"))?;
         if let Some(installed) = &self.installed {
             if manifest.compare_release(installed) != std::cmp::Ordering::Less {
@@ -1236,9 +1230,6 @@ impl Node {
         version: &str,
         reply: Option<mpsc::Sender<serde_json::Value>>,
     ) -> Result<()> {
-        if let Some((running, _)) = &self.applying {
-            anyhow::bail!("an apply of {running} is under way");
-        }
         let release = self.staged_release(version)?;
         self.start_apply_release(release, reply)
     }
@@ -1324,20 +1315,8 @@ impl Node {
         let mut found: Vec<(Manifest, Vec<u8>, String)> = Vec::new();
         for entry in entries.flatten() {
             let dir = entry.path();
-            let (Ok(xml), Ok(sig)) = (
-                std::fs::read(dir.join(lanup_protocol::manifest::MANIFEST_FILE)),
-                std::fs::read_to_string(dir.join(lanup_protocol::manifest::SIGNATURE_FILE)),
-            ) else {
-                continue;
-            };
-            let source = ManifestSource {
-                location: dir.display().to_string(),
-                bytes: xml.clone(),
-                signature: Some(sig.clone().into_bytes()),
-                signature_location: format!("{} (signature)", dir.display()),
-            };
-            match source.authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc()) {
-                Ok(m) => found.push((m, xml, sig)),
+            match self.stored_manifest(&dir) {
+                Ok(found_here) => found.push(found_here),
                 Err(e) => {
                     warn!(dir = %dir.display(), error = %format!("{e:#}"), "not taking up a stored release")
                 }

@@ -198,7 +198,13 @@ impl ManifestSource {
                 Poll::Unchanged => bail!("{location}: origin answered 304 to an unconditional GET"),
             };
         }
-        let mut path = PathBuf::from(location);
+        ManifestSource::read_local(Path::new(location))
+    }
+
+    /// Reads a manifest file, or a release folder's, and its signature if
+    /// there is one; the same bound as [`ManifestSource::read`].
+    pub fn read_local(location: &Path) -> Result<ManifestSource> {
+        let mut path = location.to_owned();
         if path.is_dir() {
             path = path.join(MANIFEST_FILE);
         }

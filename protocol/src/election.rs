@@ -52,19 +52,30 @@ impl Election {
                 .all(|(heard, since)| heard.is_some() || since >= self.heartbeat_wait_ms)
     }
 
-    /// Whether node `me` (with an origin, if `has_origin`) is the fetcher,
-    /// given the other nodes it heard of: (id, has an origin, ms since its
-    /// last heartbeat).
-    pub fn is_fetcher<P: Ord>(
+    /// The site's fetcher as node `me` (with an origin, if `has_origin`)
+    /// sees it, given the other nodes it heard of: (id, has an origin, ms
+    /// since its last heartbeat). None when no live node has an origin.
+    pub fn fetcher<P: Ord>(
+        &self,
+        me: P,
+        has_origin: bool,
+        others: impl IntoIterator<Item = (P, bool, u64)>,
+    ) -> Option<P> {
+        let live = others
+            .into_iter()
+            .filter(|(_, origin, ago)| *origin && *ago < self.silent_ms)
+            .map(|(id, _, _)| id);
+        has_origin.then_some(me).into_iter().chain(live).min()
+    }
+
+    /// Whether node `me` is the fetcher (see [`Election::fetcher`]).
+    pub fn is_fetcher<P: Ord + Clone>(
         &self,
         me: &P,
         has_origin: bool,
         others: impl IntoIterator<Item = (P, bool, u64)>,
     ) -> bool {
-        has_origin
-            && !others
-                .into_iter()
-                .any(|(id, origin, ago)| origin && ago < self.silent_ms && id < *me)
+        self.fetcher(me.clone(), has_origin, others).as_ref() == Some(me)
     }
 }
 
@@ -81,6 +92,8 @@ mod tests {
         assert!(e.is_fetcher(&5, true, [(3, false, 100)]), "3 has no origin");
         assert!(e.is_fetcher(&5, true, [(3, true, 5000)]), "3 went silent");
         assert!(e.is_fetcher(&5, true, [(7, true, 0)]));
+        assert_eq!(e.fetcher(5, false, [(7, true, 0), (9, true, 0)]), Some(7));
+        assert_eq!(e.fetcher(5, false, [(7, false, 0)]), None);
     }
 
     #[test]
