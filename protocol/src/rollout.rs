@@ -477,34 +477,23 @@ mod tests {
         ));
     }
 
+    fn report(installed: &str, failed: Option<&str>) -> NodeReport {
+        NodeReport {
+            installed: Some(installed.into()),
+            failed: failed.map(Into::into),
+        }
+    }
+
     #[test]
     fn a_wave_starts_when_the_one_before_is_healthy_and_a_failure_halts() {
         let waves = vec![vec!["a".to_string()], vec!["b".into(), "c".into()]];
         let mut reports = BTreeMap::new();
         assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(0));
-        reports.insert(
-            "a".to_string(),
-            NodeReport {
-                installed: Some("2".into()),
-                failed: None,
-            },
-        );
+        reports.insert("a".to_string(), report("2", None));
         assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(1));
-        reports.insert(
-            "b".to_string(),
-            NodeReport {
-                installed: Some("2".into()),
-                failed: None,
-            },
-        );
+        reports.insert("b".to_string(), report("2", None));
         assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(1));
-        reports.insert(
-            "c".to_string(),
-            NodeReport {
-                installed: Some("1".into()),
-                failed: Some("exited".into()),
-            },
-        );
+        reports.insert("c".to_string(), report("1", Some("exited")));
         assert_eq!(
             evaluate(&waves, "2", &reports),
             Stage::Halted {
