@@ -298,6 +298,10 @@ struct NodeArgs {
     /// How often the fetcher polls the origin (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION")]
     poll_interval: Option<String>,
+    /// No byte from the origin for this long and a request is resumed where
+    /// it stopped (default 60s; never a limit on a whole transfer).
+    #[arg(long, value_name = "DURATION")]
+    origin_stall_timeout: Option<String>,
     /// Do not look for peers by mDNS (static --peer addresses only).
     #[arg(long)]
     no_mdns: bool,
@@ -330,6 +334,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     wan_rate: args.wan_rate,
                     lan_rate: args.lan_rate,
                     poll_interval: args.poll_interval,
+                    origin_stall_timeout: args.origin_stall_timeout,
                     mdns: args.no_mdns.then_some(false),
                     app: None,
                 },

@@ -67,7 +67,14 @@ async fn main() -> Result<()> {
     )?;
     tokio::spawn(server_net.run());
     let incoming = server.streams().accept(CHUNK_PROTOCOL)?;
-    tokio::spawn(chunks::serve(incoming, server_store, Throttle::default()));
+    // Damaged chunks would be reported here; the example's store is fresh.
+    let (damaged, _) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(chunks::serve(
+        incoming,
+        server_store,
+        Throttle::default(),
+        damaged,
+    ));
     let mut addr = None;
     for _ in 0..100 {
         addr = server.listen_addrs().await?.into_iter().next();

@@ -7,21 +7,33 @@
 //! checks the length against the manifest and the bytes against the hash
 //! before anything is stored.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures_util::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use lanup_protocol::chunk::{Chunk, MAX_CHUNK};
 use lanup_protocol::Hash;
 use libp2p::PeerId;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
 
 use crate::network::CHUNK_PROTOCOL;
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
 
-/// How long one chunk may take from request to last byte.
-pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer may send nothing (no answer, no body byte) before the
+/// request is given up and the chunk asked elsewhere. A peer that is slow
+/// but sending is waited for; one that stopped is not.
+pub const CHUNK_STALL: Duration = Duration::from_secs(5);
+
+/// Chunks served at once; further requests wait (and beyond libp2p's small
+/// queue of incoming streams, are dropped: the asker tries again). Each
+/// holds up to a chunk (4 MiB) in memory.
+pub const MAX_SERVING: usize = 16;
+
+/// Bytes read from a peer between two looks at the stall timer.
+const READ_BLOCK: usize = 64 * 1024;
 
 /// How many times a chunk request is sent when the peer drops the stream
 /// before answering.
@@ -33,6 +45,20 @@ pub enum ChunkError {
     /// The peer sent bytes that are not the chunk: it must be distrusted.
     #[error("peer {peer} sent bytes that are not chunk {hash}")]
     Corrupt { peer: PeerId, hash: Hash },
+    /// The peer says it does not hold the chunk (any more).
+    #[error("peer {peer} does not hold chunk {hash}")]
+    NotHeld { peer: PeerId, hash: Hash },
+    /// The peer stopped sending for [`CHUNK_STALL`].
+    #[error("peer {peer} stopped sending chunk {hash}")]
+    Stalled { peer: PeerId, hash: Hash },
+    /// This node could not store the chunk: its own disk is at fault, and
+    /// asking again (anyone) will not help until that changes.
+    #[error("cannot store chunk {hash}: {reason}")]
+    LocalDisk {
+        peer: PeerId,
+        hash: Hash,
+        reason: String,
+    },
     /// Anything else: the chunk can be asked again, there or elsewhere.
     #[error("chunk {hash} from {peer}: {reason:#}")]
     Failed {
@@ -54,48 +80,68 @@ pub async fn fetch(
         hash: chunk.hash,
         reason,
     };
-    let data = tokio::time::timeout(CHUNK_TIMEOUT, async {
-        // A stream that arrives while the peer's accept queue is full is
-        // dropped unanswered (libp2p-stream queues very few); asking again
-        // at once is cheap, since nothing was sent yet.
-        let mut attempt = 0;
-        let (mut stream, status) = loop {
-            attempt += 1;
-            let opened = async {
-                let mut stream = control
-                    .open_stream(peer, CHUNK_PROTOCOL)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                stream.write_all(&chunk.hash.0).await?;
-                stream.flush().await?;
-                let mut status = [0u8; 1];
-                stream.read_exact(&mut status).await?;
-                anyhow::Ok((stream, status[0]))
-            }
-            .await;
-            match opened {
-                Ok(answer) => break answer,
-                Err(e) if attempt >= OPEN_ATTEMPTS => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(5 * attempt)).await,
-            }
-        };
-        if status != 0 {
-            bail!("peer does not hold it");
+    let stalled = || ChunkError::Stalled {
+        peer,
+        hash: chunk.hash,
+    };
+    // A stream that arrives while the peer's accept queue is full is
+    // dropped unanswered (libp2p-stream queues very few); asking again at
+    // once is cheap, since nothing was sent yet.
+    let mut attempt = 0;
+    let (mut stream, status) = loop {
+        attempt += 1;
+        let opened = tokio::time::timeout(CHUNK_STALL, async {
+            let mut stream = control
+                .open_stream(peer, CHUNK_PROTOCOL)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            stream.write_all(&chunk.hash.0).await?;
+            stream.flush().await?;
+            let mut status = [0u8; 1];
+            stream.read_exact(&mut status).await?;
+            anyhow::Ok((stream, status[0]))
+        })
+        .await
+        .map_err(|_| stalled())?;
+        match opened {
+            Ok(answer) => break answer,
+            Err(e) if attempt >= OPEN_ATTEMPTS => return Err(failed(e)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5 * attempt)).await,
         }
-        let mut len = [0u8; 8];
-        stream.read_exact(&mut len).await?;
-        let len = u64::from_le_bytes(len);
-        if len != chunk.size {
-            // A wrong length is a lie about the chunk, not a hiccup.
-            return Ok(None);
-        }
+    };
+    if status != 0 {
+        return Err(ChunkError::NotHeld {
+            peer,
+            hash: chunk.hash,
+        });
+    }
+    let mut len = [0u8; 8];
+    tokio::time::timeout(CHUNK_STALL, stream.read_exact(&mut len))
+        .await
+        .map_err(|_| stalled())?
+        .map_err(|e| failed(e.into()))?;
+    let len = u64::from_le_bytes(len);
+    // A wrong length is a lie about the chunk, not a hiccup.
+    let data = if len == chunk.size {
         let mut data = vec![0u8; len as usize];
-        stream.read_exact(&mut data).await?;
-        Ok(Some(data))
-    })
-    .await
-    .map_err(|_| failed(anyhow::anyhow!("timed out")))?
-    .map_err(failed)?;
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + READ_BLOCK).min(data.len());
+            let n = tokio::time::timeout(CHUNK_STALL, stream.read(&mut data[at..end]))
+                .await
+                .map_err(|_| stalled())?
+                .map_err(|e| failed(e.into()))?;
+            if n == 0 {
+                return Err(failed(anyhow::anyhow!(
+                    "stream ended after {at} of {len} bytes"
+                )));
+            }
+            at += n;
+        }
+        Some(data)
+    } else {
+        None
+    };
     let Some(data) = data else {
         return Err(ChunkError::Corrupt {
             peer,
@@ -115,25 +161,39 @@ pub async fn fetch(
             peer,
             hash: chunk.hash,
         }),
-        Err(e) => Err(ChunkError::Failed {
+        Err(e) => Err(ChunkError::LocalDisk {
             peer,
             hash: chunk.hash,
-            reason: e.into(),
+            reason: e.to_string(),
         }),
     }
 }
 
 /// Serves chunks from `store` to every peer that asks, no faster in total
-/// than `lan` allows, until the stream of incoming streams ends.
-pub async fn serve(mut incoming: libp2p_stream::IncomingStreams, store: ChunkStore, lan: Throttle) {
+/// than `lan` allows and at most [`MAX_SERVING`] at once, until the stream
+/// of incoming streams ends. A chunk found damaged on disk is removed, the
+/// asker told it is not held, and `damaged` told of it (so the node stops
+/// offering it and fetches it again).
+pub async fn serve(
+    mut incoming: libp2p_stream::IncomingStreams,
+    store: ChunkStore,
+    lan: Throttle,
+    damaged: mpsc::Sender<Hash>,
+) {
     let faulty = fault_corrupt_chunks();
+    let slots = Arc::new(Semaphore::new(MAX_SERVING));
     while let Some((peer, stream)) = incoming.next().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let store = store.clone();
         let lan = lan.clone();
+        let damaged = damaged.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &store, &lan, faulty).await {
+            if let Err(e) = serve_one(stream, &store, &lan, faulty, &damaged).await {
                 debug!(%peer, error = %format!("{e:#}"), "serving a chunk failed");
             }
+            drop(slot);
         });
     }
 }
@@ -146,9 +206,10 @@ async fn serve_one(
     store: &ChunkStore,
     lan: &Throttle,
     faulty: bool,
+    damaged: &mpsc::Sender<Hash>,
 ) -> Result<()> {
     let mut hash = [0u8; 32];
-    tokio::time::timeout(CHUNK_TIMEOUT, stream.read_exact(&mut hash))
+    tokio::time::timeout(CHUNK_STALL, stream.read_exact(&mut hash))
         .await
         .context("request timed out")??;
     let hash = Hash(hash);
@@ -163,16 +224,33 @@ async fn serve_one(
                     *b ^= 0xff;
                 }
             }
-            stream.write_all(&[0]).await?;
-            stream.write_all(&(data.len() as u64).to_le_bytes()).await?;
+            write(&mut stream, &[0]).await?;
+            write(&mut stream, &(data.len() as u64).to_le_bytes()).await?;
             for block in data.chunks(SERVE_BLOCK) {
                 lan.take(block.len()).await;
-                stream.write_all(block).await?;
+                write(&mut stream, block).await?;
             }
         }
-        _ => stream.write_all(&[1]).await?,
+        Ok(_) => write(&mut stream, &[1]).await?,
+        // Damaged (and now removed) or gone: the node offered it, so it
+        // must stop offering it and fetch it again.
+        Err(_) => {
+            let _ = damaged.try_send(hash);
+            write(&mut stream, &[1]).await?;
+        }
     }
-    stream.close().await?;
+    tokio::time::timeout(CHUNK_STALL, stream.close())
+        .await
+        .context("the asker stopped reading")??;
+    Ok(())
+}
+
+/// Writes `bytes`, giving up when the asker reads nothing for
+/// [`CHUNK_STALL`].
+async fn write(stream: &mut libp2p::Stream, bytes: &[u8]) -> Result<()> {
+    tokio::time::timeout(CHUNK_STALL, stream.write_all(bytes))
+        .await
+        .context("the asker stopped reading")??;
     Ok(())
 }
 

@@ -35,6 +35,9 @@ pub struct ConfigFile {
     pub wan_rate: Option<String>,
     pub lan_rate: Option<String>,
     pub poll_interval: Option<String>,
+    /// No byte from the origin for this long and a request is resumed
+    /// (default 60s). Never a limit on a whole transfer.
+    pub origin_stall_timeout: Option<String>,
     /// Find peers by mDNS on the LAN (default true).
     pub mdns: Option<bool>,
     /// The application this node installs and restarts.
@@ -111,6 +114,8 @@ pub struct NodeConfig {
     pub wan_rate: Option<Rate>,
     pub lan_rate: Option<Rate>,
     pub poll_interval: Duration,
+    /// How long the origin may send nothing before a request is resumed.
+    pub origin_stall: Duration,
     /// mDNS discovery on every non-loopback interface.
     pub mdns: bool,
     pub app: Option<AppConfig>,
@@ -150,6 +155,7 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         wan_rate: flags.wan_rate.or(file.wan_rate),
         lan_rate: flags.lan_rate.or(file.lan_rate),
         poll_interval: flags.poll_interval.or(file.poll_interval),
+        origin_stall_timeout: flags.origin_stall_timeout.or(file.origin_stall_timeout),
         mdns: flags.mdns.or(file.mdns),
         app: flags.app.or(file.app),
     }
@@ -280,6 +286,11 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
         wan_rate: rate("wan_rate", c.wan_rate)?,
         lan_rate: rate("lan_rate", c.lan_rate)?,
         poll_interval,
+        origin_stall: duration(
+            "origin_stall_timeout",
+            c.origin_stall_timeout,
+            Duration::from_secs(60),
+        )?,
         mdns: c.mdns.unwrap_or(true),
         app: c.app.map(resolve_app).transpose()?,
     })

@@ -9,13 +9,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
-use tracing::debug;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tracing::{debug, warn};
 
 /// The socket's file name in the state directory.
 pub const SOCKET: &str = "control.sock";
+
+/// The longest request line the node reads. Requests are small JSON
+/// objects (a signed command is under 2 KiB); a longer line is refused
+/// unread, so a runaway client cannot make the node buffer it.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// How long a client may take to send its request line.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Control connections served at once; more are told the node is busy.
+const MAX_CLIENTS: usize = 16;
 
 /// What the CLI can ask.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,9 +82,21 @@ pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file handles, say: wait rather than spin.
+                    warn!(error = %e, "control socket cannot accept");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let busy = serde_json::json!({ "error": format!("the node is serving {MAX_CLIENTS} control connections already; try again") });
+                let _ = stream.try_write(format!("{busy}\n").as_bytes());
                 continue;
             };
             let node = node.clone();
@@ -76,18 +104,44 @@ pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
                 if let Err(e) = answer(stream, node).await {
                     debug!(error = %format!("{e:#}"), "control request failed");
                 }
+                drop(slot);
             });
         }
     });
     Ok(())
 }
 
+/// Reads the request line: at most [`MAX_LINE`] bytes, within
+/// [`READ_TIMEOUT`].
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<ControlRequest, String> {
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
+    let line = match tokio::time::timeout(READ_TIMEOUT, lines.next()).await {
+        Err(_) => return Err(format!("no request line within {READ_TIMEOUT:?}")),
+        Ok(None) => return Err("connection closed before a request".into()),
+        Ok(Some(Err(LinesCodecError::MaxLineLengthExceeded))) => {
+            return Err(format!(
+                "control request longer than {MAX_LINE} bytes; refused unread"
+            ))
+        }
+        Ok(Some(Err(LinesCodecError::Io(e)))) => return Err(format!("reading the request: {e}")),
+        Ok(Some(Ok(line))) => line,
+    };
+    serde_json::from_str(line.trim()).map_err(|e| {
+        let name: String = line.chars().take(40).collect();
+        format!("malformed control request ({e}) starting {name:?}")
+    })
+}
+
 async fn answer(stream: UnixStream, node: mpsc::Sender<Incoming>) -> Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let request: ControlRequest =
-        serde_json::from_str(line.trim()).context("malformed control request")?;
+    let request = match read_request(read).await {
+        Ok(r) => r,
+        Err(reason) => {
+            let line = serde_json::json!({ "error": reason });
+            write.write_all(format!("{line}\n").as_bytes()).await?;
+            anyhow::bail!(reason);
+        }
+    };
     let (tx, mut rx) = mpsc::channel(64);
     node.send((request, tx)).await.context("node stopped")?;
     while let Some(line) = rx.recv().await {

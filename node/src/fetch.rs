@@ -2,9 +2,13 @@
 //! requests, and assembling verified files from the chunk store.
 //!
 //! What to ask for is decided in `lanup_protocol::plan`; this module moves
-//! the bytes. Every chunk is checked against its hash before it is stored,
-//! and a cut connection resumes from the first chunk not yet stored.
+//! the bytes. Every chunk is checked against its hash before it is stored.
+//! Timeouts are on progress only (no byte for [`Origin::stall`]), a cut
+//! request resumes at the byte where it stopped, the next request is sent
+//! before the current one ends, and an origin that ignores Range is read
+//! once per file.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -13,12 +17,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use lanup_protocol::chunk::Chunk;
 use lanup_protocol::manifest::check_file_name;
-use lanup_protocol::plan::{origin_requests, RangeRequest};
+use lanup_protocol::plan::{next_request, Cursor};
 use lanup_protocol::{Hash, Manifest};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
-use reqwest::header::RANGE;
+use reqwest::header::{CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
-use tracing::{debug, warn};
+use tracing::{debug, info};
 
 use crate::store::{ChunkStore, StoreError};
 use crate::throttle::Throttle;
@@ -37,8 +41,16 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
-/// How many times one Range request is retried after a cut or an error.
-const RETRIES: u32 = 5;
+/// How many requests in a row may end with no byte received before a
+/// download gives up (and the node backs off). A request that received
+/// anything resets the count: on a slow or flaky link progress, not time,
+/// decides.
+const QUIET_ATTEMPTS: u32 = 5;
+
+/// How many wanted bytes may be left of the request being read when the
+/// next one is sent, so that the uplink does not idle for a round trip
+/// between requests. The two answers share the link for that long.
+const PIPELINE_AHEAD: u64 = 256 * 1024;
 
 /// What a fetch took from the origin.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -47,10 +59,61 @@ pub struct FetchReport {
     pub bytes: u64,
     /// Chunks fetched and stored.
     pub chunks: usize,
-    /// Range requests planned.
+    /// HTTP requests sent (resumes and pipelined ones included).
     pub requests: usize,
     /// Bytes of the release already in the store before the fetch.
     pub already_held: u64,
+}
+
+/// The origin a node downloads from, and how.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub client: reqwest::Client,
+    /// The release directory's URL.
+    pub base: String,
+    /// The uplink cap (`--wan-rate`).
+    pub wan: Throttle,
+    /// No byte for this long and a request is given up and resumed at the
+    /// byte where it stopped. There is no limit on a whole request: on a
+    /// 64 kbit/s link one 4 MiB chunk takes nine minutes.
+    pub stall: Duration,
+}
+
+impl Origin {
+    /// An HTTP client for an origin: connections and every wait for bytes
+    /// are bounded by `stall`, whole transfers by nothing.
+    pub fn client(stall: Duration) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .connect_timeout(stall)
+            .read_timeout(stall)
+            .build()
+    }
+}
+
+/// Why a download from the origin stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The origin's bytes are not the signed release: asking again gets
+    /// the same bytes.
+    #[error("the origin serves a file that differs from its signed manifest ({url} bytes {start}..{end} are not chunk {hash}); republish the release")]
+    Mismatch {
+        url: String,
+        start: u64,
+        end: u64,
+        hash: Hash,
+    },
+    /// This node cannot write what it received: its own disk, not the
+    /// origin, is at fault.
+    #[error("cannot store chunks from the origin on this node: {0}")]
+    LocalDisk(#[source] StoreError),
+    /// The origin answered with an error status.
+    #[error("{url}: origin answered {status}")]
+    Status { url: String, status: u16 },
+    /// Requests kept ending without a byte (a stalled or unreachable
+    /// origin).
+    #[error("{0:#}")]
+    Network(anyhow::Error),
 }
 
 /// The URL of a published file: `base` + the file name, each part escaped.
@@ -63,64 +126,158 @@ pub fn file_url(base: &str, name: &str) -> String {
     url
 }
 
-/// Fetches every chunk of `manifest` that `store` lacks from the release
-/// directory at `base`, except those `skip` says are to be had elsewhere,
-/// no faster than `wan` allows. `on_chunk` is told of every chunk verified
-/// and stored.
+/// One request's answer on its way: sent, headers awaited in a task of its
+/// own so that the next request can be under way while this one is read.
+struct Sent {
+    file: String,
+    cursor: Cursor,
+    /// The byte the request starts at.
+    start: u64,
+    answer: tokio::task::JoinHandle<Result<reqwest::Response, Attempt>>,
+}
+
+/// How one request ended when it did not finish.
+enum Attempt {
+    /// Cut off or stalled: resumed where it stopped.
+    Cut(anyhow::Error),
+    /// Asking again will not help (for now): the download stops.
+    Fatal(FetchError),
+}
+
+impl Origin {
+    /// Sends a Range request for `[start, end)` of `file`.
+    fn send(&self, file: &str, cursor: Cursor, start: u64, end: u64) -> Sent {
+        let url = file_url(&self.base, file);
+        let request = self
+            .client
+            .get(&url)
+            .header(RANGE, format!("bytes={start}-{}", end - 1));
+        let stall = self.stall;
+        let answer = tokio::spawn(async move {
+            let response = tokio::time::timeout(stall, request.send())
+                .await
+                .map_err(|_| Attempt::Cut(anyhow::anyhow!("GET {url}: no answer for {stall:?}")))?
+                .map_err(|e| Attempt::Cut(anyhow::Error::new(e).context(format!("GET {url}"))))?;
+            match response.status() {
+                StatusCode::PARTIAL_CONTENT | StatusCode::OK => Ok(response),
+                status => Err(Attempt::Fatal(FetchError::Status {
+                    url,
+                    status: status.as_u16(),
+                })),
+            }
+        });
+        Sent {
+            file: file.to_owned(),
+            cursor,
+            start,
+            answer,
+        }
+    }
+}
+
+/// Fetches every chunk of `manifest` that `store` lacks and `wanted` still
+/// asks for, no faster than the origin's cap allows. `wanted` is asked
+/// afresh before every request and as bytes arrive, so chunks that reach
+/// the site another way meanwhile (or a role that ends) stop the download
+/// of them. `on_chunk` is told of every chunk verified and stored.
+///
+/// Requests are Range requests of neighbouring missing chunks; the next is
+/// sent before the current one ends. A cut or stalled request is resumed at
+/// the byte where it stopped (the bytes of a chunk cut mid-way are kept).
+/// An origin that ignores Range (answers 200) is read once, front to back,
+/// taking every missing chunk of the file from that one answer.
 pub async fn fetch_missing(
-    client: &reqwest::Client,
-    base: &str,
+    origin: &Origin,
     manifest: &Manifest,
     store: &ChunkStore,
-    wan: &Throttle,
-    skip: impl Fn(&Hash) -> bool,
+    wanted: impl Fn(&Hash) -> bool,
     mut on_chunk: impl FnMut(&Chunk),
-) -> Result<FetchReport> {
-    let plan = origin_requests(manifest, |h| store.has(h) || skip(h));
-    let missing: u64 = plan.iter().map(RangeRequest::len).sum();
-    let unique: u64 = lanup_protocol::manifest::unique_chunks(&manifest.files)
-        .values()
-        .sum();
+) -> Result<FetchReport, FetchError> {
+    let chunks = lanup_protocol::manifest::unique_chunks(&manifest.files);
+    let mut held: HashSet<Hash> = {
+        let store = store.clone();
+        let hashes: Vec<Hash> = chunks.keys().copied().collect();
+        tokio::task::spawn_blocking(move || hashes.into_iter().filter(|h| store.has(h)).collect())
+            .await
+            .map_err(|e| FetchError::Network(e.into()))?
+    };
     let mut report = FetchReport {
-        requests: plan.len(),
-        already_held: unique - missing,
+        already_held: held.iter().filter_map(|h| chunks.get(h)).sum(),
         ..FetchReport::default()
     };
-    debug!(
-        release = %manifest.release_name(),
-        missing_bytes = missing,
-        held_bytes = report.already_held,
-        requests = plan.len(),
-        "requesting chunks from the origin"
-    );
-    for request in &plan {
-        let mut attempt = 0;
-        loop {
-            match fetch_range(
-                client,
-                base,
-                request,
-                store,
-                wan,
-                &mut report,
-                &mut on_chunk,
-            )
-            .await
-            {
-                Ok(()) => break,
-                // Wrong bytes from the origin are not a network hiccup: the
-                // published folder differs from its manifest.
-                Err(e) if e.downcast_ref::<StoreError>().is_some() => {
-                    return Err(e.context(
-                        "the origin serves a file that differs from its signed manifest; republish the release",
-                    ));
+    let mut retry: Option<(String, Cursor)> = None;
+    let mut ahead: Option<Sent> = None;
+    let mut quiet = 0;
+    loop {
+        let want = |held: &HashSet<Hash>, h: &Hash| !held.contains(h) && wanted(h);
+        let sent = match (retry.take(), ahead.take()) {
+            (Some((file, mut cursor)), _) => {
+                cursor.unwant(|h| !want(&held, h));
+                let Some((start, end)) = cursor.resume() else {
+                    continue;
+                };
+                origin.send(&file, cursor, start, end)
+            }
+            (None, Some(mut sent)) => {
+                sent.cursor.unwant(|h| !want(&held, h));
+                if sent.cursor.is_done() {
+                    sent.answer.abort();
+                    continue;
                 }
-                Err(e) if attempt < RETRIES => {
-                    attempt += 1;
-                    warn!(file = %request.file, error = %format!("{e:#}"), attempt, "origin download interrupted; resuming");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                sent
+            }
+            (None, None) => {
+                let Some(request) = next_request(manifest, |h| !want(&held, h)) else {
+                    break;
+                };
+                let cursor = Cursor::for_request(&request);
+                origin.send(&request.file, cursor, request.start, request.end)
+            }
+        };
+        report.requests += 1;
+        let file = sent.file.clone();
+        let mut cursor = sent.cursor.clone();
+        let before = report.bytes;
+        let read = read_answer(
+            origin,
+            manifest,
+            store,
+            sent,
+            &mut cursor,
+            &mut held,
+            &wanted,
+            &mut ahead,
+            &mut report,
+            &mut on_chunk,
+        )
+        .await;
+        match read {
+            Ok(()) => quiet = 0,
+            Err(Attempt::Fatal(e)) => {
+                if let Some(a) = ahead.take() {
+                    a.answer.abort();
                 }
-                Err(e) => return Err(e),
+                return Err(e);
+            }
+            Err(Attempt::Cut(e)) => {
+                if report.bytes > before {
+                    quiet = 0;
+                } else {
+                    quiet += 1;
+                }
+                if quiet >= QUIET_ATTEMPTS {
+                    if let Some(a) = ahead.take() {
+                        a.answer.abort();
+                    }
+                    return Err(FetchError::Network(e.context(format!(
+                        "{quiet} requests in a row to the origin received nothing"
+                    ))));
+                }
+                info!(file = %file, at = cursor.position(), error = %format!("{e:#}"), "origin request cut; resuming where it stopped");
+                if quiet > 0 {
+                    tokio::time::sleep(Duration::from_millis(500 << quiet)).await;
+                }
+                retry = Some((file, cursor));
             }
         }
     }
@@ -128,85 +285,137 @@ pub async fn fetch_missing(
         release = %manifest.release_name(),
         bytes = report.bytes,
         chunks = report.chunks,
+        requests = report.requests,
         "origin requests done"
     );
     Ok(report)
 }
 
-/// Fetches the chunks of one planned request that the store still lacks
-/// (after a cut, only those after the last stored one).
-async fn fetch_range(
-    client: &reqwest::Client,
-    base: &str,
-    request: &RangeRequest,
+/// Reads one answer, storing every wanted chunk it completes; sends the
+/// next request (into `ahead`) when this one nears its end. On a cut,
+/// `cursor` holds where it stopped.
+#[allow(clippy::too_many_arguments)]
+async fn read_answer(
+    origin: &Origin,
+    manifest: &Manifest,
     store: &ChunkStore,
-    wan: &Throttle,
+    sent: Sent,
+    cursor: &mut Cursor,
+    held: &mut HashSet<Hash>,
+    wanted: &impl Fn(&Hash) -> bool,
+    ahead: &mut Option<Sent>,
     report: &mut FetchReport,
     on_chunk: &mut impl FnMut(&Chunk),
-) -> Result<()> {
-    let mut start = request.start;
-    let mut chunks = request.chunks.as_slice();
-    while let Some((first, rest)) = chunks.split_first() {
-        if !store.has(&first.hash) {
-            break;
-        }
-        start += first.size;
-        chunks = rest;
-    }
-    if chunks.is_empty() {
-        return Ok(());
-    }
-    let url = file_url(base, &request.file);
-    let mut resp = client
-        .get(&url)
-        .header(RANGE, format!("bytes={start}-{}", request.end - 1))
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    // A server that ignores Range answers 200 with the whole file.
-    let mut skip = match resp.status() {
-        StatusCode::PARTIAL_CONTENT => 0,
-        StatusCode::OK => start,
-        status => bail!("GET {url}: origin answered {status}"),
+) -> Result<(), Attempt> {
+    let url = file_url(&origin.base, &sent.file);
+    let mut response = match sent.answer.await {
+        Ok(answer) => answer?,
+        Err(e) => return Err(Attempt::Cut(e.into())),
     };
-    let mut buf: Vec<u8> = Vec::with_capacity(chunks.first().map_or(0, |c| c.size as usize));
-    while let Some(body) = resp
-        .chunk()
-        .await
-        .with_context(|| format!("reading {url}"))?
-    {
-        wan.take(body.len()).await;
-        report.bytes += body.len() as u64;
-        let mut body = &body[..];
-        if skip > 0 {
-            let n = skip.min(body.len() as u64) as usize;
-            body = &body[n..];
-            skip -= n as u64;
+    // An origin that ignores Range answers 200 with the whole file: read
+    // it once, taking every chunk of it this node still lacks.
+    let whole = response.status() == StatusCode::OK;
+    if whole {
+        let Some(entry) = manifest.files.iter().find(|f| f.name == sent.file) else {
+            return Err(Attempt::Fatal(FetchError::Network(anyhow::anyhow!(
+                "{} is not in the manifest",
+                sent.file
+            ))));
+        };
+        *cursor = Cursor::for_file(entry, |h| !held.contains(h) && wanted(h));
+        if let Some(a) = ahead.take() {
+            a.answer.abort();
         }
-        buf.extend_from_slice(body);
-        while let Some(chunk) = chunks.first() {
-            let size = chunk.size as usize;
-            if buf.len() < size {
-                break;
+    } else if let Some(first) = content_range_start(&response) {
+        if first != sent.start {
+            return Err(Attempt::Fatal(FetchError::Network(anyhow::anyhow!(
+                "{url}: asked for bytes from {}, the origin sent them from {first}",
+                sent.start
+            ))));
+        }
+    }
+    loop {
+        let next = tokio::time::timeout(origin.stall, response.chunk()).await;
+        let body = match next {
+            Err(_) => {
+                return Err(Attempt::Cut(anyhow::anyhow!(
+                    "{url}: no byte from the origin for {:?} (at byte {})",
+                    origin.stall,
+                    cursor.position()
+                )))
             }
-            store
-                .put(chunk, &buf[..size])
-                .with_context(|| format!("{url} bytes {start}..{}", start + chunk.size))?;
-            on_chunk(chunk);
+            Ok(Err(e)) => {
+                return Err(Attempt::Cut(
+                    anyhow::Error::new(e).context(format!("reading {url}")),
+                ))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(body))) => body,
+        };
+        origin.wan.take(body.len()).await;
+        report.bytes += body.len() as u64;
+        for (at, chunk, data) in cursor.feed(&body) {
+            let stored = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.put(&chunk, &data))
+                    .await
+                    .map_err(|e| Attempt::Cut(e.into()))?
+            };
+            match stored {
+                Ok(()) => {}
+                Err(StoreError::Corrupt { .. }) => {
+                    return Err(Attempt::Fatal(FetchError::Mismatch {
+                        url,
+                        start: at,
+                        end: at + chunk.size,
+                        hash: chunk.hash,
+                    }))
+                }
+                Err(e) => return Err(Attempt::Fatal(FetchError::LocalDisk(e))),
+            }
+            held.insert(chunk.hash);
             report.chunks += 1;
-            start += chunk.size;
-            buf.drain(..size);
-            chunks = &chunks[1..];
+            on_chunk(&chunk);
         }
-        if chunks.is_empty() {
+        // Chunks that reached the node another way, or a role that ended:
+        // what is no longer wanted is not read.
+        cursor.unwant(|h| held.contains(h) || !wanted(h));
+        if cursor.is_done() {
             return Ok(());
         }
+        if !whole && ahead.is_none() && cursor.wanted_bytes() <= PIPELINE_AHEAD {
+            let reading: HashSet<Hash> = cursor.wanted().collect();
+            let next = next_request(manifest, |h| {
+                held.contains(h) || reading.contains(h) || !wanted(h)
+            });
+            if let Some(request) = next {
+                let next_cursor = Cursor::for_request(&request);
+                *ahead = Some(origin.send(&request.file, next_cursor, request.start, request.end));
+            }
+        }
     }
-    bail!(
-        "{url}: body ended at byte {start}, before byte {}",
-        request.end
-    )
+    if cursor.is_done() {
+        return Ok(());
+    }
+    Err(Attempt::Cut(anyhow::anyhow!(
+        "{url}: body ended at byte {}, before byte {}",
+        cursor.position(),
+        cursor.end().unwrap_or_default()
+    )))
 }
+
+/// The first byte a 206 answer holds, from its `Content-Range`.
+fn content_range_start(response: &reqwest::Response) -> Option<u64> {
+    let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    let range = value.strip_prefix("bytes ")?;
+    range.split('-').next()?.trim().parse().ok()
+}
+
+/// A chunk found damaged in the store while assembling (and removed from
+/// it): it must be fetched again.
+#[derive(Debug, thiserror::Error)]
+#[error("chunk {0} was damaged on disk and has been removed")]
+pub struct DamagedChunk(pub Hash);
 
 /// Assembles every file of `manifest` from `store` into `dest`, checking
 /// each whole-file hash, and applies the manifest's modes. Each file is
@@ -230,6 +439,20 @@ pub fn assemble(manifest: &Manifest, store: &ChunkStore, dest: &Path) -> Result<
         }
         let hash: Hash = hasher.finalize().into();
         if Some(hash) != file.hash {
+            // A chunk rotted in the store since it was checked: find it,
+            // remove it, and say which, so it is fetched again.
+            for chunk in &file.chunks {
+                if let Err(e) = store.get_verified(&chunk.hash) {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        return Err(
+                            anyhow::Error::new(DamagedChunk(chunk.hash)).context(format!(
+                                "{}: a chunk of it was damaged in the store",
+                                file.name
+                            )),
+                        );
+                    }
+                }
+            }
             bail!(
                 "{}: assembled file hashes to {hash}, not the manifest's hash",
                 file.name

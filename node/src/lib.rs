@@ -11,6 +11,7 @@ pub mod audit;
 pub mod chunks;
 pub mod config;
 pub mod control;
+pub mod disk;
 pub mod fetch;
 pub mod keys;
 pub mod network;

@@ -45,8 +45,30 @@ pub struct NetworkConfig {
     pub mdns: bool,
 }
 
+/// Connections held at most, all peers together: a site is tens of nodes,
+/// each with a connection or two to every other.
+const MAX_CONNECTIONS: u32 = 256;
+/// Incoming connections still in their handshake at once. A flood of raw
+/// TCP connections that never speak is refused beyond this, and each one
+/// is closed after [`HANDSHAKE_TIMEOUT`].
+const MAX_PENDING_INCOMING: u32 = 32;
+/// Connections per peer (a dial race can leave two for a moment).
+const MAX_PER_PEER: u32 = 2;
+/// A connection that has not finished its security and multiplexing
+/// handshake by then is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection no protocol uses for this long is closed. Every live peer
+/// gossips a heartbeat each second, so only dead weight goes.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pings find a peer that stopped answering (a frozen machine, a cable
+/// pulled without a reset); its connection is closed, not held for hours.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: libp2p::connection_limits::Behaviour,
+    ping: libp2p::ping::Behaviour,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     gossipsub: gossipsub::Behaviour,
@@ -121,10 +143,22 @@ pub struct Network {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetworkEvent>,
     static_peers: Vec<Multiaddr>,
+    /// Which peer answers at each static address, once known (from the
+    /// connection we dialled, or from the addresses the peer says it
+    /// listens on): an address is dialled again while its peer is not
+    /// connected, whatever other connections this node has.
+    static_known: std::collections::HashMap<Multiaddr, PeerId>,
     pending: std::collections::HashMap<OutboundRequestId, oneshot::Sender<Result<Response>>>,
     connected: HashSet<PeerId>,
     /// Peers refused until the given time (they sent bad chunks).
     banned: std::collections::HashMap<PeerId, std::time::Instant>,
+    /// Connection changes the node has not taken yet (its queue was
+    /// full): they are never dropped, only delayed, and bounded by the
+    /// connection limits.
+    backlog: std::collections::VecDeque<NetworkEvent>,
+    /// Gossip messages and requests dropped because the node lagged (each
+    /// sender tries again: heartbeats every second, requests on timeout).
+    shed: u64,
     /// Peers mDNS found, their addresses and when: dialled again while
     /// they stay unconnected (a first dial can fail, and mDNS reports a
     /// peer once per record, not again minutes later).
@@ -140,12 +174,14 @@ fn transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, 
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
             .boxed(),
         None => {
             let tcp = tcp
                 .upgrade(Version::V1Lazy)
                 .authenticate(noise)
-                .multiplex(yamux::Config::default());
+                .multiplex(yamux::Config::default())
+                .timeout(HANDSHAKE_TIMEOUT);
             let quic = quic::tokio::Transport::new(quic::Config::new(key));
             OrTransport::new(quic, tcp)
                 .map(|either, _| match either {
@@ -176,7 +212,17 @@ fn behaviour(key: &Keypair, mdns_on: bool) -> Result<Behaviour> {
     } else {
         None
     };
+    let limits = libp2p::connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(MAX_CONNECTIONS))
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+        .with_max_established_per_peer(Some(MAX_PER_PEER));
     Ok(Behaviour {
+        limits: libp2p::connection_limits::Behaviour::new(limits),
+        ping: libp2p::ping::Behaviour::new(
+            libp2p::ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_TIMEOUT),
+        ),
         identify: identify::Behaviour::new(identify::Config::new(
             "/lanup/1.0.0".into(),
             key.public(),
@@ -209,8 +255,7 @@ impl Network {
             transport,
             behaviour,
             local,
-            libp2p::swarm::Config::with_tokio_executor()
-                .with_idle_connection_timeout(Duration::from_secs(3600)),
+            libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(IDLE_TIMEOUT),
         );
         for addr in &config.listen {
             swarm
@@ -225,10 +270,13 @@ impl Network {
             commands,
             events,
             static_peers: config.peers,
+            static_known: Default::default(),
             pending: Default::default(),
             connected: HashSet::new(),
             discovered: std::collections::HashMap::new(),
             banned: Default::default(),
+            backlog: Default::default(),
+            shed: 0,
         };
         Ok((
             network,
@@ -264,8 +312,11 @@ impl Network {
                     Some(c) => self.command(c),
                     None => break,
                 },
-                event = self.swarm.select_next_some() => self.event(event).await,
-                _ = redial.tick() => self.redial_static(),
+                event = self.swarm.select_next_some() => self.event(event),
+                _ = redial.tick() => {
+                    self.redial_static();
+                    self.flush_backlog();
+                }
                 _ = redial_found.tick() => self.redial_discovered(),
             }
         }
@@ -298,18 +349,19 @@ impl Network {
         }
     }
 
+    /// Dials every static address whose peer is not connected (or not
+    /// known yet): a first dial that failed is tried again every few
+    /// seconds, so a node never lives with part of its intended mesh.
     fn redial_static(&mut self) {
         for addr in &self.static_peers {
-            let known = addr.iter().find_map(|p| match p {
-                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                _ => None,
-            });
-            if known.is_some_and(|id| self.connected.contains(&id)) {
-                continue;
-            }
-            if known.is_none() && !self.connected.is_empty() {
-                // Without a PeerId we cannot tell; dialling again is cheap
-                // but noisy, so only while alone.
+            let known = addr
+                .iter()
+                .find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                    _ => None,
+                })
+                .or_else(|| self.static_known.get(addr).copied());
+            if known.is_some_and(|id| self.connected.contains(&id) || self.is_banned(&id)) {
                 continue;
             }
             let opts = match known {
@@ -364,13 +416,59 @@ impl Network {
         }
     }
 
+    fn peer_connected(&mut self, peer: PeerId, addr: &Multiaddr) {
+        self.connected.insert(peer);
+        info!(%peer, %addr, "peer found");
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .add_explicit_peer(&peer);
+        self.emit(NetworkEvent::PeerConnected(peer));
+    }
+
+    /// Hands the node an event without ever waiting for it: the swarm
+    /// (and every chunk stream on it) must not stop because the node lags.
+    /// Connection changes wait in a backlog; gossip and requests beyond
+    /// the queue are dropped and counted.
+    fn emit(&mut self, event: NetworkEvent) {
+        let keep = matches!(
+            event,
+            NetworkEvent::PeerConnected(_) | NetworkEvent::PeerDisconnected(_)
+        );
+        if keep {
+            self.backlog.push_back(event);
+            self.flush_backlog();
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(event) {
+            self.shed += 1;
+            if self.shed.is_power_of_two() {
+                warn!(dropped = self.shed, "the node is lagging behind the network; dropping gossip and requests it would answer late");
+            }
+        }
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(event) = self.backlog.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.backlog.push_front(event);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+
     fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned
             .get(peer)
             .is_some_and(|until| *until > std::time::Instant::now())
     }
 
-    async fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.flush_backlog();
         match event {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening for peers"),
             SwarmEvent::ConnectionEstablished { peer_id, .. } if self.is_banned(&peer_id) => {
@@ -378,17 +476,26 @@ impl Network {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                let addr = endpoint.get_remote_address();
+                if endpoint.is_dialer() && self.static_peers.contains(addr) {
+                    self.static_known.insert(addr.clone(), peer_id);
+                }
+                if !self.connected.contains(&peer_id) {
+                    self.peer_connected(peer_id, &addr.clone());
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
-                endpoint,
-                num_established,
+                info,
                 ..
-            } if num_established.get() == 1 && self.connected.insert(peer_id) => {
-                info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer found");
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .add_explicit_peer(&peer_id);
-                let _ = self.events.send(NetworkEvent::PeerConnected(peer_id)).await;
+            })) => {
+                for addr in &info.listen_addrs {
+                    if self.static_peers.contains(addr) {
+                        self.static_known.insert(addr.clone(), peer_id);
+                    }
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -396,10 +503,7 @@ impl Network {
                 ..
             } if num_established == 0 && self.connected.remove(&peer_id) => {
                 info!(peer = %peer_id, "peer lost");
-                let _ = self
-                    .events
-                    .send(NetworkEvent::PeerDisconnected(peer_id))
-                    .await;
+                self.emit(NetworkEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let local = *self.swarm.local_peer_id();
@@ -438,16 +542,13 @@ impl Network {
                 message_id,
                 message,
             })) => {
-                let _ = self
-                    .events
-                    .send(NetworkEvent::Gossip {
-                        author: message.source,
-                        topic: message.topic.into_string(),
-                        from: propagation_source,
-                        id: message_id,
-                        data: message.data,
-                    })
-                    .await;
+                self.emit(NetworkEvent::Gossip {
+                    author: message.source,
+                    topic: message.topic.into_string(),
+                    from: propagation_source,
+                    id: message_id,
+                    data: message.data,
+                });
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
                 peer,
@@ -457,14 +558,11 @@ impl Network {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let _ = self
-                        .events
-                        .send(NetworkEvent::Request {
-                            from: peer,
-                            request,
-                            channel,
-                        })
-                        .await;
+                    self.emit(NetworkEvent::Request {
+                        from: peer,
+                        request,
+                        channel,
+                    });
                 }
                 request_response::Message::Response {
                     request_id,
@@ -486,6 +584,14 @@ impl Network {
                 if let Some(reply) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(anyhow::anyhow!("request to {peer} failed: {error}")));
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            })) => {
+                info!(%peer, %error, "peer stopped answering pings; closing its connection");
+                self.swarm.close_connection(connection);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, error = %error, "dial failed");

@@ -30,7 +30,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::apply::{Applier, Ending, Event, Outcome, Release};
 use crate::audit::{Audit, Entry};
@@ -43,7 +43,6 @@ use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
 use lanup_protocol::election::Election;
-use lanup_protocol::plan::ORIGIN_BATCH;
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
@@ -57,11 +56,22 @@ const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
 /// How long the fetcher waits at most for its peers' chunk lists.
 const HAVE_WAIT: Duration = Duration::from_millis(lanup_protocol::plan::HAVE_WAIT_MS);
+/// Chunk requests to one peer that stall in a row before it is banned.
+const STALLS_TO_DISTRUST: u32 = 3;
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
-/// The longest wait between polls after the origin failed to answer.
-const POLL_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// The longest wait before the origin is tried again after failures (the
+/// poll interval, when shorter, caps it too).
+const ORIGIN_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// The first wait after an origin failure; it doubles (with jitter) per
+/// failure in a row.
+const ORIGIN_BACKOFF_MIN: Duration = Duration::from_secs(5);
+/// How long a download from the origin may go on without the node
+/// confirming (every heartbeat) that it is still the site's fetcher. A node
+/// frozen for longer (a paused VM, a swap storm) wakes with its download
+/// stopped, and learns what the site holds before it asks again.
+const ORIGIN_LEASE: Duration = Duration::from_secs(3);
 
 /// The heartbeat every node gossips.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,16 +139,26 @@ struct Target {
     /// Why the last staging failed (a full disk, say), and when to try
     /// again.
     stage_failed: Option<(String, Instant)>,
+    /// The release does not fit on this node's disks (the disk guard's
+    /// message), and when to look again: nothing is fetched meanwhile.
+    no_room: Option<(String, Instant)>,
     adopted_at: Instant,
 }
 
 enum Done {
     Chunk(Result<(PeerId, Hash), ChunkError>),
-    Have(PeerId, Hash, Vec<Hash>, u32),
+    /// A peer's answer to "which chunks do you hold", or `None` when the
+    /// request failed.
+    Have(PeerId, Hash, Option<(Vec<Hash>, u32)>),
     Manifest(PeerId, Hash, Result<(Vec<u8>, String)>),
     OriginChunk(Hash, u64),
-    OriginPoll(Result<Poll>),
-    OriginFinished(Result<u64>),
+    /// A poll or download of the origin ended; the number says which
+    /// (answers of one that was stopped are ignored).
+    OriginPoll(u64, Result<Poll>),
+    OriginFinished(
+        u64,
+        Result<crate::fetch::FetchReport, crate::fetch::FetchError>,
+    ),
     Staged(Hash, Result<PathBuf>),
     ApplyStep(Event),
     Applied(Outcome),
@@ -155,6 +175,17 @@ struct Node {
     done_tx: mpsc::Sender<Done>,
     /// The poll or download running against the origin, if any.
     origin_task: Option<tokio::task::AbortHandle>,
+    /// Chunk requests that stalled in a row, per peer: a peer that
+    /// advertises chunks and never sends them is distrusted like one that
+    /// sends bad ones.
+    stalls: HashMap<PeerId, u32>,
+    /// Peers asked which chunks they hold and not answered yet.
+    have_pending: HashSet<PeerId>,
+    /// This node's own disk refused a chunk (read-only, full): transfers
+    /// pause until then, longer each time, and the status says why.
+    disk_backoff: Option<backon::ExponentialBackoff>,
+    disk_paused_until: Option<Instant>,
+    disk_error: Option<String>,
     /// Whether this node was the fetcher at the last look (for the log).
     was_fetcher: bool,
     /// Bytes this node took from the origin, counted as chunks arrive.
@@ -167,7 +198,24 @@ struct Node {
     /// The origin manifest's ETag at the last poll, for a conditional GET.
     etag: Option<String>,
     next_poll: Instant,
-    poll_failures: u32,
+    /// Which poll or download of the origin is the current one.
+    origin_epoch: u64,
+    /// After origin failures (errors, bytes that do not match the
+    /// manifest, a local disk that refuses the chunks): the waits still to
+    /// come, when to try again, and why.
+    origin_backoff: Option<backon::ExponentialBackoff>,
+    origin_retry_at: Option<Instant>,
+    origin_error: Option<String>,
+    /// Until when (ms since `started`) a download may go on; renewed by
+    /// every heartbeat while this node is the fetcher.
+    origin_lease: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The chunks no reachable peer holds, as the download sees them (it
+    /// looks before every request).
+    site_lacks: tokio::sync::watch::Sender<std::sync::Arc<std::collections::BTreeSet<Hash>>>,
+    /// The last heartbeat tick, to notice a node that was frozen, and
+    /// when it woke from that.
+    last_tick: Instant,
+    woke_at: Option<Instant>,
     wan: Throttle,
     started: Instant,
     http: reqwest::Client,
@@ -380,10 +428,12 @@ pub async fn run(
     tokio::spawn(network.run());
     let store = ChunkStore::open(&config.state.join("chunks"))?;
     let incoming = net.streams().accept(CHUNK_PROTOCOL)?;
+    let (damaged_tx, mut damaged) = mpsc::channel::<Hash>(64);
     tokio::spawn(chunks::serve(
         incoming,
         store.clone(),
         Throttle::new(config.lan_rate),
+        damaged_tx.clone(),
     ));
 
     let announce_topic = format!("lanup/{}/announce", config.site);
@@ -404,6 +454,7 @@ pub async fn run(
     crate::control::listen(&config.state, control_tx)?;
     let wan = Throttle::new(config.wan_rate);
     let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
+    let config_stall = config.origin_stall;
     let mut node = Node {
         config,
         net,
@@ -413,18 +464,28 @@ pub async fn run(
         target: None,
         done_tx,
         origin_task: None,
+        stalls: HashMap::new(),
+        have_pending: HashSet::new(),
+        disk_backoff: None,
+        disk_paused_until: None,
+        disk_error: None,
         was_fetcher: false,
         origin_bytes: 0,
         origin_counted: 0,
         downloading: None,
         etag: None,
         next_poll: Instant::now(),
-        poll_failures: 0,
+        origin_epoch: 0,
+        origin_backoff: None,
+        origin_retry_at: None,
+        origin_error: None,
+        origin_lease: Default::default(),
+        site_lacks: tokio::sync::watch::Sender::new(Default::default()),
+        last_tick: Instant::now(),
+        woke_at: None,
         wan,
         started: Instant::now(),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(300))
-            .build()?,
+        http: crate::fetch::Origin::client(config_stall)?,
         announce_topic,
         status_topic,
         validating: HashMap::new(),
@@ -454,7 +515,10 @@ pub async fn run(
         info!(release = %m.release_name(), "installed release");
     }
     node.load_staged();
+    node.check_store(damaged_tx);
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    // After a freeze, one tick (that notices it), not a burst of them.
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
     let mut have = tokio::time::interval(HAVE_INTERVAL);
     tokio::pin!(shutdown);
@@ -465,9 +529,12 @@ pub async fn run(
             Some(event) = events.recv() => node.on_network(event).await,
             Some(d) = done.recv() => node.on_done(d).await,
             Some((request, reply)) = control.recv() => node.control(request, reply),
+            Some(hash) = damaged.recv() => node.chunk_lost(hash),
             _ = heartbeat.tick() => {
+                node.notice_freeze();
                 node.heartbeat().await;
                 node.notice_silence();
+                node.prune();
                 node.fetcher_duties();
                 node.rollout_duties();
             }
@@ -507,6 +574,18 @@ impl Node {
         )
     }
 
+    /// Keeps what the node remembers per peer bounded: authors not heard
+    /// for ten minutes, catch-up questions past their retry, and (beyond a
+    /// thousand) the refusals remembered to warn once are forgotten.
+    fn prune(&mut self) {
+        const FORGET: Duration = Duration::from_secs(600);
+        self.heard.retain(|_, h| h.at.elapsed() < FORGET);
+        self.asked.retain(|_, at| at.elapsed() < CATCH_UP_RETRY);
+        if self.refused.len() > 1024 {
+            self.refused.clear();
+        }
+    }
+
     /// Peers that stopped talking without disconnecting (a frozen machine)
     /// are no longer asked for chunks; what is in flight to them is asked
     /// elsewhere, and the fetcher treats their chunks as missing.
@@ -531,18 +610,29 @@ impl Node {
     /// lower PeerId appeared) stops its download, and the chunks it got stay
     /// at the site.
     fn fetcher_duties(&mut self) {
-        let fetcher = self.is_fetcher() && self.settled();
+        let woke = self
+            .woke_at
+            .is_some_and(|at| at.elapsed().as_millis() < u128::from(self.election().grace_ms));
+        let fetcher = self.is_fetcher() && self.settled() && !woke;
         if fetcher != self.was_fetcher {
             self.was_fetcher = fetcher;
             if fetcher {
                 info!("this node is now the site's fetcher");
-            } else if let Some(task) = self.origin_task.take() {
-                task.abort();
-                self.reconcile_store();
+            } else if self.stop_origin() {
                 info!("another node is the site's fetcher now; stopped talking to the origin");
             }
         }
+        let lease = if fetcher {
+            self.now_ms() + ORIGIN_LEASE.as_millis() as u64
+        } else {
+            0
+        };
+        self.origin_lease
+            .store(lease, std::sync::atomic::Ordering::Relaxed);
         if !fetcher || self.origin_busy() {
+            return;
+        }
+        if self.origin_retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
         if Instant::now() >= self.next_poll {
@@ -556,24 +646,85 @@ impl Node {
         self.origin_task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// When the next poll is due: the poll interval with ±10% jitter, so a
-    /// fleet of sites does not poll in step; after failures, sooner, backing
-    /// off from 5 s.
-    fn schedule_poll(&mut self, ok: bool) {
-        let wait = if ok {
-            self.poll_failures = 0;
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            let jitter = 0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0;
-            self.config.poll_interval.mul_f64(jitter)
-        } else {
-            self.poll_failures = (self.poll_failures + 1).min(10);
-            (Duration::from_secs(5) * (1 << (self.poll_failures - 1)))
-                .min(POLL_BACKOFF_MAX)
-                .min(self.config.poll_interval)
+    /// Stops the poll or download under way, if any; its late answers are
+    /// ignored. Returns whether one was running.
+    fn stop_origin(&mut self) -> bool {
+        self.origin_epoch += 1;
+        let Some(task) = self.origin_task.take() else {
+            return false;
         };
-        self.next_poll = Instant::now() + wait;
+        task.abort();
+        self.reconcile_store();
+        true
+    }
+
+    /// Notices that this node was frozen (no heartbeat tick for several
+    /// seconds: a paused VM, SIGSTOP, a swap storm). What it knew of the
+    /// site is old: its download stops, it asks every peer afresh what it
+    /// holds, and it does not act as the fetcher until it has heard the
+    /// site again, so it never fetches what a stand-in fetched meanwhile.
+    fn notice_freeze(&mut self) {
+        let gap = self.last_tick.elapsed();
+        self.last_tick = Instant::now();
+        if gap < HEARTBEAT * 3 {
+            return;
+        }
+        warn!(
+            frozen_s = gap.as_secs(),
+            "this node was frozen; it listens to the site again before it talks to the origin"
+        );
+        self.origin_lease
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.stop_origin();
+        self.was_fetcher = false;
+        self.woke_at = Some(Instant::now());
+        if let Some(t) = &mut self.target {
+            t.peer_since.clear();
+            t.adopted_at = Instant::now();
+        }
+    }
+
+    /// When the next poll is due: the poll interval with ±10% jitter, so a
+    /// fleet of sites does not poll in step.
+    fn schedule_poll(&mut self) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = 0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0;
+        self.next_poll = Instant::now() + self.config.poll_interval.mul_f64(jitter);
+    }
+
+    /// The origin answered as it should: the backoff starts again from the
+    /// beginning.
+    fn origin_ok(&mut self) {
+        if self.origin_error.take().is_some() {
+            info!("the origin answers again");
+        }
+        self.origin_backoff = None;
+        self.origin_retry_at = None;
+    }
+
+    /// The origin (or this node's disk, holding what it sent) failed: wait
+    /// longer each time in a row (5 s doubling, with jitter, at most the
+    /// poll interval or 5 minutes) before the origin is asked anything
+    /// again. One WARN per wait; the reason is in the status.
+    fn origin_failed(&mut self, what: &str, reason: String) {
+        let max = ORIGIN_BACKOFF_MAX
+            .min(self.config.poll_interval)
+            .max(ORIGIN_BACKOFF_MIN);
+        let backoff = self.origin_backoff.get_or_insert_with(|| {
+            use backon::BackoffBuilder;
+            backon::ExponentialBuilder::default()
+                .with_min_delay(ORIGIN_BACKOFF_MIN)
+                .with_max_delay(max)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        let wait = backoff.next().unwrap_or(max).min(max);
+        warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "{what}; backing off");
+        self.origin_retry_at = Some(Instant::now() + wait);
+        self.origin_error = Some(reason);
     }
 
     /// Chunk notices from a download are best effort (a full queue drops
@@ -717,11 +868,25 @@ impl Node {
             boot_ms: self.boot_ms,
             seq: self.heartbeats_sent,
             command_id: self.rollout.as_ref().map(Rollout::newest_id),
-            last_error: t
-                .and_then(|t| {
-                    t.stage_failed.as_ref().map(|(reason, _)| {
-                        format!("staging {} failed: {reason}", t.manifest.release_name())
+            last_error: self
+                .disk_error
+                .as_ref()
+                .map(|e| format!("this node's disk: {e}"))
+                .or_else(|| t.and_then(|t| t.no_room.as_ref().map(|(r, _)| r.clone())))
+                .or_else(|| {
+                    t.and_then(|t| {
+                        t.stage_failed.as_ref().map(|(reason, _)| {
+                            format!("staging {} failed: {reason}", t.manifest.release_name())
+                        })
                     })
+                })
+                .or_else(|| {
+                    let retry = self.origin_retry_at.map_or(0, |at| {
+                        at.saturating_duration_since(Instant::now()).as_secs()
+                    });
+                    self.origin_error
+                        .as_ref()
+                        .map(|e| format!("origin: {e} (next try in {retry} s)"))
                 })
                 .or_else(|| {
                     last.filter(|o| o.ending != Ending::Committed)
@@ -789,7 +954,10 @@ impl Node {
                 let own = self.own_heartbeat();
                 let mut mine = row(&self.local, Some(&own), Some(0));
                 let fetcher = self.fetcher();
-                mine["fetcher"] = serde_json::json!(fetcher == Some(self.local));
+                // This node says it is the fetcher only once it has heard
+                // the site (settled), as it acts.
+                mine["fetcher"] =
+                    serde_json::json!(fetcher == Some(self.local) && self.was_fetcher);
                 mine["self"] = serde_json::json!(true);
                 let mut nodes = vec![mine];
                 for (peer, info) in &self.peers {
@@ -817,6 +985,8 @@ impl Node {
                 let fetcher = self.is_fetcher();
                 let polling = fetcher && !self.origin_busy();
                 if polling {
+                    // An admin asking is a retry now, backoff or not.
+                    self.origin_retry_at = None;
                     self.poll_origin();
                 }
                 serde_json::json!({ "fetcher": fetcher, "polling": polling })
@@ -1305,6 +1475,33 @@ impl Node {
         }
     }
 
+    /// Checks every chunk of the release this node holds against its hash,
+    /// in the background (one core reading and hashing at disk speed: about
+    /// 8 s for 10 GiB here), so that chunks that rotted while the node was
+    /// down are neither offered to peers nor used. Damaged ones go to
+    /// `damaged`, as chunks found damaged while serving do.
+    fn check_store(&self, damaged: mpsc::Sender<Hash>) {
+        let Some(t) = &self.target else { return };
+        let hashes: Vec<Hash> = t.held.iter().copied().collect();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut bad = 0;
+            for hash in &hashes {
+                if store.get_verified(hash).is_err() {
+                    bad += 1;
+                    let _ = damaged.blocking_send(*hash);
+                }
+            }
+            info!(
+                chunks = hashes.len(),
+                damaged = bad,
+                took_ms = started.elapsed().as_millis() as u64,
+                "checked the chunk store"
+            );
+        });
+    }
+
     /// Takes up the release staged before the node last stopped, so it can
     /// be served and installed without fetching it again.
     fn load_staged(&mut self) {
@@ -1375,8 +1572,17 @@ impl Node {
         if t.transfer.is_done() {
             return;
         }
-        let speaking = self.peers.iter().filter(|(_, p)| !p.silent);
-        for peer in speaking.map(|(peer, _)| *peer) {
+        // One question per peer at a time: a slow peer is not asked again
+        // before it answered.
+        let pending = &self.have_pending;
+        let speaking: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(peer, p)| !p.silent && !pending.contains(*peer))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in speaking {
+            self.have_pending.insert(peer);
             let net = self.net.clone();
             let tx = self.done_tx.clone();
             let hash = t.hash;
@@ -1391,13 +1597,13 @@ impl Node {
                         },
                     )
                     .await;
-                let (chunks, total) = match answer {
-                    Ok(Response::Have { chunks, total }) => (chunks, total),
+                let answer = match answer {
+                    Ok(Response::Have { chunks, total }) => Some((chunks, total)),
                     // It does not have the release (yet): nothing to offer.
-                    Ok(_) => (Vec::new(), since),
-                    Err(_) => return,
+                    Ok(_) => Some((Vec::new(), since)),
+                    Err(_) => None,
                 };
-                let _ = tx.send(Done::Have(peer, hash, chunks, total)).await;
+                let _ = tx.send(Done::Have(peer, hash, answer)).await;
             });
         }
     }
@@ -1419,6 +1625,8 @@ impl Node {
             }
             NetworkEvent::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
+                self.stalls.remove(&peer);
+                self.have_pending.remove(&peer);
                 if let Some(t) = &mut self.target {
                     t.transfer.peer_disconnected(&peer);
                 }
@@ -1717,8 +1925,10 @@ impl Node {
             staged: false,
             staging: false,
             stage_failed: None,
+            no_room: None,
             adopted_at: Instant::now(),
         });
+        self.check_room();
         self.ask_have();
         MessageAcceptance::Accept
     }
@@ -1730,9 +1940,11 @@ impl Node {
         let tx = self.done_tx.clone();
         let http = self.http.clone();
         let etag = self.etag.clone();
+        self.origin_epoch += 1;
+        let epoch = self.origin_epoch;
         let task = tokio::spawn(async move {
             let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
-            let _ = tx.send(Done::OriginPoll(result)).await;
+            let _ = tx.send(Done::OriginPoll(epoch, result)).await;
         });
         self.origin_task = Some(task.abort_handle());
     }
@@ -1742,7 +1954,13 @@ impl Node {
         let (Some(origin), Some(t)) = (self.config.origin.clone(), &self.target) else {
             return;
         };
-        if !self.was_fetcher || self.origin_busy() || t.transfer.is_done() {
+        let backing_off = self.origin_retry_at.is_some_and(|at| Instant::now() < at);
+        if !self.was_fetcher
+            || self.origin_busy()
+            || backing_off
+            || t.no_room.is_some()
+            || t.transfer.is_done()
+        {
             return;
         }
         // Hear what the peers hold before deciding what only the origin has.
@@ -1769,47 +1987,157 @@ impl Node {
             info!(release = %t.manifest.release_name(), missing_bytes = missing, held_bytes = t.bytes_total - missing, "downloading release from the origin");
             self.downloading = Some((t.hash, 0));
         }
-        let mut batch = HashSet::new();
-        let mut batch_bytes = 0;
-        'files: for file in &t.manifest.files {
-            for chunk in &file.chunks {
-                if nobody_has.contains(&chunk.hash) && batch.insert(chunk.hash) {
-                    batch_bytes += chunk.size;
-                    if batch_bytes >= ORIGIN_BATCH {
-                        break 'files;
-                    }
-                }
-            }
-        }
+        self.site_lacks
+            .send_replace(std::sync::Arc::new(nobody_has));
         let manifest = t.manifest.clone();
         let store = self.store.clone();
-        let http = self.http.clone();
-        let wan = self.wan.clone();
+        let source = crate::fetch::Origin {
+            client: self.http.clone(),
+            base: origin,
+            wan: self.wan.clone(),
+            stall: self.config.origin_stall,
+        };
         let tx = self.done_tx.clone();
         self.origin_counted = 0;
+        self.origin_epoch += 1;
+        let epoch = self.origin_epoch;
+        let lacks = self.site_lacks.subscribe();
+        let lease = self.origin_lease.clone();
+        let started = self.started;
+        // Asked before every request and as bytes arrive: a chunk a peer
+        // now holds, or a role that lapsed, stops the download of it.
+        let wanted = move |h: &Hash| {
+            let now = started.elapsed().as_millis() as u64;
+            now < lease.load(std::sync::atomic::Ordering::Relaxed) && lacks.borrow().contains(h)
+        };
         let task = tokio::spawn(async move {
             let chunk_tx = tx.clone();
-            let result = fetch_missing(
-                &http,
-                &origin,
-                &manifest,
-                &store,
-                &wan,
-                |h| !batch.contains(h),
-                |c: &Chunk| {
-                    let _ = chunk_tx.try_send(Done::OriginChunk(c.hash, c.size));
-                },
-            )
-            .await
-            .map(|r| r.bytes);
-            let _ = tx.send(Done::OriginFinished(result)).await;
+            let result = fetch_missing(&source, &manifest, &store, wanted, |c: &Chunk| {
+                let _ = chunk_tx.try_send(Done::OriginChunk(c.hash, c.size));
+            })
+            .await;
+            let _ = tx.send(Done::OriginFinished(epoch, result)).await;
         });
         self.origin_task = Some(task.abort_handle());
     }
 
+    /// The disk guard: whether the release being fetched fits on this
+    /// node's disks (new chunks and the staged copy under the state
+    /// directory, the apply's copy beside the install directory). While it
+    /// does not, nothing is fetched; it is looked at again every
+    /// [`STAGE_RETRY`].
+    fn check_room(&mut self) {
+        let Some(t) = self.target.as_mut().filter(|t| !t.staged) else {
+            return;
+        };
+        if t.no_room
+            .as_ref()
+            .is_some_and(|(_, at)| Instant::now() < *at)
+        {
+            return;
+        }
+        let release = t.manifest.release_name();
+        let staged_size: u64 = t.manifest.files.iter().filter_map(|f| f.size).sum();
+        let mut needs = vec![
+            crate::disk::Need {
+                path: self.config.state.join("chunks"),
+                bytes: t.transfer.missing_bytes(),
+                what: "new chunks",
+            },
+            crate::disk::Need {
+                path: self.config.state.join("staging"),
+                bytes: staged_size,
+                what: "staged copy",
+            },
+        ];
+        if let Some(app) = &self.config.app {
+            needs.push(crate::disk::Need {
+                path: app.install_dir.clone(),
+                bytes: staged_size,
+                what: "copy beside the installed application while applying",
+            });
+        }
+        match crate::disk::check_room(&release, &needs) {
+            Ok(()) => {
+                if t.no_room.take().is_some() {
+                    info!(release, "there is room for the release now; fetching it");
+                }
+            }
+            Err(reason) => {
+                if t.no_room.is_none() {
+                    warn!(release, error = %reason, "release refused for now: it does not fit on this node's disk");
+                }
+                t.no_room = Some((reason, Instant::now() + STAGE_RETRY));
+            }
+        }
+    }
+
+    /// Bans `peer` for [`Limits::ban_ms`] and disconnects it.
+    async fn distrust(&mut self, peer: PeerId, why: &str) {
+        let ban = Duration::from_millis(Limits::default().ban_ms);
+        warn!(%peer, ban = %humantime::format_duration(ban), "peer {why}; disconnected and banned");
+        let _ = self.net.ban(peer, ban).await;
+    }
+
+    /// This node's disk refused a chunk: transfers from peers pause (5 s
+    /// doubling, with jitter, at most 5 minutes) instead of asking again
+    /// at once, and the status says why.
+    fn disk_failed(&mut self, reason: String) {
+        if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let backoff = self.disk_backoff.get_or_insert_with(|| {
+            use backon::BackoffBuilder;
+            backon::ExponentialBuilder::default()
+                .with_min_delay(ORIGIN_BACKOFF_MIN)
+                .with_max_delay(ORIGIN_BACKOFF_MAX)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        let wait = backoff.next().unwrap_or(ORIGIN_BACKOFF_MAX);
+        warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "this node cannot store chunks on its own disk; pausing transfers");
+        self.disk_paused_until = Some(Instant::now() + wait);
+        self.disk_error = Some(reason);
+    }
+
+    /// A chunk this node held was found damaged on its disk (and removed):
+    /// it is no longer offered as held here, and is fetched again, from a
+    /// peer or else the origin.
+    fn chunk_lost(&mut self, hash: Hash) {
+        let Some(t) = &mut self.target else { return };
+        if !t.held.remove(&hash) {
+            return;
+        }
+        let size = unique_chunks(&t.manifest.files)
+            .get(&hash)
+            .copied()
+            .unwrap_or_default();
+        warn!(chunk = %hash, "a chunk was damaged on this node's disk; removed, and fetched again");
+        // `held_order` stays as it is (peers read it by position); a peer
+        // that asks for the chunk now is told it is not held.
+        t.transfer.lost(hash, size);
+        // Peers' lists are asked afresh: what they said they hold was kept
+        // only for chunks this node wanted then.
+        t.peer_since.clear();
+        t.adopted_at = Instant::now();
+    }
+
     fn schedule(&mut self) {
         let now = self.now_ms();
+        let downloading = self.origin_busy();
+        if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        self.check_room();
+        if self.target.as_ref().is_some_and(|t| t.no_room.is_some()) {
+            return;
+        }
         let Some(t) = &mut self.target else { return };
+        if downloading {
+            self.site_lacks
+                .send_replace(std::sync::Arc::new(t.transfer.unavailable(now)));
+        }
         let (requests, _expired) = t.transfer.poll(now);
         for r in requests {
             let control = self.net.streams();
@@ -1864,19 +2192,50 @@ impl Node {
                         if t.held.insert(hash) {
                             t.held_order.push(hash);
                         }
+                        self.stalls.remove(&peer);
+                        if self.disk_error.take().is_some() {
+                            info!("this node's disk takes chunks again");
+                        }
+                        self.disk_backoff = None;
                     }
                     Err(ChunkError::Corrupt { peer, hash }) => {
-                        let ban = Duration::from_millis(Limits::default().ban_ms);
-                        warn!(%peer, chunk = %hash, ban = %humantime::format_duration(ban), "peer sent a bad chunk; disconnected and banned");
                         t.transfer.corrupt(&peer, &hash, now);
-                        let _ = self.net.ban(peer, ban).await;
+                        self.distrust(peer, "sent a bad chunk").await;
+                    }
+                    Err(ChunkError::NotHeld { peer, hash }) => {
+                        debug!(%peer, chunk = %hash, "peer no longer holds a chunk it offered");
+                        t.transfer.not_held(&peer, &hash);
+                    }
+                    Err(ChunkError::Stalled { peer, hash }) => {
+                        let stalls = self.stalls.entry(peer).or_default();
+                        *stalls += 1;
+                        if *stalls >= STALLS_TO_DISTRUST {
+                            t.transfer.corrupt(&peer, &hash, now);
+                            self.stalls.remove(&peer);
+                            self.distrust(
+                                peer,
+                                "stopped sending chunks it offered, again and again",
+                            )
+                            .await;
+                        } else {
+                            debug!(%peer, chunk = %hash, "peer stopped sending a chunk; asking elsewhere");
+                            t.transfer.failed(&peer, &hash);
+                        }
+                    }
+                    Err(ChunkError::LocalDisk { peer, hash, reason }) => {
+                        t.transfer.failed(&peer, &hash);
+                        self.disk_failed(reason);
                     }
                     Err(ChunkError::Failed { peer, hash, .. }) => t.transfer.failed(&peer, &hash),
                 }
                 // A free slot is used at once, not at the next tick.
                 self.schedule();
             }
-            Done::Have(peer, hash, chunks, total) => {
+            Done::Have(peer, hash, answer) => {
+                self.have_pending.remove(&peer);
+                let Some((chunks, total)) = answer else {
+                    return;
+                };
                 let silent = self.peers.get(&peer).is_none_or(|p| p.silent);
                 if let Some(t) = self.target.as_mut().filter(|t| t.hash == hash && !silent) {
                     t.transfer.peer_connected(peer);
@@ -1905,31 +2264,43 @@ impl Node {
                     let _ = self.net.validate(id, from, verdict).await;
                 }
             }
-            Done::OriginPoll(result) => {
+            Done::OriginPoll(epoch, result) => {
+                if epoch != self.origin_epoch {
+                    return;
+                }
                 self.origin_task = None;
                 match result {
                     Ok(Poll::Unchanged) => {
-                        self.schedule_poll(true);
+                        self.schedule_poll();
+                        self.origin_ok();
                         self.resume_origin_download();
                     }
                     Ok(Poll::Changed { source, etag }) => {
-                        self.schedule_poll(true);
-                        self.etag = etag;
+                        self.schedule_poll();
                         let Some(sig) = source
                             .signature
                             .clone()
                             .and_then(|s| String::from_utf8(s).ok())
                         else {
-                            warn!(origin = %source.location, "origin has no readable signature file");
+                            self.origin_failed(
+                                "the origin's release is not signed",
+                                format!(
+                                    "{}: no readable signature file beside it",
+                                    source.location
+                                ),
+                            );
                             return;
                         };
+                        self.etag = etag;
+                        self.origin_ok();
                         let location = source.location.clone();
                         let _ = self.adopt(&location, source.bytes, sig);
                         self.resume_origin_download();
                     }
                     Err(e) => {
-                        self.schedule_poll(false);
-                        warn!(error = %format!("{e:#}"), retry_in = ?self.next_poll.saturating_duration_since(Instant::now()), "cannot read the origin's manifest");
+                        // Polled again once the backoff has passed.
+                        self.next_poll = Instant::now();
+                        self.origin_failed("cannot read the origin's manifest", format!("{e:#}"));
                     }
                 }
             }
@@ -1943,23 +2314,36 @@ impl Node {
                     }
                 }
             }
-            Done::OriginFinished(result) => {
+            Done::OriginFinished(epoch, result) => {
+                if epoch != self.origin_epoch {
+                    return;
+                }
                 self.origin_task = None;
                 self.reconcile_store();
                 match result {
-                    Ok(bytes) => {
+                    Ok(report) => {
                         // The exact count, including bytes that were not a
                         // whole chunk.
-                        self.origin_bytes = self.origin_bytes - self.origin_counted + bytes;
+                        self.origin_bytes = self.origin_bytes - self.origin_counted + report.bytes;
                         self.origin_counted = 0;
                         if let Some((_, total)) = &mut self.downloading {
-                            *total += bytes;
+                            *total += report.bytes;
                         }
-                        // The next batch, or the end of the download.
+                        self.origin_ok();
+                        // What is still missing, or the end of the download.
                         self.resume_origin_download();
                     }
                     Err(e) => {
-                        warn!(error = %format!("{e:#}"), "download from the origin failed; will resume")
+                        let what = match &e {
+                            crate::fetch::FetchError::LocalDisk(_) => {
+                                "this node cannot store what the origin sends"
+                            }
+                            crate::fetch::FetchError::Mismatch { .. } => {
+                                "the origin's files differ from its signed manifest"
+                            }
+                            _ => "download from the origin failed",
+                        };
+                        self.origin_failed(what, format!("{e:#}"));
                     }
                 }
             }
@@ -1993,6 +2377,12 @@ impl Node {
                         }
                         self.collect_garbage();
                         self.maybe_auto_apply();
+                    }
+                    Err(e) if e.downcast_ref::<crate::fetch::DamagedChunk>().is_some() => {
+                        if let Some(damaged) = e.downcast_ref::<crate::fetch::DamagedChunk>() {
+                            let hash = damaged.0;
+                            self.chunk_lost(hash);
+                        }
                     }
                     Err(e) => {
                         let reason = format!("{e:#}");

@@ -50,6 +50,20 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
     if !dir.is_dir() {
         bail!("release folder {}: not a directory", dir.display());
     }
+    if let Some(expires) = opts.expires {
+        let now = OffsetDateTime::now_utc();
+        if expires <= now {
+            let rfc = |t: OffsetDateTime| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            };
+            bail!(
+                "--expires {}: that date has passed (now is {}); every node would refuse the release as expired, so give a later date",
+                rfc(expires),
+                rfc(now)
+            );
+        }
+    }
     fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
     let out = fs::canonicalize(&opts.out)?;
@@ -152,9 +166,12 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
         .with_context(|| format!("cannot write in {}", parent.display()))?;
     let digest = digest_reader(reader, |data| writer.write_all(data))
         .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
+    // The published copy is readable by everyone (a web server serving the
+    // folder runs as its own user); the manifest records the mode the file
+    // is installed with.
     writer
         .as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))?;
+        .set_permissions(fs::Permissions::from_mode(mode | PUBLISHED_MODE))?;
     writer
         .persist(&dest)
         .with_context(|| format!("cannot rename into {}", dest.display()))?;
@@ -167,8 +184,15 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
     })
 }
 
+/// The permission bits every published file has at least: readable by
+/// everyone, so nginx or Apache running as their own user can serve them.
+const PUBLISHED_MODE: u32 = 0o444;
+
+/// Writes a published file (manifest, signature) in one step, readable by
+/// everyone ([`PUBLISHED_MODE`], writable by its owner).
 fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
     crate::apply::write_synced(dest, bytes)
+        .and_then(|()| fs::set_permissions(dest, fs::Permissions::from_mode(0o644)))
         .with_context(|| format!("cannot write {}", dest.display()))
 }
 
@@ -190,9 +214,7 @@ impl ManifestSource {
     /// [`MAX_MANIFEST_BYTES`] are refused before they are read whole.
     pub async fn read(location: &str) -> Result<ManifestSource> {
         if location.starts_with("http://") || location.starts_with("https://") {
-            let client = reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
-                .build()?;
+            let client = crate::fetch::Origin::client(std::time::Duration::from_secs(60))?;
             return match ManifestSource::poll(&client, location, None).await? {
                 Poll::Changed { source, .. } => Ok(source),
                 Poll::Unchanged => bail!("{location}: origin answered 304 to an unconditional GET"),

@@ -301,6 +301,30 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         self.release(peer, hash);
     }
 
+    /// `peer` answered that it does not hold `hash` (after saying it did:
+    /// the chunk rotted on its disk, say). It is no longer counted as a
+    /// holder of it, so the chunk is not asked of it again at once; a later
+    /// announcement that it holds it counts again.
+    pub fn not_held(&mut self, peer: &P, hash: &Hash) {
+        self.release(peer, hash);
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let counted = state.counted;
+        if state.has.remove(hash) && counted {
+            self.holds(hash, peer, false);
+        }
+    }
+
+    /// A chunk this node had is gone (found damaged on its disk): it is
+    /// wanted again. Peers' earlier announcements of it were not kept, so
+    /// the node asks them afresh what they hold.
+    pub fn lost(&mut self, hash: Hash, size: u64) {
+        if self.wanted.insert(hash, size).is_none() {
+            self.holders.insert(hash, Vec::new());
+        }
+    }
+
     /// `peer` sent bytes that are not `hash`: it is banned until
     /// `now + ban_ms` and everything in flight to it is asked elsewhere.
     /// Returns the chunks that were in flight to it.
@@ -683,5 +707,42 @@ mod tests {
             }
         }
         assert!(made > 5000, "the runs made requests: {made}");
+    }
+
+    #[test]
+    fn a_chunk_a_peer_no_longer_holds_is_not_asked_of_it_again() {
+        let mut t = transfer(&[1, 2]);
+        t.peer_connected("a");
+        t.peer_connected("b");
+        t.peer_has(&"a", [h(1), h(2)]);
+        t.peer_has(&"b", [h(2)]);
+        let (asked, _) = t.poll(0);
+        let to_a: Vec<Hash> = asked
+            .iter()
+            .filter(|r| r.peer == "a")
+            .map(|r| r.hash)
+            .collect();
+        assert!(to_a.contains(&h(1)));
+        t.not_held(&"a", &h(1));
+        let (again, _) = t.poll(1);
+        assert!(
+            again.iter().all(|r| r.hash != h(1)),
+            "nobody else holds 1: {again:?}"
+        );
+        assert_eq!(t.unavailable(1), BTreeSet::from([h(1)]));
+        // Announced again (fetched anew): it counts again.
+        t.peer_has(&"a", [h(1)]);
+        let (again, _) = t.poll(2);
+        assert!(again.iter().any(|r| r.hash == h(1) && r.peer == "a"));
+
+        // A chunk this node lost is wanted again.
+        t.delivered(&"a", &h(1));
+        assert!(t.unavailable(3).is_empty());
+        t.lost(h(1), 10);
+        assert!(!t.is_done());
+        assert_eq!(t.unavailable(3), BTreeSet::from([h(1)]));
+        t.peer_has(&"b", [h(1)]);
+        let (again, _) = t.poll(4);
+        assert!(again.iter().any(|r| r.hash == h(1) && r.peer == "b"));
     }
 }
