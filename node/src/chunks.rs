@@ -205,7 +205,7 @@ async fn serve_one(
     mut stream: libp2p::Stream,
     store: &ChunkStore,
     lan: &Throttle,
-    faulty: bool,
+    faulty: Fault,
     damaged: &mpsc::Sender<Hash>,
 ) -> Result<()> {
     let mut hash = [0u8; 32];
@@ -213,13 +213,19 @@ async fn serve_one(
         .await
         .context("request timed out")??;
     let hash = Hash(hash);
+    if faulty == Fault::Silent {
+        // The lying peer of the tests: it offered the chunk, took the
+        // request, and never answers.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return Ok(());
+    }
     let data = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.get_verified(&hash)).await?
     };
     match data {
         Ok(mut data) if data.len() <= MAX_CHUNK => {
-            if faulty {
+            if faulty == Fault::Corrupt {
                 if let Some(b) = data.last_mut() {
                     *b ^= 0xff;
                 }
@@ -256,11 +262,24 @@ async fn write(stream: &mut libp2p::Stream, bytes: &[u8]) -> Result<()> {
 
 /// A fault for the tests, honoured by debug builds only: with
 /// `LANUP_FAULT_CORRUPT_CHUNKS=1` the node flips a byte of every chunk it
-/// serves, so the tests can watch its peers refuse the bytes and ban it.
-fn fault_corrupt_chunks() -> bool {
-    let on = cfg!(debug_assertions) && std::env::var_os("LANUP_FAULT_CORRUPT_CHUNKS").is_some();
-    if on {
+/// serves, with `LANUP_FAULT_SILENT_CHUNKS=1` it takes requests and never
+/// answers them, so the tests can watch its peers refuse it and ban it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Corrupt,
+    Silent,
+}
+
+fn fault_corrupt_chunks() -> Fault {
+    let on = |name| cfg!(debug_assertions) && std::env::var_os(name).is_some();
+    if on("LANUP_FAULT_CORRUPT_CHUNKS") {
         warn!("fault injection: serving corrupted chunks (LANUP_FAULT_CORRUPT_CHUNKS)");
+        Fault::Corrupt
+    } else if on("LANUP_FAULT_SILENT_CHUNKS") {
+        warn!("fault injection: never answering chunk requests (LANUP_FAULT_SILENT_CHUNKS)");
+        Fault::Silent
+    } else {
+        Fault::None
     }
-    on
 }

@@ -83,11 +83,15 @@ fn no_room_to_copy_the_new_release_beside_the_install_changes_nothing() {
     }
     let mut mounts = Mounts::new();
     let size = v1_size();
-    // v1 fits, and half of v2's copy next to it.
-    let install = mounts.tmpfs("install", size + size / 2 + (256 << 10));
+    // Room for v1 and v2's copy when v2 is fetched (the disk guard looks
+    // then); the disk fills before the apply, leaving half of the copy.
+    let disk = mounts.tmpfs("install", 3 * size + (2 << 20));
+    let install = disk.join("app");
+    std::fs::create_dir_all(&install).expect("mkdir");
     let mut site = AppSite::with_dirs("health_after = \"300ms\"", Some(&install), None);
     let v1 = install_v1(&mut site);
     stage_v2(&site, None);
+    fill_leaving(&disk, size / 2);
     let (_, pid) = site.running().expect("v1 runs");
     let out = site.apply("2.0.0");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -118,7 +122,7 @@ fn no_room_to_copy_the_new_release_beside_the_install_changes_nothing() {
 }
 
 #[test]
-fn no_room_to_stage_a_release_leaves_the_installed_one_running() {
+fn no_room_to_fetch_a_release_leaves_the_installed_one_running() {
     if !available() {
         return;
     }
@@ -146,12 +150,13 @@ fn no_room_to_stage_a_release_leaves_the_installed_one_running() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    // The disk guard refuses the release before anything is fetched.
     assert!(
-        error.contains("staging 2.0.0 failed") && error.contains("No space left on device"),
+        error.contains("not enough disk space for 2.0.0") && error.contains("staged copy"),
         "{error}"
     );
     assert!(
-        node_log(&site.state).contains("staging failed; the installed release is untouched"),
+        node_log(&site.state).contains("it does not fit on this node's disk"),
         "{}",
         node_log(&site.state)
     );
@@ -166,6 +171,73 @@ fn no_room_to_stage_a_release_leaves_the_installed_one_running() {
     for (name, hash) in tree_or_empty(&site.state.join("staging/2.0.0")) {
         assert_eq!(want.get(&name), Some(&hash), "staged {name} is partial");
     }
+}
+
+/// Fills the filesystem of `dir` with a file until `left` bytes are free.
+fn fill_leaving(dir: &Path, left: u64) {
+    let stat = rustix::fs::statvfs(dir).expect("statvfs");
+    let free = stat.f_bavail * stat.f_frsize;
+    let filler = free.saturating_sub(left);
+    std::fs::write(dir.join("filler.bin"), vec![0u8; filler as usize]).expect("filler");
+}
+
+#[test]
+fn a_release_larger_than_the_disk_is_refused_before_any_download() {
+    if !available() {
+        return;
+    }
+    let mut mounts = Mounts::new();
+    let state = mounts.tmpfs("state", 4 << 20).join("node");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(8 << 20, 81));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    let mut node = node_command(&state, Some(&origin.url), &release.public, "guard");
+    node.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+    std::fs::create_dir_all(&state).expect("mkdir");
+    let log = std::fs::File::create(state.with_extension("log")).expect("log");
+    let _node = Proc(
+        node.stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("node starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let error = loop {
+        let status = run(&["status", "--state", s(&state), "--json"]);
+        let row: Option<serde_json::Value> =
+            serde_json::from_slice(&status.stdout)
+                .ok()
+                .and_then(|v: serde_json::Value| {
+                    v["nodes"].as_array().and_then(|n| n.first().cloned())
+                });
+        if let Some(e) = row.as_ref().and_then(|r| r["last_error"].as_str()) {
+            break e.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal:\n{}",
+            node_log(&state)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(error.contains("not enough disk space for 1.0"), "{error}");
+    assert!(
+        error.contains("needs 16.0 MiB") && error.contains("free"),
+        "both numbers: {error}"
+    );
+    // A few seconds more: still nothing but the manifest crossed.
+    std::thread::sleep(Duration::from_secs(3));
+    let served = origin.stats()["bytes_served"].as_u64().expect("count");
+    assert!(
+        served <= 2 * release.manifest_bytes,
+        "{served} bytes served for a release refused before download"
+    );
+    assert!(!state.join("staging/1.0").exists());
 }
 
 /// The files under `dir`, none when it does not exist.

@@ -62,6 +62,9 @@ enum Loss {
     Killed,
     /// SIGSTOP: it stays connected but falls silent.
     Stalled,
+    /// SIGSTOP, and SIGCONT once the others have staged (a paused VM that
+    /// resumes): it must not fetch again what its stand-in fetched.
+    FrozenThenWoken,
 }
 
 /// Four nodes fetch a 24 MiB release through a 4 MiB/s uplink; halfway the
@@ -93,7 +96,7 @@ fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
     let lost = first[0];
     match loss {
         Loss::Killed => site.procs[lost] = None, // SIGKILL, then reaped
-        Loss::Stalled => {
+        Loss::Stalled | Loss::FrozenThenWoken => {
             let pid = site.procs[lost].as_ref().expect("running").0.id();
             let stopped = std::process::Command::new("kill")
                 .args(["-STOP", &pid.to_string()])
@@ -126,6 +129,22 @@ fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
     );
 
     assert_staged(&site, &survivors, "1.0", &release);
+    if let Loss::FrozenThenWoken = loss {
+        let at_wake = served(&origin);
+        let pid = site.procs[lost].as_ref().expect("running").0.id();
+        let woken = std::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(woken.success());
+        assert_staged(&site, &[lost], "1.0", &release);
+        let after = served(&origin) - at_wake;
+        assert!(
+            after <= 4 * release.manifest_bytes,
+            "the woken fetcher took {after} more bytes from the origin; its log:\n{}",
+            node_log(&site.states[lost])
+        );
+    }
     let resumed: Vec<usize> = downloaders(&site)
         .into_iter()
         .filter(|&i| i != lost)
@@ -159,6 +178,16 @@ fn a_stalled_fetcher_is_replaced() {
     assert!(
         total <= limit,
         "origin served {total} bytes for a release of about {size} after the fetcher stalled (limit {limit})"
+    );
+}
+
+#[test]
+fn a_frozen_fetcher_that_wakes_fetches_nothing_its_stand_in_fetched() {
+    let (total, size) = site_loses_its_fetcher(Loss::FrozenThenWoken);
+    let limit = (size as f64 * 1.5) as u64;
+    assert!(
+        total <= limit,
+        "origin served {total} bytes (limit {limit})"
     );
 }
 

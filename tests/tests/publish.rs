@@ -263,3 +263,74 @@ fn keygen_writes_a_private_key_and_prints_one_public_string() {
     let err = run_fails(&["keygen", "--out", s(&key)]);
     assert!(err.contains("cannot create key file"), "{err}");
 }
+
+#[test]
+fn published_files_are_readable_by_everyone_and_a_past_expiry_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rel = tmp.path().join("release");
+    write(&rel, "bin/app", b"#!/bin/sh\n");
+    write(&rel, "etc/secret.conf", b"owner only\n");
+    std::fs::set_permissions(
+        rel.join("etc/secret.conf"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let (key, _) = keygen(tmp.path(), "publisher.key");
+    let out = tmp.path().join("out");
+    let args = |out: &Path, expires: Option<&str>| {
+        let mut args = vec![
+            "publish".to_owned(),
+            "--dir".into(),
+            s(&rel).into(),
+            "--version".into(),
+            "1.0".into(),
+            "--app".into(),
+            "app".into(),
+            "--url".into(),
+            "http://origin.invalid/app/".into(),
+            "--key".into(),
+            s(&key).into(),
+            "--out".into(),
+            s(out).into(),
+        ];
+        if let Some(date) = expires {
+            args.extend(["--expires".into(), date.into()]);
+        }
+        args
+    };
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    run_ok(&refs(&args(&out, None)));
+    let mode = |name: &str| {
+        std::fs::metadata(out.join(name))
+            .expect("published")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // A web server running as its own user can read every published file.
+    for name in [
+        "AutoUpdater.xml",
+        "AutoUpdater.xml.sig",
+        "bin/app",
+        "etc/secret.conf",
+    ] {
+        assert_eq!(mode(name) & 0o444, 0o444, "{name} mode {:o}", mode(name));
+    }
+    // The manifest keeps the mode the file is installed with.
+    let shown = run_ok(&["inspect", s(&out), "--json"]);
+    assert!(shown.contains(r#""mode":"600""#), "{shown}");
+    // The secret key stays the owner's.
+    let key_mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+
+    let late = tmp.path().join("late");
+    let err = run_fails(&refs(&args(&late, Some("2001-01-01T00:00:00Z"))));
+    assert!(
+        err.contains("--expires") && err.contains("has passed"),
+        "{err}"
+    );
+    assert!(!late.join("AutoUpdater.xml").exists());
+}

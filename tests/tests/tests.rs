@@ -15,3 +15,4 @@ mod publish;
 mod rollout;
 mod swarm;
 mod testbed;
+mod unattended;
