@@ -227,6 +227,10 @@ struct RolloutArgs {
     /// (exit 1).
     #[arg(long)]
     wait: bool,
+    /// With --wait: give up following after this long (exit 2, naming the
+    /// nodes not there yet and why); the rollout itself goes on.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -242,6 +246,9 @@ struct RollbackArgs {
     /// (exit 1).
     #[arg(long)]
     wait: bool,
+    /// With --wait: give up following after this long (exit 2).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 /// Which local node a command talks to.
@@ -427,7 +434,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             if !args.wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            exit_code(follow(&args.node)?)
+            follow_exit(follow(&args.node, args.timeout)?)
         }
         Command::History { node, json } => history(&node.state, json),
         Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
@@ -521,25 +528,61 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    exit_code(follow(&args.node)?)
+    follow_exit(follow(&args.node, args.timeout)?)
 }
 
-fn exit_code(done: bool) -> Result<ExitCode> {
-    Ok(if done {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+/// How following a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Followed {
+    /// Every node runs the release.
+    Done,
+    /// A node failed, or an admin aborted it.
+    Halted,
+    /// The wait ran out; the rollout goes on.
+    TimedOut,
+}
+
+fn follow_exit(followed: Followed) -> Result<ExitCode> {
+    Ok(match followed {
+        Followed::Done => ExitCode::SUCCESS,
+        Followed::Halted => ExitCode::from(1),
+        Followed::TimedOut => ExitCode::from(2),
     })
 }
 
 /// Draws the site's progress until the rollout (or rollback) the local
-/// node follows is done (exit 0) or halted (exit 1).
-pub(crate) fn follow(node: &LocalNode) -> Result<bool> {
+/// node follows is done or halted, or `timeout` passes; then it names the
+/// nodes that are not there yet, with what they are doing and their last
+/// error, so a wait never ends (or hangs) without saying why.
+pub(crate) fn follow(node: &LocalNode, timeout: std::time::Duration) -> Result<Followed> {
     let mut bars = RolloutBars::default();
     let mut last_stage = String::new();
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let status = node.ask(ControlRequest::Status)?;
+        if std::time::Instant::now() >= deadline {
+            bars.finish();
+            let version = status["rollout"]["version"].as_str().unwrap_or("?");
+            eprintln!(
+                "lanup: gave up waiting after {} at {}; the {} goes on. Nodes not on {version}:",
+                humantime::format_duration(timeout),
+                status["rollout"]["stage"].as_str().unwrap_or("?"),
+                status["rollout"]["action"].as_str().unwrap_or("rollout"),
+            );
+            for n in status["nodes"].as_array().into_iter().flatten() {
+                if n["installed_version"].as_str() == Some(version) {
+                    continue;
+                }
+                eprintln!(
+                    "  {}  {}  {}",
+                    short_id(n["peer_id"].as_str().unwrap_or("?")),
+                    n["state"].as_str().unwrap_or("?"),
+                    n["last_error"].as_str().unwrap_or("no error reported"),
+                );
+            }
+            return Ok(Followed::TimedOut);
+        }
         let r = &status["rollout"];
         bars.update(&status);
         let stage = r["stage"].as_str().unwrap_or("?").to_owned();
@@ -557,7 +600,7 @@ pub(crate) fn follow(node: &LocalNode) -> Result<bool> {
                     "done: every node runs {}",
                     r["version"].as_str().unwrap_or("?")
                 );
-                return Ok(true);
+                return Ok(Followed::Done);
             }
             Some("halted") => {
                 bars.finish();
@@ -567,7 +610,7 @@ pub(crate) fn follow(node: &LocalNode) -> Result<bool> {
                     r["halted_by"].as_str().unwrap_or("?"),
                     r["reason"].as_str().unwrap_or("?")
                 );
-                return Ok(false);
+                return Ok(Followed::Halted);
             }
             _ => {}
         }

@@ -316,7 +316,8 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
             "rollout of {version} {how}, signed by the admin key (id {})",
             sent.id
         ));
-        if !follow(&site.node(n - 1))? {
+        let waited = follow(&site.node(n - 1), std::time::Duration::from_secs(600))?;
+        if waited != crate::commands::Followed::Done {
             bail!("the rollout of {version} halted");
         }
     }

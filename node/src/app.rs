@@ -85,6 +85,11 @@ impl Started {
     }
 }
 
+/// The size at which the application's output log is rotated.
+pub const APP_LOG_MAX: u64 = 8 << 20;
+/// Rotated application logs kept beside the current one.
+pub const APP_LOG_KEEP: usize = 3;
+
 /// The application of one install directory.
 #[derive(Debug, Clone)]
 pub struct App {
@@ -255,12 +260,22 @@ impl App {
         }
     }
 
+    /// Rotates the application's output log once it has reached
+    /// [`APP_LOG_MAX`] (copied to `app.log.1`, emptied in place: the
+    /// running application keeps its file open), keeping [`APP_LOG_KEEP`].
+    pub fn rotate_log(&self) -> std::io::Result<bool> {
+        crate::logfile::rotate_in_place(&self.log, APP_LOG_MAX, APP_LOG_KEEP)
+    }
+
     /// Starts the application from its install directory, in its own
     /// process group, output appended to the log. `exe` and `name` are the
     /// manifest's AppName Exe and Name, used when `app.start` is not set.
     pub fn start(&self, exe: Option<&str>, name: Option<&str>) -> Result<Started, AppError> {
         use std::os::unix::process::CommandExt;
         let argv = self.start_command(exe, name)?;
+        if let Err(e) = self.rotate_log() {
+            tracing::warn!(log = %self.log.display(), error = %e, "cannot rotate the application's log");
+        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)

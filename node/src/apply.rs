@@ -238,6 +238,11 @@ impl Applier {
     }
 
     /// How the last apply ended, if there was one.
+    /// Rotates the application's output log if it grew past its bound.
+    pub fn rotate_app_log(&self) -> std::io::Result<bool> {
+        self.app.rotate_log()
+    }
+
     pub fn last(&self) -> Option<Outcome> {
         let text = fs::read(self.last_path()).ok()?;
         serde_json::from_slice(&text).ok()

@@ -1,7 +1,9 @@
 //! The audit log: every rollout command a node accepted or refused (who
 //! signed it, what it asked, when, and why it was refused), and what the
 //! node did about it, one JSON line each in `STATE/audit.jsonl`. It is only
-//! appended to and survives restarts; `lanup history` reads it.
+//! appended to and survives restarts; `lanup history` reads it. At
+//! [`MAX_BYTES`] it is rotated (`audit.jsonl.1` … `.3` kept), so the
+//! history a node keeps is bounded and still readable whole.
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +14,12 @@ use serde::{Deserialize, Serialize};
 
 /// The log's file name in the state directory.
 pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// The size at which the audit log is rotated: thousands of commands.
+pub const MAX_BYTES: u64 = 1 << 20;
+
+/// Rotated audit logs kept beside the current one.
+pub const KEEP: usize = 3;
 
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,13 +72,21 @@ impl Entry {
 #[derive(Debug, Clone)]
 pub struct Audit {
     path: PathBuf,
+    max_bytes: u64,
 }
 
 impl Audit {
     pub fn new(state: &Path) -> Audit {
         Audit {
             path: state.join(AUDIT_FILE),
+            max_bytes: MAX_BYTES,
         }
+    }
+
+    /// The same log, rotated at `max_bytes` (for tests).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Audit {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Appends `entry` and syncs it: an audit line that a crash can take
@@ -78,6 +94,8 @@ impl Audit {
     pub fn append(&self, entry: &Entry) -> Result<()> {
         let mut line = serde_json::to_vec(entry)?;
         line.push(b'\n');
+        crate::logfile::rotate(&self.path, self.max_bytes, KEEP)
+            .with_context(|| format!("cannot rotate {}", self.path.display()))?;
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -95,8 +113,17 @@ impl Audit {
     }
 }
 
-/// Reads an audit log file; a missing file is an empty log.
+/// Reads an audit log and its rotated files, oldest first; a missing log
+/// is an empty one.
 pub fn read(path: &Path) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for file in crate::logfile::files_oldest_first(path, KEEP) {
+        entries.extend(read_one(&file)?);
+    }
+    Ok(entries)
+}
+
+fn read_one(path: &Path) -> Result<Vec<Entry>> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -110,4 +137,35 @@ pub fn read(path: &Path) -> Result<Vec<Entry>> {
         }
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_history_is_rotated_and_read_back_in_order() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let audit = Audit::new(dir.path()).with_max_bytes(2000);
+        for i in 0..100u64 {
+            let mut e = Entry::default_at(i);
+            e.event = "refused".into();
+            e.reason = Some(format!("number {i}"));
+            audit.append(&e)?;
+        }
+        let total: u64 = crate::logfile::files_oldest_first(&dir.path().join(AUDIT_FILE), KEEP)
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum();
+        assert!(total <= 4 * 2000 + 200, "{total} bytes kept");
+        let read = audit.read()?;
+        let at: Vec<u64> = read.iter().map(|e| e.at_ms).collect();
+        assert_eq!(at.last(), Some(&99));
+        assert!(
+            at.windows(2).all(|w| w[1] == w[0] + 1),
+            "oldest first, none missing in between: {at:?}"
+        );
+        assert!(at.len() < 100, "the oldest were dropped");
+        Ok(())
+    }
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod disk;
 pub mod fetch;
 pub mod keys;
+pub mod logfile;
 pub mod network;
 pub mod node;
 pub mod origin;

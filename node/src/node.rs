@@ -248,6 +248,8 @@ struct Node {
     audit: Audit,
     /// The rollout this node follows.
     rollout: Option<Rollout>,
+    /// Commands refused lately (by id and reason), so each is recorded once.
+    refusals: HashMap<(Option<String>, String), Instant>,
     /// Commands named in peers' heartbeats that this node asked for, and
     /// when, so each is asked for again only after [`CATCH_UP_RETRY`].
     asked: HashMap<String, Instant>,
@@ -289,6 +291,9 @@ struct SavedRollout {
 }
 
 const ROLLOUT_FILE: &str = "rollout.json";
+
+/// How long a refused command stays refused without another log line.
+const REFUSAL_QUIET: Duration = Duration::from_secs(600);
 
 /// How long before a command a peer names, and that could not be had, is
 /// asked for again.
@@ -507,6 +512,7 @@ pub async fn run(
         guard,
         audit,
         asked: HashMap::new(),
+        refusals: HashMap::new(),
     };
     if let Some(r) = &node.rollout {
         info!(release = %r.version, id = %r.command.id, "following the rollout saved before the node stopped");
@@ -579,8 +585,19 @@ impl Node {
     /// thousand) the refusals remembered to warn once are forgotten.
     fn prune(&mut self) {
         const FORGET: Duration = Duration::from_secs(600);
+        // Once a minute, the application's output log is kept bounded.
+        if self.heartbeats_sent % 60 == 0 {
+            if let Some(applier) = self.applier.clone() {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = applier.rotate_app_log() {
+                        warn!(error = %e, "cannot rotate the application's log");
+                    }
+                });
+            }
+        }
         self.heard.retain(|_, h| h.at.elapsed() < FORGET);
         self.asked.retain(|_, at| at.elapsed() < CATCH_UP_RETRY);
+        self.refusals.retain(|_, at| at.elapsed() < REFUSAL_QUIET);
         if self.refused.len() > 1024 {
             self.refused.clear();
         }
@@ -1003,9 +1020,21 @@ impl Node {
         }
     }
 
-    fn refuse_command(&self, from: &str, command: Option<&SignedCommand>, reason: &str) {
-        warn!(source = from, reason, "refused rollout command");
+    fn refuse_command(&mut self, from: &str, command: Option<&SignedCommand>, reason: &str) {
         let parsed = command.and_then(|c| serde_json::from_str::<Command>(&c.command).ok());
+        // A command peers keep offering is refused once: one WARN and one
+        // audit line per command and reason every ten minutes, however
+        // often it comes.
+        let key = (parsed.as_ref().map(|c| c.id.clone()), reason.to_owned());
+        if self
+            .refusals
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < REFUSAL_QUIET)
+        {
+            return;
+        }
+        self.refusals.insert(key, Instant::now());
+        warn!(source = from, reason, "refused rollout command");
         self.audit_entry(Entry {
             event: "refused".into(),
             key: command.map(|c| c.key.clone()),

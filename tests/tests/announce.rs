@@ -67,13 +67,28 @@ fn a_node_refuses_and_does_not_forward_bad_announcements() {
     let dir = |name: &str| tmp.path().join(name);
 
     let untrusted = published(&app, &dir("u"), "6.6.6", &stranger_key, &[]);
-    let expired = published(
-        &app,
-        &dir("e"),
-        "7.7.7",
-        &trusted_key,
-        &["--expires", "2020-01-01"],
-    );
+    // Published with a date to come (publish refuses a past one), then
+    // backdated by hand and signed again with the trusted key.
+    let expired = {
+        let out = dir("e");
+        published(
+            &app,
+            &out,
+            "7.7.7",
+            &trusted_key,
+            &["--expires", "2999-01-01"],
+        );
+        let manifest = out.join("AutoUpdater.xml");
+        let xml = std::fs::read_to_string(&manifest).expect("manifest");
+        assert!(xml.contains("2999-01-01"), "{xml}");
+        std::fs::write(&manifest, xml.replace("2999-01-01", "2020-01-01")).expect("backdate");
+        run_ok(&["sign", "--key", s(&trusted_key), s(&manifest)]);
+        Signed {
+            version: "7.7.7",
+            xml: std::fs::read(&manifest).expect("manifest"),
+            sig: std::fs::read_to_string(out.join("AutoUpdater.xml.sig")).expect("signature"),
+        }
+    };
     let good = published(&app, &dir("g"), "2.0", &trusted_key, &[]);
     let old = published(&app, &dir("o"), "1.0", &trusted_key, &[]);
     let other = published(&app, &dir("b"), "3.3.3", &trusted_key, &[]);
