@@ -586,7 +586,7 @@ impl Node {
     fn prune(&mut self) {
         const FORGET: Duration = Duration::from_secs(600);
         // Once a minute, the application's output log is kept bounded.
-        if self.heartbeats_sent % 60 == 0 {
+        if self.heartbeats_sent.is_multiple_of(60) {
             if let Some(applier) = self.applier.clone() {
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = applier.rotate_app_log() {

@@ -248,3 +248,142 @@ fn tree_or_empty(dir: &Path) -> std::collections::BTreeMap<String, String> {
         Default::default()
     }
 }
+
+/// `mount -o remount,MODE dir`, retried while files are open for writing.
+fn remount(dir: &Path, mode: &str) {
+    for _ in 0..50 {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot remount {} {mode}", dir.display());
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let at = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    at(11) + at(12)
+}
+
+#[test]
+fn a_state_directory_turned_read_only_is_reported_and_backs_off_on_every_node() {
+    if !available() {
+        return;
+    }
+    let mut mounts = Mounts::new();
+    let disks = [mounts.tmpfs("a", 64 << 20), mounts.tmpfs("b", 64 << 20)];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(24 << 20, 91));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, Some("1MiB"));
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    let mut site = crate::swarm::LoopSite::new(tmp.path(), 2);
+    site.states = disks.iter().map(|d| d.join("node")).collect();
+    for i in 0..2 {
+        std::fs::create_dir_all(&site.states[i]).expect("mkdir");
+        // The log lives off the failing disk (a file open for writing
+        // would keep it from being remounted read-only).
+        std::os::unix::fs::symlink(
+            tmp.path().join(format!("node{i}.log")),
+            site.states[i].with_extension("log"),
+        )
+        .expect("symlink");
+        let cmd = site.command(i, Some(&origin.url), &release.public);
+        site.start(i, cmd);
+    }
+    let served = || origin.stats()["bytes_served"].as_u64().expect("count");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served() < 3 << 20 {
+        assert!(Instant::now() < deadline, "the download did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fetcher = (0..2)
+        .find(|&i| node_log(&site.states[i]).contains("downloading release from the origin"))
+        .expect("a fetcher");
+    let other = 1 - fetcher;
+    let pids: Vec<u32> = site
+        .procs
+        .iter()
+        .map(|p| p.as_ref().expect("running").0.id())
+        .collect();
+    let read_only = |i: usize| {
+        let row = own_status(&site.states[i]);
+        let error = row["last_error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            error.contains("Read-only file system"),
+            "node {i} does not say its disk is read-only: {row}\n{}",
+            node_log(&site.states[i])
+        );
+        assert!(
+            !error.contains("differs from its signed manifest"),
+            "node {i} blames the origin: {error}"
+        );
+    };
+    // First the disk of a node that takes chunks from the fetcher fails:
+    // it says so and pauses, no storm of requests on the LAN.
+    remount(&disks[other], "ro");
+    let ticks = cpu_ticks(pids[other]);
+    std::thread::sleep(Duration::from_secs(6));
+    read_only(other);
+    let used = cpu_ticks(pids[other]) - ticks;
+    assert!(
+        used < 150,
+        "node {other} used {used} ticks of CPU in 6 s with a read-only disk"
+    );
+    // Then the fetcher's: it says so and backs off from the origin.
+    remount(&disks[fetcher], "ro");
+    let requests = || origin.stats()["requests"].as_u64().expect("count");
+    std::thread::sleep(Duration::from_secs(3));
+    let at_ro = requests();
+    let ticks = cpu_ticks(pids[fetcher]);
+    std::thread::sleep(Duration::from_secs(12));
+    let more = requests() - at_ro;
+    read_only(fetcher);
+    let used = cpu_ticks(pids[fetcher]) - ticks;
+    assert!(used < 300, "the fetcher used {used} ticks of CPU in 12 s");
+    assert!(
+        more <= 3,
+        "{more} requests to the origin in 12 s while the fetcher's disk was read-only"
+    );
+    // The disks come back: the site stages, and the uplink paid little
+    // for the outage.
+    for disk in &disks {
+        remount(disk, "rw");
+    }
+    let pending = wait_staged(
+        &site.state_refs(),
+        "1.0",
+        &release,
+        Duration::from_secs(120),
+    );
+    assert!(
+        pending.is_empty(),
+        "not staged after the disks came back:\n{}",
+        node_log(pending[0])
+    );
+    let total = served();
+    assert!(
+        total <= release.size * 3 / 2,
+        "origin served {total} bytes for a {}-byte release",
+        release.size
+    );
+    drop(site);
+}
