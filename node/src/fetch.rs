@@ -77,6 +77,9 @@ pub struct Origin {
     /// byte where it stopped. There is no limit on a whole request: on a
     /// 64 kbit/s link one 4 MiB chunk takes nine minutes.
     pub stall: Duration,
+    /// Body bytes received, counted as they arrive (not per chunk): the
+    /// node's measure of progress on a slow link.
+    pub received: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Origin {
@@ -354,6 +357,9 @@ async fn read_answer(
         };
         origin.wan.take(body.len()).await;
         report.bytes += body.len() as u64;
+        origin
+            .received
+            .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for (at, chunk, data) in cursor.feed(&body) {
             let stored = {
                 let store = store.clone();

@@ -42,7 +42,7 @@ use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_
 use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
-use lanup_protocol::election::Election;
+use lanup_protocol::election::{Candidate, Election};
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
@@ -56,6 +56,9 @@ const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
 /// How long the fetcher waits at most for its peers' chunk lists.
 const HAVE_WAIT: Duration = Duration::from_millis(lanup_protocol::plan::HAVE_WAIT_MS);
+/// How long a node whose origin failed (as it says, or as others saw it)
+/// is passed over for the fetcher role; then it may try again.
+const FAILING_FOR: Duration = Duration::from_secs(600);
 /// Chunk requests to one peer that stall in a row before it is banned.
 const STALLS_TO_DISTRUST: u32 = 3;
 /// How long a node waits before it assembles a release again after that
@@ -110,6 +113,21 @@ struct Heartbeat {
     /// stopped the rollout): a node that does not know it asks for it.
     #[serde(default)]
     command_id: Option<String>,
+    /// Bytes the sender received from the origin, counted as they arrive:
+    /// others see from it whether the fetcher makes progress.
+    #[serde(default)]
+    origin_received: u64,
+    /// The sender acts as the site's fetcher.
+    #[serde(default)]
+    acting_fetcher: bool,
+    /// The sender's origin keeps failing, or it makes no progress: it
+    /// gives the role to the next node.
+    #[serde(default)]
+    origin_failing: bool,
+    /// Fetchers the sender saw make no progress lately: the site passes
+    /// them over, and a node named here yields the role itself.
+    #[serde(default)]
+    suspects: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -181,6 +199,16 @@ struct Node {
     stalls: HashMap<PeerId, u32>,
     /// Peers asked which chunks they hold and not answered yet.
     have_pending: HashSet<PeerId>,
+    /// Bytes received from the origin (counted by the download as they
+    /// arrive), and when that count last grew.
+    origin_received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    progress_seen: (u64, Instant),
+    /// When the origin last failed.
+    origin_failed_at: Option<Instant>,
+    /// Fetchers this node saw make no progress, and when.
+    suspects: HashMap<PeerId, Instant>,
+    /// The fetcher this node follows, and since when.
+    choice: Option<(PeerId, Instant)>,
     /// This node's own disk refused a chunk (read-only, full): transfers
     /// pause until then, longer each time, and the status says why.
     disk_backoff: Option<backon::ExponentialBackoff>,
@@ -261,6 +289,9 @@ struct Heard {
     boot_seq: (u64, u64),
     at: Instant,
     has_origin: bool,
+    /// When its count of bytes from the origin last grew (or it was first
+    /// heard).
+    progress_at: Instant,
     /// The heartbeat itself, for a node heard only through others.
     heartbeat: Heartbeat,
 }
@@ -471,6 +502,11 @@ pub async fn run(
         origin_task: None,
         stalls: HashMap::new(),
         have_pending: HashSet::new(),
+        origin_received: Default::default(),
+        progress_seen: (0, Instant::now()),
+        origin_failed_at: None,
+        suspects: HashMap::new(),
+        choice: None,
         disk_backoff: None,
         disk_paused_until: None,
         disk_error: None,
@@ -541,6 +577,7 @@ pub async fn run(
                 node.heartbeat().await;
                 node.notice_silence();
                 node.prune();
+                node.watch_fetcher();
                 node.fetcher_duties();
                 node.rollout_duties();
             }
@@ -598,6 +635,7 @@ impl Node {
         self.heard.retain(|_, h| h.at.elapsed() < FORGET);
         self.asked.retain(|_, at| at.elapsed() < CATCH_UP_RETRY);
         self.refusals.retain(|_, at| at.elapsed() < REFUSAL_QUIET);
+        self.suspects.retain(|_, at| at.elapsed() < FAILING_FOR);
         if self.refused.len() > 1024 {
             self.refused.clear();
         }
@@ -741,6 +779,7 @@ impl Node {
         let wait = backoff.next().unwrap_or(max).min(max);
         warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "{what}; backing off");
         self.origin_retry_at = Some(Instant::now() + wait);
+        self.origin_failed_at = Some(Instant::now());
         self.origin_error = Some(reason);
     }
 
@@ -813,25 +852,111 @@ impl Node {
     /// count: a fetcher that serves garbage would otherwise stall the site.
     fn fetcher(&self) -> Option<PeerId> {
         let ms = |at: &Instant| at.elapsed().as_millis() as u64;
+        let by_site = self.suspected_by_site();
+        let suspect = |peer: &PeerId, hb: &Heartbeat| {
+            hb.origin_failing
+                || by_site.contains(peer)
+                || self
+                    .suspects
+                    .get(peer)
+                    .is_some_and(|at| at.elapsed() < FAILING_FOR)
+        };
         let peers = self.peers.iter().filter_map(|(peer, info)| {
             let (at, hb) = info.heartbeat.as_ref()?;
-            Some((*peer, hb.has_origin, ms(at)))
+            Some(Candidate {
+                id: *peer,
+                has_origin: hb.has_origin,
+                silent_ms: ms(at),
+                failing: suspect(peer, hb),
+            })
         });
-        let heard = self
-            .heard
-            .iter()
-            .map(|(author, h)| (*author, h.has_origin, ms(&h.at)));
+        let heard = self.heard.iter().map(|(author, h)| Candidate {
+            id: *author,
+            has_origin: h.has_origin,
+            silent_ms: ms(&h.at),
+            failing: suspect(author, &h.heartbeat),
+        });
         let now = self.now_ms();
         let banned = |peer: &PeerId| {
             self.target
                 .as_ref()
                 .is_some_and(|t| t.transfer.is_banned(peer, now))
         };
-        self.election().fetcher(
-            self.local,
-            self.config.origin.is_some(),
-            peers.chain(heard).filter(|(peer, _, _)| !banned(peer)),
-        )
+        let me = Candidate {
+            id: self.local,
+            has_origin: self.config.origin.is_some(),
+            silent_ms: 0,
+            failing: self.origin_failing() || by_site.contains(&self.local),
+        };
+        self.election()
+            .choose(std::iter::once(me).chain(peers.chain(heard).filter(|c| !banned(&c.id))))
+    }
+
+    /// Nodes that live nodes of the site say they saw make no progress as
+    /// the fetcher.
+    fn suspected_by_site(&self) -> HashSet<PeerId> {
+        self.heard
+            .values()
+            .filter(|h| h.at.elapsed() < PEER_SILENT)
+            .flat_map(|h| h.heartbeat.suspects.iter())
+            .filter_map(|id| id.parse().ok())
+            .collect()
+    }
+
+    /// Whether this node's origin keeps failing (an error in the last
+    /// [`FAILING_FOR`]), or its download has received nothing for twice the
+    /// stall timeout: it then gives the fetcher role to the next node.
+    fn origin_failing(&self) -> bool {
+        let failed_lately = self.origin_error.is_some()
+            && self
+                .origin_failed_at
+                .is_some_and(|at| at.elapsed() < FAILING_FOR);
+        let stuck = self.origin_busy()
+            && self.downloading.is_some()
+            && self.progress_seen.1.elapsed() >= self.config.origin_stall * 2;
+        failed_lately || stuck
+    }
+
+    /// Watches the fetcher this node would follow: while the site lacks
+    /// chunks only the origin has, a fetcher whose byte count from the
+    /// origin does not grow for four stall timeouts (its route to the
+    /// origin is down, it froze, or it lies about its role) is suspected
+    /// for [`FAILING_FOR`], and the next node takes over. Heartbeats alone
+    /// do not keep the role.
+    fn watch_fetcher(&mut self) {
+        let own = self
+            .origin_received
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if own != self.progress_seen.0 {
+            self.progress_seen = (own, Instant::now());
+        }
+        let choice = self.fetcher();
+        if self.choice.as_ref().map(|(p, _)| *p) != choice {
+            self.choice = choice.map(|p| (p, Instant::now()));
+        }
+        let (Some((fetcher, since)), Some(t)) = (self.choice, &self.target) else {
+            return;
+        };
+        if fetcher == self.local || t.transfer.is_done() {
+            return;
+        }
+        let now = self.now_ms();
+        if t.transfer.unavailable(now).is_empty() {
+            return;
+        }
+        let Some(heard) = self.heard.get(&fetcher) else {
+            return;
+        };
+        let patience = self.config.origin_stall * 4;
+        let quiet = [heard.progress_at, t.adopted_at, since]
+            .iter()
+            .map(Instant::elapsed)
+            .min()
+            .unwrap_or_default();
+        if quiet >= patience {
+            warn!(peer = %fetcher, quiet_s = quiet.as_secs(), "the site's fetcher takes nothing from the origin while the site lacks chunks; the next node takes over");
+            self.suspects.insert(fetcher, Instant::now());
+        }
     }
 
     fn is_fetcher(&self) -> bool {
@@ -915,6 +1040,17 @@ impl Node {
             bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
             bytes_total: t.map_or(0, |t| t.bytes_total),
             origin_bytes: self.origin_bytes,
+            origin_received: self
+                .origin_received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            acting_fetcher: self.was_fetcher,
+            origin_failing: self.origin_failing(),
+            suspects: self
+                .suspects
+                .iter()
+                .filter(|(_, at)| at.elapsed() < FAILING_FOR)
+                .map(|(peer, _)| peer.to_string())
+                .collect(),
         }
     }
 
@@ -1678,12 +1814,21 @@ impl Node {
                                 .get(&author)
                                 .is_none_or(|old| (hb.boot_ms, hb.seq) > old.boot_seq);
                             if fresh {
+                                let progress_at = match self.heard.get(&author) {
+                                    Some(old)
+                                        if old.heartbeat.origin_received == hb.origin_received =>
+                                    {
+                                        old.progress_at
+                                    }
+                                    _ => Instant::now(),
+                                };
                                 self.heard.insert(
                                     author,
                                     Heard {
                                         boot_seq: (hb.boot_ms, hb.seq),
                                         at: Instant::now(),
                                         has_origin: hb.has_origin,
+                                        progress_at,
                                         heartbeat: hb.clone(),
                                     },
                                 );
@@ -2025,7 +2170,13 @@ impl Node {
             base: origin,
             wan: self.wan.clone(),
             stall: self.config.origin_stall,
+            received: self.origin_received.clone(),
         };
+        self.progress_seen = (
+            self.origin_received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            Instant::now(),
+        );
         let tx = self.done_tx.clone();
         self.origin_counted = 0;
         self.origin_epoch += 1;

@@ -84,6 +84,7 @@ async fn only_missing_chunks_cross_and_files_assemble() -> Result<()> {
         base: base.clone(),
         wan: Throttle::default(),
         stall: Duration::from_secs(10),
+        received: Default::default(),
     };
     let source = ManifestSource::read(&base).await?;
     let m1 = source.authenticate(&[key.public()], OffsetDateTime::now_utc())?;
@@ -264,6 +265,7 @@ async fn misbehaving_setup(
         base,
         wan: Throttle::default(),
         stall,
+        received: Default::default(),
     };
     Ok((manifest, origin, asked, sent))
 }

@@ -3,7 +3,10 @@
 //! Among the live nodes that have an origin configured, the one with the
 //! lowest id fetches; every other node takes the release from its peers. A
 //! node counts as live while its heartbeats arrive, directly or passed on by
-//! others. A node that has just started waits a grace period first, and for
+//! others. Heartbeats alone do not keep the role: a node whose origin keeps
+//! failing, or that makes no progress while the site lacks chunks, is
+//! *failing*, and a node that is not goes first; only when every candidate
+//! is failing does the lowest id fetch (someone must keep trying). A node that has just started waits a grace period first, and for
 //! a heartbeat from each node it is connected to, so that it does not fetch
 //! before it has heard of a lower one (which would cost the uplink a second
 //! copy). Pure: the node and the simulator hand in what they heard and how
@@ -11,6 +14,19 @@
 
 /// How often a node sends its heartbeat.
 pub const HEARTBEAT_MS: u64 = 1000;
+
+/// One node as the election sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<P> {
+    pub id: P,
+    /// It has an origin configured.
+    pub has_origin: bool,
+    /// Milliseconds since its last heartbeat (0 for the node deciding).
+    pub silent_ms: u64,
+    /// Its origin keeps failing, or it made no origin progress while the
+    /// site lacked chunks (as it says, or as others saw).
+    pub failing: bool,
+}
 
 /// The rules' timings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,11 +77,43 @@ impl Election {
         has_origin: bool,
         others: impl IntoIterator<Item = (P, bool, u64)>,
     ) -> Option<P> {
-        let live = others
+        let me = Candidate {
+            id: me,
+            has_origin,
+            silent_ms: 0,
+            failing: false,
+        };
+        let others = others
             .into_iter()
-            .filter(|(_, origin, ago)| *origin && *ago < self.silent_ms)
-            .map(|(id, _, _)| id);
-        has_origin.then_some(me).into_iter().chain(live).min()
+            .map(|(id, has_origin, silent_ms)| Candidate {
+                id,
+                has_origin,
+                silent_ms,
+                failing: false,
+            });
+        self.choose(std::iter::once(me).chain(others))
+    }
+
+    /// The fetcher among `candidates` (this node among them): the lowest
+    /// live one with an origin that is not failing, else the lowest live
+    /// one with an origin. None when no live node has an origin.
+    pub fn choose<P: Ord>(&self, candidates: impl IntoIterator<Item = Candidate<P>>) -> Option<P> {
+        let mut healthy: Option<P> = None;
+        let mut failing: Option<P> = None;
+        for c in candidates {
+            if !c.has_origin || c.silent_ms >= self.silent_ms {
+                continue;
+            }
+            let best = if c.failing {
+                &mut failing
+            } else {
+                &mut healthy
+            };
+            if best.as_ref().is_none_or(|b| c.id < *b) {
+                *best = Some(c.id);
+            }
+        }
+        healthy.or(failing)
     }
 
     /// Whether node `me` is the fetcher (see [`Election::fetcher`]).
@@ -104,5 +152,33 @@ mod tests {
         assert!(!e.settled(4000, [(Some(10), 4000), (None, 1000)]));
         assert!(e.settled(4000, [(Some(10), 4000), (None, 3000)]));
         assert!(!Election::MDNS.settled(5000, []));
+    }
+
+    #[test]
+    fn a_failing_fetcher_gives_way_to_the_next_node_unless_all_fail() {
+        let e = Election::STATIC_PEERS;
+        let c = |id: u32, failing: bool| Candidate {
+            id,
+            has_origin: true,
+            silent_ms: 0,
+            failing,
+        };
+        assert_eq!(e.choose([c(5, false), c(3, true), c(7, false)]), Some(5));
+        assert_eq!(
+            e.choose([c(5, true), c(3, true), c(7, true)]),
+            Some(3),
+            "someone keeps trying"
+        );
+        assert_eq!(e.choose([c(3, false), c(5, false)]), Some(3));
+        let silent = Candidate {
+            silent_ms: 5000,
+            ..c(1, false)
+        };
+        let no_origin = Candidate {
+            has_origin: false,
+            ..c(2, false)
+        };
+        assert_eq!(e.choose([silent, no_origin, c(9, true)]), Some(9));
+        assert_eq!(e.choose([silent, no_origin]), None);
     }
 }

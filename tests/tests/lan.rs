@@ -123,3 +123,81 @@ fn lan_site_finds_its_peers_by_mdns_and_takes_one_copy_over_the_uplink() {
         "all staged in status: {status}"
     );
 }
+
+#[test]
+fn a_fetcher_cut_off_from_the_origin_is_replaced_while_its_heartbeats_go_on() {
+    if !testbed::available() {
+        return;
+    }
+    let bed = Testbed::new(3, "8mbit");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(8 << 20, 33));
+    let www = tmp.path().join("www");
+    let key = keygen(tmp.path(), "publisher.key");
+    let url = format!("http://{}:{ORIGIN_PORT}/", bed.origin.ip);
+    let release = publish(&app, "1.0", &url, &key, &www);
+    let origin = LanOrigin::start(&bed, &www, &tmp.path().join("origin.log"));
+    let site = format!("cut-{}", std::process::id());
+    let states: Vec<PathBuf> = (0..bed.hosts.len())
+        .map(|i| tmp.path().join(format!("node{i}")))
+        .collect();
+    let _nodes: Vec<Proc> = bed
+        .hosts
+        .iter()
+        .zip(&states)
+        .map(|(host, state)| {
+            let mut cmd = node_command(state, Some(&origin.url), &release.public, &site);
+            cmd.args(["--origin-stall-timeout", "2s"]);
+            Testbed::spawn(host, &cmd, &state.with_extension("log"))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while origin.bytes_served() < 2 << 20 {
+        assert!(Instant::now() < deadline, "the download did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fetcher = (0..states.len())
+        .find(|&i| node_log(&states[i]).contains("downloading release from the origin"))
+        .expect("a fetcher");
+    // Its route to the origin is gone; the LAN (and its heartbeats) stay.
+    let cut = std::process::Command::new("ip")
+        .args(["-n", &bed.hosts[fetcher].ns, "route", "add", "blackhole"])
+        .arg(format!("{}/32", bed.origin.ip))
+        .status()
+        .expect("ip runs");
+    assert!(cut.success());
+    let at = Instant::now();
+    let took_over = || {
+        (0..states.len())
+            .filter(|&i| i != fetcher)
+            .any(|i| node_log(&states[i]).contains("this node is now the site's fetcher"))
+    };
+    while !took_over() {
+        assert!(
+            at.elapsed() < Duration::from_secs(40),
+            "no node took over from the cut-off fetcher; its log:\n{}",
+            node_log(&states[fetcher])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let takeover = at.elapsed();
+    let refs: Vec<&Path> = states.iter().map(PathBuf::as_path).collect();
+    let pending = wait_staged(&refs, "1.0", &release, Duration::from_secs(90));
+    assert!(
+        pending.is_empty(),
+        "not staged; a log:\n{}",
+        node_log(pending.first().copied().unwrap_or(&states[0]))
+    );
+    let served = origin.bytes_served();
+    let limit = release.size * 13 / 10 + release.manifest_bytes * 10;
+    assert!(
+        served <= limit,
+        "origin served {served} bytes for a {}-byte release (limit {limit})",
+        release.size
+    );
+    eprintln!(
+        "fetcher cut off; another took over after {takeover:?}; origin served {:.3} x S",
+        served as f64 / release.size as f64
+    );
+}
