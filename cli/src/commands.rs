@@ -470,9 +470,13 @@ pub(crate) fn issue(
     let command = RolloutCommand {
         site,
         action,
-        issued_at_ms: std::time::SystemTime::now()
+        // Stamped by the site's clock (this machine's, corrected by the
+        // skew its node measured to the others), so a machine whose clock
+        // is off still issues a command the site takes as fresh.
+        issued_at_ms: (std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64,
+            .as_millis() as u64)
+            .saturating_add_signed(status["site_clock_offset_ms"].as_i64().unwrap_or(0)),
         // 128 random bits from the OS, as for a key.
         id: hex::encode(
             &lanup_protocol::sign::SecretKey::generate()
@@ -811,6 +815,21 @@ fn print_status(answer: &serde_json::Value) {
         }
     }
     println!("{head}");
+    // Clocks that disagree by more than a minute: freshness of commands is
+    // judged by the site's clock, but an operator should fix them.
+    for n in &nodes {
+        let skew = n["clock_skew_ms"].as_i64().unwrap_or(0);
+        if skew.unsigned_abs() > 60_000 {
+            println!(
+                "clock: {}'s clock is {} {} this node's",
+                short_id(n["peer_id"].as_str().unwrap_or("?")),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    skew.unsigned_abs() / 1000
+                )),
+                if skew > 0 { "ahead of" } else { "behind" }
+            );
+        }
+    }
     println!(
         "{:<13} {:<10} {:<24} {:<18} {:>11} {:>10}  LAST ERROR",
         "NODE", "VERSION", "STATE", "PROGRESS", "FROM ORIGIN", "LAST SEEN"

@@ -146,7 +146,7 @@ mod tests {
     #[test]
     fn a_long_history_is_rotated_and_read_back_in_order() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let audit = Audit::new(dir.path()).with_max_bytes(2000);
+        let audit = Audit::new(dir.path()).with_max_bytes(1000);
         for i in 0..100u64 {
             let mut e = Entry::default_at(i);
             e.event = "refused".into();
@@ -157,7 +157,7 @@ mod tests {
             .iter()
             .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
             .sum();
-        assert!(total <= 4 * 2000 + 200, "{total} bytes kept");
+        assert!(total <= 4 * 1000 + 200, "{total} bytes kept");
         let read = audit.read()?;
         let at: Vec<u64> = read.iter().map(|e| e.at_ms).collect();
         assert_eq!(at.last(), Some(&99));

@@ -128,6 +128,15 @@ struct Heartbeat {
     /// them over, and a node named here yields the role itself.
     #[serde(default)]
     suspects: Vec<String>,
+    /// The sender's wall clock when it sent this (Unix ms): receivers
+    /// measure the skew between their clocks from it.
+    #[serde(default)]
+    clock_ms: u64,
+    /// The last rollout command the sender refused: (id, reason). A
+    /// rollout one of its nodes refused cannot finish; it halts, saying
+    /// why, instead of waiting for good.
+    #[serde(default)]
+    refused: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -276,6 +285,8 @@ struct Node {
     audit: Audit,
     /// The rollout this node follows.
     rollout: Option<Rollout>,
+    /// The last rollout command this node refused: (id, reason).
+    refused_command: Option<(String, String)>,
     /// Commands refused lately (by id and reason), so each is recorded once.
     refusals: HashMap<(Option<String>, String), Instant>,
     /// Commands named in peers' heartbeats that this node asked for, and
@@ -292,6 +303,9 @@ struct Heard {
     /// When its count of bytes from the origin last grew (or it was first
     /// heard).
     progress_at: Instant,
+    /// Its clock minus this node's, in ms, measured when its heartbeat
+    /// arrived (LAN delays are milliseconds).
+    skew_ms: Option<i64>,
     /// The heartbeat itself, for a node heard only through others.
     heartbeat: Heartbeat,
 }
@@ -549,6 +563,7 @@ pub async fn run(
         audit,
         asked: HashMap::new(),
         refusals: HashMap::new(),
+        refused_command: None,
     };
     if let Some(r) = &node.rollout {
         info!(release = %r.version, id = %r.command.id, "following the rollout saved before the node stopped");
@@ -892,6 +907,28 @@ impl Node {
             .choose(std::iter::once(me).chain(peers.chain(heard).filter(|c| !banned(&c.id))))
     }
 
+    /// How far the site's clock is from this node's, in ms: the median of
+    /// the skews measured to the live nodes it hears (and 0 for itself; the
+    /// mean of the middle two for an even count). A node whose clock is off
+    /// sees the others agree against it, so freshness is judged by the
+    /// site's time, not by one machine's wrong clock.
+    fn site_offset_ms(&self) -> i64 {
+        let mut skews: Vec<i64> = self
+            .heard
+            .iter()
+            .filter(|(author, h)| **author != self.local && h.at.elapsed() < PEER_SILENT)
+            .filter_map(|(_, h)| h.skew_ms)
+            .chain([0])
+            .collect();
+        skews.sort_unstable();
+        let n = skews.len();
+        if n % 2 == 1 {
+            skews[n / 2]
+        } else {
+            (skews[n / 2 - 1] + skews[n / 2]) / 2
+        }
+    }
+
     /// Nodes that live nodes of the site say they saw make no progress as
     /// the fetcher.
     fn suspected_by_site(&self) -> HashSet<PeerId> {
@@ -1045,6 +1082,8 @@ impl Node {
                 .load(std::sync::atomic::Ordering::Relaxed),
             acting_fetcher: self.was_fetcher,
             origin_failing: self.origin_failing(),
+            clock_ms: now_unix_ms(),
+            refused: self.refused_command.clone(),
             suspects: self
                 .suspects
                 .iter()
@@ -1129,7 +1168,23 @@ impl Node {
                     r["via_gossip"] = serde_json::json!(true);
                     nodes.push(r);
                 }
-                serde_json::json!({ "site": self.config.site, "nodes": nodes, "rollout": self.rollout_json() })
+                for row in &mut nodes {
+                    let peer = row["peer_id"]
+                        .as_str()
+                        .and_then(|p| p.parse::<PeerId>().ok());
+                    let skew = match peer {
+                        Some(p) if p == self.local => Some(0),
+                        Some(p) => self.heard.get(&p).and_then(|h| h.skew_ms),
+                        None => None,
+                    };
+                    row["clock_skew_ms"] = serde_json::json!(skew);
+                }
+                serde_json::json!({
+                    "site": self.config.site,
+                    "nodes": nodes,
+                    "rollout": self.rollout_json(),
+                    "site_clock_offset_ms": self.site_offset_ms(),
+                })
             }
             ControlRequest::Peers => serde_json::json!({
                 "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
@@ -1189,20 +1244,42 @@ impl Node {
         signed: SignedCommand,
         catch_up: bool,
     ) -> Result<(), String> {
-        let (trusted, site, now) = (&self.config.trust_admin, &self.config.site, now_unix_ms());
-        let checked = if catch_up {
-            self.guard.check_catch_up(&signed, trusted, site, now)
-        } else {
-            self.guard.check(&signed, trusted, site, now)
-        };
+        // One freshness rule for every path, by the site's clock.
+        let offset = self.site_offset_ms();
+        let site_now = now_unix_ms().saturating_add_signed(offset);
+        let started = self.boot_ms.saturating_add_signed(offset);
+        let (trusted, site) = (&self.config.trust_admin, &self.config.site);
+        let checked = self
+            .guard
+            .check_arrival(&signed, trusted, site, site_now, started);
         let command = match checked {
             Ok(c) => c,
-            Err(reason) => {
-                let reason = reason.to_string();
+            Err(refusal) => {
+                let mut reason = refusal.to_string();
+                if offset.unsigned_abs() > 60_000 {
+                    reason.push_str(&format!(
+                        " (by the site's clock; this node's own clock is {} s {} it)",
+                        offset.unsigned_abs() / 1000,
+                        if offset < 0 { "ahead of" } else { "behind" }
+                    ));
+                }
                 self.refuse_command(from, Some(&signed), &reason);
+                // A genuine command (a trusted key signed it) refused for its
+                // time: the rollout it starts cannot finish here, and the
+                // site is told why. Not for forgeries or replays.
+                let timing = matches!(
+                    refusal,
+                    lanup_protocol::rollout::Refusal::Stale(..)
+                        | lanup_protocol::rollout::Refusal::Future(..)
+                );
+                let parsed = serde_json::from_str::<Command>(&signed.command).ok();
+                if let Some(c) = parsed.filter(|c| timing && c.action != Action::Abort) {
+                    self.refused_command = Some((c.id, reason.clone()));
+                }
                 return Err(reason);
             }
         };
+        let catch_up = catch_up && command.issued_at_ms < started;
         info!(source = from, key = %signed.key, action = ?command.action, catch_up, "accepted rollout command");
         self.audit_entry(Entry {
             event: "accepted".into(),
@@ -1275,8 +1352,12 @@ impl Node {
     /// Asks `peer` for the command its heartbeat names, unless this node
     /// follows it (or a newer one) or asked lately.
     fn maybe_catch_up(&mut self, peer: PeerId, id: &str) {
-        let known =
-            self.guard.seen(id) || self.rollout.as_ref().is_some_and(|r| r.newest_id() == id);
+        let known = self.guard.seen(id)
+            || self.rollout.as_ref().is_some_and(|r| r.newest_id() == id)
+            || self
+                .refused_command
+                .as_ref()
+                .is_some_and(|(refused, _)| refused == id);
         let lately = self
             .asked
             .get(id)
@@ -1316,14 +1397,21 @@ impl Node {
     }
 
     /// What every node of the site reports about `version`.
-    fn reports(&self, version: &str) -> BTreeMap<String, NodeReport> {
+    fn reports(&self, version: &str, id: &str) -> BTreeMap<String, NodeReport> {
         let report = |hb: &Heartbeat| NodeReport {
             installed: hb.installed_version.clone(),
-            failed: (hb.failed_version.as_deref() == Some(version)).then(|| {
-                hb.last_error
-                    .clone()
-                    .unwrap_or_else(|| "rolled back".into())
-            }),
+            failed: (hb.failed_version.as_deref() == Some(version))
+                .then(|| {
+                    hb.last_error
+                        .clone()
+                        .unwrap_or_else(|| "rolled back".into())
+                })
+                .or_else(|| {
+                    hb.refused
+                        .as_ref()
+                        .filter(|(refused, _)| refused == id)
+                        .map(|(_, why)| format!("refused the command: {why}"))
+                }),
         };
         let mut reports = BTreeMap::new();
         reports.insert(self.local.to_string(), report(&self.own_heartbeat()));
@@ -1356,7 +1444,7 @@ impl Node {
             return;
         }
         let version = r.version.clone();
-        let stage = evaluate(&r.waves, &version, &self.reports(&version));
+        let stage = evaluate(&r.waves, &version, &self.reports(&version, &r.command.id));
         let me = self.local.to_string();
         let my_wave = r
             .waves
@@ -1453,7 +1541,11 @@ impl Node {
         let stage = match (&halted, r.done) {
             (Some(_), _) => "halted".to_owned(),
             (None, true) => "done".to_owned(),
-            (None, false) => match evaluate(&r.waves, &r.version, &self.reports(&r.version)) {
+            (None, false) => match evaluate(
+                &r.waves,
+                &r.version,
+                &self.reports(&r.version, &r.command.id),
+            ) {
                 Stage::Wave(w) => format!("wave {} of {}", w + 1, r.waves.len()),
                 Stage::Halted { node, reason } => {
                     halted = Some((node, reason));
@@ -1829,6 +1921,8 @@ impl Node {
                                         at: Instant::now(),
                                         has_origin: hb.has_origin,
                                         progress_at,
+                                        skew_ms: (hb.clock_ms > 0)
+                                            .then(|| hb.clock_ms as i64 - now_unix_ms() as i64),
                                         heartbeat: hb.clone(),
                                     },
                                 );

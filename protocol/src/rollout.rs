@@ -226,6 +226,32 @@ impl ReplayGuard {
         self.check_within(signed, trusted, site, now_ms, CATCH_UP_MAX_AGE_MS)
     }
 
+    /// The one freshness rule, whatever path a command arrives by (gossip,
+    /// the CLI, a peer offering what the site follows): at `site_now_ms`,
+    /// the site's clock (this node's corrected by the skew it measured to
+    /// its peers), a command may be [`MAX_AGE_MS`] old; only a node that
+    /// was away when it was issued (it started at `started_ms`, site clock,
+    /// after the command was issued) takes one up to
+    /// [`CATCH_UP_MAX_AGE_MS`] old. A node that was up is never let past
+    /// the freshness check by a peer's offer.
+    pub fn check_arrival(
+        &mut self,
+        signed: &SignedCommand,
+        trusted: &[PublicKey],
+        site: &str,
+        site_now_ms: u64,
+        started_ms: u64,
+    ) -> Result<Command, Refusal> {
+        let command = authenticate(signed, trusted, site)?;
+        let away = started_ms > command.issued_at_ms;
+        let max_age = if away {
+            CATCH_UP_MAX_AGE_MS
+        } else {
+            MAX_AGE_MS
+        };
+        self.check_within(signed, trusted, site, site_now_ms, max_age)
+    }
+
     fn check_within(
         &mut self,
         signed: &SignedCommand,
@@ -509,5 +535,28 @@ mod tests {
         assert_eq!(evaluate(&waves, "2", &reports), Stage::Wave(1));
         reports.get_mut("late").expect("late").installed = Some("2".into());
         assert_eq!(evaluate(&waves, "2", &reports), Stage::Done);
+    }
+
+    #[test]
+    fn one_freshness_rule_whatever_the_path() {
+        let admin = SecretKey::generate();
+        let trusted = vec![admin.public()];
+        let now = 1_800_000_000_000;
+        let mut guard = ReplayGuard::default();
+        let hour_old = sign(&command("s", now - 3_600_000, "h"), &admin);
+        // Up since before it was issued: an hour-old command is stale,
+        // however it arrives.
+        assert!(matches!(
+            guard.check_arrival(&hour_old, &trusted, "s", now, now - 7_200_000),
+            Err(Refusal::Stale(3600, 600))
+        ));
+        // Started after it was issued (it was away): taken up.
+        assert!(guard
+            .check_arrival(&hour_old, &trusted, "s", now, now - 60_000)
+            .is_ok());
+        let fresh = sign(&command("s", now - 5_000, "f"), &admin);
+        assert!(guard
+            .check_arrival(&fresh, &trusted, "s", now, now - 7_200_000)
+            .is_ok());
     }
 }

@@ -15,7 +15,7 @@ pub(crate) struct LanOrigin {
     pub(crate) url: String,
     addr: String,
     /// The host the test asks the origin's byte counter from.
-    via: Host,
+    pub(crate) via: Host,
     _proc: Proc,
 }
 
@@ -137,7 +137,7 @@ fn a_fetcher_cut_off_from_the_origin_is_replaced_while_its_heartbeats_go_on() {
     let key = keygen(tmp.path(), "publisher.key");
     let url = format!("http://{}:{ORIGIN_PORT}/", bed.origin.ip);
     let release = publish(&app, "1.0", &url, &key, &www);
-    let origin = LanOrigin::start(&bed, &www, &tmp.path().join("origin.log"));
+    let mut origin = LanOrigin::start(&bed, &www, &tmp.path().join("origin.log"));
     let site = format!("cut-{}", std::process::id());
     let states: Vec<PathBuf> = (0..bed.hosts.len())
         .map(|i| tmp.path().join(format!("node{i}")))
@@ -160,6 +160,8 @@ fn a_fetcher_cut_off_from_the_origin_is_replaced_while_its_heartbeats_go_on() {
     let fetcher = (0..states.len())
         .find(|&i| node_log(&states[i]).contains("downloading release from the origin"))
         .expect("a fetcher");
+    // The byte counter is read through a host that keeps its route.
+    origin.via = bed.hosts[(fetcher + 1) % bed.hosts.len()].clone();
     // Its route to the origin is gone; the LAN (and its heartbeats) stay.
     let cut = std::process::Command::new("ip")
         .args(["-n", &bed.hosts[fetcher].ns, "route", "add", "blackhole"])

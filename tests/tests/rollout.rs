@@ -191,6 +191,18 @@ impl Fleet {
         health_after: &str,
         away: Option<usize>,
     ) -> Fleet {
+        Fleet::build_skewed(n, v2_behaviour, health_after, away, None)
+    }
+
+    /// As [`Fleet::build`]; node `skewed`, if any, runs with its clock
+    /// 15 minutes ahead (libfaketime).
+    fn build_skewed(
+        n: usize,
+        v2_behaviour: Option<&str>,
+        health_after: &str,
+        away: Option<usize>,
+        skewed: Option<usize>,
+    ) -> Fleet {
         use crate::apply::{app_tree, KillUnder};
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
@@ -219,6 +231,9 @@ impl Fleet {
             .expect("config");
             let mut cmd = site.command(i, Some(&origin.url), &key.1);
             cmd.arg("--config").arg(config);
+            if skewed == Some(i) {
+                fast_clock(&mut cmd);
+            }
             site.start(i, cmd);
         }
         let pending = wait_staged(&site.state_refs(), "1.0.0", &r1, Duration::from_secs(60));
@@ -353,6 +368,105 @@ impl Fleet {
             .find(|e| e["event"] == event && e["version"] == "2.0.0")
             .and_then(|e| e["at_ms"].as_u64())
     }
+}
+
+/// Runs `cmd` with its wall clock 15 minutes ahead (libfaketime; timers
+/// and the monotonic clock untouched), as on a machine whose clock is off.
+fn fast_clock(cmd: &mut std::process::Command) {
+    cmd.env(
+        "LD_PRELOAD",
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    )
+    .env("FAKETIME", "+15m")
+    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+}
+
+#[test]
+fn clocks_that_disagree_are_shown_and_do_not_stop_rollouts_from_or_to_the_skewed_node() {
+    if !Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1").exists() {
+        eprintln!("libfaketime is not installed (apt-get install faketime); skipped");
+        return;
+    }
+    // Node 2's clock is 15 minutes ahead of the others'.
+    let fleet = Fleet::build_skewed(3, None, "500ms", None, Some(2));
+    let fast = fleet.peer_id(2);
+    let status = site_status(&fleet.site.states[0]);
+    let row = status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["peer_id"] == fast.as_str()))
+        .cloned()
+        .expect("the fast node in status");
+    let skew = row["clock_skew_ms"].as_i64().expect("skew measured");
+    assert!(
+        (895_000..905_000).contains(&skew),
+        "node 2 is measured {skew} ms ahead: {row}"
+    );
+    let text = run_ok(&["status", "--state", s(&fleet.site.states[0])]);
+    assert!(text.contains("ahead of this node's"), "{text}");
+
+    // A rollout issued from the fast node, by an admin on that machine
+    // (whose own clock is as fast).
+    let mut rollout = lanup();
+    rollout.args([
+        "rollout",
+        "2.0.0",
+        "--key",
+        s(&fleet.admin.0),
+        "--state",
+        s(&fleet.site.states[2]),
+        "--waves",
+        "1,100%",
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    fast_clock(&mut rollout);
+    let out = rollout.output().expect("lanup runs");
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..3 {
+        assert_eq!(fleet.running(i).as_deref(), Some("2.0.0"), "node {i}");
+    }
+    // And a rollback issued from a node with a right clock reaches it.
+    let back = run(&[
+        "rollback",
+        "1.0.0",
+        "--key",
+        s(&fleet.admin.0),
+        "--state",
+        s(&fleet.site.states[0]),
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    assert!(
+        back.status.success(),
+        "{}
+{}",
+        String::from_utf8_lossy(&back.stdout),
+        String::from_utf8_lossy(&back.stderr)
+    );
+    for i in 0..3 {
+        assert_eq!(fleet.running(i).as_deref(), Some("1.0.0"), "node {i}");
+        // Nothing refused, and nothing let in as "caught up" by a node
+        // that was never away.
+        for entry in history(&fleet.site.states[i]) {
+            assert_ne!(entry["event"], "refused", "node {i}: {entry}");
+            assert!(
+                !entry["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("caught up"),
+                "node {i}: {entry}"
+            );
+        }
+    }
+    let _ = &fleet.origin;
 }
 
 #[test]
