@@ -404,14 +404,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             trust,
         } => {
             let (manifest, dir) = match (state, manifest, dir) {
-                (Some(state), _, dir) => {
-                    let installed =
-                        lanup_node::apply::read_installed(&state)?.with_context(|| {
-                            format!("{}: no release is recorded as installed", state.display())
-                        })?;
-                    let manifest = state.join("installed").display().to_string();
-                    (manifest, dir.unwrap_or(installed.record.install_dir))
-                }
+                (Some(state), _, dir) => return verify_state(&state, dir, &trust),
                 (None, Some(manifest), Some(dir)) => (manifest, dir),
                 _ => bail!("give --manifest and --dir, or --state"),
             };
@@ -1105,6 +1098,75 @@ fn print_manifest(location: &str, m: &Manifest, signer: Option<&PublicKey>, chec
             f.name
         );
     }
+}
+
+/// `lanup verify --state`: the install against the release recorded as
+/// installed, every staged release against its manifest, and every chunk
+/// in the store against its hash. Nothing is changed; exit 1 on any
+/// mismatch.
+fn verify_state(state: &Path, dir: Option<PathBuf>, trust: &[PublicKey]) -> Result<ExitCode> {
+    let mut ok = true;
+    let mut checked_any = false;
+    let rt = runtime()?;
+    if let Some(installed) = lanup_node::apply::read_installed(state)? {
+        let manifest = state.join("installed").display().to_string();
+        let dir = dir.unwrap_or(installed.record.install_dir);
+        ok &= rt.block_on(verify(&manifest, &dir, trust))? == ExitCode::SUCCESS;
+        checked_any = true;
+    }
+    let releases = state.join("releases");
+    let mut staged: Vec<PathBuf> = std::fs::read_dir(&releases)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    staged.sort();
+    for release in staged {
+        let Some(name) = release.file_name() else {
+            continue;
+        };
+        let staging = state.join("staging").join(name);
+        let manifest = release.display().to_string();
+        ok &= rt.block_on(verify(&manifest, &staging, trust))? == ExitCode::SUCCESS;
+        checked_any = true;
+    }
+    let chunks = state.join("chunks");
+    if chunks.is_dir() {
+        let store = lanup_node::store::ChunkStore::open(&chunks)?;
+        let (count, bytes, damaged) = store
+            .scan()
+            .with_context(|| format!("cannot read the chunk store {}", chunks.display()))?;
+        for path in &damaged {
+            println!("DAMAGED {}: does not hash to its name", path.display());
+        }
+        if damaged.is_empty() {
+            println!(
+                "ok: chunk store {} holds {count} chunks ({}), each matching its hash",
+                chunks.display(),
+                format_bytes(bytes)
+            );
+        } else {
+            eprintln!(
+                "lanup: {} of {count} chunks in {} are damaged (the node fetches them again when it finds them)",
+                damaged.len(),
+                chunks.display()
+            );
+            ok = false;
+        }
+        checked_any = true;
+    }
+    if !checked_any {
+        bail!(
+            "{}: no installed release, staged release or chunk store to check",
+            state.display()
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn verify(location: &str, dir: &Path, trust: &[PublicKey]) -> Result<ExitCode> {

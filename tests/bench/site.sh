@@ -14,6 +14,7 @@
 #   tests/bench/site.sh [NODES] [SIZE_MIB] [UPLINK] [BIG_MIB]
 #   ONLY_BIG=1 tests/bench/site.sh      # part 4 alone
 #   ONLY_LANUP=1 tests/bench/site.sh    # part 1 alone (no nginx needed)
+#   TIMEOUT=1800 ONLY_LANUP=1 tests/bench/site.sh 4 8 64kbit   # a slow uplink
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-8} size_mib=${2:-64} uplink=${3:-16mbit} big_mib=${4:-1024}
@@ -98,7 +99,7 @@ while :; do
     grep -q "release staged and verified" "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
   done
   [ $staged = "$nodes" ] && break
-  [ "$(calc "($(now) - $t_start > 600)")" = "1.000" ] && { echo "lanup: timed out" >&2; exit 1; }
+  [ "$(calc "($(now) - $t_start > ${TIMEOUT:-600})")" = "1.000" ] && { echo "lanup: timed out" >&2; exit 1; }
   sleep 0.1
 done
 t_staged=$(now)

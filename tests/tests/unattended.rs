@@ -165,6 +165,15 @@ fn a_chunk_rotten_on_the_only_reachable_peer_is_fetched_again() {
     let mut bytes = std::fs::read(&rotten).expect("chunk");
     bytes[100] ^= 0x40;
     std::fs::write(&rotten, &bytes).expect("rot");
+    // `lanup verify --state` finds it, naming the file, and changes nothing.
+    let verified = run(&["verify", "--state", s(&site.states[0])]);
+    let said = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("DAMAGED") && said.contains(rotten.to_str().expect("utf-8")),
+        "{said}"
+    );
+    assert!(rotten.exists());
     let before = served(&origin);
 
     // Back up, with a newcomer that can reach only it.
@@ -200,6 +209,7 @@ fn a_chunk_rotten_on_the_only_reachable_peer_is_fetched_again() {
     let fixed = std::fs::read(&rotten).expect("fetched again");
     let name = rotten.file_name().and_then(|n| n.to_str()).expect("name");
     assert_eq!(blake3::hash(&fixed).to_hex().as_str(), name);
+    run_ok(&["verify", "--state", s(&site.states[0])]);
 }
 
 #[test]
@@ -318,4 +328,39 @@ fn a_peer_that_offers_chunks_and_never_sends_them_costs_seconds() {
         "the newcomer did not give up on the silent peer:\n{log}"
     );
     assert!(took < Duration::from_secs(40), "staging took {took:?}");
+}
+
+#[test]
+fn a_static_peer_that_was_down_at_first_is_dialled_again_while_others_are_connected() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_origin, release, mut site) = setup(tmp.path(), 1 << 20, None, 3);
+    // Node 0 knows 1 and 2 by address; 2 is not up yet, so its first dial
+    // fails, while 1 connects.
+    let cmd = site.command(0, None, &release.public);
+    site.start(0, cmd);
+    let cmd = site.command(1, None, &release.public);
+    site.start(1, cmd);
+    let first = site.states[0].clone();
+    let peers = move |_: usize| -> usize {
+        let out = run(&["peers", "--state", s(&first), "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["peers"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    wait_for("nodes 0 and 1 to meet", Duration::from_secs(20), || {
+        peers(0) == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Node 2 comes up knowing nobody: only node 0 dialling again joins it.
+    let mut lonely = node_command(&site.states[2], None, &release.public, &site.site);
+    lonely
+        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[2])])
+        .arg("--no-mdns");
+    site.start(2, lonely);
+    wait_for(
+        "node 0 to dial node 2 again",
+        Duration::from_secs(20),
+        || peers(0) == 2,
+    );
 }
