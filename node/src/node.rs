@@ -940,18 +940,14 @@ impl Node {
             .collect()
     }
 
-    /// Whether this node's origin keeps failing (an error in the last
-    /// [`FAILING_FOR`]), or its download has received nothing for twice the
-    /// stall timeout: it then gives the fetcher role to the next node.
+    /// Whether this node's origin failed in the last [`FAILING_FOR`] (an
+    /// error, or a download that received nothing for twice the stall
+    /// timeout): it then gives the fetcher role to the next node.
     fn origin_failing(&self) -> bool {
-        let failed_lately = self.origin_error.is_some()
+        self.origin_error.is_some()
             && self
                 .origin_failed_at
-                .is_some_and(|at| at.elapsed() < FAILING_FOR);
-        let stuck = self.origin_busy()
-            && self.downloading.is_some()
-            && self.progress_seen.1.elapsed() >= self.config.origin_stall * 2;
-        failed_lately || stuck
+                .is_some_and(|at| at.elapsed() < FAILING_FOR)
     }
 
     /// Watches the fetcher this node would follow: while the site lacks
@@ -966,6 +962,18 @@ impl Node {
             .load(std::sync::atomic::Ordering::Relaxed);
         if own != self.progress_seen.0 {
             self.progress_seen = (own, Instant::now());
+        }
+        // This node's own download that receives nothing (its route to the
+        // origin is gone) is an origin failure like any other: it stops,
+        // backs off, and says so, so the role moves on and stays moved.
+        let quiet = self.progress_seen.1.elapsed();
+        if self.origin_busy() && self.downloading.is_some() && quiet >= self.config.origin_stall * 2
+        {
+            self.stop_origin();
+            self.origin_failed(
+                "the download from the origin makes no progress",
+                format!("no byte from the origin for {} s", quiet.as_secs()),
+            );
         }
         let choice = self.fetcher();
         if self.choice.as_ref().map(|(p, _)| *p) != choice {
