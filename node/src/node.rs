@@ -43,6 +43,7 @@ use crate::release::{ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
 use lanup_protocol::election::{Candidate, Election};
+use lanup_protocol::fetcher::{Job, OriginPlan, ReleaseView, Step, View};
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
@@ -54,8 +55,6 @@ const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A peer silent this long is not asked for chunks, and no longer counts
 /// for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
-/// How long the fetcher waits at most for its peers' chunk lists.
-const HAVE_WAIT: Duration = Duration::from_millis(lanup_protocol::plan::HAVE_WAIT_MS);
 /// How long a node whose origin failed (as it says, or as others saw it)
 /// is passed over for the fetcher role; then it may try again.
 const FAILING_FOR: Duration = Duration::from_secs(600);
@@ -64,12 +63,6 @@ const STALLS_TO_DISTRUST: u32 = 3;
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
-/// The longest wait before the origin is tried again after failures (the
-/// poll interval, when shorter, caps it too).
-const ORIGIN_BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// The first wait after an origin failure; it doubles (with jitter) per
-/// failure in a row.
-const ORIGIN_BACKOFF_MIN: Duration = Duration::from_secs(5);
 /// How long a download from the origin may go on without the node
 /// confirming (every heartbeat) that it is still the site's fetcher. A node
 /// frozen for longer (a paused VM, a swap storm) wakes with its download
@@ -220,7 +213,7 @@ struct Node {
     choice: Option<(PeerId, Instant)>,
     /// This node's own disk refused a chunk (read-only, full): transfers
     /// pause until then, longer each time, and the status says why.
-    disk_backoff: Option<backon::ExponentialBackoff>,
+    disk_failures: u32,
     disk_paused_until: Option<Instant>,
     disk_error: Option<String>,
     /// Whether this node was the fetcher at the last look (for the log).
@@ -234,14 +227,9 @@ struct Node {
     downloading: Option<(Hash, u64)>,
     /// The origin manifest's ETag at the last poll, for a conditional GET.
     etag: Option<String>,
-    next_poll: Instant,
-    /// Which poll or download of the origin is the current one.
-    origin_epoch: u64,
-    /// After origin failures (errors, bytes that do not match the
-    /// manifest, a local disk that refuses the chunks): the waits still to
-    /// come, when to try again, and why.
-    origin_backoff: Option<backon::ExponentialBackoff>,
-    origin_retry_at: Option<Instant>,
+    /// When to poll and download, which job is current, and the backoff
+    /// after failures: the fetcher's rules from `lanup_protocol::fetcher`.
+    plan: OriginPlan,
     origin_error: Option<String>,
     /// Until when (ms since `started`) a download may go on; renewed by
     /// every heartbeat while this node is the fetcher.
@@ -505,6 +493,7 @@ pub async fn run(
     let wan = Throttle::new(config.wan_rate);
     let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
     let config_stall = config.origin_stall;
+    let config_poll_ms = config.poll_interval.as_millis() as u64;
     let mut node = Node {
         config,
         net,
@@ -521,7 +510,7 @@ pub async fn run(
         origin_failed_at: None,
         suspects: HashMap::new(),
         choice: None,
-        disk_backoff: None,
+        disk_failures: 0,
         disk_paused_until: None,
         disk_error: None,
         was_fetcher: false,
@@ -529,10 +518,7 @@ pub async fn run(
         origin_counted: 0,
         downloading: None,
         etag: None,
-        next_poll: Instant::now(),
-        origin_epoch: 0,
-        origin_backoff: None,
-        origin_retry_at: None,
+        plan: OriginPlan::new(config_poll_ms),
         origin_error: None,
         origin_lease: Default::default(),
         site_lacks: tokio::sync::watch::Sender::new(Default::default()),
@@ -699,33 +685,50 @@ impl Node {
         };
         self.origin_lease
             .store(lease, std::sync::atomic::Ordering::Relaxed);
-        if !fetcher || self.origin_busy() {
-            return;
-        }
-        if self.origin_retry_at.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        if Instant::now() >= self.next_poll {
-            self.poll_origin();
-        } else {
-            self.resume_origin_download();
+        self.origin_step();
+    }
+
+    /// Asks the fetcher's rules what to do now and does it: poll, download
+    /// what the site lacks, or stop the job under way.
+    fn origin_step(&mut self) {
+        let now = self.now_ms();
+        let view = View {
+            acting: self.was_fetcher && self.config.origin.is_some(),
+            release: self.target.as_ref().map(|t| ReleaseView {
+                lacking: !t.transfer.is_done() && !t.transfer.unavailable(now).is_empty(),
+                heard_all: self
+                    .peers
+                    .iter()
+                    .all(|(p, info)| info.silent || t.peer_since.contains_key(p)),
+                adopted_ms_ago: t.adopted_at.elapsed().as_millis() as u64,
+                blocked: t.no_room.is_some(),
+            }),
+        };
+        match self.plan.step(now, &view) {
+            Step::Idle => {}
+            Step::Stop(_) => self.abort_origin_task(),
+            Step::Start(epoch, Job::Poll) => self.poll_origin(epoch),
+            Step::Start(epoch, Job::Download) => self.download(epoch),
         }
     }
 
     fn origin_busy(&self) -> bool {
-        self.origin_task.as_ref().is_some_and(|t| !t.is_finished())
+        self.plan.running().is_some()
+    }
+
+    fn abort_origin_task(&mut self) {
+        if let Some(task) = self.origin_task.take() {
+            task.abort();
+        }
+        self.reconcile_store();
     }
 
     /// Stops the poll or download under way, if any; its late answers are
     /// ignored. Returns whether one was running.
     fn stop_origin(&mut self) -> bool {
-        self.origin_epoch += 1;
-        let Some(task) = self.origin_task.take() else {
-            return false;
-        };
-        task.abort();
-        self.reconcile_store();
-        true
+        let stopped = self.plan.stop().is_some();
+        self.abort_origin_task();
+        stopped
     }
 
     /// Notices that this node was frozen (no heartbeat tick for several
@@ -754,46 +757,21 @@ impl Node {
         }
     }
 
-    /// When the next poll is due: the poll interval with ±10% jitter, so a
-    /// fleet of sites does not poll in step.
-    fn schedule_poll(&mut self) {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let jitter = 0.9 + 0.2 * f64::from(nanos % 1000) / 1000.0;
-        self.next_poll = Instant::now() + self.config.poll_interval.mul_f64(jitter);
-    }
-
-    /// The origin answered as it should: the backoff starts again from the
-    /// beginning.
+    /// The origin answered as it should.
     fn origin_ok(&mut self) {
         if self.origin_error.take().is_some() {
             info!("the origin answers again");
         }
-        self.origin_backoff = None;
-        self.origin_retry_at = None;
     }
 
-    /// The origin (or this node's disk, holding what it sent) failed: wait
-    /// longer each time in a row (5 s doubling, with jitter, at most the
-    /// poll interval or 5 minutes) before the origin is asked anything
-    /// again. One WARN per wait; the reason is in the status.
+    /// The origin (or this node's disk, holding what it sent) failed; the
+    /// fetcher's rules wait longer each time in a row (5 s doubling, with
+    /// jitter, at most the poll interval or 5 minutes) before the origin is
+    /// asked anything again. One WARN per wait; the reason is in the
+    /// status.
     fn origin_failed(&mut self, what: &str, reason: String) {
-        let max = ORIGIN_BACKOFF_MAX
-            .min(self.config.poll_interval)
-            .max(ORIGIN_BACKOFF_MIN);
-        let backoff = self.origin_backoff.get_or_insert_with(|| {
-            use backon::BackoffBuilder;
-            backon::ExponentialBuilder::default()
-                .with_min_delay(ORIGIN_BACKOFF_MIN)
-                .with_max_delay(max)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        });
-        let wait = backoff.next().unwrap_or(max).min(max);
-        warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "{what}; backing off");
-        self.origin_retry_at = Some(Instant::now() + wait);
+        let wait = self.plan.retry_in_ms(self.now_ms()).unwrap_or_default();
+        warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait / 1000)), "{what}; backing off");
         self.origin_failed_at = Some(Instant::now());
         self.origin_error = Some(reason);
     }
@@ -967,9 +945,9 @@ impl Node {
         // origin is gone) is an origin failure like any other: it stops,
         // backs off, and says so, so the role moves on and stays moved.
         let quiet = self.progress_seen.1.elapsed();
-        if self.origin_busy() && self.downloading.is_some() && quiet >= self.config.origin_stall * 2
-        {
+        if self.plan.running() == Some(Job::Download) && quiet >= self.config.origin_stall * 2 {
             self.stop_origin();
+            self.plan.failed(self.now_ms(), random());
             self.origin_failed(
                 "the download from the origin makes no progress",
                 format!("no byte from the origin for {} s", quiet.as_secs()),
@@ -1068,9 +1046,7 @@ impl Node {
                     })
                 })
                 .or_else(|| {
-                    let retry = self.origin_retry_at.map_or(0, |at| {
-                        at.saturating_duration_since(Instant::now()).as_secs()
-                    });
+                    let retry = self.plan.retry_in_ms(self.now_ms()).unwrap_or(0) / 1000;
                     self.origin_error
                         .as_ref()
                         .map(|e| format!("origin: {e} (next try in {retry} s)"))
@@ -1202,8 +1178,8 @@ impl Node {
                 let polling = fetcher && !self.origin_busy();
                 if polling {
                     // An admin asking is a retry now, backoff or not.
-                    self.origin_retry_at = None;
-                    self.poll_origin();
+                    self.plan.poll_now(self.now_ms());
+                    self.origin_step();
                 }
                 serde_json::json!({ "fetcher": fetcher, "polling": polling })
             }
@@ -2209,15 +2185,13 @@ impl Node {
         MessageAcceptance::Accept
     }
 
-    fn poll_origin(&mut self) {
+    fn poll_origin(&mut self, epoch: u64) {
         let Some(origin) = self.config.origin.clone() else {
             return;
         };
         let tx = self.done_tx.clone();
         let http = self.http.clone();
         let etag = self.etag.clone();
-        self.origin_epoch += 1;
-        let epoch = self.origin_epoch;
         let task = tokio::spawn(async move {
             let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
             let _ = tx.send(Done::OriginPoll(epoch, result)).await;
@@ -2225,38 +2199,15 @@ impl Node {
         self.origin_task = Some(task.abort_handle());
     }
 
-    /// The fetcher downloads what no peer at the site holds.
-    fn resume_origin_download(&mut self) {
+    /// The fetcher downloads what no peer at the site holds (the rules
+    /// decided it is time: job `epoch`).
+    fn download(&mut self, epoch: u64) {
         let (Some(origin), Some(t)) = (self.config.origin.clone(), &self.target) else {
+            self.plan.finished(epoch, true, self.now_ms(), random());
             return;
         };
-        let backing_off = self.origin_retry_at.is_some_and(|at| Instant::now() < at);
-        if !self.was_fetcher
-            || self.origin_busy()
-            || backing_off
-            || t.no_room.is_some()
-            || t.transfer.is_done()
-        {
-            return;
-        }
-        // Hear what the peers hold before deciding what only the origin has.
-        let heard_all = self
-            .peers
-            .iter()
-            .all(|(p, info)| info.silent || t.peer_since.contains_key(p));
-        if !heard_all && t.adopted_at.elapsed() < HAVE_WAIT {
-            return;
-        }
         let now = self.now_ms();
         let nobody_has = t.transfer.unavailable(now);
-        if nobody_has.is_empty() {
-            if let Some((hash, bytes)) = self.downloading.take() {
-                if hash == t.hash {
-                    info!(release = %t.manifest.release_name(), bytes, "download from the origin finished");
-                }
-            }
-            return;
-        }
         if self.downloading.is_none_or(|(hash, _)| hash != t.hash) {
             let sizes = unique_chunks(&t.manifest.files);
             let missing: u64 = nobody_has.iter().filter_map(|h| sizes.get(h)).sum();
@@ -2281,8 +2232,6 @@ impl Node {
         );
         let tx = self.done_tx.clone();
         self.origin_counted = 0;
-        self.origin_epoch += 1;
-        let epoch = self.origin_epoch;
         let lacks = self.site_lacks.subscribe();
         let lease = self.origin_lease.clone();
         let started = self.started;
@@ -2368,16 +2317,13 @@ impl Node {
         if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        let backoff = self.disk_backoff.get_or_insert_with(|| {
-            use backon::BackoffBuilder;
-            backon::ExponentialBuilder::default()
-                .with_min_delay(ORIGIN_BACKOFF_MIN)
-                .with_max_delay(ORIGIN_BACKOFF_MAX)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        });
-        let wait = backoff.next().unwrap_or(ORIGIN_BACKOFF_MAX);
+        // The same waits as after origin failures.
+        self.disk_failures = self.disk_failures.saturating_add(1);
+        let wait = Duration::from_millis(lanup_protocol::fetcher::backoff_ms(
+            self.disk_failures,
+            lanup_protocol::fetcher::BACKOFF_MAX_MS,
+            random(),
+        ));
         warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "this node cannot store chunks on its own disk; pausing transfers");
         self.disk_paused_until = Some(Instant::now() + wait);
         self.disk_error = Some(reason);
@@ -2478,7 +2424,7 @@ impl Node {
                         if self.disk_error.take().is_some() {
                             info!("this node's disk takes chunks again");
                         }
-                        self.disk_backoff = None;
+                        self.disk_failures = 0;
                     }
                     Err(ChunkError::Corrupt { peer, hash }) => {
                         t.transfer.corrupt(&peer, &hash, now);
@@ -2523,7 +2469,7 @@ impl Node {
                     t.transfer.peer_connected(peer);
                     t.transfer.peer_has(&peer, chunks);
                     t.peer_since.insert(peer, total);
-                    self.resume_origin_download();
+                    self.origin_step();
                 }
             }
             Done::Manifest(peer, hash, result) => {
@@ -2547,18 +2493,27 @@ impl Node {
                 }
             }
             Done::OriginPoll(epoch, result) => {
-                if epoch != self.origin_epoch {
+                let signed = |source: &ManifestSource| {
+                    source
+                        .signature
+                        .clone()
+                        .and_then(|s| String::from_utf8(s).ok())
+                };
+                let ok = match &result {
+                    Ok(Poll::Unchanged) => true,
+                    Ok(Poll::Changed { source, .. }) => signed(source).is_some(),
+                    Err(_) => false,
+                };
+                if !self.plan.finished(epoch, ok, self.now_ms(), random()) {
                     return;
                 }
                 self.origin_task = None;
                 match result {
                     Ok(Poll::Unchanged) => {
-                        self.schedule_poll();
                         self.origin_ok();
-                        self.resume_origin_download();
+                        self.origin_step();
                     }
                     Ok(Poll::Changed { source, etag }) => {
-                        self.schedule_poll();
                         let Some(sig) = source
                             .signature
                             .clone()
@@ -2577,11 +2532,9 @@ impl Node {
                         self.origin_ok();
                         let location = source.location.clone();
                         let _ = self.adopt(&location, source.bytes, sig);
-                        self.resume_origin_download();
+                        self.origin_step();
                     }
                     Err(e) => {
-                        // Polled again once the backoff has passed.
-                        self.next_poll = Instant::now();
                         self.origin_failed("cannot read the origin's manifest", format!("{e:#}"));
                     }
                 }
@@ -2597,7 +2550,8 @@ impl Node {
                 }
             }
             Done::OriginFinished(epoch, result) => {
-                if epoch != self.origin_epoch {
+                let now = self.now_ms();
+                if !self.plan.finished(epoch, result.is_ok(), now, random()) {
                     return;
                 }
                 self.origin_task = None;
@@ -2612,8 +2566,19 @@ impl Node {
                             *total += report.bytes;
                         }
                         self.origin_ok();
-                        // What is still missing, or the end of the download.
-                        self.resume_origin_download();
+                        let lacking = self
+                            .target
+                            .as_ref()
+                            .is_some_and(|t| !t.transfer.unavailable(now).is_empty());
+                        if !lacking {
+                            if let Some((_, bytes)) = self.downloading.take() {
+                                let release =
+                                    self.target.as_ref().map(|t| t.manifest.release_name());
+                                info!(release = ?release, bytes, "download from the origin finished");
+                            }
+                        }
+                        // What is still missing, if anything.
+                        self.origin_step();
                     }
                     Err(e) => {
                         let what = match &e {
@@ -2723,6 +2688,12 @@ impl Node {
             }
         }
     }
+}
+
+/// A random number for the fetcher's jitter.
+fn random() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
 }
 
 fn now_unix_ms() -> u64 {

@@ -26,6 +26,7 @@
 
 pub mod chunk;
 pub mod election;
+pub mod fetcher;
 pub mod hash;
 pub mod journal;
 pub mod manifest;

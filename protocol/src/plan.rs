@@ -11,10 +11,6 @@ use std::collections::HashSet;
 use crate::chunk::Chunk;
 use crate::{Hash, Manifest};
 
-/// The most the fetcher asks the origin for at once. Between batches it
-/// looks again at what its peers hold, so chunks that reached the site some
-/// other way (an earlier fetcher, a node that joined) are not fetched twice.
-pub const ORIGIN_BATCH: u64 = 8 << 20;
 /// After adopting a release, how long the fetcher waits at most for its
 /// peers' chunk lists before it goes to the origin.
 pub const HAVE_WAIT_MS: u64 = 2000;

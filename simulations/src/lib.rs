@@ -15,9 +15,11 @@
 //! * transfers as flows sharing bandwidth: a flow from A to B gets
 //!   `min(up(A) / flows out of A, down(B) / flows into B)`, recomputed
 //!   whenever a flow starts or ends at either end; the origin is a source
-//!   whose upload is the site's uplink, read by the fetcher in batches of
-//!   Range requests over the chunks no peer holds, one chunk after the
-//!   other (cut-through: each chunk is offered to peers as it completes);
+//!   whose upload is the site's uplink, read by the fetcher when the node's
+//!   own fetcher rules (`lanup_protocol::fetcher`: polls, waits, jobs,
+//!   backoff) say so: one round trip, then every chunk no peer holds, one
+//!   after the other as the node's pipelined Range requests bring them
+//!   (cut-through: each chunk is offered to peers as it completes);
 //! * assembling and checking the files once every chunk is there, at a
 //!   fixed rate.
 //!
@@ -39,8 +41,10 @@ pub type Ns = u64;
 
 const MS: Ns = 1_000_000;
 const SEC: Ns = 1_000_000_000;
+/// The node's default poll interval (`poll_interval = "5m"`).
+const POLL_INTERVAL_MS: u64 = 300_000;
 
-use lanup_protocol::plan::{HAVE_WAIT_MS, ORIGIN_BATCH};
+use lanup_protocol::fetcher::{Job, OriginPlan, ReleaseView, Step, View};
 
 /// What one simulated site is like.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +216,8 @@ struct Node {
     staged: Option<Ns>,
     /// The origin download under way (its epoch), if any.
     origin: Option<u64>,
+    /// The fetcher's rules, the node's own (`lanup_protocol::fetcher`).
+    plan: OriginPlan,
     was_fetcher: bool,
     served: f64,
     flows_out: Vec<usize>,
@@ -231,7 +237,8 @@ struct Flow {
     /// When the event queued for its end is due.
     due: Ns,
     live: bool,
-    /// For origin flows: the batch's chunks after this one, and its epoch.
+    /// For origin flows: the download's chunks after this one, and its
+    /// epoch.
     rest: Vec<u32>,
     epoch: u64,
 }
@@ -245,6 +252,9 @@ enum Ev {
     HaveArrive(Idx, Vec<(Idx, Vec<u32>, u32)>),
     Begin(Idx, Idx, u32),
     OriginBegin(Idx, Vec<u32>, u64),
+    /// A poll of the origin's manifest answered (a round trip after it
+    /// was sent).
+    PollDone(Idx, u64),
     FlowDone(usize, u32),
     Staged,
     FetcherDies,
@@ -302,7 +312,6 @@ struct Sim<'m> {
     announced: Option<Ns>,
     fetchers: Vec<(f64, usize)>,
     bans: usize,
-    epochs: u64,
 }
 
 impl<'m> Sim<'m> {
@@ -457,6 +466,18 @@ impl<'m> Sim<'m> {
                 }
                 self.start_flow(src, dst, chunk, Vec::new(), 0);
             }
+            Ev::PollDone(i, epoch) => {
+                let now_ms = self.ms();
+                if !self.nodes[i].alive || !self.nodes[i].plan.finished(epoch, true, now_ms, 0) {
+                    return;
+                }
+                if self.nodes[i].adopted.is_none() {
+                    self.nodes[i].adopted = Some(Ns::MAX);
+                    self.adopt(i);
+                } else {
+                    self.resume_origin(i);
+                }
+            }
             Ev::OriginBegin(dst, mut chunks, epoch) => {
                 if !self.nodes[dst].alive || self.nodes[dst].origin != Some(epoch) {
                     return;
@@ -500,21 +521,9 @@ impl<'m> Sim<'m> {
             if fetcher {
                 let at = self.now as f64 / SEC as f64;
                 self.fetchers.push((at, i));
-            } else if let Some(epoch) = n.origin.take() {
-                self.cancel_origin(i, epoch);
             }
         }
-        if !fetcher {
-            return;
-        }
-        match self.nodes[i].adopted {
-            // The manifest poll: one round trip to the origin.
-            None => {
-                self.nodes[i].adopted = Some(Ns::MAX);
-                self.push(self.now + self.m.wan_rtt, Ev::Adopt(i));
-            }
-            Some(_) => self.resume_origin(i),
-        }
+        self.resume_origin(i);
     }
 
     fn adopt(&mut self, i: Idx) {
@@ -596,42 +605,62 @@ impl<'m> Sim<'m> {
         self.push(self.now + self.m.have_interval, Ev::HaveTick(i));
     }
 
-    /// The fetcher downloads the chunks no peer holds, a batch at a time.
+    /// The node's fetcher rules decide: poll the origin (one round trip),
+    /// download every chunk no peer holds (a round trip, then the chunks
+    /// back to back, as the node's pipelined requests arrive), or stop.
     fn resume_origin(&mut self, i: Idx) {
-        let n = &self.nodes[i];
-        if !n.was_fetcher || n.origin.is_some() || !n.alive {
+        if !self.nodes[i].alive {
             return;
         }
-        let Some(t) = &n.transfer else { return };
-        let adopted = n.adopted.unwrap_or(0);
-        let heard_all = (0..self.nodes.len())
+        let now_ms = self.ms();
+        let live: Vec<Idx> = (0..self.nodes.len())
             .filter(|&p| p != i && self.live(p))
-            .all(|p| n.answered[p]);
-        if !heard_all && self.now < adopted + HAVE_WAIT_MS * MS {
-            return;
-        }
-        let mut missing: Vec<u32> = t
-            .unavailable(self.ms())
-            .iter()
-            .filter_map(|h| self.index.get(h).copied())
             .collect();
-        missing.sort_unstable();
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        for c in missing {
-            bytes += self.sizes[c as usize];
-            batch.push(c);
-            if bytes >= ORIGIN_BATCH {
-                break;
+        let n = &self.nodes[i];
+        let release = match (&n.transfer, n.adopted) {
+            (Some(t), Some(adopted)) if adopted != Ns::MAX => Some(ReleaseView {
+                lacking: !t.is_done() && !t.unavailable(now_ms).is_empty(),
+                heard_all: live.iter().all(|&p| n.answered[p]),
+                adopted_ms_ago: self.now.saturating_sub(adopted) / MS,
+                blocked: false,
+            }),
+            _ => None,
+        };
+        let view = View {
+            acting: n.was_fetcher,
+            release,
+        };
+        match self.nodes[i].plan.step(now_ms, &view) {
+            Step::Idle => {}
+            Step::Stop(_) => {
+                if let Some(epoch) = self.nodes[i].origin.take() {
+                    self.cancel_origin(i, epoch);
+                }
+            }
+            Step::Start(epoch, Job::Poll) => {
+                self.push(self.now + self.m.wan_rtt, Ev::PollDone(i, epoch));
+            }
+            Step::Start(epoch, Job::Download) => {
+                let Some(t) = &self.nodes[i].transfer else {
+                    return;
+                };
+                let mut missing: Vec<u32> = t
+                    .unavailable(now_ms)
+                    .iter()
+                    .filter_map(|h| self.index.get(h).copied())
+                    .collect();
+                missing.sort_unstable();
+                if missing.is_empty() {
+                    self.nodes[i].plan.finished(epoch, true, now_ms, 0);
+                    return;
+                }
+                self.nodes[i].origin = Some(epoch);
+                self.push(
+                    self.now + self.m.wan_rtt,
+                    Ev::OriginBegin(i, missing, epoch),
+                );
             }
         }
-        if batch.is_empty() {
-            return;
-        }
-        self.epochs += 1;
-        let epoch = self.epochs;
-        self.nodes[i].origin = Some(epoch);
-        self.push(self.now + self.m.wan_rtt, Ev::OriginBegin(i, batch, epoch));
     }
 
     fn cancel_origin(&mut self, i: Idx, epoch: u64) {
@@ -791,7 +820,11 @@ impl<'m> Sim<'m> {
             }
             self.gain(dst, chunk);
             if rest.is_empty() {
-                self.nodes[dst].origin = None;
+                if self.nodes[dst].origin == Some(epoch) {
+                    self.nodes[dst].origin = None;
+                    let now_ms = self.ms();
+                    self.nodes[dst].plan.finished(epoch, true, now_ms, 0);
+                }
                 self.resume_origin(dst);
             } else if self.nodes[dst].origin == Some(epoch) {
                 let mut rest = rest;
@@ -963,6 +996,7 @@ pub fn simulate_site(m: &SiteModel, seed: u64) -> SiteResult {
                 staged: None,
                 origin: None,
                 was_fetcher: false,
+                plan: OriginPlan::new(POLL_INTERVAL_MS),
                 served: 0.0,
                 flows_out: Vec::new(),
                 flows_in: Vec::new(),
@@ -996,7 +1030,6 @@ pub fn simulate_site(m: &SiteModel, seed: u64) -> SiteResult {
         announced: None,
         fetchers: Vec::new(),
         bans: 0,
-        epochs: 0,
     };
     // Nodes come up within the first 100 ms, in no particular order.
     for i in 0..m.nodes {
