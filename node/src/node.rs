@@ -270,7 +270,10 @@ struct Node {
     heartbeats_sent: u64,
     /// Rollout commands already seen, so none is obeyed twice.
     guard: ReplayGuard,
-    audit: Audit,
+    /// The audit log's writer: a thread of its own appends and syncs each
+    /// entry, so the node's loop never waits for the disk (a peer can make
+    /// it refuse commands).
+    audit: std::sync::mpsc::Sender<Entry>,
     /// The rollout this node follows.
     rollout: Option<Rollout>,
     /// The last rollout command this node refused: (id, reason).
@@ -487,6 +490,7 @@ pub async fn run(
             guard.remember(id, at);
         }
     }
+    let (audit_tx, audit_thread) = audit_writer(audit)?;
     let (done_tx, mut done) = mpsc::channel(1024);
     let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
     crate::control::listen(&config.state, control_tx)?;
@@ -546,7 +550,7 @@ pub async fn run(
         heartbeats_sent: 0,
         rollout,
         guard,
-        audit,
+        audit: audit_tx,
         asked: HashMap::new(),
         refusals: HashMap::new(),
         refused_command: None,
@@ -587,6 +591,10 @@ pub async fn run(
         }
     }
     info!("node stopping");
+    // What the audit log's writer still holds is written before the node
+    // ends.
+    drop(node);
+    let _ = tokio::task::spawn_blocking(move || audit_thread.join()).await;
     Ok(())
 }
 
@@ -1190,11 +1198,32 @@ impl Node {
     }
 
     fn audit_entry(&self, entry: Entry) {
-        if let Err(e) = self.audit.append(&entry) {
-            warn!(error = %format!("{e:#}"), "cannot write the audit log");
+        if self.audit.send(entry).is_err() {
+            warn!("the audit log's writer has stopped; an entry was not recorded");
         }
     }
+}
 
+/// Starts the thread that appends audit entries; it ends when the node's
+/// sender is dropped.
+fn audit_writer(
+    audit: Audit,
+) -> Result<(std::sync::mpsc::Sender<Entry>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<Entry>();
+    let writer = std::thread::Builder::new()
+        .name("lanup-audit".into())
+        .spawn(move || {
+            for entry in rx {
+                if let Err(e) = audit.append(&entry) {
+                    warn!(error = %format!("{e:#}"), "cannot write the audit log");
+                }
+            }
+        })
+        .context("cannot start the audit log's writer")?;
+    Ok((tx, writer))
+}
+
+impl Node {
     fn refuse_command(&mut self, from: &str, command: Option<&SignedCommand>, reason: &str) {
         let parsed = command.and_then(|c| serde_json::from_str::<Command>(&c.command).ok());
         // A command peers keep offering is refused once: one WARN and one
