@@ -316,6 +316,9 @@ impl Network {
                 _ = redial.tick() => {
                     self.redial_static();
                     self.flush_backlog();
+                    // Bans that ran out are forgotten.
+                    let now = std::time::Instant::now();
+                    self.banned.retain(|_, until| *until > now);
                 }
                 _ = redial_found.tick() => self.redial_discovered(),
             }

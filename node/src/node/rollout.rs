@@ -1,0 +1,583 @@
+//! Rollouts on a node: signed commands checked by one freshness rule (the
+//! site's clock), followed across restarts (`STATE/rollout.json`), caught
+//! up from peers by a node that was away, waves evaluated from what every
+//! node reports, and every decision recorded in the audit log by a writer
+//! thread of its own.
+
+use super::*;
+
+/// An accepted rollout (or rollback) command and where it stands.
+pub(super) struct Rollout {
+    pub(super) command: Command,
+    pub(super) signed: SignedCommand,
+    /// The abort that stopped it, offered with it to nodes that catch up.
+    pub(super) abort: Option<SignedCommand>,
+    pub(super) version: String,
+    /// A rollback: every node returns to `version` at once.
+    pub(super) back: bool,
+    pub(super) waves: Vec<Vec<String>>,
+    /// Set once: the node that failed (or the admin that aborted) and why.
+    pub(super) halted: Option<(String, String)>,
+    pub(super) done: bool,
+}
+
+/// `STATE/rollout.json`: the rollout a node follows, so a restarted node
+/// goes on with it (its signatures are checked again when it is read).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SavedRollout {
+    /// The rollout or rollback, then its abort if any.
+    pub(super) commands: Vec<SignedCommand>,
+    pub(super) halted: Option<(String, String)>,
+    pub(super) done: bool,
+}
+
+pub(super) const ROLLOUT_FILE: &str = "rollout.json";
+
+/// How long a refused command stays refused without another log line.
+pub(super) const REFUSAL_QUIET: Duration = Duration::from_secs(600);
+
+/// How long before a command a peer names, and that could not be had, is
+/// asked for again.
+pub(super) const CATCH_UP_RETRY: Duration = Duration::from_secs(10);
+
+impl Rollout {
+    /// Follows an accepted command (a rollout or a rollback).
+    pub(super) fn new(command: Command, signed: SignedCommand) -> Option<Rollout> {
+        let (version, back) = match &command.action {
+            Action::Rollout { version } => (version.clone(), false),
+            Action::Rollback { version } => (version.clone(), true),
+            Action::Abort => return None,
+        };
+        // A rollback is one wave: every node returns at once.
+        let sizes = if back {
+            vec![lanup_protocol::rollout::WaveSize::Percent(100)]
+        } else {
+            command.waves.clone()
+        };
+        let waves = assign_waves(&command.id, &command.nodes, &sizes);
+        Some(Rollout {
+            version,
+            back,
+            waves,
+            halted: None,
+            done: false,
+            abort: None,
+            command,
+            signed,
+        })
+    }
+
+    /// The id peers are told about: the abort's once there is one.
+    pub(super) fn newest_id(&self) -> String {
+        self.abort
+            .as_ref()
+            .and_then(|a| serde_json::from_str::<Command>(&a.command).ok())
+            .map_or_else(|| self.command.id.clone(), |a| a.id)
+    }
+
+    pub(super) fn commands(&self) -> Vec<SignedCommand> {
+        std::iter::once(self.signed.clone())
+            .chain(self.abort.clone())
+            .collect()
+    }
+
+    /// Reads `STATE/rollout.json`, checking each command's signature again
+    /// (the trusted keys may have changed); not its age.
+    pub(super) fn load(
+        state: &std::path::Path,
+        trusted: &[lanup_protocol::sign::PublicKey],
+        site: &str,
+    ) -> Option<Rollout> {
+        let path = state.join(ROLLOUT_FILE);
+        let bytes = std::fs::read(&path).ok()?;
+        let saved: SavedRollout = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read the saved rollout; not following it");
+                return None;
+            }
+        };
+        let mut commands = saved.commands.into_iter();
+        let signed = commands.next()?;
+        let checked = lanup_protocol::rollout::authenticate(&signed, trusted, site);
+        let mut rollout = match checked.map(|c| Rollout::new(c, signed)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(file = %path.display(), reason = %e, "the saved rollout no longer checks; not following it");
+                return None;
+            }
+        };
+        rollout.abort = commands
+            .next()
+            .filter(|a| lanup_protocol::rollout::authenticate(a, trusted, site).is_ok());
+        rollout.halted = saved.halted;
+        rollout.done = saved.done;
+        Some(rollout)
+    }
+}
+
+/// Starts the thread that appends audit entries; it ends when the node's
+/// sender is dropped.
+pub(super) fn audit_writer(
+    audit: Audit,
+) -> Result<(std::sync::mpsc::Sender<Entry>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<Entry>();
+    let writer = std::thread::Builder::new()
+        .name("lanup-audit".into())
+        .spawn(move || {
+            for entry in rx {
+                if let Err(e) = audit.append(&entry) {
+                    warn!(error = %format!("{e:#}"), "cannot write the audit log");
+                }
+            }
+        })
+        .context("cannot start the audit log's writer")?;
+    Ok((tx, writer))
+}
+
+/// The audit fields a command fills in.
+pub(super) fn command_fields(command: Option<&Command>) -> Entry {
+    let mut entry = Entry::default_at(now_unix_ms());
+    if let Some(c) = command {
+        let (action, version) = match &c.action {
+            Action::Rollout { version } => ("rollout", Some(version.clone())),
+            Action::Abort => ("abort", None),
+            Action::Rollback { version } => ("rollback", Some(version.clone())),
+        };
+        entry.action = Some(action.into());
+        entry.version = version;
+        entry.id = Some(c.id.clone());
+        entry.issued_at_ms = Some(c.issued_at_ms);
+    }
+    entry
+}
+
+impl Node {
+    pub(super) fn audit_entry(&self, entry: Entry) {
+        if self.audit.send(entry).is_err() {
+            warn!("the audit log's writer has stopped; an entry was not recorded");
+        }
+    }
+
+    pub(super) fn refuse_command(
+        &mut self,
+        from: &str,
+        command: Option<&SignedCommand>,
+        reason: &str,
+    ) {
+        let parsed = command.and_then(|c| serde_json::from_str::<Command>(&c.command).ok());
+        // A command peers keep offering is refused once: one WARN and one
+        // audit line per command and reason every ten minutes, however
+        // often it comes.
+        let key = (parsed.as_ref().map(|c| c.id.clone()), reason.to_owned());
+        if self
+            .refusals
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < REFUSAL_QUIET)
+        {
+            return;
+        }
+        self.refusals.insert(key, Instant::now());
+        warn!(source = from, reason, "refused rollout command");
+        self.audit_entry(Entry {
+            event: "refused".into(),
+            key: command.map(|c| c.key.clone()),
+            from: Some(from.to_owned()),
+            reason: Some(reason.to_owned()),
+            ..command_fields(parsed.as_ref())
+        });
+    }
+
+    /// Checks a rollout command (signature, trusted admin key, this site,
+    /// freshness, never seen), records the verdict, and follows it. One a
+    /// peer offered for catch-up may be older ([`CATCH_UP_MAX_AGE_MS`]).
+    pub(super) fn on_command(
+        &mut self,
+        from: &str,
+        signed: SignedCommand,
+        catch_up: bool,
+    ) -> Result<(), String> {
+        // One freshness rule for every path, by the site's clock.
+        let offset = self.site_offset_ms();
+        let site_now = now_unix_ms().saturating_add_signed(offset);
+        let started = self.boot_ms.saturating_add_signed(offset);
+        let (trusted, site) = (&self.config.trust_admin, &self.config.site);
+        let checked = self
+            .guard
+            .check_arrival(&signed, trusted, site, site_now, started);
+        let command = match checked {
+            Ok(c) => c,
+            Err(refusal) => {
+                let mut reason = refusal.to_string();
+                if offset.unsigned_abs() > 60_000 {
+                    reason.push_str(&format!(
+                        " (by the site's clock; this node's own clock is {} s {} it)",
+                        offset.unsigned_abs() / 1000,
+                        if offset < 0 { "ahead of" } else { "behind" }
+                    ));
+                }
+                self.refuse_command(from, Some(&signed), &reason);
+                // A genuine command (a trusted key signed it) refused for its
+                // time: the rollout it starts cannot finish here, and the
+                // site is told why. Not for forgeries or replays.
+                let timing = matches!(
+                    refusal,
+                    lanup_protocol::rollout::Refusal::Stale(..)
+                        | lanup_protocol::rollout::Refusal::Future(..)
+                );
+                let parsed = serde_json::from_str::<Command>(&signed.command).ok();
+                if let Some(c) = parsed.filter(|c| timing && c.action != Action::Abort) {
+                    self.refused_command = Some((c.id, reason.clone()));
+                }
+                return Err(reason);
+            }
+        };
+        let catch_up = catch_up && command.issued_at_ms < started;
+        info!(source = from, key = %signed.key, action = ?command.action, catch_up, "accepted rollout command");
+        self.audit_entry(Entry {
+            event: "accepted".into(),
+            key: Some(signed.key.clone()),
+            from: Some(from.to_owned()),
+            reason: catch_up.then(|| "caught up: issued while this node was away".to_owned()),
+            ..command_fields(Some(&command))
+        });
+        match &command.action {
+            Action::Abort => {
+                let issued = command.issued_at_ms;
+                if let Some(r) = self
+                    .rollout
+                    .as_mut()
+                    .filter(|r| r.command.issued_at_ms <= issued && r.abort.is_none())
+                {
+                    r.abort = Some(signed.clone());
+                    if r.halted.is_none() && !r.done {
+                        r.halted = Some((format!("admin {}", signed.key), "aborted".into()));
+                    }
+                }
+            }
+            Action::Rollout { version } => {
+                // An admin asking again is a retry: a release that rolled
+                // back here may be tried once more.
+                self.failed_releases.remove(version);
+                self.rollout = Rollout::new(command.clone(), signed);
+            }
+            Action::Rollback { .. } => self.rollout = Rollout::new(command.clone(), signed),
+        }
+        self.save_rollout();
+        self.rollout_duties();
+        Ok(())
+    }
+
+    /// A command given on this node's CLI. A rollback is refused here,
+    /// before it reaches the site, when this node no longer holds the
+    /// release.
+    pub(super) fn on_cli_command(&mut self, signed: SignedCommand) -> Result<(), String> {
+        let parsed = serde_json::from_str::<Command>(&signed.command);
+        if let Ok(Command {
+            action: Action::Rollback { version },
+            ..
+        }) = &parsed
+        {
+            if let Err(e) = self.stored_release(version) {
+                return Err(format!("{e:#}"));
+            }
+        }
+        self.on_command("this node's CLI", signed, false)
+    }
+
+    /// Writes `STATE/rollout.json`.
+    pub(super) fn save_rollout(&self) {
+        let Some(r) = &self.rollout else { return };
+        let saved = SavedRollout {
+            commands: r.commands(),
+            halted: r.halted.clone(),
+            done: r.done,
+        };
+        let path = self.config.state.join(ROLLOUT_FILE);
+        let written = serde_json::to_vec_pretty(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::apply::write_synced(&path, &bytes));
+        if let Err(e) = written {
+            warn!(file = %path.display(), error = %e, "cannot save the rollout this node follows");
+        }
+    }
+
+    /// Asks `peer` for the command its heartbeat names, unless this node
+    /// follows it (or a newer one) or asked lately.
+    pub(super) fn maybe_catch_up(&mut self, peer: PeerId, id: &str) {
+        let known = self.guard.seen(id)
+            || self.rollout.as_ref().is_some_and(|r| r.newest_id() == id)
+            || self
+                .refused_command
+                .as_ref()
+                .is_some_and(|(refused, _)| refused == id);
+        let lately = self
+            .asked
+            .get(id)
+            .is_some_and(|at| at.elapsed() < CATCH_UP_RETRY);
+        if known || lately {
+            return;
+        }
+        self.asked.insert(id.to_owned(), Instant::now());
+        let net = self.net.clone();
+        let tx = self.done_tx.clone();
+        let request = Request::Commands { id: id.to_owned() };
+        tokio::spawn(async move {
+            if let Ok(Response::Commands { commands }) = net.request(peer, request).await {
+                let _ = tx.send(Done::Commands(peer, commands)).await;
+            }
+        });
+    }
+
+    /// Takes up the commands a peer follows: a rollout issued while this
+    /// node was away (or before it joined), and its abort.
+    pub(super) fn catch_up(&mut self, peer: PeerId, commands: Vec<SignedCommand>) {
+        for signed in commands {
+            let parsed = serde_json::from_str::<Command>(&signed.command).ok();
+            let Some(command) = parsed else {
+                self.refuse_command(&format!("peer {peer}"), Some(&signed), "malformed");
+                continue;
+            };
+            // Already followed, or older than what this node follows.
+            let older = self.rollout.as_ref().is_some_and(|r| {
+                command.action != Action::Abort && r.command.issued_at_ms >= command.issued_at_ms
+            });
+            if self.guard.seen(&command.id) || older {
+                continue;
+            }
+            let _ = self.on_command(&format!("peer {peer}"), signed, true);
+        }
+    }
+
+    /// What every node of the site reports about `version`.
+    pub(super) fn reports(&self, version: &str, id: &str) -> BTreeMap<String, NodeReport> {
+        let report = |hb: &Heartbeat| NodeReport {
+            installed: hb.installed_version.clone(),
+            failed: (hb.failed_version.as_deref() == Some(version))
+                .then(|| {
+                    hb.last_error
+                        .clone()
+                        .unwrap_or_else(|| "rolled back".into())
+                })
+                .or_else(|| {
+                    hb.refused
+                        .as_ref()
+                        .filter(|(refused, _)| refused == id)
+                        .map(|(_, why)| format!("refused the command: {why}"))
+                }),
+        };
+        let mut reports = BTreeMap::new();
+        reports.insert(self.local.to_string(), report(&self.own_heartbeat()));
+        for (peer, info) in &self.peers {
+            if let Some((_, hb)) = &info.heartbeat {
+                reports.insert(peer.to_string(), report(hb));
+            }
+        }
+        for (author, heard) in self.heard_only() {
+            reports.insert(author.to_string(), report(&heard.heartbeat));
+        }
+        reports
+    }
+
+    /// Nodes heard lately only through others: not connected to this one.
+    pub(super) fn heard_only(&self) -> impl Iterator<Item = (&PeerId, &Heard)> {
+        self.heard.iter().filter(|(author, h)| {
+            **author != self.local
+                && !self.peers.contains_key(author)
+                && h.at.elapsed() < PEER_SILENT
+        })
+    }
+
+    /// Follows the rollout: halts it when a node failed, and installs its
+    /// release here when this node's wave has come. A node the command does
+    /// not name (it joined later) is in the last wave.
+    pub(super) fn rollout_duties(&mut self) {
+        let Some(r) = &self.rollout else { return };
+        if r.halted.is_some() {
+            return;
+        }
+        let version = r.version.clone();
+        let stage = evaluate(&r.waves, &version, &self.reports(&version, &r.command.id));
+        let me = self.local.to_string();
+        let my_wave = r
+            .waves
+            .iter()
+            .position(|w| w.contains(&me))
+            .unwrap_or(r.waves.len().saturating_sub(1));
+        let (id, back, waves_len, was_done) = (r.command.id.clone(), r.back, r.waves.len(), r.done);
+        let action = if back { "rollback" } else { "rollout" };
+        let due = match stage {
+            Stage::Halted { node, reason } => {
+                warn!(release = %version, %node, reason, "{action} halted: a node failed; no further wave applies");
+                self.audit_entry(Entry {
+                    event: "halted".into(),
+                    action: Some(action.into()),
+                    version: Some(version.clone()),
+                    id: Some(id),
+                    from: Some(node.clone()),
+                    reason: Some(reason.clone()),
+                    ..Entry::default_at(now_unix_ms())
+                });
+                if let Some(r) = &mut self.rollout {
+                    r.halted = Some((node, reason));
+                }
+                self.save_rollout();
+                return;
+            }
+            Stage::Done => {
+                if !was_done {
+                    info!(release = %version, "{action} done: every node runs it");
+                    if let Some(r) = &mut self.rollout {
+                        r.done = true;
+                    }
+                    self.save_rollout();
+                }
+                true
+            }
+            Stage::Wave(wave) => wave >= my_wave,
+        };
+        let installed = self.installed_name().as_deref() == Some(version.as_str());
+        if !due || installed || self.applying.is_some() || self.failed_releases.contains(&version) {
+            return;
+        }
+        let release = if back {
+            self.stored_release(&version)
+        } else {
+            match self.staged_release(&version) {
+                Ok(r) => Ok(r),
+                // Still fetching: the wave waits for it.
+                Err(_) => return,
+            }
+        };
+        info!(release = %version, wave = my_wave + 1, "this node's {action} wave has come");
+        let started = release.and_then(|release| self.start_apply_release(release, None));
+        match started {
+            Ok(()) => self.audit_entry(Entry {
+                event: "applying".into(),
+                action: Some(action.into()),
+                version: Some(version.clone()),
+                id: Some(id),
+                reason: Some(format!("wave {} of {}", my_wave + 1, waves_len)),
+                ..Entry::default_at(now_unix_ms())
+            }),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(error = %reason, "cannot install the {action}'s release");
+                // Reported as an apply that failed before changing
+                // anything, so the rollout halts and says why.
+                self.failed_releases.insert(version.clone());
+                self.last_apply = Some(Outcome {
+                    version: version.clone(),
+                    from: self.installed_name(),
+                    ending: Ending::Failed,
+                    reason: Some(reason.clone()),
+                    downtime_ms: None,
+                    finished_at: now_unix_ms() / 1000,
+                });
+                self.audit_entry(Entry {
+                    event: "apply-failed".into(),
+                    action: Some(action.into()),
+                    version: Some(version),
+                    id: Some(id),
+                    reason: Some(reason),
+                    ..Entry::default_at(now_unix_ms())
+                });
+            }
+        }
+    }
+
+    pub(super) fn rollout_json(&self) -> serde_json::Value {
+        let Some(r) = &self.rollout else {
+            return serde_json::Value::Null;
+        };
+        let mut halted = r.halted.clone();
+        let stage = match (&halted, r.done) {
+            (Some(_), _) => "halted".to_owned(),
+            (None, true) => "done".to_owned(),
+            (None, false) => match evaluate(
+                &r.waves,
+                &r.version,
+                &self.reports(&r.version, &r.command.id),
+            ) {
+                Stage::Wave(w) => format!("wave {} of {}", w + 1, r.waves.len()),
+                Stage::Halted { node, reason } => {
+                    halted = Some((node, reason));
+                    "halted".to_owned()
+                }
+                Stage::Done => "done".to_owned(),
+            },
+        };
+        serde_json::json!({
+            "id": r.command.id,
+            "action": if r.back { "rollback" } else { "rollout" },
+            "version": r.version,
+            "key": r.signed.key,
+            "issued_at_ms": r.command.issued_at_ms,
+            "waves": r.waves,
+            "stage": stage,
+            "halted_by": halted.as_ref().map(|(n, _)| n.clone()),
+            "reason": halted.as_ref().map(|(_, why)| why.clone()),
+        })
+    }
+
+    /// The manifest kept in `dir` (under `STATE/releases/`), checked again
+    /// as a node checks any: its bytes and signature text with it.
+    pub(super) fn stored_manifest(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<(Manifest, Vec<u8>, String)> {
+        let source = ManifestSource::read_local(dir)?;
+        let manifest =
+            source.authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc())?;
+        let signature = String::from_utf8(source.signature.unwrap_or_default())
+            .with_context(|| format!("{}: signature is not text", source.signature_location))?;
+        Ok((manifest, source.bytes, signature))
+    }
+
+    /// A release this node still holds (`STATE/releases/` and
+    /// `STATE/staging/`), older than the installed one, to roll back to. Its
+    /// manifest is checked again; its files are checked as they are copied.
+    pub(super) fn stored_release(&self, version: &str) -> Result<Release> {
+        let dir = self.config.state.join("releases").join(version);
+        let staged = self.config.state.join("staging").join(version);
+        let held = || {
+            let mut names: Vec<String> = std::fs::read_dir(self.config.state.join("releases"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect();
+            names.sort();
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        };
+        if !dir.is_dir() || !staged.is_dir() {
+            anyhow::bail!(
+                "{version} is no longer in this node's store (it holds: {})",
+                held()
+            );
+        }
+        let (manifest, xml, signature) = self
+            .stored_manifest(&dir)
+            .with_context(|| format!("cannot roll back to {version}"))?;
+        if let Some(installed) = &self.installed {
+            if manifest.compare_release(installed) != std::cmp::Ordering::Less {
+                anyhow::bail!(
+                    "{version} is not older than the installed {}: a rollback returns to an older release",
+                    installed.release_name()
+                );
+            }
+        }
+        Ok(Release {
+            manifest,
+            xml,
+            signature,
+            staged,
+            rollback: true,
+        })
+    }
+}
