@@ -344,6 +344,7 @@ fn a_state_directory_turned_read_only_is_reported_and_backs_off_on_every_node() 
     std::thread::sleep(Duration::from_secs(6));
     read_only(other);
     let used = cpu_ticks(pids[other]) - ticks;
+    eprintln!("read-only disk on a node: {used} CPU ticks in 6 s");
     assert!(
         used < 150,
         "node {other} used {used} ticks of CPU in 6 s with a read-only disk"
@@ -358,6 +359,7 @@ fn a_state_directory_turned_read_only_is_reported_and_backs_off_on_every_node() 
     let more = requests() - at_ro;
     read_only(fetcher);
     let used = cpu_ticks(pids[fetcher]) - ticks;
+    eprintln!("read-only disk on the fetcher: {more} origin requests and {used} CPU ticks in 12 s");
     assert!(used < 300, "the fetcher used {used} ticks of CPU in 12 s");
     assert!(
         more <= 3,
@@ -380,6 +382,10 @@ fn a_state_directory_turned_read_only_is_reported_and_backs_off_on_every_node() 
         node_log(pending[0])
     );
     let total = served();
+    eprintln!(
+        "read-only disks: the site staged with {:.3} x S from the origin",
+        total as f64 / release.size as f64
+    );
     assert!(
         total <= release.size * 3 / 2,
         "origin served {total} bytes for a {}-byte release",

@@ -192,7 +192,10 @@ fn a_fetcher_cut_off_from_the_origin_is_replaced_while_its_heartbeats_go_on() {
         node_log(pending.first().copied().unwrap_or(&states[0]))
     );
     let served = origin.bytes_served();
-    let limit = release.size * 13 / 10 + release.manifest_bytes * 10;
+    // What the origin had written into the cut-off fetcher's connection
+    // (its socket buffer and the shaped link's queue) is counted as served
+    // and lost with it, as with a fetcher that stalls.
+    let limit = release.size * 3 / 2 + release.manifest_bytes * 10;
     assert!(
         served <= limit,
         "origin served {served} bytes for a {}-byte release (limit {limit})",

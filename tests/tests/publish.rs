@@ -334,3 +334,74 @@ fn published_files_are_readable_by_everyone_and_a_past_expiry_is_refused() {
     );
     assert!(!late.join("AutoUpdater.xml").exists());
 }
+
+#[test]
+fn a_published_release_is_served_by_nginx_running_as_its_own_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !Path::new("/usr/sbin/nginx").exists() {
+        eprintln!("nginx is not installed (apt-get install nginx-light); skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The web server's user must be able to reach the folder at all.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(2 << 20, 61));
+    write(&app, "etc/app.conf", b"level = 1\n");
+    let www = tmp.path().join("www");
+    let port = crate::swarm::free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let key = keygen(tmp.path(), "publisher.key");
+    let release = publish(&app, "1.0", &url, &key, &www);
+    let conf = tmp.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nuser www-data;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {dir}/tmp; \
+             server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
+            dir = tmp.path().display(),
+            www = www.display()
+        ),
+    )
+    .expect("nginx.conf");
+    let _nginx = Proc(
+        std::process::Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(tmp.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let manifest = loop {
+        if let Ok(r) = reqwest::blocking::get(format!("{url}AutoUpdater.xml")) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        manifest.status().as_u16(),
+        200,
+        "nginx (as www-data) could not read the manifest"
+    );
+    // A node fetches the whole release from it (Range requests included).
+    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
+    let cmd = site.command(0, Some(&url), &release.public);
+    site.start(0, cmd);
+    let pending = wait_staged(
+        &site.state_refs(),
+        "1.0",
+        &release,
+        std::time::Duration::from_secs(60),
+    );
+    assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+}

@@ -89,6 +89,11 @@ fn a_chunk_slower_than_any_fixed_timeout_still_arrives_and_crosses_once() {
         node_log(&site.states[0])
     );
     let total = served(&origin);
+    eprintln!(
+        "slow origin: staged with {total} bytes served for S = {} ({:.4} x S)",
+        release.size,
+        total as f64 / release.size as f64
+    );
     let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes;
     assert!(
         total <= limit,
@@ -131,6 +136,7 @@ fn an_origin_serving_wrong_bytes_is_backed_off_and_the_status_says_why() {
         "the status names the file: {error}"
     );
     let warnings = node_log(&state).matches("backing off").count();
+    eprintln!("corrupting origin: {later} requests in the 16 s after the first refusal, {warnings} WARN lines; status: {error}");
     assert!(
         (1..=4).contains(&warnings),
         "one WARN per backoff step, {warnings} here"
@@ -200,6 +206,10 @@ fn a_chunk_rotten_on_the_only_reachable_peer_is_fetched_again() {
     );
     // Only the rotten chunk (and the manifest) crossed again.
     let again = served(&origin) - before;
+    eprintln!(
+        "rotten chunk: {again} bytes served again for a {}-byte chunk",
+        bytes.len()
+    );
     assert!(
         again <= bytes.len() as u64 + 2 * release.manifest_bytes,
         "{again} bytes served after the restart for a {}-byte chunk",
@@ -252,6 +262,7 @@ fn a_runaway_control_line_is_refused_in_bounded_memory() {
         assert!(answer.len() < 1024, "the line is not echoed back");
     }
     let after = rss_kib(pid);
+    eprintln!("4 x 100 MB control lines: node RSS {before} KiB before, {after} KiB after");
     assert!(
         after < before + 32 * 1024,
         "RSS went from {before} KiB to {after} KiB"
@@ -285,6 +296,10 @@ fn a_flood_of_idle_connections_is_shed() {
     // Handshakes time out after 10 s; beyond 32 at once none is taken.
     std::thread::sleep(Duration::from_secs(13));
     let held = open_files(pid);
+    eprintln!(
+        "{} idle connections opened: node holds {held} file handles ({baseline} before)",
+        idle.len()
+    );
     assert!(
         held < baseline + 40,
         "the node holds {held} file handles ({baseline} before) with {} idle connections open",
@@ -322,6 +337,7 @@ fn a_peer_that_offers_chunks_and_never_sends_them_costs_seconds() {
     );
     assert!(pending.is_empty(), "{}", node_log(&site.states[2]));
     let took = started.elapsed();
+    eprintln!("a silent peer among two holders: the newcomer staged 8 MiB in {took:?}");
     let log = node_log(&site.states[2]);
     assert!(
         log.contains("stopped sending chunks it offered"),
