@@ -609,7 +609,11 @@ impl<'m> Sim<'m> {
     /// download every chunk no peer holds (a round trip, then the chunks
     /// back to back, as the node's pipelined requests arrive), or stop.
     fn resume_origin(&mut self, i: Idx) {
-        if !self.nodes[i].alive {
+        let n = &self.nodes[i];
+        // Only a fetcher with nothing running has anything to decide (the
+        // view below costs a look at every chunk).
+        let idle = n.plan.running().is_none();
+        if !n.alive || (!n.was_fetcher && idle) || (n.was_fetcher && !idle) {
             return;
         }
         let now_ms = self.ms();

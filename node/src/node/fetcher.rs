@@ -61,9 +61,16 @@ impl Node {
     /// Asks the fetcher's rules what to do now and does it: poll, download
     /// what the site lacks, or stop the job under way.
     pub(super) fn origin_step(&mut self) {
+        // Only a fetcher with nothing running has anything to decide (the
+        // view below looks at every chunk).
+        let acting = self.was_fetcher && self.config.origin.is_some();
+        let idle = self.plan.running().is_none();
+        if acting != idle {
+            return;
+        }
         let now = self.now_ms();
         let view = View {
-            acting: self.was_fetcher && self.config.origin.is_some(),
+            acting,
             release: self.target.as_ref().map(|t| ReleaseView {
                 lacking: !t.transfer.is_done() && !t.transfer.unavailable(now).is_empty(),
                 heard_all: self
