@@ -98,12 +98,10 @@ impl ChunkStore {
         ))
     }
 
-    /// Reads every stored chunk and checks it against its name, changing
-    /// nothing (a node may be running on the store). Returns the chunks
-    /// and bytes checked and the files that do not hash to their names.
-    pub fn scan(&self) -> io::Result<(usize, u64, Vec<PathBuf>)> {
-        let mut checked = (0, 0);
-        let mut damaged = Vec::new();
+    /// Every stored chunk's file, with the hash it is named by (temporary
+    /// files of a `put` under way are not chunks and are left out).
+    fn chunk_files(&self) -> io::Result<Vec<(Hash, PathBuf)>> {
+        let mut files = Vec::new();
         for dir in fs::read_dir(&self.root)? {
             let dir = dir?;
             if !dir.file_type()?.is_dir() {
@@ -112,49 +110,47 @@ impl ChunkStore {
             for entry in fs::read_dir(dir.path())? {
                 let entry = entry?;
                 let name = entry.file_name();
-                let Some(hash) = name.to_str().and_then(|n| n.parse::<Hash>().ok()) else {
-                    continue;
-                };
-                let data = match fs::read(entry.path()) {
-                    Ok(d) => d,
-                    // Removed by the node meanwhile.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                };
-                checked.0 += 1;
-                checked.1 += data.len() as u64;
-                if Hash::of(&data) != hash {
-                    damaged.push(entry.path());
+                if let Some(hash) = name.to_str().and_then(|n| n.parse::<Hash>().ok()) {
+                    files.push((hash, entry.path()));
                 }
             }
         }
-        Ok((checked.0, checked.1, damaged))
+        Ok(files)
+    }
+
+    /// Reads every stored chunk and checks it against its name, changing
+    /// nothing (a node may be running on the store). Returns the chunks
+    /// and bytes checked and the files that do not hash to their names.
+    pub fn scan(&self) -> io::Result<(usize, u64, Vec<PathBuf>)> {
+        let (mut count, mut bytes, mut damaged) = (0, 0, Vec::new());
+        for (hash, path) in self.chunk_files()? {
+            let data = match fs::read(&path) {
+                Ok(d) => d,
+                // Removed by the node meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            count += 1;
+            bytes += data.len() as u64;
+            if Hash::of(&data) != hash {
+                damaged.push(path);
+            }
+        }
+        Ok((count, bytes, damaged))
     }
 
     /// Removes every chunk not in `keep`; returns how many chunks and bytes
     /// were freed.
     pub fn retain(&self, keep: &std::collections::HashSet<Hash>) -> io::Result<(usize, u64)> {
         let mut freed = (0, 0);
-        for dir in fs::read_dir(&self.root)? {
-            let dir = dir?;
-            if !dir.file_type()?.is_dir() {
+        for (hash, path) in self.chunk_files()? {
+            if keep.contains(&hash) {
                 continue;
             }
-            for entry in fs::read_dir(dir.path())? {
-                let entry = entry?;
-                let name = entry.file_name();
-                // Only chunks: a `put` may be writing a temporary file.
-                let Some(hash) = name.to_str().and_then(|n| n.parse::<Hash>().ok()) else {
-                    continue;
-                };
-                if keep.contains(&hash) {
-                    continue;
-                }
-                let len = entry.metadata()?.len();
-                fs::remove_file(entry.path())?;
-                freed.0 += 1;
-                freed.1 += len;
-            }
+            let len = fs::metadata(&path)?.len();
+            fs::remove_file(&path)?;
+            freed.0 += 1;
+            freed.1 += len;
         }
         Ok(freed)
     }

@@ -54,6 +54,32 @@ impl LanOrigin {
     }
 }
 
+/// One `lanup node` per testbed host, state under `dir`, with `extra`
+/// flags; returns the state directories and the processes.
+fn start_nodes(
+    bed: &Testbed,
+    dir: &Path,
+    origin: &str,
+    publisher: &str,
+    site: &str,
+    extra: &[&str],
+) -> (Vec<PathBuf>, Vec<Proc>) {
+    let states: Vec<PathBuf> = (0..bed.hosts.len())
+        .map(|i| dir.join(format!("node{i}")))
+        .collect();
+    let nodes = bed
+        .hosts
+        .iter()
+        .zip(&states)
+        .map(|(host, state)| {
+            let mut cmd = node_command(state, Some(origin), publisher, site);
+            cmd.args(extra);
+            Testbed::spawn(host, &cmd, &state.with_extension("log"))
+        })
+        .collect();
+    (states, nodes)
+}
+
 #[test]
 fn lan_site_finds_its_peers_by_mdns_and_takes_one_copy_over_the_uplink() {
     if !testbed::available() {
@@ -72,18 +98,7 @@ fn lan_site_finds_its_peers_by_mdns_and_takes_one_copy_over_the_uplink() {
     let origin = LanOrigin::start(&bed, &www, &tmp.path().join("origin.log"));
 
     let site = format!("lan-{}", std::process::id());
-    let states: Vec<PathBuf> = (0..bed.hosts.len())
-        .map(|i| tmp.path().join(format!("node{i}")))
-        .collect();
-    let _nodes: Vec<Proc> = bed
-        .hosts
-        .iter()
-        .zip(&states)
-        .map(|(host, state)| {
-            let cmd = node_command(state, Some(&origin.url), &release.public, &site);
-            Testbed::spawn(host, &cmd, &state.with_extension("log"))
-        })
-        .collect();
+    let (states, _nodes) = start_nodes(&bed, tmp.path(), &origin.url, &release.public, &site, &[]);
 
     let refs: Vec<&Path> = states.iter().map(PathBuf::as_path).collect();
     let pending = wait_staged(&refs, "1.0", &release, Duration::from_secs(90));
@@ -139,19 +154,14 @@ fn a_fetcher_cut_off_from_the_origin_is_replaced_while_its_heartbeats_go_on() {
     let release = publish(&app, "1.0", &url, &key, &www);
     let mut origin = LanOrigin::start(&bed, &www, &tmp.path().join("origin.log"));
     let site = format!("cut-{}", std::process::id());
-    let states: Vec<PathBuf> = (0..bed.hosts.len())
-        .map(|i| tmp.path().join(format!("node{i}")))
-        .collect();
-    let _nodes: Vec<Proc> = bed
-        .hosts
-        .iter()
-        .zip(&states)
-        .map(|(host, state)| {
-            let mut cmd = node_command(state, Some(&origin.url), &release.public, &site);
-            cmd.args(["--origin-stall-timeout", "2s"]);
-            Testbed::spawn(host, &cmd, &state.with_extension("log"))
-        })
-        .collect();
+    let (states, _nodes) = start_nodes(
+        &bed,
+        tmp.path(),
+        &origin.url,
+        &release.public,
+        &site,
+        &["--origin-stall-timeout", "2s"],
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while origin.bytes_served() < 2 << 20 {
         assert!(Instant::now() < deadline, "the download did not start");
