@@ -155,8 +155,9 @@ for i in $(seq 0 $((nodes - 1))); do start_node "$i"; done
 (
   set +e
   round=0
-  while :; do
+  while [ ! -e "$work/stop-chaos" ]; do
     sleep $((20 + RANDOM % 20))
+    [ -e "$work/stop-chaos" ] && break
     round=$((round + 1))
     v=$((RANDOM % nodes))
     pid=$(node_pid "$v")
@@ -190,8 +191,13 @@ for k in $(seq 1 "$releases"); do
   done
   echo "release 1.$k staged on all $nodes nodes after $(( $(date +%s) - t0 )) s; origin served $(served) bytes so far"
   case $k in 1|10|"$releases") sample "release $k";; esac
-  if [ "$k" = 10 ]; then kill "$chaos_pid"; chaos_pid=; idle_cpu | sed 's/^/idle cpu (between releases): /'; fi
 done
+# The chaos stops; once every node has settled, its idle CPU.
+touch "$work/stop-chaos"
+wait "$chaos_pid" 2> /dev/null || true
+chaos_pid=
+sleep 15
+idle_cpu | sed 's/^/idle cpu (no release under way): /'
 for i in $(seq 0 $((nodes - 1))); do
   "$lanup" verify --manifest "$work/www" --dir "$work/n$i/staging/1.$releases" --trust "$public" > /dev/null \
     || { echo "node $i staged wrong bytes" >&2; exit 1; }
