@@ -370,7 +370,7 @@ fn a_published_release_is_served_by_nginx_running_as_its_own_user() {
         ),
     )
     .expect("nginx.conf");
-    let _nginx = Proc(
+    let _nginx = Nginx(
         std::process::Command::new("/usr/sbin/nginx")
             .arg("-c")
             .arg(&conf)
@@ -408,4 +408,25 @@ fn a_published_release_is_served_by_nginx_running_as_its_own_user() {
         std::time::Duration::from_secs(60),
     );
     assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+}
+
+/// An nginx master process, stopped with its workers when dropped (a
+/// SIGKILL to the master alone would leave the workers running).
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let pid = self.0.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        for _ in 0..50 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
