@@ -124,9 +124,6 @@ struct Heartbeat {
     /// others see from it whether the fetcher makes progress.
     #[serde(default)]
     origin_received: u64,
-    /// The sender acts as the site's fetcher.
-    #[serde(default)]
-    acting_fetcher: bool,
     /// The sender's origin keeps failing, or it makes no progress: it
     /// gives the role to the next node.
     #[serde(default)]
@@ -1224,9 +1221,13 @@ impl Node {
         if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        self.check_room();
+        // A release refused for want of room is looked at again (every
+        // STAGE_RETRY, not every tick: that costs statvfs calls).
         if self.target.as_ref().is_some_and(|t| t.no_room.is_some()) {
-            return;
+            self.check_room();
+            if self.target.as_ref().is_some_and(|t| t.no_room.is_some()) {
+                return;
+            }
         }
         let Some(t) = &mut self.target else { return };
         if downloading {

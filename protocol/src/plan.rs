@@ -252,6 +252,8 @@ impl Cursor {
             }
             let n = (chunk_end - self.pos).min(bytes.len() as u64) as usize;
             if want {
+                // One allocation per chunk, not one per body read.
+                self.partial.reserve_exact((chunk_end - self.pos) as usize);
                 self.partial.extend_from_slice(&bytes[..n]);
             }
             self.pos += n as u64;

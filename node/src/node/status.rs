@@ -146,7 +146,6 @@ impl Node {
             origin_received: self
                 .origin_received
                 .load(std::sync::atomic::Ordering::Relaxed),
-            acting_fetcher: self.was_fetcher,
             origin_failing: self.origin_failing(),
             clock_ms: now_unix_ms(),
             refused: self.refused_command.clone(),
