@@ -1,0 +1,160 @@
+//! Installs on a node: the staged release an apply, a rollout wave or
+//! `apply = "auto"` installs, the apply run on a blocking thread with each
+//! step reported, and the release staged before the node last stopped
+//! taken up again.
+
+use super::*;
+
+impl Node {
+    /// The staged release `version`, ready to install.
+    pub(super) fn staged_release(&self, version: &str) -> Result<Release> {
+        let t = self
+            .target
+            .as_ref()
+            .filter(|t| t.manifest.release_name() == version);
+        match t {
+            Some(t) if t.staged => Ok(Release {
+                manifest: t.manifest.clone(),
+                xml: t.xml.clone(),
+                signature: t.signature.clone(),
+                staged: self.config.state.join("staging").join(version),
+                rollback: false,
+            }),
+            Some(_) => anyhow::bail!("{version} is not staged yet (it is still being fetched)"),
+            None => anyhow::bail!(
+                "{version} is not staged on this node ({})",
+                match &self.target {
+                    Some(t) if t.staged => format!("staged: {}", t.manifest.release_name()),
+                    Some(t) => format!("fetching: {}", t.manifest.release_name()),
+                    None => "nothing staged".into(),
+                }
+            ),
+        }
+    }
+
+    /// Starts installing the staged release `version` in the background;
+    /// each step goes to the log, the status, and `reply` when a CLI asked.
+    pub(super) fn start_apply(
+        &mut self,
+        version: &str,
+        reply: Option<mpsc::Sender<serde_json::Value>>,
+    ) -> Result<()> {
+        let release = self.staged_release(version)?;
+        self.start_apply_release(release, reply)
+    }
+
+    /// Starts installing `release` (see [`Node::start_apply`]).
+    pub(super) fn start_apply_release(
+        &mut self,
+        release: Release,
+        reply: Option<mpsc::Sender<serde_json::Value>>,
+    ) -> Result<()> {
+        let Some(applier) = self.applier.clone() else {
+            anyhow::bail!(
+                "this node has no [app] in its configuration, so it stages releases but does not install them"
+            );
+        };
+        if let Some((running, _)) = &self.applying {
+            anyhow::bail!("an apply of {running} is under way");
+        }
+        let version = release.manifest.release_name();
+        info!(release = %version, rollback = release.rollback, "installing the release");
+        self.applying = Some((version, "verify".into()));
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = applier.apply(&release, &mut |event| {
+                if let Some(reply) = &reply {
+                    let _ = reply.blocking_send(serde_json::json!({ "event": event }));
+                }
+                let _ = tx.blocking_send(Done::ApplyStep(event));
+            });
+            if let Some(reply) = &reply {
+                let _ = reply.blocking_send(serde_json::json!({ "outcome": outcome }));
+            }
+            let _ = tx.blocking_send(Done::Applied(outcome));
+        });
+        Ok(())
+    }
+
+    /// With `apply = "auto"`, a staged release newer than the installed
+    /// one is installed at once, when its RestartApp allows, unless it
+    /// already rolled back here.
+    pub(super) fn maybe_auto_apply(&mut self) {
+        let auto = self
+            .config
+            .app
+            .as_ref()
+            .is_some_and(|a| a.apply == crate::config::ApplyPolicy::Auto);
+        let Some(t) = self.target.as_ref().filter(|t| t.staged) else {
+            return;
+        };
+        let version = t.manifest.release_name();
+        let newer = self
+            .installed
+            .as_ref()
+            .is_none_or(|i| t.manifest.compare_release(i) == std::cmp::Ordering::Greater);
+        // After a rollback the site stays on the older release until an
+        // admin rolls a release out again.
+        let held = self.rollout.as_ref().is_some_and(|r| r.back);
+        if !auto
+            || !newer
+            || held
+            || self.applying.is_some()
+            || self.failed_releases.contains(&version)
+        {
+            return;
+        }
+        if !t.manifest.restart.allow {
+            info!(release = %version, "staged; not installed automatically because its RestartApp says no (use lanup apply)");
+            self.failed_releases.insert(version);
+            return;
+        }
+        if let Err(e) = self.start_apply(&version, None) {
+            warn!(error = %format!("{e:#}"), "cannot install the staged release");
+        }
+    }
+
+    /// Takes up the release staged before the node last stopped, so it can
+    /// be served and installed without fetching it again.
+    pub(super) fn load_staged(&mut self) {
+        let releases = self.config.state.join("releases");
+        let Ok(entries) = std::fs::read_dir(&releases) else {
+            return;
+        };
+        let mut found: Vec<(Manifest, Vec<u8>, String)> = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            match self.stored_manifest(&dir) {
+                Ok(found_here) => found.push(found_here),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %format!("{e:#}"), "not taking up a stored release")
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.compare_release(&b.0));
+        let Some((manifest, xml, sig)) = found.pop() else {
+            return;
+        };
+        let location = releases.join(manifest.release_name());
+        if self.adopt(&location.display().to_string(), xml, sig) != MessageAcceptance::Accept {
+            return;
+        }
+        let staging = self
+            .config
+            .state
+            .join("staging")
+            .join(manifest.release_name());
+        let complete = manifest.files.iter().all(|f| {
+            std::fs::metadata(staging.join(&f.name)).is_ok_and(|m| Some(m.len()) == f.size)
+        });
+        if let Some(t) = self
+            .target
+            .as_mut()
+            .filter(|t| complete && t.transfer.is_done())
+        {
+            t.staged = true;
+            info!(release = %manifest.release_name(), "release staged before the node stopped; taken up again");
+            self.maybe_auto_apply();
+        }
+    }
+}
