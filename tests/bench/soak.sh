@@ -20,32 +20,15 @@ lanup=$PWD/target/release/lanup
 faulty_lanup=$PWD/target/debug/lanup
 work=$(mktemp -d /tmp/lanup-soak.XXXX)
 id="ls$$"
-sw="$id-sw"
-namespaces=("$sw")
+. tests/bench/testbed.sh
 cleanup() {
   [ -n "${chaos_pid:-}" ] && kill "$chaos_pid" 2> /dev/null || true
-  for ns in "${namespaces[@]}"; do
-    for p in $(ip netns pids "$ns" 2> /dev/null); do kill -9 "$p" 2> /dev/null || true; done
-    ip netns del "$ns" 2> /dev/null || true
-  done
+  testbed_down
   [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 
-ip netns add "$sw"
-ip -n "$sw" link add br0 type bridge
-ip -n "$sw" link set br0 up
-attach() { # NS IP PORT
-  ip netns add "$1"
-  namespaces+=("$1")
-  ip link add eth0 netns "$1" type veth peer name "$3" netns "$sw"
-  ip -n "$sw" link set "$3" master br0
-  ip -n "$sw" link set "$3" up
-  ip -n "$1" addr add "$2/24" dev eth0
-  ip -n "$1" link set eth0 up
-  ip -n "$1" link set lo up
-  ip -n "$1" route add 224.0.0.0/4 dev eth0
-}
+testbed_up "$id"
 origin_ns="$id-o" origin_ip=10.77.2.2
 attach "$origin_ns" "$origin_ip" po
 tc -n "$origin_ns" qdisc add dev eth0 root tbf rate "$uplink" burst 32kb latency 100ms
@@ -54,7 +37,6 @@ for i in $(seq 0 $((nodes - 1))); do
   attach "$id-h$i" "10.77.2.$((10 + i))" "p$i"
   hosts+=("$id-h$i")
 done
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 served() { in_ns "${hosts[0]}" curl -s -m 5 "http://$origin_ip:8080/_lanup/stats" | sed 's/.*"bytes_served":\([0-9]*\).*/\1/'; }
 calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
 

@@ -1,0 +1,38 @@
+# The LAN testbed the benchmark scripts share (sourced, root): a bridge in a
+# namespace of its own and one namespace per host plugged into it, with a
+# route for multicast so that mDNS works. Namespaces are named from ID and
+# removed (their processes killed) by testbed_down.
+#
+#   testbed_up ID          # the switch; then `attach NS IP PORT` per host
+#   in_ns NS CMD...        # run CMD inside NS
+#   testbed_down           # kill every process in, and delete, every namespace
+
+testbed_up() {
+  tb_namespaces=("$1-sw")
+  tb_switch="$1-sw"
+  ip netns add "$tb_switch"
+  ip -n "$tb_switch" link add br0 type bridge
+  ip -n "$tb_switch" link set br0 up
+}
+
+attach() { # NS IP PORT
+  ip netns add "$1"
+  tb_namespaces+=("$1")
+  ip link add eth0 netns "$1" type veth peer name "$3" netns "$tb_switch"
+  ip -n "$tb_switch" link set "$3" master br0
+  ip -n "$tb_switch" link set "$3" up
+  ip -n "$1" addr add "$2/24" dev eth0
+  ip -n "$1" link set eth0 up
+  ip -n "$1" link set lo up
+  ip -n "$1" route add 224.0.0.0/4 dev eth0
+}
+
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+testbed_down() {
+  for ns in "${tb_namespaces[@]:-}"; do
+    [ -n "$ns" ] || continue
+    for p in $(ip netns pids "$ns" 2> /dev/null); do kill -9 "$p" 2> /dev/null || true; done
+    ip netns del "$ns" 2> /dev/null || true
+  done
+}
