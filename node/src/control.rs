@@ -70,8 +70,12 @@ pub fn ensure_alone(state: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Listens on the state directory's socket and hands requests to the node.
-pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
+/// Binds the state directory's socket; the future it returns accepts
+/// clients and hands their requests to the node, until dropped.
+pub fn listen(
+    state: &Path,
+    node: mpsc::Sender<Incoming>,
+) -> Result<impl std::future::Future<Output = ()>> {
     let path = socket_path(state);
     // A socket left by a node that died is stale; a live node answers.
     if path.exists() {
@@ -83,7 +87,7 @@ pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    tokio::spawn(async move {
+    Ok(async move {
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
@@ -107,8 +111,7 @@ pub fn listen(state: &Path, node: mpsc::Sender<Incoming>) -> Result<()> {
                 drop(slot);
             });
         }
-    });
-    Ok(())
+    })
 }
 
 /// Reads the request line: at most [`MAX_LINE`] bytes, within

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod fetch;
+pub mod fetcher;
 pub mod keys;
 pub mod logfile;
 pub mod network;

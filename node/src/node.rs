@@ -14,15 +14,21 @@
 //! (`lanup_protocol::rollout`), and records every command in its audit
 //! log ([`crate::audit`]).
 //!
-//! The swarm, the chunk server, the control socket, the audit writer and
-//! every poll, download, chunk request and apply run as tasks of their own
-//! that never wait for this loop (the swarm drops what a lagging loop cannot
-//! take, counting it). The loop itself is split by concern: `announce`
-//! (checking and adopting releases), `fetcher` (the site's fetcher and the
-//! origin), `storage` (disk guard, store checks, damaged chunks), `install`
-//! (applies), `rollout` (commands, waves, the audit log), `status`
-//! (heartbeats, clocks, the control socket's answers); this file keeps the
-//! wiring, the event dispatch, transfers between peers and staging.
+//! The node's parts run as children of [`run`], stopped together by one
+//! cancellation token: the swarm ([`crate::network`]), the chunk server
+//! ([`crate::chunks`]), the origin fetcher ([`crate::fetcher`]), the
+//! control socket (the audit log's writer is a thread, joined when the
+//! node stops, so no entry is lost). None waits for this loop:
+//! the swarm drops what a lagging loop cannot take (counting it), the
+//! fetcher is told its duty through a watch channel, and every chunk
+//! request, staging and apply runs as a task that reports back. This loop
+//! owns the site's picture (peers, the release under way, the rollout) and
+//! is split by concern: `announce` (checking and adopting releases),
+//! `election` (who fetches, what the fetcher is told), `storage` (disk
+//! guard, store checks, damaged chunks), `install` (applies), `rollout`
+//! (commands, waves, the audit log), `status` (heartbeats, clocks, the
+//! control socket's answers); this file keeps the wiring, the event
+//! dispatch, transfers between peers and staging.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -47,19 +53,18 @@ use crate::audit::{Audit, Entry};
 use crate::chunks::{self, ChunkError};
 use crate::config::NodeConfig;
 use crate::control::ControlRequest;
-use crate::fetch::fetch_missing;
+use crate::fetcher::{random, Duty, Fetcher, FetcherEvent, FetcherHandle, Wanted, FAILING_FOR};
 use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_PROTOCOL};
-use crate::release::{ManifestSource, Poll};
+use crate::release::ManifestSource;
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
 use lanup_protocol::election::{Candidate, Election};
-use lanup_protocol::fetcher::{Job, OriginPlan, ReleaseView, Step, View};
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
 
 mod announce;
-mod fetcher;
+mod election;
 mod install;
 mod rollout;
 mod status;
@@ -67,27 +72,22 @@ mod storage;
 
 use rollout::{audit_writer, Rollout};
 
-/// How often a node says it is alive, and re-announces its release.
+/// How often a node says it is alive.
 const HEARTBEAT: Duration = Duration::from_millis(lanup_protocol::election::HEARTBEAT_MS);
+/// Heartbeats between re-announcements of a release nobody new needs:
+/// each announcement is checked by every node of the site (a signature per
+/// copy), so an idle site sends few.
+const ANNOUNCE_EVERY: u64 = 10;
 /// How often a node asks its peers what chunks they gained.
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A peer silent this long is not asked for chunks, and no longer counts
 /// for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
-/// How long a node whose origin failed (as it says, or as others saw it)
-/// is passed over for the fetcher role; then it may try again.
-const FAILING_FOR: Duration = Duration::from_secs(600);
 /// Chunk requests to one peer that stall in a row before it is banned.
 const STALLS_TO_DISTRUST: u32 = 3;
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
-/// How long a download from the origin may go on without the node
-/// confirming (every heartbeat) that it is still the site's fetcher. A node
-/// frozen for longer (a paused VM, a swap storm) wakes with its download
-/// stopped, and learns what the site holds before it asks again.
-const ORIGIN_LEASE: Duration = Duration::from_secs(3);
-
 /// The heartbeat every node gossips.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Heartbeat {
@@ -159,7 +159,7 @@ struct PeerInfo {
 
 /// The release this node is moving towards.
 struct Target {
-    manifest: Manifest,
+    manifest: std::sync::Arc<Manifest>,
     xml: Vec<u8>,
     signature: String,
     hash: Hash,
@@ -187,14 +187,8 @@ enum Done {
     /// request failed.
     Have(PeerId, Hash, Option<(Vec<Hash>, u32)>),
     Manifest(PeerId, Hash, Result<(Vec<u8>, String)>),
-    OriginChunk(Hash, u64),
-    /// A poll or download of the origin ended; the number says which
-    /// (answers of one that was stopped are ignored).
-    OriginPoll(u64, Result<Poll>),
-    OriginFinished(
-        u64,
-        Result<crate::fetch::FetchReport, crate::fetch::FetchError>,
-    ),
+    /// Chunks of the release (by manifest hash) found in the store.
+    Held(Hash, Vec<Hash>),
     Staged(Hash, Result<PathBuf>),
     ApplyStep(Event),
     Applied(Outcome),
@@ -209,20 +203,12 @@ struct Node {
     peers: BTreeMap<PeerId, PeerInfo>,
     target: Option<Target>,
     done_tx: mpsc::Sender<Done>,
-    /// The poll or download running against the origin, if any.
-    origin_task: Option<tokio::task::AbortHandle>,
     /// Chunk requests that stalled in a row, per peer: a peer that
     /// advertises chunks and never sends them is distrusted like one that
     /// sends bad ones.
     stalls: HashMap<PeerId, u32>,
     /// Peers asked which chunks they hold and not answered yet.
     have_pending: HashSet<PeerId>,
-    /// Bytes received from the origin (counted by the download as they
-    /// arrive), and when that count last grew.
-    origin_received: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    progress_seen: (u64, Instant),
-    /// When the origin last failed.
-    origin_failed_at: Option<Instant>,
     /// Fetchers this node saw make no progress, and when.
     suspects: HashMap<PeerId, Instant>,
     /// The fetcher this node follows, and since when.
@@ -234,32 +220,14 @@ struct Node {
     disk_error: Option<String>,
     /// Whether this node was the fetcher at the last look (for the log).
     was_fetcher: bool,
-    /// Bytes this node took from the origin, counted as chunks arrive.
-    origin_bytes: u64,
-    /// Of those, the bytes counted during the download now running.
-    origin_counted: u64,
-    /// The release being downloaded from the origin, and the bytes taken
-    /// for it so far (for the log).
-    downloading: Option<(Hash, u64)>,
-    /// The origin manifest's ETag at the last poll, for a conditional GET.
-    etag: Option<String>,
-    /// When to poll and download, which job is current, and the backoff
-    /// after failures: the fetcher's rules from `lanup_protocol::fetcher`.
-    plan: OriginPlan,
-    origin_error: Option<String>,
-    /// Until when (ms since `started`) a download may go on; renewed by
-    /// every heartbeat while this node is the fetcher.
-    origin_lease: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// The chunks no reachable peer holds, as the download sees them (it
-    /// looks before every request).
-    site_lacks: tokio::sync::watch::Sender<std::sync::Arc<std::collections::BTreeSet<Hash>>>,
     /// The last heartbeat tick, to notice a node that was frozen, and
     /// when it woke from that.
     last_tick: Instant,
     woke_at: Option<Instant>,
-    wan: Throttle,
     started: Instant,
-    http: reqwest::Client,
+    /// The actor that talks to the origin, told what to do through a
+    /// channel it never makes this loop wait on.
+    fetcher: FetcherHandle,
     announce_topic: String,
     status_topic: String,
     /// Announcements held back from forwarding until their manifest has
@@ -284,6 +252,10 @@ struct Node {
     /// When this node started (Unix ms), and its heartbeats since.
     boot_ms: u64,
     heartbeats_sent: u64,
+    /// Announce the release with every heartbeat up to this one (after it
+    /// was adopted, or a peer connected), then every
+    /// [`ANNOUNCE_EVERY`]th.
+    announce_until: u64,
     /// Rollout commands already seen, so none is obeyed twice.
     guard: ReplayGuard,
     /// The audit log's writer: a thread of its own appends and syncs each
@@ -371,15 +343,23 @@ pub async fn run(
     )?;
     let local = net.local_peer_id();
     info!(peer = %local, site = %config.site, origin = ?config.origin, "node starting");
-    tokio::spawn(network.run());
+    // The node's parts run as children of this task: stopped together by
+    // `cancel`, and a part that ends by itself ends the node (with an
+    // error the service manager sees) rather than leaving it half alive.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut children = tokio::task::JoinSet::new();
+    children.spawn(until(cancel.clone(), network.run()));
     let store = ChunkStore::open(&config.state.join("chunks"))?;
     let incoming = net.streams().accept(CHUNK_PROTOCOL)?;
     let (damaged_tx, mut damaged) = mpsc::channel::<Hash>(64);
-    tokio::spawn(chunks::serve(
-        incoming,
-        store.clone(),
-        Throttle::new(config.lan_rate),
-        damaged_tx.clone(),
+    children.spawn(until(
+        cancel.clone(),
+        chunks::serve(
+            incoming,
+            store.clone(),
+            Throttle::new(config.lan_rate),
+            damaged_tx.clone(),
+        ),
     ));
 
     let announce_topic = format!("lanup/{}/announce", config.site);
@@ -398,11 +378,19 @@ pub async fn run(
     let (audit_tx, audit_thread) = audit_writer(audit)?;
     let (done_tx, mut done) = mpsc::channel(1024);
     let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
-    crate::control::listen(&config.state, control_tx)?;
-    let wan = Throttle::new(config.wan_rate);
+    children.spawn(until(
+        cancel.clone(),
+        crate::control::listen(&config.state, control_tx)?,
+    ));
     let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
-    let config_stall = config.origin_stall;
-    let config_poll_ms = config.poll_interval.as_millis() as u64;
+    let (fetcher, fetcher_handle, mut found) = Fetcher::new(
+        config.origin.clone(),
+        config.origin_stall,
+        Throttle::new(config.wan_rate),
+        store.clone(),
+        config.poll_interval,
+    )?;
+    children.spawn(fetcher.run(cancel.clone()));
     let mut node = Node {
         config,
         net,
@@ -411,31 +399,18 @@ pub async fn run(
         peers: BTreeMap::new(),
         target: None,
         done_tx,
-        origin_task: None,
         stalls: HashMap::new(),
         have_pending: HashSet::new(),
-        origin_received: Default::default(),
-        progress_seen: (0, Instant::now()),
-        origin_failed_at: None,
         suspects: HashMap::new(),
         choice: None,
         disk_failures: 0,
         disk_paused_until: None,
         disk_error: None,
         was_fetcher: false,
-        origin_bytes: 0,
-        origin_counted: 0,
-        downloading: None,
-        etag: None,
-        plan: OriginPlan::new(config_poll_ms),
-        origin_error: None,
-        origin_lease: Default::default(),
-        site_lacks: tokio::sync::watch::Sender::new(Default::default()),
         last_tick: Instant::now(),
         woke_at: None,
-        wan,
         started: Instant::now(),
-        http: crate::fetch::Origin::client(config_stall)?,
+        fetcher: fetcher_handle,
         announce_topic,
         status_topic,
         validating: HashMap::new(),
@@ -453,6 +428,7 @@ pub async fn run(
         heard: HashMap::new(),
         boot_ms: now_unix_ms(),
         heartbeats_sent: 0,
+        announce_until: 0,
         rollout,
         guard,
         audit: audit_tx,
@@ -473,13 +449,18 @@ pub async fn run(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
     let mut have = tokio::time::interval(HAVE_INTERVAL);
+    for ticks in [&mut schedule, &mut have] {
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     tokio::pin!(shutdown);
+    let mut failure = None;
     loop {
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
             Some(event) = events.recv() => node.on_network(event).await,
             Some(d) = done.recv() => node.on_done(d).await,
+            Some(found) = found.recv() => node.on_fetcher(found),
             Some((request, reply)) = control.recv() => node.control(request, reply),
             Some(hash) = damaged.recv() => node.chunk_lost(hash),
             _ = heartbeat.tick() => {
@@ -491,21 +472,52 @@ pub async fn run(
                 node.fetcher_duties();
                 node.rollout_duties();
             }
-            _ = schedule.tick() => node.schedule(),
-            _ = have.tick() => node.ask_have(),
+            // Ticks only while chunks move: an idle node sleeps.
+            _ = schedule.tick(), if node.moving() => {
+                node.schedule();
+                if node.was_fetcher {
+                    node.assign_duty();
+                }
+            }
+            Some(ended) = children.join_next() => {
+                failure = Some(match ended {
+                    Ok(()) => anyhow::anyhow!("a part of the node stopped by itself"),
+                    Err(e) => anyhow::anyhow!("a part of the node failed: {e}"),
+                });
+                break;
+            }
+            _ = have.tick(), if node.moving() => node.ask_have(),
         }
     }
     info!("node stopping");
+    cancel.cancel();
     // What the audit log's writer still holds is written before the node
     // ends.
     drop(node);
     let _ = tokio::task::spawn_blocking(move || audit_thread.join()).await;
-    Ok(())
+    if tokio::time::timeout(Duration::from_secs(5), children.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("parts of the node did not stop within 5 s");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 impl Node {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether a release is on its way here (chunks to fetch, or to
+    /// assemble): only then do the transfer's ticks run.
+    fn moving(&self) -> bool {
+        self.target
+            .as_ref()
+            .is_some_and(|t| !t.staged || !t.transfer.is_done())
     }
 
     fn installed_name(&self) -> Option<String> {
@@ -561,6 +573,9 @@ impl Node {
     async fn on_network(&mut self, event: NetworkEvent) {
         match event {
             NetworkEvent::PeerConnected(peer) => {
+                // A newcomer learns the release from the next few
+                // heartbeats (gossip keeps no history).
+                self.announce_until = self.heartbeats_sent + 3;
                 self.peers.insert(
                     peer,
                     PeerInfo {
@@ -721,7 +736,6 @@ impl Node {
 
     fn schedule(&mut self) {
         let now = self.now_ms();
-        let downloading = self.origin_busy();
         if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
             return;
         }
@@ -734,10 +748,6 @@ impl Node {
             }
         }
         let Some(t) = &mut self.target else { return };
-        if downloading {
-            self.site_lacks
-                .send_replace(std::sync::Arc::new(t.transfer.unavailable(now)));
-        }
         let (requests, _expired) = t.transfer.poll(now);
         for r in requests {
             let control = self.net.streams();
@@ -778,6 +788,32 @@ impl Node {
                 .and_then(|r| r);
                 let _ = tx.send(Done::Staged(hash, result)).await;
             });
+        }
+    }
+
+    /// What the fetcher found at the origin.
+    fn on_fetcher(&mut self, found: FetcherEvent) {
+        match found {
+            FetcherEvent::Manifest {
+                location,
+                xml,
+                signature,
+            } => {
+                let _ = self.adopt(&location, xml, signature);
+                self.assign_duty();
+            }
+            FetcherEvent::Chunk(hash) => {
+                if let Some(t) = &mut self.target {
+                    t.transfer.obtained(&hash);
+                    if t.held.insert(hash) {
+                        t.held_order.push(hash);
+                    }
+                }
+            }
+            FetcherEvent::Ended => {
+                self.reconcile_store();
+                self.assign_duty();
+            }
         }
     }
 
@@ -841,7 +877,9 @@ impl Node {
                     t.transfer.peer_connected(peer);
                     t.transfer.peer_has(&peer, chunks);
                     t.peer_since.insert(peer, total);
-                    self.origin_step();
+                    if self.was_fetcher {
+                        self.assign_duty();
+                    }
                 }
             }
             Done::Manifest(peer, hash, result) => {
@@ -864,105 +902,14 @@ impl Node {
                     let _ = self.net.validate(id, from, verdict).await;
                 }
             }
-            Done::OriginPoll(epoch, result) => {
-                let signed = |source: &ManifestSource| {
-                    source
-                        .signature
-                        .clone()
-                        .and_then(|s| String::from_utf8(s).ok())
-                };
-                let ok = match &result {
-                    Ok(Poll::Unchanged) => true,
-                    Ok(Poll::Changed { source, .. }) => signed(source).is_some(),
-                    Err(_) => false,
-                };
-                if !self.plan.finished(epoch, ok, self.now_ms(), random()) {
+            Done::Held(hash, held) => {
+                let Some(t) = self.target.as_mut().filter(|t| t.hash == hash) else {
                     return;
-                }
-                self.origin_task = None;
-                match result {
-                    Ok(Poll::Unchanged) => {
-                        self.origin_ok();
-                        self.origin_step();
-                    }
-                    Ok(Poll::Changed { source, etag }) => {
-                        let Some(sig) = source
-                            .signature
-                            .clone()
-                            .and_then(|s| String::from_utf8(s).ok())
-                        else {
-                            self.origin_failed(
-                                "the origin's release is not signed",
-                                format!(
-                                    "{}: no readable signature file beside it",
-                                    source.location
-                                ),
-                            );
-                            return;
-                        };
-                        self.etag = etag;
-                        self.origin_ok();
-                        let location = source.location.clone();
-                        let _ = self.adopt(&location, source.bytes, sig);
-                        self.origin_step();
-                    }
-                    Err(e) => {
-                        self.origin_failed("cannot read the origin's manifest", format!("{e:#}"));
-                    }
-                }
-            }
-            Done::OriginChunk(hash, size) => {
-                self.origin_bytes += size;
-                self.origin_counted += size;
-                if let Some(t) = &mut self.target {
-                    t.transfer.obtained(&hash);
+                };
+                for hash in held {
                     if t.held.insert(hash) {
+                        t.transfer.obtained(&hash);
                         t.held_order.push(hash);
-                    }
-                }
-            }
-            Done::OriginFinished(epoch, result) => {
-                let now = self.now_ms();
-                if !self.plan.finished(epoch, result.is_ok(), now, random()) {
-                    return;
-                }
-                self.origin_task = None;
-                self.reconcile_store();
-                match result {
-                    Ok(report) => {
-                        // The exact count, including bytes that were not a
-                        // whole chunk.
-                        self.origin_bytes = self.origin_bytes - self.origin_counted + report.bytes;
-                        self.origin_counted = 0;
-                        if let Some((_, total)) = &mut self.downloading {
-                            *total += report.bytes;
-                        }
-                        self.origin_ok();
-                        let lacking = self
-                            .target
-                            .as_ref()
-                            .is_some_and(|t| !t.transfer.unavailable(now).is_empty());
-                        if !lacking {
-                            if let Some((_, bytes)) = self.downloading.take() {
-                                let release =
-                                    self.target.as_ref().map(|t| t.manifest.release_name());
-                                info!(release = ?release, bytes, "download from the origin finished");
-                            }
-                        }
-                        // What is still missing, if anything.
-                        self.origin_step();
-                    }
-                    Err(e) => {
-                        let what = match &e {
-                            crate::fetch::FetchError::LocalDisk(_) => {
-                                "this node cannot store what the origin sends"
-                            }
-                            crate::fetch::FetchError::Mismatch { .. } => {
-                                "the origin's files differ from its signed manifest"
-                            }
-                            _ => "download from the origin failed",
-                        };
-                        self.origin_failed(what, format!("{e:#}"));
                     }
                 }
             }
@@ -1062,10 +1009,12 @@ impl Node {
     }
 }
 
-/// A random number for the fetcher's jitter.
-fn random() -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+/// Runs `part` until it ends or `cancel` fires.
+async fn until(cancel: tokio_util::sync::CancellationToken, part: impl std::future::Future) {
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        _ = part => {}
+    }
 }
 
 fn now_unix_ms() -> u64 {

@@ -174,7 +174,7 @@ impl Node {
         }
         info!(release = %manifest.release_name(), source = from, bytes = bytes_total, "release announced; fetching it");
         self.target = Some(Target {
-            manifest,
+            manifest: std::sync::Arc::new(manifest),
             xml: source.bytes,
             signature,
             hash,
@@ -189,6 +189,7 @@ impl Node {
             no_room: None,
             adopted_at: Instant::now(),
         });
+        self.announce_until = self.heartbeats_sent + 3;
         self.check_room();
         self.ask_have();
         MessageAcceptance::Accept

@@ -14,7 +14,7 @@ impl Node {
             .filter(|t| t.manifest.release_name() == version);
         match t {
             Some(t) if t.staged => Ok(Release {
-                manifest: t.manifest.clone(),
+                manifest: (*t.manifest).clone(),
                 xml: t.xml.clone(),
                 signature: t.signature.clone(),
                 staged: self.config.state.join("staging").join(version),

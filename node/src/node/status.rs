@@ -128,9 +128,12 @@ impl Node {
                     })
                 })
                 .or_else(|| {
-                    let retry = self.plan.retry_in_ms(self.now_ms()).unwrap_or(0) / 1000;
-                    self.origin_error
-                        .as_ref()
+                    let fetcher = self.fetcher.status();
+                    let retry = fetcher.retry_at.map_or(0, |at| {
+                        at.saturating_duration_since(Instant::now()).as_secs()
+                    });
+                    fetcher
+                        .error
                         .map(|e| format!("origin: {e} (next try in {retry} s)"))
                 })
                 .or_else(|| {
@@ -142,9 +145,13 @@ impl Node {
             staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
             bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
             bytes_total: t.map_or(0, |t| t.bytes_total),
-            origin_bytes: self.origin_bytes,
+            origin_bytes: self
+                .fetcher
+                .origin_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
             origin_received: self
-                .origin_received
+                .fetcher
+                .received
                 .load(std::sync::atomic::Ordering::Relaxed),
             origin_failing: self.origin_failing(),
             clock_ms: now_unix_ms(),
@@ -260,12 +267,8 @@ impl Node {
             }),
             ControlRequest::Check => {
                 let fetcher = self.is_fetcher();
-                let polling = fetcher && !self.origin_busy();
-                if polling {
-                    // An admin asking is a retry now, backoff or not.
-                    self.plan.poll_now(self.now_ms());
-                    self.origin_step();
-                }
+                // An admin asking is a retry now, backoff or not.
+                let polling = fetcher && self.fetcher.busy().is_none() && self.fetcher.check_now();
                 serde_json::json!({ "fetcher": fetcher, "polling": polling })
             }
             ControlRequest::Apply { .. } | ControlRequest::Rollout { .. } => {
@@ -280,7 +283,9 @@ impl Node {
         if let Ok(data) = serde_json::to_vec(&hb) {
             let _ = self.net.publish(&self.status_topic, data).await;
         }
-        if let Some(t) = &self.target {
+        let due = self.heartbeats_sent <= self.announce_until
+            || self.heartbeats_sent.is_multiple_of(ANNOUNCE_EVERY);
+        if let Some(t) = self.target.as_ref().filter(|_| due) {
             let announce = Announce {
                 release: t.manifest.release_name(),
                 manifest_hash: t.hash,

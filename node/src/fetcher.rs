@@ -1,0 +1,521 @@
+//! The origin fetcher: the one actor of a node that talks to the origin.
+//!
+//! It owns the HTTP client, the manifest's ETag, the fetcher's rules
+//! (`lanup_protocol::fetcher::OriginPlan`: when to poll, when to download,
+//! one job at a time, the backoff after failures) and the poll or download
+//! under way. The node tells it through a watch channel, which it never
+//! waits on, whether this node is the site's fetcher and which chunks the
+//! site lacks; the fetcher tells the node what it found (a changed
+//! manifest, chunks stored) over a channel the node drains, and shows how
+//! it fares (job, last error, bytes) in a watch the node reads for its
+//! heartbeats and status. Messages flow one way in each channel, so neither
+//! loop ever waits for the other.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lanup_protocol::fetcher::{Job, OriginPlan, ReleaseView, Step, View};
+use lanup_protocol::manifest::unique_chunks;
+use lanup_protocol::{Hash, Manifest};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::fetch::{fetch_missing, FetchError, FetchReport, Origin};
+use crate::release::{ManifestSource, Poll};
+use crate::store::ChunkStore;
+use crate::throttle::Throttle;
+
+/// How long a download may go on without the node confirming (every
+/// heartbeat) that it is still the site's fetcher. A node frozen for
+/// longer (a paused VM, a swap storm) wakes with its download stopped, and
+/// learns what the site holds before it asks again.
+pub const LEASE: Duration = Duration::from_secs(3);
+/// How long a node whose origin failed says so (and is passed over for
+/// the fetcher role); then it may try again.
+pub const FAILING_FOR: Duration = Duration::from_secs(600);
+
+/// What the node asks of its fetcher. Sent whenever it changes, and with
+/// every heartbeat while this node is the site's fetcher: that renews the
+/// download's lease.
+#[derive(Debug, Clone, Default)]
+pub struct Duty {
+    /// This node is the site's fetcher (and has heard the site since it
+    /// started or woke).
+    pub acting: bool,
+    /// When the node last said so.
+    pub confirmed: Option<Instant>,
+    /// The release the node moves towards, while it acts.
+    pub release: Option<Wanted>,
+}
+
+/// The release as the fetcher needs to see it.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub hash: Hash,
+    pub manifest: Arc<Manifest>,
+    /// Chunks neither this node nor any reachable peer holds: only these
+    /// are asked of the origin.
+    pub lacking: Arc<BTreeSet<Hash>>,
+    /// Every peer has said which chunks it holds.
+    pub heard_all: bool,
+    pub adopted_at: Instant,
+    /// The release does not fit on this node's disks.
+    pub blocked: bool,
+}
+
+/// What the fetcher tells the node.
+#[derive(Debug)]
+pub enum FetcherEvent {
+    /// The origin's manifest changed: its bytes, signature and location.
+    Manifest {
+        location: String,
+        xml: Vec<u8>,
+        signature: String,
+    },
+    /// A chunk from the origin is in the store (best effort: a full
+    /// channel drops the notice).
+    Chunk(Hash),
+    /// A download ended or was stopped: the store is the truth about what
+    /// it stored.
+    Ended,
+}
+
+/// How the fetcher fares, as the node shows it.
+#[derive(Debug, Clone, Default)]
+pub struct FetcherStatus {
+    pub job: Option<Job>,
+    /// Why the origin failed last, when it did, and when it is asked again.
+    pub error: Option<String>,
+    pub failed_at: Option<Instant>,
+    pub retry_at: Option<Instant>,
+}
+
+impl FetcherStatus {
+    /// The origin failed in the last [`FAILING_FOR`] and has not answered
+    /// well since: the node gives the role to the next one.
+    pub fn failing(&self) -> bool {
+        self.error.is_some() && self.failed_at.is_some_and(|at| at.elapsed() < FAILING_FOR)
+    }
+}
+
+/// The node's side of the fetcher: cheap to read, never waits.
+pub struct FetcherHandle {
+    duty: watch::Sender<Duty>,
+    check: mpsc::Sender<()>,
+    status: watch::Receiver<FetcherStatus>,
+    /// Body bytes received from the origin, counted as they arrive.
+    pub received: Arc<AtomicU64>,
+    /// Bytes of chunks taken from the origin (exact once a download ends).
+    pub origin_bytes: Arc<AtomicU64>,
+}
+
+impl FetcherHandle {
+    /// Tells the fetcher what is asked of it now.
+    pub fn assign(&self, duty: Duty) {
+        self.duty.send_replace(duty);
+    }
+
+    /// Asks for a poll of the origin now (`lanup check`); false when one
+    /// is already asked for.
+    pub fn check_now(&self) -> bool {
+        self.check.try_send(()).is_ok()
+    }
+
+    pub fn status(&self) -> FetcherStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn busy(&self) -> Option<Job> {
+        self.status.borrow().job
+    }
+}
+
+/// The actor.
+pub struct Fetcher {
+    origin: Option<String>,
+    http: reqwest::Client,
+    wan: Throttle,
+    stall: Duration,
+    store: ChunkStore,
+    plan: OriginPlan,
+    etag: Option<String>,
+    duty: watch::Receiver<Duty>,
+    check: mpsc::Receiver<()>,
+    events: mpsc::Sender<FetcherEvent>,
+    status: watch::Sender<FetcherStatus>,
+    /// The poll or download under way (one at a time), with its epoch.
+    jobs: JoinSet<(u64, Outcome)>,
+    received: Arc<AtomicU64>,
+    origin_bytes: Arc<AtomicU64>,
+    /// Until when (ms since `started`) the download may go on.
+    lease: Arc<AtomicU64>,
+    /// The chunks the download may take, as the node last said.
+    lacks: watch::Sender<Arc<BTreeSet<Hash>>>,
+    started: Instant,
+    /// The release being downloaded, and the bytes taken for it so far.
+    downloading: Option<(Hash, u64)>,
+    /// The received count at the last look, and when it last grew.
+    progress: (u64, Instant),
+}
+
+enum Outcome {
+    Poll(anyhow::Result<Poll>),
+    Download {
+        result: Result<FetchReport, FetchError>,
+        /// Bytes of the chunks it stored, as counted while it ran.
+        counted: u64,
+        stored: HashSet<Hash>,
+    },
+}
+
+impl Fetcher {
+    /// A fetcher for `origin` (none: the node never talks to one) and the
+    /// node's handle to it, with the channel its findings arrive on.
+    pub fn new(
+        origin: Option<String>,
+        stall: Duration,
+        wan: Throttle,
+        store: ChunkStore,
+        poll_interval: Duration,
+    ) -> anyhow::Result<(Fetcher, FetcherHandle, mpsc::Receiver<FetcherEvent>)> {
+        let (duty_tx, duty) = watch::channel(Duty::default());
+        let (check_tx, check) = mpsc::channel(1);
+        let (status_tx, status) = watch::channel(FetcherStatus::default());
+        let (events_tx, events) = mpsc::channel(1024);
+        let received = Arc::new(AtomicU64::new(0));
+        let origin_bytes = Arc::new(AtomicU64::new(0));
+        let fetcher = Fetcher {
+            origin,
+            http: Origin::client(stall)?,
+            wan,
+            stall,
+            store,
+            plan: OriginPlan::new(poll_interval.as_millis() as u64),
+            etag: None,
+            duty,
+            check,
+            events: events_tx,
+            status: status_tx,
+            jobs: JoinSet::new(),
+            received: received.clone(),
+            origin_bytes: origin_bytes.clone(),
+            lease: Arc::default(),
+            lacks: watch::Sender::new(Arc::default()),
+            started: Instant::now(),
+            downloading: None,
+            progress: (0, Instant::now()),
+        };
+        let handle = FetcherHandle {
+            duty: duty_tx,
+            check: check_tx,
+            status,
+            received,
+            origin_bytes,
+        };
+        Ok((fetcher, handle, events))
+    }
+
+    /// Runs until cancelled or the node drops its handle.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                changed = self.duty.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.on_duty();
+                }
+                Some(()) = self.check.recv() => self.plan.poll_now(self.now_ms()),
+                Some(joined) = self.jobs.join_next() => {
+                    if let Ok((epoch, outcome)) = joined {
+                        self.finished(epoch, outcome).await;
+                    }
+                }
+                _ = tick.tick(), if self.plan.running() == Some(Job::Download) => {
+                    self.watch_progress().await;
+                }
+            }
+            self.step().await;
+        }
+        self.jobs.shutdown().await;
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The node spoke: the lease is renewed (or ended), and a download
+    /// under way learns what the site lacks now.
+    fn on_duty(&mut self) {
+        let duty = self.duty.borrow_and_update().clone();
+        let lease = match duty.confirmed.filter(|_| duty.acting) {
+            Some(at) => (at.saturating_duration_since(self.started) + LEASE).as_millis() as u64,
+            None => 0,
+        };
+        self.lease.store(lease, Ordering::Relaxed);
+        if let Some(w) = duty
+            .release
+            .filter(|_| self.plan.running() == Some(Job::Download))
+        {
+            self.lacks.send_replace(w.lacking);
+        }
+    }
+
+    /// Asks the rules what to do now and does it: poll, download what the
+    /// site lacks, or stop the job under way.
+    async fn step(&mut self) {
+        let duty = self.duty.borrow().clone();
+        let now = self.now_ms();
+        let acting =
+            duty.acting && self.origin.is_some() && now < self.lease.load(Ordering::Relaxed);
+        let view = View {
+            acting,
+            release: duty.release.as_ref().map(|w| ReleaseView {
+                lacking: !w.lacking.is_empty(),
+                heard_all: w.heard_all,
+                adopted_ms_ago: w.adopted_at.elapsed().as_millis() as u64,
+                blocked: w.blocked,
+            }),
+        };
+        match self.plan.step(now, &view) {
+            Step::Idle => {}
+            Step::Stop(_) => {
+                self.jobs.abort_all();
+                if !acting {
+                    info!("not the site's fetcher any more: stopped talking to the origin");
+                }
+                let _ = self.events.send(FetcherEvent::Ended).await;
+            }
+            Step::Start(epoch, Job::Poll) => self.poll(epoch),
+            Step::Start(epoch, Job::Download) => match duty.release {
+                Some(w) => self.download(epoch, w),
+                None => {
+                    self.plan.finished(epoch, true, now, random());
+                }
+            },
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let now = self.now_ms();
+        let retry_at = self
+            .plan
+            .retry_in_ms(now)
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        self.status.send_modify(|s| {
+            s.job = self.plan.running();
+            s.retry_at = retry_at;
+        });
+    }
+
+    fn poll(&mut self, epoch: u64) {
+        let Some(origin) = self.origin.clone() else {
+            return;
+        };
+        let http = self.http.clone();
+        let etag = self.etag.clone();
+        self.jobs.spawn(async move {
+            let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
+            (epoch, Outcome::Poll(result))
+        });
+    }
+
+    /// Downloads what no node at the site holds (the rules decided it is
+    /// time: job `epoch`).
+    fn download(&mut self, epoch: u64, w: Wanted) {
+        let Some(origin) = self.origin.clone() else {
+            return;
+        };
+        if self.downloading.is_none_or(|(hash, _)| hash != w.hash) {
+            let sizes = unique_chunks(&w.manifest.files);
+            let missing: u64 = w.lacking.iter().filter_map(|h| sizes.get(h)).sum();
+            let total: u64 = sizes.values().sum();
+            info!(release = %w.manifest.release_name(), missing_bytes = missing, held_bytes = total - missing, "downloading release from the origin");
+            self.downloading = Some((w.hash, 0));
+        }
+        self.lacks.send_replace(w.lacking.clone());
+        let source = Origin {
+            client: self.http.clone(),
+            base: origin,
+            wan: self.wan.clone(),
+            stall: self.stall,
+            received: self.received.clone(),
+        };
+        self.progress = (self.received.load(Ordering::Relaxed), Instant::now());
+        let store = self.store.clone();
+        let events = self.events.clone();
+        let lacks = self.lacks.subscribe();
+        let lease = self.lease.clone();
+        let started = self.started;
+        let origin_bytes = self.origin_bytes.clone();
+        // Asked before every request and as bytes arrive: a chunk a peer
+        // now holds, or a role that lapsed, stops the download of it.
+        let wanted = move |h: &Hash| {
+            let now = started.elapsed().as_millis() as u64;
+            now < lease.load(Ordering::Relaxed) && lacks.borrow().contains(h)
+        };
+        self.jobs.spawn(async move {
+            let mut counted = 0;
+            let mut stored = HashSet::new();
+            let result = fetch_missing(&source, &w.manifest, &store, wanted, |c| {
+                counted += c.size;
+                stored.insert(c.hash);
+                origin_bytes.fetch_add(c.size, Ordering::Relaxed);
+                let _ = events.try_send(FetcherEvent::Chunk(c.hash));
+            })
+            .await;
+            (
+                epoch,
+                Outcome::Download {
+                    result,
+                    counted,
+                    stored,
+                },
+            )
+        });
+    }
+
+    async fn finished(&mut self, epoch: u64, outcome: Outcome) {
+        let now = self.now_ms();
+        match outcome {
+            Outcome::Poll(result) => {
+                let signature = |source: &ManifestSource| {
+                    source
+                        .signature
+                        .clone()
+                        .and_then(|s| String::from_utf8(s).ok())
+                };
+                let ok = match &result {
+                    Ok(Poll::Unchanged) => true,
+                    Ok(Poll::Changed { source, .. }) => signature(source).is_some(),
+                    Err(_) => false,
+                };
+                if !self.plan.finished(epoch, ok, now, random()) {
+                    return;
+                }
+                match result {
+                    Ok(Poll::Unchanged) => self.origin_ok(),
+                    Ok(Poll::Changed { source, etag }) => match signature(&source) {
+                        None => self.failed(
+                            "the origin's release is not signed",
+                            format!("{}: no readable signature file beside it", source.location),
+                        ),
+                        Some(signature) => {
+                            self.etag = etag;
+                            self.origin_ok();
+                            let _ = self
+                                .events
+                                .send(FetcherEvent::Manifest {
+                                    location: source.location,
+                                    xml: source.bytes,
+                                    signature,
+                                })
+                                .await;
+                        }
+                    },
+                    Err(e) => self.failed("cannot read the origin's manifest", format!("{e:#}")),
+                }
+            }
+            Outcome::Download {
+                result,
+                counted,
+                stored,
+            } => {
+                if !self.plan.finished(epoch, result.is_ok(), now, random()) {
+                    return;
+                }
+                let _ = self.events.send(FetcherEvent::Ended).await;
+                match result {
+                    Ok(report) => {
+                        // The exact count, including bytes that were not a
+                        // whole chunk.
+                        self.origin_bytes.fetch_add(report.bytes, Ordering::Relaxed);
+                        self.origin_bytes.fetch_sub(counted, Ordering::Relaxed);
+                        self.origin_ok();
+                        let lacking = self.lacks.borrow().iter().any(|h| !stored.contains(h));
+                        if let Some((_, total)) = &mut self.downloading {
+                            *total += report.bytes;
+                        }
+                        if !lacking {
+                            if let Some((_, bytes)) = self.downloading.take() {
+                                info!(bytes, "download from the origin finished");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let what = match &e {
+                            FetchError::LocalDisk(_) => {
+                                "this node cannot store what the origin sends"
+                            }
+                            FetchError::Mismatch { .. } => {
+                                "the origin's files differ from its signed manifest"
+                            }
+                            _ => "download from the origin failed",
+                        };
+                        self.failed(what, format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A download that receives nothing for twice the stall timeout (its
+    /// route to the origin is gone) is an origin failure like any other:
+    /// it stops, backs off and says so, so the role moves on and stays
+    /// moved.
+    async fn watch_progress(&mut self) {
+        let received = self.received.load(Ordering::Relaxed);
+        if received != self.progress.0 {
+            self.progress = (received, Instant::now());
+            return;
+        }
+        let quiet = self.progress.1.elapsed();
+        if quiet < self.stall * 2 {
+            return;
+        }
+        self.jobs.abort_all();
+        self.plan.stop();
+        self.plan.failed(self.now_ms(), random());
+        let _ = self.events.send(FetcherEvent::Ended).await;
+        self.failed(
+            "the download from the origin makes no progress",
+            format!("no byte from the origin for {} s", quiet.as_secs()),
+        );
+    }
+
+    /// The origin answered as it should.
+    fn origin_ok(&mut self) {
+        let was = self.status.send_if_modified(|s| s.error.take().is_some());
+        if was {
+            info!("the origin answers again");
+        }
+    }
+
+    /// The origin (or this node's disk, holding what it sent) failed; the
+    /// rules wait longer each time in a row (5 s doubling, with jitter, at
+    /// most the poll interval or 5 minutes) before the origin is asked
+    /// anything again. One WARN per wait; the reason is in the status.
+    fn failed(&mut self, what: &str, reason: String) {
+        let wait = self.plan.retry_in_ms(self.now_ms()).unwrap_or_default();
+        warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait / 1000)), "{what}; backing off");
+        self.status.send_modify(|s| {
+            s.error = Some(reason);
+            s.failed_at = Some(Instant::now());
+        });
+    }
+}
+
+/// A random number for the fetcher's jitter.
+pub(crate) fn random() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}

@@ -1,0 +1,234 @@
+//! The fetcher election as this node sees it (who is live, who is
+//! failing, whom the site suspects), the duty it hands its own fetcher
+//! actor ([`crate::fetcher`]), a fetcher elsewhere that makes no progress
+//! passed over, and a node that was frozen listening again before it asks
+//! the origin anything.
+
+use super::*;
+
+impl Node {
+    pub(super) fn election(&self) -> Election {
+        if self.config.mdns {
+            Election::MDNS
+        } else {
+            Election::STATIC_PEERS
+        }
+    }
+
+    /// Whether this node has heard from every peer it is connected to, so
+    /// an election now would see the whole site.
+    pub(super) fn settled(&self) -> bool {
+        let ms = |d: Duration| d.as_millis() as u64;
+        self.election().settled(
+            ms(self.started.elapsed()),
+            self.peers.values().map(|p| {
+                (
+                    p.heartbeat.as_ref().map(|(at, _)| ms(at.elapsed())),
+                    ms(p.connected_at.elapsed()),
+                )
+            }),
+        )
+    }
+
+    /// Tells the fetcher whether this node is the site's fetcher and what
+    /// the site lacks; it polls the origin when a poll is due and downloads
+    /// what no node at the site holds. A node that stops being the fetcher
+    /// (a lower PeerId appeared) stops its download, and the chunks it got
+    /// stay at the site.
+    pub(super) fn fetcher_duties(&mut self) {
+        let woke = self
+            .woke_at
+            .is_some_and(|at| at.elapsed().as_millis() < u128::from(self.election().grace_ms));
+        let fetcher = self.is_fetcher() && self.settled() && !woke;
+        if fetcher != self.was_fetcher {
+            self.was_fetcher = fetcher;
+            if fetcher {
+                info!("this node is now the site's fetcher");
+            } else {
+                info!("another node is the site's fetcher now");
+            }
+        }
+        self.assign_duty();
+    }
+
+    /// Sends the fetcher its duty as of now (it never waits for it). Only
+    /// an acting fetcher needs to know what the site lacks: that looks at
+    /// every chunk, so others send less.
+    pub(super) fn assign_duty(&mut self) {
+        let now = self.now_ms();
+        let acting = self.was_fetcher;
+        let release = self.target.as_ref().filter(|_| acting).map(|t| Wanted {
+            hash: t.hash,
+            manifest: t.manifest.clone(),
+            lacking: std::sync::Arc::new(if t.transfer.is_done() {
+                Default::default()
+            } else {
+                t.transfer.unavailable(now)
+            }),
+            heard_all: self
+                .peers
+                .iter()
+                .all(|(p, info)| info.silent || t.peer_since.contains_key(p)),
+            adopted_at: t.adopted_at,
+            blocked: t.no_room.is_some(),
+        });
+        self.fetcher.assign(Duty {
+            acting,
+            confirmed: Some(Instant::now()),
+            release,
+        });
+    }
+
+    /// Notices that this node was frozen (no heartbeat tick for several
+    /// seconds: a paused VM, SIGSTOP, a swap storm). What it knew of the
+    /// site is old: its download stops, it asks every peer afresh what it
+    /// holds, and it does not act as the fetcher until it has heard the
+    /// site again, so it never fetches what a stand-in fetched meanwhile.
+    pub(super) fn notice_freeze(&mut self) {
+        let gap = self.last_tick.elapsed();
+        self.last_tick = Instant::now();
+        if gap < HEARTBEAT * 3 {
+            return;
+        }
+        warn!(
+            frozen_s = gap.as_secs(),
+            "this node was frozen; it listens to the site again before it talks to the origin"
+        );
+        self.was_fetcher = false;
+        self.woke_at = Some(Instant::now());
+        if let Some(t) = &mut self.target {
+            t.peer_since.clear();
+            t.adopted_at = Instant::now();
+        }
+        self.assign_duty();
+    }
+
+    /// Chunk notices from a download are best effort (a full queue drops
+    /// them); the store is the truth. It is read off the node's loop, and
+    /// what it holds arrives as [`Done::Held`].
+    pub(super) fn reconcile_store(&mut self) {
+        let Some(t) = &self.target else { return };
+        let unknown: Vec<Hash> = unique_chunks(&t.manifest.files)
+            .into_keys()
+            .filter(|h| !t.held.contains(h))
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let (store, tx, hash) = (self.store.clone(), self.done_tx.clone(), t.hash);
+        tokio::spawn(async move {
+            let held = tokio::task::spawn_blocking(move || {
+                unknown.into_iter().filter(|h| store.has(h)).collect()
+            })
+            .await
+            .unwrap_or_default();
+            let _ = tx.send(Done::Held(hash, held)).await;
+        });
+    }
+
+    /// The site's fetcher as this node sees it: among live nodes with an
+    /// origin, the lowest PeerId. A node heard only through others (not
+    /// connected to this one yet, as happens while mDNS is still finding the
+    /// site) counts as much as a peer: two nodes that have not met must not
+    /// both download. A peer this node banned for bad chunks does not
+    /// count: a fetcher that serves garbage would otherwise stall the site.
+    pub(super) fn fetcher(&self) -> Option<PeerId> {
+        let ms = |at: &Instant| at.elapsed().as_millis() as u64;
+        let by_site = self.suspected_by_site();
+        let suspect = |peer: &PeerId, hb: &Heartbeat| {
+            hb.origin_failing
+                || by_site.contains(peer)
+                || self
+                    .suspects
+                    .get(peer)
+                    .is_some_and(|at| at.elapsed() < FAILING_FOR)
+        };
+        let peers = self.peers.iter().filter_map(|(peer, info)| {
+            let (at, hb) = info.heartbeat.as_ref()?;
+            Some(Candidate {
+                id: *peer,
+                has_origin: hb.has_origin,
+                silent_ms: ms(at),
+                failing: suspect(peer, hb),
+            })
+        });
+        let heard = self.heard.iter().map(|(author, h)| Candidate {
+            id: *author,
+            has_origin: h.has_origin,
+            silent_ms: ms(&h.at),
+            failing: suspect(author, &h.heartbeat),
+        });
+        let now = self.now_ms();
+        let banned = |peer: &PeerId| {
+            self.target
+                .as_ref()
+                .is_some_and(|t| t.transfer.is_banned(peer, now))
+        };
+        let me = Candidate {
+            id: self.local,
+            has_origin: self.config.origin.is_some(),
+            silent_ms: 0,
+            failing: self.origin_failing() || by_site.contains(&self.local),
+        };
+        self.election()
+            .choose(std::iter::once(me).chain(peers.chain(heard).filter(|c| !banned(&c.id))))
+    }
+
+    /// Nodes that live nodes of the site say they saw make no progress as
+    /// the fetcher.
+    pub(super) fn suspected_by_site(&self) -> HashSet<PeerId> {
+        self.heard
+            .values()
+            .filter(|h| h.at.elapsed() < PEER_SILENT)
+            .flat_map(|h| h.heartbeat.suspects.iter())
+            .filter_map(|id| id.parse().ok())
+            .collect()
+    }
+
+    /// Whether this node's origin failed lately (an error, or a download
+    /// that received nothing for twice the stall timeout): it then gives
+    /// the fetcher role to the next node.
+    pub(super) fn origin_failing(&self) -> bool {
+        self.fetcher.status().failing()
+    }
+
+    /// Watches the fetcher this node would follow: while the site lacks
+    /// chunks only the origin has, a fetcher whose byte count from the
+    /// origin does not grow for four stall timeouts (its route to the
+    /// origin is down, it froze, or it lies about its role) is suspected
+    /// for [`FAILING_FOR`], and the next node takes over. Heartbeats alone
+    /// do not keep the role.
+    pub(super) fn watch_fetcher(&mut self) {
+        let choice = self.fetcher();
+        if self.choice.as_ref().map(|(p, _)| *p) != choice {
+            self.choice = choice.map(|p| (p, Instant::now()));
+        }
+        let (Some((fetcher, since)), Some(t)) = (self.choice, &self.target) else {
+            return;
+        };
+        if fetcher == self.local || t.transfer.is_done() {
+            return;
+        }
+        let now = self.now_ms();
+        if t.transfer.unavailable(now).is_empty() {
+            return;
+        }
+        let Some(heard) = self.heard.get(&fetcher) else {
+            return;
+        };
+        let patience = self.config.origin_stall * 4;
+        let quiet = [heard.progress_at, t.adopted_at, since]
+            .iter()
+            .map(Instant::elapsed)
+            .min()
+            .unwrap_or_default();
+        if quiet >= patience {
+            warn!(peer = %fetcher, quiet_s = quiet.as_secs(), "the site's fetcher takes nothing from the origin while the site lacks chunks; the next node takes over");
+            self.suspects.insert(fetcher, Instant::now());
+        }
+    }
+
+    pub(super) fn is_fetcher(&self) -> bool {
+        self.fetcher() == Some(self.local)
+    }
+}
