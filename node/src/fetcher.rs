@@ -160,6 +160,11 @@ pub struct Fetcher {
     downloading: Option<(Hash, u64)>,
     /// The received count at the last look, and when it last grew.
     progress: (u64, Instant),
+    cancel: CancellationToken,
+    /// The site's lack a download finished with: the same duty does not
+    /// start another one (the node sends a fresh one once it looked at
+    /// the store).
+    done_with: Option<Arc<BTreeSet<Hash>>>,
 }
 
 enum Outcome {
@@ -208,6 +213,8 @@ impl Fetcher {
             started: Instant::now(),
             downloading: None,
             progress: (0, Instant::now()),
+            cancel: CancellationToken::new(),
+            done_with: None,
         };
         let handle = FetcherHandle {
             duty: duty_tx,
@@ -221,6 +228,7 @@ impl Fetcher {
 
     /// Runs until cancelled or the node drops its handle.
     pub async fn run(mut self, cancel: CancellationToken) {
+        self.cancel = cancel.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -248,6 +256,15 @@ impl Fetcher {
         self.jobs.shutdown().await;
     }
 
+    /// Tells the node; a node that stopped taking events (it is stopping)
+    /// does not keep the fetcher from stopping.
+    async fn tell(&self, event: FetcherEvent) {
+        tokio::select! {
+            () = self.cancel.cancelled() => {}
+            _ = self.events.send(event) => {}
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -257,7 +274,10 @@ impl Fetcher {
     fn on_duty(&mut self) {
         let duty = self.duty.borrow_and_update().clone();
         let lease = match duty.confirmed.filter(|_| duty.acting) {
-            Some(at) => (at.saturating_duration_since(self.started) + LEASE).as_millis() as u64,
+            // A lease that ended before this actor started is over (0).
+            Some(at) => (at + LEASE)
+                .saturating_duration_since(self.started)
+                .as_millis() as u64,
             None => 0,
         };
         self.lease.store(lease, Ordering::Relaxed);
@@ -279,7 +299,11 @@ impl Fetcher {
         let view = View {
             acting,
             release: duty.release.as_ref().map(|w| ReleaseView {
-                lacking: !w.lacking.is_empty(),
+                lacking: !w.lacking.is_empty()
+                    && !self
+                        .done_with
+                        .as_ref()
+                        .is_some_and(|done| Arc::ptr_eq(done, &w.lacking)),
                 heard_all: w.heard_all,
                 adopted_ms_ago: w.adopted_at.elapsed().as_millis() as u64,
                 blocked: w.blocked,
@@ -292,7 +316,7 @@ impl Fetcher {
                 if !acting {
                     info!("not the site's fetcher any more: stopped talking to the origin");
                 }
-                let _ = self.events.send(FetcherEvent::Ended).await;
+                self.tell(FetcherEvent::Ended).await;
             }
             Step::Start(epoch, Job::Poll) => self.poll(epoch),
             Step::Start(epoch, Job::Download) => match duty.release {
@@ -412,14 +436,12 @@ impl Fetcher {
                         Some(signature) => {
                             self.etag = etag;
                             self.origin_ok();
-                            let _ = self
-                                .events
-                                .send(FetcherEvent::Manifest {
-                                    location: source.location,
-                                    xml: source.bytes,
-                                    signature,
-                                })
-                                .await;
+                            self.tell(FetcherEvent::Manifest {
+                                location: source.location,
+                                xml: source.bytes,
+                                signature,
+                            })
+                            .await;
                         }
                     },
                     Err(e) => self.failed("cannot read the origin's manifest", format!("{e:#}")),
@@ -433,7 +455,7 @@ impl Fetcher {
                 if !self.plan.finished(epoch, result.is_ok(), now, random()) {
                     return;
                 }
-                let _ = self.events.send(FetcherEvent::Ended).await;
+                self.tell(FetcherEvent::Ended).await;
                 match result {
                     Ok(report) => {
                         // The exact count, including bytes that were not a
@@ -441,6 +463,7 @@ impl Fetcher {
                         self.origin_bytes.fetch_add(report.bytes, Ordering::Relaxed);
                         self.origin_bytes.fetch_sub(counted, Ordering::Relaxed);
                         self.origin_ok();
+                        self.done_with = Some(self.lacks.borrow().clone());
                         let lacking = self.lacks.borrow().iter().any(|h| !stored.contains(h));
                         if let Some((_, total)) = &mut self.downloading {
                             *total += report.bytes;
@@ -485,7 +508,7 @@ impl Fetcher {
         self.jobs.abort_all();
         self.plan.stop();
         self.plan.failed(self.now_ms(), random());
-        let _ = self.events.send(FetcherEvent::Ended).await;
+        self.tell(FetcherEvent::Ended).await;
         self.failed(
             "the download from the origin makes no progress",
             format!("no byte from the origin for {} s", quiet.as_secs()),

@@ -810,10 +810,10 @@ impl Node {
                     }
                 }
             }
-            FetcherEvent::Ended => {
-                self.reconcile_store();
-                self.assign_duty();
-            }
+            // The fetcher hears what the site lacks once the store was
+            // looked at (`Done::Held`), so it does not ask the origin
+            // again for chunks whose notices were dropped.
+            FetcherEvent::Ended => self.reconcile_store(),
         }
     }
 
@@ -912,6 +912,7 @@ impl Node {
                         t.held_order.push(hash);
                     }
                 }
+                self.assign_duty();
             }
             Done::Staged(hash, result) => {
                 let Some(t) = self.target.as_mut().filter(|t| t.hash == hash) else {

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Soak on the LAN testbed (root): a site of NODES hosts (mDNS, one origin
 # behind a tbf-shaped uplink) takes RELEASES releases back to back, mixed
-# full and delta, while a chaos loop SIGKILLs and restarts random nodes,
+# full and delta, while a chaos loop SIGKILLs and restarts random nodes
+# (never node 0, whose figures show what a long uptime does),
 # takes the origin away for a while, and one node serves corrupted chunks
 # for a while. At the end: every node staged the last release (checked),
 # uplink bytes against the sum of each release's new-chunk bytes, and per
-# node RSS, open files and threads at releases 1, 10 and the last, and the
+# node RSS, open files and threads at releases 1, 10, 20 and the last, and the
 # idle CPU of the nodes between releases. Not part of CI.
 #
 #   tests/bench/soak.sh [NODES] [RELEASES] [UPLINK] [SIZE_MIB]
@@ -107,7 +108,8 @@ sample() { # LABEL
     local pid; pid=$(node_pid "$i")
     [ -n "$pid" ] || continue
     echo "$1 node$i rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")" \
-      "fds=$(ls "/proc/$pid/fd" | wc -l) threads=$(awk '/Threads/ {print $2}' "/proc/$pid/status")"
+      "fds=$(ls "/proc/$pid/fd" | wc -l) threads=$(awk '/Threads/ {print $2}' "/proc/$pid/status")" \
+      "up_s=$(ps -o etimes= -p "$pid" | tr -d ' ')"
   done | tee -a "$work/samples.txt"
 }
 idle_cpu() { # percent of a core per node over 10 s, nodes not restarted meanwhile
@@ -131,9 +133,9 @@ publish 1
 total_new=$(new_bytes 1)
 for i in $(seq 0 $((nodes - 1))); do start_node "$i"; done
 
-# The chaos loop: a random node killed (SIGKILL) and restarted every 20-40 s;
-# after a while the origin goes away for 90 s; node 1 serves corrupted
-# chunks for two minutes.
+# The chaos loop: a random node (not node 0) killed (SIGKILL) and restarted
+# every 20-40 s; after a while the origin goes away for 90 s; one node
+# serves corrupted chunks until it is killed again.
 (
   set +e
   round=0
@@ -141,7 +143,8 @@ for i in $(seq 0 $((nodes - 1))); do start_node "$i"; done
     sleep $((20 + RANDOM % 20))
     [ -e "$work/stop-chaos" ] && break
     round=$((round + 1))
-    v=$((RANDOM % nodes))
+    # Node 0 is never killed: its figures show what weeks of uptime do.
+    v=$((1 + RANDOM % (nodes - 1)))
     pid=$(node_pid "$v")
     [ -n "$pid" ] && kill -9 "$pid" && echo "chaos: killed node $v" >> "$work/chaos.log"
     sleep 5
@@ -172,7 +175,7 @@ for k in $(seq 1 "$releases"); do
     sleep 1
   done
   echo "release 1.$k staged on all $nodes nodes after $(( $(date +%s) - t0 )) s; origin served $(served) bytes so far"
-  case $k in 1|10|"$releases") sample "release $k";; esac
+  case $k in 1|10|20|"$releases") sample "release $k";; esac
 done
 # The chaos stops; once every node has settled, its idle CPU.
 touch "$work/stop-chaos"

@@ -105,7 +105,8 @@ impl Node {
 
     /// Chunk notices from a download are best effort (a full queue drops
     /// them); the store is the truth. It is read off the node's loop, and
-    /// what it holds arrives as [`Done::Held`].
+    /// what it holds arrives as [`Done::Held`]; the fetcher is told its
+    /// duty then.
     pub(super) fn reconcile_store(&mut self) {
         let Some(t) = &self.target else { return };
         let unknown: Vec<Hash> = unique_chunks(&t.manifest.files)
@@ -113,6 +114,7 @@ impl Node {
             .filter(|h| !t.held.contains(h))
             .collect();
         if unknown.is_empty() {
+            self.assign_duty();
             return;
         }
         let (store, tx, hash) = (self.store.clone(), self.done_tx.clone(), t.hash);
