@@ -27,6 +27,11 @@ pub(crate) struct Cli {
 
 impl Cli {
     /// The demo narrates for itself; other commands log at INFO.
+    /// Whether this command runs a node (a process that lives for months).
+    pub(crate) fn is_node(&self) -> bool {
+        matches!(self.command, Command::Node(_))
+    }
+
     pub(crate) fn default_log_level(&self) -> &'static str {
         match self.command {
             Command::Demo(_) => "error",

@@ -17,9 +17,12 @@ command -v curl > /dev/null || { echo "needs curl" >&2; exit 2; }
 cargo build --quiet --release -p lanup-cli
 # The corrupting node needs the fault hook, which only debug builds honour.
 cargo build --quiet -p lanup-cli
-lanup=$PWD/target/release/lanup
-faulty_lanup=$PWD/target/debug/lanup
 work=$(mktemp -d /tmp/lanup-soak.XXXX)
+# Copies: a build during the soak does not change the nodes it restarts.
+cp target/release/lanup "$work/lanup"
+cp target/debug/lanup "$work/lanup-debug"
+lanup=$work/lanup
+faulty_lanup=$work/lanup-debug
 id="ls$$"
 . tests/bench/testbed.sh
 cleanup() {
@@ -112,18 +115,18 @@ sample() { # LABEL
       "up_s=$(ps -o etimes= -p "$pid" | tr -d ' ')"
   done | tee -a "$work/samples.txt"
 }
-idle_cpu() { # percent of a core per node over 10 s, nodes not restarted meanwhile
+idle_cpu() { # percent of a core per node over 60 s, nodes not restarted meanwhile
   local -A t0
   for i in $(seq 0 $((nodes - 1))); do
     local pid; pid=$(node_pid "$i"); [ -n "$pid" ] || continue
     t0[$i]="$pid $(awk '{print $14 + $15}' "/proc/$pid/stat")"
   done
-  sleep 10
+  sleep 60
   for i in "${!t0[@]}"; do
     read -r pid t <<< "${t0[$i]}"
     [ -e "/proc/$pid/stat" ] || continue
     local t1; t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-    echo "node$i $(calc "($t1 - $t) / $(getconf CLK_TCK) / 10 * 100")%"
+    echo "node$i $(calc "($t1 - $t) / $(getconf CLK_TCK) / 60 * 100")%"
   done
 }
 
@@ -154,6 +157,9 @@ for i in $(seq 0 $((nodes - 1))); do start_node "$i"; done
       start_node "$v"; echo "chaos: node $v restarted" >> "$work/chaos.log"
     fi
     if [ $round = 6 ]; then
+      # The origin counts from zero when it starts again: what it served
+      # so far is kept.
+      served >> "$work/served-earlier"
       for p in $(ip netns pids "$origin_ns"); do kill "$p"; done
       echo "chaos: origin away" >> "$work/chaos.log"
       sleep 90
@@ -174,20 +180,22 @@ for k in $(seq 1 "$releases"); do
     [ $(( $(date +%s) - t0 )) -gt 900 ] && { echo "release 1.$k: not staged everywhere after 900 s" >&2; KEEP=1; exit 1; }
     sleep 1
   done
-  echo "release 1.$k staged on all $nodes nodes after $(( $(date +%s) - t0 )) s; origin served $(served) bytes so far"
+  echo "release 1.$k staged on all $nodes nodes after $(( $(date +%s) - t0 )) s; origin served $(served) bytes since it last started"
   case $k in 1|10|20|"$releases") sample "release $k";; esac
 done
 # The chaos stops; once every node has settled, its idle CPU.
 touch "$work/stop-chaos"
 wait "$chaos_pid" 2> /dev/null || true
 chaos_pid=
-sleep 15
+sleep 30
 idle_cpu | sed 's/^/idle cpu (no release under way): /'
 for i in $(seq 0 $((nodes - 1))); do
   "$lanup" verify --manifest "$work/www" --dir "$work/n$i/staging/1.$releases" --trust "$public" > /dev/null \
     || { echo "node $i staged wrong bytes" >&2; exit 1; }
 done
-total=$(served)
+total=$(( $(served) + $(awk '{ s += $1 } END { print s + 0 }' "$work/served-earlier" 2> /dev/null || echo 0) ))
+wire=$(tc -n "$origin_ns" -s qdisc show dev eth0 | grep -o 'Sent [0-9]*' | head -1 | cut -d' ' -f2)
+echo "uplink: $wire bytes on the wire (headers included)"
 echo "soak: $releases releases in $(( $(date +%s) - t_begin )) s; every node verified on 1.$releases;" \
   "origin served $total bytes for $total_new bytes of new chunks ($(calc "$total / $total_new") x)"
 cat "$work/chaos.log"
