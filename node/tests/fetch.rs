@@ -2,11 +2,14 @@
 //! only missing chunks cross, every chunk is verified, files assemble to
 //! their manifest hashes.
 
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
+use common::pseudo_random;
 use lanup_node::fetch::{assemble, fetch_missing, FetchError};
 use lanup_node::origin::Origin;
 use lanup_node::release::{publish, verify_dir, ManifestSource, PublishOptions};
@@ -17,19 +20,6 @@ use lanup_protocol::plan::origin_requests;
 use lanup_protocol::sign::SecretKey;
 use lanup_protocol::Manifest;
 use time::OffsetDateTime;
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len.div_ceil(8))
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .take(len)
-        .collect()
-}
 
 fn publish_dir(
     app: &Path,

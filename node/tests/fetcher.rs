@@ -4,11 +4,14 @@
 //! lacks, stops the moment the role is gone, and never downloads on a lease
 //! the node did not renew (a node that was frozen).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::pseudo_random;
 use lanup_node::fetcher::{Duty, Fetcher, FetcherEvent, Wanted};
 use lanup_node::origin::Origin;
 use lanup_node::release::{publish, PublishOptions};
@@ -21,19 +24,6 @@ use lanup_protocol::{Hash, Manifest};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len.div_ceil(8))
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .take(len)
-        .collect()
-}
 
 /// The next event within `wait`, or why none came.
 async fn next(events: &mut mpsc::Receiver<FetcherEvent>, wait: Duration) -> Result<FetcherEvent> {
