@@ -88,6 +88,7 @@ const STALLS_TO_DISTRUST: u32 = 3;
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
+
 /// The heartbeat every node gossips.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Heartbeat {
@@ -218,7 +219,8 @@ struct Node {
     disk_failures: u32,
     disk_paused_until: Option<Instant>,
     disk_error: Option<String>,
-    /// Whether this node was the fetcher at the last look (for the log).
+    /// Whether this node acts as the site's fetcher (it is elected, and has
+    /// heard the site since it started or woke): the fetcher's duty.
     was_fetcher: bool,
     /// The last heartbeat tick, to notice a node that was frozen, and
     /// when it woke from that.
