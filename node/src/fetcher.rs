@@ -38,6 +38,10 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// the fetcher role); then it may try again.
 pub const FAILING_FOR: Duration = Duration::from_secs(600);
 
+/// A fetcher that took up no duty for this long, while the node sent
+/// them, is wedged: the node stops pinging the service manager's watchdog.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
 /// What the node asks of its fetcher. Sent whenever it changes, and with
 /// every heartbeat while this node is the site's fetcher: that renews the
 /// download's lease.
@@ -48,6 +52,8 @@ pub struct Duty {
     pub acting: bool,
     /// When the node last said so.
     pub confirmed: Option<Instant>,
+    /// Set by [`FetcherHandle::assign`]: which duty this is.
+    pub serial: u64,
     /// The release the node moves towards, while it acts.
     pub release: Option<Wanted>,
 }
@@ -111,12 +117,34 @@ pub struct FetcherHandle {
     pub received: Arc<AtomicU64>,
     /// Bytes of chunks taken from the origin (exact once a download ends).
     pub origin_bytes: Arc<AtomicU64>,
+    /// Duties sent, and the number of the last one the fetcher took up
+    /// (with when that last changed): a fetcher that stops taking them
+    /// up is wedged.
+    sent: std::cell::Cell<u64>,
+    taken: Arc<AtomicU64>,
+    taken_seen: std::cell::Cell<(u64, Instant)>,
 }
 
 impl FetcherHandle {
     /// Tells the fetcher what is asked of it now.
     pub fn assign(&self, duty: Duty) {
-        self.duty.send_replace(duty);
+        self.sent.set(self.sent.get() + 1);
+        self.duty.send_replace(Duty {
+            serial: self.sent.get(),
+            ..duty
+        });
+    }
+
+    /// Whether the fetcher takes up its duties: it has taken up the last
+    /// one, or another within [`ANSWER_WITHIN`].
+    pub fn answers(&self) -> bool {
+        let taken = self.taken.load(Ordering::Relaxed);
+        let (seen, at) = self.taken_seen.get();
+        if taken != seen {
+            self.taken_seen.set((taken, Instant::now()));
+            return true;
+        }
+        taken == self.sent.get() || at.elapsed() < ANSWER_WITHIN
     }
 
     /// Asks for a poll of the origin now (`lanup check`); false when one
@@ -161,6 +189,8 @@ pub struct Fetcher {
     /// The received count at the last look, and when it last grew.
     progress: (u64, Instant),
     cancel: CancellationToken,
+    /// The serial of the last duty taken up.
+    taken: Arc<AtomicU64>,
     /// The site's lack a download finished with: the same duty does not
     /// start another one (the node sends a fresh one once it looked at
     /// the store).
@@ -193,7 +223,9 @@ impl Fetcher {
         let (events_tx, events) = mpsc::channel(1024);
         let received = Arc::new(AtomicU64::new(0));
         let origin_bytes = Arc::new(AtomicU64::new(0));
+        let taken = Arc::new(AtomicU64::new(0));
         let fetcher = Fetcher {
+            taken: taken.clone(),
             origin,
             http: Origin::client(stall)?,
             wan,
@@ -222,6 +254,9 @@ impl Fetcher {
             status,
             received,
             origin_bytes,
+            sent: std::cell::Cell::new(0),
+            taken: taken.clone(),
+            taken_seen: std::cell::Cell::new((0, Instant::now())),
         };
         Ok((fetcher, handle, events))
     }
@@ -273,6 +308,7 @@ impl Fetcher {
     /// under way learns what the site lacks now.
     fn on_duty(&mut self) {
         let duty = self.duty.borrow_and_update().clone();
+        self.taken.store(duty.serial, Ordering::Relaxed);
         let lease = match duty.confirmed.filter(|_| duty.acting) {
             // A lease that ended before this actor started is over (0).
             Some(at) => (at + LEASE)

@@ -20,5 +20,6 @@ pub mod network;
 pub mod node;
 pub mod origin;
 pub mod release;
+pub mod service;
 pub mod store;
 pub mod throttle;

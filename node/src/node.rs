@@ -306,6 +306,7 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    let mut notifier = crate::service::Notifier::from_env();
     std::fs::create_dir_all(&config.state)
         .with_context(|| format!("cannot create state directory {}", config.state.display()))?;
     crate::control::ensure_alone(&config.state)?;
@@ -454,6 +455,8 @@ pub async fn run(
     for ticks in [&mut schedule, &mut have] {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
+    // Recovered, listening on the control socket, the swarm running.
+    notifier.ready();
     tokio::pin!(shutdown);
     let mut failure = None;
     loop {
@@ -467,7 +470,13 @@ pub async fn run(
             Some(hash) = damaged.recv() => node.chunk_lost(hash),
             _ = heartbeat.tick() => {
                 node.notice_freeze();
+                wedge_fault(&node.started);
+                // Sending the heartbeat waits for the swarm's answer: a
+                // heartbeat sent means this loop and the swarm run.
                 node.heartbeat().await;
+                if node.fetcher.answers() {
+                    notifier.alive();
+                }
                 node.notice_silence();
                 node.prune();
                 node.watch_fetcher();
@@ -492,6 +501,7 @@ pub async fn run(
         }
     }
     info!("node stopping");
+    notifier.stopping();
     cancel.cancel();
     // What the audit log's writer still holds is written before the node
     // ends.
@@ -1010,6 +1020,25 @@ impl Node {
             }
         }
     }
+}
+
+/// With the `fault-injection` feature (tests only),
+/// `LANUP_FAULT_WEDGE_AFTER_S=N` blocks the node's loop for good N seconds
+/// after it started: a wedged node, which must stop pinging the watchdog.
+fn wedge_fault(started: &Instant) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("LANUP_FAULT_WEDGE_AFTER_S")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .is_some_and(|s| started.elapsed() >= Duration::from_secs(s))
+    {
+        warn!("fault injected: the node's loop is wedged");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = started;
 }
 
 /// Runs `part` until it ends or `cancel` fires.

@@ -92,6 +92,7 @@ async fn does_its_duty_and_stops_when_the_role_or_the_lease_is_gone() -> Result<
         acting: true,
         confirmed: Some(Instant::now()),
         release,
+        serial: 0,
     };
     handle.assign(acting(None));
     let FetcherEvent::Manifest { xml, .. } = next(&mut events, Duration::from_secs(10)).await?
@@ -141,6 +142,7 @@ async fn does_its_duty_and_stops_when_the_role_or_the_lease_is_gone() -> Result<
         acting: true,
         confirmed: Instant::now().checked_sub(Duration::from_secs(10)),
         release: Some(wanted(&manifest, lacking)),
+        serial: 0,
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(

@@ -13,6 +13,7 @@ mod lan;
 mod origin;
 mod publish;
 mod rollout;
+mod service;
 mod swarm;
 mod testbed;
 mod unattended;

@@ -76,6 +76,7 @@ impl Node {
             acting,
             confirmed: Some(Instant::now()),
             release,
+            serial: 0,
         });
     }
 
