@@ -273,7 +273,8 @@ impl LocalNode {
 
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
-    /// The node's TOML configuration (see lanup.sample.toml); flags override it.
+    /// The node's TOML configuration (see lanup.sample.toml); flags override
+    /// it [default: /etc/lanup/lanup.toml, when it exists].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// State directory: identity, chunk store, staging [default: /var/lib/lanup].
@@ -317,6 +318,10 @@ struct NodeArgs {
     /// Do not look for peers by mDNS (static --peer addresses only).
     #[arg(long)]
     no_mdns: bool,
+    /// How long a new lanup has to come up and hear the site again before
+    /// the old one is put back (default 60s).
+    #[arg(long, value_name = "DURATION")]
+    self_update_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -332,8 +337,13 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Node(args) => {
+            let default = Path::new(lanup_node::config::DEFAULT_CONFIG);
+            let file = args
+                .config
+                .as_deref()
+                .or_else(|| default.exists().then_some(default));
             let config = lanup_node::config::NodeConfig::resolve(
-                args.config.as_deref(),
+                file,
                 lanup_node::config::Overrides {
                     state: args.state,
                     listen: Some(args.listen),
@@ -348,11 +358,25 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     poll_interval: args.poll_interval,
                     origin_stall_timeout: args.origin_stall_timeout,
                     mdns: args.no_mdns.then_some(false),
+                    self_update_timeout: args.self_update_timeout,
                     app: None,
                 },
             )?;
-            runtime()?.block_on(lanup_node::node::run(config, shutdown_signal()))?;
-            Ok(ExitCode::SUCCESS)
+            let state = config.state.clone();
+            let rt = runtime()?;
+            match rt.block_on(lanup_node::node::run(config, shutdown_signal()))? {
+                lanup_node::node::Exit::Stopped => Ok(ExitCode::SUCCESS),
+                // Returns only when stopped during the trial, or when no
+                // lanup could be executed.
+                lanup_node::node::Exit::Update(handover) => {
+                    rt.block_on(lanup_node::upgrade::hand_over(
+                        &state,
+                        *handover,
+                        shutdown_signal(),
+                    ))?;
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
         }
         Command::Status { node, json } => {
             let answer = node.ask(ControlRequest::Status)?;
@@ -560,9 +584,22 @@ pub(crate) fn follow(node: &LocalNode, timeout: std::time::Duration) -> Result<F
     let mut bars = RolloutBars::default();
     let mut last_stage = String::new();
     let deadline = std::time::Instant::now() + timeout;
+    // A node that installs a new lanup is away for a few seconds.
+    const AWAY: std::time::Duration = std::time::Duration::from_secs(90);
+    let mut answered = std::time::Instant::now();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let status = node.ask(ControlRequest::Status)?;
+        let status = match node.ask(ControlRequest::Status) {
+            Ok(status) => {
+                answered = std::time::Instant::now();
+                status
+            }
+            Err(e) if answered.elapsed() < AWAY && std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %format!("{e:#}"), "the node does not answer; asking again");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if std::time::Instant::now() >= deadline {
             bars.finish();
             let version = status["rollout"]["version"].as_str().unwrap_or("?");
@@ -573,7 +610,7 @@ pub(crate) fn follow(node: &LocalNode, timeout: std::time::Duration) -> Result<F
                 status["rollout"]["action"].as_str().unwrap_or("rollout"),
             );
             for n in status["nodes"].as_array().into_iter().flatten() {
-                if n["installed_version"].as_str() == Some(version) {
+                if runs(&status, n) {
                     continue;
                 }
                 eprintln!(
@@ -619,6 +656,18 @@ pub(crate) fn follow(node: &LocalNode, timeout: std::time::Duration) -> Result<F
     }
 }
 
+/// Whether node `n` of a status answer runs the release its rollout
+/// installs (its application's, or for a lanup release its lanup's).
+fn runs(status: &serde_json::Value, n: &serde_json::Value) -> bool {
+    let r = &status["rollout"];
+    let field = if r["lanup"] == true {
+        "lanup_version"
+    } else {
+        "installed_version"
+    };
+    r["version"].is_string() && n[field] == r["version"]
+}
+
 /// One progress bar per node while a rollout runs: the release's bytes as
 /// they arrive, then the apply's steps. On a terminal only; elsewhere each
 /// node's changes are printed as lines.
@@ -652,7 +701,7 @@ impl RolloutBars {
         for n in status["nodes"].as_array().into_iter().flatten() {
             let id = n["peer_id"].as_str().unwrap_or("?").to_owned();
             let short = short_id(&id);
-            let what = if n["installed_version"] == version {
+            let what = if runs(status, n) {
                 format!("installed {version}")
             } else if let Some(step) = n["apply_step"].as_str() {
                 format!("applying: {step}")
@@ -829,8 +878,8 @@ fn print_status(answer: &serde_json::Value) {
         }
     }
     println!(
-        "{:<13} {:<10} {:<24} {:<18} {:>11} {:>10}  LAST ERROR",
-        "NODE", "VERSION", "STATE", "PROGRESS", "FROM ORIGIN", "LAST SEEN"
+        "{:<13} {:<10} {:<8} {:<24} {:<18} {:>11} {:>10}  LAST ERROR",
+        "NODE", "VERSION", "LANUP", "STATE", "PROGRESS", "FROM ORIGIN", "LAST SEEN"
     );
     for n in &nodes {
         let mut id = short_id(n["peer_id"].as_str().unwrap_or("?"));
@@ -860,9 +909,10 @@ fn print_status(answer: &serde_json::Value) {
             .as_str()
             .map_or("-".to_owned(), |e| format!("last apply failed: {e}"));
         println!(
-            "{:<13} {:<10} {:<24} {:<18} {:>11} {:>10}  {}",
+            "{:<13} {:<10} {:<8} {:<24} {:<18} {:>11} {:>10}  {}",
             id,
             n["installed_version"].as_str().unwrap_or("-"),
+            n["lanup_version"].as_str().unwrap_or("?"),
             node_doing(n),
             progress,
             format_bytes(n["origin_bytes"].as_u64().unwrap_or(0)),

@@ -125,10 +125,13 @@ impl Site {
             site.apps.extend(config.app.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             site.stops.push(stop);
-            site.tasks
-                .push(site.rt.spawn(lanup_node::node::run(config, async {
+            site.tasks.push(site.rt.spawn(async move {
+                lanup_node::node::run(config, async {
                     let _ = stopped.await;
-                })));
+                })
+                .await
+                .map(|_| ())
+            }));
         }
         Ok(site)
     }

@@ -7,10 +7,19 @@ mod demo;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let cli = commands::Cli::parse();
+    // `lanup --version` and `lanup node --version` say the version the
+    // node reports in `lanup status`.
+    let matches = commands::Cli::command()
+        .version(lanup_node::upgrade::version())
+        .mut_subcommand("node", |node| node.version(lanup_node::upgrade::version()))
+        .get_matches();
+    let cli = match commands::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if cli.is_node() {
         steady_allocator();
     }

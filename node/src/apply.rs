@@ -65,7 +65,7 @@ pub const FAULT_POINTS: &[&str] = &[
 /// With the `fault-injection` feature (tests only), `LANUP_FAULT=POINT`
 /// makes the node kill itself with SIGKILL when it reaches POINT: a crash
 /// exactly there, with nothing flushed or cleaned up.
-fn fault(point: &str) {
+pub(crate) fn fault(point: &str) {
     #[cfg(feature = "fault-injection")]
     if std::env::var("LANUP_FAULT").is_ok_and(|p| p == point) {
         let _ =

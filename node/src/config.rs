@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// Where a node keeps its identity, chunk store, staging area and control
 /// socket when nothing else is said.
 pub const DEFAULT_STATE: &str = "/var/lib/lanup";
+/// The configuration `lanup node` reads when given no `--config`, as the
+/// package installs it.
+pub const DEFAULT_CONFIG: &str = "/etc/lanup/lanup.toml";
 /// The port nodes listen on by default, so static peer lists can name it.
 pub const DEFAULT_PORT: u16 = 4710;
 
@@ -40,6 +43,9 @@ pub struct ConfigFile {
     pub origin_stall_timeout: Option<String>,
     /// Find peers by mDNS on the LAN (default true).
     pub mdns: Option<bool>,
+    /// How long a new lanup has to come up and hear the site again before
+    /// the old one is put back (default 60s).
+    pub self_update_timeout: Option<String>,
     /// The application this node installs and restarts.
     pub app: Option<AppFile>,
 }
@@ -118,6 +124,8 @@ pub struct NodeConfig {
     pub origin_stall: Duration,
     /// mDNS discovery on every non-loopback interface.
     pub mdns: bool,
+    /// How long a new lanup has to prove itself.
+    pub self_update_timeout: Duration,
     pub app: Option<AppConfig>,
 }
 
@@ -157,6 +165,7 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         poll_interval: flags.poll_interval.or(file.poll_interval),
         origin_stall_timeout: flags.origin_stall_timeout.or(file.origin_stall_timeout),
         mdns: flags.mdns.or(file.mdns),
+        self_update_timeout: flags.self_update_timeout.or(file.self_update_timeout),
         app: flags.app.or(file.app),
     }
 }
@@ -292,6 +301,11 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             Duration::from_secs(60),
         )?,
         mdns: c.mdns.unwrap_or(true),
+        self_update_timeout: duration(
+            "self_update_timeout",
+            c.self_update_timeout,
+            Duration::from_secs(60),
+        )?,
         app: c.app.map(resolve_app).transpose()?,
     })
 }

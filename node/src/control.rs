@@ -154,6 +154,14 @@ async fn answer(stream: UnixStream, node: mpsc::Sender<Incoming>) -> Result<()> 
     Ok(())
 }
 
+/// How long a node may take to say anything on its control socket: a node
+/// whose loop is wedged must not hang the CLI. An apply sends a line per
+/// step; its steps wait for the application ([`APPLY_LINE_TIMEOUT`]).
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest an apply step may take: stopping the application, its
+/// health wait and its health command, with room to spare.
+pub const APPLY_LINE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Sends `request` to the node whose state directory is `state`; returns
 /// its answer (the last line, for an answer given step by step).
 pub async fn ask(state: &Path, request: ControlRequest) -> Result<serde_json::Value> {
@@ -161,27 +169,49 @@ pub async fn ask(state: &Path, request: ControlRequest) -> Result<serde_json::Va
 }
 
 /// Sends `request` and hands every line of the answer to `each` as it
-/// arrives; returns the last one.
+/// arrives; returns the last one. A node that says nothing for
+/// [`LINE_TIMEOUT`] ([`APPLY_LINE_TIMEOUT`] during an apply) is reported,
+/// not waited for.
 pub async fn ask_each(
     state: &Path,
     request: ControlRequest,
     mut each: impl FnMut(&serde_json::Value),
 ) -> Result<serde_json::Value> {
     let path = socket_path(state);
-    let stream = UnixStream::connect(&path).await.with_context(|| {
-        format!(
-            "no node answers on {} (is `lanup node --state {}` running?)",
+    let patience = match request {
+        ControlRequest::Apply { .. } => APPLY_LINE_TIMEOUT,
+        _ => LINE_TIMEOUT,
+    };
+    let no_answer = || {
+        anyhow::anyhow!(
+            "the node on {} accepts connections but has not answered for {} s; it may be wedged (see its log; systemd's watchdog restarts a wedged node)",
             path.display(),
-            state.display()
+            patience.as_secs()
         )
-    })?;
+    };
+    let stream = tokio::time::timeout(patience, UnixStream::connect(&path))
+        .await
+        .map_err(|_| no_answer())?
+        .with_context(|| {
+            format!(
+                "no node answers on {} (is `lanup node --state {}` running?)",
+                path.display(),
+                state.display()
+            )
+        })?;
     let (read, mut write) = stream.into_split();
-    write
-        .write_all(format!("{}\n", serde_json::to_string(&request)?).as_bytes())
-        .await?;
+    tokio::time::timeout(
+        patience,
+        write.write_all(format!("{}\n", serde_json::to_string(&request)?).as_bytes()),
+    )
+    .await
+    .map_err(|_| no_answer())??;
     let mut lines = BufReader::new(read).lines();
     let mut last = None;
-    while let Some(line) = lines.next_line().await? {
+    while let Some(line) = tokio::time::timeout(patience, lines.next_line())
+        .await
+        .map_err(|_| no_answer())??
+    {
         let value: serde_json::Value =
             serde_json::from_str(line.trim()).context("malformed answer from the node")?;
         each(&value);

@@ -23,3 +23,4 @@ pub mod release;
 pub mod service;
 pub mod store;
 pub mod throttle;
+pub mod upgrade;

@@ -102,6 +102,9 @@ struct Heartbeat {
     origin_bytes: u64,
     #[serde(default)]
     installed_version: Option<String>,
+    /// The lanup the sender runs.
+    #[serde(default)]
+    lanup_version: Option<String>,
     /// `applying`, or how the last apply ended: `committed`,
     /// `rolled-back`, `failed`.
     #[serde(default)]
@@ -197,6 +200,9 @@ enum Done {
 }
 
 struct Node {
+    /// Set when this node's wave of a lanup release came: the node stops
+    /// and hands over to the new lanup.
+    leaving: Option<crate::upgrade::Handover>,
     config: NodeConfig,
     net: NetworkClient,
     store: ChunkStore,
@@ -301,15 +307,33 @@ fn identity(state: &std::path::Path) -> Result<SecretKey> {
     crate::keys::load_secret(&path)
 }
 
-/// Runs a node until `shutdown` completes.
+/// Why a node stopped.
+#[derive(Debug)]
+pub enum Exit {
+    /// It was asked to.
+    Stopped,
+    /// Its wave of a lanup release came: the caller hands over to the new
+    /// lanup with [`crate::upgrade::hand_over`].
+    Update(Box<crate::upgrade::Handover>),
+}
+
+/// Runs a node until `shutdown` completes, or until it must hand over to a
+/// new lanup.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+) -> Result<Exit> {
     let mut notifier = crate::service::Notifier::from_env();
+    // Where this lanup is installed, before anything can rename it.
+    let _ = crate::upgrade::binary();
     std::fs::create_dir_all(&config.state)
         .with_context(|| format!("cannot create state directory {}", config.state.display()))?;
     crate::control::ensure_alone(&config.state)?;
+    // An update of lanup itself cut short is resolved first (a trial node
+    // leaves it to the node that started it).
+    if !crate::upgrade::on_trial() {
+        crate::upgrade::recover(&config.state)?;
+    }
     let key = identity(&config.state)?;
     // An interrupted apply is resolved before anything else.
     let applier = config
@@ -325,7 +349,14 @@ pub async fn run(
         }
     }
     let installed = crate::apply::read_installed(&config.state)?;
-    let last_apply = applier.as_ref().and_then(Applier::last);
+    // The newer of the application's last apply and lanup's own update.
+    let lanup_last = crate::upgrade::last(&config.state);
+    let last_apply = applier
+        .as_ref()
+        .and_then(Applier::last)
+        .into_iter()
+        .chain(lanup_last.clone())
+        .max_by_key(|o| o.finished_at);
     let psk = match &config.psk {
         None => None,
         Some(path) => Some(
@@ -395,6 +426,7 @@ pub async fn run(
     )?;
     children.spawn(fetcher.run(cancel.clone()));
     let mut node = Node {
+        leaving: None,
         config,
         net,
         store,
@@ -421,9 +453,12 @@ pub async fn run(
         applier,
         installed: installed.map(|i| i.manifest),
         applying: None,
+        // A lanup release that did not install is not tried again either:
+        // each try stops the node.
         failed_releases: last_apply
             .iter()
             .filter(|o| o.ending == Ending::RolledBack)
+            .chain(lanup_last.iter().filter(|o| o.ending != Ending::Committed))
             .map(|o| o.version.clone())
             .collect(),
         last_apply,
@@ -474,6 +509,10 @@ pub async fn run(
                 // Sending the heartbeat waits for the swarm's answer: a
                 // heartbeat sent means this loop and the swarm run.
                 node.heartbeat().await;
+                if crate::upgrade::orphaned() {
+                    failure = Some(anyhow::anyhow!("the node that started this trial of a new lanup is gone"));
+                    break;
+                }
                 if node.fetcher.answers() {
                     notifier.alive();
                 }
@@ -499,10 +538,14 @@ pub async fn run(
             }
             _ = have.tick(), if node.moving() => node.ask_have(),
         }
+        if node.leaving.is_some() {
+            break;
+        }
     }
     info!("node stopping");
     notifier.stopping();
     cancel.cancel();
+    let leaving = node.leaving.take();
     // What the audit log's writer still holds is written before the node
     // ends.
     drop(node);
@@ -513,9 +556,10 @@ pub async fn run(
     {
         warn!("parts of the node did not stop within 5 s");
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match (failure, leaving) {
+        (Some(e), _) => Err(e),
+        (None, Some(handover)) => Ok(Exit::Update(Box::new(handover))),
+        (None, None) => Ok(Exit::Stopped),
     }
 }
 
@@ -534,6 +578,24 @@ impl Node {
 
     fn installed_name(&self) -> Option<String> {
         self.installed.as_ref().map(Manifest::release_name)
+    }
+
+    /// Whether this node runs `manifest`'s release: lanup's own version for
+    /// a lanup release, the installed application's otherwise.
+    fn runs(&self, manifest: &Manifest) -> bool {
+        if crate::upgrade::is_lanup(manifest) {
+            manifest.release_name() == crate::upgrade::version()
+        } else {
+            self.installed_name() == Some(manifest.release_name())
+        }
+    }
+
+    /// Whether the release `version` this node knows of is lanup's own.
+    fn is_lanup_release(&self, version: &str) -> bool {
+        self.target
+            .as_ref()
+            .filter(|t| t.manifest.release_name() == version)
+            .is_some_and(|t| crate::upgrade::is_lanup(&t.manifest))
     }
 }
 
@@ -1049,7 +1111,7 @@ async fn until(cancel: tokio_util::sync::CancellationToken, part: impl std::futu
     }
 }
 
-fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

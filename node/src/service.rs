@@ -25,23 +25,27 @@ pub struct Notifier {
 impl Notifier {
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` (a
     /// watchdog meant for another process is not this one's).
+    /// A new lanup on trial says nothing: the node that started it is the
+    /// service until the new one is proven.
     pub fn from_env() -> Notifier {
-        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
-            let path = path.to_string_lossy().into_owned();
-            let address = match path.strip_prefix('@') {
-                Some(name) => abstract_address(name),
-                None => SocketAddr::from_pathname(&path).ok(),
-            };
-            let socket = UnixDatagram::unbound().ok()?;
-            socket.set_nonblocking(true).ok()?;
-            match address {
-                Some(address) => Some((socket, address)),
-                None => {
-                    warn!(socket = %path, "NOTIFY_SOCKET is not an address this node can use");
-                    None
+        let socket = std::env::var_os("NOTIFY_SOCKET")
+            .filter(|_| !crate::upgrade::on_trial())
+            .and_then(|path| {
+                let path = path.to_string_lossy().into_owned();
+                let address = match path.strip_prefix('@') {
+                    Some(name) => abstract_address(name),
+                    None => SocketAddr::from_pathname(&path).ok(),
+                };
+                let socket = UnixDatagram::unbound().ok()?;
+                socket.set_nonblocking(true).ok()?;
+                match address {
+                    Some(address) => Some((socket, address)),
+                    None => {
+                        warn!(socket = %path, "NOTIFY_SOCKET is not an address this node can use");
+                        None
+                    }
                 }
-            }
-        });
+            });
         let ours = std::env::var("WATCHDOG_PID")
             .map_or(true, |pid| pid.trim() == std::process::id().to_string());
         let every = std::env::var("WATCHDOG_USEC")

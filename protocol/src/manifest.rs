@@ -385,6 +385,19 @@ impl Manifest {
         }
     }
 
+    /// Which of two releases a site that moves one release at a time takes
+    /// up: of one application the greater version (or date); of different
+    /// applications (the site's application and lanup itself), the one
+    /// published later, so that every node settles on the same one whatever
+    /// order it heard them in.
+    pub fn compare_succession(&self, other: &Manifest) -> Ordering {
+        if self.restart.app_name == other.restart.app_name {
+            self.compare_release(other)
+        } else {
+            self.update_time.cmp(&other.update_time)
+        }
+    }
+
     /// The version, or the update date when there is none.
     pub fn release_name(&self) -> String {
         match (&self.version, self.update_time) {

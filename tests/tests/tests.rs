@@ -17,3 +17,4 @@ mod service;
 mod swarm;
 mod testbed;
 mod unattended;
+mod upgrade;

@@ -134,7 +134,15 @@ impl Node {
                 }
             };
         let hash = Hash::of(&source.bytes);
-        if let Some(installed) = &self.installed {
+        if crate::upgrade::is_lanup(&manifest) {
+            let running = crate::upgrade::version()
+                .parse::<lanup_protocol::Version>()
+                .ok();
+            if manifest.version.is_some() && manifest.version < running {
+                warn!(source = from, release = %manifest.release_name(), running = crate::upgrade::version(), "refused lanup release: older than the lanup this node runs");
+                return MessageAcceptance::Ignore;
+            }
+        } else if let Some(installed) = &self.installed {
             if manifest.compare_release(installed) == std::cmp::Ordering::Less {
                 warn!(source = from, release = %manifest.release_name(), installed = %installed.release_name(), "refused release: older than the installed one");
                 return MessageAcceptance::Ignore;
@@ -144,7 +152,7 @@ impl Node {
             if t.hash == hash {
                 return MessageAcceptance::Accept;
             }
-            if manifest.compare_release(&t.manifest) != std::cmp::Ordering::Greater {
+            if manifest.compare_succession(&t.manifest) != std::cmp::Ordering::Greater {
                 warn!(source = from, release = %manifest.release_name(), have = %t.manifest.release_name(), "refused release: not newer than the one this node has");
                 return MessageAcceptance::Ignore;
             }

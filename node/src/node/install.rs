@@ -49,6 +49,9 @@ impl Node {
         release: Release,
         reply: Option<mpsc::Sender<serde_json::Value>>,
     ) -> Result<()> {
+        if crate::upgrade::is_lanup(&release.manifest) {
+            return self.hand_over(release, reply);
+        }
         let Some(applier) = self.applier.clone() else {
             anyhow::bail!(
                 "this node has no [app] in its configuration, so it stages releases but does not install them"
@@ -76,6 +79,46 @@ impl Node {
         Ok(())
     }
 
+    /// Installs a lanup release: the node stops and the new lanup is tried
+    /// in its place (see [`crate::upgrade`]).
+    fn hand_over(
+        &mut self,
+        release: Release,
+        reply: Option<mpsc::Sender<serde_json::Value>>,
+    ) -> Result<()> {
+        if let Some((running, _)) = &self.applying {
+            anyhow::bail!("an apply of {running} is under way");
+        }
+        if crate::upgrade::on_trial() {
+            anyhow::bail!("this node is a new lanup on trial; it installs nothing");
+        }
+        let version = release.manifest.release_name();
+        let id = self
+            .rollout
+            .as_ref()
+            .filter(|r| r.version == version)
+            .map(|r| r.command.id.clone());
+        info!(release = %version, "installing lanup {version}: this node stops and hands over to it");
+        if let Some(reply) = reply {
+            let _ = reply.try_send(serde_json::json!({ "event": crate::apply::Event {
+                step: "hand-over".into(),
+                message: format!("this node stops and tries lanup {version} in its place; `lanup status` tells how it went"),
+                ms: 0,
+            }}));
+        }
+        let had_peers = self
+            .peers
+            .values()
+            .any(|p| p.heartbeat.is_some() && !p.silent);
+        self.leaving = Some(crate::upgrade::Handover {
+            release,
+            id,
+            had_peers,
+            timeout: self.config.self_update_timeout,
+        });
+        Ok(())
+    }
+
     /// With `apply = "auto"`, a staged release newer than the installed
     /// one is installed at once, when its RestartApp allows, unless it
     /// already rolled back here.
@@ -96,7 +139,9 @@ impl Node {
         // After a rollback the site stays on the older release until an
         // admin rolls a release out again.
         let held = self.rollout.as_ref().is_some_and(|r| r.back);
+        // lanup itself is updated by a rollout only.
         if !auto
+            || crate::upgrade::is_lanup(&t.manifest)
             || !newer
             || held
             || self.applying.is_some()
@@ -131,7 +176,7 @@ impl Node {
                 }
             }
         }
-        found.sort_by(|a, b| a.0.compare_release(&b.0));
+        found.sort_by(|a, b| a.0.compare_succession(&b.0));
         let Some((manifest, xml, sig)) = found.pop() else {
             return;
         };

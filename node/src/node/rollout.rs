@@ -352,8 +352,13 @@ impl Node {
 
     /// What every node of the site reports about `version`.
     pub(super) fn reports(&self, version: &str, id: &str) -> BTreeMap<String, NodeReport> {
+        let lanup = self.is_lanup_release(version);
         let report = |hb: &Heartbeat| NodeReport {
-            installed: hb.installed_version.clone(),
+            installed: if lanup {
+                hb.lanup_version.clone()
+            } else {
+                hb.installed_version.clone()
+            },
             failed: (hb.failed_version.as_deref() == Some(version))
                 .then(|| {
                     hb.last_error
@@ -437,8 +442,18 @@ impl Node {
             }
             Stage::Wave(wave) => wave >= my_wave,
         };
-        let installed = self.installed_name().as_deref() == Some(version.as_str());
-        if !due || installed || self.applying.is_some() || self.failed_releases.contains(&version) {
+        let installed = if self.is_lanup_release(&version) {
+            crate::upgrade::version() == version
+        } else {
+            self.installed_name().as_deref() == Some(version.as_str())
+        };
+        // A new lanup on trial follows the site but installs nothing.
+        if !due
+            || installed
+            || crate::upgrade::on_trial()
+            || self.applying.is_some()
+            || self.failed_releases.contains(&version)
+        {
             return;
         }
         let release = if back {
@@ -512,6 +527,8 @@ impl Node {
             "id": r.command.id,
             "action": if r.back { "rollback" } else { "rollout" },
             "version": r.version,
+            // Its release is lanup itself: nodes run it as `lanup_version`.
+            "lanup": self.is_lanup_release(&r.version),
             "key": r.signed.key,
             "issued_at_ms": r.command.issued_at_ms,
             "waves": r.waves,

@@ -85,7 +85,7 @@ impl Node {
             has_origin: self.config.origin.is_some(),
             state: match t {
                 _ if self.applying.is_some() => "applying",
-                Some(t) if installed.as_ref() == Some(&t.manifest.release_name()) => "installed",
+                Some(t) if self.runs(&t.manifest) => "installed",
                 Some(_) if target_failed => "rolled-back",
                 None if installed.is_some() => "installed",
                 None => "idle",
@@ -95,6 +95,7 @@ impl Node {
             }
             .into(),
             installed_version: installed,
+            lanup_version: Some(crate::upgrade::version().to_owned()),
             apply: match &self.applying {
                 Some(_) => Some("applying".into()),
                 None => last.map(|o| {
@@ -203,6 +204,7 @@ impl Node {
             serde_json::json!({
                 "peer_id": peer.to_string(),
                 "installed_version": hb.and_then(|h| h.installed_version.clone()),
+                "lanup_version": hb.and_then(|h| h.lanup_version.clone()),
                 "apply": hb.and_then(|h| h.apply.clone()),
                 "apply_step": hb.and_then(|h| h.apply_step.clone()),
                 "last_error": hb.and_then(|h| h.last_error.clone()),

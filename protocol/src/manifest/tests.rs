@@ -314,6 +314,27 @@ fn offers_must_be_newer_and_unexpired() {
 }
 
 #[test]
+fn a_site_takes_up_the_greater_version_of_one_application_and_the_later_of_two() {
+    let app = sample();
+    let mut newer_app = app.clone();
+    newer_app.version = Some("1.0.0.3".parse().expect("version"));
+    newer_app.update_time = parse_date("2026-11-01");
+    // Of one application, the version decides, whatever the dates.
+    assert_eq!(newer_app.compare_succession(&app), Ordering::Greater);
+    let mut lanup = app.clone();
+    lanup.restart.app_name = Some("lanup".into());
+    lanup.version = Some("0.2.0".parse().expect("version"));
+    lanup.update_time = parse_date("2026-11-21");
+    // lanup 0.2.0, published after the application's 1.0.0.2, comes next;
+    // the application's next release, published later still, after it.
+    assert_eq!(lanup.compare_succession(&app), Ordering::Greater);
+    assert_eq!(app.compare_succession(&lanup), Ordering::Less);
+    let mut later_app = newer_app.clone();
+    later_app.update_time = parse_date("2026-11-22");
+    assert_eq!(later_app.compare_succession(&lanup), Ordering::Greater);
+}
+
+#[test]
 fn without_versions_the_date_decides() {
     let mut old = sample();
     old.version = None;

@@ -1,0 +1,396 @@
+//! lanup updating lanup on loopback nodes: a release whose application is
+//! lanup is staged and rolled out like any other; each node swaps its own
+//! binary, tries the new one and keeps it only once it came up and heard
+//! the site. A lanup that exits at once leaves every node on the old one,
+//! running, with the reason in status and history.
+//!
+//! The new lanup is this test's own binary with a version stamped at its
+//! end (fault-injection builds read it), so no second build is needed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::swarm::LoopSite;
+
+/// This build's binary, stripped of debug information (a release is
+/// published, staged and copied three times per node), with `stamp`
+/// appended when given.
+fn lanup_binary(out: &Path, stamp: Option<&str>) {
+    std::fs::create_dir_all(out.parent().expect("has a parent")).expect("mkdir");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(out)
+        .arg(lanup_bin())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(lanup_bin(), out).expect("copy lanup");
+    }
+    if let Some(version) = stamp {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(out)
+            .expect("open");
+        write!(f, "\nLANUP-TEST-VERSION={version}\n").expect("stamp");
+    }
+}
+
+fn hash(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).expect("read"))
+        .to_hex()
+        .to_string()
+}
+
+fn status(state: &Path) -> serde_json::Value {
+    serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"])).expect("status JSON")
+}
+
+fn own(state: &Path) -> serde_json::Value {
+    let status = status(state);
+    status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["self"] == true).cloned())
+        .unwrap_or_else(|| panic!("no own row: {status}"))
+}
+
+fn history(state: &Path) -> Vec<serde_json::Value> {
+    run_ok(&["history", "--state", s(state), "--json"])
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Publishes `dir` (holding one file, `lanup`) as lanup `version`.
+fn publish_lanup(dir: &Path, version: &str, url: &str, key: &Path, www: &Path) {
+    run_ok(&[
+        "publish",
+        "--dir",
+        s(dir),
+        "--version",
+        version,
+        "--app",
+        "lanup",
+        "--url",
+        url,
+        "--key",
+        s(key),
+        "--out",
+        s(www),
+    ]);
+}
+
+/// Waits until every node's own status satisfies `done`.
+fn wait_all(states: &[PathBuf], what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for state in states {
+        loop {
+            let row = run(&["status", "--state", s(state), "--json"]);
+            let row: Option<serde_json::Value> = serde_json::from_slice(&row.stdout).ok();
+            let me = row.as_ref().and_then(|r| {
+                r["nodes"]
+                    .as_array()
+                    .and_then(|n| n.iter().find(|n| n["self"] == true).cloned())
+            });
+            if me.as_ref().is_some_and(&done) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: never {what}: {me:?}\n{}",
+                state.display(),
+                node_log(state)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+#[test]
+fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_one_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(root, "publisher.key");
+    let admin = keygen(root, "admin.key");
+    let origin = OriginProc::start(&www, None);
+    let n = 3;
+    let mut site = LoopSite::new(root, n);
+    // Each node runs lanup from its own folder, as from /usr/bin.
+    let bins: Vec<PathBuf> = (0..n)
+        .map(|i| root.join(format!("bin{i}")).join("lanup"))
+        .collect();
+    for bin in &bins {
+        lanup_binary(bin, None);
+    }
+    let old_hash = hash(&bins[0]);
+    let good = root.join("good");
+    lanup_binary(&good.join("lanup"), Some("0.2.0"));
+    publish_lanup(&good, "0.2.0", &origin.url, &key.0, &www);
+    let start = |site: &mut LoopSite, i: usize| {
+        let args = site.command(i, Some(&origin.url), &key.1);
+        let mut cmd = Command::new(&bins[i]);
+        cmd.args(args.get_args())
+            .args(["--trust-admin", &admin.1, "--self-update-timeout", "8s"])
+            .env("LANUP_LOG", "info");
+        site.start(i, cmd);
+    };
+    for i in 0..n {
+        start(&mut site, i);
+    }
+    let pids: Vec<u32> = site
+        .procs
+        .iter()
+        .map(|p| p.as_ref().expect("started").0.id())
+        .collect();
+    wait_all(&site.states, "staged 0.2.0", |me| {
+        me["staged_version"] == "0.2.0"
+    });
+    for state in &site.states {
+        assert_eq!(own(state)["lanup_version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    // The good release, in two waves.
+    let began = Instant::now();
+    let out = run(&[
+        "rollout",
+        "0.2.0",
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(&site.states[0]),
+        "--waves",
+        "1,100%",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let took = began.elapsed();
+    assert!(
+        out.status.success(),
+        "rollout of lanup 0.2.0: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node_log(&site.states[0])
+    );
+    eprintln!("lanup 0.2.0 rolled out to {n} nodes in {took:.1?}");
+    let new_hash = hash(&good.join("lanup"));
+    wait_all(&site.states, "running lanup 0.2.0", |me| {
+        me["lanup_version"] == "0.2.0"
+    });
+    for (i, state) in site.states.iter().enumerate() {
+        assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
+        let dir = bins[i].parent().expect("dir");
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "node {i} left files beside lanup: {left:?}");
+        // The same process (the service manager's main pid) runs the new
+        // binary.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", pids[i])).expect("exe");
+        assert_eq!(exe, bins[i], "node {i}'s process runs the installed binary");
+        assert!(
+            history(state)
+                .iter()
+                .any(|e| e["event"] == "applied" && e["version"] == "0.2.0"),
+            "node {i}'s history: {:?}",
+            history(state)
+        );
+        assert_eq!(own(state)["state"], "installed");
+    }
+    assert_eq!(
+        run_ok(&["--version"]).trim(),
+        format!("lanup {}", env!("CARGO_PKG_VERSION"))
+    );
+    let v = Command::new(&bins[0])
+        .args(["node", "--version"])
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&v.stdout).contains("0.2.0"));
+
+    // A lanup that exits as soon as it starts.
+    let broken = root.join("broken");
+    write(
+        &broken,
+        "lanup",
+        b"#!/bin/sh\necho 'this lanup is broken' >&2\nexit 3\n",
+    );
+    publish_lanup(&broken, "0.3.0", &origin.url, &key.0, &www);
+    run_ok(&["check", "--state", s(&site.states[0])]);
+    for state in &site.states {
+        let _ = run(&["check", "--state", s(state)]);
+    }
+    wait_all(&site.states, "staged 0.3.0", |me| {
+        me["staged_version"] == "0.3.0"
+    });
+    let out = run(&[
+        "rollout",
+        "0.3.0",
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(&site.states[1]),
+        "--waves",
+        "1,100%",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
+    assert!(stderr.contains("exited"), "{stderr}");
+    let mut tried = 0;
+    for (i, state) in site.states.iter().enumerate() {
+        let me = own(state);
+        assert_eq!(me["lanup_version"], "0.2.0", "node {i} runs the old lanup");
+        assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
+        let exe = std::fs::read_link(format!("/proc/{}/exe", pids[i])).expect("exe");
+        assert_eq!(exe, bins[i], "node {i}'s process runs the installed binary");
+        let h = history(state);
+        if let Some(e) = h
+            .iter()
+            .find(|e| e["event"] == "rolled-back" && e["version"] == "0.3.0")
+        {
+            tried += 1;
+            assert!(
+                e["reason"].as_str().is_some_and(|r| r.contains("exited")),
+                "{e}"
+            );
+            assert_eq!(me["failed_version"], "0.3.0", "{me}");
+            assert!(
+                me["last_error"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("exited")),
+                "{me}"
+            );
+        }
+    }
+    assert_eq!(tried, 1, "only the canary tried the broken lanup");
+    assert_eq!(status(&site.states[2])["rollout"]["stage"], "halted");
+    assert_ne!(old_hash, new_hash);
+
+    // A lanup that starts but never joins the site: given up after the
+    // node's self_update_timeout (8 s here), the old one back.
+    let hangs = root.join("hangs");
+    write(&hangs, "lanup", b"#!/bin/sh\nexec sleep 600\n");
+    publish_lanup(&hangs, "0.4.0", &origin.url, &key.0, &www);
+    for state in &site.states {
+        let _ = run(&["check", "--state", s(state)]);
+    }
+    wait_all(&site.states, "staged 0.4.0", |me| {
+        me["staged_version"] == "0.4.0"
+    });
+    let out = run(&[
+        "rollout",
+        "0.4.0",
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(&site.states[2]),
+        "--waves",
+        "1,100%",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
+    assert!(
+        stderr.contains("did not prove itself within 8s"),
+        "{stderr}"
+    );
+    for (i, state) in site.states.iter().enumerate() {
+        assert_eq!(
+            own(state)["lanup_version"],
+            "0.2.0",
+            "node {i} runs the old lanup"
+        );
+        assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
+    }
+}
+
+#[test]
+fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(root, "publisher.key");
+    let admin = keygen(root, "admin.key");
+    let origin = OriginProc::start(&www, None);
+    let mut site = LoopSite::new(root, 1);
+    let bin = root.join("bin").join("lanup");
+    lanup_binary(&bin, None);
+    let old_hash = hash(&bin);
+    let good = root.join("good");
+    lanup_binary(&good.join("lanup"), Some("0.2.0"));
+    publish_lanup(&good, "0.2.0", &origin.url, &key.0, &www);
+    let command = |site: &LoopSite| {
+        let args = site.command(0, Some(&origin.url), &key.1);
+        let mut cmd = Command::new(&bin);
+        cmd.args(args.get_args())
+            .args(["--trust-admin", &admin.1])
+            .env("LANUP_LOG", "info");
+        cmd
+    };
+    let mut cmd = command(&site);
+    cmd.env("LANUP_FAULT", "lanup-trial");
+    site.start(0, cmd);
+    let state = site.states[0].clone();
+    wait_all(std::slice::from_ref(&state), "staged 0.2.0", |me| {
+        me["staged_version"] == "0.2.0"
+    });
+    run_ok(&[
+        "rollout",
+        "0.2.0",
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(&state),
+        "--waves",
+        "100%",
+    ]);
+    // The node kills itself once the new binary is in place and its trial
+    // runs; the trial node sees it is alone and stops too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let proc = site.procs[0].as_mut().expect("started");
+    while proc.0.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the fault never fired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(hash(&bin), old_hash, "the new binary was in place");
+    while run(&["status", "--state", s(&state)]).status.success() {
+        assert!(Instant::now() < deadline, "the orphaned trial node runs on");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Started again, by the binary now in place (the new one), as a
+    // service manager would: the old lanup is put back and runs.
+    site.start(0, command(&site));
+    let pid = site.procs[0].as_ref().expect("started").0.id();
+    wait_all(
+        std::slice::from_ref(&state),
+        "back on the old lanup",
+        |me| me["lanup_version"] == env!("CARGO_PKG_VERSION") && me["failed_version"] == "0.2.0",
+    );
+    assert_eq!(hash(&bin), old_hash, "the old binary is back");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+    assert_eq!(exe, bin, "the process runs the installed binary");
+    let me = own(&state);
+    assert!(
+        me["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stopped before the new lanup was proven")),
+        "{me}"
+    );
+    let left = std::fs::read_dir(bin.parent().expect("dir"))
+        .expect("read_dir")
+        .count();
+    assert_eq!(left, 1, "nothing left beside lanup");
+    assert!(history(&state)
+        .iter()
+        .any(|e| e["event"] == "rolled-back" && e["version"] == "0.2.0"));
+}
