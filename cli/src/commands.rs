@@ -52,6 +52,10 @@ enum Command {
     /// (one node per site from the origin, the rest from each other),
     /// verify and stage them.
     Node(NodeArgs),
+    /// Configure this machine's node in one command: writes
+    /// /etc/lanup/lanup.toml after checking the origin, the publisher key
+    /// and the install directory, and says how to start the service.
+    Setup(crate::setup::SetupArgs),
     /// Show every node of the site, as the local node hears them.
     Status {
         #[command(flatten)]
@@ -378,6 +382,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Setup(args) => crate::setup::run(args),
         Command::Status { node, json } => {
             let answer = node.ask(ControlRequest::Status)?;
             if json {

@@ -147,4 +147,22 @@ fn a_node_is_ready_once_it_answers_and_pings_the_watchdog_until_wedged() {
     );
     let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
     assert!(log.contains("wedged"), "the wedge was not injected: {log}");
+
+    // An operator asking a wedged node is told so, in bounded time, rather
+    // than left waiting.
+    let asked = Instant::now();
+    let out = Command::new("timeout")
+        .arg("40")
+        .arg(lanup_bin())
+        .args(["status", "--state", s(&state)])
+        .output()
+        .expect("timeout lanup status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("may be wedged"), "{stderr}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
 }

@@ -14,6 +14,7 @@ mod origin;
 mod publish;
 mod rollout;
 mod service;
+mod setup;
 mod swarm;
 mod testbed;
 mod unattended;

@@ -1,0 +1,247 @@
+//! `lanup setup`: a node's configuration in one command, checked against
+//! the real origin and the machine before anything is written.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use lanup_node::config::{NodeConfig, Overrides, DEFAULT_CONFIG};
+use lanup_node::release::ManifestSource;
+use lanup_protocol::sign::PublicKey;
+
+/// Write the node's configuration (by default /etc/lanup/lanup.toml) after
+/// checking what can be checked: the origin answers and its release is
+/// signed by a trusted publisher key, the install directory exists, the
+/// application is running or not. Nothing is written when a check fails,
+/// and a different existing configuration is kept unless --force.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SetupArgs {
+    /// Base URL of the published release directory.
+    #[arg(long, value_name = "URL")]
+    origin: String,
+    /// A publisher key whose releases this node accepts (repeatable).
+    #[arg(long, value_name = "KEY", required = true)]
+    trust_publisher: Vec<PublicKey>,
+    /// The site's name: nodes of one site share releases.
+    #[arg(long, value_name = "NAME")]
+    site: String,
+    /// An admin key whose signed rollouts this node obeys (repeatable).
+    #[arg(long, value_name = "KEY")]
+    trust_admin: Vec<PublicKey>,
+    /// The application's process name.
+    #[arg(long, value_name = "NAME", requires = "install_dir")]
+    app_name: Option<String>,
+    /// The folder the application is installed in (must exist).
+    #[arg(long, value_name = "DIR")]
+    install_dir: Option<PathBuf>,
+    /// Cap on the site's downloads from the origin (e.g. 256kbit).
+    #[arg(long, value_name = "RATE")]
+    wan_rate: Option<String>,
+    /// The node's state directory [default: /var/lib/lanup].
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Where to write the configuration.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Replace an existing configuration that differs (kept as FILE.bak).
+    #[arg(long)]
+    force: bool,
+    /// The command that starts the application, relative to --install-dir.
+    /// Put it last: every word after --start is part of the command.
+    #[arg(long, value_name = "CMD", num_args = 1.., allow_hyphen_values = true, requires = "install_dir")]
+    start: Vec<String>,
+}
+
+fn quoted(value: &str) -> String {
+    toml::Value::String(value.to_owned()).to_string()
+}
+
+fn list<T: ToString>(values: &[T]) -> String {
+    let items: Vec<String> = values.iter().map(|v| quoted(&v.to_string())).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// The configuration file's text.
+fn render(args: &SetupArgs, install_dir: Option<&Path>) -> String {
+    let mut text = String::from(
+        "# lanup node configuration, written by `lanup setup`.\n\
+         # Every key is explained in lanup.sample.toml; flags of `lanup node`\n\
+         # override it.\n",
+    );
+    text.push_str(&format!("site = {}\n", quoted(&args.site)));
+    text.push_str(&format!("origin = {}\n", quoted(&args.origin)));
+    text.push_str(&format!(
+        "trust_publisher = {}\n",
+        list(&args.trust_publisher)
+    ));
+    if !args.trust_admin.is_empty() {
+        text.push_str(&format!("trust_admin = {}\n", list(&args.trust_admin)));
+    }
+    if let Some(rate) = &args.wan_rate {
+        text.push_str(&format!("wan_rate = {}\n", quoted(rate)));
+    }
+    if let Some(state) = &args.state {
+        text.push_str(&format!(
+            "state = {}\n",
+            quoted(&state.display().to_string())
+        ));
+    }
+    if let Some(dir) = install_dir {
+        text.push_str("\n[app]\n");
+        if let Some(name) = &args.app_name {
+            text.push_str(&format!("name = {}\n", quoted(name)));
+        }
+        text.push_str(&format!(
+            "install_dir = {}\n",
+            quoted(&dir.display().to_string())
+        ));
+        if !args.start.is_empty() {
+            text.push_str(&format!("start = {}\n", list(&args.start)));
+        }
+    }
+    text
+}
+
+/// Checks the origin: it answers, and what it publishes is signed by a
+/// trusted key. An origin with nothing published yet is fine.
+fn check_origin(args: &SetupArgs) -> Result<String> {
+    let mut url = args.origin.clone();
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let read = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), ManifestSource::read(&url)).await
+    });
+    let source = match read {
+        Err(_) => bail!("--origin {url}: no answer within 20 s"),
+        Ok(Err(e)) if format!("{e:#}").contains("not found") => {
+            return Ok(format!(
+                "origin {url} answers; nothing is published there yet (nodes take up the first release published)"
+            ))
+        }
+        Ok(Err(e)) => bail!("--origin {url}: unreachable or not a release directory: {e:#}"),
+        Ok(Ok(source)) => source,
+    };
+    source
+        .signature()
+        .and_then(|sig| Ok(sig.verify(&source.bytes, &args.trust_publisher)?))
+        .with_context(|| {
+            format!(
+                "--origin {url}: its release is not signed by a key given with --trust-publisher"
+            )
+        })?;
+    let manifest = source
+        .parse()
+        .with_context(|| format!("--origin {url}: its manifest"))?;
+    let mut said = format!(
+        "origin {url} answers; its release {} is signed by a trusted publisher key",
+        manifest.release_name()
+    );
+    if let (Some(name), Some(published)) = (&args.app_name, &manifest.restart.app_name) {
+        if name != published && published != lanup_node::upgrade::LANUP_APP {
+            said.push_str(&format!(
+                "\nnote: the release names its application {published:?}, not {name:?}"
+            ));
+        }
+    }
+    Ok(said)
+}
+
+pub(crate) fn run(args: SetupArgs) -> Result<ExitCode> {
+    if !args.start.is_empty() && args.start[0].is_empty() {
+        bail!("--start: expected a program and its arguments");
+    }
+    let install_dir = match &args.install_dir {
+        None => None,
+        Some(dir) => {
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("--install-dir {}", dir.display()))?;
+            if !dir.is_dir() {
+                bail!(
+                    "--install-dir {}: no such folder (install the application there first, or create it)",
+                    dir.display()
+                );
+            }
+            Some(dir)
+        }
+    };
+    let text = render(&args, install_dir.as_deref());
+    // The text is checked as `lanup node` will read it.
+    let scratch = tempfile::tempdir()?;
+    let draft = scratch.path().join("lanup.toml");
+    std::fs::write(&draft, &text)?;
+    let config = NodeConfig::resolve(Some(&draft), Overrides::default())
+        .map_err(|e| anyhow::anyhow!("{:#}", e).context("the configuration would not be valid"))?;
+    let mut notes = vec![check_origin(&args)?];
+    if let (Some(app), Some(name)) = (&config.app, &args.app_name) {
+        let app = lanup_node::app::App::new(app.clone(), scratch.path().join("app.log"));
+        let running = app.processes(Some(name));
+        notes.push(if running.is_empty() {
+            format!(
+                "application {name:?}: not running from {} now; lanup starts it after it installs a release",
+                app.config.install_dir.display()
+            )
+        } else {
+            let pids: Vec<u32> = running.iter().map(|p| p.pid).collect();
+            format!("application {name:?}: running (pids {pids:?})")
+        });
+    }
+    let path = &args.config;
+    match std::fs::read_to_string(path) {
+        Ok(existing) if existing == text => {
+            notes.push(format!("{} already says this; unchanged", path.display()));
+        }
+        Ok(_) if !args.force => bail!(
+            "{} exists and says something else; nothing written (pass --force to replace it; the old one is kept as {}.bak)",
+            path.display(),
+            path.display()
+        ),
+        Ok(existing) => {
+            let backup = PathBuf::from(format!("{}.bak", path.display()));
+            std::fs::write(&backup, existing)
+                .with_context(|| format!("cannot keep the old {}", backup.display()))?;
+            write(path, &text)?;
+            notes.push(format!(
+                "replaced {} (the old one is {})",
+                path.display(),
+                backup.display()
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write(path, &text)?;
+            notes.push(format!("wrote {}", path.display()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    for note in notes {
+        println!("{note}");
+    }
+    let flag = if path == Path::new(DEFAULT_CONFIG) {
+        String::new()
+    } else {
+        format!(
+            " (the unit reads {DEFAULT_CONFIG}; this file is {})",
+            path.display()
+        )
+    };
+    println!("next, as root{flag}:");
+    println!("  systemctl enable --now lanup");
+    println!("  systemctl status lanup");
+    println!("  lanup status");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    lanup_node::apply::write_synced(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
+}
