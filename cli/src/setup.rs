@@ -195,6 +195,14 @@ pub(crate) fn run(args: SetupArgs) -> Result<ExitCode> {
         Ok(existing) if existing == text => {
             notes.push(format!("{} already says this; unchanged", path.display()));
         }
+        // The package's template: comments only, nothing to lose.
+        Ok(existing) if unset(&existing) => {
+            write(path, &text)?;
+            notes.push(format!(
+                "wrote {} (it held only comments)",
+                path.display()
+            ));
+        }
         Ok(_) if !args.force => bail!(
             "{} exists and says something else; nothing written (pass --force to replace it; the old one is kept as {}.bak)",
             path.display(),
@@ -233,6 +241,14 @@ pub(crate) fn run(args: SetupArgs) -> Result<ExitCode> {
     println!("  systemctl status lanup");
     println!("  lanup status");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a configuration sets nothing: blank lines and comments only, as
+/// the package installs it.
+fn unset(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#'))
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {

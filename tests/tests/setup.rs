@@ -62,8 +62,16 @@ fn setup_writes_a_configuration_a_node_runs_with_and_refuses_bad_input_writing_n
         run(&refs)
     };
 
+    // The package's template is there, as after installing the package:
+    // it sets nothing, so setup fills it in without --force.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    std::fs::create_dir_all(config.parent().expect("dir")).expect("mkdir");
+    std::fs::copy(workspace.join("packaging/deb/lanup.toml"), &config).expect("template");
     let out = setup(&config, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("it held only comments"), "{stdout}");
     assert!(
         out.status.success(),
         "{}",

@@ -11,6 +11,7 @@ mod diskfull;
 mod faults;
 mod lan;
 mod origin;
+mod package;
 mod publish;
 mod rollout;
 mod service;
