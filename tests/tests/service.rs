@@ -85,6 +85,12 @@ fn a_node_is_ready_once_it_answers_and_pings_the_watchdog_until_wedged() {
     let socket_path = tmp.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
     let log = std::fs::File::create(state.with_extension("log")).expect("log");
+    // Its stderr is "the journal": the stream JOURNAL_STREAM names.
+    let journal = {
+        use std::os::unix::fs::MetadataExt;
+        let meta = log.metadata().expect("metadata");
+        format!("{}:{}", meta.dev(), meta.ino())
+    };
     let node = Proc(
         node_command(&state, None, &publisher, "service")
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
@@ -92,6 +98,7 @@ fn a_node_is_ready_once_it_answers_and_pings_the_watchdog_until_wedged() {
             // Pings every half period: every heartbeat (1 s) here.
             .env("WATCHDOG_USEC", "1000000")
             .env("LANUP_FAULT_WEDGE_AFTER_S", "8")
+            .env("JOURNAL_STREAM", &journal)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -147,6 +154,14 @@ fn a_node_is_ready_once_it_answers_and_pings_the_watchdog_until_wedged() {
     );
     let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
     assert!(log.contains("wedged"), "the wedge was not injected: {log}");
+    // Each line carries its level as a syslog priority for journald.
+    let line = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no {what:?} in {log}"))
+    };
+    assert!(line("node starting").starts_with("<6>"), "{log}");
+    assert!(line("wedged").starts_with("<4>"), "{log}");
 
     // An operator asking a wedged node is told so, in bounded time, rather
     // than left waiting.
