@@ -542,10 +542,17 @@ pub async fn run(
             break;
         }
     }
-    info!("node stopping");
-    notifier.stopping();
-    cancel.cancel();
     let leaving = node.leaving.take();
+    if leaving.is_some() {
+        // The service goes on in this process with the new lanup (or the
+        // old one again): systemd must not see it stopping.
+        info!("node stopping to hand over to a new lanup");
+        notifier.status("handing over to a new lanup");
+    } else {
+        info!("node stopping");
+        notifier.stopping();
+    }
+    cancel.cancel();
     // What the audit log's writer still holds is written before the node
     // ends.
     drop(node);

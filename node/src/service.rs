@@ -63,7 +63,10 @@ impl Notifier {
     /// The node is up: its state recovered, its control socket listening,
     /// its swarm running.
     pub fn ready(&mut self) {
-        self.send("READY=1\nSTATUS=running");
+        self.send(&format!(
+            "READY=1\nSTATUS=running lanup {}",
+            crate::upgrade::version()
+        ));
     }
 
     /// The node's parts answered: pings the watchdog when one is due.
@@ -74,6 +77,11 @@ impl Notifier {
         }
         self.last = Some(Instant::now());
         self.send("WATCHDOG=1");
+    }
+
+    /// A line for `systemctl status`.
+    pub fn status(&mut self, text: &str) {
+        self.send(&format!("STATUS={text}"));
     }
 
     pub fn stopping(&mut self) {

@@ -33,10 +33,11 @@ cleanup() {
   [ -z "$nspawn" ] || kill "$nspawn" 2> /dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
   wait 2> /dev/null || true
-  rm -rf "$work" "$root/opt/demo" "$root/tmp/lanup.deb" "$root/tmp/admin.key"
+  rm -rf "$work" "$root/opt/demo" "$root/root/lanup.deb" "$root/root/admin.key"
 }
 trap cleanup EXIT
 now() { date +%s.%N; }
+began=$(date +%s)
 since() { echo "$(now) - $1" | bc; }
 
 # The origin, on the host, with a release of a small application.
@@ -44,7 +45,7 @@ public=$("$host_lanup" keygen --out "$work/publisher.key" 2> /dev/null)
 admin=$("$host_lanup" keygen --out "$work/admin.key" 2> /dev/null)
 mkdir -p "$work/www" "$work/app/bin"
 head -c 8388608 /dev/urandom > "$work/app/bin/data"
-printf '#!/bin/sh\nexec sleep infinity\n' > "$work/app/bin/demo"
+printf '#!/bin/sh\nwhile :; do sleep 5; done\n' > "$work/app/bin/demo"
 chmod 755 "$work/app/bin/demo"
 "$host_lanup" publish --dir "$work/app" --version 1.0.0 --app demo --url "http://127.0.0.1:$port/" \
   --key "$work/publisher.key" --out "$work/www" > /dev/null
@@ -64,8 +65,10 @@ for _ in $(seq 100); do
 done
 echo "container booted (its systemd is host pid $init)"
 
-cp "$deb" "$root/tmp/lanup.deb"
-inside dpkg -i /tmp/lanup.deb | sed 's/^/  dpkg: /'
+# A clean machine: an earlier run's package, configuration and state go.
+inside dpkg --purge lanup > /dev/null 2>&1 || true
+cp "$deb" "$root/root/lanup.deb"
+inside dpkg -i /root/lanup.deb | sed 's/^/  dpkg: /'
 echo "after install: enabled=$(inside systemctl is-enabled lanup || true) active=$(inside systemctl is-active lanup || true)"
 echo "installed size: $(inside dpkg-query -W -f='${Installed-Size}' lanup) KiB; package: $(stat -c %s "$deb") bytes"
 mkdir -p "$root/opt/demo"
@@ -81,7 +84,7 @@ for _ in $(seq 200); do
 done
 echo "staged 1.0.0: $(since "$t") s after the start"
 inside lanup apply 1.0.0 | tail -1 | sed 's/^/  apply: /'
-inside journalctl -u lanup --no-pager -o short-precise | grep -E "READY|node starting|staged" | head -5 | sed 's/^/  journal: /'
+inside journalctl -u lanup --since "@$began" --no-pager -o short-precise | grep -E "READY|node starting|staged" | head -5 | sed 's/^/  journal: /'
 
 sleep 30
 main=$(inside systemctl show -p MainPID --value lanup)
@@ -104,11 +107,15 @@ if [ -n "${NEW:-}" ]; then
     inside lanup status --json | grep -q "\"staged_version\":\"$new_version\"" && break
     sleep 0.3
   done
-  cp "$work/admin.key" "$root/tmp/admin.key"
+  cp "$work/admin.key" "$root/root/admin.key"
   t=$(now)
-  inside lanup rollout "$new_version" --key /tmp/admin.key --waves 100% --wait --timeout 5m | tail -1 | sed 's/^/  rollout: /'
+  inside lanup rollout "$new_version" --key /root/admin.key --waves 100% --wait --timeout 5m | tail -1 | sed 's/^/  rollout: /'
+  sleep 2
   echo "lanup $new_version rolled out under systemd in $(since "$t") s: main pid $main -> $(inside systemctl show -p MainPID --value lanup), restarts $(inside systemctl show -p NRestarts --value lanup), active=$(inside systemctl is-active lanup), /usr/bin/lanup says '$(inside /usr/bin/lanup --version)'"
   inside lanup status | sed 's/^/  status: /'
+  inside systemctl status lanup --no-pager | head -4 | sed 's/^/  systemctl: /'
+  inside journalctl -u lanup --since "@$began" --no-pager -o cat -p notice | tail -3 | sed 's/^/  journal (notice and worse): /'
+  inside journalctl -u lanup --since "@$began" --no-pager -o short-precise | grep -E "upgrade|hand over" | sed 's/^/  journal: /'
   main=$(inside systemctl show -p MainPID --value lanup)
 fi
 
