@@ -267,9 +267,11 @@ fn undo(binary: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks a lanup release before anything changes: one file, named as the
-/// installed binary, with a size and hash, and the staged copy matching.
-fn check(release: &Release, binary: &Path) -> Result<PathBuf> {
+/// What can be told of a lanup release without reading it: one file, named
+/// as the installed binary, with a size and hash; not a rollback. The node
+/// checks it before it stops for the release.
+pub fn check_shape(release: &Release) -> Result<()> {
+    let binary = binary()?;
     let m = &release.manifest;
     let name = binary
         .file_name()
@@ -291,6 +293,19 @@ fn check(release: &Release, binary: &Path) -> Result<PathBuf> {
     if release.rollback {
         bail!("lanup is not rolled back by command: roll out a newer lanup release");
     }
+    if file.size.is_none() || file.hash.is_none() {
+        bail!("{}: the manifest gives no size or hash", file.name);
+    }
+    Ok(())
+}
+
+/// Checks a lanup release before anything changes: its shape, and the
+/// staged copy matching the manifest.
+fn check(release: &Release) -> Result<PathBuf> {
+    check_shape(release)?;
+    let [file] = release.manifest.files.as_slice() else {
+        bail!("a lanup release holds exactly one file");
+    };
     let staged = release.staged.join(&file.name);
     let (Some(size), Some(hash)) = (file.size, file.hash) else {
         bail!("{}: the manifest gives no size or hash", file.name);
@@ -358,7 +373,7 @@ pub async fn hand_over(
         };
         finish(state, &outcome, handover.id.clone());
     };
-    let staged = match check(&handover.release, &binary) {
+    let staged = match check(&handover.release) {
         Ok(s) => s,
         Err(e) => {
             fail(format!("{e:#}"), false);

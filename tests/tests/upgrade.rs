@@ -270,7 +270,18 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
         }
     }
     assert_eq!(tried, 1, "only the canary tried the broken lanup");
-    assert_eq!(status(&site.states[2])["rollout"]["stage"], "halted");
+    // Every node halts once it hears the canary again.
+    for (i, state) in site.states.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = status(state);
+            if status["rollout"]["stage"] == "halted" && status["rollout"]["version"] == "0.3.0" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {i}: {status}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     assert_ne!(old_hash, new_hash);
 
     // A lanup that starts but never joins the site: given up after the
@@ -310,6 +321,42 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
             "node {i} runs the old lanup"
         );
         assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
+    }
+
+    // A lanup release that is not one binary is refused by the canary
+    // before it stops anything.
+    let handovers = |state: &Path| node_log(state).matches("stopping to hand over").count();
+    let before: Vec<usize> = site.states.iter().map(|s| handovers(s)).collect();
+    let two = root.join("two");
+    lanup_binary(&two.join("lanup"), Some("0.5.0"));
+    write(&two, "lanup.conf", b"extra\n");
+    publish_lanup(&two, "0.5.0", &origin.url, &key.0, &www);
+    for state in &site.states {
+        let _ = run(&["check", "--state", s(state)]);
+    }
+    wait_all(&site.states, "staged 0.5.0", |me| {
+        me["staged_version"] == "0.5.0"
+    });
+    let out = run(&[
+        "rollout",
+        "0.5.0",
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(&site.states[0]),
+        "--waves",
+        "1,100%",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
+    assert!(stderr.contains("exactly one file"), "{stderr}");
+    let after: Vec<usize> = site.states.iter().map(|s| handovers(s)).collect();
+    assert_eq!(before, after, "a node stopped for the refused release");
+    for state in &site.states {
+        assert_eq!(own(state)["lanup_version"], "0.2.0");
     }
 }
 

@@ -92,6 +92,7 @@ impl Node {
         if crate::upgrade::on_trial() {
             anyhow::bail!("this node is a new lanup on trial; it installs nothing");
         }
+        crate::upgrade::check_shape(&release)?;
         let version = release.manifest.release_name();
         let id = self
             .rollout
