@@ -200,6 +200,18 @@ pub(crate) fn publish(
     app: &Path,
     version: &str,
     url: &str,
+    key: &(PathBuf, String),
+    www: &Path,
+) -> Published {
+    publish_as("app", app, version, url, key, www)
+}
+
+/// [`publish`] with the application's name (AppName) `name`.
+pub(crate) fn publish_as(
+    name: &str,
+    app: &Path,
+    version: &str,
+    url: &str,
     (key, public): &(PathBuf, String),
     www: &Path,
 ) -> Published {
@@ -210,7 +222,7 @@ pub(crate) fn publish(
         "--version",
         version,
         "--app",
-        "app",
+        name,
         "--url",
         url,
         "--key",

@@ -63,23 +63,45 @@ fn history(state: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Publishes `dir` (holding one file, `lanup`) as lanup `version`.
-fn publish_lanup(dir: &Path, version: &str, url: &str, key: &Path, www: &Path) {
-    run_ok(&[
-        "publish",
-        "--dir",
-        s(dir),
-        "--version",
-        version,
-        "--app",
-        "lanup",
-        "--url",
-        url,
-        "--key",
-        s(key),
-        "--out",
-        s(www),
-    ]);
+/// A site of nodes that each run lanup from their own copy, its origin,
+/// and the keys that publish to it and roll out on it.
+struct Site {
+    nodes: LoopSite,
+    www: PathBuf,
+    url: String,
+    publisher: (PathBuf, String),
+    admin: (PathBuf, String),
+}
+
+impl Site {
+    /// Publishes `dir` (holding the file `lanup`) as lanup `version`, has
+    /// every node poll for it and waits until all staged it.
+    fn release(&self, dir: &Path, version: &str) {
+        publish_as("lanup", dir, version, &self.url, &self.publisher, &self.www);
+        for state in &self.nodes.states {
+            let _ = run(&["check", "--state", s(state)]);
+        }
+        wait_all(&self.nodes.states, &format!("staged {version}"), |me| {
+            me["staged_version"] == version
+        });
+    }
+
+    /// `lanup rollout VERSION --waves 1,100% --wait` from node `from`.
+    fn roll_out(&self, version: &str, from: usize) -> std::process::Output {
+        run(&[
+            "rollout",
+            version,
+            "--key",
+            s(&self.admin.0),
+            "--state",
+            s(&self.nodes.states[from]),
+            "--waves",
+            "1,100%",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+    }
 }
 
 /// Waits until every node's own status satisfies `done`.
@@ -114,85 +136,78 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
     let root = tmp.path();
     let www = root.join("www");
     std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(root, "publisher.key");
-    let admin = keygen(root, "admin.key");
     let origin = OriginProc::start(&www, None);
     let n = 3;
-    let mut site = LoopSite::new(root, n);
+    let mut site = Site {
+        nodes: LoopSite::new(root, n),
+        www,
+        url: origin.url.clone(),
+        publisher: keygen(root, "publisher.key"),
+        admin: keygen(root, "admin.key"),
+    };
     // Each node runs lanup from its own folder, as from /usr/bin.
     let bins: Vec<PathBuf> = (0..n)
         .map(|i| root.join(format!("bin{i}")).join("lanup"))
         .collect();
-    for bin in &bins {
+    for (i, bin) in bins.iter().enumerate() {
         lanup_binary(bin, None);
-    }
-    let old_hash = hash(&bins[0]);
-    let good = root.join("good");
-    lanup_binary(&good.join("lanup"), Some("0.2.0"));
-    publish_lanup(&good, "0.2.0", &origin.url, &key.0, &www);
-    let start = |site: &mut LoopSite, i: usize| {
-        let args = site.command(i, Some(&origin.url), &key.1);
-        let mut cmd = Command::new(&bins[i]);
+        let args = site.nodes.command(i, Some(&site.url), &site.publisher.1);
+        let mut cmd = Command::new(bin);
         cmd.args(args.get_args())
-            .args(["--trust-admin", &admin.1, "--self-update-timeout", "8s"])
+            .args([
+                "--trust-admin",
+                &site.admin.1,
+                "--self-update-timeout",
+                "8s",
+            ])
             .env("LANUP_LOG", "info");
-        site.start(i, cmd);
-    };
-    for i in 0..n {
-        start(&mut site, i);
+        site.nodes.start(i, cmd);
     }
+    let states = site.nodes.states.clone();
     let pids: Vec<u32> = site
+        .nodes
         .procs
         .iter()
         .map(|p| p.as_ref().expect("started").0.id())
         .collect();
-    wait_all(&site.states, "staged 0.2.0", |me| {
-        me["staged_version"] == "0.2.0"
-    });
-    for state in &site.states {
-        assert_eq!(own(state)["lanup_version"], env!("CARGO_PKG_VERSION"));
-    }
+    let old_hash = hash(&bins[0]);
+    // Every node runs the installed binary in the process it started in
+    // (the service manager's main pid), and that binary is `hash`.
+    let runs = |hash_wanted: &str, version: &str| {
+        for (i, state) in states.iter().enumerate() {
+            assert_eq!(own(state)["lanup_version"], version, "node {i}'s lanup");
+            assert_eq!(hash(&bins[i]), hash_wanted, "node {i}'s binary on disk");
+            let exe = std::fs::read_link(format!("/proc/{}/exe", pids[i])).expect("exe");
+            assert_eq!(exe, bins[i], "node {i}'s process runs the installed binary");
+            let left = std::fs::read_dir(bins[i].parent().expect("dir"))
+                .expect("read_dir")
+                .count();
+            assert_eq!(left, 1, "node {i} left files beside lanup");
+        }
+    };
+    let good = root.join("good");
+    lanup_binary(&good.join("lanup"), Some("0.2.0"));
+    site.release(&good, "0.2.0");
+    runs(&old_hash, env!("CARGO_PKG_VERSION"));
 
     // The good release, in two waves.
     let began = Instant::now();
-    let out = run(&[
-        "rollout",
-        "0.2.0",
-        "--key",
-        s(&admin.0),
-        "--state",
-        s(&site.states[0]),
-        "--waves",
-        "1,100%",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
+    let out = site.roll_out("0.2.0", 0);
     let took = began.elapsed();
     assert!(
         out.status.success(),
         "rollout of lanup 0.2.0: {}\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        node_log(&site.states[0])
+        node_log(&states[0])
     );
     eprintln!("lanup 0.2.0 rolled out to {n} nodes in {took:.1?}");
-    let new_hash = hash(&good.join("lanup"));
-    wait_all(&site.states, "running lanup 0.2.0", |me| {
+    wait_all(&states, "running lanup 0.2.0", |me| {
         me["lanup_version"] == "0.2.0"
     });
-    for (i, state) in site.states.iter().enumerate() {
-        assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
-        let dir = bins[i].parent().expect("dir");
-        let left: Vec<_> = std::fs::read_dir(dir)
-            .expect("read_dir")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(left.len(), 1, "node {i} left files beside lanup: {left:?}");
-        // The same process (the service manager's main pid) runs the new
-        // binary.
-        let exe = std::fs::read_link(format!("/proc/{}/exe", pids[i])).expect("exe");
-        assert_eq!(exe, bins[i], "node {i}'s process runs the installed binary");
+    let new_hash = hash(&good.join("lanup"));
+    runs(&new_hash, "0.2.0");
+    for (i, state) in states.iter().enumerate() {
         assert!(
             history(state)
                 .iter()
@@ -219,37 +234,15 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
         "lanup",
         b"#!/bin/sh\necho 'this lanup is broken' >&2\nexit 3\n",
     );
-    publish_lanup(&broken, "0.3.0", &origin.url, &key.0, &www);
-    run_ok(&["check", "--state", s(&site.states[0])]);
-    for state in &site.states {
-        let _ = run(&["check", "--state", s(state)]);
-    }
-    wait_all(&site.states, "staged 0.3.0", |me| {
-        me["staged_version"] == "0.3.0"
-    });
-    let out = run(&[
-        "rollout",
-        "0.3.0",
-        "--key",
-        s(&admin.0),
-        "--state",
-        s(&site.states[1]),
-        "--waves",
-        "1,100%",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
+    site.release(&broken, "0.3.0");
+    let out = site.roll_out("0.3.0", 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
     assert!(stderr.contains("exited"), "{stderr}");
+    runs(&new_hash, "0.2.0");
     let mut tried = 0;
-    for (i, state) in site.states.iter().enumerate() {
+    for state in &states {
         let me = own(state);
-        assert_eq!(me["lanup_version"], "0.2.0", "node {i} runs the old lanup");
-        assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
-        let exe = std::fs::read_link(format!("/proc/{}/exe", pids[i])).expect("exe");
-        assert_eq!(exe, bins[i], "node {i}'s process runs the installed binary");
         let h = history(state);
         if let Some(e) = h
             .iter()
@@ -271,7 +264,7 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
     }
     assert_eq!(tried, 1, "only the canary tried the broken lanup");
     // Every node halts once it hears the canary again.
-    for (i, state) in site.states.iter().enumerate() {
+    for (i, state) in states.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let status = status(state);
@@ -282,82 +275,36 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    assert_ne!(old_hash, new_hash);
 
     // A lanup that starts but never joins the site: given up after the
     // node's self_update_timeout (8 s here), the old one back.
     let hangs = root.join("hangs");
     write(&hangs, "lanup", b"#!/bin/sh\nexec sleep 600\n");
-    publish_lanup(&hangs, "0.4.0", &origin.url, &key.0, &www);
-    for state in &site.states {
-        let _ = run(&["check", "--state", s(state)]);
-    }
-    wait_all(&site.states, "staged 0.4.0", |me| {
-        me["staged_version"] == "0.4.0"
-    });
-    let out = run(&[
-        "rollout",
-        "0.4.0",
-        "--key",
-        s(&admin.0),
-        "--state",
-        s(&site.states[2]),
-        "--waves",
-        "1,100%",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
+    site.release(&hangs, "0.4.0");
+    let out = site.roll_out("0.4.0", 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
     assert!(
         stderr.contains("did not prove itself within 8s"),
         "{stderr}"
     );
-    for (i, state) in site.states.iter().enumerate() {
-        assert_eq!(
-            own(state)["lanup_version"],
-            "0.2.0",
-            "node {i} runs the old lanup"
-        );
-        assert_eq!(hash(&bins[i]), new_hash, "node {i}'s binary on disk");
-    }
+    runs(&new_hash, "0.2.0");
 
     // A lanup release that is not one binary is refused by the canary
     // before it stops anything.
     let handovers = |state: &Path| node_log(state).matches("stopping to hand over").count();
-    let before: Vec<usize> = site.states.iter().map(|s| handovers(s)).collect();
+    let before: Vec<usize> = states.iter().map(|s| handovers(s)).collect();
     let two = root.join("two");
     lanup_binary(&two.join("lanup"), Some("0.5.0"));
     write(&two, "lanup.conf", b"extra\n");
-    publish_lanup(&two, "0.5.0", &origin.url, &key.0, &www);
-    for state in &site.states {
-        let _ = run(&["check", "--state", s(state)]);
-    }
-    wait_all(&site.states, "staged 0.5.0", |me| {
-        me["staged_version"] == "0.5.0"
-    });
-    let out = run(&[
-        "rollout",
-        "0.5.0",
-        "--key",
-        s(&admin.0),
-        "--state",
-        s(&site.states[0]),
-        "--waves",
-        "1,100%",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
+    site.release(&two, "0.5.0");
+    let out = site.roll_out("0.5.0", 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
     assert!(stderr.contains("exactly one file"), "{stderr}");
-    let after: Vec<usize> = site.states.iter().map(|s| handovers(s)).collect();
+    let after: Vec<usize> = states.iter().map(|s| handovers(s)).collect();
     assert_eq!(before, after, "a node stopped for the refused release");
-    for state in &site.states {
-        assert_eq!(own(state)["lanup_version"], "0.2.0");
-    }
+    runs(&new_hash, "0.2.0");
 }
 
 #[test]
@@ -375,7 +322,7 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
     let old_hash = hash(&bin);
     let good = root.join("good");
     lanup_binary(&good.join("lanup"), Some("0.2.0"));
-    publish_lanup(&good, "0.2.0", &origin.url, &key.0, &www);
+    publish_as("lanup", &good, "0.2.0", &origin.url, &key, &www);
     let command = |site: &LoopSite| {
         let args = site.command(0, Some(&origin.url), &key.1);
         let mut cmd = Command::new(&bin);
