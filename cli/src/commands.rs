@@ -790,6 +790,9 @@ fn apply(node: &LocalNode, version: &str, json: bool) -> Result<ExitCode> {
     if let Some(e) = last.get("error").and_then(|e| e.as_str()) {
         bail!("{version}: {e}");
     }
+    if last["event"]["step"] == "hand-over" {
+        return follow_hand_over(node, version);
+    }
     let outcome = &last["outcome"];
     match outcome["ending"].as_str() {
         Some("committed") => Ok(ExitCode::SUCCESS),
@@ -807,6 +810,35 @@ fn apply(node: &LocalNode, version: &str, json: bool) -> Result<ExitCode> {
         }
         None => bail!("the node's answer has no outcome: {last}"),
     }
+}
+
+/// Waits for a node that stopped to try lanup `version` to answer again,
+/// and says how it went: 0 when it runs `version`, 1 when it put the old
+/// lanup back.
+fn follow_hand_over(node: &LocalNode, version: &str) -> Result<ExitCode> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let Ok(status) = node.ask(ControlRequest::Status) else {
+            continue;
+        };
+        let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+        let Some(me) = nodes.iter().find(|n| n["self"] == true) else {
+            continue;
+        };
+        if me["lanup_version"] == version {
+            println!("committed: this node runs lanup {version}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if me["failed_version"] == version {
+            eprintln!(
+                "lanup: lanup {version} rolled back: {}",
+                me["last_error"].as_str().unwrap_or("no reason given")
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    bail!("the node did not say within 10 minutes how its update to lanup {version} went")
 }
 
 /// The last 8 characters of a PeerId: enough to tell a site's nodes apart.

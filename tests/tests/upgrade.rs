@@ -387,4 +387,20 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
     assert!(history(&state)
         .iter()
         .any(|e| e["event"] == "rolled-back" && e["version"] == "0.2.0"));
+
+    // An admin tries it again on this node by hand: `lanup apply` waits
+    // for the node to come back and says how it went.
+    let out = run(&["apply", "0.2.0", "--state", s(&state)]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("this node runs lanup 0.2.0"));
+    assert_eq!(own(&state)["lanup_version"], "0.2.0");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe"),
+        bin
+    );
 }
