@@ -10,13 +10,13 @@ use crate::apply::*;
 use crate::common::*;
 
 /// tmpfs mounts that are unmounted when the test ends, even on panic.
-struct Mounts {
+pub(crate) struct Mounts {
     dirs: Vec<PathBuf>,
     _tmp: tempfile::TempDir,
 }
 
 impl Mounts {
-    fn new() -> Mounts {
+    pub(crate) fn new() -> Mounts {
         Mounts {
             dirs: Vec::new(),
             _tmp: tempfile::tempdir().expect("tempdir"),
@@ -24,7 +24,7 @@ impl Mounts {
     }
 
     /// A fresh tmpfs of `bytes` (rounded up to pages).
-    fn tmpfs(&mut self, name: &str, bytes: u64) -> PathBuf {
+    pub(crate) fn tmpfs(&mut self, name: &str, bytes: u64) -> PathBuf {
         let dir = self._tmp.path().join(name);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let out = Command::new("mount")

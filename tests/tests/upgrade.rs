@@ -404,3 +404,68 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
         bin
     );
 }
+
+#[test]
+fn a_new_lanup_that_does_not_fit_beside_the_old_one_changes_nothing() {
+    if !crate::testbed::available() {
+        eprintln!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(root, "publisher.key");
+    let admin = keygen(root, "admin.key");
+    let origin = OriginProc::start(&www, None);
+    let mut site = LoopSite::new(root, 1);
+    let good = root.join("good");
+    lanup_binary(&good.join("lanup"), Some("0.2.0"));
+    publish_as("lanup", &good, "0.2.0", &origin.url, &key, &www);
+    // lanup lives on a filesystem with room for itself and 4 MiB more.
+    let size = std::fs::metadata(good.join("lanup")).expect("size").len();
+    let mut mounts = crate::diskfull::Mounts::new();
+    let bin = mounts.tmpfs("bin", size + (4 << 20)).join("lanup");
+    lanup_binary(&bin, None);
+    let old_hash = hash(&bin);
+    let args = site.command(0, Some(&origin.url), &key.1);
+    let mut cmd = Command::new(&bin);
+    cmd.args(args.get_args())
+        .args(["--trust-admin", &admin.1])
+        .env("LANUP_LOG", "info");
+    site.start(0, cmd);
+    let pid = site.procs[0].as_ref().expect("started").0.id();
+    let state = site.states[0].clone();
+    wait_all(std::slice::from_ref(&state), "staged 0.2.0", |me| {
+        me["staged_version"] == "0.2.0"
+    });
+    let out = run(&[
+        "rollout",
+        "0.2.0",
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(&state),
+        "--waves",
+        "100%",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "halted: {stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let me = own(&state);
+    assert_eq!(me["lanup_version"], env!("CARGO_PKG_VERSION"), "{me}");
+    assert_eq!(me["failed_version"], "0.2.0", "{me}");
+    assert_eq!(hash(&bin), old_hash, "the old binary is untouched");
+    let left = std::fs::read_dir(bin.parent().expect("dir"))
+        .expect("read_dir")
+        .count();
+    assert_eq!(left, 1, "nothing left beside lanup");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe"),
+        bin
+    );
+    drop(site);
+}
