@@ -3,7 +3,7 @@
 //! and nothing is written.
 
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
@@ -159,5 +159,65 @@ fn setup_writes_a_configuration_a_node_runs_with_and_refuses_bad_input_writing_n
     assert_eq!(
         std::fs::read_to_string(root.join("etc/lanup/lanup.toml.bak")).expect("backup"),
         text
+    );
+}
+
+/// `lanup node` with no flags at all reads /etc/lanup/lanup.toml. The file
+/// is shown to that one process only: it runs in a mount namespace of its
+/// own whose /etc is the machine's with the file laid over it (root).
+#[test]
+fn a_node_given_no_flags_reads_etc_lanup() {
+    if !crate::testbed::available() {
+        eprintln!("skipped: needs root for a mount namespace");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_, publisher) = keygen(tmp.path(), "publisher.key");
+    let upper = tmp.path().join("upper");
+    let work = tmp.path().join("work");
+    let state = tmp.path().join("node");
+    std::fs::create_dir_all(upper.join("lanup")).expect("mkdir");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    std::fs::write(
+        upper.join("lanup/lanup.toml"),
+        format!(
+            "site = \"from-etc\"\ntrust_publisher = [\"{publisher}\"]\nstate = \"{}\"\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n",
+            state.display()
+        ),
+    )
+    .expect("config");
+    let script = format!(
+        "mount -t overlay overlay -o lowerdir=/etc,upperdir={},workdir={} /etc && exec \"$0\" node",
+        upper.display(),
+        work.display()
+    );
+    let _node = Proc(
+        Command::new("unshare")
+            .args(["--mount", "--", "sh", "-c", &script])
+            .arg(lanup_bin())
+            .env("LANUP_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("unshare runs"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = run(&["status", "--state", s(&state), "--json"]);
+        if out.status.success() {
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            assert_eq!(status["site"], "from-etc");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !Path::new("/etc/lanup/lanup.toml").exists()
+            || std::fs::read_to_string("/etc/lanup/lanup.toml")
+                .is_ok_and(|t| !t.contains("from-etc")),
+        "the machine's /etc was changed"
     );
 }
