@@ -72,7 +72,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Ask the site's fetcher to poll the origin now.
+    /// Have the site's fetcher poll the origin now, from any node of the
+    /// site.
     Check {
         #[command(flatten)]
         node: LocalNode,
@@ -312,7 +313,7 @@ struct NodeArgs {
     /// Cap on this node's LAN traffic.
     #[arg(long, value_name = "RATE")]
     lan_rate: Option<String>,
-    /// How often the fetcher polls the origin (e.g. 30s, 5m).
+    /// How often the site's fetcher polls the origin [default: 1m].
     #[arg(long, value_name = "DURATION")]
     poll_interval: Option<String>,
     /// No byte from the origin for this long and a request is resumed where
@@ -405,10 +406,17 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { node } => {
             let answer = node.ask(ControlRequest::Check)?;
-            if answer["fetcher"] == true {
-                println!("polling the origin now");
+            if let Some(e) = answer["error"].as_str() {
+                bail!("{e}");
+            }
+            let who = match answer["asked"].as_str() {
+                Some(peer) => format!("the site's fetcher {}", short_id(peer)),
+                None => "this node (the site's fetcher)".to_owned(),
+            };
+            if answer["polling"] == true {
+                println!("{who} polls the origin now");
             } else {
-                println!("this node is not the site's fetcher; the fetcher polls the origin");
+                println!("{who} is downloading; it polls the origin when that ends");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -147,10 +147,13 @@ impl FetcherHandle {
         taken == self.sent.get() || at.elapsed() < ANSWER_WITHIN
     }
 
-    /// Asks for a poll of the origin now (`lanup check`); false when one
-    /// is already asked for.
+    /// Asks for a poll of the origin now (`lanup check`); true when one is
+    /// asked for (now or already), false when the fetcher is gone.
     pub fn check_now(&self) -> bool {
-        self.check.try_send(()).is_ok()
+        !matches!(
+            self.check.try_send(()),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+        )
     }
 
     pub fn status(&self) -> FetcherStatus {
@@ -317,6 +320,14 @@ impl Fetcher {
             None => 0,
         };
         self.lease.store(lease, Ordering::Relaxed);
+        // The site holds the whole release: the download is over, whichever
+        // of its jobs fetched the last chunk.
+        if let (Some((hash, bytes)), Some(w)) = (self.downloading, &duty.release) {
+            if hash == w.hash && w.lacking.is_empty() {
+                info!(bytes, "download from the origin finished");
+                self.downloading = None;
+            }
+        }
         if let Some(w) = duty
             .release
             .filter(|_| self.plan.running() == Some(Job::Download))

@@ -18,6 +18,12 @@ pub struct Announce {
     pub manifest_hash: Hash,
     /// The `.sig` file's text.
     pub signature: String,
+    /// The release's application (AppName): releases are compared only
+    /// with releases of the same application (an application's and lanup's
+    /// own move through a site side by side in time). Absent from older
+    /// nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 /// Requests a node answers for its peers.
@@ -31,6 +37,9 @@ pub enum Request {
     /// The signed rollout commands the peer follows, when its heartbeat
     /// names command `id` (a node that was away catches up).
     Commands { id: String },
+    /// Poll the origin now: an administrator ran `lanup check` on another
+    /// node of the site.
+    Check,
 }
 
 /// Answers to [`Request`].
@@ -50,6 +59,9 @@ pub enum Response {
     /// The command a peer follows and, if it was aborted, the abort: in
     /// the order they were issued.
     Commands { commands: Vec<SignedCommand> },
+    /// Whether the peer is the site's fetcher, and whether it polls now
+    /// (it does not while a download runs, nor twice within seconds).
+    Check { fetcher: bool, polling: bool },
     /// The peer does not know that release (or command).
     Unknown,
 }

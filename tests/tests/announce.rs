@@ -155,7 +155,9 @@ fn a_node_refuses_and_does_not_forward_bad_announcements() {
         "--peer",
         &format!("/ip4/127.0.0.1/tcp/{liar_port}/p2p/{liar_id}"),
     ])
-    .args(["--peer", &format!("/ip4/127.0.0.1/tcp/{bystander_port}")]);
+    .args(["--peer", &format!("/ip4/127.0.0.1/tcp/{bystander_port}")])
+    // An older release passed over is expected traffic, logged at debug.
+    .env("LANUP_LOG", "info,lanup_node::node::announce=debug");
     let _victim = spawn_logged(cmd, &victim);
     let mut cmd = node_command(&bystander, None, &trusted, &site);
     cmd.args([
@@ -174,6 +176,7 @@ fn a_node_refuses_and_does_not_forward_bad_announcements() {
             release: m.version.into(),
             manifest_hash: hash,
             signature: m.sig.clone(),
+            app: None,
         })
         .expect("JSON");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -208,7 +211,7 @@ fn a_node_refuses_and_does_not_forward_bad_announcements() {
     announce_until(
         &old,
         &[
-            "refused announcement",
+            "passed over an announcement",
             &liar_id,
             "1.0",
             "not newer than 2.0",

@@ -77,9 +77,21 @@ impl Site {
     /// Publishes `dir` (holding the file `lanup`) as lanup `version`, has
     /// every node poll for it and waits until all staged it.
     fn release(&self, dir: &Path, version: &str) {
-        publish_as("lanup", dir, version, &self.url, &self.publisher, &self.www);
-        for state in &self.nodes.states {
-            let _ = run(&["check", "--state", s(state)]);
+        self.release_as("lanup", dir, version);
+    }
+
+    /// [`Site::release`] of application `name`.
+    fn release_as(&self, name: &str, dir: &Path, version: &str) {
+        publish_as(name, dir, version, &self.url, &self.publisher, &self.www);
+        // From one node: it reaches the site's fetcher (retried while the
+        // site settles after a start).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !run(&["check", "--state", s(&self.nodes.states[0])])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "lanup check never succeeded");
+            std::thread::sleep(Duration::from_millis(300));
         }
         wait_all(&self.nodes.states, &format!("staged {version}"), |me| {
             me["staged_version"] == version
@@ -123,7 +135,10 @@ fn wait_all(states: &[PathBuf], what: &str, done: impl Fn(&serde_json::Value) ->
                 Instant::now() < deadline,
                 "{}: never {what}: {me:?}\n{}",
                 state.display(),
-                node_log(state)
+                states
+                    .iter()
+                    .map(|s| format!("--- {}\n{}", s.display(), node_log(s)))
+                    .collect::<String>()
             );
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -185,6 +200,12 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
             assert_eq!(left, 1, "node {i} left files beside lanup");
         }
     };
+    // The site's application has a release with a greater version than
+    // lanup's: releases of the two are compared by when they were
+    // published, not by version.
+    let app = root.join("app");
+    write(&app, "bin/app", &pseudo_random(200_000, 41));
+    site.release_as("app", &app, "1.0.0");
     let good = root.join("good");
     lanup_binary(&good.join("lanup"), Some("0.2.0"));
     site.release(&good, "0.2.0");
@@ -305,6 +326,11 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
     let after: Vec<usize> = states.iter().map(|s| handovers(s)).collect();
     assert_eq!(before, after, "a node stopped for the refused release");
     runs(&new_hash, "0.2.0");
+
+    // The application's next release, published after lanup's, is the
+    // site's next.
+    write(&app, "bin/app", &pseudo_random(200_000, 42));
+    site.release_as("app", &app, "1.0.1");
 }
 
 #[test]

@@ -14,6 +14,15 @@ impl Node {
         }
     }
 
+    /// Notes once per peer and manifest an announcement of a release older
+    /// than this node's: peers that have not moved on yet announce theirs
+    /// for a while after every new release, which is expected traffic.
+    pub(super) fn pass_over(&mut self, from: PeerId, hash: Hash, release: &str, reason: &str) {
+        if self.refused.insert((from, hash)) {
+            debug!(peer = %from, release, reason, "passed over an announcement");
+        }
+    }
+
     /// Checks an announcement before it is forwarded. A new release's
     /// manifest is fetched from the announcer and checked first; the
     /// verdict then comes later (`None` now).
@@ -49,17 +58,21 @@ impl Node {
             self.refuse(from, hash, &announce.release, &reason);
             return Some(MessageAcceptance::Reject);
         }
+        // Versions are compared within one application only (an older
+        // node does not say which: then as the release this node has).
+        let same_app = |m: &Manifest| announce.app.is_none() || announce.app == m.restart.app_name;
         if let (Some(t), Ok(announced)) = (&self.target, announce.release.parse::<Version>()) {
-            if t.manifest
-                .version
-                .as_ref()
-                .is_some_and(|have| announced <= *have)
+            if same_app(&t.manifest)
+                && t.manifest
+                    .version
+                    .as_ref()
+                    .is_some_and(|have| announced <= *have)
             {
                 let reason = format!(
                     "not newer than {}, which this node has",
                     t.manifest.release_name()
                 );
-                self.refuse(from, hash, &announce.release, &reason);
+                self.pass_over(from, hash, &announce.release, &reason);
                 // An honest peer that lags behind: not forwarded, not held
                 // against it.
                 return Some(MessageAcceptance::Ignore);
@@ -68,16 +81,17 @@ impl Node {
         if let (Some(installed), Ok(announced)) =
             (&self.installed, announce.release.parse::<Version>())
         {
-            if installed
-                .version
-                .as_ref()
-                .is_some_and(|have| announced < *have)
+            if same_app(installed)
+                && installed
+                    .version
+                    .as_ref()
+                    .is_some_and(|have| announced < *have)
             {
                 let reason = format!(
                     "older than {}, which is installed here",
                     installed.release_name()
                 );
-                self.refuse(from, hash, &announce.release, &reason);
+                self.pass_over(from, hash, &announce.release, &reason);
                 return Some(MessageAcceptance::Ignore);
             }
         }
