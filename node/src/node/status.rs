@@ -335,7 +335,7 @@ impl Node {
     pub(super) fn poll_now(&mut self) -> bool {
         const AGAIN: Duration = Duration::from_secs(1);
         let busy = self.fetcher.busy() == Some(lanup_protocol::fetcher::Job::Download);
-        if !self.polled_at.is_some_and(|at| at.elapsed() < AGAIN) {
+        if self.polled_at.is_none_or(|at| at.elapsed() >= AGAIN) {
             self.polled_at = Some(Instant::now());
             self.fetcher.check_now();
         }
