@@ -72,8 +72,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Have the site's fetcher poll the origin now, from any node of the
-    /// site.
+    /// Ask the site's fetcher to poll the origin now.
     Check {
         #[command(flatten)]
         node: LocalNode,
@@ -406,17 +405,10 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { node } => {
             let answer = node.ask(ControlRequest::Check)?;
-            if let Some(e) = answer["error"].as_str() {
-                bail!("{e}");
-            }
-            let who = match answer["asked"].as_str() {
-                Some(peer) => format!("the site's fetcher {}", short_id(peer)),
-                None => "this node (the site's fetcher)".to_owned(),
-            };
-            if answer["polling"] == true {
-                println!("{who} polls the origin now");
+            if answer["fetcher"] == true {
+                println!("polling the origin now");
             } else {
-                println!("{who} is downloading; it polls the origin when that ends");
+                println!("this node is not the site's fetcher; the fetcher polls the origin");
             }
             Ok(ExitCode::SUCCESS)
         }

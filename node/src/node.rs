@@ -200,8 +200,6 @@ enum Done {
 }
 
 struct Node {
-    /// When an administrator last had the origin polled (`lanup check`).
-    polled_at: Option<Instant>,
     /// Set when this node's wave of a lanup release came: the node stops
     /// and hands over to the new lanup.
     leaving: Option<crate::upgrade::Handover>,
@@ -428,7 +426,6 @@ pub async fn run(
     )?;
     children.spawn(fetcher.run(cancel.clone()));
     let mut node = Node {
-        polled_at: None,
         leaving: None,
         config,
         net,
@@ -796,10 +793,6 @@ impl Node {
                             total: t.held_order.len() as u32,
                         }
                     }
-                    (Request::Check, _) => Response::Check {
-                        fetcher: self.was_fetcher,
-                        polling: self.was_fetcher && self.poll_now(),
-                    },
                     (Request::Commands { id }, _) => match &self.rollout {
                         Some(r) if r.command.id == *id || r.newest_id() == *id => {
                             Response::Commands {

@@ -37,9 +37,6 @@ pub enum Request {
     /// The signed rollout commands the peer follows, when its heartbeat
     /// names command `id` (a node that was away catches up).
     Commands { id: String },
-    /// Poll the origin now: an administrator ran `lanup check` on another
-    /// node of the site.
-    Check,
 }
 
 /// Answers to [`Request`].
@@ -59,9 +56,6 @@ pub enum Response {
     /// The command a peer follows and, if it was aborted, the abort: in
     /// the order they were issued.
     Commands { commands: Vec<SignedCommand> },
-    /// Whether the peer is the site's fetcher, and whether it polls now
-    /// (it does not while a download runs, nor twice within seconds).
-    Check { fetcher: bool, polling: bool },
     /// The peer does not know that release (or command).
     Unknown,
 }

@@ -103,7 +103,7 @@ fetchers=$(grep -l "downloading release from the origin" "$work"/n*.log | wc -l)
 echo "lanup: all $nodes connected after ${connected}s; all staged ${lanup_time}s after the announcement" \
   "($(calc "$lanup_time / ($S / $rate_bps)") x S/W); origin bytes $lanup_bytes = $(calc "$lanup_bytes / $S") x S;" \
   "$fetchers node(s) downloaded"
-for ns in "${hosts[@]}"; do for p in $(ip netns pids "$ns"); do kill "$p"; done; done
+for ns in "${hosts[@]}"; do for p in $(ip netns pids "$ns"); do kill "$p" 2> /dev/null || true; done; done
 sleep 1
 [ -n "${ONLY_LANUP:-}" ] && exit 0
 
@@ -161,7 +161,7 @@ rm -f "$work"/proxy-*.bin
 echo "proxy: ${proxy_time}s, origin bytes $proxy_bytes = $(calc "$proxy_bytes / $S") x S ($good of $nodes copies intact)"
 echo "lanup vs naive: time $(calc "$lanup_time / $naive_time"), uplink bytes $(calc "$lanup_bytes / $naive_bytes")"
 echo "lanup vs proxy: time $(calc "$lanup_time / $proxy_time"), uplink bytes $(calc "$lanup_bytes / $proxy_bytes")"
-for p in $(ip netns pids "$proxy_ns"); do kill "$p"; done
+for p in $(ip netns pids "$proxy_ns"); do kill "$p" 2> /dev/null || true; done
 
 fi # ONLY_BIG
 
@@ -172,7 +172,7 @@ mkdir -p "$work/big/bin" "$work/bigwww"
 head -c $((big_mib << 20)) /dev/urandom > "$work/big/bin/app"
 "$lanup" publish --dir "$work/big" --version 2.0 --app app --url "http://$origin_ip:8080/" \
   --key "$work/publisher.key" --out "$work/bigwww" > /dev/null 2>&1
-for p in $(ip netns pids "$origin_ns"); do kill "$p"; done
+for p in $(ip netns pids "$origin_ns"); do kill "$p" 2> /dev/null || true; done
 sleep 0.5
 in_ns "$origin_ns" "$lanup" origin --dir "$work/bigwww" --listen "$origin_ip:8080" > /dev/null 2> "$work/origin2.log" &
 sleep 1

@@ -189,10 +189,6 @@ impl Node {
             let _ = reply.try_send(answer);
             return;
         }
-        if let ControlRequest::Check = request {
-            self.check(reply);
-            return;
-        }
         if let ControlRequest::Apply { version } = request {
             if let Err(e) = self.start_apply(&version, Some(reply.clone())) {
                 let _ = reply.try_send(serde_json::json!({ "error": format!("{e:#}") }));
@@ -271,75 +267,16 @@ impl Node {
             ControlRequest::Peers => serde_json::json!({
                 "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
             }),
-            ControlRequest::Apply { .. }
-            | ControlRequest::Rollout { .. }
-            | ControlRequest::Check => {
+            ControlRequest::Check => {
+                let fetcher = self.is_fetcher();
+                // An admin asking is a retry now, backoff or not.
+                let polling = fetcher && self.fetcher.busy().is_none() && self.fetcher.check_now();
+                serde_json::json!({ "fetcher": fetcher, "polling": polling })
+            }
+            ControlRequest::Apply { .. } | ControlRequest::Rollout { .. } => {
                 serde_json::json!({ "error": "not here" })
             }
         }
-    }
-
-    /// Has the origin polled now: here when this node is the site's
-    /// fetcher, else by asking the fetcher, off the loop; the CLI gets the
-    /// answer either way.
-    fn check(&mut self, reply: mpsc::Sender<serde_json::Value>) {
-        if self.was_fetcher {
-            let polling = self.poll_now();
-            let _ = reply.try_send(serde_json::json!({ "fetcher": true, "polling": polling }));
-            return;
-        }
-        let Some(fetcher) = self.fetcher().filter(|f| *f != self.local) else {
-            let why = if self.config.origin.is_some() {
-                "the site has not settled on its fetcher yet; try again in a few seconds"
-            } else {
-                "no node this one hears has an origin configured"
-            };
-            let _ = reply.try_send(serde_json::json!({ "error": why }));
-            return;
-        };
-        let net = self.net.clone();
-        tokio::spawn(async move {
-            let asked = tokio::time::timeout(
-                Duration::from_secs(10),
-                net.request(fetcher, Request::Check),
-            )
-            .await;
-            let answer = match asked {
-                Ok(Ok(Response::Check {
-                    fetcher: true,
-                    polling,
-                })) => serde_json::json!({
-                    "fetcher": false, "asked": fetcher.to_string(), "polling": polling,
-                }),
-                Ok(Ok(Response::Check { fetcher: false, .. })) => serde_json::json!({
-                    "error": format!("{fetcher} is no longer the site's fetcher; try again in a few seconds"),
-                }),
-                Ok(Ok(_)) => serde_json::json!({
-                    "error": format!("the site's fetcher {fetcher} does not know this request (an older lanup)"),
-                }),
-                Ok(Err(e)) => serde_json::json!({
-                    "error": format!("cannot reach the site's fetcher {fetcher}: {e:#}"),
-                }),
-                Err(_) => serde_json::json!({
-                    "error": format!("the site's fetcher {fetcher} did not answer within 10 s"),
-                }),
-            };
-            let _ = reply.send(answer).await;
-        });
-    }
-
-    /// Has the origin polled now, backoff or not, or as soon as the job
-    /// under way (a download) ends; false in that case. Checks within a
-    /// second of one another are one poll: a peer that keeps asking costs
-    /// the uplink at most a poll a second.
-    pub(super) fn poll_now(&mut self) -> bool {
-        const AGAIN: Duration = Duration::from_secs(1);
-        let busy = self.fetcher.busy() == Some(lanup_protocol::fetcher::Job::Download);
-        if self.polled_at.is_none_or(|at| at.elapsed() >= AGAIN) {
-            self.polled_at = Some(Instant::now());
-            self.fetcher.check_now();
-        }
-        !busy
     }
 
     pub(super) async fn heartbeat(&mut self) {
