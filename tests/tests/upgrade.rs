@@ -74,6 +74,31 @@ struct Site {
 }
 
 impl Site {
+    /// `n` nodes (none started) and a running origin, under `root`.
+    fn new(root: &Path, n: usize) -> (Site, OriginProc) {
+        let www = root.join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let origin = OriginProc::start(&www, None);
+        let site = Site {
+            nodes: LoopSite::new(root, n),
+            www,
+            url: origin.url.clone(),
+            publisher: keygen(root, "publisher.key"),
+            admin: keygen(root, "admin.key"),
+        };
+        (site, origin)
+    }
+
+    /// `lanup node` for node `i`, run from `bin`, obeying the site's admin.
+    fn command(&self, i: usize, bin: &Path) -> Command {
+        let args = self.nodes.command(i, Some(&self.url), &self.publisher.1);
+        let mut cmd = Command::new(bin);
+        cmd.args(args.get_args())
+            .args(["--trust-admin", &self.admin.1])
+            .env("LANUP_LOG", "info");
+        cmd
+    }
+
     /// Publishes `dir` (holding the file `lanup`) as lanup `version`, has
     /// every node poll for it and waits until all staged it.
     fn release(&self, dir: &Path, version: &str) {
@@ -143,33 +168,16 @@ fn wait_all(states: &[PathBuf], what: &str, done: impl Fn(&serde_json::Value) ->
 fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_one_running() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let origin = OriginProc::start(&www, None);
     let n = 3;
-    let mut site = Site {
-        nodes: LoopSite::new(root, n),
-        www,
-        url: origin.url.clone(),
-        publisher: keygen(root, "publisher.key"),
-        admin: keygen(root, "admin.key"),
-    };
+    let (mut site, _origin) = Site::new(root, n);
     // Each node runs lanup from its own folder, as from /usr/bin.
     let bins: Vec<PathBuf> = (0..n)
         .map(|i| root.join(format!("bin{i}")).join("lanup"))
         .collect();
     for (i, bin) in bins.iter().enumerate() {
         lanup_binary(bin, None);
-        let args = site.nodes.command(i, Some(&site.url), &site.publisher.1);
-        let mut cmd = Command::new(bin);
-        cmd.args(args.get_args())
-            .args([
-                "--trust-admin",
-                &site.admin.1,
-                "--self-update-timeout",
-                "8s",
-            ])
-            .env("LANUP_LOG", "info");
+        let mut cmd = site.command(i, bin);
+        cmd.args(["--self-update-timeout", "8s"]);
         site.nodes.start(i, cmd);
     }
     let states = site.nodes.states.clone();
@@ -184,6 +192,15 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
     // (the service manager's main pid), and that binary is `hash`.
     let runs = |hash_wanted: &str, version: &str| {
         for (i, state) in states.iter().enumerate() {
+            // A node's trial of a new lanup answers for it a moment before
+            // the node itself runs the new binary.
+            let exe = format!("/proc/{}/exe", pids[i]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_link(&exe).ok().as_ref() != Some(&bins[i])
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             assert_eq!(own(state)["lanup_version"], version, "node {i}'s lanup");
             assert_eq!(hash(&bins[i]), hash_wanted, "node {i}'s binary on disk");
             let exe = std::fs::read_link(format!("/proc/{}/exe", pids[i])).expect("exe");
@@ -331,30 +348,24 @@ fn a_lanup_release_replaces_every_nodes_lanup_and_a_broken_one_leaves_the_old_on
 fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(root, "publisher.key");
-    let admin = keygen(root, "admin.key");
-    let origin = OriginProc::start(&www, None);
-    let mut site = LoopSite::new(root, 1);
+    let (mut site, _origin) = Site::new(root, 1);
     let bin = root.join("bin").join("lanup");
     lanup_binary(&bin, None);
     let old_hash = hash(&bin);
     let good = root.join("good");
     lanup_binary(&good.join("lanup"), Some("0.2.0"));
-    publish_as("lanup", &good, "0.2.0", &origin.url, &key, &www);
-    let command = |site: &LoopSite| {
-        let args = site.command(0, Some(&origin.url), &key.1);
-        let mut cmd = Command::new(&bin);
-        cmd.args(args.get_args())
-            .args(["--trust-admin", &admin.1])
-            .env("LANUP_LOG", "info");
-        cmd
-    };
-    let mut cmd = command(&site);
+    publish_as(
+        "lanup",
+        &good,
+        "0.2.0",
+        &site.url,
+        &site.publisher,
+        &site.www,
+    );
+    let mut cmd = site.command(0, &bin);
     cmd.env("LANUP_FAULT", "lanup-trial");
-    site.start(0, cmd);
-    let state = site.states[0].clone();
+    site.nodes.start(0, cmd);
+    let state = site.nodes.states[0].clone();
     wait_all(std::slice::from_ref(&state), "staged 0.2.0", |me| {
         me["staged_version"] == "0.2.0"
     });
@@ -362,7 +373,7 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
         "rollout",
         "0.2.0",
         "--key",
-        s(&admin.0),
+        s(&site.admin.0),
         "--state",
         s(&state),
         "--waves",
@@ -371,7 +382,7 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
     // The node kills itself once the new binary is in place and its trial
     // runs; the trial node sees it is alone and stops too.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let proc = site.procs[0].as_mut().expect("started");
+    let proc = site.nodes.procs[0].as_mut().expect("started");
     while proc.0.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < deadline, "the fault never fired");
         std::thread::sleep(Duration::from_millis(100));
@@ -383,8 +394,9 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
     }
     // Started again, by the binary now in place (the new one), as a
     // service manager would: the old lanup is put back and runs.
-    site.start(0, command(&site));
-    let pid = site.procs[0].as_ref().expect("started").0.id();
+    let cmd = site.command(0, &bin);
+    site.nodes.start(0, cmd);
+    let pid = site.nodes.procs[0].as_ref().expect("started").0.id();
     wait_all(
         std::slice::from_ref(&state),
         "back on the old lanup",
@@ -433,29 +445,27 @@ fn a_new_lanup_that_does_not_fit_beside_the_old_one_changes_nothing() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(root, "publisher.key");
-    let admin = keygen(root, "admin.key");
-    let origin = OriginProc::start(&www, None);
-    let mut site = LoopSite::new(root, 1);
+    let (mut site, _origin) = Site::new(root, 1);
     let good = root.join("good");
     lanup_binary(&good.join("lanup"), Some("0.2.0"));
-    publish_as("lanup", &good, "0.2.0", &origin.url, &key, &www);
+    publish_as(
+        "lanup",
+        &good,
+        "0.2.0",
+        &site.url,
+        &site.publisher,
+        &site.www,
+    );
     // lanup lives on a filesystem with room for itself and 4 MiB more.
     let size = std::fs::metadata(good.join("lanup")).expect("size").len();
     let mut mounts = crate::diskfull::Mounts::new();
     let bin = mounts.tmpfs("bin", size + (4 << 20)).join("lanup");
     lanup_binary(&bin, None);
     let old_hash = hash(&bin);
-    let args = site.command(0, Some(&origin.url), &key.1);
-    let mut cmd = Command::new(&bin);
-    cmd.args(args.get_args())
-        .args(["--trust-admin", &admin.1])
-        .env("LANUP_LOG", "info");
-    site.start(0, cmd);
-    let pid = site.procs[0].as_ref().expect("started").0.id();
-    let state = site.states[0].clone();
+    let cmd = site.command(0, &bin);
+    site.nodes.start(0, cmd);
+    let pid = site.nodes.procs[0].as_ref().expect("started").0.id();
+    let state = site.nodes.states[0].clone();
     wait_all(std::slice::from_ref(&state), "staged 0.2.0", |me| {
         me["staged_version"] == "0.2.0"
     });
@@ -463,7 +473,7 @@ fn a_new_lanup_that_does_not_fit_beside_the_old_one_changes_nothing() {
         "rollout",
         "0.2.0",
         "--key",
-        s(&admin.0),
+        s(&site.admin.0),
         "--state",
         s(&state),
         "--waves",
