@@ -135,6 +135,19 @@ pub struct NetworkClient {
     commands: mpsc::Sender<Command>,
     streams: libp2p_stream::Control,
     local: PeerId,
+    discovery: tokio::sync::watch::Receiver<Discovered>,
+}
+
+/// What discovery has answered so far: the election waits for it at start
+/// instead of a fixed grace.
+#[derive(Debug, Clone, Default)]
+pub struct Discovered {
+    /// First dials of static addresses that have not ended yet.
+    pub static_dialling: usize,
+    /// Peers mDNS found that are not connected, and when each was found.
+    pub found: Vec<(PeerId, std::time::Instant)>,
+    /// When discovery last found a peer (or a static dial ended).
+    pub last_found: Option<std::time::Instant>,
 }
 
 /// The swarm and its task; [`Network::run`] drives it.
@@ -163,6 +176,9 @@ pub struct Network {
     /// they stay unconnected (a first dial can fail, and mDNS reports a
     /// peer once per record, not again minutes later).
     discovered: std::collections::HashMap<PeerId, (Vec<Multiaddr>, std::time::Instant)>,
+    /// The first dial of each static address, until it ends.
+    first_dials: HashSet<libp2p::swarm::ConnectionId>,
+    discovery: tokio::sync::watch::Sender<Discovered>,
 }
 
 fn transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
@@ -265,6 +281,7 @@ impl Network {
         let streams = swarm.behaviour().stream.new_control();
         let (commands_tx, commands) = mpsc::channel(256);
         let (events, events_rx) = mpsc::channel(1024);
+        let (discovery, discovery_rx) = tokio::sync::watch::channel(Discovered::default());
         let network = Network {
             swarm,
             commands,
@@ -277,6 +294,8 @@ impl Network {
             banned: Default::default(),
             backlog: Default::default(),
             shed: 0,
+            first_dials: HashSet::new(),
+            discovery,
         };
         Ok((
             network,
@@ -284,6 +303,7 @@ impl Network {
                 commands: commands_tx,
                 streams,
                 local,
+                discovery: discovery_rx,
             },
             events_rx,
         ))
@@ -292,10 +312,16 @@ impl Network {
     /// Drives the swarm until every client is dropped.
     pub async fn run(mut self) {
         for addr in self.static_peers.clone() {
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                warn!(%addr, error = %e, "cannot dial static peer");
+            let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.first_dials.insert(id);
+                }
+                Err(e) => warn!(%addr, error = %e, "cannot dial static peer"),
             }
         }
+        self.publish_discovery(false);
         // Static peers are redialled while they are not connected (not at
         // once: the dials above are still under way, and a second
         // connection to the same peer would only be closed again, taking
@@ -419,6 +445,25 @@ impl Network {
         }
     }
 
+    /// Tells the node what discovery has answered; `found` when it just
+    /// found a peer (or a first dial ended).
+    fn publish_discovery(&mut self, found: bool) {
+        let pending: Vec<(PeerId, std::time::Instant)> = self
+            .discovered
+            .iter()
+            .filter(|(peer, _)| !self.connected.contains(peer) && !self.is_banned(peer))
+            .map(|(peer, (_, at))| (*peer, *at))
+            .collect();
+        let dialling = self.first_dials.len();
+        self.discovery.send_modify(|d| {
+            d.static_dialling = dialling;
+            d.found = pending;
+            if found {
+                d.last_found = Some(std::time::Instant::now());
+            }
+        });
+    }
+
     fn peer_connected(&mut self, peer: PeerId, addr: &Multiaddr) {
         self.connected.insert(peer);
         info!(%peer, %addr, "peer found");
@@ -479,14 +524,22 @@ impl Network {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
+                let first_dial = self.first_dials.remove(&connection_id);
                 let addr = endpoint.get_remote_address();
                 if endpoint.is_dialer() && self.static_peers.contains(addr) {
                     self.static_known.insert(addr.clone(), peer_id);
                 }
-                if !self.connected.contains(&peer_id) {
+                let new = !self.connected.contains(&peer_id);
+                if new {
                     self.peer_connected(peer_id, &addr.clone());
+                }
+                if new || first_dial {
+                    self.publish_discovery(first_dial);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -507,10 +560,13 @@ impl Network {
             } if num_established == 0 && self.connected.remove(&peer_id) => {
                 info!(peer = %peer_id, "peer lost");
                 self.emit(NetworkEvent::PeerDisconnected(peer_id));
+                self.publish_discovery(false);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let local = *self.swarm.local_peer_id();
+                let mut new = false;
                 for (peer, addr) in found {
+                    new |= !self.discovered.contains_key(&peer);
                     let entry = self
                         .discovered
                         .entry(peer)
@@ -529,6 +585,9 @@ impl Network {
                         }
                     }
                 }
+                if new {
+                    self.publish_discovery(true);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
                 for (peer, addr) in gone {
@@ -539,6 +598,7 @@ impl Network {
                         }
                     }
                 }
+                self.publish_discovery(false);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -596,8 +656,15 @@ impl Network {
                 info!(%peer, %error, "peer stopped answering pings; closing its connection");
                 self.swarm.close_connection(connection);
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                error,
+                connection_id,
+            } => {
                 debug!(peer = ?peer_id, error = %error, "dial failed");
+                if self.first_dials.remove(&connection_id) {
+                    self.publish_discovery(true);
+                }
             }
             _ => {}
         }
@@ -608,6 +675,11 @@ impl NetworkClient {
     /// This node's PeerId.
     pub fn local_peer_id(&self) -> PeerId {
         self.local
+    }
+
+    /// What discovery has answered so far.
+    pub fn discovered(&self) -> Discovered {
+        self.discovery.borrow().clone()
     }
 
     async fn send(&self, command: Command) -> Result<()> {

@@ -58,7 +58,7 @@ use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_
 use crate::release::ManifestSource;
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
-use lanup_protocol::election::{Candidate, Election};
+use lanup_protocol::election::{Candidate, Discovery, Election};
 use lanup_protocol::rollout::{
     assign_waves, evaluate, Action, Command, NodeReport, ReplayGuard, SignedCommand, Stage,
 };
@@ -83,8 +83,11 @@ const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A peer silent this long is not asked for chunks, and no longer counts
 /// for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
-/// Chunk requests to one peer that stall in a row before it is banned.
-const STALLS_TO_DISTRUST: u32 = 3;
+/// Chunk requests to one peer that stall in a row before it is rested.
+const STALLS_TO_REST: u32 = 3;
+/// How long a peer whose chunk requests stall again and again is not asked
+/// for chunks (it stays connected: a busy machine is not a hostile one).
+const STALL_REST: Duration = Duration::from_secs(60);
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
@@ -137,6 +140,10 @@ struct Heartbeat {
     /// gives the role to the next node.
     #[serde(default)]
     origin_failing: bool,
+    /// The sender acts as the site's fetcher and its download from the
+    /// origin is under way: it keeps the role (a lower newcomer waits).
+    #[serde(default)]
+    downloading: bool,
     /// Fetchers the sender saw make no progress lately: the site passes
     /// them over, and a node named here yields the role itself.
     #[serde(default)]
@@ -211,8 +218,8 @@ struct Node {
     target: Option<Target>,
     done_tx: mpsc::Sender<Done>,
     /// Chunk requests that stalled in a row, per peer: a peer that
-    /// advertises chunks and never sends them is distrusted like one that
-    /// sends bad ones.
+    /// advertises chunks and never sends them is rested for
+    /// [`STALL_REST`].
     stalls: HashMap<PeerId, u32>,
     /// Peers asked which chunks they hold and not answered yet.
     have_pending: HashSet<PeerId>,
@@ -926,14 +933,15 @@ impl Node {
                     Err(ChunkError::Stalled { peer, hash }) => {
                         let stalls = self.stalls.entry(peer).or_default();
                         *stalls += 1;
-                        if *stalls >= STALLS_TO_DISTRUST {
-                            t.transfer.corrupt(&peer, &hash, now);
+                        if *stalls >= STALLS_TO_REST {
+                            // Slow is not hostile: the peer stays connected
+                            // and in the site's picture (its heartbeats, its
+                            // part in rollouts); it is only not asked for
+                            // chunks for a while.
+                            t.transfer
+                                .rest(&peer, &hash, now, STALL_REST.as_millis() as u64);
                             self.stalls.remove(&peer);
-                            self.distrust(
-                                peer,
-                                "stopped sending chunks it offered, again and again",
-                            )
-                            .await;
+                            warn!(%peer, rest = %humantime::format_duration(STALL_REST), "peer stopped sending chunks it offered, again and again; not asked for chunks for a while");
                         } else {
                             debug!(%peer, chunk = %hash, "peer stopped sending a chunk; asking elsewhere");
                             t.transfer.failed(&peer, &hash);

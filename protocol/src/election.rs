@@ -3,14 +3,25 @@
 //! Among the live nodes that have an origin configured, the one with the
 //! lowest id fetches; every other node takes the release from its peers. A
 //! node counts as live while its heartbeats arrive, directly or passed on by
-//! others. Heartbeats alone do not keep the role: a node whose origin keeps
+//! others. Two rules keep the uplink busy with one copy only:
+//!
+//! - A fetcher that is *downloading* (acting, with a download from the
+//!   origin under way and not failing) keeps the role: a node that joins
+//!   with a lower id waits until that download is over, instead of
+//!   stopping it and leaving the uplink idle while it starts its own.
+//! - A node that has just started takes part only once it has *settled*:
+//!   discovery has answered (every static peer dialled, mDNS past its first
+//!   queries and quiet for a moment, every peer it found connected) and
+//!   each connected peer has sent a heartbeat, so that it does not fetch
+//!   before it has heard of a lower one. A fixed grace is only the upper
+//!   bound, for discovery that never answers.
+//!
+//! Heartbeats alone do not keep the role: a node whose origin keeps
 //! failing, or that makes no progress while the site lacks chunks, is
 //! *failing*, and a node that is not goes first; only when every candidate
-//! is failing does the lowest id fetch (someone must keep trying). A node that has just started waits a grace period first, and for
-//! a heartbeat from each node it is connected to, so that it does not fetch
-//! before it has heard of a lower one (which would cost the uplink a second
-//! copy). Pure: the node and the simulator hand in what they heard and how
-//! long ago, in milliseconds.
+//! is failing does the lowest id fetch (someone must keep trying). Pure:
+//! the node and the simulator hand in what they heard and how long ago, in
+//! milliseconds.
 
 /// How often a node sends its heartbeat.
 pub const HEARTBEAT_MS: u64 = 1000;
@@ -26,13 +37,35 @@ pub struct Candidate<P> {
     /// Its origin keeps failing, or it made no origin progress while the
     /// site lacked chunks (as it says, or as others saw).
     pub failing: bool,
+    /// It acts as the fetcher and its download from the origin is under
+    /// way: it keeps the role while it is not failing.
+    pub downloading: bool,
+}
+
+/// What a node's discovery has answered so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Discovery {
+    /// Peers found or configured and not resolved yet: static addresses
+    /// whose first dial has not ended, peers mDNS found that are not
+    /// connected yet (each for at most `heartbeat_wait_ms`).
+    pub pending: usize,
+    /// Milliseconds since discovery last found a peer (the node's uptime
+    /// when it found none).
+    pub quiet_ms: u64,
 }
 
 /// The rules' timings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Election {
-    /// After starting, how long a node waits before it may fetch.
+    /// After starting, the longest a node waits for discovery to answer
+    /// before it may fetch.
     pub grace_ms: u64,
+    /// The least a node waits after starting: discovery's first answers
+    /// (mDNS queries at once and again after 0.5 s).
+    pub first_answers_ms: u64,
+    /// Discovery counts as answered once it found nothing new for this
+    /// long.
+    pub quiet_ms: u64,
     /// A node whose heartbeats stopped this long ago no longer counts.
     pub silent_ms: u64,
     /// A peer connected this long without a heartbeat no longer holds up
@@ -41,28 +74,39 @@ pub struct Election {
 }
 
 impl Election {
-    /// The rules for a site whose nodes know each other by address.
+    /// The rules for a site whose nodes know each other by address: a dial
+    /// answers (connected or refused) in milliseconds on a LAN.
     pub const STATIC_PEERS: Election = Election {
         grace_ms: 3000,
+        first_answers_ms: 0,
+        quiet_ms: 0,
         silent_ms: 5000,
         heartbeat_wait_ms: 3000,
     };
-    /// With mDNS the grace is longer: peers found by multicast on a busy LAN
-    /// can take a few seconds to appear.
+    /// With mDNS: past the first two queries' answers and quiet for half a
+    /// second; the grace is longer, as peers found by multicast on a busy
+    /// LAN can take a few seconds to appear.
     pub const MDNS: Election = Election {
         grace_ms: 6000,
+        first_answers_ms: 1000,
+        quiet_ms: 500,
         ..Election::STATIC_PEERS
     };
 
     /// Whether a node up for `up_ms` has heard enough of the site to take
-    /// part: past the grace, and for each connected peer (`heard_ms_ago`,
-    /// `connected_ms_ago`) a heartbeat, or long enough waited for one.
+    /// part: discovery answered (or the grace ran out), and for each
+    /// connected peer (`heard_ms_ago`, `connected_ms_ago`) a heartbeat, or
+    /// long enough waited for one.
     pub fn settled(
         &self,
         up_ms: u64,
+        discovery: Discovery,
         connected: impl IntoIterator<Item = (Option<u64>, u64)>,
     ) -> bool {
-        up_ms >= self.grace_ms
+        let answered = up_ms >= self.first_answers_ms
+            && discovery.pending == 0
+            && discovery.quiet_ms >= self.quiet_ms;
+        (answered || up_ms >= self.grace_ms)
             && connected
                 .into_iter()
                 .all(|(heard, since)| heard.is_some() || since >= self.heartbeat_wait_ms)
@@ -82,6 +126,7 @@ impl Election {
             has_origin,
             silent_ms: 0,
             failing: false,
+            downloading: false,
         };
         let others = others
             .into_iter()
@@ -90,30 +135,34 @@ impl Election {
                 has_origin,
                 silent_ms,
                 failing: false,
+                downloading: false,
             });
         self.choose(std::iter::once(me).chain(others))
     }
 
     /// The fetcher among `candidates` (this node among them): the lowest
-    /// live one with an origin that is not failing, else the lowest live
-    /// one with an origin. None when no live node has an origin.
+    /// live one with an origin that is downloading and not failing, else
+    /// the lowest live one with an origin that is not failing, else the
+    /// lowest live one with an origin. None when no live node has an
+    /// origin.
     pub fn choose<P: Ord>(&self, candidates: impl IntoIterator<Item = Candidate<P>>) -> Option<P> {
+        let mut downloading: Option<P> = None;
         let mut healthy: Option<P> = None;
         let mut failing: Option<P> = None;
         for c in candidates {
             if !c.has_origin || c.silent_ms >= self.silent_ms {
                 continue;
             }
-            let best = if c.failing {
-                &mut failing
-            } else {
-                &mut healthy
+            let best = match (c.failing, c.downloading) {
+                (true, _) => &mut failing,
+                (false, true) => &mut downloading,
+                (false, false) => &mut healthy,
             };
             if best.as_ref().is_none_or(|b| c.id < *b) {
                 *best = Some(c.id);
             }
         }
-        healthy.or(failing)
+        downloading.or(healthy).or(failing)
     }
 
     /// Whether node `me` is the fetcher (see [`Election::fetcher`]).
@@ -145,13 +194,59 @@ mod tests {
     }
 
     #[test]
-    fn a_new_node_waits_for_the_grace_and_its_peers_heartbeats() {
+    fn a_new_node_settles_once_discovery_answered_and_its_peers_spoke() {
         let e = Election::STATIC_PEERS;
-        assert!(!e.settled(2999, []));
-        assert!(e.settled(3000, []));
-        assert!(!e.settled(4000, [(Some(10), 4000), (None, 1000)]));
-        assert!(e.settled(4000, [(Some(10), 4000), (None, 3000)]));
-        assert!(!Election::MDNS.settled(5000, []));
+        let answered = |quiet_ms| Discovery {
+            pending: 0,
+            quiet_ms,
+        };
+        let dialling = Discovery {
+            pending: 1,
+            quiet_ms: 0,
+        };
+        // Every static peer answered: no fixed wait.
+        assert!(e.settled(20, answered(20), []));
+        assert!(!e.settled(20, dialling, []), "a dial still under way");
+        assert!(e.settled(3000, dialling, []), "the grace bounds the wait");
+        assert!(!e.settled(40, answered(40), [(Some(10), 30), (None, 30)]));
+        assert!(e.settled(40, answered(40), [(Some(10), 30), (Some(5), 30)]));
+        assert!(e.settled(4000, answered(4000), [(Some(10), 4000), (None, 3000)]));
+        // mDNS: past its first queries, quiet for a moment.
+        let m = Election::MDNS;
+        assert!(!m.settled(900, answered(900), []));
+        assert!(m.settled(1000, answered(1000), []));
+        assert!(!m.settled(1500, answered(100), []), "just found a peer");
+        assert!(m.settled(1500, answered(500), []));
+        assert!(!m.settled(5999, dialling, []));
+        assert!(m.settled(6000, dialling, []));
+    }
+
+    #[test]
+    fn a_downloading_fetcher_keeps_the_role_against_a_lower_newcomer() {
+        let e = Election::STATIC_PEERS;
+        let c = |id: u32, failing: bool, downloading: bool| Candidate {
+            id,
+            has_origin: true,
+            silent_ms: 0,
+            failing,
+            downloading,
+        };
+        assert_eq!(e.choose([c(5, false, true), c(3, false, false)]), Some(5));
+        assert_eq!(
+            e.choose([c(5, false, true), c(7, false, true)]),
+            Some(5),
+            "two that both started: the lower goes on"
+        );
+        assert_eq!(
+            e.choose([c(5, true, true), c(3, false, false)]),
+            Some(3),
+            "a failing download does not keep the role"
+        );
+        assert_eq!(
+            e.choose([c(5, false, false), c(3, false, false)]),
+            Some(3),
+            "once its download is over the lowest takes the role back"
+        );
     }
 
     #[test]
@@ -162,6 +257,7 @@ mod tests {
             has_origin: true,
             silent_ms: 0,
             failing,
+            downloading: false,
         };
         assert_eq!(e.choose([c(5, false), c(3, true), c(7, false)]), Some(5));
         assert_eq!(

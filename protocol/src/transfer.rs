@@ -70,6 +70,8 @@ struct PeerState {
     in_flight: usize,
     asked: u64,
     banned_until: Option<u64>,
+    /// Banned for bad bytes, not only rested for slowness.
+    distrusted: bool,
     /// Whether `has` counts in the holders of each chunk: not while banned.
     counted: bool,
 }
@@ -81,6 +83,7 @@ impl Default for PeerState {
             in_flight: 0,
             asked: 0,
             banned_until: None,
+            distrusted: false,
             counted: true,
         }
     }
@@ -329,6 +332,19 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// `now + ban_ms` and everything in flight to it is asked elsewhere.
     /// Returns the chunks that were in flight to it.
     pub fn corrupt(&mut self, peer: &P, hash: &Hash, now: u64) -> Vec<Hash> {
+        self.exclude(peer, hash, now + self.limits.ban_ms, true)
+    }
+
+    /// `peer` stopped sending chunks it offered, again and again (a machine
+    /// too busy to serve, a link too slow): it is not asked for chunks until
+    /// `now + rest_ms`, and everything in flight to it is asked elsewhere.
+    /// Unlike [`Transfer::corrupt`] this says nothing against its honesty.
+    /// Returns the chunks that were in flight to it.
+    pub fn rest(&mut self, peer: &P, hash: &Hash, now: u64, rest_ms: u64) -> Vec<Hash> {
+        self.exclude(peer, hash, now + rest_ms, false)
+    }
+
+    fn exclude(&mut self, peer: &P, hash: &Hash, until: u64, distrusted: bool) -> Vec<Hash> {
         self.release(peer, hash);
         let mut dropped: Vec<Hash> = self
             .in_flight
@@ -342,7 +358,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         }
         if let Some(state) = self.peers.get_mut(peer) {
             state.in_flight = 0;
-            state.banned_until = Some(now + self.limits.ban_ms);
+            state.banned_until = Some(until);
+            state.distrusted = distrusted;
         }
         self.uncount(peer);
         for h in &dropped {
@@ -351,9 +368,17 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         dropped
     }
 
-    /// Whether `peer` is banned at `now`.
+    /// Whether `peer` is not asked for chunks at `now` (banned or rested).
     pub fn is_banned(&self, peer: &P, now: u64) -> bool {
         self.peers.get(peer).is_some_and(|s| !s.usable(now))
+    }
+
+    /// Whether `peer` is banned at `now` for bytes that were not what they
+    /// claimed to be (not merely rested for slowness).
+    pub fn is_distrusted(&self, peer: &P, now: u64) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|s| s.distrusted && !s.usable(now))
     }
 
     fn release(&mut self, peer: &P, hash: &Hash) {
@@ -589,7 +614,26 @@ mod tests {
         t.peer_disconnected(&"bad");
         t.peer_connected("bad");
         assert!(t.is_banned(&"bad", 5009));
+        assert!(t.is_distrusted(&"bad", 5009));
         assert!(!t.is_banned(&"bad", 5010));
+    }
+
+    #[test]
+    fn a_peer_that_stalls_is_rested_not_distrusted() {
+        let mut t = transfer(&[1, 2]);
+        t.peer_connected("busy");
+        t.peer_connected("good");
+        t.peer_has(&"busy", [h(1), h(2)]);
+        let (reqs, _) = t.poll(0);
+        assert!(reqs.iter().all(|r| r.peer == "busy"));
+        let dropped = t.rest(&"busy", &reqs[0].hash, 10, 100);
+        assert_eq!(dropped, vec![reqs[1].hash]);
+        assert!(t.is_banned(&"busy", 109), "not asked while it rests");
+        assert!(!t.is_distrusted(&"busy", 50), "a slow peer is not a liar");
+        t.peer_has(&"good", [h(1), h(2)]);
+        let (reqs, _) = t.poll(30);
+        assert!(reqs.iter().all(|r| r.peer == "good"));
+        assert!(!t.is_banned(&"busy", 110));
     }
 
     #[test]

@@ -29,7 +29,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use lanup_protocol::election::{Election, HEARTBEAT_MS};
+use lanup_protocol::election::{Candidate, Discovery, Election, HEARTBEAT_MS};
 use lanup_protocol::transfer::{Limits, Transfer};
 use lanup_protocol::Hash;
 use serde::{Deserialize, Serialize};
@@ -354,9 +354,17 @@ impl<'m> Sim<'m> {
         (arrived <= self.now).then(|| (self.now - arrived) / MS)
     }
 
+    /// Whether node `j` acts as the fetcher with a download from the
+    /// origin under way (what its heartbeat says).
+    fn downloading(&self, j: Idx) -> bool {
+        let n = &self.nodes[j];
+        n.was_fetcher && n.plan.running() == Some(Job::Download)
+    }
+
     fn is_fetcher(&self, i: Idx) -> bool {
         let n = &self.nodes[i];
         let Some(start) = n.start else { return false };
+        let lat = self.m.latency;
         let connected = (0..self.nodes.len())
             .filter(|&j| j != i && self.live(j))
             .map(|j| {
@@ -365,16 +373,50 @@ impl<'m> Sim<'m> {
                     .saturating_sub(start.max(self.nodes[j].start.unwrap_or(0)));
                 (self.heard_ago(j), since / MS)
             });
-        if !self.election.settled((self.now - start) / MS, connected) {
+        // Discovery answers a round trip after a node starts, or after a
+        // peer that starts later appears.
+        let last_found = (0..self.nodes.len())
+            .filter(|&j| j != i && self.live(j))
+            .filter_map(|j| self.nodes[j].start)
+            .map(|s| s.max(start) + 2 * lat)
+            .max()
+            .unwrap_or(start + 2 * lat);
+        let discovery = Discovery {
+            pending: usize::from(last_found > self.now),
+            quiet_ms: self.now.saturating_sub(last_found) / MS,
+        };
+        if !self
+            .election
+            .settled((self.now - start) / MS, discovery, connected)
+        {
             return false;
         }
         // As in the node: a peer banned for bad chunks does not count.
         let now_ms = self.ms();
-        let banned = |j: Idx| n.transfer.as_ref().is_some_and(|t| t.is_banned(&j, now_ms));
+        let banned = |j: Idx| {
+            n.transfer
+                .as_ref()
+                .is_some_and(|t| t.is_distrusted(&j, now_ms))
+        };
         let others = (0..self.nodes.len())
             .filter(|&j| j != i && self.nodes[j].start.is_some() && !banned(j))
-            .filter_map(|j| Some((self.nodes[j].id, true, self.heard_ago(j)?)));
-        self.election.is_fetcher(&n.id, true, others)
+            .filter_map(|j| {
+                Some(Candidate {
+                    id: self.nodes[j].id,
+                    has_origin: true,
+                    silent_ms: self.heard_ago(j)?,
+                    failing: false,
+                    downloading: self.downloading(j),
+                })
+            });
+        let me = Candidate {
+            id: n.id,
+            has_origin: true,
+            silent_ms: 0,
+            failing: false,
+            downloading: self.downloading(i),
+        };
+        self.election.choose(std::iter::once(me).chain(others)) == Some(n.id)
     }
 
     /// Runs until every live node is staged, or `limit` of simulated time.

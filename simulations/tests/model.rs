@@ -157,3 +157,33 @@ fn late_joiners_and_deltas() {
         r.uplink_bytes
     );
 }
+
+#[test]
+fn a_node_joining_mid_download_never_idles_the_uplink() {
+    // 64 MiB at 2 MB/s: the download runs from about 0 to 34 s; a node
+    // joins at 10 s. Whatever its id (over several seeds it is the lowest
+    // of the site at least once), the running download goes on.
+    let base = SiteModel {
+        nodes: 4,
+        ..SiteModel::default()
+    };
+    let joined = SiteModel {
+        events: vec![SiteEvent::Join {
+            at: 10_000_000_000,
+            nodes: 1,
+        }],
+        ..base.clone()
+    };
+    for seed in 0..8 {
+        let alone = simulate_site(&base, seed);
+        let r = simulate_site(&joined, seed);
+        assert_eq!(r.staged_nodes, 5, "seed {seed}");
+        assert_eq!(r.uplink_bytes, S, "seed {seed}: one copy, nothing cut off");
+        assert!(
+            r.staged_s <= alone.staged_s + 0.5,
+            "seed {seed}: {} s with the joiner, {} s without",
+            r.staged_s,
+            alone.staged_s
+        );
+    }
+}

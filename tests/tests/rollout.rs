@@ -679,7 +679,14 @@ fn a_signed_rollback_returns_every_node_to_the_release_it_still_holds() {
         String::from_utf8_lossy(&out.stderr)
     );
     for i in 0..2 {
-        assert_eq!(fleet.running(i).as_deref(), Some("2.0.0"), "node {i}");
+        assert_eq!(
+            fleet.running(i).as_deref(),
+            Some("2.0.0"),
+            "node {i}; the rollout said:\n{}\nnode 0:\n{}\nnode 1:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            node_log(&fleet.site.states[0]),
+            node_log(&fleet.site.states[1])
+        );
     }
     // An older release cannot be applied, only rolled back to.
     let out = run(&["apply", "1.0.0", "--state", state]);

@@ -15,12 +15,28 @@ impl Node {
         }
     }
 
-    /// Whether this node has heard from every peer it is connected to, so
-    /// an election now would see the whole site.
+    /// Whether this node has heard enough of the site for an election now
+    /// to see all of it: discovery answered (or the grace ran out) and every
+    /// peer it is connected to sent a heartbeat.
     pub(super) fn settled(&self) -> bool {
         let ms = |d: Duration| d.as_millis() as u64;
-        self.election().settled(
+        let election = self.election();
+        let found = self.net.discovered();
+        let wait = Duration::from_millis(election.heartbeat_wait_ms);
+        let discovery = Discovery {
+            pending: found.static_dialling
+                + found
+                    .found
+                    .iter()
+                    .filter(|(peer, at)| !self.peers.contains_key(peer) && at.elapsed() < wait)
+                    .count(),
+            quiet_ms: ms(found
+                .last_found
+                .map_or(self.started.elapsed(), |at| at.elapsed())),
+        };
+        election.settled(
             ms(self.started.elapsed()),
+            discovery,
             self.peers.values().map(|p| {
                 (
                     p.heartbeat.as_ref().map(|(at, _)| ms(at.elapsed())),
@@ -28,6 +44,13 @@ impl Node {
                 )
             }),
         )
+    }
+
+    /// Whether this node acts as the site's fetcher with its download from
+    /// the origin under way: it then keeps the role.
+    pub(super) fn downloading(&self) -> bool {
+        self.was_fetcher
+            && self.fetcher.status().job == Some(lanup_protocol::fetcher::Job::Download)
     }
 
     /// Tells the fetcher whether this node is the site's fetcher and what
@@ -130,11 +153,13 @@ impl Node {
     }
 
     /// The site's fetcher as this node sees it: among live nodes with an
-    /// origin, the lowest PeerId. A node heard only through others (not
+    /// origin, the one downloading, else the lowest PeerId. A node heard only through others (not
     /// connected to this one yet, as happens while mDNS is still finding the
     /// site) counts as much as a peer: two nodes that have not met must not
     /// both download. A peer this node banned for bad chunks does not
-    /// count: a fetcher that serves garbage would otherwise stall the site.
+    /// count: a fetcher that serves garbage would otherwise stall the site
+    /// (one only rested for serving slowly still does: it is not lying,
+    /// and passing it over would take a second copy over the uplink).
     pub(super) fn fetcher(&self) -> Option<PeerId> {
         let ms = |at: &Instant| at.elapsed().as_millis() as u64;
         let by_site = self.suspected_by_site();
@@ -153,6 +178,7 @@ impl Node {
                 has_origin: hb.has_origin,
                 silent_ms: ms(at),
                 failing: suspect(peer, hb),
+                downloading: hb.downloading,
             })
         });
         let heard = self.heard.iter().map(|(author, h)| Candidate {
@@ -160,18 +186,20 @@ impl Node {
             has_origin: h.has_origin,
             silent_ms: ms(&h.at),
             failing: suspect(author, &h.heartbeat),
+            downloading: h.heartbeat.downloading,
         });
         let now = self.now_ms();
         let banned = |peer: &PeerId| {
             self.target
                 .as_ref()
-                .is_some_and(|t| t.transfer.is_banned(peer, now))
+                .is_some_and(|t| t.transfer.is_distrusted(peer, now))
         };
         let me = Candidate {
             id: self.local,
             has_origin: self.config.origin.is_some(),
             silent_ms: 0,
             failing: self.origin_failing() || by_site.contains(&self.local),
+            downloading: self.downloading(),
         };
         self.election()
             .choose(std::iter::once(me).chain(peers.chain(heard).filter(|c| !banned(&c.id))))

@@ -155,6 +155,7 @@ impl Node {
                 .received
                 .load(std::sync::atomic::Ordering::Relaxed),
             origin_failing: self.origin_failing(),
+            downloading: self.downloading(),
             clock_ms: now_unix_ms(),
             refused: self.refused_command.clone(),
             suspects: self
