@@ -405,10 +405,21 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { node } => {
             let answer = node.ask(ControlRequest::Check)?;
-            if answer["fetcher"] == true {
-                println!("polling the origin now");
+            if let Some(e) = answer["error"].as_str() {
+                bail!("{e}");
+            }
+            let now = answer["polling"] == true;
+            let when = if now {
+                "now"
             } else {
-                println!("this node is not the site's fetcher; the fetcher polls the origin");
+                "as soon as its download ends"
+            };
+            match answer["asked"].as_str() {
+                Some(fetcher) => println!(
+                    "the site's fetcher {} polls the origin {when}",
+                    short_id(fetcher)
+                ),
+                None => println!("this node is the site's fetcher; it polls the origin {when}"),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -21,6 +21,7 @@ pub mod node;
 pub mod origin;
 pub mod release;
 pub mod service;
+pub mod stage;
 pub mod store;
 pub mod throttle;
 pub mod upgrade;

@@ -142,7 +142,7 @@ pub struct NetworkClient {
 /// instead of a fixed grace.
 #[derive(Debug, Clone, Default)]
 pub struct Discovered {
-    /// First dials of static addresses that have not ended yet.
+    /// Static addresses whose peer is not connected yet.
     pub static_dialling: usize,
     /// Peers mDNS found that are not connected, and when each was found.
     pub found: Vec<(PeerId, std::time::Instant)>,
@@ -176,8 +176,6 @@ pub struct Network {
     /// they stay unconnected (a first dial can fail, and mDNS reports a
     /// peer once per record, not again minutes later).
     discovered: std::collections::HashMap<PeerId, (Vec<Multiaddr>, std::time::Instant)>,
-    /// The first dial of each static address, until it ends.
-    first_dials: HashSet<libp2p::swarm::ConnectionId>,
     discovery: tokio::sync::watch::Sender<Discovered>,
 }
 
@@ -294,7 +292,6 @@ impl Network {
             banned: Default::default(),
             backlog: Default::default(),
             shed: 0,
-            first_dials: HashSet::new(),
             discovery,
         };
         Ok((
@@ -312,13 +309,8 @@ impl Network {
     /// Drives the swarm until every client is dropped.
     pub async fn run(mut self) {
         for addr in self.static_peers.clone() {
-            let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
-            let id = opts.connection_id();
-            match self.swarm.dial(opts) {
-                Ok(()) => {
-                    self.first_dials.insert(id);
-                }
-                Err(e) => warn!(%addr, error = %e, "cannot dial static peer"),
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                warn!(%addr, error = %e, "cannot dial static peer");
             }
         }
         self.publish_discovery(false);
@@ -454,7 +446,23 @@ impl Network {
             .filter(|(peer, _)| !self.connected.contains(peer) && !self.is_banned(peer))
             .map(|(peer, (_, at))| (*peer, *at))
             .collect();
-        let dialling = self.first_dials.len();
+        // A static peer counts as found once connected: one that refuses
+        // may be starting too (the grace bounds the wait for one that is
+        // down).
+        let dialling = self
+            .static_peers
+            .iter()
+            .filter(|addr| {
+                let known = addr
+                    .iter()
+                    .find_map(|p| match p {
+                        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                        _ => None,
+                    })
+                    .or_else(|| self.static_known.get(*addr).copied());
+                known.is_none_or(|id| !self.connected.contains(&id))
+            })
+            .count();
         self.discovery.send_modify(|d| {
             d.static_dialling = dialling;
             d.found = pending;
@@ -524,12 +532,8 @@ impl Network {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id,
-                endpoint,
-                connection_id,
-                ..
+                peer_id, endpoint, ..
             } => {
-                let first_dial = self.first_dials.remove(&connection_id);
                 let addr = endpoint.get_remote_address();
                 if endpoint.is_dialer() && self.static_peers.contains(addr) {
                     self.static_known.insert(addr.clone(), peer_id);
@@ -538,8 +542,8 @@ impl Network {
                 if new {
                     self.peer_connected(peer_id, &addr.clone());
                 }
-                if new || first_dial {
-                    self.publish_discovery(first_dial);
+                if new {
+                    self.publish_discovery(true);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -547,10 +551,14 @@ impl Network {
                 info,
                 ..
             })) => {
+                let mut known = false;
                 for addr in &info.listen_addrs {
                     if self.static_peers.contains(addr) {
-                        self.static_known.insert(addr.clone(), peer_id);
+                        known |= self.static_known.insert(addr.clone(), peer_id).is_none();
                     }
+                }
+                if known {
+                    self.publish_discovery(true);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -656,15 +664,8 @@ impl Network {
                 info!(%peer, %error, "peer stopped answering pings; closing its connection");
                 self.swarm.close_connection(connection);
             }
-            SwarmEvent::OutgoingConnectionError {
-                peer_id,
-                error,
-                connection_id,
-            } => {
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, error = %error, "dial failed");
-                if self.first_dials.remove(&connection_id) {
-                    self.publish_discovery(true);
-                }
             }
             _ => {}
         }

@@ -78,8 +78,16 @@ const HEARTBEAT: Duration = Duration::from_millis(lanup_protocol::election::HEAR
 /// each announcement is checked by every node of the site (a signature per
 /// copy), so an idle site sends few.
 const ANNOUNCE_EVERY: u64 = 10;
-/// How often a node asks its peers what chunks they gained.
+/// How often a node asks its peers what chunks they gained (those it is
+/// not waiting on already: a peer holds a question until it gains a chunk,
+/// for at most [`HAVE_HOLD`]).
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a node holds a peer's question about new chunks when it has
+/// none to tell (within the request timeout of 30 s).
+const HAVE_HOLD: Duration = Duration::from_secs(10);
+/// Questions held at once, one per peer at most: beyond, they are answered
+/// at once, as before long polls.
+const HAVE_WAITING_MAX: usize = 256;
 /// A peer silent this long is not asked for chunks, and no longer counts
 /// for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
@@ -168,6 +176,16 @@ struct PeerInfo {
     silent: bool,
 }
 
+/// A peer's question "which chunks did you gain since `since`", held until
+/// there is something to tell it.
+struct HaveWaiter {
+    peer: PeerId,
+    manifest_hash: Hash,
+    since: u32,
+    channel: libp2p::request_response::ResponseChannel<Response>,
+    at: Instant,
+}
+
 /// The release this node is moving towards.
 struct Target {
     manifest: std::sync::Arc<Manifest>,
@@ -183,6 +201,11 @@ struct Target {
     bytes_total: u64,
     staged: bool,
     staging: bool,
+    /// Stages the release as its chunks arrive ([`crate::stage`]); after
+    /// it failed once, the release is staged in one pass once every chunk
+    /// is held.
+    stager: Option<crate::stage::Stager>,
+    stager_failed: bool,
     /// Why the last staging failed (a full disk, say), and when to try
     /// again.
     stage_failed: Option<(String, Instant)>,
@@ -207,6 +230,9 @@ enum Done {
 }
 
 struct Node {
+    /// A check (`lanup check`) made before this node had heard the site,
+    /// still to be passed on to the site's fetcher.
+    check_pending: bool,
     /// Set when this node's wave of a lanup release came: the node stops
     /// and hands over to the new lanup.
     leaving: Option<crate::upgrade::Handover>,
@@ -221,6 +247,8 @@ struct Node {
     /// advertises chunks and never sends them is rested for
     /// [`STALL_REST`].
     stalls: HashMap<PeerId, u32>,
+    /// Peers' questions about new chunks, held until there are some.
+    have_waiting: Vec<HaveWaiter>,
     /// Peers asked which chunks they hold and not answered yet.
     have_pending: HashSet<PeerId>,
     /// Fetchers this node saw make no progress, and when.
@@ -433,6 +461,8 @@ pub async fn run(
     )?;
     children.spawn(fetcher.run(cancel.clone()));
     let mut node = Node {
+        check_pending: false,
+        have_waiting: Vec::new(),
         leaving: None,
         config,
         net,
@@ -545,6 +575,7 @@ pub async fn run(
             }
             _ = have.tick(), if node.moving() => node.ask_have(),
         }
+        node.answer_have_waiting().await;
         if node.leaving.is_some() {
             break;
         }
@@ -658,6 +689,44 @@ impl Node {
         }
     }
 
+    /// Answers the held questions about new chunks that now have an answer:
+    /// chunks gained since, a release that changed, or a hold that ran out.
+    async fn answer_have_waiting(&mut self) {
+        if self.have_waiting.is_empty() {
+            return;
+        }
+        let (hash, gained) = self
+            .target
+            .as_ref()
+            .map_or((None, 0), |t| (Some(t.hash), t.held_order.len()));
+        let due = |w: &HaveWaiter| {
+            Some(w.manifest_hash) != hash
+                || (w.since as usize) < gained
+                || w.at.elapsed() >= HAVE_HOLD
+        };
+        if !self.have_waiting.iter().any(due) {
+            return;
+        }
+        let (answer, keep): (Vec<HaveWaiter>, Vec<HaveWaiter>) =
+            std::mem::take(&mut self.have_waiting)
+                .into_iter()
+                .partition(due);
+        self.have_waiting = keep;
+        for w in answer {
+            let response = match &self.target {
+                Some(t) if t.hash == w.manifest_hash => {
+                    let from = (w.since as usize).min(t.held_order.len());
+                    Response::Have {
+                        chunks: t.held_order[from..].to_vec(),
+                        total: t.held_order.len() as u32,
+                    }
+                }
+                _ => Response::Unknown,
+            };
+            let _ = self.net.respond(w.channel, response).await;
+        }
+    }
+
     async fn on_network(&mut self, event: NetworkEvent) {
         match event {
             NetworkEvent::PeerConnected(peer) => {
@@ -680,6 +749,7 @@ impl Node {
                 self.peers.remove(&peer);
                 self.stalls.remove(&peer);
                 self.have_pending.remove(&peer);
+                self.have_waiting.retain(|w| w.peer != peer);
                 if let Some(t) = &mut self.target {
                     t.transfer.peer_disconnected(&peer);
                 }
@@ -776,10 +846,38 @@ impl Node {
                 }
             }
             NetworkEvent::Request {
-                from: _,
+                from,
                 request,
                 channel,
             } => {
+                // Nothing new for a peer that asks which chunks this node
+                // gained: it is answered as soon as there is (a long poll),
+                // so the last chunk spreads at LAN speed, not at a polling
+                // interval.
+                if let (
+                    Request::Have {
+                        manifest_hash,
+                        since,
+                    },
+                    Some(t),
+                ) = (&request, &self.target)
+                {
+                    let waiting = self.have_waiting.iter().any(|w| w.peer == from);
+                    if *manifest_hash == t.hash
+                        && *since as usize >= t.held_order.len()
+                        && !waiting
+                        && self.have_waiting.len() < HAVE_WAITING_MAX
+                    {
+                        self.have_waiting.push(HaveWaiter {
+                            peer: from,
+                            manifest_hash: *manifest_hash,
+                            since: *since,
+                            channel,
+                            at: Instant::now(),
+                        });
+                        return;
+                    }
+                }
                 let response = match (&request, &self.target) {
                     (Request::Manifest { manifest_hash }, Some(t)) if *manifest_hash == t.hash => {
                         Response::Manifest {
@@ -798,6 +896,13 @@ impl Node {
                         Response::Have {
                             chunks: t.held_order[from..].to_vec(),
                             total: t.held_order.len() as u32,
+                        }
+                    }
+                    (Request::Check, _) => {
+                        let fetcher = self.is_fetcher();
+                        Response::Check {
+                            fetcher,
+                            polling: fetcher && self.poll_now(),
                         }
                     }
                     (Request::Commands { id }, _) => match &self.rollout {
@@ -852,6 +957,30 @@ impl Node {
                 let _ = tx.send(Done::Chunk(result)).await;
             });
         }
+        if !t.staged
+            && !t.staging
+            && !t.stager_failed
+            && t.no_room.is_none()
+            && crate::stage::fits(&t.manifest)
+        {
+            t.staging = true;
+            let manifest = t.manifest.clone();
+            let name = manifest.release_name();
+            let dest = self.config.state.join("staging").join(&name);
+            let state = self.config.state.clone();
+            let tx = self.done_tx.clone();
+            let hash = t.hash;
+            t.stager = Some(crate::stage::start(
+                manifest,
+                self.store.clone(),
+                dest,
+                move || crate::stage::kept(&state, &name),
+                t.held_order.clone(),
+                move |result| {
+                    let _ = tx.blocking_send(Done::Staged(hash, result));
+                },
+            ));
+        }
         let retry = t
             .stage_failed
             .as_ref()
@@ -869,6 +998,7 @@ impl Node {
             let hash = t.hash;
             tokio::spawn(async move {
                 let result = tokio::task::spawn_blocking(move || {
+                    crate::stage::clear_partial(&dest);
                     crate::fetch::assemble(&manifest, &store, &dest).map(|()| dest)
                 })
                 .await
@@ -895,6 +1025,9 @@ impl Node {
                     t.transfer.obtained(&hash);
                     if t.held.insert(hash) {
                         t.held_order.push(hash);
+                        if let Some(s) = &t.stager {
+                            s.gained(hash);
+                        }
                     }
                 }
             }
@@ -915,6 +1048,9 @@ impl Node {
                         t.transfer.delivered(&peer, &hash);
                         if t.held.insert(hash) {
                             t.held_order.push(hash);
+                            if let Some(s) = &t.stager {
+                                s.gained(hash);
+                            }
                         }
                         self.stalls.remove(&peer);
                         if self.disk_error.take().is_some() {
@@ -963,11 +1099,18 @@ impl Node {
                 };
                 let silent = self.peers.get(&peer).is_none_or(|p| p.silent);
                 if let Some(t) = self.target.as_mut().filter(|t| t.hash == hash && !silent) {
+                    let gained = !chunks.is_empty();
                     t.transfer.peer_connected(peer);
                     t.transfer.peer_has(&peer, chunks);
                     t.peer_since.insert(peer, total);
                     if self.was_fetcher {
                         self.assign_duty();
+                    }
+                    if gained {
+                        // Asked again at once (it holds the question until
+                        // it gains more), and what it has is asked for now.
+                        self.ask_have();
+                        self.schedule();
                     }
                 }
             }
@@ -999,6 +1142,9 @@ impl Node {
                     if t.held.insert(hash) {
                         t.transfer.obtained(&hash);
                         t.held_order.push(hash);
+                        if let Some(s) = &t.stager {
+                            s.gained(hash);
+                        }
                     }
                 }
                 self.assign_duty();
@@ -1008,6 +1154,9 @@ impl Node {
                     return;
                 };
                 t.staging = false;
+                if t.stager.take().is_some() && result.is_err() {
+                    t.stager_failed = true;
+                }
                 match result {
                     Ok(dir) => {
                         t.staged = true;

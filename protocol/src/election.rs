@@ -10,8 +10,8 @@
 //!   with a lower id waits until that download is over, instead of
 //!   stopping it and leaving the uplink idle while it starts its own.
 //! - A node that has just started takes part only once it has *settled*:
-//!   discovery has answered (every static peer dialled, mDNS past its first
-//!   queries and quiet for a moment, every peer it found connected) and
+//!   discovery has answered (every static peer connected, mDNS past its
+//!   first queries and quiet for a moment, every peer it found connected) and
 //!   each connected peer has sent a heartbeat, so that it does not fetch
 //!   before it has heard of a lower one. A fixed grace is only the upper
 //!   bound, for discovery that never answers.
@@ -45,9 +45,9 @@ pub struct Candidate<P> {
 /// What a node's discovery has answered so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Discovery {
-    /// Peers found or configured and not resolved yet: static addresses
-    /// whose first dial has not ended, peers mDNS found that are not
-    /// connected yet (each for at most `heartbeat_wait_ms`).
+    /// Peers configured or found and not connected yet: static addresses
+    /// (a peer that refuses may be starting too), peers mDNS found (each
+    /// for at most `heartbeat_wait_ms`).
     pub pending: usize,
     /// Milliseconds since discovery last found a peer (the node's uptime
     /// when it found none).
@@ -74,8 +74,9 @@ pub struct Election {
 }
 
 impl Election {
-    /// The rules for a site whose nodes know each other by address: a dial
-    /// answers (connected or refused) in milliseconds on a LAN.
+    /// The rules for a site whose nodes know each other by address: the
+    /// site is known once every one is connected (milliseconds on a LAN),
+    /// or the grace ran out (one is down).
     pub const STATIC_PEERS: Election = Election {
         grace_ms: 3000,
         first_answers_ms: 0,

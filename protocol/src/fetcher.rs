@@ -24,6 +24,9 @@ use crate::plan::HAVE_WAIT_MS;
 pub const BACKOFF_MIN_MS: u64 = 5_000;
 /// The longest wait after failures (the poll interval caps it too).
 pub const BACKOFF_MAX_MS: u64 = 300_000;
+/// The least time between the start of a poll and one an operator's check
+/// asks for.
+pub const CHECK_GAP_MS: u64 = 1_000;
 
 /// What the fetcher does with the origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,9 @@ pub struct OriginPlan {
     epoch: u64,
     running: Option<Job>,
     next_poll_ms: u64,
+    /// When the last poll started, and when an operator last asked for one.
+    last_poll_ms: Option<u64>,
+    asked_ms: Option<u64>,
     retry_at_ms: Option<u64>,
     failures: u32,
 }
@@ -98,6 +104,8 @@ impl OriginPlan {
             epoch: 0,
             running: None,
             next_poll_ms: 0,
+            last_poll_ms: None,
+            asked_ms: None,
             retry_at_ms: None,
             failures: 0,
         }
@@ -135,6 +143,7 @@ impl OriginPlan {
             return Step::Idle;
         }
         if now_ms >= self.next_poll_ms {
+            self.last_poll_ms = Some(now_ms);
             return self.start(Job::Poll);
         }
         let Some(r) = view.release else {
@@ -178,6 +187,11 @@ impl OriginPlan {
                 let spread = self.poll_interval_ms / 5;
                 let jitter = random % (spread + 1);
                 self.next_poll_ms = now_ms + self.poll_interval_ms - spread / 2 + jitter;
+                // A check made while this poll ran may have come after what
+                // it read: it gets a poll of its own.
+                if self.asked_ms >= self.last_poll_ms {
+                    self.next_poll_ms = self.next_poll_ms.min(self.checked_poll_ms(now_ms));
+                }
             }
         } else {
             self.failed(now_ms, random);
@@ -197,17 +211,48 @@ impl OriginPlan {
         self.retry_at_ms = Some(now_ms + backoff_ms(self.failures, cap, random));
     }
 
-    /// An operator asks for a poll now (`lanup check`): due at once,
-    /// backoff or not.
+    /// An operator asks for a poll now (`lanup check`), from this node or
+    /// another: due at once, backoff or not, or when the job under way
+    /// ends; never sooner than [`CHECK_GAP_MS`] after the last poll
+    /// started, so a peer that keeps asking costs the uplink at most a poll
+    /// a second. A check always leads to a poll that starts after it.
     pub fn poll_now(&mut self, now_ms: u64) {
-        self.next_poll_ms = now_ms;
+        self.asked_ms = Some(now_ms);
+        self.next_poll_ms = self.checked_poll_ms(now_ms);
         self.retry_at_ms = None;
+    }
+
+    /// When a poll an operator asked for at `now_ms` may start.
+    fn checked_poll_ms(&self, now_ms: u64) -> u64 {
+        self.last_poll_ms
+            .map_or(now_ms, |at| now_ms.max(at + CHECK_GAP_MS))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_always_leads_to_a_poll_after_it_and_at_most_one_a_second() {
+        let mut p = OriginPlan::new(3_600_000);
+        let view = acting(None);
+        let Step::Start(e, Job::Poll) = p.step(0, &view) else {
+            panic!("first poll at once")
+        };
+        assert!(p.finished(e, true, 100, 0));
+        assert_eq!(p.step(200, &view), Step::Idle, "next poll in an hour");
+        // A check 0.3 s after the poll started: polled again, 1 s after it.
+        p.poll_now(300);
+        assert_eq!(p.step(900, &view), Step::Idle);
+        let Step::Start(e, Job::Poll) = p.step(1_000, &view) else {
+            panic!("the check's poll")
+        };
+        // A check while that poll runs is answered by one after it.
+        p.poll_now(1_050);
+        assert!(p.finished(e, true, 1_100, 0));
+        assert!(matches!(p.step(2_000, &view), Step::Start(_, Job::Poll)));
+    }
 
     fn acting(release: Option<ReleaseView>) -> View {
         View {
@@ -323,7 +368,7 @@ mod tests {
         assert!(p.backing_off(now + 1));
         p.poll_now(now + 1);
         assert!(matches!(
-            p.step(now + 1, &acting(None)),
+            p.step(now + CHECK_GAP_MS, &acting(None)),
             Step::Start(_, Job::Poll)
         ));
     }

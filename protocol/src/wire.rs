@@ -37,6 +37,9 @@ pub enum Request {
     /// The signed rollout commands the peer follows, when its heartbeat
     /// names command `id` (a node that was away catches up).
     Commands { id: String },
+    /// An administrator on another node asks the site's fetcher to poll
+    /// the origin now (`lanup check`).
+    Check,
 }
 
 /// Answers to [`Request`].
@@ -56,6 +59,10 @@ pub enum Response {
     /// The command a peer follows and, if it was aborted, the abort: in
     /// the order they were issued.
     Commands { commands: Vec<SignedCommand> },
+    /// The answer to [`Request::Check`]: whether the peer is the site's
+    /// fetcher (only then does it poll) and whether it polls at once (not
+    /// while a download runs: it polls when that ends).
+    Check { fetcher: bool, polling: bool },
     /// The peer does not know that release (or command).
     Unknown,
 }

@@ -120,3 +120,51 @@ fn five_nodes_stage_a_release_that_crossed_the_uplink_once() {
         assert_eq!(n["staged_version"], "1.0", "{n}");
     }
 }
+
+#[test]
+fn lanup_check_on_any_node_has_the_site_pick_up_a_release() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(600_000, 31));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let v1 = publish(&app, "1.0", &origin.url, &key, &www);
+    // Polling hourly (as every test node): only a check makes the site
+    // look before then.
+    let mut site = LoopSite::new(tmp.path(), 3);
+    for i in 0..3 {
+        let cmd = site.command(i, Some(&origin.url), &v1.public);
+        site.start(i, cmd);
+    }
+    let pending = wait_staged(&site.state_refs(), "1.0", &v1, Duration::from_secs(60));
+    assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+    let own = |state: &Path| -> serde_json::Value {
+        let status: serde_json::Value =
+            serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"]))
+                .expect("status JSON");
+        status["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["self"] == true).cloned())
+            .expect("own row")
+    };
+    let others: Vec<&PathBuf> = site
+        .states
+        .iter()
+        .filter(|state| own(state)["fetcher"] == false)
+        .collect();
+    assert_eq!(others.len(), 2, "one fetcher in three nodes");
+    // Twice, from each node that is not the fetcher.
+    for (round, version, seed) in [(0, "2.0", 32), (1, "3.0", 33)] {
+        write(&app, "bin/app", &pseudo_random(600_000, seed));
+        let next = publish(&app, version, &origin.url, &key, &www);
+        let said = run_ok(&["check", "--state", s(others[round])]);
+        assert!(
+            said.contains("the site's fetcher") && said.contains("polls the origin now"),
+            "{said}"
+        );
+        let pending = wait_staged(&site.state_refs(), version, &next, Duration::from_secs(30));
+        assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+    }
+}

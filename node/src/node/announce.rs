@@ -207,6 +207,8 @@ impl Node {
             bytes_total,
             staged: false,
             staging: false,
+            stager: None,
+            stager_failed: false,
             stage_failed: None,
             no_room: None,
             adopted_at: Instant::now(),

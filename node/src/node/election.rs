@@ -72,6 +72,7 @@ impl Node {
             }
         }
         self.assign_duty();
+        self.pass_on_check();
     }
 
     /// Sends the fetcher its duty as of now (it never waits for it). Only

@@ -190,6 +190,10 @@ impl Node {
             let _ = reply.try_send(answer);
             return;
         }
+        if let ControlRequest::Check = request {
+            self.check(reply);
+            return;
+        }
         if let ControlRequest::Apply { version } = request {
             if let Err(e) = self.start_apply(&version, Some(reply.clone())) {
                 let _ = reply.try_send(serde_json::json!({ "error": format!("{e:#}") }));
@@ -268,16 +272,73 @@ impl Node {
             ControlRequest::Peers => serde_json::json!({
                 "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
             }),
-            ControlRequest::Check => {
-                let fetcher = self.is_fetcher();
-                // An admin asking is a retry now, backoff or not.
-                let polling = fetcher && self.fetcher.busy().is_none() && self.fetcher.check_now();
-                serde_json::json!({ "fetcher": fetcher, "polling": polling })
-            }
-            ControlRequest::Apply { .. } | ControlRequest::Rollout { .. } => {
+            ControlRequest::Apply { .. }
+            | ControlRequest::Rollout { .. }
+            | ControlRequest::Check => {
                 serde_json::json!({ "error": "not here" })
             }
         }
+    }
+
+    /// `lanup check` on this node: the origin is polled now by the site's
+    /// fetcher, whichever node the administrator is on. This node polls
+    /// when it is the fetcher (as soon as it acts, if it has only just
+    /// started), else it asks the fetcher, off the loop. A node that has
+    /// not heard the site yet also passes the check on once it has, in
+    /// case a fetcher it did not know of yet is the one.
+    fn check(&mut self, reply: mpsc::Sender<serde_json::Value>) {
+        if !self.settled() {
+            self.check_pending = true;
+        }
+        let fetcher = self.fetcher();
+        if fetcher == Some(self.local) || (fetcher.is_none() && self.config.origin.is_some()) {
+            let polling = self.poll_now();
+            let _ = reply.try_send(serde_json::json!({ "fetcher": true, "polling": polling }));
+            return;
+        }
+        let Some(fetcher) = fetcher else {
+            let _ = reply.try_send(serde_json::json!({
+                "error": "no node this one hears has an origin configured"
+            }));
+            return;
+        };
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let answer = match ask_to_check(&net, fetcher).await {
+                Ok(polling) => serde_json::json!({
+                    "fetcher": false, "asked": fetcher.to_string(), "polling": polling,
+                }),
+                Err(e) => serde_json::json!({ "error": e }),
+            };
+            let _ = reply.send(answer).await;
+        });
+    }
+
+    /// Passes on a check made before this node had heard the site, once it
+    /// has, to the site's fetcher if that is another node.
+    pub(super) fn pass_on_check(&mut self) {
+        if !self.check_pending || !self.settled() {
+            return;
+        }
+        self.check_pending = false;
+        let Some(fetcher) = self.fetcher().filter(|f| *f != self.local) else {
+            return;
+        };
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            match ask_to_check(&net, fetcher).await {
+                Ok(_) => info!(%fetcher, "passed an early lanup check on to the site's fetcher"),
+                Err(e) => warn!(error = %e, "cannot pass an early lanup check on"),
+            }
+        });
+    }
+
+    /// Has the origin polled now, backoff or not, or as soon as the job
+    /// under way (a download) ends: false in that case. The fetcher polls
+    /// at most once a second however often it is asked.
+    pub(super) fn poll_now(&mut self) -> bool {
+        self.fetcher.check_now();
+        self.fetcher.busy() != Some(lanup_protocol::fetcher::Job::Download)
     }
 
     pub(super) async fn heartbeat(&mut self) {
@@ -299,5 +360,30 @@ impl Node {
                 let _ = self.net.publish(&self.announce_topic, data).await;
             }
         }
+    }
+}
+
+/// Asks `fetcher` to poll the origin now; whether it polls at once, or why
+/// it cannot.
+async fn ask_to_check(net: &NetworkClient, fetcher: PeerId) -> Result<bool, String> {
+    let asked = tokio::time::timeout(
+        Duration::from_secs(10),
+        net.request(fetcher, Request::Check),
+    );
+    match asked.await {
+        Ok(Ok(Response::Check {
+            fetcher: true,
+            polling,
+        })) => Ok(polling),
+        Ok(Ok(Response::Check { fetcher: false, .. })) => Err(format!(
+            "{fetcher} does not count itself the site's fetcher (the site is choosing one); try again in a few seconds"
+        )),
+        Ok(Ok(_)) => Err(format!(
+            "the site's fetcher {fetcher} does not know this request (it runs an older lanup)"
+        )),
+        Ok(Err(e)) => Err(format!("cannot reach the site's fetcher {fetcher}: {e:#}")),
+        Err(_) => Err(format!(
+            "the site's fetcher {fetcher} did not answer within 10 s"
+        )),
     }
 }

@@ -1,0 +1,615 @@
+//! Staging as chunks arrive: each verified chunk is written into the staged
+//! file at its offset as soon as the node holds it, so that "staged"
+//! follows the last chunk within milliseconds instead of after a pass that
+//! reads, hashes, writes and syncs the whole release.
+//!
+//! One thread per release being staged, told each chunk the node gains
+//! (32 bytes a message, at most one per chunk of the manifest). It reads the
+//! chunk back from the store (just written: the page cache) and checks it,
+//! writes it wherever the manifest places it, and feeds each file's hash in
+//! order: a chunk that arrives in order is hashed from memory, one that
+//! fills a gap has the chunks after it read back from the file. A file
+//! whose every chunk is written is checked against the manifest's hash,
+//! given its mode, synced and renamed from its hidden partial name to its
+//! own; nothing under a listed name is ever partial.
+//!
+//! A file of the release that is byte for byte a file of a release already
+//! staged here (same hash, size and mode: a delta's unchanged files) is
+//! hard-linked, not written again; the apply checks every file it copies,
+//! so a link to a file that rotted since is caught there.
+//!
+//! Any failure (a full disk, a chunk damaged in the store) ends the stager
+//! with its error; the node then stages the release the old way, in one
+//! pass once every chunk is held, after its usual wait.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use lanup_protocol::hash::Hash;
+use lanup_protocol::manifest::{Manifest, UpdateFile};
+use tracing::debug;
+
+use crate::fetch::DamagedChunk;
+use crate::store::ChunkStore;
+use lanup_protocol::manifest::check_file_name;
+
+/// The suffix of a file being staged (after a dot that hides it).
+const PARTIAL: &str = "lanup-part";
+
+/// Removes the partial files a stager left under `dest` (it stopped, or
+/// the node did), so that only whole files remain.
+pub fn clear_partial(dest: &Path) {
+    let Ok(entries) = std::fs::read_dir(dest) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            clear_partial(&path);
+        } else if e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with('.') && n.ends_with(&format!(".{PARTIAL}")))
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Bytes written to one file between syncs, so that the sync once its last
+/// chunk arrives has little left to write.
+const SYNC_EVERY: u64 = 16 << 20;
+
+/// The node's side of a stager: dropping it stops the thread.
+pub struct Stager {
+    tx: mpsc::Sender<Hash>,
+}
+
+impl Stager {
+    /// The node holds `hash` now (verified, in the store).
+    pub fn gained(&self, hash: Hash) {
+        let _ = self.tx.send(hash);
+    }
+}
+
+/// Whether `manifest` can be staged chunk by chunk: every file lists its
+/// size, its hash and chunks that add up to its size.
+pub fn fits(manifest: &Manifest) -> bool {
+    manifest.files.iter().all(|f| {
+        f.hash.is_some()
+            && f.size
+                .is_some_and(|size| f.chunks.iter().map(|c| c.size).sum::<u64>() == size)
+    })
+}
+
+/// A staged release whose files the new one may link to: its manifest and
+/// folder.
+pub struct Staged {
+    pub manifest: Arc<Manifest>,
+    pub dir: PathBuf,
+}
+
+/// The releases staged under `state` (other than `except`) whose manifest
+/// the node kept: what a new release may link its unchanged files to.
+pub fn kept(state: &Path, except: &str) -> Vec<Staged> {
+    let Ok(entries) = std::fs::read_dir(state.join("staging")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if name == except {
+                return None;
+            }
+            let source =
+                crate::release::ManifestSource::read_local(&state.join("releases").join(&name))
+                    .ok()?;
+            Some(Staged {
+                manifest: Arc::new(source.parse().ok()?),
+                dir: e.path(),
+            })
+        })
+        .collect()
+}
+
+/// Starts staging `manifest` into `dest` (emptied first) from `store`, with
+/// the chunks in `held` already there; `done` is called once, with the
+/// folder when every file is in place, or with the error that stopped it.
+/// Files that the staged releases `earlier` returns hold byte for byte are
+/// linked.
+pub fn start(
+    manifest: Arc<Manifest>,
+    store: ChunkStore,
+    dest: PathBuf,
+    earlier: impl FnOnce() -> Vec<Staged> + Send + 'static,
+    held: Vec<Hash>,
+    done: impl FnOnce(Result<PathBuf>) + Send + 'static,
+) -> Stager {
+    let (tx, rx) = mpsc::channel();
+    for hash in held {
+        let _ = tx.send(hash);
+    }
+    let name = manifest.release_name();
+    let spawned = std::thread::Builder::new()
+        .name("lanup-stage".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let result = stage(&manifest, &store, &dest, &earlier(), &rx);
+            match result {
+                Ok(true) => {
+                    debug!(release = %manifest.release_name(), took_ms = started.elapsed().as_millis() as u64, "every file staged");
+                    done(Ok(dest));
+                }
+                // The node moved on to another release.
+                Ok(false) => {}
+                Err(e) => done(Err(e)),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(release = %name, error = %e, "cannot start staging as chunks arrive");
+    }
+    Stager { tx }
+}
+
+/// One file being staged. It is opened for each write, not held open: a
+/// file held open for writing keeps its filesystem from being remounted
+/// (read-only, by an administrator fighting a failing disk).
+struct Part {
+    part: PathBuf,
+    target: PathBuf,
+    /// Each chunk's offset, size and hash, in file order.
+    chunks: Vec<(u64, u64, Hash)>,
+    written: Vec<bool>,
+    remaining: usize,
+    /// The file's hash over its first `hashed` chunks.
+    hasher: blake3::Hasher,
+    hashed: usize,
+    unsynced: u64,
+}
+
+/// Stages until every file is in place (true), or the node drops its side
+/// (false).
+fn stage(
+    manifest: &Manifest,
+    store: &ChunkStore,
+    dest: &Path,
+    earlier: &[Staged],
+    rx: &mpsc::Receiver<Hash>,
+) -> Result<bool> {
+    // What a stager stopped half-way left is not used; complete files
+    // already there are replaced, each by a rename.
+    clear_partial(dest);
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let mut parts: Vec<Option<Part>> = Vec::with_capacity(manifest.files.len());
+    let mut places: HashMap<Hash, Vec<(usize, usize)>> = HashMap::new();
+    let mut open = 0;
+    for (i, file) in manifest.files.iter().enumerate() {
+        check_file_name(&file.name)?;
+        let target = dest.join(&file.name);
+        let dir = target.parent().unwrap_or(dest);
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let part = dir.join(format!(
+            ".{}.{PARTIAL}",
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("file")
+        ));
+        if let Some(same) = same_file(file, earlier) {
+            let _ = std::fs::remove_file(&part);
+            if std::fs::hard_link(&same, &part).is_ok() {
+                std::fs::rename(&part, &target)
+                    .with_context(|| format!("cannot rename into {}", target.display()))?;
+                parts.push(None);
+                continue;
+            }
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&part)
+            .with_context(|| format!("cannot write {}", part.display()))?;
+        let size = file.size.unwrap_or(0);
+        f.set_len(size)
+            .with_context(|| format!("cannot size {}", part.display()))?;
+        drop(f);
+        let mut offset = 0;
+        let chunks: Vec<(u64, u64, Hash)> = file
+            .chunks
+            .iter()
+            .map(|c| {
+                let at = offset;
+                offset += c.size;
+                (at, c.size, c.hash)
+            })
+            .collect();
+        for (j, c) in file.chunks.iter().enumerate() {
+            places.entry(c.hash).or_default().push((i, j));
+        }
+        let mut p = Part {
+            part,
+            target,
+            written: vec![false; chunks.len()],
+            remaining: chunks.len(),
+            chunks,
+            hasher: blake3::Hasher::new(),
+            hashed: 0,
+            unsynced: 0,
+        };
+        if p.remaining == 0 {
+            finish(&mut p, file, store)?;
+            parts.push(None);
+        } else {
+            parts.push(Some(p));
+            open += 1;
+        }
+    }
+    while open > 0 {
+        let Ok(hash) = rx.recv() else {
+            return Ok(false);
+        };
+        let Some(at) = places.remove(&hash) else {
+            // Not needed (any more): a repeat, or a chunk of linked files.
+            continue;
+        };
+        let data = store.get_verified(&hash).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                anyhow::Error::new(DamagedChunk(hash))
+                    .context(format!("chunk {hash} was damaged in the store"))
+            } else {
+                anyhow::Error::new(e).context(format!("cannot read chunk {hash} from the store"))
+            }
+        })?;
+        for (i, j) in at {
+            let Some(p) = parts[i].as_mut() else { continue };
+            if p.written[j] {
+                continue;
+            }
+            let (offset, _, _) = p.chunks[j];
+            p.open(true)?
+                .write_all_at(&data, offset)
+                .with_context(|| format!("cannot write {}", p.part.display()))?;
+            p.written[j] = true;
+            p.remaining -= 1;
+            p.unsynced += data.len() as u64;
+            if p.hashed == j {
+                p.hasher.update(&data);
+                p.hashed += 1;
+            }
+            advance(p)?;
+            if p.unsynced >= SYNC_EVERY && p.remaining > 0 {
+                p.open(true)?
+                    .sync_data()
+                    .with_context(|| format!("cannot sync {}", p.part.display()))?;
+                p.unsynced = 0;
+            }
+            if p.remaining == 0 {
+                let mut p = parts[i].take().expect("the part being finished");
+                finish(&mut p, &manifest.files[i], store)?;
+                open -= 1;
+            }
+        }
+    }
+    Ok(true)
+}
+
+impl Part {
+    fn open(&self, write: bool) -> Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&self.part)
+            .with_context(|| format!("cannot open {}", self.part.display()))
+    }
+}
+
+/// Feeds the file's hash the chunks written after the ones hashed so far,
+/// reading them back from the file (the page cache).
+fn advance(p: &mut Part) -> Result<()> {
+    if p.hashed >= p.chunks.len() || !p.written[p.hashed] {
+        return Ok(());
+    }
+    let f = p.open(false)?;
+    let mut buf = Vec::new();
+    while p.hashed < p.chunks.len() && p.written[p.hashed] {
+        let (offset, size, _) = p.chunks[p.hashed];
+        buf.resize(size as usize, 0);
+        f.read_exact_at(&mut buf, offset)
+            .with_context(|| format!("cannot read back {}", p.part.display()))?;
+        p.hasher.update(&buf);
+        p.hashed += 1;
+    }
+    Ok(())
+}
+
+/// Checks a file whose every chunk is written, gives it its mode, syncs it
+/// and renames it to its name.
+fn finish(p: &mut Part, file: &UpdateFile, store: &ChunkStore) -> Result<()> {
+    advance(p)?;
+    let hash: Hash = p.hasher.finalize().into();
+    if Some(hash) != file.hash {
+        for (_, _, chunk) in &p.chunks {
+            if let Err(e) = store.get_verified(chunk) {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    return Err(anyhow::Error::new(DamagedChunk(*chunk)).context(format!(
+                        "{}: a chunk of it was damaged in the store",
+                        file.name
+                    )));
+                }
+            }
+        }
+        bail!(
+            "{}: staged file hashes to {hash}, not the manifest's hash",
+            file.name
+        );
+    }
+    let f = p.open(true)?;
+    if let Some(mode) = file.mode {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", p.part.display()))?;
+    }
+    f.sync_all()
+        .with_context(|| format!("cannot sync {}", p.part.display()))?;
+    std::fs::rename(&p.part, &p.target)
+        .with_context(|| format!("cannot rename into {}", p.target.display()))?;
+    Ok(())
+}
+
+/// A file of an earlier staged release with `file`'s hash, size and mode.
+fn same_file(file: &UpdateFile, earlier: &[Staged]) -> Option<PathBuf> {
+    earlier.iter().find_map(|s| {
+        s.manifest
+            .files
+            .iter()
+            .find(|f| f.hash == file.hash && f.size == file.size && f.mode == file.mode)
+            .map(|f| s.dir.join(&f.name))
+            .filter(|path| {
+                path.metadata()
+                    .is_ok_and(|m| m.is_file() && Some(m.len()) == file.size)
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lanup_protocol::chunk::Chunk;
+
+    fn release(files: &[(&str, &[u8], u32)], chunk: usize) -> (Manifest, Vec<(Hash, Vec<u8>)>) {
+        let mut m = Manifest {
+            format: lanup_protocol::manifest::Format::V2,
+            url: "http://origin/".into(),
+            update_time: None,
+            version: None,
+            expires: None,
+            files: Vec::new(),
+            restart: Default::default(),
+        };
+        let mut data = Vec::new();
+        for (name, bytes, mode) in files {
+            let chunks: Vec<Chunk> = bytes
+                .chunks(chunk)
+                .map(|c| {
+                    data.push((Hash::of(c), c.to_vec()));
+                    Chunk {
+                        size: c.len() as u64,
+                        hash: Hash::of(c),
+                    }
+                })
+                .collect();
+            m.files.push(UpdateFile {
+                name: (*name).into(),
+                size: Some(bytes.len() as u64),
+                mode: Some(*mode),
+                hash: Some(Hash::of(bytes)),
+                chunks,
+            });
+        }
+        (m, data)
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 7) as u8)
+            .collect()
+    }
+
+    fn put(store: &ChunkStore, data: &[(Hash, Vec<u8>)]) {
+        for (h, d) in data {
+            store
+                .put(
+                    &Chunk {
+                        size: d.len() as u64,
+                        hash: *h,
+                    },
+                    d,
+                )
+                .expect("put");
+        }
+    }
+
+    fn run(
+        m: Manifest,
+        store: &ChunkStore,
+        dest: &Path,
+        earlier: Vec<Staged>,
+        held: Vec<Hash>,
+        later: &[Hash],
+    ) -> Result<PathBuf> {
+        let (tx, rx) = mpsc::channel();
+        let stager = start(
+            Arc::new(m),
+            store.clone(),
+            dest.to_owned(),
+            move || earlier,
+            held,
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        for h in later {
+            stager.gained(*h);
+        }
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the stager answers")
+    }
+
+    #[test]
+    fn chunks_in_any_order_make_every_file_with_its_mode_and_nothing_partial() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(&tmp.path().join("chunks")).expect("store");
+        let a = bytes(10_000, 1);
+        let b = bytes(3_000, 2);
+        let (m, data) = release(
+            &[
+                ("bin/a", &a, 0o755),
+                ("b.txt", &b, 0o644),
+                ("empty", b"", 0o644),
+            ],
+            1000,
+        );
+        put(&store, &data);
+        let mut order: Vec<Hash> = data.iter().map(|(h, _)| *h).collect();
+        order.reverse();
+        // The same chunk twice (a repeat notice) changes nothing.
+        order.push(order[0]);
+        let dest = tmp.path().join("staging/1.0");
+        let dir = run(m.clone(), &store, &dest, Vec::new(), Vec::new(), &order).expect("staged");
+        assert_eq!(std::fs::read(dir.join("bin/a")).expect("a"), a);
+        assert_eq!(std::fs::read(dir.join("b.txt")).expect("b"), b);
+        assert_eq!(std::fs::read(dir.join("empty")).expect("empty"), b"");
+        let mode = |p: &str| {
+            std::fs::metadata(dir.join(p))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("bin/a"), 0o755);
+        assert!(crate::release::verify_dir(&m, &dir).is_empty());
+        let stray: Vec<_> = walk(&dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains("lanup-part"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+
+    #[test]
+    fn a_delta_links_its_unchanged_files_and_writes_only_the_changed_one() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(&tmp.path().join("chunks")).expect("store");
+        let same = bytes(8_000, 3);
+        let (m1, d1) = release(
+            &[("same.bin", &same, 0o644), ("x", &bytes(4_000, 4), 0o644)],
+            1000,
+        );
+        put(&store, &d1);
+        let held: Vec<Hash> = d1.iter().map(|(h, _)| *h).collect();
+        let old = run(
+            m1.clone(),
+            &store,
+            &tmp.path().join("s/1"),
+            Vec::new(),
+            held,
+            &[],
+        )
+        .expect("v1 staged");
+        let (m2, d2) = release(
+            &[("same.bin", &same, 0o644), ("x", &bytes(4_000, 5), 0o644)],
+            1000,
+        );
+        put(&store, &d2);
+        let new_chunks: Vec<Hash> = d2
+            .iter()
+            .map(|(h, _)| *h)
+            .filter(|h| !d1.iter().any(|(o, _)| o == h))
+            .collect();
+        let earlier = vec![Staged {
+            manifest: Arc::new(m1),
+            dir: old.clone(),
+        }];
+        let dir = run(
+            m2.clone(),
+            &store,
+            &tmp.path().join("s/2"),
+            earlier,
+            Vec::new(),
+            &new_chunks,
+        )
+        .expect("v2 staged");
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: PathBuf| p.metadata().expect("meta").ino();
+        assert_eq!(
+            ino(dir.join("same.bin")),
+            ino(old.join("same.bin")),
+            "linked"
+        );
+        assert_ne!(ino(dir.join("x")), ino(old.join("x")));
+        assert!(crate::release::verify_dir(&m2, &dir).is_empty());
+    }
+
+    #[test]
+    fn a_chunk_damaged_in_the_store_is_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("chunks");
+        let store = ChunkStore::open(&root).expect("store");
+        let (m, data) = release(&[("f", &bytes(3_000, 6), 0o644)], 1000);
+        put(&store, &data);
+        // A byte flipped at rest.
+        let victim = walk(&root)
+            .into_iter()
+            .find(|p| p.to_string_lossy().contains(&data[1].0.to_string()))
+            .expect("the chunk's file");
+        let mut bytes = std::fs::read(&victim).expect("read");
+        bytes[10] ^= 1;
+        std::fs::write(&victim, bytes).expect("write");
+        let all: Vec<Hash> = data.iter().map(|(h, _)| *h).collect();
+        let err = run(m, &store, &tmp.path().join("s"), Vec::new(), all, &[]).expect_err("damaged");
+        assert_eq!(
+            err.downcast_ref::<DamagedChunk>().map(|d| d.0),
+            Some(data[1].0)
+        );
+    }
+
+    #[test]
+    fn a_stager_the_node_drops_stops_without_a_word() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(&tmp.path().join("chunks")).expect("store");
+        let (m, _) = release(&[("f", &bytes(3_000, 7), 0o644)], 1000);
+        let (tx, rx) = mpsc::channel();
+        let stager = start(
+            Arc::new(m),
+            store,
+            tmp.path().join("s"),
+            Vec::new,
+            Vec::new(),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        drop(stager);
+        assert!(matches!(
+            rx.recv_timeout(std::time::Duration::from_secs(5)),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        ));
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
