@@ -427,6 +427,24 @@ pub struct DamagedChunk(pub Hash);
 /// each whole-file hash, and applies the manifest's modes. Each file is
 /// written under a temporary name and renamed, so `dest` never holds a
 /// partial file under a listed name.
+/// A file that did not hash right: finds a chunk of it that rotted in the
+/// store since it was checked and names it, so it is fetched again.
+pub fn find_damaged(file: &lanup_protocol::manifest::UpdateFile, store: &ChunkStore) -> Result<()> {
+    for chunk in &file.chunks {
+        if let Err(e) = store.get_verified(&chunk.hash) {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                return Err(
+                    anyhow::Error::new(DamagedChunk(chunk.hash)).context(format!(
+                        "{}: a chunk of it was damaged in the store",
+                        file.name
+                    )),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn assemble(manifest: &Manifest, store: &ChunkStore, dest: &Path) -> Result<()> {
     for file in &manifest.files {
         check_file_name(&file.name)?;
@@ -445,20 +463,7 @@ pub fn assemble(manifest: &Manifest, store: &ChunkStore, dest: &Path) -> Result<
         }
         let hash: Hash = hasher.finalize().into();
         if Some(hash) != file.hash {
-            // A chunk rotted in the store since it was checked: find it,
-            // remove it, and say which, so it is fetched again.
-            for chunk in &file.chunks {
-                if let Err(e) = store.get_verified(&chunk.hash) {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        return Err(
-                            anyhow::Error::new(DamagedChunk(chunk.hash)).context(format!(
-                                "{}: a chunk of it was damaged in the store",
-                                file.name
-                            )),
-                        );
-                    }
-                }
-            }
+            find_damaged(file, store)?;
             bail!(
                 "{}: assembled file hashes to {hash}, not the manifest's hash",
                 file.name

@@ -334,16 +334,7 @@ fn finish(p: &mut Part, file: &UpdateFile, store: &ChunkStore) -> Result<()> {
     advance(p)?;
     let hash: Hash = p.hasher.finalize().into();
     if Some(hash) != file.hash {
-        for (_, _, chunk) in &p.chunks {
-            if let Err(e) = store.get_verified(chunk) {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    return Err(anyhow::Error::new(DamagedChunk(*chunk)).context(format!(
-                        "{}: a chunk of it was damaged in the store",
-                        file.name
-                    )));
-                }
-            }
-        }
+        crate::fetch::find_damaged(file, store)?;
         bail!(
             "{}: staged file hashes to {hash}, not the manifest's hash",
             file.name
