@@ -148,6 +148,10 @@ pub struct Discovered {
     pub found: Vec<(PeerId, std::time::Instant)>,
     /// When discovery last found a peer (or a static dial ended).
     pub last_found: Option<std::time::Instant>,
+    /// The peers connected now. The node hears of each through an event
+    /// that may still be queued: one it has not heard of yet is not
+    /// answered yet.
+    pub connected: Vec<PeerId>,
 }
 
 /// The swarm and its task; [`Network::run`] drives it.
@@ -279,7 +283,12 @@ impl Network {
         let streams = swarm.behaviour().stream.new_control();
         let (commands_tx, commands) = mpsc::channel(256);
         let (events, events_rx) = mpsc::channel(1024);
-        let (discovery, discovery_rx) = tokio::sync::watch::channel(Discovered::default());
+        // Every static peer counts as not answered yet until the swarm has
+        // run: a node that looked before would think itself alone.
+        let (discovery, discovery_rx) = tokio::sync::watch::channel(Discovered {
+            static_dialling: config.peers.len(),
+            ..Discovered::default()
+        });
         let network = Network {
             swarm,
             commands,
@@ -466,6 +475,7 @@ impl Network {
         self.discovery.send_modify(|d| {
             d.static_dialling = dialling;
             d.found = pending;
+            d.connected = self.connected.iter().copied().collect();
             if found {
                 d.last_found = Some(std::time::Instant::now());
             }
@@ -754,5 +764,29 @@ impl NetworkClient {
     /// A handle for opening and accepting raw streams (chunk bodies).
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node's loop may look before the swarm's task has run: every
+    /// static peer must already count as not answered, or a node started
+    /// on a busy machine thinks itself alone and fetches.
+    #[tokio::test]
+    async fn static_peers_count_as_unanswered_before_the_swarm_runs() {
+        let config = NetworkConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            peers: vec![
+                "/ip4/127.0.0.1/tcp/9".parse().expect("addr"),
+                "/ip4/127.0.0.1/tcp/10".parse().expect("addr"),
+            ],
+            psk: None,
+            mdns: false,
+        };
+        let (_network, client, _events) =
+            Network::new(Keypair::generate_ed25519(), config).expect("swarm");
+        assert_eq!(client.discovered().static_dialling, 2);
     }
 }

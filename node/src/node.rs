@@ -227,12 +227,13 @@ enum Done {
     ApplyStep(Event),
     Applied(Outcome),
     Commands(PeerId, Vec<SignedCommand>),
+    /// The site's fetcher's answer to a `lanup check` passed on to it.
+    Checked(PeerId, Result<bool, String>),
 }
 
 struct Node {
-    /// A check (`lanup check`) made before this node had heard the site,
-    /// still to be passed on to the site's fetcher.
-    check_pending: bool,
+    /// A `lanup check` (or several) still to reach the site's fetcher.
+    check: Option<status::PendingCheck>,
     /// Set when this node's wave of a lanup release came: the node stops
     /// and hands over to the new lanup.
     leaving: Option<crate::upgrade::Handover>,
@@ -461,7 +462,7 @@ pub async fn run(
     )?;
     children.spawn(fetcher.run(cancel.clone()));
     let mut node = Node {
-        check_pending: false,
+        check: None,
         have_waiting: Vec::new(),
         leaving: None,
         config,
@@ -1197,6 +1198,7 @@ impl Node {
                 }
             }
             Done::Commands(peer, commands) => self.catch_up(peer, commands),
+            Done::Checked(fetcher, answer) => self.checked(fetcher, answer),
             Done::ApplyStep(event) => {
                 if let Some((_, step)) = &mut self.applying {
                     *step = event.step;

@@ -47,7 +47,8 @@ pub struct Candidate<P> {
 pub struct Discovery {
     /// Peers configured or found and not connected yet: static addresses
     /// (a peer that refuses may be starting too), peers mDNS found (each
-    /// for at most `heartbeat_wait_ms`).
+    /// for at most `heartbeat_wait_ms`); and peers connected that the node
+    /// has not heard of yet.
     pub pending: usize,
     /// Milliseconds since discovery last found a peer (the node's uptime
     /// when it found none).

@@ -92,7 +92,15 @@ fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
         || served(&origin) >= release.size / 2,
     );
     let first = downloaders(&site);
-    assert_eq!(first.len(), 1, "one fetcher at a time: {first:?}");
+    assert!(
+        first.len() == 1,
+        "one fetcher at a time: {first:?}; their logs:\n{}",
+        first
+            .iter()
+            .map(|&i| node_log(&site.states[i]))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    );
     let lost = first[0];
     match loss {
         Loss::Killed => site.procs[lost] = None, // SIGKILL, then reaped

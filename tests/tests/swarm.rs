@@ -167,4 +167,18 @@ fn lanup_check_on_any_node_has_the_site_pick_up_a_release() {
         let pending = wait_staged(&site.state_refs(), version, &next, Duration::from_secs(30));
         assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
     }
+    // The fetcher goes away; a check made at once still reaches the site's
+    // origin, through the node that stands in (this one or the other).
+    let fetcher = (0..3)
+        .find(|&i| !others.contains(&&site.states[i]))
+        .expect("the fetcher");
+    let survivors: Vec<PathBuf> = others.iter().map(|p| p.to_path_buf()).collect();
+    site.procs[fetcher] = None;
+    write(&app, "bin/app", &pseudo_random(600_000, 34));
+    let next = publish(&app, "4.0", &origin.url, &key, &www);
+    let said = run_ok(&["check", "--state", s(&survivors[0])]);
+    assert!(said.contains("polls the origin now"), "{said}");
+    let survivors: Vec<&Path> = survivors.iter().map(PathBuf::as_path).collect();
+    let pending = wait_staged(&survivors, "4.0", &next, Duration::from_secs(30));
+    assert!(pending.is_empty(), "{}", node_log(survivors[0]));
 }

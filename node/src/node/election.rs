@@ -26,6 +26,11 @@ impl Node {
         let discovery = Discovery {
             pending: found.static_dialling
                 + found
+                    .connected
+                    .iter()
+                    .filter(|peer| !self.peers.contains_key(peer))
+                    .count()
+                + found
                     .found
                     .iter()
                     .filter(|(peer, at)| !self.peers.contains_key(peer) && at.elapsed() < wait)

@@ -281,56 +281,99 @@ impl Node {
     }
 
     /// `lanup check` on this node: the origin is polled now by the site's
-    /// fetcher, whichever node the administrator is on. This node polls
-    /// when it is the fetcher (as soon as it acts, if it has only just
-    /// started), else it asks the fetcher, off the loop. A node that has
-    /// not heard the site yet also passes the check on once it has, in
-    /// case a fetcher it did not know of yet is the one.
+    /// fetcher, whichever node the administrator is on. The check waits
+    /// until this node has heard the site; then this node polls if it is
+    /// the fetcher, else it asks the fetcher. A fetcher that cannot be
+    /// reached (it has just gone away and the site has not replaced it yet)
+    /// is asked again, or its stand-in is, for up to [`CHECK_WAIT`].
     fn check(&mut self, reply: mpsc::Sender<serde_json::Value>) {
-        if !self.settled() {
-            self.check_pending = true;
-        }
-        let fetcher = self.fetcher();
-        if fetcher == Some(self.local) || (fetcher.is_none() && self.config.origin.is_some()) {
-            let polling = self.poll_now();
-            let _ = reply.try_send(serde_json::json!({ "fetcher": true, "polling": polling }));
-            return;
-        }
-        let Some(fetcher) = fetcher else {
+        let pending = self.check.get_or_insert_with(|| PendingCheck {
+            replies: Vec::new(),
+            until: Instant::now() + CHECK_WAIT,
+            asking: false,
+            next_at: Instant::now(),
+            last_error: None,
+        });
+        if pending.replies.len() >= CHECKS_HELD {
             let _ = reply.try_send(serde_json::json!({
-                "error": "no node this one hears has an origin configured"
+                "error": "too many checks are waiting already; try again in a few seconds"
             }));
             return;
-        };
-        let net = self.net.clone();
-        tokio::spawn(async move {
-            let answer = match ask_to_check(&net, fetcher).await {
-                Ok(polling) => serde_json::json!({
-                    "fetcher": false, "asked": fetcher.to_string(), "polling": polling,
-                }),
-                Err(e) => serde_json::json!({ "error": e }),
-            };
-            let _ = reply.send(answer).await;
-        });
+        }
+        pending.replies.push(reply);
+        self.pass_on_check();
     }
 
-    /// Passes on a check made before this node had heard the site, once it
-    /// has, to the site's fetcher if that is another node.
+    /// Moves a waiting check on: answered by this node when it is the
+    /// fetcher, passed on to the fetcher when it is another node, answered
+    /// with the last reason once [`CHECK_WAIT`] has passed.
     pub(super) fn pass_on_check(&mut self) {
-        if !self.check_pending || !self.settled() {
+        let Some(pending) = &self.check else { return };
+        let now = Instant::now();
+        if pending.asking || now < pending.next_at {
             return;
         }
-        self.check_pending = false;
-        let Some(fetcher) = self.fetcher().filter(|f| *f != self.local) else {
+        let past = now >= pending.until;
+        if !self.settled() && !past {
+            return;
+        }
+        match self.fetcher() {
+            Some(fetcher) if fetcher == self.local => {
+                let polling = self.poll_now();
+                self.answer_check(serde_json::json!({ "fetcher": true, "polling": polling }));
+            }
+            None if self.config.origin.is_some() => {
+                let polling = self.poll_now();
+                self.answer_check(serde_json::json!({ "fetcher": true, "polling": polling }));
+            }
+            None => self.answer_check(serde_json::json!({
+                "error": "no node this one hears has an origin configured"
+            })),
+            Some(_) if past => {
+                let error = pending
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the site's fetcher did not answer".into());
+                self.answer_check(serde_json::json!({ "error": error }));
+            }
+            Some(fetcher) => {
+                if let Some(p) = &mut self.check {
+                    p.asking = true;
+                }
+                let (net, done) = (self.net.clone(), self.done_tx.clone());
+                tokio::spawn(async move {
+                    let answer = ask_to_check(&net, fetcher).await;
+                    let _ = done.send(Done::Checked(fetcher, answer)).await;
+                });
+            }
+        }
+    }
+
+    /// The fetcher's answer to a check this node passed on.
+    pub(super) fn checked(&mut self, fetcher: PeerId, answer: Result<bool, String>) {
+        let Some(pending) = &mut self.check else {
             return;
         };
-        let net = self.net.clone();
-        tokio::spawn(async move {
-            match ask_to_check(&net, fetcher).await {
-                Ok(_) => info!(%fetcher, "passed an early lanup check on to the site's fetcher"),
-                Err(e) => warn!(error = %e, "cannot pass an early lanup check on"),
+        pending.asking = false;
+        match answer {
+            Ok(polling) => {
+                info!(%fetcher, "passed a lanup check on to the site's fetcher");
+                self.answer_check(serde_json::json!({
+                    "fetcher": false, "asked": fetcher.to_string(), "polling": polling,
+                }));
             }
-        });
+            Err(e) => {
+                debug!(%fetcher, error = %e, "a lanup check did not reach the site's fetcher; asking again");
+                pending.last_error = Some(e);
+                pending.next_at = Instant::now() + CHECK_RETRY;
+            }
+        }
+    }
+
+    fn answer_check(&mut self, answer: serde_json::Value) {
+        for reply in self.check.take().into_iter().flat_map(|p| p.replies) {
+            let _ = reply.try_send(answer.clone());
+        }
     }
 
     /// Has the origin polled now, backoff or not, or as soon as the job
@@ -363,13 +406,33 @@ impl Node {
     }
 }
 
+/// How long a `lanup check` may take to reach the site's fetcher (under
+/// the control socket's patience): long enough for the site to replace a
+/// fetcher that has just gone.
+const CHECK_WAIT: Duration = Duration::from_secs(12);
+/// How long one attempt waits for the fetcher's answer.
+const CHECK_ASK: Duration = Duration::from_secs(4);
+/// The pause between attempts.
+const CHECK_RETRY: Duration = Duration::from_secs(1);
+/// Checks waiting at once, from every administrator together.
+const CHECKS_HELD: usize = 16;
+
+/// `lanup check`s waiting for the site's fetcher; they share one answer.
+pub(super) struct PendingCheck {
+    replies: Vec<mpsc::Sender<serde_json::Value>>,
+    /// Past this, the last reason is the answer.
+    until: Instant,
+    /// A request to the fetcher is under way.
+    asking: bool,
+    /// The next attempt, not before.
+    next_at: Instant,
+    last_error: Option<String>,
+}
+
 /// Asks `fetcher` to poll the origin now; whether it polls at once, or why
 /// it cannot.
 async fn ask_to_check(net: &NetworkClient, fetcher: PeerId) -> Result<bool, String> {
-    let asked = tokio::time::timeout(
-        Duration::from_secs(10),
-        net.request(fetcher, Request::Check),
-    );
+    let asked = tokio::time::timeout(CHECK_ASK, net.request(fetcher, Request::Check));
     match asked.await {
         Ok(Ok(Response::Check {
             fetcher: true,
@@ -383,7 +446,8 @@ async fn ask_to_check(net: &NetworkClient, fetcher: PeerId) -> Result<bool, Stri
         )),
         Ok(Err(e)) => Err(format!("cannot reach the site's fetcher {fetcher}: {e:#}")),
         Err(_) => Err(format!(
-            "the site's fetcher {fetcher} did not answer within 10 s"
+            "the site's fetcher {fetcher} did not answer within {} s",
+            CHECK_ASK.as_secs()
         )),
     }
 }
