@@ -216,6 +216,64 @@ mod tests {
         }
     }
 
+    /// Files whose ends fall on, just before and just after the reader's
+    /// buffer boundaries chunk as one FastCDC pass does and hash as BLAKE3
+    /// does.
+    #[test]
+    fn files_ending_at_any_buffer_boundary_digest_right() {
+        let data = pseudo_random(3 * BUFFER + 3000, 9);
+        for size in [
+            1,
+            MIN_CHUNK,
+            BUFFER - 1,
+            BUFFER,
+            BUFFER + 1,
+            2 * BUFFER,
+            2 * BUFFER + MIN_CHUNK + 7,
+            3 * BUFFER + 3000,
+        ] {
+            let file = &data[..size];
+            let digest = digest_reader(file, |_| Ok(())).expect("read");
+            assert_eq!(digest.hash, Hash::of(file), "{size} bytes");
+            let whole: Vec<u64> =
+                fastcdc::v2020::FastCDC::new(file, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+                    .map(|c| c.length as u64)
+                    .collect();
+            let streamed: Vec<u64> = digest.chunks.iter().map(|c| c.size).collect();
+            assert_eq!(streamed, whole, "{size} bytes");
+            let mut at = 0;
+            for c in &digest.chunks {
+                assert!(c.matches(&file[at..at + c.size as usize]), "{size} bytes");
+                at += c.size as usize;
+            }
+        }
+    }
+
+    /// A read that fails midway is the caller's error, and no thread is
+    /// left waiting.
+    #[test]
+    fn a_read_error_is_returned() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("disk says no"));
+                }
+                let n = out.len().min(self.0);
+                out[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let e = digest_reader(Failing(10 * BUFFER + 5), |_| Ok(())).expect_err("fails");
+        assert_eq!(e.to_string(), "disk says no");
+        let e = digest_reader(&pseudo_random(3 * BUFFER, 4)[..], |_| {
+            Err(io::Error::other("disk full"))
+        })
+        .expect_err("fails");
+        assert_eq!(e.to_string(), "disk full");
+    }
+
     #[test]
     fn small_reads_cut_in_the_same_places() {
         struct Trickle<'a>(&'a [u8]);

@@ -42,5 +42,5 @@ echo "file: $size_mib MiB, $runs runs each, medians of wall time"
 echo "lanup chunk+hash : $(awk -v b=$bytes -v t=$lt 'BEGIN{printf "%.0f MB/s (%.2f s)", b/t/1e6, t}'), peak RSS $((lr / 1024)) MiB"
 echo "b3sum 1 thread   : $(awk -v b=$bytes -v t=$bt 'BEGIN{printf "%.0f MB/s (%.2f s)", b/t/1e6, t}'), peak RSS $((br / 1024)) MiB"
 ratios=$(for i in "${!lanup_times[@]}"; do awk -v a="${lanup_times[$i]}" -v b="${b3_times[$i]}" 'BEGIN{printf "%.3f\n", b/a}'; done)
-echo "ratio lanup/b3sum: $(awk -v a=$lt -v b=$bt 'BEGIN{printf "%.2f", b/a}') of medians; per-run ratios $(echo $ratios), median $(echo "$ratios" | median) (target >= 0.50)"
+echo "ratio lanup/b3sum: $(awk -v a=$lt -v b=$bt 'BEGIN{printf "%.2f", b/a}') of medians; per-run ratios $(echo $ratios), median $(echo "$ratios" | median) (the issue asks >= 1.00)"
 echo "$(cat "$work/o1")"
