@@ -82,6 +82,12 @@ const ANNOUNCE_EVERY: u64 = 10;
 /// not waiting on already: a peer holds a question until it gains a chunk,
 /// for at most [`HAVE_HOLD`]).
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a starting node looks whether it has settled.
+const QUICK_TICK: Duration = Duration::from_millis(50);
+/// How long after a peer connects the node sends it a heartbeat: time for
+/// the peer's gossip subscription to arrive, so that the heartbeat reaches
+/// it.
+const EARLY_HEARTBEAT: Duration = Duration::from_millis(200);
 /// How long a node holds a peer's question about new chunks when it has
 /// none to tell (within the request timeout of 30 s).
 const HAVE_HOLD: Duration = Duration::from_secs(10);
@@ -268,6 +274,11 @@ struct Node {
     /// when it woke from that.
     last_tick: Instant,
     woke_at: Option<Instant>,
+    /// This node has settled once (see [`Node::settled`]); it stays so.
+    has_settled: std::cell::Cell<bool>,
+    /// A peer connected: a heartbeat goes out then, not up to a second
+    /// later, so that a starting node hears the site (and settles) sooner.
+    early_heartbeat: Option<Instant>,
     started: Instant,
     /// The actor that talks to the origin, told what to do through a
     /// channel it never makes this loop wait on.
@@ -482,6 +493,8 @@ pub async fn run(
         was_fetcher: false,
         last_tick: Instant::now(),
         woke_at: None,
+        has_settled: Default::default(),
+        early_heartbeat: None,
         started: Instant::now(),
         fetcher: fetcher_handle,
         announce_topic,
@@ -525,7 +538,9 @@ pub async fn run(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut schedule = tokio::time::interval(Duration::from_millis(100));
     let mut have = tokio::time::interval(HAVE_INTERVAL);
-    for ticks in [&mut schedule, &mut have] {
+    // While the node settles (or owes a newcomer a heartbeat).
+    let mut quick = tokio::time::interval(QUICK_TICK);
+    for ticks in [&mut schedule, &mut have, &mut quick] {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     // Recovered, listening on the control socket, the swarm running.
@@ -575,6 +590,13 @@ pub async fn run(
                 break;
             }
             _ = have.tick(), if node.moving() => node.ask_have(),
+            _ = quick.tick(), if !node.has_settled.get() || node.early_heartbeat.is_some() => {
+                if node.early_heartbeat.is_some_and(|at| at <= Instant::now()) {
+                    node.early_heartbeat = None;
+                    node.heartbeat().await;
+                }
+                node.fetcher_duties();
+            }
         }
         node.answer_have_waiting().await;
         if node.leaving.is_some() {
@@ -734,6 +756,8 @@ impl Node {
                 // A newcomer learns the release from the next few
                 // heartbeats (gossip keeps no history).
                 self.announce_until = self.heartbeats_sent + 3;
+                self.early_heartbeat
+                    .get_or_insert(Instant::now() + EARLY_HEARTBEAT);
                 self.peers.insert(
                     peer,
                     PeerInfo {

@@ -219,6 +219,9 @@ struct Node {
     /// The fetcher's rules, the node's own (`lanup_protocol::fetcher`).
     plan: OriginPlan,
     was_fetcher: bool,
+    /// Once settled, a node stays so: a peer joining later does not make
+    /// the running fetcher pause (as in the node).
+    settled: std::cell::Cell<bool>,
     served: f64,
     flows_out: Vec<usize>,
     flows_in: Vec<usize>,
@@ -385,11 +388,14 @@ impl<'m> Sim<'m> {
             pending: usize::from(last_found > self.now),
             quiet_ms: self.now.saturating_sub(last_found) / MS,
         };
-        if !self
-            .election
-            .settled((self.now - start) / MS, discovery, connected)
-        {
-            return false;
+        if !n.settled.get() {
+            if !self
+                .election
+                .settled((self.now - start) / MS, discovery, connected)
+            {
+                return false;
+            }
+            n.settled.set(true);
         }
         // As in the node: a peer banned for bad chunks does not count.
         let now_ms = self.ms();
@@ -450,6 +456,7 @@ impl<'m> Sim<'m> {
         match ev {
             Ev::Start(i) => {
                 self.nodes[i].start = Some(self.now);
+                self.nodes[i].settled.set(false);
                 self.push(self.now, Ev::Heartbeat(i));
             }
             Ev::Heartbeat(i) => {
@@ -1042,6 +1049,7 @@ pub fn simulate_site(m: &SiteModel, seed: u64) -> SiteResult {
                 staged: None,
                 origin: None,
                 was_fetcher: false,
+                settled: Default::default(),
                 plan: OriginPlan::new(POLL_INTERVAL_MS),
                 served: 0.0,
                 flows_out: Vec::new(),

@@ -17,8 +17,15 @@ impl Node {
 
     /// Whether this node has heard enough of the site for an election now
     /// to see all of it: discovery answered (or the grace ran out) and every
-    /// peer it is connected to sent a heartbeat.
+    /// peer it is connected to sent a heartbeat. Once settled it stays so:
+    /// a peer that joins later is heard in the election when its heartbeat
+    /// comes, and until then the fetcher carries on (a running download
+    /// paused for every newcomer would idle the uplink and lose the chunks
+    /// in flight).
     pub(super) fn settled(&self) -> bool {
+        if self.has_settled.get() {
+            return true;
+        }
         let ms = |d: Duration| d.as_millis() as u64;
         let election = self.election();
         let found = self.net.discovered();
@@ -39,7 +46,7 @@ impl Node {
                 .last_found
                 .map_or(self.started.elapsed(), |at| at.elapsed())),
         };
-        election.settled(
+        let settled = election.settled(
             ms(self.started.elapsed()),
             discovery,
             self.peers.values().map(|p| {
@@ -48,7 +55,9 @@ impl Node {
                     ms(p.connected_at.elapsed()),
                 )
             }),
-        )
+        );
+        self.has_settled.set(settled);
+        settled
     }
 
     /// Whether this node acts as the site's fetcher with its download from
