@@ -236,6 +236,48 @@ fn a_late_node_catches_up_from_its_peers_alone() {
     );
 }
 
+/// A node that starts while the fetcher is downloading neither takes the
+/// role (whatever its PeerId) nor makes the fetcher pause: chunks in flight
+/// are not lost, the uplink carries the release once.
+#[test]
+fn a_node_joining_mid_download_costs_the_uplink_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(12 << 20, 53));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, Some("4MiB"));
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    let mut site = LoopSite::new(tmp.path(), 4);
+    for i in 0..3 {
+        let cmd = site.command(i, Some(&origin.url), &release.public);
+        site.start(i, cmd);
+    }
+    wait_for(
+        "a third of the release to cross the uplink",
+        Duration::from_secs(60),
+        || served(&origin) >= release.size / 3,
+    );
+    let cmd = site.command(3, Some(&origin.url), &release.public);
+    site.start(3, cmd);
+    assert_staged(&site, &[0, 1, 2, 3], "1.0", &release);
+    let fetchers = downloaders(&site);
+    assert_eq!(fetchers.len(), 1, "one fetcher: {fetchers:?}");
+    let log = node_log(&site.states[fetchers[0]]);
+    assert!(
+        !log.contains("another node is the site's fetcher now"),
+        "the fetcher gave up its role while downloading:\n{log}"
+    );
+    let total = served(&origin);
+    assert!(
+        total <= release.size + 4 * release.manifest_bytes,
+        "the origin served {total} bytes for a release of {} ({:.3} x S)",
+        release.size,
+        total as f64 / release.size as f64
+    );
+}
+
 #[test]
 fn a_peer_serving_corrupted_chunks_is_banned_and_nothing_wrong_is_staged() {
     let tmp = tempfile::tempdir().expect("tempdir");
