@@ -96,7 +96,7 @@ run_size() {
         grep -q "release staged and verified release=$1 " "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
       done
       [ "$staged" = "$n" ] && break
-      [ "$(calc "$(now) > $deadline")" = "1.00" ] && { echo "$1: timed out with $staged of $n staged" >&2; exit 1; }
+      [ "$(calc "($(now) > $deadline)")" = "1.00" ] && { echo "$1: timed out with $staged of $n staged" >&2; exit 1; }
       sleep 0.05
     done
     local logs=()
