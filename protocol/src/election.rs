@@ -85,12 +85,13 @@ impl Election {
         silent_ms: 5000,
         heartbeat_wait_ms: 3000,
     };
-    /// With mDNS: past the first two queries' answers and quiet for half a
-    /// second; the grace is longer, as peers found by multicast on a busy
-    /// LAN can take a few seconds to appear.
+    /// With mDNS: past the first two queries' answers (the second query
+    /// goes out 0.5 s after start; 200 ms for its answers) and quiet for
+    /// half a second; the grace is longer, as peers found by multicast on
+    /// a busy LAN can take a few seconds to appear.
     pub const MDNS: Election = Election {
         grace_ms: 6000,
-        first_answers_ms: 1000,
+        first_answers_ms: 700,
         quiet_ms: 500,
         ..Election::STATIC_PEERS
     };
@@ -215,8 +216,8 @@ mod tests {
         assert!(e.settled(4000, answered(4000), [(Some(10), 4000), (None, 3000)]));
         // mDNS: past its first queries, quiet for a moment.
         let m = Election::MDNS;
-        assert!(!m.settled(900, answered(900), []));
-        assert!(m.settled(1000, answered(1000), []));
+        assert!(!m.settled(600, answered(600), []), "before the second query's answers");
+        assert!(m.settled(700, answered(700), []));
         assert!(!m.settled(1500, answered(100), []), "just found a peer");
         assert!(m.settled(1500, answered(500), []));
         assert!(!m.settled(5999, dialling, []));

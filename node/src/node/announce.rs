@@ -213,7 +213,10 @@ impl Node {
             no_room: None,
             adopted_at: Instant::now(),
         });
+        // Peers hear of it now, not at the next heartbeat (up to a second
+        // later): they start staging what they already hold meanwhile.
         self.announce_until = self.heartbeats_sent + 3;
+        self.early_heartbeat = Some(Instant::now());
         self.check_room();
         self.ask_have();
         MessageAcceptance::Accept
