@@ -216,7 +216,10 @@ mod tests {
         assert!(e.settled(4000, answered(4000), [(Some(10), 4000), (None, 3000)]));
         // mDNS: past its first queries, quiet for a moment.
         let m = Election::MDNS;
-        assert!(!m.settled(600, answered(600), []), "before the second query's answers");
+        assert!(
+            !m.settled(600, answered(600), []),
+            "before the second query's answers"
+        );
         assert!(m.settled(700, answered(700), []));
         assert!(!m.settled(1500, answered(100), []), "just found a peer");
         assert!(m.settled(1500, answered(500), []));
