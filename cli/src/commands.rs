@@ -1022,7 +1022,19 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
         Some(d) => date_arg("--date", d)?,
         None => {
             let now = OffsetDateTime::now_utc();
-            now.replace_nanosecond(0).unwrap_or(now)
+            let now = now.replace_nanosecond(0).unwrap_or(now);
+            // Releases of different applications on one origin are ordered
+            // by this time, to the second: a release published in the same
+            // second as the one it replaces is dated a second later, or
+            // nodes would take it for no newer and pass it over.
+            let previous = std::fs::read(args.out.join(lanup_protocol::manifest::MANIFEST_FILE))
+                .ok()
+                .and_then(|xml| Manifest::parse(&xml).ok())
+                .and_then(|m| m.update_time);
+            match previous {
+                Some(at) if at >= now => at + time::Duration::SECOND,
+                _ => now,
+            }
         }
     };
     let expires = args

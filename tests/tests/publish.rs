@@ -249,6 +249,34 @@ fn sign_re_signs_a_hand_edited_manifest() {
     assert!(text.contains("http://b/"), "{text}");
 }
 
+/// Releases of two applications published into one origin folder within
+/// a second are still ordered: the later is dated later (nodes compare
+/// releases of different applications by that date), so none is passed
+/// over as "not newer".
+#[test]
+fn releases_published_in_one_second_are_dated_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", b"one");
+    let www = tmp.path().join("www");
+    let key = keygen(tmp.path(), "k");
+    let mut dates = Vec::new();
+    for (name, version) in [("app", "1.0.0"), ("lanup", "0.2.0"), ("app", "1.0.1")] {
+        publish_as(name, &app, version, "http://origin.invalid/", &key, &www);
+        let shown: serde_json::Value = serde_json::from_str(&run_ok(&[
+            "inspect",
+            s(&www.join("AutoUpdater.xml")),
+            "--json",
+        ]))
+        .expect("inspect JSON");
+        dates.push(shown["update_time"].as_str().expect("a date").to_owned());
+    }
+    assert!(
+        dates.windows(2).all(|w| w[0] < w[1]),
+        "dates not in order: {dates:?}"
+    );
+}
+
 #[test]
 fn keygen_writes_a_private_key_and_prints_one_public_string() {
     use std::os::unix::fs::PermissionsExt;
