@@ -170,33 +170,7 @@ sys.exit(0 if own and own[0].get("fetcher") is False else 1)' && { echo "$i"; re
   sleep 1
 
   # proxy: every host through a caching proxy, cold cache.
-  mkdir -p "$work/nginx/cache" "$work/nginx/tmp"
-  cat > "$work/nginx/nginx.conf" << EOF
-daemon off;
-user root;
-worker_processes 2;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 256; }
-http {
-  access_log off;
-  proxy_temp_path $work/nginx/tmp;
-  client_body_temp_path $work/nginx/tmp;
-  proxy_cache_path $work/nginx/cache keys_zone=site:10m max_size=4g inactive=1h use_temp_path=off;
-  server {
-    listen $proxy_ip:8081;
-    location / {
-      proxy_pass http://$origin_ip:8080;
-      proxy_cache site;
-      proxy_cache_valid 200 1h;
-      proxy_cache_lock on;
-      proxy_cache_lock_age 600s;
-      proxy_cache_lock_timeout 600s;
-    }
-  }
-}
-EOF
-  in_ns "$proxy_ns" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+  caching_proxy "$proxy_ns" "$work/nginx" "$proxy_ip:8081" "http://$origin_ip:8080"
   sleep 1
   before=$(served)
   t0=$(now)

@@ -5,6 +5,7 @@
 #
 #   testbed_up ID          # the switch; then `attach NS IP PORT` per host
 #   in_ns NS CMD...        # run CMD inside NS
+#   caching_proxy NS DIR LISTEN UPSTREAM   # nginx proxy_cache (lock on) in NS
 #   testbed_down           # kill every process in, and delete, every namespace
 
 testbed_up() {
@@ -35,4 +36,37 @@ testbed_down() {
     for p in $(ip netns pids "$ns" 2> /dev/null); do kill -9 "$p" 2> /dev/null || true; done
     ip netns del "$ns" 2> /dev/null || true
   done
+}
+
+# A site caching proxy as an operator would set one up: nginx proxy_cache
+# with the cache lock on (one request upstream per file), running in NS
+# from DIR, listening on LISTEN (ip:port), caching UPSTREAM (a base URL).
+caching_proxy() { # NS DIR LISTEN UPSTREAM
+  mkdir -p "$2/cache" "$2/tmp"
+  cat > "$2/nginx.conf" << EOF
+daemon off;
+user root;
+worker_processes 2;
+pid $2/nginx.pid;
+error_log $2/error.log;
+events { worker_connections 256; }
+http {
+  access_log off;
+  proxy_temp_path $2/tmp;
+  client_body_temp_path $2/tmp;
+  proxy_cache_path $2/cache keys_zone=site:10m max_size=4g inactive=1h use_temp_path=off;
+  server {
+    listen $3;
+    location / {
+      proxy_pass $4;
+      proxy_cache site;
+      proxy_cache_valid 200 1h;
+      proxy_cache_lock on;
+      proxy_cache_lock_age 600s;
+      proxy_cache_lock_timeout 600s;
+    }
+  }
+}
+EOF
+  in_ns "$1" nginx -p "$2" -c "$2/nginx.conf" &
 }

@@ -70,27 +70,52 @@ enum Loss {
 /// Four nodes fetch a 24 MiB release through a 4 MiB/s uplink; halfway the
 /// fetcher is lost. Checks that another node takes over within 10 s and the
 /// survivors stage; returns (origin bytes, release size).
-fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let app = tmp.path().join("app");
-    write(&app, "bin/app", &pseudo_random(24 << 20, 41));
-    write(&app, "etc/app.conf", b"mode = fast\n");
-    let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(tmp.path(), "publisher.key");
-    let origin = OriginProc::start(&www, Some("4MiB"));
-    let release = publish(&app, "1.0", &origin.url, &key, &www);
+/// A site of four (`started` of them running) fetching a release of
+/// `mib` MiB through a 4 MiB/s uplink, once `1 / part` of it has crossed.
+struct Downloading {
+    _tmp: tempfile::TempDir,
+    origin: OriginProc,
+    release: Published,
+    site: LoopSite,
+}
 
-    let mut site = LoopSite::new(tmp.path(), 4);
-    for i in 0..4 {
-        let cmd = site.command(i, Some(&origin.url), &release.public);
-        site.start(i, cmd);
+impl Downloading {
+    fn new(mib: usize, seed: u64, started: usize, part: u64) -> Downloading {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let app = tmp.path().join("app");
+        write(&app, "bin/app", &pseudo_random(mib << 20, seed));
+        write(&app, "etc/app.conf", b"mode = fast\n");
+        let www = tmp.path().join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let key = keygen(tmp.path(), "publisher.key");
+        let origin = OriginProc::start(&www, Some("4MiB"));
+        let release = publish(&app, "1.0", &origin.url, &key, &www);
+        let mut site = LoopSite::new(tmp.path(), 4);
+        for i in 0..started {
+            let cmd = site.command(i, Some(&origin.url), &release.public);
+            site.start(i, cmd);
+        }
+        wait_for(
+            "a part of the release to cross the uplink",
+            Duration::from_secs(60),
+            || served(&origin) >= release.size / part,
+        );
+        Downloading {
+            _tmp: tmp,
+            origin,
+            release,
+            site,
+        }
     }
-    wait_for(
-        "half the release to cross the uplink",
-        Duration::from_secs(60),
-        || served(&origin) >= release.size / 2,
-    );
+}
+
+fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
+    let Downloading {
+        _tmp,
+        origin,
+        release,
+        mut site,
+    } = Downloading::new(24, 41, 4, 2);
     let first = downloaders(&site);
     assert!(
         first.len() == 1,
@@ -241,24 +266,12 @@ fn a_late_node_catches_up_from_its_peers_alone() {
 /// are not lost, the uplink carries the release once.
 #[test]
 fn a_node_joining_mid_download_costs_the_uplink_nothing() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let app = tmp.path().join("app");
-    write(&app, "bin/app", &pseudo_random(12 << 20, 53));
-    let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(tmp.path(), "publisher.key");
-    let origin = OriginProc::start(&www, Some("4MiB"));
-    let release = publish(&app, "1.0", &origin.url, &key, &www);
-    let mut site = LoopSite::new(tmp.path(), 4);
-    for i in 0..3 {
-        let cmd = site.command(i, Some(&origin.url), &release.public);
-        site.start(i, cmd);
-    }
-    wait_for(
-        "a third of the release to cross the uplink",
-        Duration::from_secs(60),
-        || served(&origin) >= release.size / 3,
-    );
+    let Downloading {
+        _tmp,
+        origin,
+        release,
+        mut site,
+    } = Downloading::new(12, 53, 3, 3);
     let cmd = site.command(3, Some(&origin.url), &release.public);
     site.start(3, cmd);
     assert_staged(&site, &[0, 1, 2, 3], "1.0", &release);
