@@ -184,3 +184,52 @@ fn lanup_check_on_any_node_has_the_site_pick_up_a_release() {
     let pending = wait_staged(&survivors, "4.0", &next, Duration::from_secs(30));
     assert!(pending.is_empty(), "{}", node_log(survivors[0]));
 }
+
+/// A fetcher that stops answering (a frozen machine) does not leave
+/// `lanup check` hanging or failing: the node asks again and, once the site
+/// has passed over the silent fetcher, the stand-in polls.
+#[test]
+fn lanup_check_while_the_fetcher_is_frozen_reaches_the_stand_in() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(300_000, 35));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let v1 = publish(&app, "1.0", &origin.url, &key, &www);
+    let mut site = LoopSite::new(tmp.path(), 2);
+    for i in 0..2 {
+        let cmd = site.command(i, Some(&origin.url), &v1.public);
+        site.start(i, cmd);
+    }
+    let pending = wait_staged(&site.state_refs(), "1.0", &v1, Duration::from_secs(60));
+    assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+    let fetcher = (0..2)
+        .find(|&i| node_log(&site.states[i]).contains("downloading release from the origin"))
+        .expect("a fetcher");
+    let other = 1 - fetcher;
+    let pid = site.procs[fetcher].as_ref().expect("running").0.id();
+    let stopped = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    write(&app, "bin/app", &pseudo_random(300_000, 36));
+    let v2 = publish(&app, "2.0", &origin.url, &key, &www);
+    let asked = std::time::Instant::now();
+    let said = run_ok(&["check", "--state", s(&site.states[other])]);
+    eprintln!("check took {:?}: {said}", asked.elapsed());
+    assert!(said.contains("polls the origin"), "{said}");
+    let pending = wait_staged(
+        &[site.states[other].as_path()],
+        "2.0",
+        &v2,
+        Duration::from_secs(30),
+    );
+    assert!(pending.is_empty(), "{}", node_log(&site.states[other]));
+    // Woken, so that the site's teardown stops it like any other node.
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
+}

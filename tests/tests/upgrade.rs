@@ -105,6 +105,12 @@ impl Site {
         self.release_as("lanup", dir, version);
     }
 
+    /// Publishes `dir` (holding the file `lanup`) as lanup `version` on the
+    /// site's origin; no node is asked to look.
+    fn publish_lanup(&self, dir: &Path, version: &str) {
+        publish_as("lanup", dir, version, &self.url, &self.publisher, &self.www);
+    }
+
     /// [`Site::release`] of application `name`.
     fn release_as(&self, name: &str, dir: &Path, version: &str) {
         publish_as(name, dir, version, &self.url, &self.publisher, &self.www);
@@ -354,14 +360,7 @@ fn a_node_killed_while_it_tries_a_new_lanup_comes_back_on_the_old_one() {
     let old_hash = hash(&bin);
     let good = root.join("good");
     lanup_binary(&good.join("lanup"), Some("0.2.0"));
-    publish_as(
-        "lanup",
-        &good,
-        "0.2.0",
-        &site.url,
-        &site.publisher,
-        &site.www,
-    );
+    site.publish_lanup(&good, "0.2.0");
     let mut cmd = site.command(0, &bin);
     cmd.env("LANUP_FAULT", "lanup-trial");
     site.nodes.start(0, cmd);
@@ -448,14 +447,7 @@ fn a_new_lanup_that_does_not_fit_beside_the_old_one_changes_nothing() {
     let (mut site, _origin) = Site::new(root, 1);
     let good = root.join("good");
     lanup_binary(&good.join("lanup"), Some("0.2.0"));
-    publish_as(
-        "lanup",
-        &good,
-        "0.2.0",
-        &site.url,
-        &site.publisher,
-        &site.www,
-    );
+    site.publish_lanup(&good, "0.2.0");
     // lanup lives on a filesystem with room for itself and 4 MiB more.
     let size = std::fs::metadata(good.join("lanup")).expect("size").len();
     let mut mounts = crate::diskfull::Mounts::new();

@@ -317,12 +317,10 @@ impl Node {
         if !self.settled() && !past {
             return;
         }
-        match self.fetcher() {
-            Some(fetcher) if fetcher == self.local => {
-                let polling = self.poll_now();
-                self.answer_check(serde_json::json!({ "fetcher": true, "polling": polling }));
-            }
-            None if self.config.origin.is_some() => {
+        let fetcher = self.fetcher();
+        let this_one = fetcher == Some(self.local);
+        match fetcher {
+            _ if this_one || (fetcher.is_none() && self.config.origin.is_some()) => {
                 let polling = self.poll_now();
                 self.answer_check(serde_json::json!({ "fetcher": true, "polling": polling }));
             }
