@@ -27,6 +27,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lanup_protocol::hash::Hash;
@@ -60,9 +61,13 @@ pub fn clear_partial(dest: &Path) {
     }
 }
 
-/// Bytes written to one file between syncs, so that the sync once its last
-/// chunk arrives has little left to write.
+/// Bytes written to one file between syncs, and the longest a written
+/// chunk waits for one, so that the sync once the last chunk arrives has
+/// little left to write: at most a second of arrivals (a few MiB from an
+/// uplink) or 16 MiB from the LAN. Left to the kernel, a file's dirty pages
+/// wait up to 30 s, and the last sync would write most of the release.
 const SYNC_EVERY: u64 = 16 << 20;
+const SYNC_AFTER: Duration = Duration::from_secs(1);
 
 /// The node's side of a stager: dropping it stops the thread.
 pub struct Stager {
@@ -170,6 +175,7 @@ struct Part {
     hasher: blake3::Hasher,
     hashed: usize,
     unsynced: u64,
+    synced_at: Instant,
 }
 
 /// Stages until every file is in place (true), or the node drops its side
@@ -241,6 +247,7 @@ fn stage(
             hasher: blake3::Hasher::new(),
             hashed: 0,
             unsynced: 0,
+            synced_at: Instant::now(),
         };
         if p.remaining == 0 {
             finish(&mut p, file, store)?;
@@ -283,11 +290,13 @@ fn stage(
                 p.hashed += 1;
             }
             advance(p)?;
-            if p.unsynced >= SYNC_EVERY && p.remaining > 0 {
+            if (p.unsynced >= SYNC_EVERY || p.synced_at.elapsed() >= SYNC_AFTER) && p.remaining > 0
+            {
                 p.open(true)?
                     .sync_data()
                     .with_context(|| format!("cannot sync {}", p.part.display()))?;
                 p.unsynced = 0;
+                p.synced_at = Instant::now();
             }
             if p.remaining == 0 {
                 let mut p = parts[i].take().expect("the part being finished");

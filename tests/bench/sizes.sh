@@ -15,6 +15,9 @@
 #   proxy   every host downloads the release through nginx proxy_cache (the
 #           cache lock on) on one more LAN host, cold cache.
 # Origin bytes are counted by `lanup origin` for every lanup figure.
+# All hosts share this machine's disk, so N nodes syncing their staged
+# files at the same moment wait for one disk doing N disks' work; DISK=tmpfs
+# puts the run on memory instead, as if each host had a disk of its own.
 # Not part of CI; needs root, iproute2, nginx and curl.
 #
 #   tests/bench/sizes.sh [NODESxMIB ...]      # default: 6x16 8x64 16x64
@@ -46,8 +49,9 @@ run_size() {
   local work id
   work=$(mktemp -d /tmp/lanup-sizes.XXXX)
   id="ls$$"
+  [ "${DISK:-}" = tmpfs ] && mount -t tmpfs -o size=75% "lanup-sizes" "$work"
   # shellcheck disable=SC2064
-  trap "testbed_down; [ -n '${KEEP:-}' ] || rm -rf '$work'" EXIT
+  trap "testbed_down; umount '$work' 2> /dev/null; [ -n '${KEEP:-}' ] || rm -rf '$work'" EXIT
   testbed_up "$id"
   local origin_ns="$id-o" origin_ip=10.77.1.2 proxy_ns="$id-p" proxy_ip=10.77.1.9
   attach "$origin_ns" "$origin_ip" po
@@ -190,7 +194,7 @@ sys.exit(0 if own and own[0].get("fetcher") is False else 1)' && { echo "$i"; re
   read -r d_t d_b d_tail _ <<< "$delta"
   read -r j_t j_b <<< "$join"
   read -r p_t p_b <<< "$proxy"
-  echo "== $nodes nodes x $mib MiB, uplink $uplink: floor ${floor}s (S = $S bytes)"
+  echo "== $nodes nodes x $mib MiB, uplink $uplink, disk ${DISK:-shared}: floor ${floor}s (S = $S bytes)"
   echo "steady  ${s_t}s = floor + $(calc "$s_t - $floor")s, proxy ${p_t}s (lanup - proxy $(calc "$s_t - $p_t")s); tail ${s_tail}s; origin ${s_b} x S; checked on node $s_who"
   echo "cold    ${c_t}s = floor + $(calc "$c_t - $floor")s; origin ${c_b} x S"
   local d_floor
@@ -199,7 +203,13 @@ sys.exit(0 if own and own[0].get("fetcher") is False else 1)' && { echo "$i"; re
   echo "join    ${j_t}s = floor + $(calc "$j_t - $floor")s with a node started 3 s into the download; origin ${j_b} x S"
   echo "proxy   ${p_t}s = floor + $(calc "$p_t - $floor")s; origin ${p_b} x S"
   testbed_down
-  [ -n "${KEEP:-}" ] && echo "logs kept in $work" || rm -rf "$work"
+  if [ -n "${KEEP:-}" ]; then
+    [ "${DISK:-}" = tmpfs ] && cp -r "$work" "$work.kept" && umount "$work" && work=$work.kept
+    echo "logs kept in $work"
+  else
+    umount "$work" 2> /dev/null || true
+    rm -rf "$work"
+  fi
   trap - EXIT
 }
 
