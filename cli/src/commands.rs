@@ -64,6 +64,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show every site that reports to headquarters: nodes, installed
+    /// releases, failed nodes with their errors, the age of each site's last
+    /// report (stale ones flagged) and its rollout.
+    Fleet(crate::fleet::FleetArgs),
     /// List the peers the local node is connected to.
     Peers {
         #[command(flatten)]
@@ -171,6 +175,14 @@ enum Command {
         /// bits per second (16mbit).
         #[arg(long, value_name = "RATE")]
         rate: Option<Rate>,
+        /// Take signed site reports (POST /_lanup/report), keep them in this
+        /// folder, and show the fleet at /_lanup/fleet and
+        /// /_lanup/fleet.json.
+        #[arg(long, value_name = "DIR")]
+        reports: Option<PathBuf>,
+        /// A site whose newest report is older than this is flagged stale.
+        #[arg(long, value_name = "DURATION", default_value = "2h10m", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
     },
 }
 
@@ -326,6 +338,13 @@ struct NodeArgs {
     /// the old one is put back (default 60s).
     #[arg(long, value_name = "DURATION")]
     self_update_timeout: Option<String>,
+    /// Headquarters' `lanup origin --reports` URL: the site's fetcher posts
+    /// a signed report of the site there when it changes, at least hourly.
+    #[arg(long, value_name = "URL")]
+    report_to: Option<String>,
+    /// A site report is sent at least this often, news or not [default: 1h].
+    #[arg(long, value_name = "DURATION")]
+    report_interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -363,6 +382,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     origin_stall_timeout: args.origin_stall_timeout,
                     mdns: args.no_mdns.then_some(false),
                     self_update_timeout: args.self_update_timeout,
+                    report_to: args.report_to,
+                    report_interval: args.report_interval,
                     app: None,
                 },
             )?;
@@ -475,7 +496,19 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             follow_exit(follow(&args.node, args.timeout)?)
         }
         Command::History { node, json } => history(&node.state, json),
-        Command::Origin { dir, listen, rate } => runtime()?.block_on(origin(&dir, &listen, rate)),
+        Command::Fleet(args) => crate::fleet::run(args),
+        Command::Origin {
+            dir,
+            listen,
+            rate,
+            reports,
+            stale_after,
+        } => {
+            let reports = reports
+                .map(|r| lanup_node::hq::Reports::open(&r, stale_after))
+                .transpose()?;
+            runtime()?.block_on(origin(&dir, &listen, rate, reports))
+        }
     }
 }
 
@@ -1318,10 +1351,19 @@ async fn verify(location: &str, dir: &Path, trust: &[PublicKey]) -> Result<ExitC
     Ok(ExitCode::from(1))
 }
 
-async fn origin(dir: &Path, listen: &str, rate: Option<Rate>) -> Result<ExitCode> {
-    let origin = Origin::bind(dir, listen, rate).await?;
+async fn origin(
+    dir: &Path,
+    listen: &str,
+    rate: Option<Rate>,
+    reports: Option<lanup_node::hq::Reports>,
+) -> Result<ExitCode> {
+    let mut origin = Origin::bind(dir, listen, rate).await?;
     let addr = origin.local_addr()?;
     println!("lanup origin: serving {} at http://{addr}/", dir.display());
+    if let Some(reports) = reports {
+        origin = origin.with_reports(reports);
+        println!("lanup origin: taking site reports; the fleet at http://{addr}/_lanup/fleet");
+    }
     std::io::stdout().flush()?;
     origin.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

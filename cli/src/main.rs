@@ -4,6 +4,7 @@
 
 mod commands;
 mod demo;
+mod fleet;
 mod setup;
 
 use std::process::ExitCode;

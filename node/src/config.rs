@@ -46,6 +46,11 @@ pub struct ConfigFile {
     /// How long a new lanup has to come up and hear the site again before
     /// the old one is put back (default 60s).
     pub self_update_timeout: Option<String>,
+    /// Headquarters' `lanup origin --reports` URL: the site's fetcher
+    /// posts a signed report of the site there.
+    pub report_to: Option<String>,
+    /// A report is sent at least this often, news or not (default 1h).
+    pub report_interval: Option<String>,
     /// The application this node installs and restarts.
     pub app: Option<AppFile>,
 }
@@ -126,6 +131,10 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// How long a new lanup has to prove itself.
     pub self_update_timeout: Duration,
+    /// Where the site's fetcher posts the site's reports (the report path
+    /// under headquarters' origin URL).
+    pub report_to: Option<String>,
+    pub report_interval: Duration,
     pub app: Option<AppConfig>,
 }
 
@@ -166,6 +175,8 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         origin_stall_timeout: flags.origin_stall_timeout.or(file.origin_stall_timeout),
         mdns: flags.mdns.or(file.mdns),
         self_update_timeout: flags.self_update_timeout.or(file.self_update_timeout),
+        report_to: flags.report_to.or(file.report_to),
+        report_interval: flags.report_interval.or(file.report_interval),
         app: flags.app.or(file.app),
     }
 }
@@ -262,6 +273,11 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             bail!("origin {origin:?}: expected an http:// or https:// URL of a release directory");
         }
     }
+    if let Some(to) = &c.report_to {
+        if !(to.starts_with("http://") || to.starts_with("https://")) {
+            bail!("report_to {to:?}: expected the http:// or https:// URL of headquarters' lanup origin");
+        }
+    }
     if c.psk.is_some() {
         if let Some(quic) = listen.iter().chain(&peers).find(|a| {
             a.iter()
@@ -310,6 +326,13 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             c.self_update_timeout,
             Duration::from_secs(60),
         )?,
+        report_to: c.report_to.as_deref().map(crate::report::report_url),
+        report_interval: match c.report_interval {
+            None => Duration::from_millis(lanup_protocol::report::REFRESH_MS),
+            Some(v) => humantime::parse_duration(&v).with_context(|| {
+                format!("report_interval {v:?}: expected a duration like 1h or 30m")
+            })?,
+        },
         app: c.app.map(resolve_app).transpose()?,
     })
 }

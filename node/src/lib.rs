@@ -3,7 +3,8 @@
 //! swarm ([`network`]) and the node that drives it ([`node`]), the chunk
 //! store ([`store`], [`chunks`], [`fetch`]), installing releases into the
 //! running application ([`apply`], [`app`]), the audit log of rollout
-//! commands ([`audit`]), and the CLI's control socket ([`control`]).
+//! commands ([`audit`]), the CLI's control socket ([`control`]), and
+//! headquarters' side of site reports ([`hq`]) with the node's ([`report`]).
 
 pub mod app;
 pub mod apply;
@@ -14,12 +15,14 @@ pub mod control;
 pub mod disk;
 pub mod fetch;
 pub mod fetcher;
+pub mod hq;
 pub mod keys;
 pub mod logfile;
 pub mod network;
 pub mod node;
 pub mod origin;
 pub mod release;
+pub mod report;
 pub mod service;
 pub mod stage;
 pub mod store;

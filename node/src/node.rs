@@ -238,6 +238,9 @@ enum Done {
 }
 
 struct Node {
+    /// Posts the site's reports to headquarters, while this node is the
+    /// site's fetcher.
+    reporter: Option<crate::report::Reporter>,
     /// A `lanup check` (or several) still to reach the site's fetcher.
     check: Option<status::PendingCheck>,
     /// Set when this node's wave of a lanup release came: the node stops
@@ -472,7 +475,13 @@ pub async fn run(
         config.poll_interval,
     )?;
     children.spawn(fetcher.run(cancel.clone()));
+    let reporter = config.report_to.clone().map(|url| {
+        let (reporter, task) = crate::report::start(url, config.report_interval, key.clone());
+        children.spawn(until(cancel.clone(), task));
+        reporter
+    });
     let mut node = Node {
+        reporter,
         check: None,
         have_waiting: Vec::new(),
         leaving: None,
@@ -574,6 +583,7 @@ pub async fn run(
                 node.watch_fetcher();
                 node.fetcher_duties();
                 node.rollout_duties();
+                node.report_duties();
             }
             // Ticks only while chunks move: an idle node sleeps.
             _ = schedule.tick(), if node.moving() => {

@@ -31,6 +31,7 @@ pub mod hash;
 pub mod journal;
 pub mod manifest;
 pub mod plan;
+pub mod report;
 pub mod rollout;
 pub mod sign;
 pub mod transfer;

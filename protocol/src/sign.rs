@@ -72,6 +72,13 @@ impl PublicKey {
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0.to_bytes()
     }
+
+    /// The PeerId of a node whose key this is, as text.
+    pub fn peer_id(&self) -> String {
+        libp2p_identity::PublicKey::from(self.0.clone())
+            .to_peer_id()
+            .to_string()
+    }
 }
 
 impl fmt::Display for PublicKey {

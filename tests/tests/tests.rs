@@ -9,6 +9,7 @@ mod crash;
 mod demo;
 mod diskfull;
 mod faults;
+mod fleet;
 mod lan;
 mod origin;
 mod package;

@@ -5,6 +5,7 @@
 
 use super::rollout::{CATCH_UP_RETRY, REFUSAL_QUIET};
 use super::*;
+use lanup_protocol::report::{self, NodeState, Report, RolloutState};
 
 impl Node {
     /// Keeps what the node remembers per peer bounded: authors not heard
@@ -262,11 +263,22 @@ impl Node {
                     };
                     row["clock_skew_ms"] = serde_json::json!(skew);
                 }
+                let reports = self.reporter.as_ref().map(|r| {
+                    let said = r.said();
+                    serde_json::json!({
+                        "to": self.config.report_to,
+                        "sent_ms": said.sent_ms,
+                        "reports_sent": said.reports_sent,
+                        "bytes_sent": said.bytes_sent,
+                        "last_error": said.last_error,
+                    })
+                });
                 serde_json::json!({
                     "site": self.config.site,
                     "nodes": nodes,
                     "rollout": self.rollout_json(),
                     "site_clock_offset_ms": self.site_offset_ms(),
+                    "reports": reports,
                 })
             }
             ControlRequest::Peers => serde_json::json!({
@@ -380,6 +392,58 @@ impl Node {
     pub(super) fn poll_now(&mut self) -> bool {
         self.fetcher.check_now();
         self.fetcher.busy() != Some(lanup_protocol::fetcher::Job::Download)
+    }
+
+    /// Hands the reporter what the site would report now, while this
+    /// node is the site's fetcher (one report per site), else nothing.
+    pub(super) fn report_duties(&mut self) {
+        if self.reporter.is_none() {
+            return;
+        }
+        let mine = self.was_fetcher && self.fetcher() == Some(self.local);
+        let report = mine.then(|| self.site_report());
+        if let Some(r) = &self.reporter {
+            r.update(report);
+        }
+    }
+
+    /// The site as this node hears it, in a report's terms (its send time
+    /// is the reporter's to set).
+    fn site_report(&mut self) -> Report {
+        let status = self.answer(ControlRequest::Status);
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        let mut nodes: Vec<NodeState> = status["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(report::MAX_NODES)
+            .map(|n| NodeState {
+                id: text(&n["peer_id"]).unwrap_or_default(),
+                lanup: text(&n["lanup_version"]),
+                installed: text(&n["installed_version"]),
+                staged: text(&n["staged_version"]),
+                state: text(&n["state"]).unwrap_or_else(|| "unknown".into()),
+                error: text(&n["last_error"])
+                    .map(|e| e.chars().take(report::MAX_ERROR_CHARS).collect()),
+                failed: text(&n["failed_version"]),
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let r = &status["rollout"];
+        let rollout = text(&r["id"]).map(|id| RolloutState {
+            id,
+            action: text(&r["action"]).unwrap_or_default(),
+            version: text(&r["version"]).unwrap_or_default(),
+            stage: text(&r["stage"]).unwrap_or_default(),
+            reason: text(&r["reason"]),
+        });
+        Report {
+            site: self.config.site.clone(),
+            sender: self.local.to_string(),
+            sent_at_ms: 0,
+            nodes,
+            rollout,
+        }
     }
 
     pub(super) async fn heartbeat(&mut self) {

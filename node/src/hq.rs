@@ -1,0 +1,379 @@
+//! Headquarters' side of site reports, served by `lanup origin --reports
+//! DIR` beside the release folder: it takes signed reports
+//! (`POST /_lanup/report`), keeps the newest per site and an append-only
+//! history in `DIR`, and shows the fleet (`/_lanup/fleet.json` and a page
+//! at `/_lanup/fleet`).
+//!
+//! `DIR/sites/SITE.json` holds what is kept of each site (its newest report
+//! and the nodes and senders heard before), replaced atomically;
+//! `DIR/history.jsonl` one line per report taken, with its signature, so it
+//! can be checked again later. The history is rotated at
+//! [`HISTORY_MAX_BYTES`] to `history.1.jsonl`, so the folder stays bounded.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::http::StatusCode;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use lanup_protocol::report::{self, Fleet, ReportRefusal, SiteRecord, SiteView};
+use tracing::{info, warn};
+
+/// Where sites post their reports.
+pub const REPORT_PATH: &str = "/_lanup/report";
+/// The fleet view as JSON.
+pub const FLEET_JSON_PATH: &str = "/_lanup/fleet.json";
+/// The fleet view as a page.
+pub const FLEET_PAGE_PATH: &str = "/_lanup/fleet";
+/// The history file's size at which it is rotated.
+pub const HISTORY_MAX_BYTES: u64 = 16 << 20;
+/// Reports one address may post per minute (a site posts a few an hour;
+/// a burst of [`REPORTS_BURST`] covers a rollout's changes).
+const REPORTS_PER_MINUTE: u32 = 30;
+const REPORTS_BURST: u32 = 20;
+
+/// Why a report was not taken, as the HTTP answer says it.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// Headquarters' reports: the fleet in memory, its folder on disk.
+pub struct Reports {
+    dir: PathBuf,
+    fleet: Mutex<Fleet>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    stale_after: Duration,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Reports {
+    /// Opens (creating) the reports folder and reads the sites kept there.
+    pub fn open(dir: &Path, stale_after: Duration) -> Result<Reports> {
+        let sites = dir.join("sites");
+        std::fs::create_dir_all(&sites)
+            .with_context(|| format!("reports folder {}", sites.display()))?;
+        let fleet = load(dir)?;
+        info!(dir = %dir.display(), sites = fleet.sites.len(), "taking site reports");
+        let quota =
+            Quota::per_minute(NonZeroU32::new(REPORTS_PER_MINUTE).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(REPORTS_BURST).unwrap_or(NonZeroU32::MIN));
+        Ok(Reports {
+            dir: dir.to_path_buf(),
+            fleet: Mutex::new(fleet),
+            limiter: RateLimiter::keyed(quota),
+            stale_after,
+        })
+    }
+
+    /// Takes one posted report from `from`: rate limited per address,
+    /// checked, kept. Blocking (it writes files).
+    pub fn take(&self, body: &[u8], from: IpAddr) -> Result<String, Refused> {
+        if self.limiter.check_key(&from).is_err() {
+            return Err(Refused {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "{from} sent more than {REPORTS_PER_MINUTE} reports a minute; try again later"
+                ),
+            });
+        }
+        // Keys of addresses quiet for a while are dropped, so the limiter
+        // stays as small as the set of recent senders.
+        if self.limiter.len() > 10_000 {
+            self.limiter.retain_recent();
+        }
+        let now = now_ms();
+        let refused = |e: ReportRefusal| {
+            let status = match e {
+                ReportRefusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                ReportRefusal::BadSignature(_) | ReportRefusal::NotSender { .. } => {
+                    StatusCode::FORBIDDEN
+                }
+                ReportRefusal::Replayed(_) => StatusCode::CONFLICT,
+                ReportRefusal::TooManySites(_) => StatusCode::INSUFFICIENT_STORAGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            warn!(%from, reason = %e, "site report refused");
+            Refused {
+                status,
+                message: format!("report refused: {e}"),
+            }
+        };
+        let checked = report::check(body, now).map_err(refused)?;
+        let mut fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
+        let site = checked.site.clone();
+        let sender = checked.sender.clone();
+        let accepted = fleet.accept(checked, now).map_err(refused)?;
+        let record = fleet.sites.get(&site).cloned();
+        drop(fleet);
+        let kept = record
+            .ok_or_else(|| anyhow::anyhow!("site {site} vanished"))
+            .and_then(|r| self.keep(&r, body, now, &accepted.new_nodes));
+        if let Err(e) = kept {
+            // Taken in memory; the file catches up with the next report.
+            warn!(%site, error = %format!("{e:#}"), "cannot write the site's report to the reports folder");
+        }
+        if accepted.new_site || accepted.new_sender || !accepted.new_nodes.is_empty() {
+            info!(%site, %sender, new_site = accepted.new_site, new_sender = accepted.new_sender,
+                new_nodes = accepted.new_nodes.len(), "site report from a node not heard before");
+        }
+        Ok(format!("taken: site {site}\n"))
+    }
+
+    fn keep(&self, record: &SiteRecord, body: &[u8], now: u64, new_nodes: &[String]) -> Result<()> {
+        let sites = self.dir.join("sites");
+        let mut tmp = tempfile::NamedTempFile::new_in(&sites)?;
+        serde_json::to_writer(&mut tmp, record)?;
+        tmp.as_file().sync_data()?;
+        tmp.persist(sites.join(format!("{}.json", record.report.site)))?;
+        let history = self.dir.join("history.jsonl");
+        if std::fs::metadata(&history).is_ok_and(|m| m.len() >= HISTORY_MAX_BYTES) {
+            std::fs::rename(&history, self.dir.join("history.1.jsonl"))?;
+        }
+        let signed: serde_json::Value = serde_json::from_slice(body)?;
+        let line = serde_json::json!({
+            "received_ms": now,
+            "site": record.report.site,
+            "sender": record.report.sender,
+            "new_nodes": new_nodes,
+            "signed": signed,
+        });
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&history)?;
+        writeln!(file, "{line}")?;
+        Ok(())
+    }
+
+    /// Every site as headquarters shows it now.
+    pub fn view(&self) -> Vec<SiteView> {
+        let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
+        fleet.view(now_ms(), self.stale_after.as_millis() as u64)
+    }
+
+    /// The fleet view as `/_lanup/fleet.json` serves it.
+    pub fn view_json(&self) -> serde_json::Value {
+        fleet_json(&self.view())
+    }
+}
+
+/// Reads the sites kept in a reports folder. A site file that cannot be
+/// read is named and skipped: its site shows again with its next report.
+pub fn load(dir: &Path) -> Result<Fleet> {
+    let sites = dir.join("sites");
+    let mut fleet = Fleet::default();
+    for entry in std::fs::read_dir(&sites)
+        .with_context(|| format!("cannot read the reports folder {}", sites.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let read = std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| serde_json::from_slice::<SiteRecord>(&b).map_err(Into::into));
+        match read {
+            Ok(r) => {
+                fleet.sites.insert(r.report.site.clone(), r);
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "skipping a site file that cannot be read")
+            }
+        }
+    }
+    Ok(fleet)
+}
+
+/// The fleet view's JSON: every site, and the fleet rollout when one runs.
+pub fn fleet_json(sites: &[SiteView]) -> serde_json::Value {
+    serde_json::json!({
+        "sites": sites,
+        "stale": sites.iter().filter(|s| s.stale).count(),
+    })
+}
+
+/// The fleet page: one row per site, refreshed by itself every 10 s; no
+/// script, no external assets.
+pub fn fleet_page(sites: &[SiteView]) -> String {
+    let mut rows = String::new();
+    for s in sites {
+        let versions = s
+            .versions
+            .iter()
+            .map(|(v, n)| format!("{} × {n}", esc(v)))
+            .collect::<Vec<_>>()
+            .join("<br>");
+        let failed = s
+            .failed
+            .iter()
+            .map(|f| {
+                format!(
+                    "<b>{}</b>{}: {}",
+                    esc(short(&f.node)),
+                    f.version
+                        .as_ref()
+                        .map(|v| format!(" ({})", esc(v)))
+                        .unwrap_or_default(),
+                    esc(&f.error)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("<br>");
+        let rollout = s
+            .rollout
+            .as_ref()
+            .map(|r| format!("{} {}: {}", esc(&r.action), esc(&r.version), esc(&r.stage)))
+            .unwrap_or_default();
+        let new = if s.new_nodes.is_empty() {
+            String::new()
+        } else {
+            format!(" <span class=new>{} new</span>", s.new_nodes.len())
+        };
+        rows.push_str(&format!(
+            "<tr class=\"{}\"><td>{}</td><td>{}{new}</td><td>{versions}</td><td class=failed>{failed}</td><td>{rollout}</td><td>{}{}</td></tr>\n",
+            if s.stale { "stale" } else if s.failed.is_empty() { "ok" } else { "bad" },
+            esc(&s.site),
+            s.nodes,
+            age(s.last_report_s),
+            if s.stale { " <b>stale</b>" } else { "" },
+        ));
+    }
+    let failed_sites = sites.iter().filter(|s| !s.failed.is_empty()).count();
+    let stale = sites.iter().filter(|s| s.stale).count();
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="10">
+<title>lanup fleet</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222 }}
+table {{ border-collapse: collapse; width: 100% }}
+th, td {{ text-align: left; padding: .35em .7em; border-bottom: 1px solid #ddd; vertical-align: top }}
+th {{ background: #f3f3f3 }}
+tr.bad td:first-child {{ border-left: 4px solid #c0392b }}
+tr.stale td:first-child {{ border-left: 4px solid #e67e22 }}
+tr.ok td:first-child {{ border-left: 4px solid #27ae60 }}
+td.failed {{ color: #c0392b }}
+.new {{ color: #2471a3; font-size: 90% }}
+</style></head><body>
+<h1>lanup fleet</h1>
+<p>{} sites, {} with failed nodes, {} stale. This page refreshes itself every 10 s.</p>
+<table>
+<tr><th>site</th><th>nodes</th><th>installed</th><th>failed</th><th>site rollout</th><th>last report</th></tr>
+{rows}</table>
+</body></html>
+"#,
+        sites.len(),
+        failed_sites,
+        stale
+    )
+}
+
+fn short(peer: &str) -> &str {
+    peer.get(peer.len().saturating_sub(8)..).unwrap_or(peer)
+}
+
+fn age(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s} s ago"),
+        120..=7199 => format!("{} min ago", s / 60),
+        _ => format!("{} h ago", s / 3600),
+    }
+}
+
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lanup_protocol::report::{sign, NodeState, Report};
+    use lanup_protocol::sign::SecretKey;
+
+    fn body(key: &SecretKey, site: &str, at: u64, error: Option<&str>) -> Vec<u8> {
+        let r = Report {
+            site: site.into(),
+            sender: key.public().peer_id(),
+            sent_at_ms: at,
+            nodes: vec![NodeState {
+                id: key.public().peer_id(),
+                lanup: None,
+                installed: Some("1.0".into()),
+                staged: None,
+                state: "installed".into(),
+                error: error.map(str::to_owned),
+                failed: None,
+            }],
+            rollout: None,
+        };
+        serde_json::to_vec(&sign(&r, key)).expect("json")
+    }
+
+    #[test]
+    fn reports_are_kept_across_restarts_with_a_history_and_a_rate_limit() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let key = SecretKey::generate();
+        let from: IpAddr = "192.0.2.7".parse()?;
+        let reports = Reports::open(dir.path(), Duration::from_secs(60))?;
+        let t = now_ms();
+        reports
+            .take(&body(&key, "a", t, Some("<script>")), from)
+            .map_err(|r| anyhow::anyhow!(r.message))?;
+        let replay = reports
+            .take(&body(&key, "a", t, None), from)
+            .expect_err("replay");
+        assert_eq!(replay.status, StatusCode::CONFLICT);
+        drop(reports);
+
+        let reports = Reports::open(dir.path(), Duration::from_secs(60))?;
+        let view = reports.view();
+        assert_eq!(view.len(), 1);
+        assert_eq!(view[0].failed[0].error, "<script>");
+        assert!(fleet_page(&view).contains("&lt;script&gt;"));
+        // The replay is still known after the restart.
+        let again = reports
+            .take(&body(&key, "a", t, None), from)
+            .expect_err("replay after a restart");
+        assert_eq!(again.status, StatusCode::CONFLICT);
+        let history = std::fs::read_to_string(dir.path().join("history.jsonl"))?;
+        assert_eq!(history.lines().count(), 1);
+
+        // One address posting in a loop is held back; another is not.
+        let mut limited = 0;
+        for i in 1..=(REPORTS_BURST + 5) {
+            if let Err(r) = reports.take(&body(&key, "a", t + u64::from(i), None), from) {
+                assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.message);
+                limited += 1;
+            }
+        }
+        assert!(limited >= 5, "{limited} reports refused for their rate");
+        assert!(reports
+            .take(&body(&key, "b", t, None), "192.0.2.8".parse()?)
+            .is_ok());
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! The node's side of site reports: the site's fetcher posts a signed
+//! report of the site to headquarters (`report_to`) when what it says
+//! changes, and at least hourly.
+//!
+//! Reports go out from their own task with their own HTTP client, so a
+//! report that hangs or fails never holds up the node or a transfer. Each
+//! is sent a few seconds after the change it tells of (spread per node, so
+//! the sites of a fleet that change together do not post in one second), is
+//! signed afresh at each attempt, and a failed one is tried again with a
+//! growing pause; only the newest report is ever kept, so nothing queues
+//! while headquarters is away.
+
+use std::time::Duration;
+
+use lanup_protocol::report::{self, Report};
+use lanup_protocol::sign::SecretKey;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Longest pause between a change and its report.
+const CHANGE_DELAY: Duration = Duration::from_secs(5);
+/// How long one attempt may take (a few KB over a slow uplink).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pauses after failures: 10 s, doubling, at most 15 minutes.
+const RETRY_FIRST: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// The node's handle: what the site would report now, or nothing when it
+/// is not this node's job (it is not the site's fetcher).
+pub struct Reporter {
+    tx: watch::Sender<Option<Report>>,
+    said: watch::Receiver<Said>,
+}
+
+/// How the last attempt went, for `lanup status`.
+#[derive(Debug, Clone, Default)]
+pub struct Said {
+    pub sent_ms: Option<u64>,
+    pub reports_sent: u64,
+    pub bytes_sent: u64,
+    pub last_error: Option<String>,
+}
+
+impl Reporter {
+    /// Hands over what the site would report now. The send time is the
+    /// reporter's to set.
+    pub fn update(&self, report: Option<Report>) {
+        self.tx.send_if_modified(|current| {
+            let changed = match (&*current, &report) {
+                (Some(a), Some(b)) => !a.same_news(b),
+                (None, None) => false,
+                _ => true,
+            };
+            if changed {
+                *current = report;
+            }
+            changed
+        });
+    }
+
+    /// How sending has gone so far.
+    pub fn said(&self) -> Said {
+        self.said.borrow().clone()
+    }
+}
+
+/// The report path under a base URL, unless the URL names it already.
+pub fn report_url(base: &str) -> String {
+    if base.trim_end_matches('/').ends_with(crate::hq::REPORT_PATH) {
+        return base.to_owned();
+    }
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::hq::REPORT_PATH.trim_start_matches('/')
+    )
+}
+
+/// A reporter posting to `url` at least every `refresh`, signing with
+/// `key`, and its task.
+pub fn start(
+    url: String,
+    refresh: Duration,
+    key: SecretKey,
+) -> (Reporter, impl std::future::Future<Output = ()>) {
+    let (tx, rx) = watch::channel(None);
+    let (said_tx, said) = watch::channel(Said::default());
+    (Reporter { tx, said }, run(url, refresh, key, rx, said_tx))
+}
+
+/// A pause in `0..max`, spread by the node's key and `n`: different
+/// nodes (sites) pick different pauses, one node different ones each time.
+fn spread(key: &SecretKey, n: u64, max: Duration) -> Duration {
+    let mut h = blake3::Hasher::new();
+    h.update(&key.public().to_bytes());
+    h.update(&n.to_le_bytes());
+    let bytes = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&bytes.as_bytes()[..8]);
+    let max_ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(u64::from_le_bytes(first) % max_ms)
+}
+
+async fn run(
+    url: String,
+    refresh: Duration,
+    key: SecretKey,
+    mut rx: watch::Receiver<Option<Report>>,
+    said: watch::Sender<Said>,
+) {
+    let client = match reqwest::Client::builder().timeout(SEND_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "site reports are off: no HTTP client");
+            return std::future::pending().await;
+        }
+    };
+    // The report last taken by headquarters, and when the next is due
+    // without news.
+    let mut sent: Option<(Report, Instant)> = None;
+    let mut due: Option<Instant> = None;
+    let mut failures = 0u32;
+    let mut n = 0u64;
+    loop {
+        let current = rx.borrow_and_update().clone();
+        match &current {
+            None => due = None,
+            Some(r) => {
+                let news = sent.as_ref().is_none_or(|(s, _)| !s.same_news(r));
+                if news && due.is_none() {
+                    n += 1;
+                    due = Some(Instant::now() + spread(&key, n, CHANGE_DELAY));
+                } else if !news && due.is_none() {
+                    due = sent.as_ref().map(|(_, refresh_at)| *refresh_at);
+                }
+            }
+        }
+        let wait = due;
+        let sleep = async move {
+            match wait {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = sleep => {
+                let Some(mut r) = current else { continue };
+                r.sent_at_ms = crate::node::now_unix_ms();
+                let body = match serde_json::to_vec(&report::sign(&r, &key)) {
+                    Ok(b) => b,
+                    Err(_) => continue,
+                };
+                let size = body.len() as u64;
+                let outcome = match client.post(&url).header("content-type", "application/json").body(body).send().await {
+                    Ok(resp) if resp.status().is_success() => Ok(()),
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let text = resp.text().await.unwrap_or_default();
+                        Err(format!("{url} answered {status}: {}", text.trim()))
+                    }
+                    Err(e) => Err(format!("{url}: {e}")),
+                };
+                n += 1;
+                match outcome {
+                    Ok(()) => {
+                        if failures > 0 {
+                            info!(%url, after = failures, "site report sent again after failures");
+                        } else {
+                            debug!(%url, bytes = size, "site report sent");
+                        }
+                        failures = 0;
+                        let next = refresh - spread(&key, n, refresh / 10);
+                        sent = Some((r.clone(), Instant::now() + next));
+                        due = None;
+                        said.send_modify(|s| {
+                            s.sent_ms = Some(r.sent_at_ms);
+                            s.reports_sent += 1;
+                            s.bytes_sent += size;
+                            s.last_error = None;
+                        });
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let pause = RETRY_FIRST
+                            .saturating_mul(1 << (failures - 1).min(10))
+                            .min(RETRY_MAX);
+                        let pause = pause + spread(&key, n, pause / 4);
+                        if failures == 1 {
+                            warn!(error = %e, retry_in = ?pause, "cannot send the site report; trying again");
+                        } else {
+                            debug!(error = %e, failures, retry_in = ?pause, "site report still not sent");
+                        }
+                        due = Some(Instant::now() + pause);
+                        said.send_modify(|s| s.last_error = Some(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_urls_and_spread() {
+        assert_eq!(
+            report_url("http://hq:8080/"),
+            "http://hq:8080/_lanup/report"
+        );
+        assert_eq!(
+            report_url("http://hq:8080/_lanup/report"),
+            "http://hq:8080/_lanup/report"
+        );
+        let a = SecretKey::generate();
+        let b = SecretKey::generate();
+        let max = Duration::from_secs(5);
+        let pauses: Vec<Duration> = (0..50).map(|n| spread(&a, n, max)).collect();
+        assert!(pauses.iter().all(|p| *p < max));
+        assert!(pauses.windows(2).any(|w| w[0] != w[1]));
+        assert_ne!(spread(&a, 1, max), spread(&b, 1, max));
+    }
+}

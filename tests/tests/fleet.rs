@@ -1,0 +1,295 @@
+//! Headquarters: sites on loopback report to one `lanup origin --reports`,
+//! and `lanup fleet` shows them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::apply::{app_tree, own_status, KillUnder};
+use crate::common::*;
+use crate::swarm::LoopSite;
+
+/// `lanup origin --reports DIR` on loopback: releases and the fleet.
+pub(crate) struct Hq {
+    pub(crate) url: String,
+    pub(crate) reports: PathBuf,
+    _proc: Proc,
+}
+
+impl Hq {
+    pub(crate) fn start(www: &Path, reports: &Path, stale_after: &str) -> Hq {
+        let mut child = Proc(
+            lanup()
+                .arg("origin")
+                .arg("--dir")
+                .arg(www)
+                .arg("--reports")
+                .arg(reports)
+                .args(["--listen", "127.0.0.1:0", "--stale-after", stale_after])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("origin starts"),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("origin prints its address");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_owned();
+        Hq {
+            url,
+            reports: reports.to_owned(),
+            _proc: child,
+        }
+    }
+
+    /// `lanup fleet --reports URL --json`.
+    pub(crate) fn fleet(&self) -> serde_json::Value {
+        serde_json::from_str(&run_ok(&["fleet", "--reports", &self.url, "--json"]))
+            .expect("fleet JSON")
+    }
+
+    /// Waits until the fleet view satisfies `ok`; returns it.
+    pub(crate) fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.fleet();
+            if ok(&view) {
+                return view;
+            }
+            assert!(Instant::now() < deadline, "{what}: never seen in\n{view:#}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// The row of `site` in a fleet view.
+pub(crate) fn site<'a>(view: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    view["sites"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["site"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// A site's nodes, each with the sample application in an install
+/// directory of its own, reporting to headquarters every `interval`.
+pub(crate) struct ReportingSite {
+    pub(crate) nodes: LoopSite,
+    pub(crate) configs: Vec<PathBuf>,
+    _apps: Vec<KillUnder>,
+}
+
+impl ReportingSite {
+    pub(crate) fn new(
+        root: &Path,
+        name: &str,
+        n: usize,
+        admin: &str,
+        extra_config: &str,
+    ) -> ReportingSite {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut nodes = LoopSite::new(&dir, n);
+        nodes.site = name.to_owned();
+        let mut configs = Vec::new();
+        let mut apps = Vec::new();
+        for i in 0..n {
+            let install = dir.join(format!("install{i}"));
+            std::fs::create_dir_all(&install).expect("mkdir");
+            let config = dir.join(format!("node{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "trust_admin = [\"{admin}\"]\n{extra_config}[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"500ms\"\n",
+                    install.display()
+                ),
+            )
+            .expect("config");
+            configs.push(config);
+            apps.push(KillUnder(install));
+        }
+        ReportingSite {
+            nodes,
+            configs,
+            _apps: apps,
+        }
+    }
+
+    pub(crate) fn start(&mut self, origin: &str, publisher: &str, report_to: &str) {
+        for i in 0..self.configs.len() {
+            let mut cmd = self.nodes.command(i, Some(origin), publisher);
+            cmd.arg("--config").arg(&self.configs[i]).args([
+                "--report-to",
+                report_to,
+                "--report-interval",
+                "2s",
+            ]);
+            self.nodes.start(i, cmd);
+        }
+    }
+
+    pub(crate) fn peer_id(&self, i: usize) -> String {
+        own_status(&self.nodes.states[i])["peer_id"]
+            .as_str()
+            .expect("own peer id")
+            .to_owned()
+    }
+}
+
+#[test]
+fn three_sites_report_to_headquarters_which_shows_versions_failures_and_stale_sites() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let publisher = keygen(root, "publisher.key");
+    let admin = keygen(root, "admin.key");
+    let hq = Hq::start(&www, &root.join("reports"), "6s");
+    let v1 = root.join("v1");
+    app_tree(&v1, "1.0.0", None, &[]);
+    let r1 = publish(&v1, "1.0.0", &hq.url, &publisher, &www);
+
+    let mut sites: Vec<ReportingSite> = [("site-a", 3), ("site-b", 2), ("site-c", 2)]
+        .into_iter()
+        .map(|(name, n)| ReportingSite::new(root, name, n, &admin.1, ""))
+        .collect();
+    for site in &mut sites {
+        site.start(&hq.url, &publisher.1, &hq.url);
+    }
+    let states: Vec<&Path> = sites.iter().flat_map(|s| s.nodes.state_refs()).collect();
+    let pending = wait_staged(&states, "1.0.0", &r1, Duration::from_secs(60));
+    assert!(pending.is_empty(), "1.0.0 not staged on {pending:?}");
+    for state in &states {
+        run_ok(&["apply", "1.0.0", "--state", s(state)]);
+    }
+
+    // 2.0.0 exits at once: its apply on one node of site-c rolls back.
+    let v2 = root.join("v2");
+    app_tree(&v2, "2.0.0", Some("exit"), &[]);
+    let r2 = publish(&v2, "2.0.0", &hq.url, &publisher, &www);
+    let c0 = sites[2].nodes.states[0].clone();
+    run_ok(&["check", "--state", s(&c0)]);
+    let pending = wait_staged(&[c0.as_path()], "2.0.0", &r2, Duration::from_secs(60));
+    assert!(pending.is_empty(), "2.0.0 not staged at site-c");
+    let out = run(&["apply", "2.0.0", "--state", s(&c0)]);
+    assert_eq!(out.status.code(), Some(1), "the apply of 2.0.0 rolls back");
+    let failing = sites[2].peer_id(0);
+
+    let view = hq.wait(
+        "every site, 1.0.0 everywhere, site-c's failure",
+        Duration::from_secs(40),
+        |v| {
+            let a = site(v, "site-a");
+            let b = site(v, "site-b");
+            let c = site(v, "site-c");
+            a["versions"]["1.0.0"] == 3
+                && b["versions"]["1.0.0"] == 2
+                && c["versions"]["1.0.0"] == 2
+                && c["failed"][0]["node"] == failing.as_str()
+        },
+    );
+    assert_eq!(view["sites"].as_array().map(Vec::len), Some(3), "{view:#}");
+    let c = site(&view, "site-c");
+    assert_eq!(c["failed"][0]["version"], "2.0.0", "{view:#}");
+    let error = c["failed"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("2.0.0"), "the failure says why: {error}");
+    for (name, n) in [("site-a", 3), ("site-b", 2)] {
+        let row = site(&view, name);
+        assert_eq!(row["nodes"], n, "{view:#}");
+        assert_eq!(row["failed"], serde_json::json!([]), "{view:#}");
+        assert_eq!(row["stale"], false, "{view:#}");
+    }
+    // Each site's report came from one of its own nodes.
+    for (i, site_nodes) in sites.iter().enumerate() {
+        let ids: Vec<String> = (0..site_nodes.configs.len())
+            .map(|j| site_nodes.peer_id(j))
+            .collect();
+        let sender = site(&view, &site_nodes.nodes.site)["sender"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(ids.contains(&sender), "site {i}: {sender} not in {ids:?}");
+    }
+
+    // The same view from the folder, and as a table.
+    let from_dir: serde_json::Value =
+        serde_json::from_str(&run_ok(&["fleet", "--reports", s(&hq.reports), "--json"]))
+            .expect("JSON");
+    assert_eq!(
+        site(&from_dir, "site-c")["failed"][0]["node"],
+        failing.as_str()
+    );
+    let table = run_ok(&["fleet", "--reports", &hq.url]);
+    for name in ["site-a", "site-b", "site-c"] {
+        assert!(table.contains(name), "{table}");
+    }
+    assert!(
+        table.contains(&format!("failed: {failing} (2.0.0)")),
+        "{table}"
+    );
+
+    // site-b goes dark: it is flagged stale, the others are not.
+    for p in &mut sites[1].nodes.procs {
+        *p = None;
+    }
+    let view = hq.wait("site-b stale", Duration::from_secs(30), |v| {
+        site(v, "site-b")["stale"] == true
+    });
+    assert_eq!(site(&view, "site-a")["stale"], false, "{view:#}");
+    assert_eq!(site(&view, "site-c")["stale"], false, "{view:#}");
+    let table = run_ok(&["fleet", "--reports", &hq.url]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("site-b"))
+        .unwrap_or_default();
+    assert!(row.contains("STALE"), "{table}");
+}
+
+#[test]
+fn headquarters_refuses_forged_oversized_and_flooding_reports() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let hq = Hq::start(&www, &tmp.path().join("reports"), "1h");
+    let (_, someone) = keygen(tmp.path(), "someone.key");
+    let post = |body: Vec<u8>| {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{}_lanup/report", hq.url))
+            .body(body)
+            .send()
+            .expect("origin answers");
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    };
+    let forged = serde_json::json!({
+        "report": "{\"site\":\"x\",\"sender\":\"12D3KooW\",\"sent_at_ms\":1,\"nodes\":[]}",
+        "key": someone,
+        "signature": "00".repeat(64),
+    });
+    let (status, text) = post(forged.to_string().into_bytes());
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("signature"), "{text}");
+    let (status, text) = post(vec![b' '; 200 * 1024]);
+    assert_eq!(status, 413, "{text}");
+    let (status, text) = post(b"{}".to_vec());
+    assert_eq!(status, 400, "{text}");
+    // Nothing refused was kept.
+    assert_eq!(
+        hq.fleet()["sites"],
+        serde_json::json!([]),
+        "refused reports show no site"
+    );
+    assert!(!tmp.path().join("reports/history.jsonl").exists());
+    // A sender that floods is held back.
+    let codes: Vec<u16> = (0..40).map(|_| post(b"{}".to_vec()).0).collect();
+    assert!(codes.contains(&429), "{codes:?}");
+}
