@@ -252,6 +252,23 @@ struct RolloutArgs {
     /// nodes not there yet and why); the rollout itself goes on.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+    /// Roll out across the fleet from headquarters, site wave by site
+    /// wave: writes a signed fleet rollout beside the manifest in
+    /// --publish-dir, which each site's fetcher reads with its poll, and
+    /// opens the next site wave once every site before reports the
+    /// release installed (--reports). Run again, or with --wait, to go on.
+    #[arg(long, requires_all = ["publish_dir", "reports"])]
+    fleet: bool,
+    /// With --fleet: the release folder the origin serves.
+    #[arg(long, value_name = "DIR")]
+    publish_dir: Option<PathBuf>,
+    /// With --fleet: headquarters' origin URL or reports folder.
+    #[arg(long, value_name = "URL|DIR")]
+    reports: Option<String>,
+    /// With --fleet: site waves, named sites first, then cumulative shares
+    /// of the sites that report, e.g. lab-site,10%,100% [default: 100%].
+    #[arg(long, value_name = "WAVES")]
+    sites: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -556,6 +573,7 @@ pub(crate) fn issue(
         ),
         waves,
         nodes: if abort { Vec::new() } else { nodes },
+        fleet: None,
     };
     let signed = sign(&command, &key);
     let answer = node.ask(ControlRequest::Rollout { signed })?;
@@ -572,6 +590,20 @@ pub(crate) fn issue(
 fn rollout(args: RolloutArgs) -> Result<ExitCode> {
     use lanup_protocol::rollout::{parse_waves, Action};
     let waves = parse_waves(&args.waves).map_err(|e| anyhow::anyhow!("--waves: {e}"))?;
+    if let (true, Some(publish_dir), Some(reports)) = (args.fleet, &args.publish_dir, &args.reports)
+    {
+        return crate::fleet::rollout(crate::fleet::FleetRollout {
+            version: args.version.as_deref(),
+            key: &args.key,
+            publish_dir,
+            reports,
+            sites: args.sites.as_deref(),
+            node_waves: waves,
+            abort: args.abort,
+            wait: args.wait,
+            timeout: args.timeout,
+        });
+    }
     let action = match &args.version {
         Some(version) if !args.abort => Action::Rollout {
             version: version.clone(),

@@ -6,7 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use lanup_protocol::fleet::{
+    assign_site_waves, next_step, parse_site_waves, wave_progress, FleetFile, FleetState,
+    FleetStep, FLEET_FILE,
+};
 use lanup_protocol::report::SiteView;
+use lanup_protocol::rollout::{sign, Action, Command, SignedCommand, WaveSize};
+use lanup_protocol::sign::SecretKey;
 
 /// Arguments of `lanup fleet`.
 #[derive(Debug, clap::Args)]
@@ -47,7 +53,7 @@ pub(crate) fn fetch_view(reports: &str, stale_after: Duration) -> Result<serde_j
     }
     let fleet = lanup_node::hq::load(Path::new(reports))?;
     let sites = fleet.view(lanup_node::hq::now_ms(), stale_after.as_millis() as u64);
-    Ok(lanup_node::hq::fleet_json(&sites))
+    Ok(lanup_node::hq::fleet_json(&sites, None))
 }
 
 pub(crate) fn run(args: FleetArgs) -> Result<ExitCode> {
@@ -110,4 +116,316 @@ fn table(sites: &[SiteView]) -> String {
         sites.len()
     ));
     out
+}
+
+/// `lanup rollout VERSION --fleet …` at headquarters.
+pub(crate) struct FleetRollout<'a> {
+    pub(crate) version: Option<&'a str>,
+    pub(crate) key: &'a Path,
+    pub(crate) publish_dir: &'a Path,
+    pub(crate) reports: &'a str,
+    pub(crate) sites: Option<&'a str>,
+    pub(crate) node_waves: Vec<WaveSize>,
+    pub(crate) abort: bool,
+    pub(crate) wait: bool,
+    pub(crate) timeout: Duration,
+}
+
+/// How often a waiting fleet rollout reads the reports again.
+const FLEET_LOOK: Duration = Duration::from_secs(2);
+
+fn now_ms() -> u64 {
+    lanup_node::hq::now_ms()
+}
+
+/// One site's part: an ordinary rollout command for `site`, naming the
+/// fleet rollout, signed here.
+fn site_command(
+    key: &SecretKey,
+    site: &str,
+    action: Action,
+    node_waves: &[WaveSize],
+    nodes: Vec<String>,
+    fleet: &str,
+) -> SignedCommand {
+    let abort = action == Action::Abort;
+    sign(
+        &Command {
+            site: site.to_owned(),
+            action,
+            issued_at_ms: now_ms(),
+            id: hex::encode(&SecretKey::generate().public().to_bytes()[..16]),
+            waves: if abort {
+                Vec::new()
+            } else {
+                node_waves.to_vec()
+            },
+            nodes: if abort { Vec::new() } else { nodes },
+            fleet: Some(fleet.to_owned()),
+        },
+        key,
+    )
+}
+
+fn read_file(path: &Path) -> Result<Option<FleetFile>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("fleet rollout file {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Replaces the file at once (the origin serves it to sites as they poll).
+fn write_file(path: &Path, file: &FleetFile) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    serde_json::to_writer_pretty(&mut tmp, file)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn site_views(reports: &str) -> Result<Vec<SiteView>> {
+    let view = fetch_view(
+        reports,
+        Duration::from_millis(lanup_protocol::report::STALE_AFTER_MS),
+    )?;
+    serde_json::from_value(view["sites"].clone()).context("the fleet view's sites")
+}
+
+/// Starts, goes on with, or aborts the fleet rollout in `--publish-dir`.
+/// Each run opens every wave whose turn has come; with `--wait` it follows
+/// until the rollout is done (exit 0), halts (exit 1) or `--timeout`
+/// passes (exit 2; the rollout stays as it is, and a later run goes on).
+pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
+    let key = lanup_node::keys::load_secret(r.key)?;
+    let path = r.publish_dir.join(FLEET_FILE);
+    let existing = read_file(&path)?;
+    if r.abort {
+        let Some(mut file) = existing.filter(|f| f.state == FleetState::Running) else {
+            anyhow::bail!("no fleet rollout is running in {}", r.publish_dir.display());
+        };
+        let opened: Vec<String> = file
+            .waves
+            .iter()
+            .take(file.open)
+            .flatten()
+            .cloned()
+            .collect();
+        for site in &opened {
+            let abort = site_command(&key, site, Action::Abort, &[], Vec::new(), &file.id);
+            file.commands.insert(site.clone(), abort);
+        }
+        file.state = FleetState::Aborted {
+            by: key.public().to_string(),
+        };
+        file.updated_ms = now_ms();
+        write_file(&path, &file)?;
+        println!(
+            "fleet rollout {} of {} aborted: no further site begins; the {} sites begun are told to stop",
+            file.id,
+            file.version,
+            opened.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let version = r.version.context("a release to roll out is needed")?;
+    let mut file = match existing {
+        Some(f) if f.state == FleetState::Running && f.version == version => {
+            println!("going on with fleet rollout {} of {version}", f.id);
+            f
+        }
+        Some(f) if f.state == FleetState::Running => anyhow::bail!(
+            "fleet rollout {} of {} is running; abort it first (--abort)",
+            f.id,
+            f.version
+        ),
+        _ => new_rollout(&key, version, &r)?,
+    };
+    let deadline = std::time::Instant::now() + r.timeout;
+    let bars = Bars::new(r.wait, &file);
+    loop {
+        let views = site_views(r.reports)?;
+        bars.show(&file, &views);
+        match next_step(&file, &views) {
+            FleetStep::Open(n) => {
+                for site in &file.waves[n] {
+                    let nodes = views
+                        .iter()
+                        .find(|v| &v.site == site)
+                        .map(|v| v.node_ids.clone())
+                        .unwrap_or_default();
+                    let action = Action::Rollout {
+                        version: version.to_owned(),
+                    };
+                    let signed = site_command(&key, site, action, &r.node_waves, nodes, &file.id);
+                    file.commands.insert(site.clone(), signed);
+                }
+                file.open = n + 1;
+                file.updated_ms = now_ms();
+                write_file(&path, &file)?;
+                bars.say(&format!(
+                    "wave {} of {} open: {}",
+                    n + 1,
+                    file.waves.len(),
+                    file.waves[n].join(", ")
+                ));
+            }
+            FleetStep::Wait(n) => {
+                if !r.wait {
+                    println!(
+                        "wave {} of {} under way; run this again (or with --wait) to go on once its sites report {version} installed",
+                        n + 1,
+                        file.waves.len()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if std::time::Instant::now() > deadline {
+                    bars.say(&format!(
+                        "gave up waiting after {}; the fleet rollout stays at wave {} (run again to go on)",
+                        humantime::format_duration(r.timeout),
+                        n + 1
+                    ));
+                    return Ok(ExitCode::from(2));
+                }
+                std::thread::sleep(FLEET_LOOK);
+            }
+            FleetStep::Halt { site, reason } => {
+                file.state = FleetState::Halted {
+                    site: site.clone(),
+                    reason: reason.clone(),
+                };
+                file.updated_ms = now_ms();
+                write_file(&path, &file)?;
+                bars.finish();
+                eprintln!("fleet rollout of {version} halted by site {site}: {reason}; no further site begins");
+                return Ok(ExitCode::from(1));
+            }
+            FleetStep::Done => {
+                file.state = FleetState::Done;
+                file.updated_ms = now_ms();
+                write_file(&path, &file)?;
+                bars.finish();
+                println!(
+                    "fleet rollout of {version} done: every site of {} waves runs it",
+                    file.waves.len()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+}
+
+fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<FleetFile> {
+    let manifest = r.publish_dir.join(lanup_protocol::manifest::MANIFEST_FILE);
+    let offered = std::fs::read(&manifest)
+        .with_context(|| format!("--publish-dir: cannot read {}", manifest.display()))
+        .and_then(|b| lanup_protocol::Manifest::parse(&b).map_err(Into::into))
+        .with_context(|| format!("--publish-dir: {}", manifest.display()))?
+        .release_name();
+    if offered != version {
+        anyhow::bail!(
+            "--publish-dir {} offers {offered}, not {version}: publish {version} there first",
+            r.publish_dir.display()
+        );
+    }
+    let views = site_views(r.reports)?;
+    let names: Vec<String> = views.iter().map(|v| v.site.clone()).collect();
+    if names.is_empty() {
+        anyhow::bail!(
+            "--reports {}: no site has reported yet; a fleet rollout goes to the sites that report",
+            r.reports
+        );
+    }
+    let sites = r.sites.unwrap_or("100%");
+    let id = hex::encode(&SecretKey::generate().public().to_bytes()[..16]);
+    let waves = parse_site_waves(sites)
+        .and_then(|w| assign_site_waves(&id, &names, &w))
+        .map_err(|e| anyhow::anyhow!("--sites: {e}"))?;
+    println!(
+        "fleet rollout {id} of {version} over {} sites in {} waves (signed by {})",
+        names.len(),
+        waves.len(),
+        key.public()
+    );
+    for (i, w) in waves.iter().enumerate() {
+        println!("  {}: {}", i + 1, w.join(" "));
+    }
+    Ok(FleetFile {
+        id,
+        version: version.to_owned(),
+        key: key.public().to_string(),
+        started_ms: now_ms(),
+        updated_ms: now_ms(),
+        waves,
+        open: 0,
+        state: FleetState::Running,
+        commands: Default::default(),
+    })
+}
+
+/// One bar per site wave while following; plain lines otherwise.
+struct Bars {
+    multi: Option<indicatif::MultiProgress>,
+    bars: Vec<indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn new(wait: bool, file: &FleetFile) -> Bars {
+        if !wait {
+            return Bars {
+                multi: None,
+                bars: Vec::new(),
+            };
+        }
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} sites {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bars = file
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let bar = multi.add(indicatif::ProgressBar::new(w.len() as u64));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("wave {}", i + 1));
+                bar
+            })
+            .collect();
+        Bars {
+            multi: Some(multi),
+            bars,
+        }
+    }
+
+    fn show(&self, file: &FleetFile, views: &[SiteView]) {
+        for (i, (done, _)) in wave_progress(file, views).into_iter().enumerate() {
+            if let Some(bar) = self.bars.get(i) {
+                bar.set_position(done as u64);
+                bar.set_message(if i < file.open { "" } else { "(waiting)" });
+            }
+        }
+    }
+
+    fn say(&self, line: &str) {
+        match &self.multi {
+            Some(m) if !m.is_hidden() => {
+                let _ = m.println(line);
+            }
+            _ => println!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        for bar in &self.bars {
+            bar.abandon();
+        }
+    }
 }

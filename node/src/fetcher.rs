@@ -22,12 +22,13 @@ use lanup_protocol::{Hash, Manifest};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::fetch::{fetch_missing, FetchError, FetchReport, Origin};
-use crate::release::{ManifestSource, Poll};
+use crate::release::{http_get_bounded, Got, ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
+use lanup_protocol::fleet::FLEET_FILE;
 
 /// How long a download may go on without the node confirming (every
 /// heartbeat) that it is still the site's fetcher. A node frozen for
@@ -88,6 +89,9 @@ pub enum FetcherEvent {
     /// A download ended or was stopped: the store is the truth about what
     /// it stored.
     Ended,
+    /// The origin's fleet rollout file changed: its bytes (checked by the
+    /// node, command by command).
+    Fleet(Vec<u8>),
 }
 
 /// How the fetcher fares, as the node shows it.
@@ -174,6 +178,8 @@ pub struct Fetcher {
     store: ChunkStore,
     plan: OriginPlan,
     etag: Option<String>,
+    /// The fleet rollout file's ETag, as last read.
+    fleet_etag: Option<String>,
     duty: watch::Receiver<Duty>,
     check: mpsc::Receiver<()>,
     events: mpsc::Sender<FetcherEvent>,
@@ -201,7 +207,8 @@ pub struct Fetcher {
 }
 
 enum Outcome {
-    Poll(anyhow::Result<Poll>),
+    /// The manifest's poll, then the fleet rollout file's.
+    Poll(anyhow::Result<Poll>, anyhow::Result<Got>),
     Download {
         result: Result<FetchReport, FetchError>,
         /// Bytes of the chunks it stored, as counted while it ran.
@@ -236,6 +243,7 @@ impl Fetcher {
             store,
             plan: OriginPlan::new(poll_interval.as_millis() as u64),
             etag: None,
+            fleet_etag: None,
             duty,
             check,
             events: events_tx,
@@ -394,9 +402,17 @@ impl Fetcher {
         };
         let http = self.http.clone();
         let etag = self.etag.clone();
+        let fleet_etag = self.fleet_etag.clone();
         self.jobs.spawn(async move {
             let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
-            (epoch, Outcome::Poll(result))
+            // Beside the manifest, on the same connection: a few hundred
+            // bytes when it has not changed.
+            let fleet_url = match origin.rsplit_once('/') {
+                Some((base, _)) => format!("{base}/{FLEET_FILE}"),
+                None => format!("{origin}/{FLEET_FILE}"),
+            };
+            let fleet = http_get_bounded(&http, &fleet_url, fleet_etag.as_deref()).await;
+            (epoch, Outcome::Poll(result, fleet))
         });
     }
 
@@ -458,7 +474,18 @@ impl Fetcher {
     async fn finished(&mut self, epoch: u64, outcome: Outcome) {
         let now = self.now_ms();
         match outcome {
-            Outcome::Poll(result) => {
+            Outcome::Poll(result, fleet) => {
+                match fleet {
+                    Ok(Got::Body(bytes, etag)) => {
+                        self.fleet_etag = etag;
+                        self.tell(FetcherEvent::Fleet(bytes)).await;
+                    }
+                    Ok(Got::NotFound) => self.fleet_etag = None,
+                    Ok(Got::NotModified) => {}
+                    Err(e) => {
+                        debug!(error = %format!("{e:#}"), "cannot read the origin's fleet rollout file")
+                    }
+                }
                 let signature = |source: &ManifestSource| {
                     source
                         .signature

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use lanup_protocol::fleet::{wave_progress, FleetFile, FleetState, FLEET_FILE};
 use lanup_protocol::report::{self, Fleet, ReportRefusal, SiteRecord, SiteView};
 use tracing::{info, warn};
 
@@ -162,11 +163,6 @@ impl Reports {
         let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
         fleet.view(now_ms(), self.stale_after.as_millis() as u64)
     }
-
-    /// The fleet view as `/_lanup/fleet.json` serves it.
-    pub fn view_json(&self) -> serde_json::Value {
-        fleet_json(&self.view())
-    }
 }
 
 /// Reads the sites kept in a reports folder. A site file that cannot be
@@ -196,17 +192,79 @@ pub fn load(dir: &Path) -> Result<Fleet> {
     Ok(fleet)
 }
 
-/// The fleet view's JSON: every site, and the fleet rollout when one runs.
-pub fn fleet_json(sites: &[SiteView]) -> serde_json::Value {
+/// The fleet view's JSON: every site, and the fleet rollout when there is
+/// one.
+pub fn fleet_json(sites: &[SiteView], rollout: Option<&FleetFile>) -> serde_json::Value {
     serde_json::json!({
         "sites": sites,
         "stale": sites.iter().filter(|s| s.stale).count(),
+        "rollout": rollout.map(|f| rollout_json(f, sites)),
     })
 }
 
-/// The fleet page: one row per site, refreshed by itself every 10 s; no
-/// script, no external assets.
-pub fn fleet_page(sites: &[SiteView]) -> String {
+/// A fleet rollout's progress: its state and, per site wave, its sites and
+/// how many of them run the release.
+pub fn rollout_json(file: &FleetFile, sites: &[SiteView]) -> serde_json::Value {
+    let progress = wave_progress(file, sites);
+    let mut json = serde_json::json!({
+        "id": file.id,
+        "version": file.version,
+        "open": file.open,
+        "started_ms": file.started_ms,
+        "waves": file.waves.iter().zip(progress).enumerate().map(|(i, (w, (done, of)))| serde_json::json!({
+            "sites": w,
+            "installed": done,
+            "of": of,
+            "open": i < file.open,
+        })).collect::<Vec<_>>(),
+    });
+    // `state`, and with it the halting site and reason, or who aborted.
+    if let (Some(out), Ok(serde_json::Value::Object(state))) =
+        (json.as_object_mut(), serde_json::to_value(&file.state))
+    {
+        out.extend(state);
+    }
+    json
+}
+
+/// The fleet rollout file in the release folder `root`, if there is one
+/// that can be read.
+pub fn read_rollout(root: &Path) -> Option<FleetFile> {
+    let bytes = std::fs::read(root.join(FLEET_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The fleet page: the fleet rollout's waves, then one row per site,
+/// refreshed by itself every 10 s; no script, no external assets.
+pub fn fleet_page(sites: &[SiteView], rollout: Option<&FleetFile>) -> String {
+    let rollout_html = rollout.map_or_else(String::new, |f| {
+        let state = match &f.state {
+            FleetState::Running => "running".to_owned(),
+            FleetState::Done => "done".to_owned(),
+            FleetState::Halted { site, reason } => format!("halted by {site}: {reason}"),
+            FleetState::Aborted { by } => format!("aborted by {by}"),
+        };
+        let waves = f
+            .waves
+            .iter()
+            .zip(wave_progress(f, sites))
+            .enumerate()
+            .map(|(i, (w, (done, of)))| {
+                let pct = (done * 100).checked_div(of).unwrap_or(0);
+                format!(
+                    "<tr><td>wave {}</td><td><div class=bar><div style=\"width:{pct}%\"></div></div></td><td>{done}/{of} sites{}</td><td>{}</td></tr>",
+                    i + 1,
+                    if i < f.open { "" } else { " (waiting)" },
+                    esc(&w.join(", "))
+                )
+            })
+            .collect::<String>();
+        format!(
+            "<h2>Fleet rollout of {} <span class=state>{}</span></h2>\n<table class=waves>{waves}</table>\n",
+            esc(&f.version),
+            esc(&state)
+        )
+    });
     let mut rows = String::new();
     for s in sites {
         let versions = s
@@ -267,9 +325,14 @@ tr.stale td:first-child {{ border-left: 4px solid #e67e22 }}
 tr.ok td:first-child {{ border-left: 4px solid #27ae60 }}
 td.failed {{ color: #c0392b }}
 .new {{ color: #2471a3; font-size: 90% }}
+.bar {{ width: 16em; height: .9em; background: #eee; border-radius: 3px }}
+.bar div {{ height: 100%; background: #27ae60; border-radius: 3px }}
+table.waves {{ width: auto; margin-bottom: 1.5em }}
+.state {{ font-weight: normal; color: #555 }}
 </style></head><body>
 <h1>lanup fleet</h1>
 <p>{} sites, {} with failed nodes, {} stale. This page refreshes itself every 10 s.</p>
+{rollout_html}<h2>Sites</h2>
 <table>
 <tr><th>site</th><th>nodes</th><th>installed</th><th>failed</th><th>site rollout</th><th>last report</th></tr>
 {rows}</table>
@@ -353,7 +416,7 @@ mod tests {
         let view = reports.view();
         assert_eq!(view.len(), 1);
         assert_eq!(view[0].failed[0].error, "<script>");
-        assert!(fleet_page(&view).contains("&lt;script&gt;"));
+        assert!(fleet_page(&view, None).contains("&lt;script&gt;"));
         // The replay is still known after the restart.
         let again = reports
             .take(&body(&key, "a", t, None), from)

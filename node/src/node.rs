@@ -1070,6 +1070,7 @@ impl Node {
             // looked at (`Done::Held`), so it does not ask the origin
             // again for chunks whose notices were dropped.
             FetcherEvent::Ended => self.reconcile_store(),
+            FetcherEvent::Fleet(bytes) => self.on_fleet(&bytes),
         }
     }
 

@@ -184,9 +184,11 @@ async fn fleet_json(State(shared): State<Arc<Shared>>) -> Response {
     let Some(reports) = &shared.reports else {
         return no_reports();
     };
+    let sites = reports.view();
+    let rollout = hq::read_rollout(&shared.root);
     (
         [(header::CONTENT_TYPE, "application/json")],
-        reports.view_json().to_string(),
+        hq::fleet_json(&sites, rollout.as_ref()).to_string(),
     )
         .into_response()
 }
@@ -197,7 +199,7 @@ async fn fleet_page(State(shared): State<Arc<Shared>>) -> Response {
     };
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        hq::fleet_page(&reports.view()),
+        hq::fleet_page(&reports.view(), hq::read_rollout(&shared.root).as_ref()),
     )
         .into_response()
 }

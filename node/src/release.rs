@@ -341,7 +341,7 @@ pub enum Poll {
 }
 
 /// What one bounded GET returned.
-enum Got {
+pub(crate) enum Got {
     Body(Vec<u8>, Option<String>),
     NotModified,
     NotFound,
@@ -349,7 +349,11 @@ enum Got {
 
 /// GETs `url` (conditionally, given an ETag), refusing bodies over
 /// [`MAX_MANIFEST_BYTES`].
-async fn http_get_bounded(client: &reqwest::Client, url: &str, etag: Option<&str>) -> Result<Got> {
+pub(crate) async fn http_get_bounded(
+    client: &reqwest::Client,
+    url: &str,
+    etag: Option<&str>,
+) -> Result<Got> {
     let mut request = client.get(url);
     if let Some(etag) = etag {
         request = request.header(reqwest::header::IF_NONE_MATCH, etag);

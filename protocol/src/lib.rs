@@ -27,6 +27,7 @@
 pub mod chunk;
 pub mod election;
 pub mod fetcher;
+pub mod fleet;
 pub mod hash;
 pub mod journal;
 pub mod manifest;

@@ -296,6 +296,10 @@ pub struct FailedNode {
 pub struct SiteView {
     pub site: String,
     pub nodes: usize,
+    /// The nodes' PeerIds (a fleet rollout names them in each site's
+    /// command, for its node waves).
+    #[serde(default)]
+    pub node_ids: Vec<String>,
     /// Installed release → nodes running it (`none` for nodes with none).
     pub versions: BTreeMap<String, usize>,
     /// lanup version → nodes running it.
@@ -337,6 +341,7 @@ impl SiteView {
         SiteView {
             site: r.report.site.clone(),
             nodes: r.report.nodes.len(),
+            node_ids: r.report.nodes.iter().map(|n| n.id.clone()).collect(),
             versions,
             lanup_versions,
             failed,

@@ -99,6 +99,11 @@ pub struct Command {
     /// named here join the last wave.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// The fleet rollout this command is the site's part of (see
+    /// [`crate::fleet`]): it stays valid for [`CATCH_UP_MAX_AGE_MS`], so a
+    /// site offline when its wave opened catches up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
 }
 
 /// A command with its signature, as gossiped.
@@ -244,7 +249,7 @@ impl ReplayGuard {
     ) -> Result<Command, Refusal> {
         let command = authenticate(signed, trusted, site)?;
         let away = started_ms > command.issued_at_ms;
-        let max_age = if away {
+        let max_age = if away || command.fleet.is_some() {
             CATCH_UP_MAX_AGE_MS
         } else {
             MAX_AGE_MS
@@ -389,6 +394,7 @@ mod tests {
             id: id.into(),
             waves: parse_waves("1,25%,100%").expect("waves"),
             nodes: nodes(3),
+            fleet: None,
         }
     }
 

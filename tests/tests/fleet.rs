@@ -125,15 +125,22 @@ impl ReportingSite {
         }
     }
 
-    pub(crate) fn start(&mut self, origin: &str, publisher: &str, report_to: &str) {
+    /// Starts every node, reporting to `report_to` and polling the origin
+    /// every `poll`.
+    pub(crate) fn start(&mut self, origin: &str, publisher: &str, report_to: &str, poll: &str) {
         for i in 0..self.configs.len() {
-            let mut cmd = self.nodes.command(i, Some(origin), publisher);
-            cmd.arg("--config").arg(&self.configs[i]).args([
-                "--report-to",
-                report_to,
-                "--report-interval",
-                "2s",
-            ]);
+            let base = self.nodes.command(i, Some(origin), publisher);
+            let mut args: Vec<std::ffi::OsString> =
+                base.get_args().map(std::ffi::OsStr::to_owned).collect();
+            if let Some(at) = args.iter().position(|a| a == "--poll-interval") {
+                args[at + 1] = poll.into();
+            }
+            let mut cmd = lanup();
+            cmd.args(args)
+                .env("LANUP_LOG", "info")
+                .arg("--config")
+                .arg(&self.configs[i])
+                .args(["--report-to", report_to, "--report-interval", "2s"]);
             self.nodes.start(i, cmd);
         }
     }
@@ -164,7 +171,7 @@ fn three_sites_report_to_headquarters_which_shows_versions_failures_and_stale_si
         .map(|(name, n)| ReportingSite::new(root, name, n, &admin.1, ""))
         .collect();
     for site in &mut sites {
-        site.start(&hq.url, &publisher.1, &hq.url);
+        site.start(&hq.url, &publisher.1, &hq.url, "1h");
     }
     let states: Vec<&Path> = sites.iter().flat_map(|s| s.nodes.state_refs()).collect();
     let pending = wait_staged(&states, "1.0.0", &r1, Duration::from_secs(60));
@@ -292,4 +299,185 @@ fn headquarters_refuses_forged_oversized_and_flooding_reports() {
     // A sender that floods is held back.
     let codes: Vec<u16> = (0..40).map(|_| post(b"{}".to_vec()).0).collect();
     assert!(codes.contains(&429), "{codes:?}");
+}
+
+/// Three sites of two nodes reporting to headquarters, 1.0.0 installed and
+/// running everywhere, and 2.0.0 (behaving as `v2_behaviour` says)
+/// published and staged at every node. Sites poll every 2 s.
+struct FleetUnderTest {
+    hq: Hq,
+    sites: Vec<ReportingSite>,
+    www: PathBuf,
+    admin: (PathBuf, String),
+    _tmp: tempfile::TempDir,
+}
+
+impl FleetUnderTest {
+    fn new(v2_behaviour: Option<&str>) -> FleetUnderTest {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_owned();
+        let www = root.join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let publisher = keygen(&root, "publisher.key");
+        let admin = keygen(&root, "admin.key");
+        let hq = Hq::start(&www, &root.join("reports"), "1h");
+        let v1 = root.join("v1");
+        app_tree(&v1, "1.0.0", None, &[]);
+        let r1 = publish(&v1, "1.0.0", &hq.url, &publisher, &www);
+        let mut sites: Vec<ReportingSite> = ["site-a", "site-b", "site-c"]
+            .into_iter()
+            .map(|name| ReportingSite::new(&root, name, 2, &admin.1, ""))
+            .collect();
+        for site in &mut sites {
+            site.start(&hq.url, &publisher.1, &hq.url, "2s");
+        }
+        let states: Vec<&Path> = sites.iter().flat_map(|s| s.nodes.state_refs()).collect();
+        let pending = wait_staged(&states, "1.0.0", &r1, Duration::from_secs(60));
+        assert!(pending.is_empty(), "1.0.0 not staged on {pending:?}");
+        for state in &states {
+            run_ok(&["apply", "1.0.0", "--state", s(state)]);
+        }
+        let v2 = root.join("v2");
+        app_tree(&v2, "2.0.0", v2_behaviour, &[]);
+        let r2 = publish(&v2, "2.0.0", &hq.url, &publisher, &www);
+        let pending = wait_staged(&states, "2.0.0", &r2, Duration::from_secs(60));
+        assert!(pending.is_empty(), "2.0.0 not staged on {pending:?}");
+        hq.wait("every site on 1.0.0", Duration::from_secs(30), |v| {
+            ["site-a", "site-b", "site-c"]
+                .iter()
+                .all(|n| site(v, n)["versions"]["1.0.0"] == 2)
+        });
+        FleetUnderTest {
+            hq,
+            sites,
+            www,
+            admin,
+            _tmp: tmp,
+        }
+    }
+
+    /// `lanup rollout 2.0.0 --fleet --sites site-a,100% --wait` at
+    /// headquarters.
+    fn rollout(&self) -> std::process::Output {
+        run(&[
+            "rollout",
+            "2.0.0",
+            "--fleet",
+            "--key",
+            s(&self.admin.0),
+            "--publish-dir",
+            s(&self.www),
+            "--reports",
+            &self.hq.url,
+            "--sites",
+            "site-a,100%",
+            "--waves",
+            "1,100%",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+    }
+
+    /// The audit entries of node `i` of site `k` about 2.0.0 with `event`.
+    fn events(&self, k: usize, i: usize, event: &str) -> Vec<serde_json::Value> {
+        let out = run_ok(&[
+            "history",
+            "--state",
+            s(&self.sites[k].nodes.states[i]),
+            "--json",
+        ]);
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("history JSON"))
+            .filter(|e| e["event"] == event && e["version"] == "2.0.0")
+            .collect()
+    }
+}
+
+fn at_ms(e: &serde_json::Value) -> u64 {
+    e["at_ms"].as_u64().expect("at_ms")
+}
+
+#[test]
+fn a_fleet_rollout_installs_the_named_site_first_and_the_rest_only_once_it_is_healthy() {
+    let f = FleetUnderTest::new(None);
+    let out = f.rollout();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("fleet rollout of 2.0.0 done"), "{stdout}");
+    // site-a applied before any other site heard of the release's rollout.
+    let a_applied = (0..2)
+        .flat_map(|i| f.events(0, i, "applying"))
+        .map(|e| at_ms(&e))
+        .max()
+        .expect("site-a applied 2.0.0");
+    for k in 1..3 {
+        for i in 0..2 {
+            let accepted = f.events(k, i, "accepted");
+            let first = accepted
+                .iter()
+                .map(at_ms)
+                .min()
+                .unwrap_or_else(|| panic!("site {k} node {i} never took the rollout"));
+            assert!(
+                first > a_applied,
+                "site {k} node {i} took the rollout at {first}, before site-a applied at {a_applied}"
+            );
+        }
+    }
+    let view = f.hq.wait("2.0.0 everywhere", Duration::from_secs(20), |v| {
+        ["site-a", "site-b", "site-c"]
+            .iter()
+            .all(|n| site(v, n)["versions"]["2.0.0"] == 2)
+    });
+    assert_eq!(view["rollout"]["state"], "done", "{view:#}");
+    assert_eq!(
+        view["rollout"]["waves"][0]["sites"],
+        serde_json::json!(["site-a"])
+    );
+    // The page shows the sites and the fleet rollout.
+    let page = reqwest::blocking::get(format!("{}_lanup/fleet", f.hq.url))
+        .and_then(|r| r.text())
+        .expect("page");
+    for text in [
+        "site-a",
+        "site-b",
+        "site-c",
+        "Fleet rollout of 2.0.0",
+        "done",
+    ] {
+        assert!(page.contains(text), "{text} missing from the page:\n{page}");
+    }
+}
+
+#[test]
+fn a_release_that_fails_at_the_first_site_halts_the_fleet_and_no_other_site_begins() {
+    let f = FleetUnderTest::new(Some("exit"));
+    let out = f.rollout();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("halted by site site-a"), "{stderr}");
+    for k in 1..3 {
+        for i in 0..2 {
+            assert!(
+                f.events(k, i, "accepted").is_empty(),
+                "site {k} node {i} began a rollout of 2.0.0"
+            );
+            assert_eq!(
+                own_status(&f.sites[k].nodes.states[i])["installed_version"],
+                "1.0.0"
+            );
+        }
+    }
+    let view = f.hq.fleet();
+    assert_eq!(view["rollout"]["state"], "halted", "{view:#}");
+    assert_eq!(view["rollout"]["site"], "site-a", "{view:#}");
+    // Running it again does not go on: the fleet rollout stays halted.
+    let again = f.rollout();
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        !text.contains("wave 2 of 2 open"),
+        "a halted fleet rollout opened its next wave:\n{text}"
+    );
 }

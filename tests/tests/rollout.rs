@@ -40,6 +40,7 @@ fn command(site: &str, action: Action, id: &str) -> Command {
         id: id.into(),
         waves: Vec::new(),
         nodes: Vec::new(),
+        fleet: None,
     }
 }
 

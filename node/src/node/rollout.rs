@@ -269,6 +269,40 @@ impl Node {
         Ok(())
     }
 
+    /// The origin's fleet rollout file, as the fetcher read it: this
+    /// site's command in it, when there is one this node has not taken yet,
+    /// is checked and followed as one given on this node's CLI, and
+    /// gossiped to the site.
+    pub(super) fn on_fleet(&mut self, bytes: &[u8]) {
+        let file: lanup_protocol::fleet::FleetFile = match serde_json::from_slice(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "the origin's fleet rollout file cannot be read; ignored");
+                return;
+            }
+        };
+        let Some(signed) = file.commands.get(&self.config.site).cloned() else {
+            return;
+        };
+        let seen =
+            serde_json::from_str::<Command>(&signed.command).is_ok_and(|c| self.guard.seen(&c.id));
+        if seen {
+            return;
+        }
+        if self
+            .on_command("headquarters (fleet rollout)", signed.clone(), false)
+            .is_ok()
+        {
+            info!(fleet = %file.id, release = %file.version, "this site's wave of a fleet rollout opened");
+            if let Ok(data) = serde_json::to_vec(&signed) {
+                let (net, topic) = (self.net.clone(), self.rollout_topic.clone());
+                tokio::spawn(async move {
+                    let _ = net.publish(&topic, data).await;
+                });
+            }
+        }
+    }
+
     /// A command given on this node's CLI. A rollback is refused here,
     /// before it reaches the site, when this node no longer holds the
     /// release.
@@ -531,6 +565,7 @@ impl Node {
             "lanup": self.is_lanup_release(&r.version),
             "key": r.signed.key,
             "issued_at_ms": r.command.issued_at_ms,
+            "fleet": r.command.fleet,
             "waves": r.waves,
             "stage": stage,
             "halted_by": halted.as_ref().map(|(n, _)| n.clone()),
