@@ -362,6 +362,10 @@ struct NodeArgs {
     /// A site report is sent at least this often, news or not [default: 1h].
     #[arg(long, value_name = "DURATION")]
     report_interval: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9184 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -401,6 +405,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     self_update_timeout: args.self_update_timeout,
                     report_to: args.report_to,
                     report_interval: args.report_interval,
+                    metrics_listen: args.metrics_listen,
                     app: None,
                 },
             )?;
@@ -1391,12 +1396,20 @@ async fn origin(
 ) -> Result<ExitCode> {
     let mut origin = Origin::bind(dir, listen, rate).await?;
     let addr = origin.local_addr()?;
-    println!("lanup origin: serving {} at http://{addr}/", dir.display());
+    let mut said = format!(
+        "lanup origin: serving {} at http://{addr}/\n",
+        dir.display()
+    );
     if let Some(reports) = reports {
         origin = origin.with_reports(reports);
-        println!("lanup origin: taking site reports; the fleet at http://{addr}/_lanup/fleet");
+        said.push_str(&format!(
+            "lanup origin: taking site reports; the fleet at http://{addr}/_lanup/fleet\n"
+        ));
     }
-    std::io::stdout().flush()?;
+    // Said once, and never a reason to stop: whoever started the origin
+    // may have stopped reading after the address.
+    let mut out = std::io::stdout();
+    let _ = out.write_all(said.as_bytes()).and_then(|()| out.flush());
     origin.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

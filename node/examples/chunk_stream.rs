@@ -74,6 +74,7 @@ async fn main() -> Result<()> {
         server_store,
         Throttle::default(),
         damaged,
+        lanup_node::metrics::Metrics::new(),
     ));
     let mut addr = None;
     for _ in 0..100 {

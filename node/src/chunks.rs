@@ -179,6 +179,7 @@ pub async fn serve(
     store: ChunkStore,
     lan: Throttle,
     damaged: mpsc::Sender<Hash>,
+    metrics: crate::metrics::Metrics,
 ) {
     let faulty = fault_corrupt_chunks();
     let slots = Arc::new(Semaphore::new(MAX_SERVING));
@@ -189,9 +190,15 @@ pub async fn serve(
         let store = store.clone();
         let lan = lan.clone();
         let damaged = damaged.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &store, &lan, faulty, &damaged).await {
-                debug!(%peer, error = %format!("{e:#}"), "serving a chunk failed");
+            match serve_one(stream, &store, &lan, faulty, &damaged).await {
+                Ok(Some(bytes)) => {
+                    metrics.chunks_served.inc();
+                    metrics.bytes_served.inc_by(bytes);
+                }
+                Ok(None) => {}
+                Err(e) => debug!(%peer, error = %format!("{e:#}"), "serving a chunk failed"),
             }
             drop(slot);
         });
@@ -207,7 +214,7 @@ async fn serve_one(
     lan: &Throttle,
     faulty: Fault,
     damaged: &mpsc::Sender<Hash>,
-) -> Result<()> {
+) -> Result<Option<u64>> {
     let mut hash = [0u8; 32];
     tokio::time::timeout(CHUNK_STALL, stream.read_exact(&mut hash))
         .await
@@ -217,12 +224,13 @@ async fn serve_one(
         // The lying peer of the tests: it offered the chunk, took the
         // request, and never answers.
         tokio::time::sleep(Duration::from_secs(3600)).await;
-        return Ok(());
+        return Ok(None);
     }
     let data = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.get_verified(&hash)).await?
     };
+    let mut sent = None;
     match data {
         Ok(mut data) if data.len() <= MAX_CHUNK => {
             if faulty == Fault::Corrupt {
@@ -236,6 +244,7 @@ async fn serve_one(
                 lan.take(block.len()).await;
                 write(&mut stream, block).await?;
             }
+            sent = Some(data.len() as u64);
         }
         Ok(_) => write(&mut stream, &[1]).await?,
         // Damaged (and now removed) or gone: the node offered it, so it
@@ -248,7 +257,7 @@ async fn serve_one(
     tokio::time::timeout(CHUNK_STALL, stream.close())
         .await
         .context("the asker stopped reading")??;
-    Ok(())
+    Ok(sent)
 }
 
 /// Writes `bytes`, giving up when the asker reads nothing for

@@ -51,6 +51,8 @@ pub struct ConfigFile {
     pub report_to: Option<String>,
     /// A report is sent at least this often, news or not (default 1h).
     pub report_interval: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    pub metrics_listen: Option<String>,
     /// The application this node installs and restarts.
     pub app: Option<AppFile>,
 }
@@ -135,6 +137,8 @@ pub struct NodeConfig {
     /// under headquarters' origin URL).
     pub report_to: Option<String>,
     pub report_interval: Duration,
+    /// Where the node serves its Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<String>,
     pub app: Option<AppConfig>,
 }
 
@@ -177,6 +181,7 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         self_update_timeout: flags.self_update_timeout.or(file.self_update_timeout),
         report_to: flags.report_to.or(file.report_to),
         report_interval: flags.report_interval.or(file.report_interval),
+        metrics_listen: flags.metrics_listen.or(file.metrics_listen),
         app: flags.app.or(file.app),
     }
 }
@@ -333,6 +338,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
                 format!("report_interval {v:?}: expected a duration like 1h or 30m")
             })?,
         },
+        metrics_listen: c.metrics_listen,
         app: c.app.map(resolve_app).transpose()?,
     })
 }

@@ -18,6 +18,7 @@ pub mod fetcher;
 pub mod hq;
 pub mod keys;
 pub mod logfile;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod origin;

@@ -46,7 +46,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::apply::{Applier, Ending, Event, Outcome, Release};
 use crate::audit::{Audit, Entry};
@@ -238,6 +238,8 @@ enum Done {
 }
 
 struct Node {
+    /// What the node shows Prometheus.
+    metrics: crate::metrics::Metrics,
     /// Posts the site's reports to headquarters, while this node is the
     /// site's fetcher.
     reporter: Option<crate::report::Reporter>,
@@ -436,6 +438,17 @@ pub async fn run(
     let store = ChunkStore::open(&config.state.join("chunks"))?;
     let incoming = net.streams().accept(CHUNK_PROTOCOL)?;
     let (damaged_tx, mut damaged) = mpsc::channel::<Hash>(64);
+    let metrics = crate::metrics::Metrics::new();
+    if let Some(listen) = config.metrics_listen.clone() {
+        // Bound before the node counts as started: a port in use is an
+        // error the operator sees at once.
+        let served = metrics.clone().serve(listen);
+        children.spawn(until(cancel.clone(), async move {
+            if let Err(e) = served.await {
+                error!(error = %format!("{e:#}"), "metrics endpoint stopped");
+            }
+        }));
+    }
     children.spawn(until(
         cancel.clone(),
         chunks::serve(
@@ -443,6 +456,7 @@ pub async fn run(
             store.clone(),
             Throttle::new(config.lan_rate),
             damaged_tx.clone(),
+            metrics.clone(),
         ),
     ));
 
@@ -482,6 +496,7 @@ pub async fn run(
     });
     let mut node = Node {
         reporter,
+        metrics,
         check: None,
         have_waiting: Vec::new(),
         leaving: None,
@@ -959,6 +974,7 @@ impl Node {
     async fn distrust(&mut self, peer: PeerId, why: &str) {
         let ban = Duration::from_millis(Limits::default().ban_ms);
         warn!(%peer, ban = %humantime::format_duration(ban), "peer {why}; disconnected and banned");
+        self.metrics.bans.inc();
         let _ = self.net.ban(peer, ban).await;
     }
 
@@ -985,10 +1001,14 @@ impl Node {
                 size: r.size,
                 hash: r.hash,
             };
+            let peer_bytes = self.metrics.peer_bytes.clone();
             tokio::spawn(async move {
                 let result = chunks::fetch(control, r.peer, chunk, store)
                     .await
-                    .map(|()| (r.peer, r.hash));
+                    .map(|()| {
+                        peer_bytes.inc_by(r.size);
+                        (r.peer, r.hash)
+                    });
                 let _ = tx.send(Done::Chunk(result)).await;
             });
         }
@@ -1276,6 +1296,7 @@ impl Node {
                         ..Entry::default_at(now_unix_ms())
                     });
                 }
+                self.metrics.applied(ending_name(&outcome.ending));
                 self.last_apply = Some(outcome);
                 // A release staged while this apply ran is next.
                 self.maybe_auto_apply();
@@ -1309,6 +1330,15 @@ async fn until(cancel: tokio_util::sync::CancellationToken, part: impl std::futu
     tokio::select! {
         () = cancel.cancelled() => {}
         _ = part => {}
+    }
+}
+
+/// How an apply ended, as status and metrics name it.
+fn ending_name(ending: &Ending) -> &'static str {
+    match ending {
+        Ending::Committed => "committed",
+        Ending::RolledBack => "rolled-back",
+        Ending::Failed => "failed",
     }
 }
 

@@ -449,6 +449,57 @@ fn a_fleet_rollout_installs_the_named_site_first_and_the_rest_only_once_it_is_he
     ] {
         assert!(page.contains(text), "{text} missing from the page:\n{page}");
     }
+    browse_fleet_page(&f.hq.url);
+}
+
+/// Loads the fleet page in headless Chromium (Debian's `chromium`): the
+/// DOM it renders has a row per site and the rollout's waves, and a
+/// screenshot of it is a real image. With `LANUP_FLEET_SCREENSHOT=FILE`
+/// the screenshot is kept there (docs/fleet.png is made so).
+fn browse_fleet_page(url: &str) {
+    let page = format!("{url}_lanup/fleet");
+    let chromium = |args: &[&str]| {
+        let out = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .args(args)
+            .arg(&page)
+            .output()
+            .expect("chromium runs (apt-get install chromium)");
+        assert!(
+            out.status.success(),
+            "chromium failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let dom = String::from_utf8(chromium(&["--dump-dom"])).expect("DOM text");
+    for site in ["site-a", "site-b", "site-c"] {
+        assert!(
+            dom.contains(&format!("<td>{site}</td>")),
+            "no row for {site} in the rendered page:\n{dom}"
+        );
+    }
+    assert!(dom.contains("wave 2"), "{dom}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shot = tmp.path().join("fleet.png");
+    chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1100,520",
+    ]);
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "not a real screenshot: {} bytes",
+        png.len()
+    );
+    if let Some(keep) = std::env::var_os("LANUP_FLEET_SCREENSHOT") {
+        std::fs::write(keep, &png).expect("keep the screenshot");
+    }
 }
 
 #[test]

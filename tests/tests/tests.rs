@@ -11,6 +11,7 @@ mod diskfull;
 mod faults;
 mod fleet;
 mod lan;
+mod metrics;
 mod origin;
 mod package;
 mod publish;

@@ -397,9 +397,25 @@ impl Node {
     /// Hands the reporter what the site would report now, while this
     /// node is the site's fetcher (one report per site), else nothing.
     pub(super) fn report_duties(&mut self) {
-        if self.reporter.is_none() {
+        let m = &self.metrics;
+        m.origin_total(
+            self.fetcher
+                .origin_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        m.peers.set(self.peers.len() as i64);
+        let staged = self
+            .target
+            .as_ref()
+            .filter(|t| t.staged)
+            .map(|t| t.manifest.release_name());
+        m.set_releases(self.installed_name().as_deref(), staged.as_deref());
+        let rollout = self.rollout_json();
+        m.set_rollout(rollout["stage"].as_str().zip(rollout["version"].as_str()));
+        let Some(reporter) = &self.reporter else {
             return;
-        }
+        };
+        m.reports_total(reporter.said().reports_sent);
         let mine = self.was_fetcher && self.fetcher() == Some(self.local);
         let report = mine.then(|| self.site_report());
         if let Some(r) = &self.reporter {
