@@ -34,6 +34,7 @@ use lanup_protocol::transfer::{Limits, Transfer};
 use lanup_protocol::Hash;
 use serde::{Deserialize, Serialize};
 
+pub mod fleet;
 pub mod scenario;
 
 /// Nanoseconds of simulated time.

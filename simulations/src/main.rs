@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use lanup_simulations::fleet::{simulate_fleet_rollout, FleetRolloutModel};
 use lanup_simulations::scenario::ScenarioFile;
 use lanup_simulations::{simulate_fleet, Report};
 
@@ -55,6 +56,21 @@ struct Args {
     /// the bound and the naive case, as SVG.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Simulate a fleet rollout from headquarters over the scenario's sites
+    /// instead: site waves as `lanup rollout --fleet --sites` takes them,
+    /// with sites named site-0000 … (site-0000,10%,100%).
+    #[arg(long, value_name = "WAVES")]
+    fleet_rollout: Option<String>,
+    /// With --fleet-rollout: node waves within each site.
+    #[arg(long, value_name = "SIZES", default_value = "1,25%,100%")]
+    node_waves: String,
+    /// With --fleet-rollout: each site's poll interval.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    poll_interval: std::time::Duration,
+    /// With --fleet-rollout: one node's apply (stop, swap, start, health
+    /// check).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    apply_time: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +108,48 @@ fn run(args: Args) -> Result<()> {
             Some(p) => format!("scenario {}", p.display()),
             None => "flags".to_owned(),
         })?;
+    if let Some(waves) = &args.fleet_rollout {
+        let model = FleetRolloutModel {
+            sites: fleet.sites,
+            nodes_per_site: fleet.site.nodes,
+            site_waves: waves.clone(),
+            node_waves: lanup_protocol::rollout::parse_waves(&args.node_waves)
+                .map_err(|e| anyhow::anyhow!("--node-waves: {e}"))?,
+            poll_interval_ms: args.poll_interval.as_millis() as u64,
+            wan_rtt_ms: fleet.site.wan_rtt / 1_000_000,
+            apply_ms: args.apply_time.as_millis() as u64,
+        };
+        let r = simulate_fleet_rollout(&model, fleet.seed).map_err(|e| anyhow::anyhow!(e))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "fleet rollout {waves} over {} sites × {} nodes (node waves {}, polls every {}, apply {})",
+            model.sites,
+            model.nodes_per_site,
+            args.node_waves,
+            humantime::format_duration(args.poll_interval),
+            humantime::format_duration(args.apply_time)
+        );
+        for (i, w) in r.waves.iter().enumerate() {
+            println!(
+                "  wave {}: {} sites, opened at {:.1} s, seen installed at {:.1} s ({:.1} s)",
+                i + 1,
+                w.sites,
+                w.opened_s,
+                w.installed_s,
+                w.installed_s - w.opened_s
+            );
+        }
+        println!(
+            "every site installed, as headquarters sees it: {:.1} s ({:.1} min); the last install seen {:.1} s after it happened",
+            r.total_s,
+            r.total_s / 60.0,
+            r.last_seen_after_s
+        );
+        return Ok(());
+    }
     let report = simulate_fleet(&fleet.site, fleet.sites, fleet.seed);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
