@@ -565,4 +565,38 @@ mod tests {
             .check_arrival(&fresh, &trusted, "s", now, now - 7_200_000)
             .is_ok());
     }
+
+    #[test]
+    fn a_sites_part_of_a_fleet_rollout_is_taken_for_a_day_and_once() {
+        let admin = SecretKey::generate();
+        let trusted = vec![admin.public()];
+        let now = 1_800_000_000_000;
+        let up_since = now - 10 * 3_600_000;
+        let mut guard = ReplayGuard::default();
+        // The site was offline (its uplink down, its nodes up) when its
+        // wave opened five hours ago: it catches up when it next polls.
+        let mut c = command("s", now - 5 * 3_600_000, "fleet-part");
+        c.fleet = Some("f1".into());
+        let part = sign(&c, &admin);
+        assert!(guard
+            .check_arrival(&part, &trusted, "s", now, up_since)
+            .is_ok());
+        assert!(matches!(
+            guard.check_arrival(&part, &trusted, "s", now, up_since),
+            Err(Refusal::Replayed(_))
+        ));
+        // Not after a day.
+        let mut c = command("s", now - CATCH_UP_MAX_AGE_MS - 1, "fleet-old");
+        c.fleet = Some("f1".into());
+        assert!(matches!(
+            guard.check_arrival(&sign(&c, &admin), &trusted, "s", now, up_since),
+            Err(Refusal::Stale(..))
+        ));
+        // The same command without the fleet mark is stale after 10 min.
+        let plain = sign(&command("s", now - 5 * 3_600_000, "plain"), &admin);
+        assert!(matches!(
+            guard.check_arrival(&plain, &trusted, "s", now, up_since),
+            Err(Refusal::Stale(..))
+        ));
+    }
 }

@@ -107,6 +107,16 @@ r0=$(taken) b0=$(bytes)
 release 2.0
 for i in 0 1 2; do until [ -d "$work/node$i/staging/2.0" ]; do sleep 0.2; done; done
 ip netns exec "$id-n" "$LANUP" rollout 2.0 --key "$work/admin.key" --state "$work/node0" --waves 1,100% --wait > /dev/null
+# How long after the last node committed headquarters' view shows it (the
+# fleet view asked over the origin's own loopback, not the veth).
+until ip netns exec "$id-o" "$LANUP" fleet --reports http://127.0.0.1:8081/ --json |
+  python3 -c 'import json,sys; v=json.load(sys.stdin); sys.exit(0 if v["sites"][0]["versions"].get("2.0") == 3 else 1)'; do
+  sleep 0.1
+done
+seen=$(date +%s.%N)
+last=$(grep -h "committed 2.0" "$work"/node*.log | sort | tail -1)
+committed=$(date -d "${last%% *}" +%s.%N)
+echo "rollout: headquarters showed every node on 2.0 $(echo "$seen - $committed" | bc) s after the last node committed"
 sleep 12
 r1=$(taken) b1=$(bytes)
 echo "rollout: publish to every node installed + 12 s: $((r1 - r0)) reports, $((b1 - b0)) bytes on the link"

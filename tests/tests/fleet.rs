@@ -307,6 +307,7 @@ fn headquarters_refuses_forged_oversized_and_flooding_reports() {
 struct FleetUnderTest {
     hq: Hq,
     sites: Vec<ReportingSite>,
+    publisher: String,
     www: PathBuf,
     admin: (PathBuf, String),
     _tmp: tempfile::TempDir,
@@ -350,6 +351,7 @@ impl FleetUnderTest {
         FleetUnderTest {
             hq,
             sites,
+            publisher: publisher.1,
             www,
             admin,
             _tmp: tmp,
@@ -359,6 +361,11 @@ impl FleetUnderTest {
     /// `lanup rollout 2.0.0 --fleet --sites site-a,100% --wait` at
     /// headquarters.
     fn rollout(&self) -> std::process::Output {
+        self.rollout_for("120s")
+    }
+
+    /// The same, giving up following after `timeout`.
+    fn rollout_for(&self, timeout: &str) -> std::process::Output {
         run(&[
             "rollout",
             "2.0.0",
@@ -375,7 +382,7 @@ impl FleetUnderTest {
             "1,100%",
             "--wait",
             "--timeout",
-            "120s",
+            timeout,
         ])
     }
 
@@ -531,4 +538,41 @@ fn a_release_that_fails_at_the_first_site_halts_the_fleet_and_no_other_site_begi
         !text.contains("wave 2 of 2 open"),
         "a halted fleet rollout opened its next wave:\n{text}"
     );
+}
+
+#[test]
+fn a_site_offline_when_its_wave_opens_catches_up_and_the_fleet_rollout_goes_on() {
+    let mut f = FleetUnderTest::new(None);
+    // site-c goes dark (its nodes stop; its application keeps running).
+    for p in &mut f.sites[2].nodes.procs {
+        *p = None;
+    }
+    let out = f.rollout_for("25s");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the wave with site-c cannot finish while it is away:\n{stdout}"
+    );
+    assert!(stdout.contains("wave 2 of 2 open"), "{stdout}");
+    let view = f.hq.fleet();
+    assert_eq!(site(&view, "site-b")["versions"]["2.0.0"], 2, "{view:#}");
+    assert_eq!(site(&view, "site-c")["versions"]["1.0.0"], 2, "{view:#}");
+    // site-c comes back: its fetcher reads the fleet rollout with its first
+    // poll, and the site installs.
+    let (url, publisher) = (f.hq.url.clone(), f.publisher.clone());
+    f.sites[2].start(&url, &publisher, &url, "2s");
+    let out = f.rollout();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("going on with fleet rollout"), "{stdout}");
+    assert!(stdout.contains("fleet rollout of 2.0.0 done"), "{stdout}");
+    for i in 0..2 {
+        let accepted = f.events(2, i, "accepted");
+        assert_eq!(accepted.len(), 1, "site-c node {i}: {accepted:?}");
+        assert_eq!(
+            own_status(&f.sites[2].nodes.states[i])["installed_version"],
+            "2.0.0"
+        );
+    }
 }
