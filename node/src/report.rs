@@ -119,19 +119,33 @@ async fn run(
     // The report last taken by headquarters, and when the next is due
     // without news.
     let mut sent: Option<(Report, Instant)> = None;
+    // When the next attempt is due, and whether it is for news (a change,
+    // or a retry) rather than the periodic refresh.
     let mut due: Option<Instant> = None;
+    let mut for_news = false;
     let mut failures = 0u32;
     let mut n = 0u64;
     loop {
         let current = rx.borrow_and_update().clone();
         match &current {
-            None => due = None,
+            None => {
+                due = None;
+                for_news = false;
+            }
             Some(r) => {
                 let news = sent.as_ref().is_none_or(|(s, _)| !s.same_news(r));
-                if news && due.is_none() {
+                if news && !for_news {
+                    // Sooner than the refresh that may be due.
                     n += 1;
-                    due = Some(Instant::now() + spread(&key, n, CHANGE_DELAY));
-                } else if !news && due.is_none() {
+                    let at = Instant::now() + spread(&key, n, CHANGE_DELAY);
+                    due = Some(due.map_or(at, |d| d.min(at)));
+                    for_news = true;
+                } else if !news && for_news && failures == 0 {
+                    // The change was undone before it was told.
+                    for_news = false;
+                    due = None;
+                }
+                if due.is_none() {
                     due = sent.as_ref().map(|(_, refresh_at)| *refresh_at);
                 }
             }
@@ -178,6 +192,7 @@ async fn run(
                         let next = refresh - spread(&key, n, refresh / 10);
                         sent = Some((r.clone(), Instant::now() + next));
                         due = None;
+                        for_news = false;
                         said.send_modify(|s| {
                             s.sent_ms = Some(r.sent_at_ms);
                             s.reports_sent += 1;
@@ -197,6 +212,7 @@ async fn run(
                             debug!(error = %e, failures, retry_in = ?pause, "site report still not sent");
                         }
                         due = Some(Instant::now() + pause);
+                        for_news = true;
                         said.send_modify(|s| s.last_error = Some(e));
                     }
                 }
@@ -208,6 +224,74 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lanup_protocol::report::NodeState;
+    use std::sync::{Arc, Mutex};
+
+    fn site(state: &str) -> Report {
+        Report {
+            site: "s".into(),
+            sender: "x".into(),
+            sent_at_ms: 0,
+            nodes: vec![NodeState {
+                id: "x".into(),
+                lanup: None,
+                installed: None,
+                staged: None,
+                state: state.into(),
+                error: None,
+                failed: None,
+            }],
+            rollout: None,
+        }
+    }
+
+    /// Every change is told within the change delay, whether or not the
+    /// hourly refresh is already scheduled; an unchanged site is not told
+    /// again before the refresh.
+    #[tokio::test]
+    async fn each_change_is_reported_within_seconds_and_nothing_else() -> anyhow::Result<()> {
+        let posts: Arc<Mutex<Vec<Report>>> = Arc::default();
+        let kept = posts.clone();
+        let app = axum::Router::new().route(
+            crate::hq::REPORT_PATH,
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    if let Ok(signed) = serde_json::from_slice::<report::SignedReport>(&body) {
+                        if let Ok(r) = serde_json::from_str::<Report>(&signed.report) {
+                            kept.lock().expect("lock").push(r);
+                        }
+                    }
+                    "taken"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = report_url(&format!("http://{}/", listener.local_addr()?));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (reporter, task) = start(url, Duration::from_secs(3600), SecretKey::generate());
+        tokio::spawn(task);
+        let told = |n: usize| {
+            let posts = posts.clone();
+            async move {
+                let deadline = Instant::now() + CHANGE_DELAY + Duration::from_secs(3);
+                while posts.lock().expect("lock").len() < n && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                posts.lock().expect("lock").clone()
+            }
+        };
+        reporter.update(Some(site("fetching")));
+        assert_eq!(told(1).await.len(), 1);
+        reporter.update(Some(site("staged")));
+        let got = told(2).await;
+        assert_eq!(got.len(), 2, "the change was not told: {got:?}");
+        assert_eq!(got[1].nodes[0].state, "staged");
+        reporter.update(Some(site("staged")));
+        tokio::time::sleep(CHANGE_DELAY + Duration::from_secs(1)).await;
+        assert_eq!(posts.lock().expect("lock").len(), 2, "told twice");
+        Ok(())
+    }
 
     #[test]
     fn report_urls_and_spread() {

@@ -576,3 +576,51 @@ fn a_site_offline_when_its_wave_opens_catches_up_and_the_fleet_rollout_goes_on()
         );
     }
 }
+
+#[test]
+fn headquarters_that_never_answers_holds_up_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(2 * 1024 * 1024, 3));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    // Headquarters takes connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let hq = format!("http://{}/", silent.local_addr().expect("addr"));
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in silent.incoming().take(16) {
+            conns.push(c);
+        }
+    });
+    let mut site = LoopSite::new(tmp.path(), 3);
+    for i in 0..3 {
+        let mut cmd = site.command(i, Some(&origin.url), &release.public);
+        cmd.args(["--report-to", &hq, "--report-interval", "1s"]);
+        site.start(i, cmd);
+    }
+    let started = Instant::now();
+    let pending = wait_staged(&site.state_refs(), "1.0", &release, Duration::from_secs(30));
+    assert!(
+        pending.is_empty(),
+        "not staged while headquarters hangs: {pending:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "status",
+        "--state",
+        s(&site.states[0]),
+        "--json",
+    ]))
+    .expect("status JSON");
+    assert_eq!(
+        status["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+    eprintln!("staged in {:?} with headquarters silent", started.elapsed());
+    drop(site);
+    drop(held);
+}
