@@ -624,3 +624,56 @@ fn headquarters_that_never_answers_holds_up_nothing() {
     drop(site);
     drop(held);
 }
+
+#[test]
+fn an_aborted_fleet_rollout_opens_no_further_wave() {
+    let f = FleetUnderTest::new(None);
+    let fleet = |extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "--fleet",
+            "--key",
+            s(&f.admin.0),
+            "--publish-dir",
+            s(&f.www),
+            "--reports",
+            &f.hq.url,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // One run without --wait opens the first wave and returns.
+    let out = fleet(&["2.0.0", "--sites", "site-a,100%", "--waves", "1,100%"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("wave 1 of 2 open: site-a"), "{stdout}");
+    f.hq.wait("site-a began", Duration::from_secs(20), |v| {
+        site(v, "site-a")["rollout"]["version"] == "2.0.0"
+    });
+    let out = fleet(&["--abort"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("aborted"), "{stdout}");
+    // site-a got its abort with its next poll; a later run opens nothing.
+    let view =
+        f.hq.wait("site-a took the abort", Duration::from_secs(20), |v| {
+            let r = &site(v, "site-a")["rollout"];
+            r["stage"] == "done" || r["stage"] == "halted"
+        });
+    assert_eq!(view["rollout"]["state"], "aborted", "{view:#}");
+    let again = fleet(&["--abort"]);
+    assert_eq!(again.status.code(), Some(1), "nothing left to abort");
+    std::thread::sleep(Duration::from_secs(5));
+    for k in 1..3 {
+        for i in 0..2 {
+            assert!(
+                f.events(k, i, "accepted").is_empty(),
+                "site {k} node {i} began after the abort"
+            );
+        }
+    }
+    for i in 0..2 {
+        let accepted = f.events(0, i, "accepted");
+        assert!(!accepted.is_empty(), "site-a node {i} never heard of it");
+    }
+}
