@@ -61,7 +61,8 @@ requests() {
 b0=$(bytes) r0=$(requests)
 sleep "$seconds"
 b1=$(bytes) r1=$(requests)
-polls=$((r1 - r0))
+# Each poll asks for the manifest and for the fleet rollout file beside it.
+polls=$(((r1 - r0) / 2))
 per=$(( (b1 - b0) / polls ))
 echo "polling every $interval for $seconds s: $polls polls, $((b1 - b0)) bytes on the link, $per bytes per poll"
 for every in 60 300; do
