@@ -115,14 +115,20 @@ pub(crate) struct OriginProc {
 impl OriginProc {
     /// Starts `lanup origin --dir DIR` on a free loopback port.
     pub(crate) fn start(dir: &Path, rate: Option<&str>) -> OriginProc {
+        match rate {
+            Some(rate) => OriginProc::start_with(dir, &["--rate", rate]),
+            None => OriginProc::start_with(dir, &[]),
+        }
+    }
+
+    /// `lanup origin --dir DIR` on a free loopback port, with `args`.
+    pub(crate) fn start_with(dir: &Path, args: &[&str]) -> OriginProc {
         let mut cmd = lanup();
         cmd.arg("origin")
             .arg("--dir")
             .arg(dir)
-            .args(["--listen", "127.0.0.1:0"]);
-        if let Some(rate) = rate {
-            cmd.args(["--rate", rate]);
-        }
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args);
         let mut child = Proc(
             cmd.stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

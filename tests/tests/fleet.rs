@@ -1,9 +1,7 @@
 //! Headquarters: sites on loopback report to one `lanup origin --reports`,
 //! and `lanup fleet` shows them.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::apply::{app_tree, own_status, KillUnder};
@@ -14,37 +12,20 @@ use crate::swarm::LoopSite;
 pub(crate) struct Hq {
     pub(crate) url: String,
     pub(crate) reports: PathBuf,
-    _proc: Proc,
+    _origin: OriginProc,
 }
 
 impl Hq {
     pub(crate) fn start(www: &Path, reports: &Path, stale_after: &str) -> Hq {
-        let mut child = Proc(
-            lanup()
-                .arg("origin")
-                .arg("--dir")
-                .arg(www)
-                .arg("--reports")
-                .arg(reports)
-                .args(["--listen", "127.0.0.1:0", "--stale-after", stale_after])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("origin starts"),
+        let reports_arg = reports.to_str().expect("utf-8 path");
+        let origin = OriginProc::start_with(
+            www,
+            &["--reports", reports_arg, "--stale-after", stale_after],
         );
-        let mut line = String::new();
-        BufReader::new(child.0.stdout.take().expect("piped stdout"))
-            .read_line(&mut line)
-            .expect("origin prints its address");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .to_owned();
         Hq {
-            url,
+            url: origin.url.clone(),
             reports: reports.to_owned(),
-            _proc: child,
+            _origin: origin,
         }
     }
 
@@ -155,39 +136,10 @@ impl ReportingSite {
 
 #[test]
 fn three_sites_report_to_headquarters_which_shows_versions_failures_and_stale_sites() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let root = tmp.path();
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let publisher = keygen(root, "publisher.key");
-    let admin = keygen(root, "admin.key");
-    let hq = Hq::start(&www, &root.join("reports"), "6s");
-    let v1 = root.join("v1");
-    app_tree(&v1, "1.0.0", None, &[]);
-    let r1 = publish(&v1, "1.0.0", &hq.url, &publisher, &www);
-
-    let mut sites: Vec<ReportingSite> = [("site-a", 3), ("site-b", 2), ("site-c", 2)]
-        .into_iter()
-        .map(|(name, n)| ReportingSite::new(root, name, n, &admin.1, ""))
-        .collect();
-    for site in &mut sites {
-        site.start(&hq.url, &publisher.1, &hq.url, "1h");
-    }
-    let states: Vec<&Path> = sites.iter().flat_map(|s| s.nodes.state_refs()).collect();
-    let pending = wait_staged(&states, "1.0.0", &r1, Duration::from_secs(60));
-    assert!(pending.is_empty(), "1.0.0 not staged on {pending:?}");
-    for state in &states {
-        run_ok(&["apply", "1.0.0", "--state", s(state)]);
-    }
-
     // 2.0.0 exits at once: its apply on one node of site-c rolls back.
-    let v2 = root.join("v2");
-    app_tree(&v2, "2.0.0", Some("exit"), &[]);
-    let r2 = publish(&v2, "2.0.0", &hq.url, &publisher, &www);
+    let mut f = FleetUnderTest::with(&[3, 2, 2], "6s", Some("exit"));
+    let (hq, sites) = (&f.hq, &f.sites);
     let c0 = sites[2].nodes.states[0].clone();
-    run_ok(&["check", "--state", s(&c0)]);
-    let pending = wait_staged(&[c0.as_path()], "2.0.0", &r2, Duration::from_secs(60));
-    assert!(pending.is_empty(), "2.0.0 not staged at site-c");
     let out = run(&["apply", "2.0.0", "--state", s(&c0)]);
     assert_eq!(out.status.code(), Some(1), "the apply of 2.0.0 rolls back");
     let failing = sites[2].peer_id(0);
@@ -246,9 +198,10 @@ fn three_sites_report_to_headquarters_which_shows_versions_failures_and_stale_si
     );
 
     // site-b goes dark: it is flagged stale, the others are not.
-    for p in &mut sites[1].nodes.procs {
+    for p in &mut f.sites[1].nodes.procs {
         *p = None;
     }
+    let hq = &f.hq;
     let view = hq.wait("site-b stale", Duration::from_secs(30), |v| {
         site(v, "site-b")["stale"] == true
     });
@@ -301,9 +254,10 @@ fn headquarters_refuses_forged_oversized_and_flooding_reports() {
     assert!(codes.contains(&429), "{codes:?}");
 }
 
-/// Three sites of two nodes reporting to headquarters, 1.0.0 installed and
-/// running everywhere, and 2.0.0 (behaving as `v2_behaviour` says)
-/// published and staged at every node. Sites poll every 2 s.
+/// Sites reporting to headquarters (three of two nodes, unless said
+/// otherwise), 1.0.0 installed and running everywhere, and 2.0.0 (behaving
+/// as `v2_behaviour` says) published and staged at every node. Sites poll
+/// every 2 s and report at least every 2 s.
 struct FleetUnderTest {
     hq: Hq,
     sites: Vec<ReportingSite>,
@@ -315,19 +269,29 @@ struct FleetUnderTest {
 
 impl FleetUnderTest {
     fn new(v2_behaviour: Option<&str>) -> FleetUnderTest {
+        FleetUnderTest::with(&[2, 2, 2], "1h", v2_behaviour)
+    }
+
+    /// Sites `site-a`, `site-b` … of `sizes` nodes; headquarters flags a
+    /// site stale after `stale_after`.
+    fn with(sizes: &[usize], stale_after: &str, v2_behaviour: Option<&str>) -> FleetUnderTest {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
         let www = root.join("www");
         std::fs::create_dir_all(&www).expect("mkdir");
         let publisher = keygen(&root, "publisher.key");
         let admin = keygen(&root, "admin.key");
-        let hq = Hq::start(&www, &root.join("reports"), "1h");
+        let hq = Hq::start(&www, &root.join("reports"), stale_after);
         let v1 = root.join("v1");
         app_tree(&v1, "1.0.0", None, &[]);
         let r1 = publish(&v1, "1.0.0", &hq.url, &publisher, &www);
-        let mut sites: Vec<ReportingSite> = ["site-a", "site-b", "site-c"]
-            .into_iter()
-            .map(|name| ReportingSite::new(&root, name, 2, &admin.1, ""))
+        let mut sites: Vec<ReportingSite> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let name = format!("site-{}", char::from(b'a' + k as u8));
+                ReportingSite::new(&root, &name, n, &admin.1, "")
+            })
             .collect();
         for site in &mut sites {
             site.start(&hq.url, &publisher.1, &hq.url, "2s");
@@ -344,9 +308,9 @@ impl FleetUnderTest {
         let pending = wait_staged(&states, "2.0.0", &r2, Duration::from_secs(60));
         assert!(pending.is_empty(), "2.0.0 not staged on {pending:?}");
         hq.wait("every site on 1.0.0", Duration::from_secs(30), |v| {
-            ["site-a", "site-b", "site-c"]
+            sites
                 .iter()
-                .all(|n| site(v, n)["versions"]["1.0.0"] == 2)
+                .all(|s| site(v, &s.nodes.site)["versions"]["1.0.0"] == s.configs.len())
         });
         FleetUnderTest {
             hq,
