@@ -434,6 +434,9 @@ fn browse_fleet_page(url: &str) {
             .args([
                 "--headless",
                 "--no-sandbox",
+                // A container's /dev/shm is small.
+                "--disable-dev-shm-usage",
+                "--no-first-run",
                 "--disable-gpu",
                 "--hide-scrollbars",
             ])
