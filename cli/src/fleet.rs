@@ -93,6 +93,12 @@ fn table(sites: &[SiteView]) -> String {
         if !s.new_nodes.is_empty() {
             last.push_str(&format!("  {} new node(s)", s.new_nodes.len()));
         }
+        if s.unlisted_sender {
+            last.push_str(&format!(
+                "  reported by {}, a node the site never listed",
+                s.sender
+            ));
+        }
         out.push_str(&format!(
             "{:<20} {:>5}  {:<28} {:<22} {last}\n",
             s.site, s.nodes, versions, rollout

@@ -294,11 +294,17 @@ pub fn fleet_page(sites: &[SiteView], rollout: Option<&FleetFile>) -> String {
             .as_ref()
             .map(|r| format!("{} {}: {}", esc(&r.action), esc(&r.version), esc(&r.stage)))
             .unwrap_or_default();
-        let new = if s.new_nodes.is_empty() {
+        let mut new = if s.new_nodes.is_empty() {
             String::new()
         } else {
             format!(" <span class=new>{} new</span>", s.new_nodes.len())
         };
+        if s.unlisted_sender {
+            new.push_str(&format!(
+                " <span class=failed>reported by {}, a node the site never listed</span>",
+                esc(short(&s.sender))
+            ));
+        }
         rows.push_str(&format!(
             "<tr class=\"{}\"><td>{}</td><td>{}{new}</td><td>{versions}</td><td class=failed>{failed}</td><td>{rollout}</td><td>{}{}</td></tr>\n",
             if s.stale { "stale" } else if s.failed.is_empty() { "ok" } else { "bad" },

@@ -283,6 +283,7 @@ mod tests {
             stale: false,
             new_nodes: vec![],
             sender: "x".into(),
+            unlisted_sender: false,
             rollout: None,
         }
     }

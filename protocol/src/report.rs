@@ -201,6 +201,15 @@ pub struct SiteRecord {
     /// Every node that has sent a report for the site, with the send time
     /// of its newest (what a replay is checked against).
     pub senders: BTreeMap<String, u64>,
+    /// Nodes vouched for: those the site's first report listed, and those
+    /// listed later by a vouched-for sender. A key that lists itself does
+    /// not vouch for itself.
+    #[serde(default)]
+    pub vouched: std::collections::BTreeSet<String>,
+    /// The newest report came from a node not vouched for: any key can
+    /// sign a report naming any site, so the view says so.
+    #[serde(default)]
+    pub unlisted_sender: bool,
 }
 
 /// What a report taken brought that headquarters had not heard before.
@@ -239,6 +248,10 @@ impl Fleet {
                 received_ms: now_ms,
                 first_seen_ms: BTreeMap::new(),
                 senders: BTreeMap::new(),
+                vouched: std::iter::once(report.sender.clone())
+                    .chain(report.nodes.iter().map(|n| n.id.clone()))
+                    .collect(),
+                unlisted_sender: false,
             });
         match record.senders.get(&report.sender) {
             Some(&last) if report.sent_at_ms <= last => {
@@ -246,6 +259,12 @@ impl Fleet {
             }
             Some(_) => {}
             None => accepted.new_sender = true,
+        }
+        let unlisted = !record.vouched.contains(&report.sender);
+        if !unlisted {
+            record
+                .vouched
+                .extend(report.nodes.iter().map(|n| n.id.clone()));
         }
         // The senders' newest times are kept for the site's listed nodes and
         // any recent sender, so the map stays bounded.
@@ -268,8 +287,12 @@ impl Fleet {
                 .first_seen_ms
                 .retain(|id, _| listed.contains(id.as_str()));
         }
+        if record.vouched.len() > 4 * MAX_NODES {
+            record.vouched.retain(|id| listed.contains(id.as_str()));
+        }
         record.report = report;
         record.received_ms = now_ms;
+        record.unlisted_sender = unlisted;
         Ok(accepted)
     }
 
@@ -311,6 +334,11 @@ pub struct SiteView {
     /// Nodes first listed in the newest report.
     pub new_nodes: Vec<String>,
     pub sender: String,
+    /// The newest report came from a node the site's earlier reports never
+    /// listed (a new node that took over reporting, or a key that is not
+    /// the site's).
+    #[serde(default)]
+    pub unlisted_sender: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutState>,
 }
@@ -354,6 +382,7 @@ impl SiteView {
                 .map(|(id, _)| id.clone())
                 .collect(),
             sender: r.report.sender.clone(),
+            unlisted_sender: r.unlisted_sender,
             rollout: r.report.rollout.clone(),
         }
     }
@@ -432,6 +461,33 @@ mod tests {
         assert_eq!(view[0].new_nodes, vec!["c".to_owned()]);
         assert!(view[0].installed("1.1"));
         assert!(!view[0].installed("1.0"));
+        assert!(!view[0].unlisted_sender);
+        // A key the site never listed that names it is shown as such.
+        let stranger = SecretKey::generate();
+        let body = report(&stranger, "branch-7", NOW + 2, vec![node("c", "6.6")]);
+        let got = fleet.accept(check(&body, NOW + 20)?, NOW + 20)?;
+        assert!(got.new_sender);
+        assert!(fleet.view(NOW + 20, STALE_AFTER_MS)[0].unlisted_sender);
+        // Listing itself does not vouch for it.
+        let body = report(
+            &stranger,
+            "branch-7",
+            NOW + 3,
+            vec![node(&stranger.public().peer_id(), "6.6")],
+        );
+        fleet.accept(check(&body, NOW + 30)?, NOW + 30)?;
+        let body = report(&stranger, "branch-7", NOW + 4, vec![]);
+        fleet.accept(check(&body, NOW + 40)?, NOW + 40)?;
+        assert!(fleet.view(NOW + 40, STALE_AFTER_MS)[0].unlisted_sender);
+        // The site's own reporter again: not flagged.
+        let body = report(
+            &key,
+            "branch-7",
+            NOW + 5,
+            vec![node(&me, "1.1"), node("c", "1.1")],
+        );
+        fleet.accept(check(&body, NOW + 50)?, NOW + 50)?;
+        assert!(!fleet.view(NOW + 50, STALE_AFTER_MS)[0].unlisted_sender);
         Ok(())
     }
 

@@ -251,6 +251,7 @@ fn view(s: &Site, nodes: usize) -> SiteView {
         stale: false,
         new_nodes: Vec::new(),
         sender: String::new(),
+        unlisted_sender: false,
         rollout: None,
     }
 }
