@@ -38,6 +38,7 @@ pub mod sign;
 pub mod transfer;
 pub mod units;
 pub mod version;
+pub mod window;
 pub mod wire;
 
 pub use hash::Hash;
