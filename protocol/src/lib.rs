@@ -24,6 +24,7 @@
 //! is never re-serialised after signing), encryption of release contents,
 //! and key distribution (operators configure which publisher keys to trust).
 
+pub mod approval;
 pub mod chunk;
 pub mod election;
 pub mod fetcher;
