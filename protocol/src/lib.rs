@@ -29,6 +29,7 @@ pub mod chunk;
 pub mod election;
 pub mod fetcher;
 pub mod fleet;
+pub mod group;
 pub mod hash;
 pub mod journal;
 pub mod manifest;
