@@ -541,6 +541,15 @@ pub(crate) struct Sent {
     pub(crate) rollout: serde_json::Value,
 }
 
+/// A new command's id: 128 random bits from the OS (as for a key), in hex.
+pub(crate) fn new_id() -> String {
+    hex::encode(
+        &lanup_protocol::sign::SecretKey::generate()
+            .public()
+            .to_bytes()[..16],
+    )
+}
+
 /// Signs a rollout command here and hands it to the local node, which
 /// checks it like any other and gossips it to the site.
 pub(crate) fn issue(
@@ -566,16 +575,9 @@ pub(crate) fn issue(
         // Stamped by the site's clock (this machine's, corrected by the
         // skew its node measured to the others), so a machine whose clock
         // is off still issues a command the site takes as fresh.
-        issued_at_ms: (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64)
+        issued_at_ms: lanup_node::node::now_unix_ms()
             .saturating_add_signed(status["site_clock_offset_ms"].as_i64().unwrap_or(0)),
-        // 128 random bits from the OS, as for a key.
-        id: hex::encode(
-            &lanup_protocol::sign::SecretKey::generate()
-                .public()
-                .to_bytes()[..16],
-        ),
+        id: new_id(),
         waves,
         nodes: if abort { Vec::new() } else { nodes },
         fleet: None,

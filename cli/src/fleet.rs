@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use lanup_node::node::now_unix_ms as now_ms;
 use lanup_protocol::fleet::{
     assign_site_waves, next_step, parse_site_waves, wave_progress, FleetFile, FleetState,
     FleetStep, FLEET_FILE,
@@ -52,7 +53,7 @@ pub(crate) fn fetch_view(reports: &str, stale_after: Duration) -> Result<serde_j
         return serde_json::from_str(&text).with_context(|| format!("{url}: not a fleet view"));
     }
     let fleet = lanup_node::hq::load(Path::new(reports))?;
-    let sites = fleet.view(lanup_node::hq::now_ms(), stale_after.as_millis() as u64);
+    let sites = fleet.view(now_ms(), stale_after.as_millis() as u64);
     Ok(lanup_node::hq::fleet_json(&sites, None))
 }
 
@@ -140,10 +141,6 @@ pub(crate) struct FleetRollout<'a> {
 /// How often a waiting fleet rollout reads the reports again.
 const FLEET_LOOK: Duration = Duration::from_secs(2);
 
-fn now_ms() -> u64 {
-    lanup_node::hq::now_ms()
-}
-
 /// One site's part: an ordinary rollout command for `site`, naming the
 /// fleet rollout, signed here.
 fn site_command(
@@ -160,7 +157,7 @@ fn site_command(
             site: site.to_owned(),
             action,
             issued_at_ms: now_ms(),
-            id: hex::encode(&SecretKey::generate().public().to_bytes()[..16]),
+            id: crate::commands::new_id(),
             waves: if abort {
                 Vec::new()
             } else {
@@ -348,7 +345,7 @@ fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<F
         );
     }
     let sites = r.sites.unwrap_or("100%");
-    let id = hex::encode(&SecretKey::generate().public().to_bytes()[..16]);
+    let id = crate::commands::new_id();
     let waves = parse_site_waves(sites)
         .and_then(|w| assign_site_waves(&id, &names, &w))
         .map_err(|e| anyhow::anyhow!("--sites: {e}"))?;

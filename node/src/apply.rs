@@ -117,6 +117,17 @@ pub enum Ending {
     Failed,
 }
 
+impl Ending {
+    /// The name status, history and metrics use (as serialised).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Ending::Committed => "committed",
+            Ending::RolledBack => "rolled-back",
+            Ending::Failed => "failed",
+        }
+    }
+}
+
 /// The outcome of an apply, kept in `STATE/apply/last.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {

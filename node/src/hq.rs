@@ -15,7 +15,9 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::node::now_unix_ms;
 
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
@@ -50,13 +52,6 @@ pub struct Reports {
     fleet: Mutex<Fleet>,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     stale_after: Duration,
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Reports {
@@ -94,7 +89,7 @@ impl Reports {
         if self.limiter.len() > 10_000 {
             self.limiter.retain_recent();
         }
-        let now = now_ms();
+        let now = now_unix_ms();
         let refused = |e: ReportRefusal| {
             let status = match e {
                 ReportRefusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -161,7 +156,7 @@ impl Reports {
     /// Every site as headquarters shows it now.
     pub fn view(&self) -> Vec<SiteView> {
         let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
-        fleet.view(now_ms(), self.stale_after.as_millis() as u64)
+        fleet.view(now_unix_ms(), self.stale_after.as_millis() as u64)
     }
 }
 
@@ -408,7 +403,7 @@ mod tests {
         let key = SecretKey::generate();
         let from: IpAddr = "192.0.2.7".parse()?;
         let reports = Reports::open(dir.path(), Duration::from_secs(60))?;
-        let t = now_ms();
+        let t = now_unix_ms();
         reports
             .take(&body(&key, "a", t, Some("<script>")), from)
             .map_err(|r| anyhow::anyhow!(r.message))?;

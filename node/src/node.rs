@@ -1296,7 +1296,7 @@ impl Node {
                         ..Entry::default_at(now_unix_ms())
                     });
                 }
-                self.metrics.applied(ending_name(&outcome.ending));
+                self.metrics.applied(outcome.ending.name());
                 self.last_apply = Some(outcome);
                 // A release staged while this apply ran is next.
                 self.maybe_auto_apply();
@@ -1333,16 +1333,8 @@ async fn until(cancel: tokio_util::sync::CancellationToken, part: impl std::futu
     }
 }
 
-/// How an apply ended, as status and metrics name it.
-fn ending_name(ending: &Ending) -> &'static str {
-    match ending {
-        Ending::Committed => "committed",
-        Ending::RolledBack => "rolled-back",
-        Ending::Failed => "failed",
-    }
-}
-
-pub(crate) fn now_unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -15,27 +15,18 @@ if [ -z "${LANUP:-}" ]; then
   cargo build --quiet --release -p lanup-cli
   LANUP=$PWD/target/release/lanup
 fi
+. tests/bench/testbed.sh
 id=lpc$$
 work=$(mktemp -d /tmp/lanup-poll.XXXX)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
   wait 2> /dev/null || true
-  ip netns del "$id-o" 2> /dev/null || true
-  ip netns del "$id-n" 2> /dev/null || true
+  testbed_down
   rm -rf "$work"
 }
 trap cleanup EXIT
-ip netns add "$id-o"
-ip netns add "$id-n"
-ip link add "$id-a" type veth peer name "$id-b"
-ip link set "$id-a" netns "$id-o"
-ip link set "$id-b" netns "$id-n"
-ip -n "$id-o" addr add 10.97.0.1/24 dev "$id-a"
-ip -n "$id-n" addr add 10.97.0.2/24 dev "$id-b"
-for ns in "$id-o" "$id-n"; do ip -n "$ns" link set lo up; done
-ip -n "$id-o" link set "$id-a" up
-ip -n "$id-n" link set "$id-b" up
+linked_pair "$id" 10.97.0
 
 public=$("$LANUP" keygen --out "$work/publisher.key" 2> /dev/null)
 mkdir -p "$work/app" "$work/www"

@@ -22,6 +22,7 @@ if [ -z "${LANUP:-}" ]; then
   cargo build --quiet --release -p lanup-cli
   LANUP=$PWD/target/release/lanup
 fi
+. tests/bench/testbed.sh
 id=lrc$$
 work=$(mktemp -d /tmp/lanup-report.XXXX)
 pids=()
@@ -29,21 +30,11 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
   pkill -f "$work/install" 2> /dev/null || true
   wait 2> /dev/null || true
-  ip netns del "$id-o" 2> /dev/null || true
-  ip netns del "$id-n" 2> /dev/null || true
+  testbed_down
   rm -rf "$work"
 }
 trap cleanup EXIT
-ip netns add "$id-o"
-ip netns add "$id-n"
-ip link add "$id-a" type veth peer name "$id-b"
-ip link set "$id-a" netns "$id-o"
-ip link set "$id-b" netns "$id-n"
-ip -n "$id-o" addr add 10.98.0.1/24 dev "$id-a"
-ip -n "$id-n" addr add 10.98.0.2/24 dev "$id-b"
-for ns in "$id-o" "$id-n"; do ip -n "$ns" link set lo up; done
-ip -n "$id-o" link set "$id-a" up
-ip -n "$id-n" link set "$id-b" up
+linked_pair "$id" 10.98.0
 
 public=$("$LANUP" keygen --out "$work/publisher.key" 2> /dev/null)
 admin=$("$LANUP" keygen --out "$work/admin.key" 2> /dev/null)

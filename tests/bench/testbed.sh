@@ -4,6 +4,8 @@
 # removed (their processes killed) by testbed_down.
 #
 #   testbed_up ID          # the switch; then `attach NS IP PORT` per host
+#   linked_pair ID NET     # or just two namespaces, ID-o (NET.1) and ID-n
+#                          # (NET.2), joined by one veth pair ID-a / ID-b
 #   in_ns NS CMD...        # run CMD inside NS
 #   caching_proxy NS DIR LISTEN UPSTREAM   # nginx proxy_cache (lock on) in NS
 #   testbed_down           # kill every process in, and delete, every namespace
@@ -26,6 +28,20 @@ attach() { # NS IP PORT
   ip -n "$1" link set eth0 up
   ip -n "$1" link set lo up
   ip -n "$1" route add 224.0.0.0/4 dev eth0
+}
+
+linked_pair() { # ID NET
+  tb_namespaces+=("$1-o" "$1-n")
+  ip netns add "$1-o"
+  ip netns add "$1-n"
+  ip link add "$1-a" type veth peer name "$1-b"
+  ip link set "$1-a" netns "$1-o"
+  ip link set "$1-b" netns "$1-n"
+  ip -n "$1-o" addr add "$2.1/24" dev "$1-a"
+  ip -n "$1-n" addr add "$2.2/24" dev "$1-b"
+  for ns in "$1-o" "$1-n"; do ip -n "$ns" link set lo up; done
+  ip -n "$1-o" link set "$1-a" up
+  ip -n "$1-n" link set "$1-b" up
 }
 
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }

@@ -516,7 +516,7 @@ impl Node {
                 // Reported as an apply that failed before changing
                 // anything, so the rollout halts and says why.
                 self.failed_releases.insert(version.clone());
-                self.metrics.applied("failed");
+                self.metrics.applied(Ending::Failed.name());
                 self.last_apply = Some(Outcome {
                     version: version.clone(),
                     from: self.installed_name(),

@@ -99,14 +99,7 @@ impl Node {
             lanup_version: Some(crate::upgrade::version().to_owned()),
             apply: match &self.applying {
                 Some(_) => Some("applying".into()),
-                None => last.map(|o| {
-                    match o.ending {
-                        Ending::Committed => "committed",
-                        Ending::RolledBack => "rolled-back",
-                        Ending::Failed => "failed",
-                    }
-                    .to_owned()
-                }),
+                None => last.map(|o| o.ending.name().to_owned()),
             },
             apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
             // A release that did not install (rolled back, or refused
