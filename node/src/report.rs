@@ -20,8 +20,12 @@ use tracing::{debug, info, warn};
 
 /// Longest pause between a change and its report.
 const CHANGE_DELAY: Duration = Duration::from_secs(5);
-/// How long one attempt may take (a few KB over a slow uplink).
-const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one attempt may take: a minute, plus the time its bytes take
+/// at 64 bit/s (a 64 kbit/s uplink a thousand times slower), so a report
+/// gets through a crawling link rather than timing out every time.
+fn attempt_timeout(bytes: u64) -> Duration {
+    Duration::from_secs(60 + bytes / 8)
+}
 /// Pauses after failures: 10 s, doubling, at most 15 minutes.
 const RETRY_FIRST: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
@@ -109,7 +113,10 @@ async fn run(
     mut rx: watch::Receiver<Option<Report>>,
     said: watch::Sender<Said>,
 ) {
-    let client = match reqwest::Client::builder().timeout(SEND_TIMEOUT).build() {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "site reports are off: no HTTP client");
@@ -171,7 +178,7 @@ async fn run(
                     Err(_) => continue,
                 };
                 let size = body.len() as u64;
-                let outcome = match client.post(&url).header("content-type", "application/json").body(body).send().await {
+                let outcome = match client.post(&url).timeout(attempt_timeout(size)).header("content-type", "application/json").body(body).send().await {
                     Ok(resp) if resp.status().is_success() => Ok(()),
                     Ok(resp) => {
                         let status = resp.status();
@@ -291,6 +298,13 @@ mod tests {
         tokio::time::sleep(CHANGE_DELAY + Duration::from_secs(1)).await;
         assert_eq!(posts.lock().expect("lock").len(), 2, "told twice");
         Ok(())
+    }
+
+    #[test]
+    fn an_attempt_lasts_as_long_as_a_crawling_link_needs() {
+        assert_eq!(attempt_timeout(0), Duration::from_secs(60));
+        // A 2.5 KB report at 64 bit/s.
+        assert_eq!(attempt_timeout(2_560), Duration::from_secs(60 + 320));
     }
 
     #[test]
