@@ -104,6 +104,12 @@ enum Command {
     /// an older release. All nodes at once; each checks the release's
     /// files and rolls back by itself if the old release is not healthy.
     Rollback(RollbackArgs),
+    /// Approve a change another admin requested, where the site needs more
+    /// than one admin (admin_threshold): signs the request's exact bytes
+    /// here. The change starts once enough distinct trusted keys signed.
+    Approve(crate::change::ApproveArgs),
+    /// End a change that waits for approval: it can no longer start.
+    Reject(crate::change::RejectArgs),
     /// Show the rollout commands this node accepted or refused, and what
     /// it did about them.
     History {
@@ -244,6 +250,8 @@ struct RolloutArgs {
     /// Stop the rollout under way: no further wave applies.
     #[arg(long, conflicts_with = "version")]
     abort: bool,
+    #[command(flatten)]
+    change: ChangeArgs,
     /// Follow the rollout until every node is done (exit 0) or it halts
     /// (exit 1).
     #[arg(long)]
@@ -280,6 +288,8 @@ struct RollbackArgs {
     key: PathBuf,
     #[command(flatten)]
     node: LocalNode,
+    #[command(flatten)]
+    change: ChangeArgs,
     /// Follow the rollback until every node is done (exit 0) or it halts
     /// (exit 1).
     #[arg(long)]
@@ -287,6 +297,17 @@ struct RollbackArgs {
     /// With --wait: give up following after this long (exit 2).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+}
+
+/// What every change may carry besides its action.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct ChangeArgs {
+    /// Why: shown while the change waits for approval, and in its record.
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) reason: Option<String>,
+    /// Apply now, outside the nodes' apply windows.
+    #[arg(long)]
+    pub(crate) now: bool,
 }
 
 /// Which local node a command talks to.
@@ -406,7 +427,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     report_to: args.report_to,
                     report_interval: args.report_interval,
                     metrics_listen: args.metrics_listen,
-                    app: None,
+                    ..lanup_node::config::Overrides::default()
                 },
             )?;
             let state = config.state.clone();
@@ -507,16 +528,20 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => {
             let version = args.version.clone();
             let action = lanup_protocol::rollout::Action::Rollback { version };
-            let sent = issue(&args.node, &args.key, action, Vec::new())?;
-            println!(
-                "rollback to {} sent (id {}, signed by {}): every node at once",
-                args.version, sent.id, sent.key
-            );
+            let sent = issue(&args.node, &args.key, action, Vec::new(), &args.change)?;
+            if !crate::change::said_waiting(&sent, &args.node) {
+                println!(
+                    "rollback to {} sent (id {}, signed by {}): every node at once",
+                    args.version, sent.id, sent.key
+                );
+            }
             if !args.wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            follow_exit(follow(&args.node, args.timeout)?)
+            follow_exit(follow(&args.node, args.timeout, Some(&sent.id))?)
         }
+        Command::Approve(args) => crate::change::approve(args),
+        Command::Reject(args) => crate::change::reject(args),
         Command::History { node, json } => history(&node.state, json),
         Command::Fleet(args) => crate::fleet::run(args),
         Command::Origin {
@@ -539,6 +564,8 @@ pub(crate) struct Sent {
     pub(crate) id: String,
     pub(crate) key: PublicKey,
     pub(crate) rollout: serde_json::Value,
+    /// The node's answer when the change waits for approvals.
+    pub(crate) waiting: Option<serde_json::Value>,
 }
 
 /// A new command's id: 128 random bits from the OS (as for a key), in hex.
@@ -557,6 +584,7 @@ pub(crate) fn issue(
     key: &Path,
     action: lanup_protocol::rollout::Action,
     waves: Vec<lanup_protocol::rollout::WaveSize>,
+    change: &ChangeArgs,
 ) -> Result<Sent> {
     use lanup_protocol::rollout::{sign, Action, Command as RolloutCommand};
     let key = keys::load_secret(key)?;
@@ -568,7 +596,7 @@ pub(crate) fn issue(
         .flatten()
         .filter_map(|n| n["peer_id"].as_str().map(str::to_owned))
         .collect();
-    let abort = action == Action::Abort;
+    let abort = matches!(action, Action::Abort | Action::Reject { .. });
     let command = RolloutCommand {
         site,
         action,
@@ -581,16 +609,28 @@ pub(crate) fn issue(
         waves,
         nodes: if abort { Vec::new() } else { nodes },
         fleet: None,
+        reason: change.reason.clone(),
+        now: change.now,
     };
     let signed = sign(&command, &key);
     let answer = node.ask(ControlRequest::Rollout { signed })?;
     if let Some(e) = answer["error"].as_str() {
         bail!("{e}");
     }
+    let waiting = (answer["waiting"] == true).then(|| {
+        answer["requests"]["pending"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["id"] == command.id.as_str())
+            .cloned()
+            .unwrap_or_default()
+    });
     Ok(Sent {
         id: command.id,
         key: key.public(),
         rollout: answer["rollout"].clone(),
+        waiting,
     })
 }
 
@@ -618,11 +658,19 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
         _ => Action::Abort,
     };
     if args.abort {
-        let sent = issue(&args.node, &args.key, action, Vec::new())?;
-        println!("abort sent (id {}, signed by {})", sent.id, sent.key);
+        let sent = issue(&args.node, &args.key, action, Vec::new(), &args.change)?;
+        if !crate::change::said_waiting(&sent, &args.node) {
+            println!("abort sent (id {}, signed by {})", sent.id, sent.key);
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    let sent = issue(&args.node, &args.key, action, waves)?;
+    let sent = issue(&args.node, &args.key, action, waves, &args.change)?;
+    if crate::change::said_waiting(&sent, &args.node) {
+        if !args.wait {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return follow_exit(follow(&args.node, args.timeout, Some(&sent.id))?);
+    }
     let r = &sent.rollout;
     println!(
         "rollout of {} sent (id {}, signed by {}); waves:",
@@ -642,7 +690,7 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    follow_exit(follow(&args.node, args.timeout)?)
+    follow_exit(follow(&args.node, args.timeout, Some(&sent.id))?)
 }
 
 /// How following a rollout ended.
@@ -668,7 +716,11 @@ fn follow_exit(followed: Followed) -> Result<ExitCode> {
 /// node follows is done or halted, or `timeout` passes; then it names the
 /// nodes that are not there yet, with what they are doing and their last
 /// error, so a wait never ends (or hangs) without saying why.
-pub(crate) fn follow(node: &LocalNode, timeout: std::time::Duration) -> Result<Followed> {
+pub(crate) fn follow(
+    node: &LocalNode,
+    timeout: std::time::Duration,
+    id: Option<&str>,
+) -> Result<Followed> {
     let mut bars = RolloutBars::default();
     let mut last_stage = String::new();
     let deadline = std::time::Instant::now() + timeout;
@@ -709,6 +761,23 @@ pub(crate) fn follow(node: &LocalNode, timeout: std::time::Duration) -> Result<F
                 );
             }
             return Ok(Followed::TimedOut);
+        }
+        if let Some(id) = id.filter(|id| status["rollout"]["id"] != *id) {
+            match crate::change::waiting_for(&status, id) {
+                Some(Err(ended)) => {
+                    bars.finish();
+                    eprintln!("lanup: {ended}");
+                    return Ok(Followed::Halted);
+                }
+                Some(Ok(line)) => {
+                    if line != last_stage {
+                        bars.println(&line);
+                        last_stage = line;
+                    }
+                }
+                None => {}
+            }
+            continue;
         }
         let r = &status["rollout"];
         bars.update(&status);
@@ -982,6 +1051,7 @@ fn print_status(answer: &serde_json::Value) {
         }
     }
     println!("{head}");
+    crate::change::print_requests(answer);
     // Clocks that disagree by more than a minute: freshness of commands is
     // judged by the site's clock, but an operator should fix them.
     for n in &nodes {

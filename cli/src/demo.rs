@@ -314,12 +314,17 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
                 version: version.into(),
             },
             waves,
+            &crate::commands::ChangeArgs::default(),
         )?;
         say(&format!(
             "rollout of {version} {how}, signed by the admin key (id {})",
             sent.id
         ));
-        let waited = follow(&site.node(n - 1), std::time::Duration::from_secs(600))?;
+        let waited = follow(
+            &site.node(n - 1),
+            std::time::Duration::from_secs(600),
+            Some(&sent.id),
+        )?;
         if waited != crate::commands::Followed::Done {
             bail!("the rollout of {version} halted");
         }

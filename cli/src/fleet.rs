@@ -165,6 +165,8 @@ fn site_command(
             },
             nodes: if abort { Vec::new() } else { nodes },
             fleet: Some(fleet.to_owned()),
+            reason: None,
+            now: false,
         },
         key,
     )

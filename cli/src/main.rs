@@ -2,6 +2,7 @@
 //! `lanup-protocol`. Errors are reported once, here, with their causes, and
 //! mapped to an exit code.
 
+mod change;
 mod commands;
 mod demo;
 mod fleet;

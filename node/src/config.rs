@@ -53,6 +53,25 @@ pub struct ConfigFile {
     pub report_interval: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
     pub metrics_listen: Option<String>,
+    /// Distinct trusted admin keys a rollout or rollback needs (default 1).
+    pub admin_threshold: Option<usize>,
+    /// The same for an abort (default 1: one key may always stop a
+    /// rollout).
+    pub abort_threshold: Option<usize>,
+    /// This node's redundancy group, its role in it (`standby` or
+    /// `active`) and priority (lower first).
+    pub group: Option<String>,
+    pub role: Option<String>,
+    pub priority: Option<i32>,
+    /// Run before an active member stops its application (default timeout
+    /// 60s).
+    pub switchover_command: Option<Vec<String>>,
+    pub switchover_timeout: Option<String>,
+    /// When this node may apply, local time: `["Sat 22:00-Sun 04:00"]`.
+    pub apply_window: Option<Vec<String>>,
+    /// The uplink's rate by time of day:
+    /// `[{ hours = "Mon-Fri 08:00-18:00", rate = "256kbit" }]`.
+    pub wan_schedule: Option<Vec<crate::policy::ScheduleFile>>,
     /// The application this node installs and restarts.
     pub app: Option<AppFile>,
 }
@@ -139,6 +158,8 @@ pub struct NodeConfig {
     pub report_interval: Duration,
     /// Where the node serves its Prometheus metrics, if anywhere.
     pub metrics_listen: Option<String>,
+    /// Approvals, redundancy group, apply windows, uplink schedule.
+    pub policy: crate::policy::Policy,
     pub app: Option<AppConfig>,
 }
 
@@ -182,6 +203,15 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         report_to: flags.report_to.or(file.report_to),
         report_interval: flags.report_interval.or(file.report_interval),
         metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+        admin_threshold: flags.admin_threshold.or(file.admin_threshold),
+        abort_threshold: flags.abort_threshold.or(file.abort_threshold),
+        group: flags.group.or(file.group),
+        role: flags.role.or(file.role),
+        priority: flags.priority.or(file.priority),
+        switchover_command: flags.switchover_command.or(file.switchover_command),
+        switchover_timeout: flags.switchover_timeout.or(file.switchover_timeout),
+        apply_window: list(flags.apply_window, file.apply_window),
+        wan_schedule: flags.wan_schedule.or(file.wan_schedule),
         app: flags.app.or(file.app),
     }
 }
@@ -309,6 +339,20 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
         Some(v) => humantime::parse_duration(&v)
             .with_context(|| format!("poll_interval {v:?}: expected a duration like 30s or 5m"))?,
     };
+    let policy = crate::policy::Policy::resolve(
+        crate::policy::PolicyFile {
+            admin_threshold: c.admin_threshold,
+            abort_threshold: c.abort_threshold,
+            group: c.group,
+            role: c.role,
+            priority: c.priority,
+            switchover_command: c.switchover_command,
+            switchover_timeout: c.switchover_timeout,
+            apply_window: c.apply_window,
+            wan_schedule: c.wan_schedule,
+        },
+        trust_admin.len(),
+        )?;
     Ok(NodeConfig {
         state: c.state.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE)),
         listen,
@@ -340,6 +384,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             })?,
         },
         metrics_listen: c.metrics_listen,
+        policy,
         app: c.app.map(resolve_app).transpose()?,
     })
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod origin;
+pub mod policy;
 pub mod release;
 pub mod report;
 pub mod service;

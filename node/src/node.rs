@@ -64,6 +64,7 @@ use lanup_protocol::rollout::{
 };
 
 mod announce;
+mod approvals;
 mod election;
 mod install;
 mod rollout;
@@ -324,6 +325,10 @@ struct Node {
     audit: std::sync::mpsc::Sender<Entry>,
     /// The rollout this node follows.
     rollout: Option<Rollout>,
+    /// Changes waiting for approvals, by id.
+    pending: BTreeMap<String, approvals::Pending>,
+    /// Requests rejected lately, oldest first.
+    rejected: Vec<approvals::Rejected>,
     /// The last rollout command this node refused: (id, reason).
     refused_command: Option<(String, String)>,
     /// Commands refused lately (by id and reason), so each is recorded once.
@@ -481,6 +486,8 @@ pub async fn run(
         crate::control::listen(&config.state, control_tx)?,
     ));
     let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
+    let (pending, rejected) =
+        approvals::SavedRequests::load(&config.state, &config.trust_admin, &config.site);
     let (fetcher, fetcher_handle, mut found) = Fetcher::new(
         config.origin.clone(),
         config.origin_stall,
@@ -543,6 +550,8 @@ pub async fn run(
         heartbeats_sent: 0,
         announce_until: 0,
         rollout,
+        pending,
+        rejected,
         guard,
         audit: audit_tx,
         asked: HashMap::new(),
@@ -961,7 +970,12 @@ impl Node {
                                 commands: r.commands(),
                             }
                         }
-                        _ => Response::Unknown,
+                        _ => match self.pending.get(id) {
+                            Some(p) => Response::Commands {
+                                commands: vec![p.signed.clone()],
+                            },
+                            None => Response::Unknown,
+                        },
                     },
                     _ => Response::Unknown,
                 };

@@ -95,7 +95,9 @@ pub fn tally(
     }
 }
 
-fn counts(
+/// Whether one approval is by a trusted key over `request`'s exact bytes;
+/// the key it counts for.
+pub fn counts(
     request: &SignedCommand,
     a: &Approval,
     trusted: &[PublicKey],
@@ -139,6 +141,8 @@ mod tests {
                 waves: Vec::new(),
                 nodes: Vec::new(),
                 fleet: None,
+                reason: None,
+                now: false,
             },
             by,
         )

@@ -32,6 +32,9 @@ pub enum Action {
     /// Return to `version`, which the nodes still hold (the only way to
     /// install an older release).
     Rollback { version: String },
+    /// End the request `request` that waits for approvals (see
+    /// [`crate::approval`]): it can no longer start.
+    Reject { request: String },
 }
 
 /// A wave's size: a count of nodes, or a share of the site (cumulative:
@@ -104,6 +107,14 @@ pub struct Command {
     /// site offline when its wave opened catches up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<String>,
+    /// Why: shown with the request while it waits for approval, and in
+    /// the change's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Apply now, outside the nodes' apply windows (an admin's signed
+    /// override).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub now: bool,
 }
 
 /// A command with its signature, as gossiped.
@@ -115,6 +126,10 @@ pub struct SignedCommand {
     pub key: String,
     /// 128 hex digits: ed25519 over the bytes of `command`.
     pub signature: String,
+    /// Other admins' signatures over the same bytes, where the site needs
+    /// more than one ([`crate::approval`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<crate::approval::Approval>,
 }
 
 /// Why a node refused a command. Each message says what was wrong.
@@ -147,6 +162,7 @@ pub fn sign(command: &Command, key: &SecretKey) -> SignedCommand {
         command: text,
         key: key.public().to_string(),
         signature: signature.to_hex(),
+        approvals: Vec::new(),
     }
 }
 
@@ -395,6 +411,8 @@ mod tests {
             waves: parse_waves("1,25%,100%").expect("waves"),
             nodes: nodes(3),
             fleet: None,
+            reason: None,
+            now: false,
         }
     }
 

@@ -41,6 +41,8 @@ fn command(site: &str, action: Action, id: &str) -> Command {
         waves: Vec::new(),
         nodes: Vec::new(),
         fleet: None,
+        reason: None,
+        now: false,
     }
 }
 

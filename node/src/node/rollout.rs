@@ -46,7 +46,7 @@ impl Rollout {
         let (version, back) = match &command.action {
             Action::Rollout { version } => (version.clone(), false),
             Action::Rollback { version } => (version.clone(), true),
-            Action::Abort => return None,
+            Action::Abort | Action::Reject { .. } => return None,
         };
         // A rollback is one wave: every node returns at once.
         let sizes = if back {
@@ -140,11 +140,7 @@ pub(super) fn audit_writer(
 pub(super) fn command_fields(command: Option<&Command>) -> Entry {
     let mut entry = Entry::default_at(now_unix_ms());
     if let Some(c) = command {
-        let (action, version) = match &c.action {
-            Action::Rollout { version } => ("rollout", Some(version.clone())),
-            Action::Abort => ("abort", None),
-            Action::Rollback { version } => ("rollback", Some(version.clone())),
-        };
+        let (action, version) = super::approvals::action_version(&c.action);
         entry.action = Some(action.into());
         entry.version = version;
         entry.id = Some(c.id.clone());
@@ -198,6 +194,14 @@ impl Node {
         signed: SignedCommand,
         catch_up: bool,
     ) -> Result<(), String> {
+        // A change that needs more than one admin waits for approvals.
+        let (trusted, site) = (&self.config.trust_admin, &self.config.site);
+        if let Ok(command) = lanup_protocol::rollout::authenticate(&signed, trusted, site) {
+            let needed = self.threshold(&command.action);
+            if needed > 1 {
+                return self.on_request(from, command, signed, needed);
+            }
+        }
         // One freshness rule for every path, by the site's clock.
         let offset = self.site_offset_ms();
         let site_now = now_unix_ms().saturating_add_signed(offset);
@@ -242,7 +246,19 @@ impl Node {
             reason: catch_up.then(|| "caught up: issued while this node was away".to_owned()),
             ..command_fields(Some(&command))
         });
+        self.follow_command(command, signed);
+        Ok(())
+    }
+
+    /// Acts on an accepted (and, where the site needs it, approved)
+    /// command.
+    pub(super) fn follow_command(&mut self, command: Command, signed: SignedCommand) {
         match &command.action {
+            Action::Reject { request } => {
+                let request = request.clone();
+                self.reject(&command, &signed, &request);
+                return;
+            }
             Action::Abort => {
                 let issued = command.issued_at_ms;
                 if let Some(r) = self
@@ -266,7 +282,6 @@ impl Node {
         }
         self.save_rollout();
         self.rollout_duties();
-        Ok(())
     }
 
     /// The origin's fleet rollout file, as the fetcher read it: this

@@ -168,16 +168,27 @@ impl Node {
         reply: mpsc::Sender<serde_json::Value>,
     ) {
         if let ControlRequest::Rollout { signed } = request {
+            let id = serde_json::from_str::<Command>(&signed.command).map(|c| c.id);
             let answer = match self.on_cli_command(signed.clone()) {
                 Ok(()) => {
                     let net = self.net.clone();
                     let topic = self.rollout_topic.clone();
-                    if let Ok(data) = serde_json::to_vec(&signed) {
+                    // The site is sent the request with every approval that
+                    // counted here, so a node that missed one catches up.
+                    let id = id.unwrap_or_default();
+                    let merged = self.merged(&id).unwrap_or(signed);
+                    if let Ok(data) = serde_json::to_vec(&merged) {
                         tokio::spawn(async move {
                             let _ = net.publish(&topic, data).await;
                         });
                     }
-                    serde_json::json!({ "accepted": true, "rollout": self.rollout_json() })
+                    let waiting = self.pending.contains_key(&id);
+                    serde_json::json!({
+                        "accepted": true,
+                        "waiting": waiting,
+                        "rollout": self.rollout_json(),
+                        "requests": self.requests_json(),
+                    })
                 }
                 Err(reason) => serde_json::json!({ "error": format!("refused: {reason}") }),
             };
@@ -270,6 +281,7 @@ impl Node {
                     "site": self.config.site,
                     "nodes": nodes,
                     "rollout": self.rollout_json(),
+                    "requests": self.requests_json(),
                     "site_clock_offset_ms": self.site_offset_ms(),
                     "reports": reports,
                 })
