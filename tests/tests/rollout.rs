@@ -14,19 +14,19 @@ use crate::common::*;
 use crate::swarm::free_port;
 
 /// `lanup status --json` of a node: the whole site and the rollout.
-fn site_status(state: &Path) -> serde_json::Value {
+pub(crate) fn site_status(state: &Path) -> serde_json::Value {
     serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"])).expect("JSON")
 }
 
 /// `lanup history --json` of a node, one entry per line.
-fn history(state: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn history(state: &Path) -> Vec<serde_json::Value> {
     run_ok(&["history", "--state", s(state), "--json"])
         .lines()
         .map(|l| serde_json::from_str(l).expect("history JSON"))
         .collect()
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -166,15 +166,43 @@ fn unsigned_wrong_key_tampered_and_replayed_commands_are_refused_by_every_node()
 /// A site of `n` nodes on loopback, each with the sample application in
 /// its own install directory, v1 installed and running on all of them and
 /// v2 published and staged.
-struct Fleet {
-    site: crate::swarm::LoopSite,
-    origin: OriginProc,
+pub(crate) struct Fleet {
+    pub(crate) site: crate::swarm::LoopSite,
+    pub(crate) origin: OriginProc,
     publisher: String,
     configs: Vec<std::path::PathBuf>,
-    installs: Vec<std::path::PathBuf>,
-    admin: (std::path::PathBuf, String),
+    pub(crate) installs: Vec<std::path::PathBuf>,
+    pub(crate) admin: (std::path::PathBuf, String),
+    /// Every trusted admin key, `admin` first.
+    pub(crate) admins: Vec<(std::path::PathBuf, String)>,
+    pub(crate) root: std::path::PathBuf,
     _apps: Vec<crate::apply::KillUnder>,
     _tmp: tempfile::TempDir,
+}
+
+/// How a [`Fleet`] is made beyond its size.
+pub(crate) struct FleetOptions<'a> {
+    pub(crate) v2_behaviour: Option<&'a str>,
+    pub(crate) health_after: &'a str,
+    pub(crate) away: Option<usize>,
+    pub(crate) skewed: Option<usize>,
+    /// Trusted admin keys (at least one).
+    pub(crate) admins: usize,
+    /// Top-level config lines for node `i`.
+    pub(crate) extra: &'a dyn Fn(usize) -> String,
+}
+
+impl Default for FleetOptions<'_> {
+    fn default() -> Self {
+        FleetOptions {
+            v2_behaviour: None,
+            health_after: "500ms",
+            away: None,
+            skewed: None,
+            admins: 1,
+            extra: &|_| String::new(),
+        }
+    }
 }
 
 impl Fleet {
@@ -206,13 +234,38 @@ impl Fleet {
         away: Option<usize>,
         skewed: Option<usize>,
     ) -> Fleet {
+        Fleet::build_with(
+            n,
+            FleetOptions {
+                v2_behaviour,
+                health_after,
+                away,
+                skewed,
+                ..FleetOptions::default()
+            },
+        )
+    }
+
+    pub(crate) fn build_with(n: usize, o: FleetOptions<'_>) -> Fleet {
         use crate::apply::{app_tree, KillUnder};
+        let FleetOptions {
+            v2_behaviour,
+            health_after,
+            away,
+            skewed,
+            admins,
+            extra,
+        } = o;
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
         let www = root.join("www");
         std::fs::create_dir_all(&www).expect("mkdir");
         let key = keygen(&root, "publisher.key");
-        let admin = keygen(&root, "admin.key");
+        let admins: Vec<_> = (0..admins.max(1))
+            .map(|i| keygen(&root, &format!("admin{i}.key")))
+            .collect();
+        let admin = admins[0].clone();
+        let trusted: Vec<String> = admins.iter().map(|a| format!("\"{}\"", a.1)).collect();
         let origin = OriginProc::start(&www, None);
         let mut site = crate::swarm::LoopSite::new(&root, n);
         let installs: Vec<_> = (0..n).map(|i| root.join(format!("install{i}"))).collect();
@@ -226,8 +279,9 @@ impl Fleet {
             std::fs::write(
                 config,
                 format!(
-                    "trust_admin = [\"{}\"]\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"{health_after}\"\n",
-                    admin.1,
+                    "trust_admin = [{}]\n{}\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"{health_after}\"\n",
+                    trusted.join(", "),
+                    extra(i),
                     install.display()
                 ),
             )
@@ -279,6 +333,8 @@ impl Fleet {
             configs,
             installs,
             admin,
+            admins,
+            root,
             _apps: apps,
             _tmp: tmp,
         }
@@ -294,7 +350,7 @@ impl Fleet {
     }
 
     /// Waits until node `i` hears exactly `n` nodes (itself included).
-    fn wait_site_size(&self, i: usize, n: usize) {
+    pub(crate) fn wait_site_size(&self, i: usize, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let status = site_status(&self.site.states[i]);
@@ -310,7 +366,7 @@ impl Fleet {
     }
 
     /// Waits until install `i` runs `version`, committed.
-    fn wait_running(&self, i: usize, version: &str) {
+    pub(crate) fn wait_running(&self, i: usize, version: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let committed = || {
             let own = own_status(&self.site.states[i]);
@@ -328,7 +384,7 @@ impl Fleet {
     }
 
     /// `lanup rollout 2.0.0 --waves WAVES --wait` from node `from`.
-    fn rollout_wait(&self, from: usize, waves: &str) -> std::process::Output {
+    pub(crate) fn rollout_wait(&self, from: usize, waves: &str) -> std::process::Output {
         run(&[
             "rollout",
             "2.0.0",
@@ -343,14 +399,14 @@ impl Fleet {
     }
 
     /// A node that is not the site's fetcher.
-    fn not_the_fetcher(&self) -> usize {
+    pub(crate) fn not_the_fetcher(&self) -> usize {
         (0..self.site.states.len())
             .find(|&i| own_status(&self.site.states[i])["fetcher"] == false)
             .expect("a node that is not the fetcher")
     }
 
     /// This node's PeerId.
-    fn peer_id(&self, i: usize) -> String {
+    pub(crate) fn peer_id(&self, i: usize) -> String {
         own_status(&self.site.states[i])["peer_id"]
             .as_str()
             .expect("own peer id")
@@ -358,14 +414,14 @@ impl Fleet {
     }
 
     /// The version the application in install `i` runs, if it runs.
-    fn running(&self, i: usize) -> Option<String> {
+    pub(crate) fn running(&self, i: usize) -> Option<String> {
         let text = std::fs::read_to_string(self.installs[i].join("var/current")).ok()?;
         let (version, pid) = text.trim().split_once(' ')?;
         crate::apply::alive(pid.parse().ok()?).then(|| version.to_owned())
     }
 
     /// `at_ms` of the first history entry of node `i` with `event`.
-    fn at(&self, i: usize, event: &str) -> Option<u64> {
+    pub(crate) fn at(&self, i: usize, event: &str) -> Option<u64> {
         history(&self.site.states[i])
             .iter()
             .find(|e| e["event"] == event && e["version"] == "2.0.0")

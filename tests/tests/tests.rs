@@ -4,6 +4,7 @@
 mod announce;
 mod apply;
 mod bad_input;
+mod change;
 mod common;
 mod crash;
 mod demo;
