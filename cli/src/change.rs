@@ -200,3 +200,41 @@ pub(crate) fn print_requests(status: &serde_json::Value) {
         );
     }
 }
+
+/// The site's redundancy groups (members in the order they update) and
+/// what each waiting node waits for, below `lanup status`'s table.
+pub(crate) fn print_groups_and_waits(nodes: &[serde_json::Value]) {
+    let mut groups: std::collections::BTreeMap<&str, Vec<(u8, i64, String)>> =
+        std::collections::BTreeMap::new();
+    for n in nodes {
+        let Some(group) = n["group"].as_str() else {
+            continue;
+        };
+        let role = n["role"].as_str();
+        let rank = match role {
+            Some("standby") => 0,
+            Some("active") => 2,
+            _ => 1,
+        };
+        let id = crate::commands::short_id(n["peer_id"].as_str().unwrap_or("?"));
+        let priority = n["priority"].as_i64().unwrap_or(0);
+        let shown = match role {
+            Some(role) => format!("{id} ({role})"),
+            None => format!("{id} (priority {priority})"),
+        };
+        groups.entry(group).or_default().push((rank, priority, shown));
+    }
+    for (group, mut members) in groups {
+        members.sort();
+        let order: Vec<String> = members.into_iter().map(|(_, _, m)| m).collect();
+        println!("group {group}: {}", order.join(", then "));
+    }
+    for n in nodes {
+        if let Some(why) = n["waiting"].as_str() {
+            println!(
+                "{} waits: {why}",
+                crate::commands::short_id(n["peer_id"].as_str().unwrap_or("?"))
+            );
+        }
+    }
+}

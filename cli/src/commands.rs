@@ -597,6 +597,20 @@ pub(crate) fn issue(
         .filter_map(|n| n["peer_id"].as_str().map(str::to_owned))
         .collect();
     let abort = matches!(action, Action::Abort | Action::Reject { .. });
+    // The nodes' redundancy groups, so every node orders the waves alike.
+    let groups = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            let member = lanup_protocol::group::Member {
+                group: n["group"].as_str()?.to_owned(),
+                role: n["role"].as_str().map(str::to_owned),
+                priority: n["priority"].as_i64().unwrap_or(0) as i32,
+            };
+            Some((n["peer_id"].as_str()?.to_owned(), member))
+        })
+        .collect();
     let command = RolloutCommand {
         site,
         action,
@@ -611,6 +625,7 @@ pub(crate) fn issue(
         fleet: None,
         reason: change.reason.clone(),
         now: change.now,
+        groups: if abort { Default::default() } else { groups },
     };
     let signed = sign(&command, &key);
     let answer = node.ask(ControlRequest::Rollout { signed })?;
@@ -862,6 +877,8 @@ impl RolloutBars {
                 format!("installed {version}")
             } else if let Some(step) = n["apply_step"].as_str() {
                 format!("applying: {step}")
+            } else if let Some(why) = n["waiting"].as_str() {
+                format!("waits: {why}")
             } else if n["failed_version"] == version || n["state"] == "rolled-back" {
                 format!("rolled back: {}", n["last_error"].as_str().unwrap_or("?"))
             } else {
@@ -1111,6 +1128,7 @@ fn print_status(answer: &serde_json::Value) {
         );
     }
     println!("● this node   * the site's fetcher (the one node that talks to the origin)");
+    crate::change::print_groups_and_waits(&nodes);
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

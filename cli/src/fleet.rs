@@ -167,6 +167,7 @@ fn site_command(
             fleet: Some(fleet.to_owned()),
             reason: None,
             now: false,
+            groups: Default::default(),
         },
         key,
     )

@@ -358,34 +358,46 @@ impl App {
     }
 
     fn run_health_command(&self, argv: &[String]) -> Result<(), AppError> {
-        let shown = argv.join(" ");
-        let unhealthy = |reason: String| AppError::Unhealthy {
-            command: shown.clone(),
-            reason,
+        self.run_bounded(argv, self.config.health_timeout, "app.health_timeout")
+            .map_err(|reason| AppError::Unhealthy {
+                command: argv.join(" "),
+                reason,
+            })
+    }
+
+    /// Runs `argv` in the install directory (a relative program found
+    /// there); `Err` says why it failed: it could not start, it exited
+    /// non-zero, or it did not finish within `timeout` (`setting` names
+    /// the config key) and was killed.
+    pub fn run_bounded(
+        &self,
+        argv: &[String],
+        timeout: Duration,
+        setting: &str,
+    ) -> Result<(), String> {
+        let Some(program) = argv.first() else {
+            return Err("no program given".into());
         };
-        let mut child = Command::new(self.program(&argv[0]))
+        let mut child = Command::new(self.program(program))
             .args(&argv[1..])
             .current_dir(&self.config.install_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| unhealthy(format!("cannot run it: {e}")))?;
-        let deadline = Instant::now() + self.config.health_timeout;
+            .map_err(|e| format!("cannot run it: {e}"))?;
+        let deadline = Instant::now() + timeout;
         loop {
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => return Err(unhealthy(format!("it exited {status}"))),
+                Ok(Some(status)) => return Err(format!("it exited {status}")),
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(unhealthy(format!(
-                        "no answer within {:?} (app.health_timeout)",
-                        self.config.health_timeout
-                    )));
+                    return Err(format!("no answer within {timeout:?} ({setting})"));
                 }
                 Ok(None) => std::thread::sleep(POLL),
-                Err(e) => return Err(unhealthy(e.to_string())),
+                Err(e) => return Err(e.to_string()),
             }
         }
     }

@@ -23,7 +23,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use lanup_protocol::journal::{
@@ -87,6 +87,11 @@ pub struct Release {
     /// A signed rollback: the release must be older than the installed one
     /// (otherwise it must be newer).
     pub rollback: bool,
+    /// Run before the application stops, so a standby can take over (an
+    /// active member of a redundancy group): the program and arguments,
+    /// and how long it may take. Its failure ends the apply before
+    /// anything stopped.
+    pub switchover: Option<(Vec<String>, Duration)>,
 }
 
 /// What `STATE/installed/install.json` records beside the manifest.
@@ -311,6 +316,16 @@ impl Applier {
             .as_ref()
             .and_then(|i| i.manifest.restart.app_name.clone());
         let name = self.app.name(old_name.as_deref());
+        if let Some((argv, timeout)) = &release.switchover {
+            if let Err(e) = self.app.run_bounded(argv, *timeout, "switchover_timeout") {
+                let reason = format!("the switchover command `{}` failed: {e}", argv.join(" "));
+                return self.roll_back(journal, reason, &mut say);
+            }
+            say(
+                "switchover",
+                format!("ran the switchover command `{}`", argv.join(" ")),
+            );
+        }
         let stopped = match self.app.stop(name) {
             Ok(s) => s,
             Err(e) => return self.roll_back(journal, format!("{e}"), &mut say),

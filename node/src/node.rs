@@ -66,6 +66,7 @@ use lanup_protocol::rollout::{
 mod announce;
 mod approvals;
 mod election;
+mod gates;
 mod install;
 mod rollout;
 mod status;
@@ -172,6 +173,13 @@ struct Heartbeat {
     /// why, instead of waiting for good.
     #[serde(default)]
     refused: Option<(String, String)>,
+    /// The sender's redundancy group and its place in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    member: Option<lanup_protocol::group::Member>,
+    /// What the sender's apply waits for (its window, its group), when its
+    /// wave has come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    waiting: Option<String>,
 }
 
 #[derive(Debug)]
@@ -329,6 +337,8 @@ struct Node {
     pending: BTreeMap<String, approvals::Pending>,
     /// Requests rejected lately, oldest first.
     rejected: Vec<approvals::Rejected>,
+    /// What this node's apply waits for, when its wave has come.
+    waiting: Option<String>,
     /// The last rollout command this node refused: (id, reason).
     refused_command: Option<(String, String)>,
     /// Commands refused lately (by id and reason), so each is recorded once.
@@ -552,6 +562,7 @@ pub async fn run(
         rollout,
         pending,
         rejected,
+        waiting: None,
         guard,
         audit: audit_tx,
         asked: HashMap::new(),
@@ -607,6 +618,7 @@ pub async fn run(
                 node.watch_fetcher();
                 node.fetcher_duties();
                 node.rollout_duties();
+                node.maybe_auto_apply();
                 node.report_duties();
             }
             // Ticks only while chunks move: an idle node sleeps.

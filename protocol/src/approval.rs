@@ -143,6 +143,7 @@ mod tests {
                 fleet: None,
                 reason: None,
                 now: false,
+                groups: Default::default(),
             },
             by,
         )

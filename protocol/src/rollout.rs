@@ -115,6 +115,10 @@ pub struct Command {
     /// override).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub now: bool,
+    /// The redundancy groups of the nodes named, as the issuing node heard
+    /// them: every node orders the waves by them the same way.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, crate::group::Member>,
 }
 
 /// A command with its signature, as gossiped.
@@ -413,6 +417,7 @@ mod tests {
             fleet: None,
             reason: None,
             now: false,
+            groups: Default::default(),
         }
     }
 

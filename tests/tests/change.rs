@@ -118,6 +118,7 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
         fleet: None,
         reason: None,
         now: false,
+        groups: Default::default(),
     };
     let old = sign(&old, &alice_key);
     let approved_old = SignedCommand {

@@ -43,6 +43,7 @@ fn command(site: &str, action: Action, id: &str) -> Command {
         fleet: None,
         reason: None,
         now: false,
+        groups: Default::default(),
     }
 }
 

@@ -19,6 +19,7 @@ impl Node {
                 signature: t.signature.clone(),
                 staged: self.config.state.join("staging").join(version),
                 rollback: false,
+                switchover: None,
             }),
             Some(_) => anyhow::bail!("{version} is not staged yet (it is still being fetched)"),
             None => anyhow::bail!(
@@ -46,9 +47,22 @@ impl Node {
     /// Starts installing `release` (see [`Node::start_apply`]).
     pub(super) fn start_apply_release(
         &mut self,
-        release: Release,
+        mut release: Release,
         reply: Option<mpsc::Sender<serde_json::Value>>,
     ) -> Result<()> {
+        // The active member of a redundancy group hands over to its standby
+        // before it stops.
+        let policy = &self.config.policy;
+        let active = policy
+            .member
+            .as_ref()
+            .is_some_and(|m| m.role.as_deref() == Some("active"));
+        if active {
+            release.switchover = policy
+                .switchover_command
+                .clone()
+                .map(|c| (c, policy.switchover_timeout));
+        }
         if crate::upgrade::is_lanup(&release.manifest) {
             return self.hand_over(release, reply);
         }
@@ -148,6 +162,10 @@ impl Node {
             || self.applying.is_some()
             || self.failed_releases.contains(&version)
         {
+            return;
+        }
+        if let Some(why) = self.held_back(&version, None, false) {
+            self.set_waiting(Some(why));
             return;
         }
         if !t.manifest.restart.allow {

@@ -54,7 +54,12 @@ impl Rollout {
         } else {
             command.waves.clone()
         };
-        let waves = assign_waves(&command.id, &command.nodes, &sizes);
+        // Within a redundancy group, no member is in an earlier wave than
+        // one that goes before it (standbys first).
+        let waves = lanup_protocol::group::order_waves(
+            &assign_waves(&command.id, &command.nodes, &sizes),
+            &command.groups,
+        );
         Some(Rollout {
             version,
             back,
@@ -460,6 +465,7 @@ impl Node {
             .position(|w| w.contains(&me))
             .unwrap_or(r.waves.len().saturating_sub(1));
         let (id, back, waves_len, was_done) = (r.command.id.clone(), r.back, r.waves.len(), r.done);
+        let now = r.command.now;
         let action = if back { "rollback" } else { "rollout" };
         let due = match stage {
             Stage::Halted { node, reason } => {
@@ -503,8 +509,17 @@ impl Node {
             || self.applying.is_some()
             || self.failed_releases.contains(&version)
         {
+            if self.applying.is_none() {
+                self.set_waiting(None);
+            }
             return;
         }
+        // Its window and its redundancy group may hold it back.
+        if let Some(why) = self.held_back(&version, Some(&id), now) {
+            self.set_waiting(Some(why));
+            return;
+        }
+        self.set_waiting(None);
         let release = if back {
             self.stored_release(&version)
         } else {
@@ -646,6 +661,7 @@ impl Node {
             signature,
             staged,
             rollback: true,
+            switchover: None,
         })
     }
 }

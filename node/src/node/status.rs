@@ -152,6 +152,8 @@ impl Node {
             downloading: self.downloading(),
             clock_ms: now_unix_ms(),
             refused: self.refused_command.clone(),
+            member: self.config.policy.member.clone(),
+            waiting: self.waiting.clone(),
             suspects: self
                 .suspects
                 .iter()
@@ -227,6 +229,10 @@ impl Node {
                 "origin_bytes": hb.map_or(0, |h| h.origin_bytes),
                 "last_seen_ms": last_seen_ms,
                 "fetcher": false,
+                "group": hb.and_then(|h| h.member.as_ref()).map(|m| m.group.clone()),
+                "role": hb.and_then(|h| h.member.as_ref()).and_then(|m| m.role.clone()),
+                "priority": hb.and_then(|h| h.member.as_ref()).map(|m| m.priority),
+                "waiting": hb.and_then(|h| h.waiting.clone()),
             })
         };
         match request {
