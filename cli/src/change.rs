@@ -120,12 +120,19 @@ fn pending(node: &LocalNode, id: &str) -> Result<(serde_json::Value, SignedComma
     if let Some(Err(ended)) = waiting_for(&status, id) {
         bail!("{ended}");
     }
-    let list = status["requests"]["pending"].as_array().cloned().unwrap_or_default();
+    let list = status["requests"]["pending"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let Some(r) = list.iter().find(|r| r["id"] == id) else {
         let ids: Vec<&str> = list.iter().filter_map(|r| r["id"].as_str()).collect();
         bail!(
             "no change {id} waits for approval on this node (waiting: {})",
-            if ids.is_empty() { "none".to_owned() } else { ids.join(", ") }
+            if ids.is_empty() {
+                "none".to_owned()
+            } else {
+                ids.join(", ")
+            }
         );
     };
     let signed: SignedCommand = serde_json::from_value(r["signed"].clone())?;
@@ -153,7 +160,10 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<ExitCode> {
             .cloned()
             .unwrap_or_default();
         let (have, needed) = count(&r);
-        println!("approved by {}: {have} of {needed}; it waits for more", key.public());
+        println!(
+            "approved by {}: {have} of {needed}; it waits for more",
+            key.public()
+        );
     } else {
         println!("approved by {}: the change starts", key.public());
     }
@@ -183,7 +193,11 @@ pub(crate) fn reject(args: RejectArgs) -> Result<ExitCode> {
 /// The changes waiting for approval, and those rejected, for
 /// `lanup status`.
 pub(crate) fn print_requests(status: &serde_json::Value) {
-    for r in status["requests"]["pending"].as_array().into_iter().flatten() {
+    for r in status["requests"]["pending"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let (have, needed) = count(r);
         println!(
             "waiting for approval: {} (id {}), {have} of {needed} admins have signed{}",
@@ -194,7 +208,10 @@ pub(crate) fn print_requests(status: &serde_json::Value) {
                 .filter(|v| !v.is_empty())
                 .map(|v| format!(
                     "; refused: {}",
-                    v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("; ")
+                    v.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ))
                 .unwrap_or_default()
         );
@@ -222,7 +239,10 @@ pub(crate) fn print_groups_and_waits(nodes: &[serde_json::Value]) {
             Some(role) => format!("{id} ({role})"),
             None => format!("{id} (priority {priority})"),
         };
-        groups.entry(group).or_default().push((rank, priority, shown));
+        groups
+            .entry(group)
+            .or_default()
+            .push((rank, priority, shown));
     }
     for (group, mut members) in groups {
         members.sort();

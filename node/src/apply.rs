@@ -318,8 +318,13 @@ impl Applier {
         let name = self.app.name(old_name.as_deref());
         if let Some((argv, timeout)) = &release.switchover {
             if let Err(e) = self.app.run_bounded(argv, *timeout, "switchover_timeout") {
+                // Nothing was moved and nothing stopped: the prepared
+                // copy is dropped and the application runs on untouched.
                 let reason = format!("the switchover command `{}` failed: {e}", argv.join(" "));
-                return self.roll_back(journal, reason, &mut say);
+                let _ = ignore_missing(fs::remove_file(self.journal_path()));
+                let _ = fs::remove_dir_all(self.work());
+                let _ = fs::remove_dir_all(self.next_dir());
+                return self.failed(&version, from, reason, &mut say);
             }
             say(
                 "switchover",

@@ -352,7 +352,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             wan_schedule: c.wan_schedule,
         },
         trust_admin.len(),
-        )?;
+    )?;
     Ok(NodeConfig {
         state: c.state.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE)),
         listen,

@@ -324,6 +324,9 @@ mod tests {
         assert_eq!(at, ms("2026-10-25T02:30:00Z"));
         assert_eq!(text, "Sun 03:30 +01:00");
         // Inside: nothing to wait for.
-        assert_eq!(next_opening(&windows, &berlin, ms("2026-10-25T03:00:00Z")), None);
+        assert_eq!(
+            next_opening(&windows, &berlin, ms("2026-10-25T03:00:00Z")),
+            None
+        );
     }
 }

@@ -56,8 +56,16 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
 
     // Alice asks: a request, nothing applies.
     let out = run_ok(&[
-        "rollout", "2.0.0", "--key", alice, "--state", s(&states[0]), "--waves", "100%",
-        "--reason", "fixes ticket 42",
+        "rollout",
+        "2.0.0",
+        "--key",
+        alice,
+        "--state",
+        s(&states[0]),
+        "--waves",
+        "100%",
+        "--reason",
+        "fixes ticket 42",
     ]);
     assert!(out.contains("waiting for approval, 1 of 2"), "{out}");
     let id = id_in(&out);
@@ -72,8 +80,7 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
     assert_eq!(r["reason"], "fixes ticket 42");
     let table = run_ok(&["status", "--state", s(&states[1])]);
     assert!(
-        table.contains("waiting for approval: rollout of 2.0.0")
-            && table.contains("1 of 2 admins"),
+        table.contains("waiting for approval: rollout of 2.0.0") && table.contains("1 of 2 admins"),
         "{table}"
     );
 
@@ -82,7 +89,14 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("approved already"));
     // An untrusted key does not count.
-    let stranger = run(&["approve", &id, "--key", s(&mallory_file), "--state", s(&states[0])]);
+    let stranger = run(&[
+        "approve",
+        &id,
+        "--key",
+        s(&mallory_file),
+        "--state",
+        s(&states[0]),
+    ]);
     assert!(!stranger.status.success());
     assert!(String::from_utf8_lossy(&stranger.stderr).contains("not a trusted admin key"));
     // Bob's signature over other bytes does not count either.
@@ -105,7 +119,10 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
 
     // A request older than a day can no longer be approved.
     let alice_key = lanup_node::keys::load_secret(Path::new(alice)).expect("alice");
-    let site = site_status(&states[0])["site"].as_str().expect("site").to_owned();
+    let site = site_status(&states[0])["site"]
+        .as_str()
+        .expect("site")
+        .to_owned();
     let old = Command {
         site: site.clone(),
         action: Action::Rollout {
@@ -127,17 +144,33 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
     };
     let answer = hand(&states[0], approved_old);
     assert!(
-        answer["error"].as_str().is_some_and(|e| e.contains("expired")),
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("expired")),
         "{answer}"
     );
 
     // A second request, rejected by Bob, can no longer be approved.
     let out = run_ok(&[
-        "rollout", "2.0.0", "--key", alice, "--state", s(&states[0]), "--waves", "1,100%",
+        "rollout",
+        "2.0.0",
+        "--key",
+        alice,
+        "--state",
+        s(&states[0]),
+        "--waves",
+        "1,100%",
     ]);
     let second = id_in(&out);
     let out = run_ok(&[
-        "reject", &second, "--key", bob, "--state", s(&states[0]), "--reason", "not before the audit",
+        "reject",
+        &second,
+        "--key",
+        bob,
+        "--state",
+        s(&states[0]),
+        "--reason",
+        "not before the audit",
     ]);
     assert!(out.contains("rejected"), "{out}");
     let late = run(&["approve", &second, "--key", bob, "--state", s(&states[0])]);
@@ -161,7 +194,11 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
     for i in 0..2 {
         fleet.wait_running(i, "2.0.0");
         let h = history(&states[i]);
-        let of = |event: &str| h.iter().filter(|e| e["event"] == event && e["id"] == id.as_str()).count();
+        let of = |event: &str| {
+            h.iter()
+                .filter(|e| e["event"] == event && e["id"] == id.as_str())
+                .count()
+        };
         assert_eq!(of("requested"), 1, "node {i}: {h:#?}");
         assert_eq!(of("approved"), 1, "node {i}: {h:#?}");
         let accepted = h
@@ -169,10 +206,14 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
             .find(|e| e["event"] == "accepted" && e["id"] == id.as_str())
             .expect("accepted");
         assert!(
-            accepted["reason"].as_str().is_some_and(|r| r.contains("approved by 2 of 2")),
+            accepted["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("approved by 2 of 2")),
             "{accepted}"
         );
-        assert!(h.iter().any(|e| e["event"] == "rejected" && e["id"] == second.as_str()));
+        assert!(h
+            .iter()
+            .any(|e| e["event"] == "rejected" && e["id"] == second.as_str()));
     }
     // The refused approvals were recorded where they were given.
     let h = history(&states[0]);
@@ -182,8 +223,282 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
         .filter_map(|e| e["reason"].as_str())
         .collect();
     assert!(
-        refused.iter().any(|r| r.contains("not a trusted admin key"))
-            && refused.iter().any(|r| r.contains("not over this request's bytes")),
+        refused
+            .iter()
+            .any(|r| r.contains("not a trusted admin key"))
+            && refused
+                .iter()
+                .any(|r| r.contains("not over this request's bytes")),
         "{refused:?}"
+    );
+}
+
+/// Group config for the five-node site: two groups of a standby and an
+/// active, and one lone node. Each active's switchover command records
+/// that its application still ran when it was called.
+fn grouped(i: usize, log: &Path) -> String {
+    let (group, role) = match i {
+        0 => ("line-1", "standby"),
+        1 => ("line-1", "active"),
+        2 => ("line-2", "standby"),
+        3 => ("line-2", "active"),
+        _ => return String::new(),
+    };
+    format!(
+        "group = \"{group}\"\nrole = \"{role}\"\nswitchover_command = [\"/bin/sh\", \"-c\", \"pid=$(cut -d' ' -f2 var/current) && kill -0 $pid && echo \\\"{i} $(cat var/current)\\\" >> {}\"]\nswitchover_timeout = \"10s\"",
+        log.display()
+    )
+}
+
+#[test]
+fn redundant_pairs_update_standby_first_and_are_never_down_together() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let log = logs.path().join("switchover.log");
+    let extra = |i: usize| grouped(i, &log);
+    let fleet = Fleet::build_with(
+        5,
+        FleetOptions {
+            health_after: "1s",
+            extra: &extra,
+            ..FleetOptions::default()
+        },
+    );
+    let states = &fleet.site.states;
+    // Status shows the groups, standby first.
+    fleet.wait_site_size(4, 5);
+    let table = run_ok(&["status", "--state", s(&states[4])]);
+    assert!(
+        table.contains("group line-1: ") && table.contains("(standby), then "),
+        "{table}"
+    );
+    let mut rollout = std::process::Command::new(lanup_bin());
+    rollout.args([
+        "rollout",
+        "2.0.0",
+        "--key",
+        s(&fleet.admin.0),
+        "--state",
+        s(&states[4]),
+        "--waves",
+        "1,100%",
+        "--wait",
+        "--timeout",
+        "2m",
+    ]);
+    rollout
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let peers: Vec<String> = (0..5).map(|i| fleet.peer_id(i)).collect();
+    let child = rollout.spawn().expect("rollout runs");
+    // Sample every 100 ms: never both members of a pair without their
+    // application, never both applying.
+    let pairs = [(0, 1), (2, 3)];
+    let mut samples = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (0..5).any(|i| fleet.running(i).as_deref() != Some("2.0.0")) {
+        assert!(Instant::now() < deadline, "the rollout did not finish");
+        let nodes = site_status(&states[4])["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let applying = |i: usize| {
+            nodes
+                .iter()
+                .any(|n| n["peer_id"] == peers[i].as_str() && n["state"] == "applying")
+        };
+        for (a, b) in pairs {
+            assert!(
+                fleet.running(a).is_some() || fleet.running(b).is_some(),
+                "both members of the pair ({a}, {b}) are down"
+            );
+            assert!(!(applying(a) && applying(b)), "({a}, {b}) apply together");
+        }
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("rollout ends");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(samples > 10, "only {samples} samples");
+    for (standby, active) in pairs {
+        let began = fleet.at(active, "applying").expect("the active applied");
+        let standby_done = fleet.at(standby, "applied").expect("the standby applied");
+        assert!(
+            began >= standby_done,
+            "active {active} began at {began}, before standby {standby} was done at {standby_done}"
+        );
+    }
+    // Each active's switchover ran while its old application still ran;
+    // no standby's did.
+    let ran = std::fs::read_to_string(&log).expect("switchover log");
+    let mut who: Vec<&str> = ran.lines().filter_map(|l| l.split(' ').next()).collect();
+    who.sort_unstable();
+    assert_eq!(who, ["1", "3"], "{ran}");
+    assert!(ran.lines().all(|l| l.contains(" 1.0.0 ")), "{ran}");
+}
+
+#[test]
+fn a_standby_whose_release_fails_halts_its_group_and_the_active_is_untouched() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let log = logs.path().join("switchover.log");
+    let extra = |i: usize| grouped(i, &log);
+    let fleet = Fleet::build_with(
+        2,
+        FleetOptions {
+            v2_behaviour: Some("exit"),
+            extra: &extra,
+            ..FleetOptions::default()
+        },
+    );
+    let pid_before = std::fs::read_to_string(fleet.installs[1].join("var/current")).expect("pid");
+    let out = fleet.rollout_wait(1, "100%");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rollout halted by"), "{stderr}");
+    // The standby rolled back; the active never began and its application
+    // was never stopped.
+    assert!(fleet.at(0, "rolled-back").is_some());
+    assert_eq!(fleet.at(1, "applying"), None);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.at(1, "applying"), None);
+    let pid_after = std::fs::read_to_string(fleet.installs[1].join("var/current")).expect("pid");
+    assert_eq!(pid_before, pid_after);
+    assert_eq!(fleet.running(1).as_deref(), Some("1.0.0"));
+    assert!(!log.exists(), "no switchover ran");
+}
+
+#[test]
+fn a_failing_switchover_ends_the_actives_apply_before_its_application_stops() {
+    let extra = |i: usize| match i {
+        0 => "group = \"g\"\nrole = \"standby\"".to_owned(),
+        _ => "group = \"g\"\nrole = \"active\"\nswitchover_command = [\"/bin/false\"]".to_owned(),
+    };
+    let fleet = Fleet::build_with(
+        2,
+        FleetOptions {
+            extra: &extra,
+            ..FleetOptions::default()
+        },
+    );
+    let pid_before = std::fs::read_to_string(fleet.installs[1].join("var/current")).expect("pid");
+    let out = fleet.rollout_wait(0, "100%");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("switchover command `/bin/false` failed"),
+        "{stderr}"
+    );
+    assert_eq!(fleet.running(0).as_deref(), Some("2.0.0"));
+    assert_eq!(fleet.running(1).as_deref(), Some("1.0.0"));
+    let pid_after = std::fs::read_to_string(fleet.installs[1].join("var/current")).expect("pid");
+    assert_eq!(
+        pid_before, pid_after,
+        "the active's application was never stopped"
+    );
+}
+
+/// The next `weekday hour:00` in `tz` after now, as Unix ms.
+fn next_local(tz: &str, weekday: jiff::civil::Weekday, hour: i8) -> (u64, String) {
+    let zone = jiff::tz::TimeZone::get(tz).expect("tzdata");
+    let now = jiff::Timestamp::now().to_zoned_datetime(zone.clone());
+    let mut day = now.date();
+    loop {
+        day = day.tomorrow().expect("a day");
+        if day.weekday() == weekday {
+            break;
+        }
+    }
+    let at = day
+        .at(hour, 0, 0, 0)
+        .to_zoned_datetime(zone)
+        .expect("a local time");
+    (
+        at.timestamp().as_millisecond() as u64,
+        at.strftime("%a %H:%M %:z").to_string(),
+    )
+}
+
+#[test]
+fn a_node_outside_its_apply_window_waits_for_it_and_says_when() {
+    let mut fleet = Fleet::build_with(
+        1,
+        FleetOptions {
+            extra: &|_| "apply_window = [\"Sat 22:00-Sun 04:00\"]".into(),
+            ..FleetOptions::default()
+        },
+    );
+    // The node's clock is put 12 s before its window opens, Saturday
+    // 22:00 in Berlin (libfaketime; its zone by TZ).
+    let (opens, shown) = next_local("Europe/Berlin", jiff::civil::Weekday::Saturday, 22);
+    let offset_ms = opens - 12_000 - now_ms();
+    fleet.restart_with_env(
+        0,
+        &[
+            (
+                "LD_PRELOAD",
+                "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
+            ),
+            ("FAKETIME", format!("+{}", offset_ms / 1000)),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+            ("TZ", "Europe/Berlin".into()),
+        ],
+    );
+    let state = fleet.site.states[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run(&["status", "--state", s(&state), "--json"])
+        .status
+        .code()
+        != Some(0)
+    {
+        assert!(Instant::now() < deadline, "the node did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A rollout stamped by the node's (faked) clock.
+    let site = site_status(&state)["site"]
+        .as_str()
+        .expect("site")
+        .to_owned();
+    let admin = lanup_node::keys::load_secret(&fleet.admin.0).expect("admin key");
+    let command = Command {
+        site,
+        action: Action::Rollout {
+            version: "2.0.0".into(),
+        },
+        issued_at_ms: now_ms() + offset_ms,
+        id: "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1".into(),
+        waves: lanup_protocol::rollout::parse_waves("100%").expect("waves"),
+        nodes: Vec::new(),
+        fleet: None,
+        reason: None,
+        now: false,
+        groups: Default::default(),
+    };
+    let answer = hand(&state, sign(&command, &admin));
+    assert_eq!(answer["accepted"], true, "{answer}");
+    // It waits, and says until when.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let waiting = loop {
+        let own = crate::apply::own_status(&state);
+        if let Some(w) = own["waiting"].as_str() {
+            break w.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no wait said: {own}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        waiting.contains("outside its apply window") && waiting.contains(&shown),
+        "{waiting} (expected {shown})"
+    );
+    assert_eq!(fleet.running(0).as_deref(), Some("1.0.0"));
+    // Once the window opens, it applies.
+    fleet.wait_running(0, "2.0.0");
+    let began = fleet.at(0, "applying").expect("applying recorded");
+    assert!(
+        began >= opens,
+        "began at {began}, before the window opened at {opens}"
     );
 }

@@ -350,6 +350,19 @@ impl Fleet {
         self.site.start(i, cmd);
     }
 
+    /// Stops node `i` and starts it again with `env` set (a faked clock).
+    pub(crate) fn restart_with_env(&mut self, i: usize, env: &[(&str, String)]) {
+        self.site.procs[i] = None;
+        let mut cmd = self
+            .site
+            .command(i, Some(&self.origin.url), &self.publisher);
+        cmd.arg("--config").arg(&self.configs[i]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.site.start(i, cmd);
+    }
+
     /// Waits until node `i` hears exactly `n` nodes (itself included).
     pub(crate) fn wait_site_size(&self, i: usize, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -7,8 +7,8 @@
 //! saying why, and recorded. A signed reject ends a request.
 
 use super::*;
-use rollout::command_fields;
 use lanup_protocol::approval::{self, NotCounted, REQUEST_TTL_MS};
+use rollout::command_fields;
 
 /// Requests held at once; a new one beyond this replaces the oldest.
 pub(super) const MAX_PENDING: usize = 16;
@@ -119,10 +119,9 @@ impl Node {
             return refuse(self, reason);
         }
         if command.issued_at_ms > site_now + lanup_protocol::rollout::MAX_SKEW_MS {
-            let reason = lanup_protocol::rollout::Refusal::Future(
-                (command.issued_at_ms - site_now) / 1000,
-            )
-            .to_string();
+            let reason =
+                lanup_protocol::rollout::Refusal::Future((command.issued_at_ms - site_now) / 1000)
+                    .to_string();
             return refuse(self, reason);
         }
         let mut changed = false;

@@ -20,8 +20,12 @@ impl Node {
                 crate::policy::next_opening(&policy.apply_window, &zone, now_unix_ms())
             {
                 let wait = Duration::from_secs(at.saturating_sub(now_unix_ms()) / 1000);
-                let windows: Vec<String> =
-                    policy.apply_window.0.iter().map(ToString::to_string).collect();
+                let windows: Vec<String> = policy
+                    .apply_window
+                    .0
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 return Some(format!(
                     "outside its apply window ({}): applies at {when}, in {}",
                     windows.join(", "),
@@ -82,6 +86,13 @@ impl Node {
 
 /// A PeerId as status shows it: its last 8 characters.
 fn short(id: &str) -> String {
-    let tail: String = id.chars().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: String = id
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     format!("…{tail}")
 }

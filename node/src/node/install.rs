@@ -47,22 +47,9 @@ impl Node {
     /// Starts installing `release` (see [`Node::start_apply`]).
     pub(super) fn start_apply_release(
         &mut self,
-        mut release: Release,
+        release: Release,
         reply: Option<mpsc::Sender<serde_json::Value>>,
     ) -> Result<()> {
-        // The active member of a redundancy group hands over to its standby
-        // before it stops.
-        let policy = &self.config.policy;
-        let active = policy
-            .member
-            .as_ref()
-            .is_some_and(|m| m.role.as_deref() == Some("active"));
-        if active {
-            release.switchover = policy
-                .switchover_command
-                .clone()
-                .map(|c| (c, policy.switchover_timeout));
-        }
         if crate::upgrade::is_lanup(&release.manifest) {
             return self.hand_over(release, reply);
         }

@@ -530,7 +530,22 @@ impl Node {
             }
         };
         info!(release = %version, wave = my_wave + 1, "this node's {action} wave has come");
-        let started = release.and_then(|release| self.start_apply_release(release, None));
+        // In a rollout, the active member of a redundancy group hands
+        // over to its standby before it stops what it runs.
+        let policy = &self.config.policy;
+        let active = policy
+            .member
+            .as_ref()
+            .is_some_and(|m| m.role.as_deref() == Some("active"));
+        let switchover = policy
+            .switchover_command
+            .clone()
+            .filter(|_| active && self.installed.is_some())
+            .map(|c| (c, policy.switchover_timeout));
+        let started = release.and_then(|mut release| {
+            release.switchover = switchover;
+            self.start_apply_release(release, None)
+        });
         match started {
             Ok(()) => self.audit_entry(Entry {
                 event: "applying".into(),
