@@ -501,7 +501,7 @@ pub async fn run(
     let (fetcher, fetcher_handle, mut found) = Fetcher::new(
         config.origin.clone(),
         config.origin_stall,
-        Throttle::new(config.wan_rate),
+        Throttle::scheduled(config.wan_rate, &config.policy.wan_schedule),
         store.clone(),
         config.poll_interval,
     )?;

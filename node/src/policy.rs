@@ -186,26 +186,28 @@ pub fn week_time(tz: &jiff::tz::TimeZone, unix_ms: u64) -> WeekTime {
 
 /// When `windows` next open, seen at `unix_ms` in zone `tz`: `None` when
 /// one is open now, else the moment (Unix ms) and its local time as text
-/// (`Sat 22:00 +01:00`). Minutes are counted in wall-clock time; a DST
-/// change on the way moves the real moment by an hour, so it is looked at
-/// again from there until the window is open.
+/// (`Sat 22:00 +01:00`). The wait is counted on the wall clock, then that
+/// wall-clock time is placed in the zone, so a DST change on the way moves
+/// the real moment by its hour (a time the change skips counts as the one
+/// after it).
 pub fn next_opening(
     windows: &Windows,
     tz: &jiff::tz::TimeZone,
     unix_ms: u64,
 ) -> Option<(u64, String)> {
-    if windows.open(week_time(tz, unix_ms)) {
+    let minutes = windows.opens_in(week_time(tz, unix_ms));
+    if minutes == 0 {
         return None;
     }
-    let mut at = unix_ms - unix_ms % 60_000;
-    for _ in 0..4 {
-        let minutes = windows.opens_in(week_time(tz, at));
-        if minutes == 0 {
-            break;
-        }
-        at += u64::from(minutes) * 60_000;
-    }
-    Some((at, local(tz, at).strftime("%a %H:%M %:z").to_string()))
+    let wall = local(tz, unix_ms).datetime();
+    let minute = wall.with().second(0).subsec_nanosecond(0).build().ok()?;
+    let opens = minute
+        .checked_add(jiff::Span::new().minutes(i64::from(minutes)))
+        .ok()?
+        .to_zoned_datetime(tz.clone())
+        .ok()?;
+    let at = u64::try_from(opens.timestamp().as_millisecond()).ok()?;
+    Some((at, opens.strftime("%a %H:%M %:z").to_string()))
 }
 
 #[cfg(test)]
@@ -310,8 +312,8 @@ mod tests {
         let berlin = jiff::tz::TimeZone::get("Europe/Berlin").expect("tzdata");
         let windows = Windows::parse(&["Sun 03:30-05:00"]).expect("window");
         // Sat 28 March 2026, 12:00 CET; clocks go 02:00 -> 03:00 on Sunday
-        // 29 March. The window opens at 03:30 CEST = 01:30 UTC, 12.5 h of
-        // wall clock but 12.5 h - 1 h of real time later.
+        // 29 March. The window opens at 03:30 CEST = 01:30 UTC: 15.5 h of
+        // wall clock but 14.5 h of real time later.
         let (at, text) =
             next_opening(&windows, &berlin, ms("2026-03-28T11:00:00Z")).expect("closed");
         assert_eq!(at, ms("2026-03-29T01:30:00Z"));
@@ -323,6 +325,14 @@ mod tests {
             next_opening(&windows, &berlin, ms("2026-10-24T10:00:00Z")).expect("closed");
         assert_eq!(at, ms("2026-10-25T02:30:00Z"));
         assert_eq!(text, "Sun 03:30 +01:00");
+        // A window that opens in the hour the change skips opens when the
+        // clocks have jumped: 02:30 does not exist on 29 March.
+        let gap = Windows::parse(&["Sun 02:30-04:00"]).expect("window");
+        let (at, text) = next_opening(&gap, &berlin, ms("2026-03-28T11:00:00Z")).expect("closed");
+        assert_eq!(
+            (at, text.as_str()),
+            (ms("2026-03-29T01:30:00Z"), "Sun 03:30 +02:00")
+        );
         // Inside: nothing to wait for.
         assert_eq!(
             next_opening(&windows, &berlin, ms("2026-10-25T03:00:00Z")),
