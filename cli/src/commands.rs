@@ -118,6 +118,13 @@ enum Command {
         /// Print one JSON object per line.
         #[arg(long)]
         json: bool,
+        /// One change from request to result, from the audit logs of every
+        /// node of the site (the local node asks its peers).
+        #[arg(long, value_name = "ID")]
+        change: Option<String>,
+        /// With --change: `text` or `md` (a Markdown report).
+        #[arg(long, value_name = "FORMAT", default_value = "text", requires = "change", value_parser = ["text", "md"])]
+        format: String,
     },
     /// Create a signing key (publisher or admin); prints its public key.
     Keygen {
@@ -542,7 +549,13 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Approve(args) => crate::change::approve(args),
         Command::Reject(args) => crate::change::reject(args),
-        Command::History { node, json } => history(&node.state, json),
+        Command::History {
+            node,
+            json,
+            change: Some(id),
+            format,
+        } => crate::record::show(&node, &id, json, format == "md"),
+        Command::History { node, json, .. } => history(&node.state, json),
         Command::Fleet(args) => crate::fleet::run(args),
         Command::Origin {
             dir,
@@ -784,13 +797,11 @@ pub(crate) fn follow(
                     eprintln!("lanup: {ended}");
                     return Ok(Followed::Halted);
                 }
-                Some(Ok(line)) => {
-                    if line != last_stage {
-                        bars.println(&line);
-                        last_stage = line;
-                    }
+                Some(Ok(line)) if line != last_stage => {
+                    bars.println(&line);
+                    last_stage = line;
                 }
-                None => {}
+                _ => {}
             }
             continue;
         }

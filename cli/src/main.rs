@@ -6,6 +6,7 @@ mod change;
 mod commands;
 mod demo;
 mod fleet;
+mod record;
 mod setup;
 
 use std::process::ExitCode;

@@ -49,6 +49,13 @@ pub struct Entry {
     /// Why it was refused, or what happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How long the application was down, for an apply that committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// The node that recorded it, when entries of several nodes are put
+    /// together (`lanup history --change`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Entry {
@@ -64,6 +71,8 @@ impl Entry {
             from: None,
             issued_at_ms: None,
             reason: None,
+            downtime_ms: None,
+            node: None,
         }
     }
 }
@@ -136,6 +145,18 @@ fn read_one(path: &Path) -> Result<Vec<Entry>> {
             entries.push(entry);
         }
     }
+    Ok(entries)
+}
+
+/// The entries about change `id` in the log at `path`, oldest first, at
+/// most `max` (the newest kept).
+pub fn about(path: &Path, id: &str, max: usize) -> Result<Vec<Entry>> {
+    let mut entries: Vec<Entry> = read(path)?
+        .into_iter()
+        .filter(|e| e.id.as_deref() == Some(id))
+        .collect();
+    let extra = entries.len().saturating_sub(max);
+    entries.drain(..extra);
     Ok(entries)
 }
 

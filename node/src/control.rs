@@ -49,6 +49,9 @@ pub enum ControlRequest {
     Rollout {
         signed: lanup_protocol::rollout::SignedCommand,
     },
+    /// Change `change` from request to result, from the audit logs of
+    /// this node and its peers.
+    History { change: String },
 }
 
 /// A request on its way to the node, with where to send the answer's

@@ -68,6 +68,7 @@ mod approvals;
 mod election;
 mod gates;
 mod install;
+mod record;
 mod rollout;
 mod status;
 mod storage;
@@ -339,6 +340,8 @@ struct Node {
     rejected: Vec<approvals::Rejected>,
     /// What this node's apply waits for, when its wave has come.
     waiting: Option<String>,
+    /// The health check's verdict in the apply under way.
+    health_said: Option<String>,
     /// The last rollout command this node refused: (id, reason).
     refused_command: Option<(String, String)>,
     /// Commands refused lately (by id and reason), so each is recorded once.
@@ -563,6 +566,7 @@ pub async fn run(
         pending,
         rejected,
         waiting: None,
+        health_said: None,
         guard,
         audit: audit_tx,
         asked: HashMap::new(),
@@ -949,6 +953,10 @@ impl Node {
                         return;
                     }
                 }
+                if let Request::Audit { id } = request {
+                    self.answer_audit(id, channel);
+                    return;
+                }
                 let response = match (&request, &self.target) {
                     (Request::Manifest { manifest_hash }, Some(t)) if *manifest_hash == t.hash => {
                         Response::Manifest {
@@ -1281,12 +1289,31 @@ impl Node {
             Done::Commands(peer, commands) => self.catch_up(peer, commands),
             Done::Checked(fetcher, answer) => self.checked(fetcher, answer),
             Done::ApplyStep(event) => {
+                // The steps a change's record names: the hand-over and the
+                // health check.
+                match event.step.as_str() {
+                    "health" => self.health_said = Some(event.message.clone()),
+                    "switchover" => {
+                        if let Some(r) = &self.rollout {
+                            self.audit_entry(Entry {
+                                event: "switchover".into(),
+                                action: Some(if r.back { "rollback" } else { "rollout" }.into()),
+                                version: Some(r.version.clone()),
+                                id: Some(r.command.id.clone()),
+                                reason: Some(event.message.clone()),
+                                ..Entry::default_at(now_unix_ms())
+                            });
+                        }
+                    }
+                    _ => {}
+                }
                 if let Some((_, step)) = &mut self.applying {
                     *step = event.step;
                 }
             }
             Done::Applied(outcome) => {
                 self.applying = None;
+                let health = self.health_said.take();
                 match outcome.ending {
                     Ending::Committed => {
                         self.installed = crate::apply::read_installed(&self.config.state)
@@ -1318,7 +1345,9 @@ impl Node {
                         action: Some(if r.back { "rollback" } else { "rollout" }.into()),
                         version: Some(outcome.version.clone()),
                         id: Some(r.command.id.clone()),
-                        reason: outcome.reason.clone(),
+                        // A commit says how its health was judged.
+                        reason: outcome.reason.clone().or(health),
+                        downtime_ms: outcome.downtime_ms,
                         ..Entry::default_at(now_unix_ms())
                     });
                 }

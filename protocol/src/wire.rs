@@ -40,7 +40,13 @@ pub enum Request {
     /// An administrator on another node asks the site's fetcher to poll
     /// the origin now (`lanup check`).
     Check,
+    /// What the peer's audit log records about change `id`
+    /// (`lanup history --change`).
+    Audit { id: String },
 }
+
+/// The most audit entries one peer sends about one change.
+pub const MAX_AUDIT_ENTRIES: usize = 256;
 
 /// Answers to [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +69,9 @@ pub enum Response {
     /// fetcher (only then does it poll) and whether it polls at once (not
     /// while a download runs: it polls when that ends).
     Check { fetcher: bool, polling: bool },
+    /// The peer's audit entries about a change, one JSON object each,
+    /// oldest first (at most [`MAX_AUDIT_ENTRIES`]).
+    Audit { entries: Vec<String> },
     /// The peer does not know that release (or command).
     Unknown,
 }

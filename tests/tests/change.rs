@@ -191,9 +191,9 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
     // Bob approves the first on the other node: every node installs it.
     let out = run_ok(&["approve", &id, "--key", bob, "--state", s(&states[1])]);
     assert!(out.contains("the change starts"), "{out}");
-    for i in 0..2 {
+    for (i, state) in states.iter().enumerate() {
         fleet.wait_running(i, "2.0.0");
-        let h = history(&states[i]);
+        let h = history(state);
         let of = |event: &str| {
             h.iter()
                 .filter(|e| e["event"] == event && e["id"] == id.as_str())
@@ -501,4 +501,114 @@ fn a_node_outside_its_apply_window_waits_for_it_and_says_when() {
         began >= opens,
         "began at {began}, before the window opened at {opens}"
     );
+}
+
+#[test]
+fn a_changes_record_names_who_asked_who_approved_each_nodes_apply_and_the_outcome() {
+    // Node 2's health check fails on 2.0.0: it rolls back, the others
+    // commit.
+    let fleet = Fleet::build_with(
+        3,
+        FleetOptions {
+            admins: 2,
+            extra: &|_| "admin_threshold = 2".into(),
+            app_extra: &|i| {
+                if i == 2 {
+                    "health_command = [\"/bin/sh\", \"-c\", \"! grep -q 2.0.0 var/current\"]".into()
+                } else {
+                    String::new()
+                }
+            },
+            ..FleetOptions::default()
+        },
+    );
+    let states = &fleet.site.states;
+    let (alice, bob) = (s(&fleet.admins[0].0), s(&fleet.admins[1].0));
+    let out = run_ok(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        alice,
+        "--state",
+        s(&states[0]),
+        "--waves",
+        "100%",
+        "--reason",
+        "monthly release",
+    ]);
+    let id = id_in(&out);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pending(&states[1], &id).is_none() {
+        assert!(Instant::now() < deadline, "node 1 never heard the request");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run_ok(&["approve", &id, "--key", bob, "--state", s(&states[1])]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while site_status(&states[0])["rollout"]["stage"] != "halted"
+        || (0..2).any(|i| fleet.running(i).as_deref() != Some("2.0.0"))
+    {
+        assert!(Instant::now() < deadline, "{}", site_status(&states[0]));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let peers: Vec<String> = (0..3).map(|i| fleet.peer_id(i)).collect();
+    let short = |p: &String| format!("…{}", &p[p.len() - 8..]);
+    // Asked on any node, the record holds every node's entries.
+    let md = run_ok(&[
+        "history",
+        "--change",
+        &id,
+        "--format",
+        "md",
+        "--state",
+        s(&states[1]),
+    ]);
+    if let Ok(path) = std::env::var("LANUP_RECORD_SAMPLE") {
+        std::fs::write(path, &md).expect("write the sample record");
+    }
+    for needed in [
+        format!("# Change {id}: rollout of 2.0.0"),
+        "**Requested** ".into(),
+        format!("by `{}`", fleet.admins[0].1),
+        "**Reason:** monthly release".into(),
+        format!("**Approved** by `{}`", fleet.admins[1].1),
+        "approved by 2 of 2".into(),
+        format!("**Outcome:** halted by {}", short(&peers[2])),
+    ] {
+        assert!(md.contains(&needed), "{needed:?} missing:\n{md}");
+    }
+    for (i, peer) in peers.iter().enumerate() {
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", short(peer))))
+            .unwrap_or_else(|| panic!("no apply row for node {i}:\n{md}"));
+        if i == 2 {
+            assert!(
+                row.contains("rolled-back") && row.contains("grep -q 2.0.0"),
+                "{row}"
+            );
+        } else {
+            assert!(
+                row.contains("committed") && row.contains("down ") && row.contains("healthy"),
+                "{row}"
+            );
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "history",
+        "--change",
+        &id,
+        "--json",
+        "--state",
+        s(&states[0]),
+    ]))
+    .expect("JSON");
+    let nodes: std::collections::BTreeSet<&str> = json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["node"].as_str())
+        .collect();
+    assert_eq!(nodes.len(), 3, "{json}");
+    let text = run_ok(&["history", "--change", &id, "--state", s(&states[2])]);
+    assert!(text.contains("outcome: halted by"), "{text}");
 }

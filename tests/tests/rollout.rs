@@ -191,6 +191,8 @@ pub(crate) struct FleetOptions<'a> {
     pub(crate) admins: usize,
     /// Top-level config lines for node `i`.
     pub(crate) extra: &'a dyn Fn(usize) -> String,
+    /// `[app]` lines for node `i`.
+    pub(crate) app_extra: &'a dyn Fn(usize) -> String,
 }
 
 impl Default for FleetOptions<'_> {
@@ -202,6 +204,7 @@ impl Default for FleetOptions<'_> {
             skewed: None,
             admins: 1,
             extra: &|_| String::new(),
+            app_extra: &|_| String::new(),
         }
     }
 }
@@ -256,6 +259,7 @@ impl Fleet {
             skewed,
             admins,
             extra,
+            app_extra,
         } = o;
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
@@ -280,10 +284,11 @@ impl Fleet {
             std::fs::write(
                 config,
                 format!(
-                    "trust_admin = [{}]\n{}\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"{health_after}\"\n",
+                    "trust_admin = [{}]\n{}\n[app]\nname = \"sample-app\"\ninstall_dir = \"{}\"\nstart = [\"bin/sample-app\"]\nhealth_after = \"{health_after}\"\n{}\n",
                     trusted.join(", "),
                     extra(i),
-                    install.display()
+                    install.display(),
+                    app_extra(i)
                 ),
             )
             .expect("config");

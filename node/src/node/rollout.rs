@@ -488,6 +488,14 @@ impl Node {
             Stage::Done => {
                 if !was_done {
                     info!(release = %version, "{action} done: every node runs it");
+                    self.audit_entry(Entry {
+                        event: "done".into(),
+                        action: Some(action.into()),
+                        version: Some(version.clone()),
+                        id: Some(id.clone()),
+                        reason: Some("every node runs it".into()),
+                        ..Entry::default_at(now_unix_ms())
+                    });
                     if let Some(r) = &mut self.rollout {
                         r.done = true;
                     }

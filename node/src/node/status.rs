@@ -201,6 +201,10 @@ impl Node {
             self.check(reply);
             return;
         }
+        if let ControlRequest::History { change } = request {
+            self.change_record(change, reply);
+            return;
+        }
         if let ControlRequest::Apply { version } = request {
             if let Err(e) = self.start_apply(&version, Some(reply.clone())) {
                 let _ = reply.try_send(serde_json::json!({ "error": format!("{e:#}") }));
@@ -297,6 +301,7 @@ impl Node {
             }),
             ControlRequest::Apply { .. }
             | ControlRequest::Rollout { .. }
+            | ControlRequest::History { .. }
             | ControlRequest::Check => {
                 serde_json::json!({ "error": "not here" })
             }
