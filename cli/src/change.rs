@@ -22,6 +22,12 @@ pub(crate) struct ApproveArgs {
     key: PathBuf,
     #[command(flatten)]
     node: LocalNode,
+    /// Approve a fleet rollout headquarters holds in --publish-dir.
+    #[arg(long, requires = "publish_dir")]
+    fleet: bool,
+    /// With --fleet: the release folder the origin serves.
+    #[arg(long, value_name = "DIR")]
+    publish_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +146,9 @@ fn pending(node: &LocalNode, id: &str) -> Result<(serde_json::Value, SignedComma
 }
 
 pub(crate) fn approve(args: ApproveArgs) -> Result<ExitCode> {
+    if let (true, Some(dir)) = (args.fleet, &args.publish_dir) {
+        return crate::fleet::approve(&args.id, dir, &args.key);
+    }
     let key = keys::load_secret(&args.key)?;
     let (r, request) = pending(&args.node, &args.id)?;
     println!("approving {} (id {})", describe(&r), args.id);

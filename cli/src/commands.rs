@@ -284,6 +284,11 @@ struct RolloutArgs {
     /// of the sites that report, e.g. lab-site,10%,100% [default: 100%].
     #[arg(long, value_name = "WAVES")]
     sites: Option<String>,
+    /// With --fleet: distinct admins who must sign the fleet rollout before
+    /// any site begins (the requester counts; others run `lanup approve ID
+    /// --fleet`). Set it to the sites' admin_threshold.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "fleet")]
+    approvals: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -677,6 +682,8 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
             abort: args.abort,
             wait: args.wait,
             timeout: args.timeout,
+            approvals: args.approvals,
+            reason: args.change.reason.clone(),
         });
     }
     let action = match &args.version {

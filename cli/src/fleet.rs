@@ -136,6 +136,8 @@ pub(crate) struct FleetRollout<'a> {
     pub(crate) abort: bool,
     pub(crate) wait: bool,
     pub(crate) timeout: Duration,
+    pub(crate) approvals: usize,
+    pub(crate) reason: Option<String>,
 }
 
 /// How often a waiting fleet rollout reads the reports again.
@@ -149,10 +151,11 @@ fn site_command(
     action: Action,
     node_waves: &[WaveSize],
     nodes: Vec<String>,
-    fleet: &str,
+    file: &FleetFile,
 ) -> SignedCommand {
     let abort = action == Action::Abort;
-    sign(
+    let fleet = &file.id;
+    let mut signed = sign(
         &Command {
             site: site.to_owned(),
             action,
@@ -170,7 +173,12 @@ fn site_command(
             groups: Default::default(),
         },
         key,
-    )
+    );
+    // The plan the admins approved goes with every site's part of it.
+    if !abort {
+        signed.plan = file.plan.clone().map(Box::new);
+    }
+    signed
 }
 
 fn read_file(path: &Path) -> Result<Option<FleetFile>> {
@@ -223,7 +231,7 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
             .cloned()
             .collect();
         for site in &opened {
-            let abort = site_command(&key, site, Action::Abort, &[], Vec::new(), &file.id);
+            let abort = site_command(&key, site, Action::Abort, &[], Vec::new(), &file);
             file.commands.insert(site.clone(), abort);
         }
         file.state = FleetState::Aborted {
@@ -253,6 +261,39 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
         _ => new_rollout(&key, version, &r)?,
     };
     let deadline = std::time::Instant::now() + r.timeout;
+    // No site begins before enough admins signed the plan.
+    let mut said = 0;
+    while let Some(plan) = file.plan.as_ref() {
+        let have = lanup_protocol::fleet::plan_signers(plan).len();
+        if have >= file.approvals_needed {
+            break;
+        }
+        if have != said {
+            println!(
+                "fleet rollout {} of {version}: waiting for approval, {have} of {} admins have signed; another admin approves it with: lanup approve {} --fleet --publish-dir {} --key FILE",
+                file.id,
+                file.approvals_needed,
+                file.id,
+                r.publish_dir.display()
+            );
+            said = have;
+        }
+        if !r.wait {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(ExitCode::from(2));
+        }
+        std::thread::sleep(FLEET_LOOK);
+        // Approvals are written to the file by `lanup approve --fleet`.
+        match read_file(&path)? {
+            Some(f) if f.id == file.id && f.state == FleetState::Running => file = f,
+            _ => anyhow::bail!(
+                "fleet rollout {} was ended while it waited for approval",
+                file.id
+            ),
+        }
+    }
     let bars = Bars::new(r.wait, &file);
     loop {
         let views = site_views(r.reports)?;
@@ -268,7 +309,7 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
                     let action = Action::Rollout {
                         version: version.to_owned(),
                     };
-                    let signed = site_command(&key, site, action, &r.node_waves, nodes, &file.id);
+                    let signed = site_command(&key, site, action, &r.node_waves, nodes, &file);
                     file.commands.insert(site.clone(), signed);
                 }
                 file.open = n + 1;
@@ -361,7 +402,26 @@ fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<F
     for (i, w) in waves.iter().enumerate() {
         println!("  {}: {}", i + 1, w.join(" "));
     }
-    Ok(FleetFile {
+    let approvals_needed = r.approvals.max(1);
+    let plan = (approvals_needed > 1).then(|| {
+        let plan = lanup_protocol::fleet::FleetPlan {
+            fleet: id.clone(),
+            version: version.to_owned(),
+            sites: lanup_protocol::fleet::FleetPlan::hash_sites(&waves),
+            node_waves: r.node_waves.clone(),
+            reason: r.reason.clone(),
+            issued_at_ms: now_ms(),
+        };
+        let text = serde_json::to_string(&plan).unwrap_or_default();
+        SignedCommand {
+            signature: key.sign(text.as_bytes()).to_hex(),
+            key: key.public().to_string(),
+            command: text,
+            approvals: Vec::new(),
+            plan: None,
+        }
+    });
+    let file = FleetFile {
         id,
         version: version.to_owned(),
         key: key.public().to_string(),
@@ -371,7 +431,14 @@ fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<F
         open: 0,
         state: FleetState::Running,
         commands: Default::default(),
-    })
+        plan,
+        approvals_needed,
+    };
+    // A request is written at once, so other admins can approve it.
+    if file.plan.is_some() {
+        write_file(&r.publish_dir.join(FLEET_FILE), &file)?;
+    }
+    Ok(file)
 }
 
 /// One bar per site wave while following; plain lines otherwise.
@@ -434,4 +501,48 @@ impl Bars {
             bar.abandon();
         }
     }
+}
+
+/// `lanup approve ID --fleet --publish-dir DIR --key FILE`: signs the plan
+/// of the fleet rollout waiting there.
+pub(crate) fn approve(id: &str, publish_dir: &Path, key: &Path) -> Result<ExitCode> {
+    let key = lanup_node::keys::load_secret(key)?;
+    let path = publish_dir.join(FLEET_FILE);
+    let Some(mut file) = read_file(&path)? else {
+        anyhow::bail!("no fleet rollout in {}", publish_dir.display());
+    };
+    if file.id != id {
+        anyhow::bail!(
+            "{} holds fleet rollout {}, not {id}",
+            path.display(),
+            file.id
+        );
+    }
+    if file.state != FleetState::Running {
+        anyhow::bail!("fleet rollout {id} is no longer running ({:?})", file.state);
+    }
+    let Some(plan) = file.plan.as_mut() else {
+        anyhow::bail!("fleet rollout {id} needs no approval");
+    };
+    let before = lanup_protocol::fleet::plan_signers(plan);
+    if before.contains(&key.public()) {
+        anyhow::bail!("{} approved already (a key counts once)", key.public());
+    }
+    plan.approvals
+        .push(lanup_protocol::approval::approve(plan, &key));
+    let have = lanup_protocol::fleet::plan_signers(plan).len();
+    let needed = file.approvals_needed;
+    println!(
+        "approved fleet rollout {id} of {} by {}: {have} of {needed}{}",
+        file.version,
+        key.public(),
+        if have >= needed {
+            "; its sites begin when headquarters next goes on (lanup rollout --fleet)"
+        } else {
+            ""
+        }
+    );
+    file.updated_ms = now_ms();
+    write_file(&path, &file)?;
+    Ok(ExitCode::SUCCESS)
 }

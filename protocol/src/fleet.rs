@@ -14,13 +14,20 @@
 //! Headquarters opens the next site wave only when every site of the waves
 //! before reports the release installed on every node; a site that halts
 //! (a node failed the release) halts the fleet: no further site begins.
+//!
+//! Where sites need more than one admin (`admin_threshold`), the fleet
+//! rollout is first a request: a [`FleetPlan`] signed by the admin who asks,
+//! which others approve over its exact bytes; no site begins before enough
+//! have. Each site command carries the plan, and a site counts the plan's
+//! signers (its own trusted keys only) with the command's ([`endorsers`]).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::report::SiteView;
-use crate::rollout::SignedCommand;
+use crate::rollout::{Action, Command, SignedCommand, WaveSize};
+use crate::sign::PublicKey;
 
 /// The fleet rollout's file, beside `AutoUpdater.xml`.
 pub const FLEET_FILE: &str = "fleet-rollout.json";
@@ -152,6 +159,77 @@ pub struct FleetFile {
     pub state: FleetState,
     /// Each site's signed command: its rollout, or its abort.
     pub commands: BTreeMap<String, SignedCommand>,
+    /// The plan as requested and approved, where it needs approvals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<SignedCommand>,
+    /// Distinct admin signatures on the plan before a site begins (1: the
+    /// requester's alone).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub approvals_needed: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+/// What the admins of a fleet rollout approve: the rollout, its release,
+/// its site waves (by hash: a plan stays small whatever the fleet) and the
+/// node waves of each site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPlan {
+    pub fleet: String,
+    pub version: String,
+    /// BLAKE3 of the site waves' JSON.
+    pub sites: String,
+    pub node_waves: Vec<WaveSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub issued_at_ms: u64,
+}
+
+impl FleetPlan {
+    /// The hash of `waves` as a plan names them.
+    pub fn hash_sites(waves: &[Vec<String>]) -> String {
+        blake3::hash(&serde_json::to_vec(waves).unwrap_or_default())
+            .to_hex()
+            .to_string()
+    }
+}
+
+/// The keys among `trusted` that signed the plan `command` carries, when
+/// that plan is the one of `command`'s fleet rollout and release; none
+/// otherwise. An abort needs no plan (one key may always stop).
+pub fn endorsers(
+    signed: &SignedCommand,
+    command: &Command,
+    trusted: &[PublicKey],
+) -> Vec<PublicKey> {
+    let (Some(plan_signed), Some(fleet), Action::Rollout { version }) =
+        (&signed.plan, &command.fleet, &command.action)
+    else {
+        return Vec::new();
+    };
+    let Ok(plan) = serde_json::from_str::<FleetPlan>(&plan_signed.command) else {
+        return Vec::new();
+    };
+    if &plan.fleet != fleet || &plan.version != version {
+        return Vec::new();
+    }
+    crate::approval::tally(plan_signed, &plan_signed.approvals, trusted, 1).keys
+}
+
+/// The distinct keys whose signatures over the plan hold, whoever they
+/// are (headquarters keeps no list of trusted keys; the sites check them).
+pub fn plan_signers(plan: &SignedCommand) -> Vec<PublicKey> {
+    let keys: Vec<PublicKey> = std::iter::once(plan.key.as_str())
+        .chain(plan.approvals.iter().map(|a| a.key.as_str()))
+        .filter_map(|k| k.parse().ok())
+        .collect();
+    crate::approval::tally(plan, &plan.approvals, &keys, 1).keys
 }
 
 /// What headquarters should do next.
@@ -250,6 +328,83 @@ mod tests {
     }
 
     #[test]
+    fn a_sites_part_counts_the_plans_trusted_signers_for_its_own_fleet_and_release() {
+        use crate::sign::SecretKey;
+        let (alice, bob, mallory) = (
+            SecretKey::generate(),
+            SecretKey::generate(),
+            SecretKey::generate(),
+        );
+        let plan = |fleet: &str, version: &str| {
+            let text = serde_json::to_string(&FleetPlan {
+                fleet: fleet.into(),
+                version: version.into(),
+                sites: FleetPlan::hash_sites(&[sites(3)]),
+                node_waves: Vec::new(),
+                reason: None,
+                issued_at_ms: 1,
+            })
+            .expect("JSON");
+            let mut p = crate::rollout::sign(
+                &Command {
+                    site: String::new(),
+                    action: Action::Abort,
+                    issued_at_ms: 0,
+                    id: String::new(),
+                    waves: Vec::new(),
+                    nodes: Vec::new(),
+                    fleet: None,
+                    reason: None,
+                    now: false,
+                    groups: Default::default(),
+                },
+                &alice,
+            );
+            p.signature = alice.sign(text.as_bytes()).to_hex();
+            p.command = text;
+            p.approvals = vec![
+                crate::approval::approve(&p, &bob),
+                crate::approval::approve(&p, &mallory),
+            ];
+            p
+        };
+        let part = |fleet: &str, version: &str, with: SignedCommand| {
+            let command = Command {
+                site: "s".into(),
+                action: Action::Rollout {
+                    version: version.into(),
+                },
+                issued_at_ms: 1,
+                id: "c".into(),
+                waves: Vec::new(),
+                nodes: Vec::new(),
+                fleet: Some(fleet.into()),
+                reason: None,
+                now: false,
+                groups: Default::default(),
+            };
+            let mut signed = crate::rollout::sign(&command, &alice);
+            signed.plan = Some(Box::new(with));
+            (signed, command)
+        };
+        let trusted = vec![alice.public(), bob.public()];
+        let (signed, command) = part("f1", "2.0", plan("f1", "2.0"));
+        // Mallory signed the plan but is not trusted here.
+        assert_eq!(
+            endorsers(&signed, &command, &trusted),
+            vec![alice.public(), bob.public()]
+        );
+        // A plan of another fleet rollout, or another release, counts for
+        // nothing.
+        let (signed, command) = part("f1", "2.0", plan("f2", "2.0"));
+        assert!(endorsers(&signed, &command, &trusted).is_empty());
+        let (signed, command) = part("f1", "2.0", plan("f1", "3.0"));
+        assert!(endorsers(&signed, &command, &trusted).is_empty());
+        // Headquarters counts every valid signature.
+        assert_eq!(plan_signers(&plan("f1", "2.0")).len(), 3);
+    }
+
+    #[test]
     fn named_sites_go_first_then_cumulative_shares_of_the_rest() -> Result<(), String> {
         let waves = parse_site_waves("site-007,10%,100%")?;
         let w = assign_site_waves("abc", &sites(50), &waves)?;
@@ -299,6 +454,8 @@ mod tests {
             open,
             state: FleetState::Running,
             commands: BTreeMap::new(),
+            plan: None,
+            approvals_needed: 1,
         }
     }
 

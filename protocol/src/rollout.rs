@@ -134,6 +134,12 @@ pub struct SignedCommand {
     /// more than one ([`crate::approval`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<crate::approval::Approval>,
+    /// For a site's part of a fleet rollout: the fleet plan headquarters'
+    /// admins requested and approved ([`crate::fleet::FleetPlan`], its
+    /// text signed and approved like a command), whose signers count for
+    /// this command too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Box<SignedCommand>>,
 }
 
 /// Why a node refused a command. Each message says what was wrong.
@@ -167,6 +173,7 @@ pub fn sign(command: &Command, key: &SecretKey) -> SignedCommand {
         key: key.public().to_string(),
         signature: signature.to_hex(),
         approvals: Vec::new(),
+        plan: None,
     }
 }
 

@@ -125,6 +125,8 @@ pub fn simulate_fleet_rollout(
         open: 0,
         state: FleetState::Running,
         commands: BTreeMap::new(),
+        plan: None,
+        approvals_needed: 1,
     };
     let mut times: Vec<WaveTimes> = Vec::new();
     let mut t = 0u64;

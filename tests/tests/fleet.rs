@@ -264,6 +264,8 @@ struct FleetUnderTest {
     publisher: String,
     www: PathBuf,
     admin: (PathBuf, String),
+    /// A second trusted admin key (sites that need two admins).
+    other_admin: (PathBuf, String),
     _tmp: tempfile::TempDir,
 }
 
@@ -275,12 +277,26 @@ impl FleetUnderTest {
     /// Sites `site-a`, `site-b` … of `sizes` nodes; headquarters flags a
     /// site stale after `stale_after`.
     fn with(sizes: &[usize], stale_after: &str, v2_behaviour: Option<&str>) -> FleetUnderTest {
+        FleetUnderTest::with_threshold(sizes, stale_after, v2_behaviour, 1)
+    }
+
+    /// As [`FleetUnderTest::with`]; both admin keys are trusted and the
+    /// sites need `threshold` of them for a rollout.
+    fn with_threshold(
+        sizes: &[usize],
+        stale_after: &str,
+        v2_behaviour: Option<&str>,
+        threshold: usize,
+    ) -> FleetUnderTest {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_owned();
         let www = root.join("www");
         std::fs::create_dir_all(&www).expect("mkdir");
         let publisher = keygen(&root, "publisher.key");
         let admin = keygen(&root, "admin.key");
+        let other_admin = keygen(&root, "other-admin.key");
+        let trusted = format!("{}\", \"{}", admin.1, other_admin.1);
+        let extra = format!("admin_threshold = {threshold}\n");
         let hq = Hq::start(&www, &root.join("reports"), stale_after);
         let v1 = root.join("v1");
         app_tree(&v1, "1.0.0", None, &[]);
@@ -290,7 +306,7 @@ impl FleetUnderTest {
             .enumerate()
             .map(|(k, &n)| {
                 let name = format!("site-{}", char::from(b'a' + k as u8));
-                ReportingSite::new(&root, &name, n, &admin.1, "")
+                ReportingSite::new(&root, &name, n, &trusted, &extra)
             })
             .collect();
         for site in &mut sites {
@@ -318,6 +334,7 @@ impl FleetUnderTest {
             publisher: publisher.1,
             www,
             admin,
+            other_admin,
             _tmp: tmp,
         }
     }
@@ -642,5 +659,108 @@ fn an_aborted_fleet_rollout_opens_no_further_wave() {
     for i in 0..2 {
         let accepted = f.events(0, i, "accepted");
         assert!(!accepted.is_empty(), "site-a node {i} never heard of it");
+    }
+}
+
+#[test]
+fn a_fleet_rollout_for_sites_that_need_two_admins_begins_nowhere_before_the_second_approves() {
+    let f = FleetUnderTest::with_threshold(&[2, 2], "1h", None, 2);
+    let fleet_args = |key: &Path| -> Vec<String> {
+        [
+            "rollout",
+            "2.0.0",
+            "--fleet",
+            "--approvals",
+            "2",
+            "--reason",
+            "quarterly",
+            "--key",
+            s(key),
+            "--publish-dir",
+            s(&f.www),
+            "--reports",
+            &f.hq.url,
+            "--sites",
+            "site-a,100%",
+            "--waves",
+            "100%",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    };
+    let args = fleet_args(&f.admin.0);
+    let out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("waiting for approval, 1 of 2"), "{out}");
+    let id = out
+        .split("fleet rollout ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .expect("fleet id")
+        .to_owned();
+    // Asked again, it still waits: no site holds a command.
+    let again = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(again.contains("waiting for approval"), "{again}");
+    let file: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.www.join("fleet-rollout.json")).expect("fleet file"),
+    )
+    .expect("JSON");
+    assert_eq!(file["commands"], serde_json::json!({}), "{file:#}");
+    // The same admin again does not count.
+    let twice = run(&[
+        "approve",
+        &id,
+        "--fleet",
+        "--publish-dir",
+        s(&f.www),
+        "--key",
+        s(&f.admin.0),
+    ]);
+    assert!(!twice.status.success());
+    std::thread::sleep(Duration::from_secs(3));
+    for (k, site) in f.sites.iter().enumerate() {
+        for i in 0..2 {
+            assert!(
+                f.events(k, i, "accepted").is_empty(),
+                "site {k} node {i} began"
+            );
+            assert_eq!(
+                own_status(&site.nodes.states[i])["installed_version"],
+                "1.0.0"
+            );
+        }
+    }
+    // The second admin approves; headquarters goes on; every site, which
+    // needs two admins, takes its part on the plan's two signatures.
+    let out = run_ok(&[
+        "approve",
+        &id,
+        "--fleet",
+        "--publish-dir",
+        s(&f.www),
+        "--key",
+        s(&f.other_admin.0),
+    ]);
+    assert!(out.contains("2 of 2"), "{out}");
+    let mut args = fleet_args(&f.admin.0);
+    args.extend(["--wait".into(), "--timeout".into(), "120s".into()]);
+    let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for k in 0..2 {
+        for i in 0..2 {
+            let accepted = f.events(k, i, "accepted");
+            assert!(
+                accepted.iter().any(|e| e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("approved by 2 of 2"))),
+                "site {k} node {i}: {accepted:?}"
+            );
+        }
     }
 }

@@ -14,8 +14,11 @@ use rollout::command_fields;
 pub(super) const MAX_PENDING: usize = 16;
 /// Rejected requests remembered, so a late copy cannot start.
 const MAX_REJECTED: usize = 64;
-/// Refused approvals kept per request for status.
+/// Refused approvals kept (and recorded) per request: a peer that sends
+/// forged approvals again and again fills neither status nor the audit log.
 const MAX_REFUSED: usize = 8;
+/// Approvals looked at in one message: more than any site has admins.
+const MAX_APPROVALS_PER_MESSAGE: usize = 32;
 pub(super) const REQUESTS_FILE: &str = "requests.json";
 
 /// A request waiting for approvals.
@@ -161,7 +164,7 @@ impl Node {
         }
         let trusted = self.config.trust_admin.clone();
         let mut refused = Vec::new();
-        for a in &signed.approvals {
+        for a in signed.approvals.iter().take(MAX_APPROVALS_PER_MESSAGE) {
             let Some(p) = self.pending.get_mut(&id) else {
                 break;
             };
@@ -190,17 +193,18 @@ impl Node {
                 }
                 Err(e) => {
                     let reason = e.to_string();
-                    if p.refused.len() < MAX_REFUSED && !p.refused.contains(&reason) {
+                    let new = p.refused.len() < MAX_REFUSED && !p.refused.contains(&reason);
+                    if new {
                         p.refused.push(reason.clone());
+                        warn!(request = %id, source = from, reason, "approval refused");
+                        self.audit_entry(Entry {
+                            event: "approval-refused".into(),
+                            key: Some(a.key.clone()),
+                            from: Some(from.to_owned()),
+                            reason: Some(reason.clone()),
+                            ..command_fields(Some(&command))
+                        });
                     }
-                    warn!(request = %id, source = from, reason, "approval refused");
-                    self.audit_entry(Entry {
-                        event: "approval-refused".into(),
-                        key: Some(a.key.clone()),
-                        from: Some(from.to_owned()),
-                        reason: Some(reason.clone()),
-                        ..command_fields(Some(&command))
-                    });
                     refused.push(reason);
                 }
             }
@@ -208,12 +212,12 @@ impl Node {
         let Some(p) = self.pending.get(&id) else {
             return Ok(());
         };
-        let tally = approval::tally(&p.signed, &p.signed.approvals, &trusted, needed);
-        if tally.approved() {
+        let keys = counted(&p.signed, &command, &trusted);
+        if keys.len() >= needed {
             let p = self.pending.remove(&id).map(|p| p.signed).unwrap_or(signed);
             self.save_requests();
             self.guard.remember(&id, command.issued_at_ms);
-            let keys: Vec<String> = tally.keys.iter().map(ToString::to_string).collect();
+            let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
             info!(request = %id, approvals = keys.len(), "the change is approved; it starts");
             self.audit_entry(Entry {
                 event: "accepted".into(),
@@ -304,7 +308,7 @@ impl Node {
             .filter_map(|p| {
                 let c = p.command.as_ref()?;
                 let needed = self.threshold(&c.action);
-                let tally = approval::tally(&p.signed, &p.signed.approvals, trusted, needed);
+                let keys = counted(&p.signed, c, trusted);
                 let (action, version) = action_version(&c.action);
                 Some(serde_json::json!({
                     "id": c.id,
@@ -314,7 +318,7 @@ impl Node {
                     "reason": c.reason,
                     "issued_at_ms": c.issued_at_ms,
                     "expires_at_ms": c.issued_at_ms + REQUEST_TTL_MS,
-                    "approved_by": tally.keys.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "approved_by": keys.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "needed": needed,
                     "refused": p.refused,
                     "now": c.now,
@@ -324,6 +328,23 @@ impl Node {
             .collect();
         serde_json::json!({ "pending": pending, "rejected": self.rejected })
     }
+}
+
+/// The distinct trusted keys that count for `request`: its signer, the
+/// approvals over its bytes, and for a site's part of a fleet rollout the
+/// signers of the fleet plan it carries.
+fn counted(
+    request: &SignedCommand,
+    command: &Command,
+    trusted: &[lanup_protocol::sign::PublicKey],
+) -> Vec<lanup_protocol::sign::PublicKey> {
+    let mut keys = approval::tally(request, &request.approvals, trusted, 1).keys;
+    for key in lanup_protocol::fleet::endorsers(request, command, trusted) {
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 /// A command's action and release as words.

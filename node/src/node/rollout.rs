@@ -304,8 +304,9 @@ impl Node {
         let Some(signed) = file.commands.get(&self.config.site).cloned() else {
             return;
         };
-        let seen =
-            serde_json::from_str::<Command>(&signed.command).is_ok_and(|c| self.guard.seen(&c.id));
+        // Taken already, or held waiting for approvals.
+        let seen = serde_json::from_str::<Command>(&signed.command)
+            .is_ok_and(|c| self.guard.seen(&c.id) || self.pending.contains_key(&c.id));
         if seen {
             return;
         }
