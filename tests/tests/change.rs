@@ -612,3 +612,69 @@ fn a_changes_record_names_who_asked_who_approved_each_nodes_apply_and_the_outcom
     let text = run_ok(&["history", "--change", &id, "--state", s(&states[2])]);
     assert!(text.contains("outcome: halted by"), "{text}");
 }
+
+#[test]
+fn an_admins_signed_now_overrides_the_apply_window() {
+    // A window that opens in an hour, in this machine's zone (the node's).
+    let zone = jiff::tz::TimeZone::system();
+    let now = jiff::Timestamp::now().to_zoned_datetime(zone);
+    let at = |minutes: i64| {
+        let t = now
+            .checked_add(jiff::Span::new().minutes(minutes))
+            .expect("a time");
+        t.strftime("%H:%M").to_string()
+    };
+    let window = format!("daily {}-{}", at(60), at(120));
+    let extra = move |_: usize| format!("apply_window = [\"{window}\"]");
+    let fleet = Fleet::build_with(
+        1,
+        FleetOptions {
+            extra: &extra,
+            ..FleetOptions::default()
+        },
+    );
+    let state = &fleet.site.states[0];
+    let key = s(&fleet.admin.0);
+    run_ok(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        key,
+        "--state",
+        s(state),
+        "--waves",
+        "100%",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = run_ok(&["status", "--state", s(state)]);
+        if table.contains("waits: outside its apply window") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wait shown:\n{table}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(fleet.running(0).as_deref(), Some("1.0.0"));
+    // The same release again, signed with --now: it applies at once.
+    let out = run(&[
+        "rollout",
+        "2.0.0",
+        "--now",
+        "--key",
+        key,
+        "--state",
+        s(state),
+        "--waves",
+        "100%",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fleet.running(0).as_deref(), Some("2.0.0"));
+}
