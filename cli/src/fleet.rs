@@ -65,6 +65,22 @@ pub(crate) fn run(args: FleetArgs) -> Result<ExitCode> {
     }
     let sites: Vec<SiteView> =
         serde_json::from_value(view["sites"].clone()).context("the fleet view's sites")?;
+    let r = &view["rollout"];
+    if let Some(id) = r["id"].as_str() {
+        let signed = r["approvals"]["signed_by"].as_array().map_or(0, Vec::len);
+        let needed = r["approvals"]["needed"].as_u64().unwrap_or(1) as usize;
+        let state = match r["state"].as_str() {
+            Some("running") if signed < needed && r["approvals"].is_object() => {
+                format!("waiting for approval, {signed} of {needed} admins have signed")
+            }
+            Some(state) => state.to_owned(),
+            None => "?".into(),
+        };
+        println!(
+            "fleet rollout {id} of {}: {state}",
+            r["version"].as_str().unwrap_or("?")
+        );
+    }
     print!("{}", table(&sites));
     Ok(ExitCode::SUCCESS)
 }

@@ -219,7 +219,25 @@ pub fn rollout_json(file: &FleetFile, sites: &[SiteView]) -> serde_json::Value {
     {
         out.extend(state);
     }
+    if let Some(plan) = &file.plan {
+        json["approvals"] = serde_json::json!({
+            "needed": file.approvals_needed,
+            "signed_by": lanup_protocol::fleet::plan_signers(plan)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        });
+    }
     json
+}
+
+/// Whether the fleet rollout still waits for its admins' approvals, and
+/// how many have signed.
+fn awaiting(file: &FleetFile) -> Option<(usize, usize)> {
+    let plan = file.plan.as_ref()?;
+    let have = lanup_protocol::fleet::plan_signers(plan).len();
+    (file.state == FleetState::Running && have < file.approvals_needed)
+        .then_some((have, file.approvals_needed))
 }
 
 /// The fleet rollout file in the release folder `root`, if there is one
@@ -234,6 +252,10 @@ pub fn read_rollout(root: &Path) -> Option<FleetFile> {
 pub fn fleet_page(sites: &[SiteView], rollout: Option<&FleetFile>) -> String {
     let rollout_html = rollout.map_or_else(String::new, |f| {
         let state = match &f.state {
+            FleetState::Running if awaiting(f).is_some() => {
+                let (have, needed) = awaiting(f).unwrap_or_default();
+                format!("waiting for approval: {have} of {needed} admins")
+            }
             FleetState::Running => "running".to_owned(),
             FleetState::Done => "done".to_owned(),
             FleetState::Halted { site, reason } => format!("halted by {site}: {reason}"),

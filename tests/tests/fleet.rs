@@ -706,6 +706,14 @@ fn a_fleet_rollout_for_sites_that_need_two_admins_begins_nowhere_before_the_seco
     )
     .expect("JSON");
     assert_eq!(file["commands"], serde_json::json!({}), "{file:#}");
+    // Headquarters' view says so.
+    let view = run_ok(&["fleet", "--reports", &f.hq.url]);
+    assert!(
+        view.contains(&format!(
+            "fleet rollout {id} of 2.0.0: waiting for approval, 1 of 2"
+        )),
+        "{view}"
+    );
     // The same admin again does not count.
     let twice = run(&[
         "approve",
