@@ -14,8 +14,9 @@ use crate::commands::{short_id, LocalNode};
 
 /// The events about the command itself: each node records them, the
 /// record shows each once.
-const COMMAND_EVENTS: [&str; 6] = [
+const COMMAND_EVENTS: [&str; 7] = [
     "requested",
+    "expired",
     "approved",
     "approval-refused",
     "rejected",
@@ -116,6 +117,9 @@ impl Record {
         }
         if self.first("accepted").is_some() {
             return "under way".into();
+        }
+        if self.first("expired").is_some() {
+            return "expired: not approved within 24 h".into();
         }
         if self.first("requested").is_some() {
             return "waiting for approval".into();

@@ -621,6 +621,7 @@ pub async fn run(
                 node.prune();
                 node.watch_fetcher();
                 node.fetcher_duties();
+                node.expire_requests();
                 node.rollout_duties();
                 node.maybe_auto_apply();
                 node.report_duties();

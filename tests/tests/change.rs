@@ -150,6 +150,17 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
         "{answer}"
     );
 
+    // A request with seconds left is held, then dropped when its time is
+    // up, and the drop is recorded.
+    let ttl = lanup_protocol::approval::REQUEST_TTL_MS;
+    let near = Command {
+        issued_at_ms: now_ms() - ttl + 6_000,
+        id: "e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1".into(),
+        ..serde_json::from_str::<Command>(&request.command).expect("the request")
+    };
+    let answer = hand(&states[0], sign(&near, &alice_key));
+    assert_eq!(answer["waiting"], true, "{answer}");
+
     // A second request, rejected by Bob, can no longer be approved.
     let out = run_ok(&[
         "rollout",
@@ -215,6 +226,15 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
             .iter()
             .any(|e| e["event"] == "rejected" && e["id"] == second.as_str()));
     }
+    // The request near its end expired on the node that held it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pending(&states[0], &near.id).is_some() {
+        assert!(Instant::now() < deadline, "the request never expired");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(history(&states[0])
+        .iter()
+        .any(|e| e["event"] == "expired" && e["id"] == near.id.as_str()));
     // The refused approvals were recorded where they were given.
     let h = history(&states[0]);
     let refused: Vec<&str> = h

@@ -242,6 +242,36 @@ impl Node {
         }
     }
 
+    /// Drops requests that were not approved in time, recording each.
+    pub(super) fn expire_requests(&mut self) {
+        let site_now = now_unix_ms().saturating_add_signed(self.site_offset_ms());
+        let expired: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.command
+                    .as_ref()
+                    .is_some_and(|c| !approval::open(c.issued_at_ms, REQUEST_TTL_MS, site_now))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            let Some(p) = self.pending.remove(id) else {
+                continue;
+            };
+            info!(request = %id, "a request expired before enough admins approved it");
+            self.audit_entry(Entry {
+                event: "expired".into(),
+                key: Some(p.signed.key.clone()),
+                reason: Some("not approved within 24 h".into()),
+                ..command_fields(p.command.as_ref())
+            });
+        }
+        if !expired.is_empty() {
+            self.save_requests();
+        }
+    }
+
     /// A signed reject (itself checked and fresh): the request it names
     /// can no longer start.
     pub(super) fn reject(&mut self, command: &Command, signed: &SignedCommand, request: &str) {
