@@ -262,6 +262,11 @@ pub(crate) struct Liar {
 
 impl Liar {
     pub(crate) fn start() -> Liar {
+        Liar::dialing(&[])
+    }
+
+    /// A liar that dials `peers` (multiaddrs) itself.
+    pub(crate) fn dialing(peers: &[String]) -> Liar {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -274,7 +279,7 @@ impl Liar {
                 SecretKey::generate().to_libp2p(),
                 NetworkConfig {
                     listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")],
-                    peers: vec![],
+                    peers: peers.iter().map(|p| p.parse().expect("addr")).collect(),
                     psk: None,
                     mdns: false,
                 },

@@ -698,3 +698,54 @@ fn an_admins_signed_now_overrides_the_apply_window() {
     );
     assert_eq!(fleet.running(0).as_deref(), Some("2.0.0"));
 }
+
+#[test]
+fn a_changes_record_comes_back_naming_a_peer_that_never_answers() {
+    let fleet = Fleet::build_with(2, FleetOptions::default());
+    let out = fleet.rollout_wait(0, "100%");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = history(&fleet.site.states[0])
+        .iter()
+        .find(|e| e["event"] == "accepted")
+        .and_then(|e| e["id"].as_str().map(str::to_owned))
+        .expect("the rollout's id");
+    // A peer that connects and never answers a request.
+    let liar =
+        crate::announce::Liar::dialing(&[format!("/ip4/127.0.0.1/tcp/{}", fleet.site.ports[0])]);
+    let liar_id = liar.net.local_peer_id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !run_ok(&["peers", "--state", s(&fleet.site.states[0])]).contains(&liar_id) {
+        assert!(Instant::now() < deadline, "the liar never connected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let json: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "history",
+        "--change",
+        &id,
+        "--json",
+        "--state",
+        s(&fleet.site.states[0]),
+    ]))
+    .expect("JSON");
+    assert_eq!(json["not_answered"], serde_json::json!([liar_id]), "{json}");
+    let nodes: std::collections::BTreeSet<&str> = json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["node"].as_str())
+        .collect();
+    assert_eq!(nodes.len(), 2, "both real nodes answered: {json}");
+    let text = run_ok(&[
+        "history",
+        "--change",
+        &id,
+        "--state",
+        s(&fleet.site.states[0]),
+    ]);
+    assert!(text.contains("not answered: …"), "{text}");
+    assert!(text.contains("outcome: done"), "{text}");
+}
