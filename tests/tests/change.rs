@@ -655,7 +655,9 @@ fn an_admins_signed_now_overrides_the_apply_window() {
     );
     let state = &fleet.site.states[0];
     let key = s(&fleet.admin.0);
-    run_ok(&[
+    // --wait says what the node waits for, and gives up waiting (exit 2)
+    // with the rollout still standing.
+    let out = run(&[
         "rollout",
         "2.0.0",
         "--key",
@@ -664,7 +666,16 @@ fn an_admins_signed_now_overrides_the_apply_window() {
         s(state),
         "--waves",
         "100%",
+        "--wait",
+        "--timeout",
+        "4s",
     ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("waits: outside its apply window"),
+        "{stdout}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let table = run_ok(&["status", "--state", s(state)]);
