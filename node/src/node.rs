@@ -342,6 +342,8 @@ struct Node {
     waiting: Option<String>,
     /// The health check's verdict in the apply under way.
     health_said: Option<String>,
+    /// Bounds the peers' questions about changes answered at once.
+    audit_answers: std::sync::Arc<tokio::sync::Semaphore>,
     /// The last rollout command this node refused: (id, reason).
     refused_command: Option<(String, String)>,
     /// Commands refused lately (by id and reason), so each is recorded once.
@@ -567,6 +569,7 @@ pub async fn run(
         rejected,
         waiting: None,
         health_said: None,
+        audit_answers: std::sync::Arc::new(tokio::sync::Semaphore::new(record::AUDIT_ANSWERS)),
         guard,
         audit: audit_tx,
         asked: HashMap::new(),

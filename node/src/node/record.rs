@@ -10,6 +10,11 @@ use lanup_protocol::wire::MAX_AUDIT_ENTRIES;
 /// How long a peer has to send its entries.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Peers' questions about changes answered at once; more are told
+/// "unknown", so a peer asking again and again reads the audit log no
+/// more than this often in parallel.
+pub(super) const AUDIT_ANSWERS: usize = 2;
+
 /// Reads this node's entries about `id` (blocking: a thread of the pool).
 fn own_entries(state: &std::path::Path, id: &str) -> Vec<Entry> {
     crate::audit::about(&state.join(crate::audit::AUDIT_FILE), id, MAX_AUDIT_ENTRIES)
@@ -27,7 +32,14 @@ impl Node {
         channel: libp2p::request_response::ResponseChannel<Response>,
     ) {
         let (net, state) = (self.net.clone(), self.config.state.clone());
+        let Ok(permit) = self.audit_answers.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let _ = net.respond(channel, Response::Unknown).await;
+            });
+            return;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             let entries = tokio::task::spawn_blocking(move || own_entries(&state, &id))
                 .await
                 .unwrap_or_default();
