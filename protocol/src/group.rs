@@ -116,9 +116,56 @@ pub fn order_waves(waves: &[Vec<String>], members: &BTreeMap<String, Member>) ->
     out
 }
 
+/// The earliest wave `node` must apply in: its own, or an earlier one
+/// where a member of its group that goes after it sits. Waves drawn
+/// without knowing the groups (the issuing node had not heard a member)
+/// could put an active in wave 1 and its standby in wave 2; the active
+/// would wait for the standby and the standby for wave 1. Pulling the
+/// standby forward to its successor's wave undoes that.
+pub fn due_wave(
+    node: &str,
+    own_wave: usize,
+    waves: &[Vec<String>],
+    members: &BTreeMap<String, Member>,
+) -> usize {
+    let Some(me) = members.get(node) else {
+        return own_wave;
+    };
+    let mine = me.rank(node);
+    waves
+        .iter()
+        .enumerate()
+        .filter(|(_, wave)| {
+            wave.iter().any(|other| {
+                members
+                    .get(other)
+                    .is_some_and(|m| m.group == me.group && m.rank(other) > mine)
+            })
+        })
+        .map(|(w, _)| w)
+        .chain(std::iter::once(own_wave))
+        .min()
+        .unwrap_or(own_wave)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_drawn_after_its_active_is_due_with_it() {
+        let members = line3();
+        let waves = vec![
+            vec!["a1".to_owned()],
+            vec!["s1".to_owned(), "s2".to_owned(), "a2".to_owned()],
+        ];
+        // s1 sits in wave 2 but its active a1 in wave 1: s1 is due in wave 1.
+        assert_eq!(due_wave("s1", 1, &waves, &members), 0);
+        // a1 keeps its own; s2 and a2 are in order already.
+        assert_eq!(due_wave("a1", 0, &waves, &members), 0);
+        assert_eq!(due_wave("s2", 1, &waves, &members), 1);
+        assert_eq!(due_wave("lone", 1, &waves, &members), 1);
+    }
 
     fn member(group: &str, role: &str) -> Member {
         Member {

@@ -760,3 +760,57 @@ fn a_changes_record_comes_back_naming_a_peer_that_never_answers() {
     assert!(text.contains("not answered: …"), "{text}");
     assert!(text.contains("outcome: done"), "{text}");
 }
+
+#[test]
+fn a_standby_drawn_after_its_active_goes_first_all_the_same() {
+    // The command names no groups (its issuer had not heard them) and its
+    // waves put the active in wave 1, its standby in wave 2.
+    let extra = |i: usize| match i {
+        0 => "group = \"g\"\nrole = \"standby\"".to_owned(),
+        _ => "group = \"g\"\nrole = \"active\"".to_owned(),
+    };
+    let fleet = Fleet::build_with(
+        2,
+        FleetOptions {
+            extra: &extra,
+            ..FleetOptions::default()
+        },
+    );
+    let (standby, active) = (fleet.peer_id(0), fleet.peer_id(1));
+    let nodes = vec![standby.clone(), active.clone()];
+    let waves = lanup_protocol::rollout::parse_waves("1,100%").expect("waves");
+    let id = (0..1000)
+        .map(|n| format!("{n:032x}"))
+        .find(|id| lanup_protocol::rollout::assign_waves(id, &nodes, &waves)[0] == [active.clone()])
+        .expect("an id that draws the active first");
+    let state = &fleet.site.states[0];
+    let site = site_status(state)["site"]
+        .as_str()
+        .expect("site")
+        .to_owned();
+    let admin = lanup_node::keys::load_secret(&fleet.admin.0).expect("admin key");
+    let command = Command {
+        site,
+        action: Action::Rollout {
+            version: "2.0.0".into(),
+        },
+        issued_at_ms: now_ms(),
+        id,
+        waves,
+        nodes,
+        fleet: None,
+        reason: None,
+        now: false,
+        groups: Default::default(),
+    };
+    let answer = hand(state, sign(&command, &admin));
+    assert_eq!(answer["accepted"], true, "{answer}");
+    fleet.wait_running(0, "2.0.0");
+    fleet.wait_running(1, "2.0.0");
+    let standby_done = fleet.at(0, "applied").expect("the standby applied");
+    let active_began = fleet.at(1, "applying").expect("the active applied");
+    assert!(
+        active_began >= standby_done,
+        "the active began at {active_began}, before its standby was done at {standby_done}"
+    );
+}

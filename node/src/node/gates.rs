@@ -33,26 +33,24 @@ impl Node {
                 ));
             }
         }
-        let mine = policy.member.as_ref()?;
+        policy.member.as_ref()?;
         let me = self.local.to_string();
-        let mut members: BTreeMap<String, Member> = BTreeMap::new();
-        let mut states: BTreeMap<String, MemberState> = BTreeMap::new();
+        let members = self.members();
         let reports = id.map(|id| self.reports(version, id));
+        let mut states: BTreeMap<String, MemberState> = BTreeMap::new();
         let mut add = |node: String, hb: &Heartbeat| {
-            if let Some(m) = &hb.member {
-                let installed = match &reports {
-                    Some(r) => r.get(&node).and_then(|r| r.installed.as_deref()) == Some(version),
-                    None => hb.installed_version.as_deref() == Some(version),
-                };
-                states.insert(
-                    node.clone(),
-                    MemberState {
-                        applying: hb.apply.as_deref() == Some("applying"),
-                        installed: installed && hb.apply.as_deref() != Some("applying"),
-                    },
-                );
-                members.insert(node, m.clone());
-            }
+            let applying = hb.apply.as_deref() == Some("applying");
+            let installed = match &reports {
+                Some(r) => r.get(&node).and_then(|r| r.installed.as_deref()) == Some(version),
+                None => hb.installed_version.as_deref() == Some(version),
+            };
+            states.insert(
+                node,
+                MemberState {
+                    applying,
+                    installed: installed && !applying,
+                },
+            );
         };
         for (peer, info) in &self.peers {
             if let Some((_, hb)) = &info.heartbeat {
@@ -62,7 +60,6 @@ impl Node {
         for (author, heard) in self.heard_only() {
             add(author.to_string(), &heard.heartbeat);
         }
-        members.insert(me.clone(), mine.clone());
         gate(&me, &members, &states).err().map(|why| {
             // Peers by their short names, as status shows them.
             let mut why = why;
@@ -71,6 +68,30 @@ impl Node {
             }
             why
         })
+    }
+
+    /// The members of redundancy groups this node knows of: itself and
+    /// every node whose heartbeat names a group.
+    pub(super) fn members(&self) -> BTreeMap<String, Member> {
+        let mut members: BTreeMap<String, Member> = BTreeMap::new();
+        for (peer, info) in &self.peers {
+            if let Some(m) = info
+                .heartbeat
+                .as_ref()
+                .and_then(|(_, hb)| hb.member.clone())
+            {
+                members.insert(peer.to_string(), m);
+            }
+        }
+        for (author, heard) in self.heard_only() {
+            if let Some(m) = heard.heartbeat.member.clone() {
+                members.insert(author.to_string(), m);
+            }
+        }
+        if let Some(m) = &self.config.policy.member {
+            members.insert(self.local.to_string(), m.clone());
+        }
+        members
     }
 
     /// Records what this node waits for (logged when it changes).

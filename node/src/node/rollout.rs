@@ -460,11 +460,13 @@ impl Node {
         let version = r.version.clone();
         let stage = evaluate(&r.waves, &version, &self.reports(&version, &r.command.id));
         let me = self.local.to_string();
-        let my_wave = r
+        let own_wave = r
             .waves
             .iter()
             .position(|w| w.contains(&me))
             .unwrap_or(r.waves.len().saturating_sub(1));
+        // A standby drawn after its active goes with the active's wave.
+        let my_wave = lanup_protocol::group::due_wave(&me, own_wave, &r.waves, &self.members());
         let (id, back, waves_len, was_done) = (r.command.id.clone(), r.back, r.waves.len(), r.done);
         let now = r.command.now;
         let action = if back { "rollback" } else { "rollout" };
