@@ -8,7 +8,7 @@ use lanup_node::control::ControlRequest;
 use lanup_protocol::rollout::{sign, Action, Command, SignedCommand};
 
 use crate::common::*;
-use crate::rollout::{history, now_ms, site_status, Fleet, FleetOptions};
+use crate::rollout::{history, now_ms, site_status, Fleet, FleetOptions, LIBFAKETIME};
 
 /// Hands `signed` to node `state` as the CLI would; its answer.
 fn hand(state: &Path, signed: SignedCommand) -> serde_json::Value {
@@ -444,6 +444,10 @@ fn next_local(tz: &str, weekday: jiff::civil::Weekday, hour: i8) -> (u64, String
 
 #[test]
 fn a_node_outside_its_apply_window_waits_for_it_and_says_when() {
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "the apply-window test needs libfaketime (apt-get install faketime)"
+    );
     let mut fleet = Fleet::build_with(
         1,
         FleetOptions {
@@ -458,10 +462,7 @@ fn a_node_outside_its_apply_window_waits_for_it_and_says_when() {
     fleet.restart_with_env(
         0,
         &[
-            (
-                "LD_PRELOAD",
-                "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
-            ),
+            ("LD_PRELOAD", LIBFAKETIME.into()),
             ("FAKETIME", format!("+{}", offset_ms / 1000)),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
             ("TZ", "Europe/Berlin".into()),

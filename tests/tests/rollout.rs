@@ -448,20 +448,20 @@ impl Fleet {
     }
 }
 
+/// libfaketime, which puts a process's wall clock elsewhere (faketime).
+pub(crate) const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 /// Runs `cmd` with its wall clock 15 minutes ahead (libfaketime; timers
 /// and the monotonic clock untouched), as on a machine whose clock is off.
 fn fast_clock(cmd: &mut std::process::Command) {
-    cmd.env(
-        "LD_PRELOAD",
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-    )
-    .env("FAKETIME", "+15m")
-    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    cmd.env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", "+15m")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
 }
 
 #[test]
 fn clocks_that_disagree_are_shown_and_do_not_stop_rollouts_from_or_to_the_skewed_node() {
-    if !Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1").exists() {
+    if !Path::new(LIBFAKETIME).exists() {
         assert!(
             std::env::var_os("CI").is_none(),
             "the clock test needs libfaketime in CI (.ci/run installs faketime)"
