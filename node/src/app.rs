@@ -390,7 +390,12 @@ impl App {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => return Err(format!("it exited {status}")),
+                Ok(Some(status)) => {
+                    return Err(match status.code() {
+                        Some(code) => format!("it exited with status {code}"),
+                        None => format!("it was ended by a signal ({status})"),
+                    })
+                }
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();

@@ -553,7 +553,7 @@ fn a_failing_health_command_rolls_the_release_back() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("health command") && stderr.contains("exit status: 1"),
+        stderr.contains("health command") && stderr.contains("exited with status 1"),
         "{stderr}"
     );
     site.wait_running("1.0.0");
