@@ -181,6 +181,11 @@ struct Heartbeat {
     /// wave has come.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     waiting: Option<String>,
+    /// The requests the sender holds, waiting for approval: a node that
+    /// missed one (it was away when it was made) asks for it, so an admin
+    /// can approve it from any node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    requests: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -877,6 +882,9 @@ impl Node {
                             // the command, or will).
                             if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
                                 self.maybe_catch_up(from, id);
+                            }
+                            if fresh {
+                                self.catch_up_requests(from, &hb.requests);
                             }
                             // The author's own record when it is a peer; one
                             // heard only through others is kept in `heard`.

@@ -815,3 +815,66 @@ fn a_standby_drawn_after_its_active_goes_first_all_the_same() {
         "the active began at {active_began}, before its standby was done at {standby_done}"
     );
 }
+
+#[test]
+fn a_node_that_was_away_when_a_change_was_requested_learns_it_and_can_approve_it() {
+    let mut fleet = Fleet::build_with(
+        3,
+        FleetOptions {
+            admins: 2,
+            extra: &|_| "admin_threshold = 2".into(),
+            ..FleetOptions::default()
+        },
+    );
+    let states = fleet.site.states.clone();
+    let (alice, bob) = (fleet.admins[0].0.clone(), fleet.admins[1].0.clone());
+    let (alice, bob) = (s(&alice), s(&bob));
+    // Node 2 is away while Alice asks.
+    fleet.stop(2);
+    let out = run_ok(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        alice,
+        "--state",
+        s(&states[0]),
+        "--waves",
+        "100%",
+        "--reason",
+        "asked while node 2 was down",
+    ]);
+    let id = id_in(&out);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pending(&states[1], &id).is_none() {
+        assert!(Instant::now() < deadline, "node 1 never heard the request");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Back, node 2 learns the request from its peers' heartbeats ...
+    fleet.start(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        // (The node may not answer yet while it starts.)
+        let out = run(&["status", "--state", s(&states[2]), "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let found = status["requests"]["pending"]
+            .as_array()
+            .and_then(|p| p.iter().find(|r| r["id"] == id.as_str()).cloned());
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 never learned the request it missed:\n{}",
+            node_log(&states[2])
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(held["requested_by"], fleet.admins[0].1.as_str());
+    assert_eq!(held["reason"], "asked while node 2 was down");
+    // ... and Bob approves it there: every node installs the release.
+    let out = run_ok(&["approve", &id, "--key", bob, "--state", s(&states[2])]);
+    assert!(out.contains("the change starts"), "{out}");
+    for i in 0..3 {
+        fleet.wait_running(i, "2.0.0");
+    }
+}

@@ -346,8 +346,13 @@ impl Fleet {
         }
     }
 
+    /// Stops node `i`.
+    pub(crate) fn stop(&mut self, i: usize) {
+        self.site.procs[i] = None;
+    }
+
     /// Starts node `i` (again).
-    fn start(&mut self, i: usize) {
+    pub(crate) fn start(&mut self, i: usize) {
         let mut cmd = self
             .site
             .command(i, Some(&self.origin.url), &self.publisher);

@@ -19,6 +19,8 @@ const MAX_REJECTED: usize = 64;
 const MAX_REFUSED: usize = 8;
 /// Approvals looked at in one message: more than any site has admins.
 const MAX_APPROVALS_PER_MESSAGE: usize = 32;
+/// The longest request id asked for (ids are 32 hex digits).
+const MAX_ID_LEN: usize = 64;
 pub(super) const REQUESTS_FILE: &str = "requests.json";
 
 /// A request waiting for approvals.
@@ -239,6 +241,21 @@ impl Node {
         match refused.into_iter().next() {
             Some(reason) if !changed => Err(reason),
             _ => Ok(()),
+        }
+    }
+
+    /// Asks `peer` for the requests its heartbeat names that this node
+    /// does not hold (it was away when they were made): at most
+    /// [`MAX_PENDING`] of them, each no more often than a rollout's
+    /// catch-up, ids of a sane length only.
+    pub(super) fn catch_up_requests(&mut self, peer: PeerId, ids: &[String]) {
+        for id in ids.iter().take(MAX_PENDING) {
+            let known = self.pending.contains_key(id)
+                || self.rejected.iter().any(|r| &r.id == id)
+                || self.guard.seen(id);
+            if !known && id.len() <= MAX_ID_LEN {
+                self.maybe_catch_up(peer, id);
+            }
         }
     }
 

@@ -110,6 +110,7 @@ impl Node {
             boot_ms: self.boot_ms,
             seq: self.heartbeats_sent,
             command_id: self.rollout.as_ref().map(Rollout::newest_id),
+            requests: self.pending.keys().cloned().collect(),
             last_error: self
                 .disk_error
                 .as_ref()
