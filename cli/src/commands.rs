@@ -1028,18 +1028,7 @@ fn follow_hand_over(node: &LocalNode, version: &str) -> Result<ExitCode> {
     bail!("the node did not say within 10 minutes how its update to lanup {version} went")
 }
 
-/// The last 8 characters of a PeerId: enough to tell a site's nodes apart.
-pub(crate) fn short_id(id: &str) -> String {
-    let tail: String = id
-        .chars()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("…{tail}")
-}
+pub(crate) use lanup_protocol::short_peer as short_id;
 
 /// What a node is doing, in a few words: its state, the release it is
 /// moving to, and the apply step under way.

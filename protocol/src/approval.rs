@@ -131,20 +131,14 @@ mod tests {
 
     fn request(by: &SecretKey, id: &str) -> SignedCommand {
         sign(
-            &Command {
-                site: "s".into(),
-                action: Action::Rollout {
+            &Command::new(
+                "s",
+                Action::Rollout {
                     version: "2.0".into(),
                 },
-                issued_at_ms: 1,
-                id: id.into(),
-                waves: Vec::new(),
-                nodes: Vec::new(),
-                fleet: None,
-                reason: None,
-                now: false,
-                groups: Default::default(),
-            },
+                1,
+                id,
+            ),
             by,
         )
     }

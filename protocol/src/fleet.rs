@@ -345,21 +345,7 @@ mod tests {
                 issued_at_ms: 1,
             })
             .expect("JSON");
-            let mut p = crate::rollout::sign(
-                &Command {
-                    site: String::new(),
-                    action: Action::Abort,
-                    issued_at_ms: 0,
-                    id: String::new(),
-                    waves: Vec::new(),
-                    nodes: Vec::new(),
-                    fleet: None,
-                    reason: None,
-                    now: false,
-                    groups: Default::default(),
-                },
-                &alice,
-            );
+            let mut p = crate::rollout::sign(&Command::new("", Action::Abort, 0, ""), &alice);
             p.signature = alice.sign(text.as_bytes()).to_hex();
             p.command = text;
             p.approvals = vec![
@@ -370,18 +356,15 @@ mod tests {
         };
         let part = |fleet: &str, version: &str, with: SignedCommand| {
             let command = Command {
-                site: "s".into(),
-                action: Action::Rollout {
-                    version: version.into(),
-                },
-                issued_at_ms: 1,
-                id: "c".into(),
-                waves: Vec::new(),
-                nodes: Vec::new(),
                 fleet: Some(fleet.into()),
-                reason: None,
-                now: false,
-                groups: Default::default(),
+                ..Command::new(
+                    "s",
+                    Action::Rollout {
+                        version: version.into(),
+                    },
+                    1,
+                    "c",
+                )
             };
             let mut signed = crate::rollout::sign(&command, &alice);
             signed.plan = Some(Box::new(with));

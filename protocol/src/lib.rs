@@ -46,3 +46,22 @@ pub mod wire;
 pub use hash::Hash;
 pub use manifest::{Manifest, ManifestError, UpdateFile};
 pub use version::Version;
+
+/// A PeerId as status and records show it: its last 8 characters, enough
+/// to tell a site's nodes apart.
+pub fn short_peer(id: &str) -> String {
+    let start = id.char_indices().rev().nth(7).map_or(0, |(i, _)| i);
+    format!("…{}", &id[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_short_peer_is_its_last_eight_characters() {
+        assert_eq!(
+            super::short_peer("12D3KooWKAvnm3k8K8nbBtnsud8FAbdpVpdcPRXa9jUfr7YtYdQE"),
+            "…r7YtYdQE"
+        );
+        assert_eq!(super::short_peer("abc"), "…abc");
+    }
+}

@@ -121,6 +121,25 @@ pub struct Command {
     pub groups: BTreeMap<String, crate::group::Member>,
 }
 
+impl Command {
+    /// A command with no waves, nodes, fleet, reason, override or groups:
+    /// an abort, a rollback, or a rollout the caller fills in further.
+    pub fn new(site: &str, action: Action, issued_at_ms: u64, id: &str) -> Command {
+        Command {
+            site: site.into(),
+            action,
+            issued_at_ms,
+            id: id.into(),
+            waves: Vec::new(),
+            nodes: Vec::new(),
+            fleet: None,
+            reason: None,
+            now: false,
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
 /// A command with its signature, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedCommand {
@@ -413,18 +432,16 @@ mod tests {
 
     fn command(site: &str, at: u64, id: &str) -> Command {
         Command {
-            site: site.into(),
-            action: Action::Rollout {
-                version: "2.0.0".into(),
-            },
-            issued_at_ms: at,
-            id: id.into(),
             waves: parse_waves("1,25%,100%").expect("waves"),
             nodes: nodes(3),
-            fleet: None,
-            reason: None,
-            now: false,
-            groups: Default::default(),
+            ..Command::new(
+                site,
+                Action::Rollout {
+                    version: "2.0.0".into(),
+                },
+                at,
+                id,
+            )
         }
     }
 

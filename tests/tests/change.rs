@@ -123,20 +123,14 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
         .as_str()
         .expect("site")
         .to_owned();
-    let old = Command {
-        site: site.clone(),
-        action: Action::Rollout {
+    let old = Command::new(
+        &site,
+        Action::Rollout {
             version: "2.0.0".into(),
         },
-        issued_at_ms: now_ms() - 25 * 3_600_000,
-        id: "0ld0ld0ld0ld0ld0ld0ld0ld0ld0ld00".into(),
-        waves: Vec::new(),
-        nodes: Vec::new(),
-        fleet: None,
-        reason: None,
-        now: false,
-        groups: Default::default(),
-    };
+        now_ms() - 25 * 3_600_000,
+        "0ld0ld0ld0ld0ld0ld0ld0ld0ld0ld00",
+    );
     let old = sign(&old, &alice_key);
     let approved_old = SignedCommand {
         approvals: vec![lanup_protocol::approval::approve(&old, &bob_key)],
@@ -485,18 +479,15 @@ fn a_node_outside_its_apply_window_waits_for_it_and_says_when() {
         .to_owned();
     let admin = lanup_node::keys::load_secret(&fleet.admin.0).expect("admin key");
     let command = Command {
-        site,
-        action: Action::Rollout {
-            version: "2.0.0".into(),
-        },
-        issued_at_ms: now_ms() + offset_ms,
-        id: "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1".into(),
         waves: lanup_protocol::rollout::parse_waves("100%").expect("waves"),
-        nodes: Vec::new(),
-        fleet: None,
-        reason: None,
-        now: false,
-        groups: Default::default(),
+        ..Command::new(
+            &site,
+            Action::Rollout {
+                version: "2.0.0".into(),
+            },
+            now_ms() + offset_ms,
+            "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1",
+        )
     };
     let answer = hand(&state, sign(&command, &admin));
     assert_eq!(answer["accepted"], true, "{answer}");
@@ -791,18 +782,16 @@ fn a_standby_drawn_after_its_active_goes_first_all_the_same() {
         .to_owned();
     let admin = lanup_node::keys::load_secret(&fleet.admin.0).expect("admin key");
     let command = Command {
-        site,
-        action: Action::Rollout {
-            version: "2.0.0".into(),
-        },
-        issued_at_ms: now_ms(),
-        id,
         waves,
         nodes,
-        fleet: None,
-        reason: None,
-        now: false,
-        groups: Default::default(),
+        ..Command::new(
+            &site,
+            Action::Rollout {
+                version: "2.0.0".into(),
+            },
+            now_ms(),
+            &id,
+        )
     };
     let answer = hand(state, sign(&command, &admin));
     assert_eq!(answer["accepted"], true, "{answer}");

@@ -33,18 +33,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 fn command(site: &str, action: Action, id: &str) -> Command {
-    Command {
-        site: site.into(),
-        action,
-        issued_at_ms: now_ms(),
-        id: id.into(),
-        waves: Vec::new(),
-        nodes: Vec::new(),
-        fleet: None,
-        reason: None,
-        now: false,
-        groups: Default::default(),
-    }
+    Command::new(site, action, now_ms(), id)
 }
 
 #[test]

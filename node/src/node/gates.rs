@@ -64,7 +64,7 @@ impl Node {
             // Peers by their short names, as status shows them.
             let mut why = why;
             for node in members.keys().filter(|n| **n != me) {
-                why = why.replace(node.as_str(), &short(node));
+                why = why.replace(node.as_str(), &lanup_protocol::short_peer(node));
             }
             why
         })
@@ -103,17 +103,4 @@ impl Node {
             self.waiting = why;
         }
     }
-}
-
-/// A PeerId as status shows it: its last 8 characters.
-fn short(id: &str) -> String {
-    let tail: String = id
-        .chars()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("…{tail}")
 }
