@@ -40,6 +40,30 @@ fn pending(state: &Path, id: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// `admin`'s request to roll out 2.0.0 given on node 0, once node 1 holds
+/// it: its id and what the CLI said.
+fn request(states: &[std::path::PathBuf], admin: &str, reason: &str) -> (String, String) {
+    let out = run_ok(&[
+        "rollout",
+        "2.0.0",
+        "--key",
+        admin,
+        "--state",
+        s(&states[0]),
+        "--waves",
+        "100%",
+        "--reason",
+        reason,
+    ]);
+    let id = id_in(&out);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pending(&states[1], &id).is_none() {
+        assert!(Instant::now() < deadline, "node 1 never heard the request");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (id, out)
+}
+
 #[test]
 fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_bytes() {
     let fleet = Fleet::build_with(
@@ -55,26 +79,9 @@ fn a_change_needs_two_admins_and_counts_each_trusted_key_once_over_the_same_byte
     let (mallory_file, _) = keygen(&fleet.root, "mallory.key");
 
     // Alice asks: a request, nothing applies.
-    let out = run_ok(&[
-        "rollout",
-        "2.0.0",
-        "--key",
-        alice,
-        "--state",
-        s(&states[0]),
-        "--waves",
-        "100%",
-        "--reason",
-        "fixes ticket 42",
-    ]);
+    let (id, out) = request(states, alice, "fixes ticket 42");
     assert!(out.contains("waiting for approval, 1 of 2"), "{out}");
-    let id = id_in(&out);
     // Every node holds it, with who asked and why, and says so.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while pending(&states[1], &id).is_none() {
-        assert!(Instant::now() < deadline, "node 1 never heard the request");
-        std::thread::sleep(Duration::from_millis(200));
-    }
     let r = pending(&states[1], &id).expect("pending");
     assert_eq!(r["requested_by"], fleet.admins[0].1.as_str());
     assert_eq!(r["reason"], "fixes ticket 42");
@@ -385,19 +392,25 @@ fn a_standby_whose_release_fails_halts_its_group_and_the_active_is_untouched() {
     assert!(!log.exists(), "no switchover ran");
 }
 
-#[test]
-fn a_failing_switchover_ends_the_actives_apply_before_its_application_stops() {
+/// A site of one redundant pair: node 0 the standby, node 1 the active
+/// (with `active_extra` in its configuration).
+fn pair(active_extra: &str) -> Fleet {
     let extra = |i: usize| match i {
         0 => "group = \"g\"\nrole = \"standby\"".to_owned(),
-        _ => "group = \"g\"\nrole = \"active\"\nswitchover_command = [\"/bin/false\"]".to_owned(),
+        _ => format!("group = \"g\"\nrole = \"active\"\n{active_extra}"),
     };
-    let fleet = Fleet::build_with(
+    Fleet::build_with(
         2,
         FleetOptions {
             extra: &extra,
             ..FleetOptions::default()
         },
-    );
+    )
+}
+
+#[test]
+fn a_failing_switchover_ends_the_actives_apply_before_its_application_stops() {
+    let fleet = pair("switchover_command = [\"/bin/false\"]");
     let pid_before = std::fs::read_to_string(fleet.installs[1].join("var/current")).expect("pid");
     let out = fleet.rollout_wait(0, "100%");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -536,24 +549,7 @@ fn a_changes_record_names_who_asked_who_approved_each_nodes_apply_and_the_outcom
     );
     let states = &fleet.site.states;
     let (alice, bob) = (s(&fleet.admins[0].0), s(&fleet.admins[1].0));
-    let out = run_ok(&[
-        "rollout",
-        "2.0.0",
-        "--key",
-        alice,
-        "--state",
-        s(&states[0]),
-        "--waves",
-        "100%",
-        "--reason",
-        "monthly release",
-    ]);
-    let id = id_in(&out);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while pending(&states[1], &id).is_none() {
-        assert!(Instant::now() < deadline, "node 1 never heard the request");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (id, _) = request(states, alice, "monthly release");
     run_ok(&["approve", &id, "--key", bob, "--state", s(&states[1])]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while site_status(&states[0])["rollout"]["stage"] != "halted"
@@ -757,17 +753,7 @@ fn a_changes_record_comes_back_naming_a_peer_that_never_answers() {
 fn a_standby_drawn_after_its_active_goes_first_all_the_same() {
     // The command names no groups (its issuer had not heard them) and its
     // waves put the active in wave 1, its standby in wave 2.
-    let extra = |i: usize| match i {
-        0 => "group = \"g\"\nrole = \"standby\"".to_owned(),
-        _ => "group = \"g\"\nrole = \"active\"".to_owned(),
-    };
-    let fleet = Fleet::build_with(
-        2,
-        FleetOptions {
-            extra: &extra,
-            ..FleetOptions::default()
-        },
-    );
+    let fleet = pair("");
     let (standby, active) = (fleet.peer_id(0), fleet.peer_id(1));
     let nodes = vec![standby.clone(), active.clone()];
     let waves = lanup_protocol::rollout::parse_waves("1,100%").expect("waves");
@@ -820,24 +806,7 @@ fn a_node_that_was_away_when_a_change_was_requested_learns_it_and_can_approve_it
     let (alice, bob) = (s(&alice), s(&bob));
     // Node 2 is away while Alice asks.
     fleet.stop(2);
-    let out = run_ok(&[
-        "rollout",
-        "2.0.0",
-        "--key",
-        alice,
-        "--state",
-        s(&states[0]),
-        "--waves",
-        "100%",
-        "--reason",
-        "asked while node 2 was down",
-    ]);
-    let id = id_in(&out);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while pending(&states[1], &id).is_none() {
-        assert!(Instant::now() < deadline, "node 1 never heard the request");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (id, _) = request(&states, alice, "asked while node 2 was down");
     // Back, node 2 learns the request from its peers' heartbeats ...
     fleet.start(2);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -715,15 +715,18 @@ fn a_fleet_rollout_for_sites_that_need_two_admins_begins_nowhere_before_the_seco
         "{view}"
     );
     // The same admin again does not count.
-    let twice = run(&[
-        "approve",
-        &id,
-        "--fleet",
-        "--publish-dir",
-        s(&f.www),
-        "--key",
-        s(&f.admin.0),
-    ]);
+    let approve = |key: &Path| {
+        run(&[
+            "approve",
+            &id,
+            "--fleet",
+            "--publish-dir",
+            s(&f.www),
+            "--key",
+            s(key),
+        ])
+    };
+    let twice = approve(&f.admin.0);
     assert!(!twice.status.success());
     std::thread::sleep(Duration::from_secs(3));
     for (k, site) in f.sites.iter().enumerate() {
@@ -740,16 +743,12 @@ fn a_fleet_rollout_for_sites_that_need_two_admins_begins_nowhere_before_the_seco
     }
     // The second admin approves; headquarters goes on; every site, which
     // needs two admins, takes its part on the plan's two signatures.
-    let out = run_ok(&[
-        "approve",
-        &id,
-        "--fleet",
-        "--publish-dir",
-        s(&f.www),
-        "--key",
-        s(&f.other_admin.0),
-    ]);
-    assert!(out.contains("2 of 2"), "{out}");
+    let out = approve(&f.other_admin.0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("2 of 2"),
+        "{stdout}"
+    );
     let mut args = fleet_args(&f.admin.0);
     args.extend(["--wait".into(), "--timeout".into(), "120s".into()]);
     let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
