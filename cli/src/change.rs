@@ -10,7 +10,8 @@ use lanup_node::control::ControlRequest;
 use lanup_node::keys;
 use lanup_protocol::rollout::{Action, SignedCommand};
 
-use crate::commands::{issue, ChangeArgs, LocalNode, Sent};
+use crate::commands::{ChangeArgs, LocalNode};
+use crate::rollout::{issue, Sent};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ApproveArgs {

@@ -22,7 +22,8 @@ use lanup_protocol::rollout::{parse_waves, Action};
 use lanup_protocol::units::{format_bytes, Rate};
 use time::OffsetDateTime;
 
-use crate::commands::{follow, issue, LocalNode, RolloutBars};
+use crate::commands::LocalNode;
+use crate::rollout::{follow, issue, Followed, RolloutBars};
 
 /// Demo settings, from the command line.
 #[derive(Debug, clap::Args)]
@@ -325,7 +326,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
             std::time::Duration::from_secs(600),
             Some(&sent.id),
         )?;
-        if waited != crate::commands::Followed::Done {
+        if waited != Followed::Done {
             bail!("the rollout of {version} halted");
         }
     }

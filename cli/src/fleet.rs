@@ -176,7 +176,7 @@ fn site_command(
             site: site.to_owned(),
             action,
             issued_at_ms: now_ms(),
-            id: crate::commands::new_id(),
+            id: crate::rollout::new_id(),
             waves: if abort {
                 Vec::new()
             } else {
@@ -405,7 +405,7 @@ fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<F
         );
     }
     let sites = r.sites.unwrap_or("100%");
-    let id = crate::commands::new_id();
+    let id = crate::rollout::new_id();
     let waves = parse_site_waves(sites)
         .and_then(|w| assign_site_waves(&id, &names, &w))
         .map_err(|e| anyhow::anyhow!("--sites: {e}"))?;

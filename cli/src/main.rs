@@ -7,6 +7,7 @@ mod commands;
 mod demo;
 mod fleet;
 mod record;
+mod rollout;
 mod setup;
 
 use std::process::ExitCode;
