@@ -256,12 +256,27 @@ pub fn wave_progress(file: &FleetFile, views: &[SiteView]) -> Vec<(usize, usize)
                 .filter(|s| {
                     by_name
                         .get(s.as_str())
-                        .is_some_and(|v| v.installed(&file.version))
+                        .is_some_and(|v| site_installed(file, s, v))
                 })
                 .count();
             (done, w.len())
         })
         .collect()
+}
+
+/// Whether `site` runs the fleet rollout's release: its report is fresh
+/// and lists every node on it, none failed it, and every node its command
+/// named is among them. A site back from being offline may report before
+/// its reporter hears its peers: a report listing the reporter alone does
+/// not finish a site of several nodes.
+fn site_installed(file: &FleetFile, site: &str, v: &SiteView) -> bool {
+    let named = file
+        .commands
+        .get(site)
+        .and_then(|c| serde_json::from_str::<crate::rollout::Command>(&c.command).ok())
+        .map(|c| c.nodes)
+        .unwrap_or_default();
+    v.installed(&file.version) && named.iter().all(|n| v.node_ids.contains(n))
 }
 
 /// The next step of a running fleet rollout, from the sites' reports.
@@ -475,6 +490,33 @@ mod tests {
         let mut stale = all.clone();
         stale[2].stale = true;
         assert_eq!(next_step(&f, &stale), FleetStep::Wait(1));
+    }
+
+    #[test]
+    fn a_site_whose_report_leaves_out_a_node_its_command_named_is_not_done() {
+        let mut f = file(2);
+        let mut part = crate::rollout::Command::new(
+            "c",
+            Action::Rollout {
+                version: "2.0".into(),
+            },
+            1,
+            "x",
+        );
+        part.nodes = vec!["n1".into(), "n2".into()];
+        let signed = crate::rollout::sign(&part, &crate::sign::SecretKey::generate());
+        f.commands.insert("c".into(), signed);
+        let mut c = view("c", "2.0", 1);
+        // Back from being offline, its reporter has not heard n2 yet.
+        c.node_ids = vec!["n1".into()];
+        let sites = [view("a", "2.0", 2), view("b", "2.0", 2), c.clone()];
+        assert_eq!(next_step(&f, &sites), FleetStep::Wait(1));
+        assert_eq!(wave_progress(&f, &sites), vec![(1, 1), (1, 2)]);
+        c.node_ids.push("n2".into());
+        c.nodes = 2;
+        c.versions = [("2.0".to_owned(), 2)].into();
+        let sites = [view("a", "2.0", 2), view("b", "2.0", 2), c];
+        assert_eq!(next_step(&f, &sites), FleetStep::Done);
     }
 
     #[test]
