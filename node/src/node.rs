@@ -26,9 +26,10 @@
 //! is split by concern: `announce` (checking and adopting releases),
 //! `election` (who fetches, what the fetcher is told), `storage` (disk
 //! guard, store checks, damaged chunks), `install` (applies), `rollout`
-//! (commands, waves, the audit log), `status` (heartbeats, clocks, the
-//! control socket's answers); this file keeps the wiring, the event
-//! dispatch, transfers between peers and staging.
+//! (commands, waves, the audit log), `heartbeat` (the node's own, and
+//! taking its peers'), `status` (clocks, the control socket's answers,
+//! site reports); this file keeps the wiring, the event dispatch,
+//! transfers between peers and staging.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -67,11 +68,14 @@ mod announce;
 mod approvals;
 mod election;
 mod gates;
+mod heartbeat;
 mod install;
 mod record;
 mod rollout;
 mod status;
 mod storage;
+
+use heartbeat::{Heard, Heartbeat};
 
 use rollout::{audit_writer, Rollout};
 
@@ -108,85 +112,6 @@ const STALL_REST: Duration = Duration::from_secs(60);
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
-
-/// The heartbeat every node gossips.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Heartbeat {
-    has_origin: bool,
-    /// `idle`, `fetching` or `staged`.
-    state: String,
-    release: Option<String>,
-    staged_version: Option<String>,
-    bytes_have: u64,
-    bytes_total: u64,
-    origin_bytes: u64,
-    #[serde(default)]
-    installed_version: Option<String>,
-    /// The lanup the sender runs.
-    #[serde(default)]
-    lanup_version: Option<String>,
-    /// `applying`, or how the last apply ended: `committed`,
-    /// `rolled-back`, `failed`.
-    #[serde(default)]
-    apply: Option<String>,
-    /// The step an apply under way is at.
-    #[serde(default)]
-    apply_step: Option<String>,
-    /// Why the last apply did not commit.
-    #[serde(default)]
-    last_error: Option<String>,
-    /// The release whose last apply here rolled back.
-    #[serde(default)]
-    failed_version: Option<String>,
-    /// When the sender started (Unix ms) and how many heartbeats it sent
-    /// since: gossip can deliver an old heartbeat after a newer one, and
-    /// that must not turn back what the site knows of the sender.
-    #[serde(default)]
-    boot_ms: u64,
-    #[serde(default)]
-    seq: u64,
-    /// The newest rollout command the sender follows (the abort, when it
-    /// stopped the rollout): a node that does not know it asks for it.
-    #[serde(default)]
-    command_id: Option<String>,
-    /// Bytes the sender received from the origin, counted as they arrive:
-    /// others see from it whether the fetcher makes progress.
-    #[serde(default)]
-    origin_received: u64,
-    /// The sender's origin keeps failing, or it makes no progress: it
-    /// gives the role to the next node.
-    #[serde(default)]
-    origin_failing: bool,
-    /// The sender acts as the site's fetcher and its download from the
-    /// origin is under way: it keeps the role (a lower newcomer waits).
-    #[serde(default)]
-    downloading: bool,
-    /// Fetchers the sender saw make no progress lately: the site passes
-    /// them over, and a node named here yields the role itself.
-    #[serde(default)]
-    suspects: Vec<String>,
-    /// The sender's wall clock when it sent this (Unix ms): receivers
-    /// measure the skew between their clocks from it.
-    #[serde(default)]
-    clock_ms: u64,
-    /// The last rollout command the sender refused: (id, reason). A
-    /// rollout one of its nodes refused cannot finish; it halts, saying
-    /// why, instead of waiting for good.
-    #[serde(default)]
-    refused: Option<(String, String)>,
-    /// The sender's redundancy group and its place in it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    member: Option<lanup_protocol::group::Member>,
-    /// What the sender's apply waits for (its window, its group), when its
-    /// wave has come.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    waiting: Option<String>,
-    /// The requests the sender holds, waiting for approval: a node that
-    /// missed one (it was away when it was made) asks for it, so an admin
-    /// can approve it from any node.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    requests: Vec<String>,
-}
 
 #[derive(Debug)]
 struct PeerInfo {
@@ -356,22 +281,6 @@ struct Node {
     /// Commands named in peers' heartbeats that this node asked for, and
     /// when, so each is asked for again only after [`CATCH_UP_RETRY`].
     asked: HashMap<String, Instant>,
-}
-
-/// The newest heartbeat of one author.
-#[derive(Debug, Clone)]
-struct Heard {
-    boot_seq: (u64, u64),
-    at: Instant,
-    has_origin: bool,
-    /// When its count of bytes from the origin last grew (or it was first
-    /// heard).
-    progress_at: Instant,
-    /// Its clock minus this node's, in ms, measured when its heartbeat
-    /// arrived (LAN delays are milliseconds).
-    skew_ms: Option<i64>,
-    /// The heartbeat itself, for a node heard only through others.
-    heartbeat: Heartbeat,
 }
 
 /// Loads or creates the node's identity in `state/identity.key`.
@@ -846,64 +755,7 @@ impl Node {
                 data,
             } => {
                 let verdict = if topic == self.status_topic {
-                    match serde_json::from_slice::<Heartbeat>(&data) {
-                        Ok(hb) => {
-                            // Gossip can bring an author's old heartbeat after
-                            // a newer one; only the newest counts.
-                            let author = author.unwrap_or(from);
-                            let fresh = self
-                                .heard
-                                .get(&author)
-                                .is_none_or(|old| (hb.boot_ms, hb.seq) > old.boot_seq);
-                            if fresh {
-                                let progress_at = match self.heard.get(&author) {
-                                    Some(old)
-                                        if old.heartbeat.origin_received == hb.origin_received =>
-                                    {
-                                        old.progress_at
-                                    }
-                                    _ => Instant::now(),
-                                };
-                                self.heard.insert(
-                                    author,
-                                    Heard {
-                                        boot_seq: (hb.boot_ms, hb.seq),
-                                        at: Instant::now(),
-                                        has_origin: hb.has_origin,
-                                        progress_at,
-                                        skew_ms: (hb.clock_ms > 0)
-                                            .then(|| hb.clock_ms as i64 - now_unix_ms() as i64),
-                                        heartbeat: hb.clone(),
-                                    },
-                                );
-                            }
-                            // A command the author follows is asked of the
-                            // peer that passed the heartbeat on (it knows
-                            // the command, or will).
-                            if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
-                                self.maybe_catch_up(from, id);
-                            }
-                            if fresh {
-                                self.catch_up_requests(from, &hb.requests);
-                            }
-                            // The author's own record when it is a peer; one
-                            // heard only through others is kept in `heard`.
-                            let from = author;
-                            if let Some(info) = self.peers.get_mut(&from).filter(|_| fresh) {
-                                info.heartbeat = Some((Instant::now(), hb));
-                                if std::mem::take(&mut info.silent) {
-                                    info!(peer = %from, "peer speaks again");
-                                    if let Some(t) = &mut self.target {
-                                        // Its chunk list is asked afresh.
-                                        t.transfer.peer_connected(from);
-                                        t.peer_since.remove(&from);
-                                    }
-                                }
-                            }
-                            Some(MessageAcceptance::Accept)
-                        }
-                        Err(_) => Some(MessageAcceptance::Reject),
-                    }
+                    Some(self.on_heartbeat(from, author, &data))
                 } else if topic == self.announce_topic {
                     self.on_announce(from, id.clone(), &data)
                 } else if topic == self.rollout_topic {

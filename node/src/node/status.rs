@@ -1,7 +1,7 @@
-//! What a node says about itself and the site: the heartbeat it gossips,
-//! the clock skew it measures, the answers of its control socket
-//! (`lanup status`, `peers`, `check`, `apply`, `rollout`), and the per-peer
-//! memory it keeps bounded.
+//! What a node says about itself and the site: the clock skew it
+//! measures, the answers of its control socket (`lanup status`, `peers`,
+//! `check`, `apply`, `rollout`), its site report, and the per-peer memory
+//! it keeps bounded.
 
 use super::rollout::{CATCH_UP_RETRY, REFUSAL_QUIET};
 use super::*;
@@ -70,97 +70,6 @@ impl Node {
             skews[n / 2]
         } else {
             (skews[n / 2 - 1] + skews[n / 2]) / 2
-        }
-    }
-
-    pub(super) fn own_heartbeat(&self) -> Heartbeat {
-        let t = self.target.as_ref();
-        let installed = self.installed_name();
-        let last = self.last_apply.as_ref();
-        let target_failed = t.is_some_and(|t| {
-            last.is_some_and(|o| {
-                o.ending == Ending::RolledBack && o.version == t.manifest.release_name()
-            })
-        });
-        Heartbeat {
-            has_origin: self.config.origin.is_some(),
-            state: match t {
-                _ if self.applying.is_some() => "applying",
-                Some(t) if self.runs(&t.manifest) => "installed",
-                Some(_) if target_failed => "rolled-back",
-                None if installed.is_some() => "installed",
-                None => "idle",
-                Some(t) if t.staged => "staged",
-                Some(t) if t.staging => "staging",
-                Some(_) => "fetching",
-            }
-            .into(),
-            installed_version: installed,
-            lanup_version: Some(crate::upgrade::version().to_owned()),
-            apply: match &self.applying {
-                Some(_) => Some("applying".into()),
-                None => last.map(|o| o.ending.name().to_owned()),
-            },
-            apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
-            // A release that did not install (rolled back, or refused
-            // before anything changed) halts a rollout of it.
-            failed_version: last
-                .filter(|o| o.ending != Ending::Committed)
-                .map(|o| o.version.clone()),
-            boot_ms: self.boot_ms,
-            seq: self.heartbeats_sent,
-            command_id: self.rollout.as_ref().map(Rollout::newest_id),
-            requests: self.pending.keys().cloned().collect(),
-            last_error: self
-                .disk_error
-                .as_ref()
-                .map(|e| format!("this node's disk: {e}"))
-                .or_else(|| t.and_then(|t| t.no_room.as_ref().map(|(r, _)| r.clone())))
-                .or_else(|| {
-                    t.and_then(|t| {
-                        t.stage_failed.as_ref().map(|(reason, _)| {
-                            format!("staging {} failed: {reason}", t.manifest.release_name())
-                        })
-                    })
-                })
-                .or_else(|| {
-                    let fetcher = self.fetcher.status();
-                    let retry = fetcher.retry_at.map_or(0, |at| {
-                        at.saturating_duration_since(Instant::now()).as_secs()
-                    });
-                    fetcher
-                        .error
-                        .map(|e| format!("origin: {e} (next try in {retry} s)"))
-                })
-                .or_else(|| {
-                    last.filter(|o| o.ending != Ending::Committed)
-                        .and_then(|o| o.reason.as_ref())
-                        .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str())))
-                }),
-            release: t.map(|t| t.manifest.release_name()),
-            staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
-            bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
-            bytes_total: t.map_or(0, |t| t.bytes_total),
-            origin_bytes: self
-                .fetcher
-                .origin_bytes
-                .load(std::sync::atomic::Ordering::Relaxed),
-            origin_received: self
-                .fetcher
-                .received
-                .load(std::sync::atomic::Ordering::Relaxed),
-            origin_failing: self.origin_failing(),
-            downloading: self.downloading(),
-            clock_ms: now_unix_ms(),
-            refused: self.refused_command.clone(),
-            member: self.config.policy.member.clone(),
-            waiting: self.waiting.clone(),
-            suspects: self
-                .suspects
-                .iter()
-                .filter(|(_, at)| at.elapsed() < FAILING_FOR)
-                .map(|(peer, _)| peer.to_string())
-                .collect(),
         }
     }
 

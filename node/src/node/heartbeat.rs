@@ -1,0 +1,257 @@
+//! The heartbeat every node gossips once a second: what it says, how this
+//! node builds its own from what it is doing, and how it takes one from a
+//! peer (the newest per author only; a command or request it names that
+//! this node lacks is asked for; a silent peer that speaks again is asked
+//! for chunks again).
+
+use super::*;
+
+/// The heartbeat every node gossips.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Heartbeat {
+    pub(super) has_origin: bool,
+    /// `idle`, `fetching` or `staged`.
+    pub(super) state: String,
+    pub(super) release: Option<String>,
+    pub(super) staged_version: Option<String>,
+    pub(super) bytes_have: u64,
+    pub(super) bytes_total: u64,
+    pub(super) origin_bytes: u64,
+    #[serde(default)]
+    pub(super) installed_version: Option<String>,
+    /// The lanup the sender runs.
+    #[serde(default)]
+    pub(super) lanup_version: Option<String>,
+    /// `applying`, or how the last apply ended: `committed`,
+    /// `rolled-back`, `failed`.
+    #[serde(default)]
+    pub(super) apply: Option<String>,
+    /// The step an apply under way is at.
+    #[serde(default)]
+    pub(super) apply_step: Option<String>,
+    /// Why the last apply did not commit.
+    #[serde(default)]
+    pub(super) last_error: Option<String>,
+    /// The release whose last apply here rolled back.
+    #[serde(default)]
+    pub(super) failed_version: Option<String>,
+    /// When the sender started (Unix ms) and how many heartbeats it sent
+    /// since: gossip can deliver an old heartbeat after a newer one, and
+    /// that must not turn back what the site knows of the sender.
+    #[serde(default)]
+    pub(super) boot_ms: u64,
+    #[serde(default)]
+    pub(super) seq: u64,
+    /// The newest rollout command the sender follows (the abort, when it
+    /// stopped the rollout): a node that does not know it asks for it.
+    #[serde(default)]
+    pub(super) command_id: Option<String>,
+    /// Bytes the sender received from the origin, counted as they arrive:
+    /// others see from it whether the fetcher makes progress.
+    #[serde(default)]
+    pub(super) origin_received: u64,
+    /// The sender's origin keeps failing, or it makes no progress: it
+    /// gives the role to the next node.
+    #[serde(default)]
+    pub(super) origin_failing: bool,
+    /// The sender acts as the site's fetcher and its download from the
+    /// origin is under way: it keeps the role (a lower newcomer waits).
+    #[serde(default)]
+    pub(super) downloading: bool,
+    /// Fetchers the sender saw make no progress lately: the site passes
+    /// them over, and a node named here yields the role itself.
+    #[serde(default)]
+    pub(super) suspects: Vec<String>,
+    /// The sender's wall clock when it sent this (Unix ms): receivers
+    /// measure the skew between their clocks from it.
+    #[serde(default)]
+    pub(super) clock_ms: u64,
+    /// The last rollout command the sender refused: (id, reason). A
+    /// rollout one of its nodes refused cannot finish; it halts, saying
+    /// why, instead of waiting for good.
+    #[serde(default)]
+    pub(super) refused: Option<(String, String)>,
+    /// The sender's redundancy group and its place in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) member: Option<lanup_protocol::group::Member>,
+    /// What the sender's apply waits for (its window, its group), when its
+    /// wave has come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) waiting: Option<String>,
+    /// The requests the sender holds, waiting for approval: a node that
+    /// missed one (it was away when it was made) asks for it, so an admin
+    /// can approve it from any node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) requests: Vec<String>,
+}
+
+/// The newest heartbeat of one author.
+#[derive(Debug, Clone)]
+pub(super) struct Heard {
+    pub(super) boot_seq: (u64, u64),
+    pub(super) at: Instant,
+    pub(super) has_origin: bool,
+    /// When its count of bytes from the origin last grew (or it was first
+    /// heard).
+    pub(super) progress_at: Instant,
+    /// Its clock minus this node's, in ms, measured when its heartbeat
+    /// arrived (LAN delays are milliseconds).
+    pub(super) skew_ms: Option<i64>,
+    /// The heartbeat itself, for a node heard only through others.
+    pub(super) heartbeat: Heartbeat,
+}
+
+impl Node {
+    pub(super) fn own_heartbeat(&self) -> Heartbeat {
+        let t = self.target.as_ref();
+        let installed = self.installed_name();
+        let last = self.last_apply.as_ref();
+        let target_failed = t.is_some_and(|t| {
+            last.is_some_and(|o| {
+                o.ending == Ending::RolledBack && o.version == t.manifest.release_name()
+            })
+        });
+        Heartbeat {
+            has_origin: self.config.origin.is_some(),
+            state: match t {
+                _ if self.applying.is_some() => "applying",
+                Some(t) if self.runs(&t.manifest) => "installed",
+                Some(_) if target_failed => "rolled-back",
+                None if installed.is_some() => "installed",
+                None => "idle",
+                Some(t) if t.staged => "staged",
+                Some(t) if t.staging => "staging",
+                Some(_) => "fetching",
+            }
+            .into(),
+            installed_version: installed,
+            lanup_version: Some(crate::upgrade::version().to_owned()),
+            apply: match &self.applying {
+                Some(_) => Some("applying".into()),
+                None => last.map(|o| o.ending.name().to_owned()),
+            },
+            apply_step: self.applying.as_ref().map(|(_, step)| step.clone()),
+            // A release that did not install (rolled back, or refused
+            // before anything changed) halts a rollout of it.
+            failed_version: last
+                .filter(|o| o.ending != Ending::Committed)
+                .map(|o| o.version.clone()),
+            boot_ms: self.boot_ms,
+            seq: self.heartbeats_sent,
+            command_id: self.rollout.as_ref().map(Rollout::newest_id),
+            requests: self.pending.keys().cloned().collect(),
+            last_error: self
+                .disk_error
+                .as_ref()
+                .map(|e| format!("this node's disk: {e}"))
+                .or_else(|| t.and_then(|t| t.no_room.as_ref().map(|(r, _)| r.clone())))
+                .or_else(|| {
+                    t.and_then(|t| {
+                        t.stage_failed.as_ref().map(|(reason, _)| {
+                            format!("staging {} failed: {reason}", t.manifest.release_name())
+                        })
+                    })
+                })
+                .or_else(|| {
+                    let fetcher = self.fetcher.status();
+                    let retry = fetcher.retry_at.map_or(0, |at| {
+                        at.saturating_duration_since(Instant::now()).as_secs()
+                    });
+                    fetcher
+                        .error
+                        .map(|e| format!("origin: {e} (next try in {retry} s)"))
+                })
+                .or_else(|| {
+                    last.filter(|o| o.ending != Ending::Committed)
+                        .and_then(|o| o.reason.as_ref())
+                        .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str())))
+                }),
+            release: t.map(|t| t.manifest.release_name()),
+            staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
+            bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
+            bytes_total: t.map_or(0, |t| t.bytes_total),
+            origin_bytes: self
+                .fetcher
+                .origin_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            origin_received: self
+                .fetcher
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            origin_failing: self.origin_failing(),
+            downloading: self.downloading(),
+            clock_ms: now_unix_ms(),
+            refused: self.refused_command.clone(),
+            member: self.config.policy.member.clone(),
+            waiting: self.waiting.clone(),
+            suspects: self
+                .suspects
+                .iter()
+                .filter(|(_, at)| at.elapsed() < FAILING_FOR)
+                .map(|(peer, _)| peer.to_string())
+                .collect(),
+        }
+    }
+
+    /// Takes a heartbeat gossiped by `author` (passed on by `from`): only
+    /// the newest from each author counts, as gossip can bring an old one
+    /// after a newer one. A command or request it names that this node
+    /// lacks is asked of `from`; a silent peer that speaks again is asked
+    /// for chunks again.
+    pub(super) fn on_heartbeat(
+        &mut self,
+        from: PeerId,
+        author: Option<PeerId>,
+        data: &[u8],
+    ) -> MessageAcceptance {
+        let Ok(hb) = serde_json::from_slice::<Heartbeat>(data) else {
+            return MessageAcceptance::Reject;
+        };
+        // Gossip can bring an author's old heartbeat after a newer one;
+        // only the newest counts.
+        let author = author.unwrap_or(from);
+        let fresh = self
+            .heard
+            .get(&author)
+            .is_none_or(|old| (hb.boot_ms, hb.seq) > old.boot_seq);
+        if fresh {
+            let progress_at = match self.heard.get(&author) {
+                Some(old) if old.heartbeat.origin_received == hb.origin_received => old.progress_at,
+                _ => Instant::now(),
+            };
+            self.heard.insert(
+                author,
+                Heard {
+                    boot_seq: (hb.boot_ms, hb.seq),
+                    at: Instant::now(),
+                    has_origin: hb.has_origin,
+                    progress_at,
+                    skew_ms: (hb.clock_ms > 0).then(|| hb.clock_ms as i64 - now_unix_ms() as i64),
+                    heartbeat: hb.clone(),
+                },
+            );
+        }
+        // A command the author follows is asked of the peer that passed
+        // the heartbeat on (it knows the command, or will).
+        if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
+            self.maybe_catch_up(from, id);
+        }
+        if fresh {
+            self.catch_up_requests(from, &hb.requests);
+        }
+        // The author's own record when it is a peer; one heard only
+        // through others is kept in `heard`.
+        if let Some(info) = self.peers.get_mut(&author).filter(|_| fresh) {
+            info.heartbeat = Some((Instant::now(), hb));
+            if std::mem::take(&mut info.silent) {
+                info!(peer = %author, "peer speaks again");
+                if let Some(t) = &mut self.target {
+                    // Its chunk list is asked afresh.
+                    t.transfer.peer_connected(author);
+                    t.peer_since.remove(&author);
+                }
+            }
+        }
+        MessageAcceptance::Accept
+    }
+}
