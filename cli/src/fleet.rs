@@ -110,6 +110,17 @@ fn table(sites: &[SiteView]) -> String {
         if !s.new_nodes.is_empty() {
             last.push_str(&format!("  {} new node(s)", s.new_nodes.len()));
         }
+        if !s.missing.is_empty() {
+            last.push_str(&format!(
+                "  {} node(s) missing from its report: {}",
+                s.missing.len(),
+                s.missing
+                    .iter()
+                    .map(|id| lanup_protocol::short_peer(id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         if s.unlisted_sender {
             last.push_str(&format!(
                 "  reported by {}, a node the site never listed",

@@ -316,6 +316,17 @@ pub fn fleet_page(sites: &[SiteView], rollout: Option<&FleetFile>) -> String {
         } else {
             format!(" <span class=new>{} new</span>", s.new_nodes.len())
         };
+        if !s.missing.is_empty() {
+            new.push_str(&format!(
+                " <span class=failed>{} missing: {}</span>",
+                s.missing.len(),
+                s.missing
+                    .iter()
+                    .map(|id| esc(short(id)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         if s.unlisted_sender {
             new.push_str(&format!(
                 " <span class=failed>reported by {}, a node the site never listed</span>",

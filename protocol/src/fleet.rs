@@ -435,6 +435,7 @@ mod tests {
             last_report_s: 1,
             stale: false,
             new_nodes: vec![],
+            missing: vec![],
             sender: "x".into(),
             unlisted_sender: false,
             rollout: None,

@@ -36,6 +36,10 @@ pub const MAX_SITES: usize = 20_000;
 pub const MAX_NODES: usize = 512;
 /// Characters kept of a node's last error.
 pub const MAX_ERROR_CHARS: usize = 300;
+/// A node a site listed before and leaves out of its newest report is
+/// shown as missing for this long after it was last listed (a node taken
+/// out of service drops off the view after a week).
+pub const MISSING_FOR_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 /// One node as its site hears it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +202,9 @@ pub struct SiteRecord {
     pub received_ms: u64,
     /// Every node the site has ever listed, with when it was first listed.
     pub first_seen_ms: BTreeMap<String, u64>,
+    /// When each node was last listed, for [`MISSING_FOR_MS`].
+    #[serde(default)]
+    pub last_listed_ms: BTreeMap<String, u64>,
     /// Every node that has sent a report for the site, with the send time
     /// of its newest (what a replay is checked against).
     pub senders: BTreeMap<String, u64>,
@@ -247,6 +254,7 @@ impl Fleet {
                 report: report.clone(),
                 received_ms: now_ms,
                 first_seen_ms: BTreeMap::new(),
+                last_listed_ms: BTreeMap::new(),
                 senders: BTreeMap::new(),
                 vouched: std::iter::once(report.sender.clone())
                     .chain(report.nodes.iter().map(|n| n.id.clone()))
@@ -276,9 +284,18 @@ impl Fleet {
                 record.first_seen_ms.insert(node.id.clone(), now_ms);
                 accepted.new_nodes.push(node.id.clone());
             }
+            record.last_listed_ms.insert(node.id.clone(), now_ms);
         }
         let listed: std::collections::BTreeSet<&str> =
             report.nodes.iter().map(|n| n.id.as_str()).collect();
+        record
+            .last_listed_ms
+            .retain(|_, at| *at + MISSING_FOR_MS > now_ms);
+        if record.last_listed_ms.len() > 4 * MAX_NODES {
+            record
+                .last_listed_ms
+                .retain(|id, _| listed.contains(id.as_str()));
+        }
         record
             .senders
             .retain(|s, at| listed.contains(s.as_str()) || *at + MAX_AGE_MS > report.sent_at_ms);
@@ -333,6 +350,10 @@ pub struct SiteView {
     pub stale: bool,
     /// Nodes first listed in the newest report.
     pub new_nodes: Vec<String>,
+    /// Nodes listed within [`MISSING_FOR_MS`] that the newest report
+    /// leaves out: the reporter has not heard them (yet), or they are gone.
+    #[serde(default)]
+    pub missing: Vec<String>,
     pub sender: String,
     /// The newest report came from a node the site's earlier reports never
     /// listed (a new node that took over reporting, or a key that is not
@@ -379,6 +400,14 @@ impl SiteView {
                 .first_seen_ms
                 .iter()
                 .filter(|(_, &at)| at == r.received_ms)
+                .map(|(id, _)| id.clone())
+                .collect(),
+            missing: r
+                .last_listed_ms
+                .iter()
+                .filter(|(id, &at)| {
+                    at + MISSING_FOR_MS > now_ms && !r.report.nodes.iter().any(|n| &n.id == *id)
+                })
                 .map(|(id, _)| id.clone())
                 .collect(),
             sender: r.report.sender.clone(),
@@ -580,6 +609,41 @@ mod tests {
             }]
         );
         assert!(!view.installed("1.1"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_node_left_out_of_the_newest_report_is_shown_missing_for_a_week(
+    ) -> Result<(), ReportRefusal> {
+        let key = SecretKey::generate();
+        let me = key.public().peer_id();
+        let mut fleet = Fleet::default();
+        let both = report(&key, "s", NOW, vec![node(&me, "1.0"), node("b", "1.0")]);
+        fleet.accept(check(&both, NOW)?, NOW)?;
+        assert!(fleet.view(NOW, STALE_AFTER_MS)[0].missing.is_empty());
+        // Back from being offline, the reporter has not heard b yet: the
+        // site looks like one node on 1.1, and b is named as missing.
+        let alone = report(&key, "s", NOW + 1, vec![node(&me, "1.1")]);
+        fleet.accept(check(&alone, NOW + 10)?, NOW + 10)?;
+        let view = &fleet.view(NOW + 10, STALE_AFTER_MS)[0];
+        assert_eq!(view.missing, vec!["b".to_owned()]);
+        assert_eq!(view.nodes, 1);
+        // Heard again, it is no longer missing.
+        let again = report(&key, "s", NOW + 2, vec![node(&me, "1.1"), node("b", "1.1")]);
+        fleet.accept(check(&again, NOW + 20)?, NOW + 20)?;
+        assert!(fleet.view(NOW + 20, STALE_AFTER_MS)[0].missing.is_empty());
+        // A node gone for good drops off the view a week after it was last
+        // listed, and headquarters forgets when that was.
+        let later = NOW + 30;
+        let body = report(&key, "s", later, vec![node(&me, "1.1")]);
+        fleet.accept(check(&body, later)?, later)?;
+        let view = &fleet.view(later + MISSING_FOR_MS - 1_000, u64::MAX)[0];
+        assert_eq!(view.missing, vec!["b".to_owned()]);
+        let week = later + MISSING_FOR_MS;
+        let body = report(&key, "s", week, vec![node(&me, "1.1")]);
+        fleet.accept(check(&body, week)?, week)?;
+        assert!(fleet.view(week, STALE_AFTER_MS)[0].missing.is_empty());
+        assert!(!fleet.sites["s"].last_listed_ms.contains_key("b"));
         Ok(())
     }
 

@@ -252,6 +252,7 @@ fn view(s: &Site, nodes: usize) -> SiteView {
         last_report_s: 0,
         stale: false,
         new_nodes: Vec::new(),
+        missing: Vec::new(),
         sender: String::new(),
         unlisted_sender: false,
         rollout: None,

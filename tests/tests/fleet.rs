@@ -197,6 +197,41 @@ fn three_sites_report_to_headquarters_which_shows_versions_failures_and_stale_si
         "{table}"
     );
 
+    // One node of site-a, not its reporter, goes down: headquarters names
+    // it as missing from the site's report, in the view and in the table.
+    let sender = site(&view, "site-a")["sender"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let down = (0..3)
+        .find(|&j| f.sites[0].peer_id(j) != sender)
+        .expect("a node that is not the reporter");
+    let down_id = f.sites[0].peer_id(down);
+    f.sites[0].nodes.procs[down] = None;
+    let view = f.hq.wait(
+        "site-a's stopped node missing",
+        Duration::from_secs(30),
+        |v| site(v, "site-a")["missing"] == serde_json::json!([down_id]),
+    );
+    assert_eq!(site(&view, "site-a")["nodes"], 2, "{view:#}");
+    let table = run_ok(&["fleet", "--reports", &f.hq.url]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("site-a"))
+        .unwrap_or_default();
+    assert!(
+        row.contains(&format!(
+            "1 node(s) missing from its report: {}",
+            lanup_protocol::short_peer(&down_id)
+        )),
+        "{table}"
+    );
+    let page = reqwest::blocking::get(format!("{}_lanup/fleet", f.hq.url))
+        .and_then(|r| r.text())
+        .expect("the fleet page");
+    let tail = &down_id[down_id.len() - 8..];
+    assert!(page.contains(&format!("1 missing: {tail}")), "{page}");
+
     // site-b goes dark: it is flagged stale, the others are not.
     for p in &mut f.sites[1].nodes.procs {
         *p = None;
