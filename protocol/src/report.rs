@@ -387,6 +387,8 @@ impl SiteView {
             }
         }
         let age = now_ms.saturating_sub(r.received_ms);
+        let listed: std::collections::BTreeSet<&str> =
+            r.report.nodes.iter().map(|n| n.id.as_str()).collect();
         SiteView {
             site: r.report.site.clone(),
             nodes: r.report.nodes.len(),
@@ -405,9 +407,7 @@ impl SiteView {
             missing: r
                 .last_listed_ms
                 .iter()
-                .filter(|(id, &at)| {
-                    at + MISSING_FOR_MS > now_ms && !r.report.nodes.iter().any(|n| &n.id == *id)
-                })
+                .filter(|(id, &at)| at + MISSING_FOR_MS > now_ms && !listed.contains(id.as_str()))
                 .map(|(id, _)| id.clone())
                 .collect(),
             sender: r.report.sender.clone(),
