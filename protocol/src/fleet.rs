@@ -270,13 +270,16 @@ pub fn wave_progress(file: &FleetFile, views: &[SiteView]) -> Vec<(usize, usize)
 /// its reporter hears its peers: a report listing the reporter alone does
 /// not finish a site of several nodes.
 fn site_installed(file: &FleetFile, site: &str, v: &SiteView) -> bool {
-    let named = file
-        .commands
+    v.installed(&file.version)
+        && site_part(file, site).is_none_or(|c| c.nodes.iter().all(|n| v.node_ids.contains(n)))
+}
+
+/// The command `site` was sent as its part of the fleet rollout, once its
+/// wave opened.
+fn site_part(file: &FleetFile, site: &str) -> Option<Command> {
+    file.commands
         .get(site)
-        .and_then(|c| serde_json::from_str::<crate::rollout::Command>(&c.command).ok())
-        .map(|c| c.nodes)
-        .unwrap_or_default();
-    v.installed(&file.version) && named.iter().all(|n| v.node_ids.contains(n))
+        .and_then(|c| serde_json::from_str::<Command>(&c.command).ok())
 }
 
 /// The next step of a running fleet rollout, from the sites' reports.
@@ -299,11 +302,7 @@ pub fn next_step(file: &FleetFile, views: &[SiteView]) -> FleetStep {
                 ),
             };
         }
-        let command_id = file
-            .commands
-            .get(site)
-            .and_then(|c| serde_json::from_str::<crate::rollout::Command>(&c.command).ok())
-            .map(|c| c.id);
+        let command_id = site_part(file, site).map(|c| c.id);
         if let Some(r) = v
             .rollout
             .as_ref()
@@ -496,7 +495,7 @@ mod tests {
     #[test]
     fn a_site_whose_report_leaves_out_a_node_its_command_named_is_not_done() {
         let mut f = file(2);
-        let mut part = crate::rollout::Command::new(
+        let mut part = Command::new(
             "c",
             Action::Rollout {
                 version: "2.0".into(),
