@@ -240,6 +240,22 @@ struct PublishArgs {
     /// from.
     #[arg(long, value_name = "XML")]
     from_legacy: Option<PathBuf>,
+    /// How many earlier releases published into --out to keep and write
+    /// patches from (0: none). A site that holds one of them fetches only
+    /// the patches of the files that changed.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    keep_bases: usize,
+    /// A further release to write patches from: a folder of its files as
+    /// installed, or its published manifest (repeatable).
+    #[arg(long, value_name = "DIR|MANIFEST")]
+    base: Vec<PathBuf>,
+    /// zstd level for patches and packed chunks (1-22; higher is smaller
+    /// and slower to publish, equally fast to decode).
+    #[arg(long, value_name = "N", default_value_t = lanup_node::delta::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Write no compressed copies of chunks.
+    #[arg(long)]
+    no_pack: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -935,6 +951,12 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
             app_name: Some(app_name),
             exe: args.app_exe.clone(),
         },
+        deltas: lanup_node::release_store::PublishDeltas {
+            keep: args.keep_bases,
+            bases: args.base.clone(),
+            level: args.level,
+            pack: !args.no_pack,
+        },
     };
     let published = release::publish(&opts, &key)?;
     if let Some(legacy) = &legacy {
@@ -969,6 +991,13 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
         format_bytes(m.total_size()),
         m.files.iter().map(|f| f.chunks.len()).sum::<usize>(),
         published.signed_by
+    );
+    let packed: u64 = lanup_protocol::delta::cheapest_without_base(m);
+    let patched = m.files.iter().filter(|f| !f.patches.is_empty()).count();
+    eprintln!(
+        "  over a site's uplink: {} with no earlier release, compressed ({:.3} of the release); patches for {patched} changed files",
+        format_bytes(packed),
+        packed as f64 / m.total_size().max(1) as f64,
     );
     println!("{}", published.manifest_path.display());
     Ok(ExitCode::SUCCESS)

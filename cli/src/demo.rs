@@ -272,6 +272,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
                     app_name: Some(APP.into()),
                     exe: Some(format!("bin/{APP}")),
                 },
+                deltas: Default::default(),
             },
             &key,
         )?;

@@ -63,6 +63,9 @@ pub struct FetchReport {
     pub requests: usize,
     /// Bytes of the release already in the store before the fetch.
     pub already_held: u64,
+    /// Patch segments applied and packed chunks decoded.
+    pub patches: usize,
+    pub packed: usize,
 }
 
 /// The origin a node downloads from, and how.

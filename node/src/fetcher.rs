@@ -24,7 +24,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::fetch::{fetch_missing, FetchError, FetchReport, Origin};
+use crate::fetch::{FetchError, FetchReport, Origin};
+use crate::fetch_deltas::{fetch_release, Bases, Fallbacks};
 use crate::release::{http_get_bounded, Got, ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
@@ -72,6 +73,8 @@ pub struct Wanted {
     pub adopted_at: Instant,
     /// The release does not fit on this node's disks.
     pub blocked: bool,
+    /// The files this node holds that patches may apply to.
+    pub bases: Arc<Bases>,
 }
 
 /// What the fetcher tells the node.
@@ -100,6 +103,9 @@ pub struct FetcherStatus {
     pub job: Option<Job>,
     /// Why the origin failed last, when it did, and when it is asked again.
     pub error: Option<String>,
+    /// The last few patches or packed chunks that could not be used, and
+    /// why (their chunks were taken plainly).
+    pub fallbacks: Vec<String>,
     pub failed_at: Option<Instant>,
     pub retry_at: Option<Instant>,
 }
@@ -200,6 +206,8 @@ pub struct Fetcher {
     cancel: CancellationToken,
     /// The serial of the last duty taken up.
     taken: Arc<AtomicU64>,
+    /// Patches and packed chunks that failed here: not tried again.
+    fallbacks: Arc<std::sync::Mutex<Fallbacks>>,
     /// The site's lack a download finished with: the same duty does not
     /// start another one (the node sends a fresh one once it looked at
     /// the store).
@@ -258,6 +266,7 @@ impl Fetcher {
             progress: (0, Instant::now()),
             cancel: CancellationToken::new(),
             done_with: None,
+            fallbacks: Arc::default(),
         };
         let handle = FetcherHandle {
             duty: duty_tx,
@@ -390,9 +399,11 @@ impl Fetcher {
             .plan
             .retry_in_ms(now)
             .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let fallbacks = self.fallbacks.lock().map(|f| f.notes()).unwrap_or_default();
         self.status.send_modify(|s| {
             s.job = self.plan.running();
             s.retry_at = retry_at;
+            s.fallbacks = fallbacks;
         });
     }
 
@@ -450,15 +461,24 @@ impl Fetcher {
             let now = started.elapsed().as_millis() as u64;
             now < lease.load(Ordering::Relaxed) && lacks.borrow().contains(h)
         };
+        let fallbacks = self.fallbacks.clone();
         self.jobs.spawn(async move {
             let mut counted = 0;
             let mut stored = HashSet::new();
-            let result = fetch_missing(&source, &w.manifest, &store, wanted, |c| {
-                counted += c.size;
-                stored.insert(c.hash);
-                origin_bytes.fetch_add(c.size, Ordering::Relaxed);
-                let _ = events.try_send(FetcherEvent::Chunk(c.hash));
-            })
+            let result = fetch_release(
+                &source,
+                &w.manifest,
+                &store,
+                &w.bases,
+                &fallbacks,
+                wanted,
+                |c| {
+                    counted += c.size;
+                    stored.insert(c.hash);
+                    origin_bytes.fetch_add(c.size, Ordering::Relaxed);
+                    let _ = events.try_send(FetcherEvent::Chunk(c.hash));
+                },
+            )
             .await;
             (
                 epoch,

@@ -240,6 +240,10 @@ struct Node {
     applier: Option<Applier>,
     /// The installed release's manifest.
     installed: Option<Manifest>,
+    /// The files this node holds that patches from the origin may apply
+    /// to (installed, staged, lanup itself), found again after each
+    /// install.
+    bases: std::sync::Arc<crate::fetch_deltas::Bases>,
     /// The apply under way: its release and the step it is at.
     applying: Option<(String, String)>,
     last_apply: Option<Outcome>,
@@ -430,6 +434,7 @@ pub async fn run(
         children.spawn(until(cancel.clone(), task));
         reporter
     });
+    let config_state = config.state.clone();
     let mut node = Node {
         reporter,
         metrics,
@@ -463,6 +468,7 @@ pub async fn run(
         refused: HashSet::new(),
         applier,
         installed: installed.map(|i| i.manifest),
+        bases: std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(&config_state)),
         applying: None,
         // A lanup release that did not install is not tried again either:
         // each try stops the node.
@@ -1135,6 +1141,9 @@ impl Node {
                             warn!(dir = %keep.display(), error = %e, "cannot keep the staged release's manifest");
                         }
                         self.collect_garbage();
+                        self.bases = std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
+                            &self.config.state,
+                        ));
                         self.maybe_auto_apply();
                     }
                     Err(e) if e.downcast_ref::<crate::fetch::DamagedChunk>().is_some() => {
@@ -1184,6 +1193,9 @@ impl Node {
                             .ok()
                             .flatten()
                             .map(|i| i.manifest);
+                        self.bases = std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
+                            &self.config.state,
+                        ));
                         info!(release = %outcome.version, downtime_ms = ?outcome.downtime_ms, "release installed");
                     }
                     Ending::RolledBack => {

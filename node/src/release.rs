@@ -14,6 +14,8 @@ use lanup_protocol::manifest::{
 };
 use lanup_protocol::sign::{PublicKey, SecretKey, Signature};
 use lanup_protocol::{Hash, Manifest, UpdateFile, Version};
+
+use crate::release_store::{ReleaseStore, STORE_DIR};
 use time::OffsetDateTime;
 
 /// What `lanup publish` needs, resolved from flags and a classic manifest.
@@ -29,6 +31,8 @@ pub struct PublishOptions {
     pub update_time: OffsetDateTime,
     pub expires: Option<OffsetDateTime>,
     pub restart: Restart,
+    /// Patches from earlier releases and packed chunks.
+    pub deltas: crate::release_store::PublishDeltas,
 }
 
 /// What a publish produced.
@@ -75,6 +79,11 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         );
     }
 
+    // The release `out` serves now becomes a base before any of its files
+    // is replaced.
+    let store = ReleaseStore::open(&out)?;
+    store.keep_current(&out)?;
+
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(&dir).sort_by_file_name() {
         let entry =
@@ -95,10 +104,16 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         }
         let name = file_name_of(&dir, path)?;
         check_file_name(&name).with_context(|| format!("{}", path.display()))?;
+        if name.split('/').next() == Some(STORE_DIR) {
+            bail!(
+                "{}: lanup keeps its patches and earlier releases in {STORE_DIR}/ beside a release; rename this folder",
+                path.display()
+            );
+        }
         files.push(copy_and_digest(path, &out, &name)?);
     }
 
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: Format::V2,
         url: opts.url.clone(),
         update_time: Some(opts.update_time),
@@ -110,11 +125,16 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
     manifest
         .validate()
         .context("the release would not be installable")?;
+    store.add_deltas(&out, &mut manifest, &opts.deltas)?;
+    manifest
+        .validate()
+        .context("the release's patches would not be accepted")?;
     let xml = manifest.to_xml()?;
     let manifest_path = out.join(MANIFEST_FILE);
     write_atomically(&manifest_path, xml.as_bytes())?;
     let signature = key.sign(xml.as_bytes());
     write_atomically(&out.join(SIGNATURE_FILE), signature.to_text().as_bytes())?;
+    store.finish(&out, &manifest, xml.as_bytes(), opts.deltas.keep)?;
     Ok(Published {
         manifest,
         manifest_path,
@@ -181,6 +201,7 @@ fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
         mode: Some(mode),
         hash: Some(digest.hash),
         chunks: digest.chunks,
+        ..Default::default()
     })
 }
 

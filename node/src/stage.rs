@@ -409,6 +409,7 @@ mod tests {
                 mode: Some(*mode),
                 hash: Some(Hash::of(bytes)),
                 chunks,
+                ..Default::default()
             });
         }
         (m, data)

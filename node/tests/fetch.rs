@@ -37,6 +37,7 @@ fn publish_dir(
             update_time: OffsetDateTime::now_utc(),
             expires: None,
             restart: Restart::default(),
+            deltas: Default::default(),
         },
         key,
     )?

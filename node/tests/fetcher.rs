@@ -42,6 +42,7 @@ fn wanted(manifest: &Arc<Manifest>, lacking: BTreeSet<Hash>) -> Wanted {
         heard_all: true,
         adopted_at: Instant::now(),
         blocked: false,
+        bases: Arc::default(),
     }
 }
 
@@ -67,6 +68,7 @@ async fn does_its_duty_and_stops_when_the_role_or_the_lease_is_gone() -> Result<
             update_time: OffsetDateTime::now_utc(),
             expires: None,
             restart: Restart::default(),
+            deltas: Default::default(),
         },
         &key,
     )?;

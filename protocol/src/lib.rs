@@ -26,6 +26,7 @@
 
 pub mod approval;
 pub mod chunk;
+pub mod delta;
 pub mod election;
 pub mod fetcher;
 pub mod fleet;

@@ -55,7 +55,7 @@ pub struct Manifest {
 }
 
 /// One `UpdateFile` element.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UpdateFile {
     /// Path relative to the install directory, `/`-separated.
     pub name: String,
@@ -65,6 +65,39 @@ pub struct UpdateFile {
     /// BLAKE3 of the whole file.
     pub hash: Option<Hash>,
     pub chunks: Vec<Chunk>,
+    /// `Patch` elements: binary patches that rebuild this file from an
+    /// earlier release's file (see [`crate::delta`]).
+    pub patches: Vec<Patch>,
+    /// Compressed copies of this file's chunks (`Chunk@PackedSize`,
+    /// `Chunk@PackedHash`), by chunk hash.
+    pub packed: BTreeMap<Hash, Blob>,
+}
+
+/// A file published beside the release under its own hash (a patch or a
+/// compressed chunk): `lanup-store/blobs/<hash>`. The manifest names its
+/// size and hash, so nothing unsigned is ever decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Blob {
+    pub size: u64,
+    pub hash: Hash,
+}
+
+/// One `Patch` element: a zstd frame that, decoded with bytes
+/// `base_offset..base_offset + base_length` of the file whose hash is
+/// `from` as its reference, yields bytes `offset..offset + length` of this
+/// file. A file's patches from one base cover it whole, in order, each
+/// ending on a chunk boundary, so each rebuilds whole chunks and memory
+/// stays bounded by [`crate::delta::MAX_PATCH_OUTPUT`] and
+/// [`crate::delta::MAX_PATCH_REFERENCE`] whatever the file's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Patch {
+    /// BLAKE3 of the whole base file.
+    pub from: Hash,
+    pub offset: u64,
+    pub length: u64,
+    pub base_offset: u64,
+    pub base_length: u64,
+    pub blob: Blob,
 }
 
 /// `RestartApp`: whether the application is restarted after an update, and
@@ -176,6 +209,19 @@ pub enum ManifestError {
         index: usize,
         size: u64,
         max: u64,
+    },
+    #[error("manifest UpdateFile \"{file}\": Patch {index}: {reason}")]
+    BadPatch {
+        file: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("manifest UpdateFile \"{file}\": chunk {index}'s packed copy is {packed} bytes, not smaller than the chunk's {size}")]
+    BadPacked {
+        file: String,
+        index: usize,
+        packed: u64,
+        size: u64,
     },
     #[error("manifest AppName Exe=\"{0}\" is not a file the manifest lists")]
     UnknownExe(String),
@@ -325,6 +371,25 @@ impl Manifest {
                     chunk_sum,
                 });
             }
+            for (index, chunk) in file.chunks.iter().enumerate() {
+                if let Some(packed) = file.packed.get(&chunk.hash) {
+                    if packed.size >= chunk.size {
+                        return Err(ManifestError::BadPacked {
+                            file: file.name.clone(),
+                            index,
+                            packed: packed.size,
+                            size: chunk.size,
+                        });
+                    }
+                }
+            }
+            crate::delta::check_patches(file).map_err(|(index, reason)| {
+                ManifestError::BadPatch {
+                    file: file.name.clone(),
+                    index,
+                    reason,
+                }
+            })?;
         }
         if let Some(exe) = &self.restart.exe {
             if !names.contains(exe.as_str()) {
@@ -476,23 +541,71 @@ impl UpdateFile {
             .hash
             .map(|h| parse_hash(&name, "UpdateFile".into(), h))
             .transpose()?;
+        let mut packed = BTreeMap::new();
         let chunks = f
             .chunks
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
                 let element = format!("Chunk {i}");
-                let size = c.size.ok_or_else(|| ManifestError::MissingAttribute {
+                let attribute = |attribute| ManifestError::MissingAttribute {
                     element: format!("UpdateFile \"{name}\" {element}"),
-                    attribute: "Size",
-                })?;
-                let hash = c.hash.ok_or_else(|| ManifestError::MissingAttribute {
-                    element: format!("UpdateFile \"{name}\" {element}"),
-                    attribute: "Hash",
-                })?;
-                Ok(Chunk {
+                    attribute,
+                };
+                let size = c.size.ok_or_else(|| attribute("Size"))?;
+                let hash = c.hash.ok_or_else(|| attribute("Hash"))?;
+                let chunk = Chunk {
                     size: parse_size(&name, "Chunk Size", size)?,
-                    hash: parse_hash(&name, element, hash)?,
+                    hash: parse_hash(&name, element.clone(), hash)?,
+                };
+                match (c.packed_size, c.packed_hash) {
+                    (None, None) => {}
+                    (Some(size), Some(hash)) => {
+                        packed.insert(
+                            chunk.hash,
+                            Blob {
+                                size: parse_size(&name, "Chunk PackedSize", size)?,
+                                hash: parse_hash(&name, format!("{element} Packed"), hash)?,
+                            },
+                        );
+                    }
+                    (None, Some(_)) => return Err(attribute("PackedSize")),
+                    (Some(_), None) => return Err(attribute("PackedHash")),
+                }
+                Ok(chunk)
+            })
+            .collect::<Result<Vec<_>, ManifestError>>()?;
+        let patches = f
+            .patches
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let element = format!("Patch {i}");
+                let attribute = |attribute| ManifestError::MissingAttribute {
+                    element: format!("UpdateFile \"{name}\" {element}"),
+                    attribute,
+                };
+                let number = |value: Option<String>, attr: &'static str| {
+                    parse_size(&name, attr, value.ok_or_else(|| attribute(attr))?)
+                };
+                Ok(Patch {
+                    from: parse_hash(
+                        &name,
+                        format!("{element} From"),
+                        p.from.ok_or_else(|| attribute("From"))?,
+                    )?,
+                    offset: number(p.offset, "Offset")?,
+                    length: number(p.length, "Length")?,
+                    base_offset: number(p.base_offset, "BaseOffset")?,
+                    base_length: number(p.base_length, "BaseLength")?,
+                    blob: Blob {
+                        size: number(p.size, "Size")?,
+                        hash: parse_hash(
+                            &name,
+                            element.clone(),
+                            p.hash.ok_or_else(|| attribute("Hash"))?,
+                        )?,
+                    },
                 })
             })
             .collect::<Result<Vec<_>, ManifestError>>()?;
@@ -502,6 +615,8 @@ impl UpdateFile {
             mode,
             hash,
             chunks,
+            patches,
+            packed,
         })
     }
 
@@ -514,9 +629,27 @@ impl UpdateFile {
             chunks: self
                 .chunks
                 .iter()
-                .map(|c| xml::Chunk {
-                    size: Some(c.size.to_string()),
-                    hash: Some(c.hash.to_string()),
+                .map(|c| {
+                    let packed = self.packed.get(&c.hash);
+                    xml::Chunk {
+                        size: Some(c.size.to_string()),
+                        hash: Some(c.hash.to_string()),
+                        packed_size: packed.map(|b| b.size.to_string()),
+                        packed_hash: packed.map(|b| b.hash.to_string()),
+                    }
+                })
+                .collect(),
+            patches: self
+                .patches
+                .iter()
+                .map(|p| xml::Patch {
+                    from: Some(p.from.to_string()),
+                    offset: Some(p.offset.to_string()),
+                    length: Some(p.length.to_string()),
+                    base_offset: Some(p.base_offset.to_string()),
+                    base_length: Some(p.base_length.to_string()),
+                    size: Some(p.blob.size.to_string()),
+                    hash: Some(p.blob.hash.to_string()),
                 })
                 .collect(),
         }
@@ -701,10 +834,43 @@ mod xml {
         pub(super) hash: Option<String>,
         #[serde(rename = "Chunk", default)]
         pub(super) chunks: Vec<Chunk>,
+        /// After every `Chunk`: readers that predate patches skip them.
+        #[serde(rename = "Patch", default, skip_serializing_if = "Vec::is_empty")]
+        pub(super) patches: Vec<Patch>,
     }
 
     #[derive(Debug, Default, Serialize, Deserialize)]
     pub(super) struct Chunk {
+        #[serde(rename = "@Size", default)]
+        pub(super) size: Option<String>,
+        #[serde(rename = "@Hash", default)]
+        pub(super) hash: Option<String>,
+        #[serde(
+            rename = "@PackedSize",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub(super) packed_size: Option<String>,
+        #[serde(
+            rename = "@PackedHash",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub(super) packed_hash: Option<String>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Patch {
+        #[serde(rename = "@From", default)]
+        pub(super) from: Option<String>,
+        #[serde(rename = "@Offset", default)]
+        pub(super) offset: Option<String>,
+        #[serde(rename = "@Length", default)]
+        pub(super) length: Option<String>,
+        #[serde(rename = "@BaseOffset", default)]
+        pub(super) base_offset: Option<String>,
+        #[serde(rename = "@BaseLength", default)]
+        pub(super) base_length: Option<String>,
         #[serde(rename = "@Size", default)]
         pub(super) size: Option<String>,
         #[serde(rename = "@Hash", default)]

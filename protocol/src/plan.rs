@@ -290,6 +290,7 @@ mod tests {
             mode: None,
             hash: Some(Hash::of(name.as_bytes())),
             chunks,
+            ..Default::default()
         }
     }
 
@@ -390,6 +391,7 @@ mod tests {
             mode: None,
             hash: None,
             chunks: vec![a, b, c],
+            ..Default::default()
         };
         let mut cursor = Cursor::for_file(&f, |h| *h != b.hash);
         let mut got = Vec::new();

@@ -7,6 +7,7 @@ mod bad_input;
 mod change;
 mod common;
 mod crash;
+mod deltas;
 mod demo;
 mod diskfull;
 mod faults;

@@ -109,6 +109,7 @@ impl Node {
                 .all(|(p, info)| info.silent || t.peer_since.contains_key(p)),
             adopted_at: t.adopted_at,
             blocked: t.no_room.is_some(),
+            bases: self.bases.clone(),
         });
         self.fetcher.assign(Duty {
             acting,

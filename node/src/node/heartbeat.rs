@@ -165,6 +165,13 @@ impl Node {
                     last.filter(|o| o.ending != Ending::Committed)
                         .and_then(|o| o.reason.as_ref())
                         .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str())))
+                })
+                .or_else(|| {
+                    // A patch or packed chunk that did not serve, while
+                    // the release it was for is being staged.
+                    t.filter(|t| !t.staged)?;
+                    let note = self.fetcher.status().fallbacks.pop()?;
+                    Some(format!("took plain chunks: {note}"))
                 }),
             release: t.map(|t| t.manifest.release_name()),
             staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),

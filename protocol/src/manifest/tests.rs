@@ -23,6 +23,7 @@ fn sample() -> Manifest {
                 mode: Some(0o755),
                 hash: Some(Hash::of(b"TIMS")),
                 chunks: vec![chunk(1000, b"a"), chunk(2000, b"b")],
+                ..Default::default()
             },
             UpdateFile {
                 name: "share/données/été.txt".into(),
@@ -30,6 +31,7 @@ fn sample() -> Manifest {
                 mode: None,
                 hash: Some(Hash::of(b"")),
                 chunks: vec![],
+                ..Default::default()
             },
         ],
         restart: Restart {
@@ -389,4 +391,101 @@ fn the_start_file_must_be_listed() {
     m.restart.exe = Some("bin/missing".into());
     let err = parse_v2(&m).validate().expect_err("unknown exe");
     assert_eq!(err, ManifestError::UnknownExe("bin/missing".into()));
+}
+
+/// The sample with a compressed copy of a chunk and a patch from an
+/// earlier build of `bin/TIMS`.
+fn with_deltas() -> Manifest {
+    let mut m = sample();
+    let f = &mut m.files[0];
+    let first = f.chunks[0];
+    f.packed.insert(
+        first.hash,
+        Blob {
+            size: 400,
+            hash: Hash::of(b"packed"),
+        },
+    );
+    f.patches.push(Patch {
+        from: Hash::of(b"TIMS 1.0.0.1"),
+        offset: 0,
+        length: 3000,
+        base_offset: 0,
+        base_length: 2900,
+        blob: Blob {
+            size: 120,
+            hash: Hash::of(b"patch"),
+        },
+    });
+    m
+}
+
+#[test]
+fn patches_and_packed_chunks_round_trip() {
+    let m = with_deltas();
+    m.validate().expect("valid");
+    let xml = m.to_xml().expect("serialise");
+    assert!(xml.contains("PackedSize=\"400\""), "{xml}");
+    assert!(xml.contains("<Patch From="), "{xml}");
+    assert_eq!(parse_v2(&m), m);
+}
+
+#[test]
+fn a_packed_copy_no_smaller_than_its_chunk_is_refused() {
+    let mut m = with_deltas();
+    let first = m.files[0].chunks[0];
+    m.files[0].packed.insert(
+        first.hash,
+        Blob {
+            size: first.size,
+            hash: Hash::of(b"packed"),
+        },
+    );
+    assert!(matches!(
+        m.validate(),
+        Err(ManifestError::BadPacked { index: 0, .. })
+    ));
+    let mut m = with_deltas();
+    m.files[0].patches[0].length = 2999;
+    let err = m.validate().expect_err("a patch that misses a byte");
+    assert!(err.to_string().contains("Patch 0"), "{err}");
+}
+
+/// What a reader that predates patches sees: the same files and chunks.
+#[test]
+fn the_delta_elements_leave_the_files_and_chunks_as_they_were() {
+    let m = with_deltas();
+    let xml = m.to_xml().expect("serialise");
+    #[derive(serde::Deserialize)]
+    struct OldChunk {
+        #[serde(rename = "@Hash")]
+        hash: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct OldFile {
+        #[serde(rename = "Chunk", default)]
+        chunks: Vec<OldChunk>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OldList {
+        #[serde(rename = "UpdateFile")]
+        files: Vec<OldFile>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Old {
+        #[serde(rename = "UpdateFileList")]
+        list: OldList,
+    }
+    let old: Old = quick_xml::de::from_str(&xml).expect("an old reader parses it");
+    let hashes: Vec<&str> = old.list.files[0]
+        .chunks
+        .iter()
+        .map(|c| c.hash.as_str())
+        .collect();
+    let expected: Vec<String> = m.files[0]
+        .chunks
+        .iter()
+        .map(|c| c.hash.to_string())
+        .collect();
+    assert_eq!(hashes, expected);
 }

@@ -1,0 +1,469 @@
+//! Taking a release from the origin the cheapest way: patches against files
+//! this node holds, then packed chunks, then plain Range requests
+//! ([`crate::fetch::fetch_missing`]) for the rest.
+//!
+//! What to take is decided per file by `lanup_protocol::delta::plan_file`.
+//! A patch or packed chunk is a blob named by its hash in the signed
+//! manifest: it is checked against that hash before it is decoded, decoded
+//! within the sizes the manifest names, and every chunk it yields is
+//! checked against its own hash before it enters the store. A blob that
+//! fails (base damaged, output wrong, decoder error, blob missing or
+//! wrong) is reported once and its chunks are taken plainly; it is not
+//! tried again for as long as the node runs.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lanup_protocol::chunk::Chunk;
+use lanup_protocol::delta::{patch_chunks, plan_file};
+use lanup_protocol::manifest::{Blob, Patch, UpdateFile};
+use lanup_protocol::{Hash, Manifest};
+use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::StatusCode;
+use tracing::{info, warn};
+
+use crate::fetch::{fetch_missing, file_url, FetchError, FetchReport, Origin};
+use crate::release_store::STORE_DIR;
+use crate::store::{ChunkStore, StoreError};
+
+/// How many requests in a row for one blob may end with no byte before the
+/// download gives up (as for chunks).
+const QUIET_ATTEMPTS: u32 = 5;
+
+/// How many fallbacks the node remembers to show.
+const NOTES: usize = 8;
+
+/// Files this node holds that patches may apply to, by BLAKE3: the
+/// installed release's files and those of releases it staged.
+#[derive(Debug, Clone, Default)]
+pub struct Bases {
+    files: HashMap<Hash, PathBuf>,
+}
+
+impl Bases {
+    /// Adds the files of `manifest` found under `dir`.
+    pub fn add(&mut self, manifest: &Manifest, dir: &Path) {
+        for f in &manifest.files {
+            if let Some(hash) = f.hash {
+                self.files.entry(hash).or_insert_with(|| dir.join(&f.name));
+            }
+        }
+    }
+
+    /// What a node with state folder `state` holds: its installed
+    /// release, the releases it staged, and the lanup binary it runs.
+    pub fn of_node(state: &Path) -> Bases {
+        let mut bases = Bases::default();
+        if let Ok(Some(installed)) = crate::apply::read_installed(state) {
+            bases.add(&installed.manifest, &installed.record.install_dir);
+        }
+        for staged in crate::stage::kept(state, "") {
+            bases.add(&staged.manifest, &staged.dir);
+        }
+        // Hashed once: the binary a node runs does not change under it.
+        static LANUP: std::sync::OnceLock<Option<(Hash, PathBuf)>> = std::sync::OnceLock::new();
+        let lanup = LANUP.get_or_init(|| {
+            let binary = crate::upgrade::binary().ok()?;
+            Some((crate::release::hash_file(&binary).ok()?, binary))
+        });
+        if let Some((hash, binary)) = lanup {
+            bases.files.entry(*hash).or_insert_with(|| binary.clone());
+        }
+        bases
+    }
+
+    /// Whether this node holds a file with `hash` (as far as it knows: the
+    /// file is checked before it is used).
+    pub fn holds(&self, hash: &Hash) -> bool {
+        self.files.contains_key(hash)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Bytes `offset..offset + length` of the base `hash`, after checking
+    /// once that the whole file still hashes to it.
+    fn read(
+        &self,
+        hash: &Hash,
+        offset: u64,
+        length: u64,
+        checked: &Mutex<HashSet<Hash>>,
+    ) -> Result<Vec<u8>, String> {
+        let path = self
+            .files
+            .get(hash)
+            .ok_or_else(|| format!("no file with hash {hash} here"))?;
+        let known_good = checked.lock().map(|c| c.contains(hash)).unwrap_or(false);
+        if !known_good {
+            let actual = crate::release::hash_file(path)
+                .map_err(|e| format!("cannot read the base {}: {e}", path.display()))?;
+            if actual != *hash {
+                return Err(format!(
+                    "the base {} changed on disk (hashes to {actual})",
+                    path.display()
+                ));
+            }
+            if let Ok(mut c) = checked.lock() {
+                c.insert(*hash);
+            }
+        }
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot read the base {}: {e}", path.display()))?;
+        let mut data = Vec::with_capacity(length as usize);
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.take(length).read_to_end(&mut data))
+            .map_err(|e| format!("cannot read the base {}: {e}", path.display()))?;
+        if data.len() as u64 != length {
+            return Err(format!(
+                "the base {} is shorter than the patch needs",
+                path.display()
+            ));
+        }
+        Ok(data)
+    }
+}
+
+/// Patches and packed chunks that failed on this node, so they are not
+/// tried again, and the last few reasons, to show.
+#[derive(Debug, Default)]
+pub struct Fallbacks {
+    /// (file hash, base hash) pairs whose patches failed.
+    patches: HashSet<(Hash, Hash)>,
+    /// Packed blobs that failed.
+    packed: HashSet<Hash>,
+    notes: VecDeque<String>,
+}
+
+impl Fallbacks {
+    fn note(&mut self, reason: String) {
+        warn!(reason = %reason, "taking plain chunks instead");
+        if self.notes.len() == NOTES {
+            self.notes.pop_front();
+        }
+        self.notes.push_back(reason);
+    }
+
+    /// The last few reasons a patch or packed chunk was not used, oldest
+    /// first.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.iter().cloned().collect()
+    }
+}
+
+/// Why a blob could not be used.
+enum BlobError {
+    /// This blob will not help: its chunks are taken another way.
+    Unusable(String),
+    /// The origin or this node failed: the download stops (and backs off).
+    Fetch(FetchError),
+}
+
+/// Fetches what `store` lacks of `manifest` and `wanted` still asks for,
+/// the cheapest way: patches from `bases`, packed chunks, then plain
+/// chunks. `on_chunk` is told of every chunk stored.
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_release(
+    origin: &Origin,
+    manifest: &Manifest,
+    store: &ChunkStore,
+    bases: &Bases,
+    fallbacks: &Mutex<Fallbacks>,
+    wanted: impl Fn(&Hash) -> bool,
+    mut on_chunk: impl FnMut(&Chunk),
+) -> Result<FetchReport, FetchError> {
+    let mut report = FetchReport::default();
+    // Bytes of chunks rebuilt or unpacked here, which the plain pass
+    // then finds held.
+    let mut gained = 0u64;
+    let checked = Mutex::new(HashSet::new());
+    for file in &manifest.files {
+        let lacking = |h: &Hash| wanted(h) && !store.has(h);
+        // Every file of a validated manifest has its hash.
+        let Some(file_hash) = file.hash else { continue };
+        // Planned again after a patch fails: its chunks then come packed
+        // or plain.
+        'plan: loop {
+            if !file.chunks.iter().any(|c| lacking(&c.hash)) {
+                break;
+            }
+            let plan = {
+                let failed = fallbacks.lock().map_err(|_| poisoned())?;
+                plan_file(file, lacking, |b| {
+                    bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
+                })
+            };
+            for &i in &plan.patches {
+                let patch = &file.patches[i];
+                if !patch_chunks(file, patch).any(|c| lacking(&c.hash)) {
+                    continue;
+                }
+                match apply_one(origin, file, patch, store, bases, &checked, &mut report).await {
+                    Ok(stored) => {
+                        report.patches += 1;
+                        report.chunks += stored.len();
+                        gained += stored.iter().map(|c| c.size).sum::<u64>();
+                        stored.iter().for_each(&mut on_chunk);
+                    }
+                    Err(BlobError::Fetch(e)) => return Err(e),
+                    Err(BlobError::Unusable(reason)) => {
+                        let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                        f.patches.insert((file_hash, patch.from));
+                        f.note(format!(
+                            "{}: the patch from {} did not rebuild it: {reason}",
+                            file.name, patch.from
+                        ));
+                        continue 'plan;
+                    }
+                }
+            }
+            for (chunk, blob) in &plan.packed {
+                if !lacking(&chunk.hash)
+                    || fallbacks
+                        .lock()
+                        .map_err(|_| poisoned())?
+                        .packed
+                        .contains(&blob.hash)
+                {
+                    continue;
+                }
+                match unpack_one(origin, chunk, blob, store, &mut report).await {
+                    Ok(()) => {
+                        report.packed += 1;
+                        report.chunks += 1;
+                        gained += chunk.size;
+                        on_chunk(chunk);
+                    }
+                    Err(BlobError::Fetch(e)) => return Err(e),
+                    Err(BlobError::Unusable(reason)) => {
+                        let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                        f.packed.insert(blob.hash);
+                        f.note(format!(
+                            "{}: the packed copy of chunk {} is unusable: {reason}",
+                            file.name, chunk.hash
+                        ));
+                    }
+                }
+            }
+            break;
+        }
+    }
+    let plain = fetch_missing(origin, manifest, store, &wanted, &mut on_chunk).await?;
+    report.bytes += plain.bytes;
+    report.chunks += plain.chunks;
+    report.requests += plain.requests;
+    report.already_held = plain.already_held.saturating_sub(gained);
+    if report.patches + report.packed > 0 {
+        info!(
+            patches = report.patches,
+            packed = report.packed,
+            bytes = report.bytes,
+            "took patches and packed chunks from the origin"
+        );
+    }
+    Ok(report)
+}
+
+fn poisoned() -> FetchError {
+    FetchError::Network(anyhow::anyhow!("the fetcher's fallback record is poisoned"))
+}
+
+/// Fetches one patch segment, rebuilds its chunks from the base and stores
+/// them; returns the chunks stored.
+async fn apply_one(
+    origin: &Origin,
+    file: &UpdateFile,
+    patch: &Patch,
+    store: &ChunkStore,
+    bases: &Bases,
+    checked: &Mutex<HashSet<Hash>>,
+    report: &mut FetchReport,
+) -> Result<Vec<Chunk>, BlobError> {
+    // The base first: a damaged base costs no download.
+    let reference = bases
+        .read(&patch.from, patch.base_offset, patch.base_length, checked)
+        .map_err(BlobError::Unusable)?;
+    let blob = fetch_blob(origin, &patch.blob, report).await?;
+    let chunks: Vec<Chunk> = patch_chunks(file, patch).collect();
+    let store = store.clone();
+    let length = patch.length;
+    tokio::task::spawn_blocking(move || {
+        let rebuilt = crate::delta::apply_patch(&reference, &blob, length)
+            .map_err(|e| BlobError::Unusable(e.to_string()))?;
+        drop(reference);
+        let mut at = 0usize;
+        for chunk in &chunks {
+            let end = at + chunk.size as usize;
+            match store.put(chunk, &rebuilt[at..end]) {
+                Ok(()) => {}
+                Err(StoreError::Corrupt { .. }) => {
+                    return Err(BlobError::Unusable(format!(
+                        "its output is not chunk {} (bytes {at}..{end})",
+                        chunk.hash
+                    )))
+                }
+                Err(e) => return Err(BlobError::Fetch(FetchError::LocalDisk(e))),
+            }
+            at = end;
+        }
+        Ok(chunks)
+    })
+    .await
+    .map_err(|e| BlobError::Fetch(FetchError::Network(e.into())))?
+}
+
+/// Fetches one packed chunk, decodes it and stores it.
+async fn unpack_one(
+    origin: &Origin,
+    chunk: &Chunk,
+    blob: &Blob,
+    store: &ChunkStore,
+    report: &mut FetchReport,
+) -> Result<(), BlobError> {
+    let bytes = fetch_blob(origin, blob, report).await?;
+    let store = store.clone();
+    let chunk = *chunk;
+    tokio::task::spawn_blocking(move || {
+        let data = crate::delta::unpack(&bytes, chunk.size)
+            .map_err(|e| BlobError::Unusable(e.to_string()))?;
+        match store.put(&chunk, &data) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Corrupt { .. }) => Err(BlobError::Unusable(
+                "it decodes to other bytes than the chunk".into(),
+            )),
+            Err(e) => Err(BlobError::Fetch(FetchError::LocalDisk(e))),
+        }
+    })
+    .await
+    .map_err(|e| BlobError::Fetch(FetchError::Network(e.into())))?
+}
+
+/// The URL of a blob beside the release.
+pub fn blob_url(base: &str, hash: &Hash) -> String {
+    file_url(base, &format!("{STORE_DIR}/blobs/{hash}"))
+}
+
+/// GETs a blob whole, resuming a cut request where it stopped, never
+/// holding more than its signed size, and checks its hash.
+async fn fetch_blob(
+    origin: &Origin,
+    blob: &Blob,
+    report: &mut FetchReport,
+) -> Result<Vec<u8>, BlobError> {
+    let url = blob_url(&origin.base, &blob.hash);
+    let mut data: Vec<u8> = Vec::with_capacity(blob.size as usize);
+    let mut quiet = 0;
+    let network = |e: anyhow::Error| BlobError::Fetch(FetchError::Network(e));
+    while (data.len() as u64) < blob.size {
+        if quiet >= QUIET_ATTEMPTS {
+            return Err(network(anyhow::anyhow!(
+                "{url}: {quiet} requests in a row to the origin received nothing"
+            )));
+        }
+        if quiet > 0 {
+            tokio::time::sleep(Duration::from_millis(500 << quiet)).await;
+        }
+        let mut request = origin.client.get(&url);
+        if !data.is_empty() {
+            request = request.header(RANGE, format!("bytes={}-", data.len()));
+        }
+        report.requests += 1;
+        let before = data.len();
+        let response = match tokio::time::timeout(origin.stall, request.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                quiet += 1;
+                info!(url = %url, error = %e, "origin request cut; resuming where it stopped");
+                continue;
+            }
+            Err(_) => {
+                quiet += 1;
+                continue;
+            }
+        };
+        match response.status() {
+            StatusCode::OK => data.clear(),
+            StatusCode::PARTIAL_CONTENT => {
+                let start = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.trim().parse::<usize>().ok());
+                if start != Some(data.len()) {
+                    data.clear();
+                    quiet += 1;
+                    continue;
+                }
+            }
+            StatusCode::NOT_FOUND => {
+                return Err(BlobError::Unusable(format!(
+                    "{url}: the origin does not have it"
+                )))
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(BlobError::Unusable(format!(
+                    "{url}: shorter than the {} bytes the manifest names",
+                    blob.size
+                )))
+            }
+            status => {
+                return Err(BlobError::Fetch(FetchError::Status {
+                    url,
+                    status: status.as_u16(),
+                }))
+            }
+        }
+        let mut response = response;
+        let mut ended = false;
+        loop {
+            match tokio::time::timeout(origin.stall, response.chunk()).await {
+                Ok(Ok(Some(body))) => {
+                    origin.wan.take(body.len()).await;
+                    report.bytes += body.len() as u64;
+                    origin
+                        .received
+                        .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    if (data.len() + body.len()) as u64 > blob.size {
+                        return Err(BlobError::Unusable(format!(
+                            "{url}: more than the {} bytes the manifest names",
+                            blob.size
+                        )));
+                    }
+                    data.extend_from_slice(&body);
+                }
+                Ok(Ok(None)) => {
+                    ended = true;
+                    break;
+                }
+                // Cut or stalled: asked again from where it stopped.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        if ended && (data.len() as u64) < blob.size {
+            // The whole answer came and it is short: the origin's copy is.
+            return Err(BlobError::Unusable(format!(
+                "{url}: {} bytes, fewer than the {} the manifest names",
+                data.len(),
+                blob.size
+            )));
+        }
+        if data.len() > before {
+            quiet = 0;
+        } else {
+            quiet += 1;
+        }
+    }
+    if Hash::of(&data) != blob.hash {
+        return Err(BlobError::Unusable(format!(
+            "{url}: its bytes do not hash to the manifest's {}",
+            blob.hash
+        )));
+    }
+    Ok(data)
+}

@@ -1,0 +1,566 @@
+//! What `lanup publish` keeps beside a release folder so that the next
+//! release can be sent as patches: `lanup-store/` in the output folder,
+//! served with it by any static server.
+//!
+//! ```text
+//! lanup-store/releases/<version>.xml   manifests of the releases kept as bases
+//! lanup-store/files/<hash>             their files, by BLAKE3 (hard links to
+//!                                      the published copies where it can)
+//! lanup-store/blobs/<hash>             patches and packed chunks, by BLAKE3
+//! ```
+//!
+//! Publishing writes, for every file that changed, patch segments from each
+//! kept release that has a file of the same name (the newest
+//! [`PublishDeltas::keep`] releases, and any `--base`), and a packed copy of
+//! every chunk where compression saves bytes. The patches from a base are
+//! kept only when, in all, they are smaller than the file's chunks. Blobs
+//! no longer named by the new release or the one before it are removed,
+//! and so are files of releases no longer kept.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use lanup_protocol::delta::{segments, MAX_PATCH_REFERENCE};
+use lanup_protocol::manifest::{Blob, Patch, MANIFEST_FILE};
+use lanup_protocol::{Hash, Manifest};
+
+use crate::delta;
+use crate::release::hash_file;
+
+/// The folder beside a release that holds the publisher's bases and blobs.
+pub const STORE_DIR: &str = "lanup-store";
+
+/// How a publish makes its deltas.
+#[derive(Debug, Clone)]
+pub struct PublishDeltas {
+    /// How many earlier releases to keep as bases (0: no patches).
+    pub keep: usize,
+    /// Further bases: a folder of files as installed, or a published
+    /// release's manifest (its files beside it).
+    pub bases: Vec<PathBuf>,
+    /// The zstd level for patches and packed chunks.
+    pub level: i32,
+    /// Whether to pack chunks at all.
+    pub pack: bool,
+}
+
+impl Default for PublishDeltas {
+    fn default() -> Self {
+        PublishDeltas {
+            keep: 2,
+            bases: Vec::new(),
+            level: delta::DEFAULT_LEVEL,
+            pack: true,
+        }
+    }
+}
+
+/// A base release: its files by name, each with its hash and where its
+/// bytes are.
+#[derive(Debug, Clone)]
+struct Base {
+    name: String,
+    files: HashMap<String, (Hash, PathBuf)>,
+}
+
+/// The publisher's store in an output folder.
+#[derive(Debug)]
+pub struct ReleaseStore {
+    root: PathBuf,
+}
+
+/// One piece of work for the encoder threads.
+enum Job {
+    Pack {
+        file: usize,
+        chunk: lanup_protocol::chunk::Chunk,
+        offset: u64,
+    },
+    Patch {
+        file: usize,
+        base: Hash,
+        base_path: PathBuf,
+        segment: lanup_protocol::delta::Segment,
+        index: usize,
+    },
+}
+
+impl ReleaseStore {
+    /// Opens (creating) the store of output folder `out`.
+    pub fn open(out: &Path) -> Result<ReleaseStore> {
+        let root = out.join(STORE_DIR);
+        for sub in ["releases", "files", "blobs"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(ReleaseStore { root })
+    }
+
+    fn file_path(&self, hash: &Hash) -> PathBuf {
+        self.root.join("files").join(hash.to_string())
+    }
+
+    fn blob_path(&self, hash: &Hash) -> PathBuf {
+        self.root.join("blobs").join(hash.to_string())
+    }
+
+    /// Keeps the release `out` serves now (published before this store
+    /// existed, or by hand) as a base: links its files into the store,
+    /// after checking each hashes as its manifest says.
+    pub fn keep_current(&self, out: &Path) -> Result<()> {
+        let Ok(xml) = fs::read(out.join(MANIFEST_FILE)) else {
+            return Ok(());
+        };
+        let Ok(manifest) = Manifest::parse(&xml) else {
+            return Ok(());
+        };
+        if manifest.validate().is_err() {
+            return Ok(());
+        }
+        let kept = self
+            .root
+            .join("releases")
+            .join(format!("{}.xml", manifest.release_name()));
+        if kept.is_file() {
+            return Ok(());
+        }
+        for file in &manifest.files {
+            let Some(hash) = file.hash else { continue };
+            self.keep_file(&out.join(&file.name), &hash, true)?;
+        }
+        crate::apply::write_synced(&kept, &xml)
+            .with_context(|| format!("cannot write {}", kept.display()))
+    }
+
+    /// Puts a file into the store under its hash (a hard link where it
+    /// can, else a copy); with `check`, only if it hashes to `hash`.
+    fn keep_file(&self, path: &Path, hash: &Hash, check: bool) -> Result<bool> {
+        let dest = self.file_path(hash);
+        if dest.is_file() {
+            return Ok(true);
+        }
+        if check && hash_file(path).ok().as_ref() != Some(hash) {
+            return Ok(false);
+        }
+        if fs::hard_link(path, &dest).is_err() {
+            let tmp = dest.with_extension("part");
+            fs::copy(path, &tmp).with_context(|| format!("cannot copy {}", path.display()))?;
+            fs::rename(&tmp, &dest)?;
+        }
+        Ok(true)
+    }
+
+    /// The kept releases, newest first.
+    fn kept(&self) -> Vec<(Manifest, PathBuf)> {
+        let mut kept: Vec<(Manifest, PathBuf)> = fs::read_dir(self.root.join("releases"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let xml = fs::read(e.path()).ok()?;
+                Some((Manifest::parse(&xml).ok()?, e.path()))
+            })
+            .collect();
+        kept.sort_by(|a, b| b.0.compare_release(&a.0));
+        kept
+    }
+
+    /// The bases a new release `name` is patched from: the newest `keep`
+    /// kept releases other than itself, and the `--base` ones.
+    fn bases(&self, name: &str, opts: &PublishDeltas) -> Result<Vec<Base>> {
+        let mut bases: Vec<Base> = self
+            .kept()
+            .into_iter()
+            .filter(|(m, _)| m.release_name() != name)
+            .take(opts.keep)
+            .map(|(m, _)| Base {
+                name: m.release_name(),
+                files: m
+                    .files
+                    .iter()
+                    .filter_map(|f| {
+                        let hash = f.hash?;
+                        let path = self.file_path(&hash);
+                        path.is_file().then(|| (f.name.clone(), (hash, path)))
+                    })
+                    .collect(),
+            })
+            .collect();
+        for given in &opts.bases {
+            bases.push(read_base(given)?);
+        }
+        Ok(bases)
+    }
+
+    /// Adds patches and packed chunks to `manifest`, whose files are
+    /// published in `out`, and writes their blobs.
+    pub fn add_deltas(
+        &self,
+        out: &Path,
+        manifest: &mut Manifest,
+        opts: &PublishDeltas,
+    ) -> Result<()> {
+        let bases = if opts.keep == 0 && opts.bases.is_empty() {
+            Vec::new()
+        } else {
+            self.bases(&manifest.release_name(), opts)?
+        };
+        // Packed copies made for earlier releases, by chunk.
+        let mut earlier: HashMap<Hash, Blob> = HashMap::new();
+        for (m, _) in self.kept().into_iter().take(2) {
+            for f in m.files {
+                earlier.extend(f.packed);
+            }
+        }
+        let mut jobs = Vec::new();
+        let mut packed_seen = HashSet::new();
+        for (i, file) in manifest.files.iter().enumerate() {
+            let size = file.size.unwrap_or_default();
+            let mut offset = 0;
+            for chunk in &file.chunks {
+                let here = offset;
+                offset += chunk.size;
+                if !opts.pack || !packed_seen.insert(chunk.hash) {
+                    continue;
+                }
+                if let Some(blob) = earlier.get(&chunk.hash) {
+                    if self.blob_path(&blob.hash).is_file() {
+                        continue;
+                    }
+                }
+                jobs.push(Job::Pack {
+                    file: i,
+                    chunk: *chunk,
+                    offset: here,
+                });
+            }
+            // Tiny files cost more in requests than a patch saves.
+            if size < 4096 {
+                continue;
+            }
+            let mut from = HashSet::new();
+            for base in &bases {
+                let Some((hash, path)) = base.files.get(&file.name) else {
+                    continue;
+                };
+                if Some(*hash) == file.hash || !from.insert(*hash) {
+                    continue;
+                }
+                let base_size = fs::metadata(path)?.len();
+                for (index, segment) in segments(&file.chunks, base_size).into_iter().enumerate() {
+                    jobs.push(Job::Patch {
+                        file: i,
+                        base: *hash,
+                        base_path: path.clone(),
+                        segment,
+                        index,
+                    });
+                }
+                tracing::debug!(file = %file.name, base = %base.name, "patching");
+            }
+        }
+        let results = self.run_jobs(out, manifest, jobs, opts.level)?;
+        let mut packed: HashMap<Hash, Blob> = HashMap::new();
+        let mut patches: BTreeMap<(usize, Hash), Vec<(usize, Patch)>> = BTreeMap::new();
+        for result in results {
+            match result {
+                Done::Packed { chunk, blob } => {
+                    packed.insert(chunk, blob);
+                }
+                Done::Patch {
+                    file,
+                    base,
+                    index,
+                    patch,
+                } => patches
+                    .entry((file, base))
+                    .or_default()
+                    .push((index, patch)),
+            }
+        }
+        for (chunk, blob) in &earlier {
+            if self.blob_path(&blob.hash).is_file() {
+                packed.entry(*chunk).or_insert(*blob);
+            }
+        }
+        for file in &mut manifest.files {
+            for chunk in &file.chunks {
+                if let Some(blob) = packed.get(&chunk.hash).filter(|b| b.size < chunk.size) {
+                    file.packed.insert(chunk.hash, *blob);
+                }
+            }
+        }
+        for ((i, _), mut set) in patches {
+            let file = &mut manifest.files[i];
+            set.sort_by_key(|(index, _)| *index);
+            let total: u64 = set.iter().map(|(_, p)| p.blob.size).sum();
+            let by_chunks: u64 = file
+                .chunks
+                .iter()
+                .map(|c| lanup_protocol::delta::chunk_cost(file, c))
+                .sum();
+            let fits = set.iter().all(|(_, p)| p.blob.size <= p.length);
+            if fits && total < by_chunks {
+                file.patches.extend(set.into_iter().map(|(_, p)| p));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the encoder over every job on every core; each result's blob
+    /// is written to the store.
+    fn run_jobs(
+        &self,
+        out: &Path,
+        manifest: &Manifest,
+        jobs: Vec<Job>,
+        level: i32,
+    ) -> Result<Vec<Done>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let queue = Mutex::new(jobs.into_iter());
+        let done = Mutex::new(Vec::new());
+        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let job = match queue.lock() {
+                        Ok(mut q) => q.next(),
+                        Err(_) => None,
+                    };
+                    let Some(job) = job else { break };
+                    match self.run_job(out, manifest, job, level) {
+                        Ok(Some(d)) => {
+                            if let Ok(mut done) = done.lock() {
+                                done.push(d);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        Ok(done.into_inner().unwrap_or_default())
+    }
+
+    fn run_job(
+        &self,
+        out: &Path,
+        manifest: &Manifest,
+        job: Job,
+        level: i32,
+    ) -> Result<Option<Done>> {
+        match job {
+            Job::Pack {
+                file,
+                chunk,
+                offset,
+            } => {
+                let path = out.join(&manifest.files[file].name);
+                let data = read_range(&path, offset, chunk.size)?;
+                let packed = delta::pack(&data, level)?;
+                // Worth a request of its own only when it saves a few
+                // percent.
+                if packed.len() as u64 >= chunk.size - chunk.size / 32 {
+                    return Ok(None);
+                }
+                let blob = self.write_blob(&packed)?;
+                Ok(Some(Done::Packed {
+                    chunk: chunk.hash,
+                    blob,
+                }))
+            }
+            Job::Patch {
+                file,
+                base,
+                base_path,
+                segment,
+                index,
+            } => {
+                let f = &manifest.files[file];
+                let target = read_range(&out.join(&f.name), segment.offset, segment.length)?;
+                let reference = read_range(&base_path, segment.base_offset, segment.base_length)?;
+                let patch = delta::make_patch(&reference, &target, level)?;
+                let blob = self.write_blob(&patch)?;
+                Ok(Some(Done::Patch {
+                    file,
+                    base,
+                    index,
+                    patch: Patch {
+                        from: base,
+                        offset: segment.offset,
+                        length: segment.length,
+                        base_offset: segment.base_offset,
+                        base_length: segment.base_length,
+                        blob,
+                    },
+                }))
+            }
+        }
+    }
+
+    fn write_blob(&self, bytes: &[u8]) -> Result<Blob> {
+        let hash = Hash::of(bytes);
+        let path = self.blob_path(&hash);
+        if !path.is_file() {
+            crate::apply::write_synced(&path, bytes)
+                .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o644)))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(Blob {
+            size: bytes.len() as u64,
+            hash,
+        })
+    }
+
+    /// Records the new release as a base for the next ones (its files
+    /// linked in from `out`), then removes what is no longer needed: files
+    /// of releases beyond the newest `keep`, and blobs that neither this
+    /// release nor the one before it names.
+    pub fn finish(&self, out: &Path, manifest: &Manifest, xml: &[u8], keep: usize) -> Result<()> {
+        for file in &manifest.files {
+            if let Some(hash) = file.hash {
+                self.keep_file(&out.join(&file.name), &hash, false)?;
+            }
+        }
+        let path = self
+            .root
+            .join("releases")
+            .join(format!("{}.xml", manifest.release_name()));
+        crate::apply::write_synced(&path, xml)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let kept = self.kept();
+        let mut files = HashSet::new();
+        let mut blobs = HashSet::new();
+        for (i, (m, path)) in kept.iter().enumerate() {
+            if i >= keep.max(1) {
+                let _ = fs::remove_file(path);
+                continue;
+            }
+            files.extend(m.files.iter().filter_map(|f| f.hash));
+            if i < 2 {
+                for f in &m.files {
+                    blobs.extend(f.packed.values().map(|b| b.hash));
+                    blobs.extend(f.patches.iter().map(|p| p.blob.hash));
+                }
+            }
+        }
+        prune(&self.root.join("files"), &files)?;
+        prune(&self.root.join("blobs"), &blobs)?;
+        Ok(())
+    }
+}
+
+/// What one job produced.
+enum Done {
+    Packed {
+        chunk: Hash,
+        blob: Blob,
+    },
+    Patch {
+        file: usize,
+        base: Hash,
+        index: usize,
+        patch: Patch,
+    },
+}
+
+/// Removes every file in `dir` not named by a hash in `keep`.
+fn prune(dir: &Path, keep: &HashSet<Hash>) -> Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let named = name.to_str().and_then(|n| n.parse::<Hash>().ok());
+        if !named.is_some_and(|h| keep.contains(&h)) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// `length` bytes of `path` from `offset`; the size is bounded by the
+/// segment sizes.
+fn read_range(path: &Path, offset: u64, length: u64) -> Result<Vec<u8>> {
+    if length > MAX_PATCH_REFERENCE {
+        bail!("{}: a range of {length} bytes is too large", path.display());
+    }
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut data = Vec::with_capacity(length as usize);
+    file.take(length).read_to_end(&mut data)?;
+    if data.len() as u64 != length {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "{} is shorter than byte {}",
+                path.display(),
+                offset + length
+            ),
+        )
+        .into());
+    }
+    Ok(data)
+}
+
+/// A `--base`: a folder of files as installed, or a published release's
+/// manifest (or its folder) with its files beside it.
+fn read_base(given: &Path) -> Result<Base> {
+    let manifest_path = if given.is_dir() {
+        given.join(MANIFEST_FILE)
+    } else {
+        given.to_owned()
+    };
+    if manifest_path.is_file() {
+        let source = crate::release::ManifestSource::read_local(&manifest_path)?;
+        let manifest = source.parse()?;
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let files = manifest
+            .files
+            .iter()
+            .filter_map(|f| Some((f.name.clone(), (f.hash?, dir.join(&f.name)))))
+            .filter(|(_, (_, p))| p.is_file())
+            .collect();
+        return Ok(Base {
+            name: manifest.release_name(),
+            files,
+        });
+    }
+    if !given.is_dir() {
+        bail!(
+            "--base {}: neither a folder nor a release manifest",
+            given.display()
+        );
+    }
+    let mut files = HashMap::new();
+    for entry in walkdir::WalkDir::new(given) {
+        let entry = entry.with_context(|| format!("--base {}", given.display()))?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(given)?;
+        let Some(name) = rel.to_str().map(|s| s.replace('\\', "/")) else {
+            continue;
+        };
+        let hash = hash_file(entry.path())
+            .with_context(|| format!("cannot read {}", entry.path().display()))?;
+        files.insert(name, (hash, entry.path().to_owned()));
+    }
+    Ok(Base {
+        name: given.display().to_string(),
+        files,
+    })
+}

@@ -1,0 +1,436 @@
+//! What crosses the uplink for a file: patches against a release the site
+//! holds, compressed chunks, or plain chunks, whichever is fewest bytes.
+//!
+//! A rebuilt program shares almost no content-defined chunk with its
+//! previous build, yet a binary delta against that build is a tenth to a
+//! hundredth of its size. So the publisher, which holds earlier releases,
+//! writes for every changed file a patch from each release it keeps, and a
+//! compressed copy of every chunk where compression pays; both are static
+//! files named by their hash and listed in the signed manifest (`Patch`
+//! elements, `Chunk@PackedSize`/`@PackedHash`).
+//!
+//! A patch is cut into segments: each rebuilds whole chunks, at most
+//! [`MAX_PATCH_OUTPUT`] bytes of the new file, from at most
+//! [`MAX_PATCH_REFERENCE`] bytes of the base (all of it when the base is
+//! that small, else the part at the same relative place). A node decodes
+//! one segment at a time, so its memory is bounded by those two sizes
+//! whatever the file's; a file much larger than the reference window loses
+//! only what moved further than the window reaches.
+//!
+//! This module decides; the node moves bytes and runs the codec.
+
+use std::collections::BTreeMap;
+
+use crate::chunk::Chunk;
+use crate::manifest::{Blob, Patch, UpdateFile};
+use crate::Hash;
+
+/// The most bytes of a new file one patch segment rebuilds.
+pub const MAX_PATCH_OUTPUT: u64 = 8 * 1024 * 1024;
+/// The most bytes of a base file one patch segment refers to.
+pub const MAX_PATCH_REFERENCE: u64 = 16 * 1024 * 1024;
+
+/// The part of a new file one patch segment rebuilds, and the part of the
+/// base it refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub offset: u64,
+    pub length: u64,
+    pub base_offset: u64,
+    pub base_length: u64,
+}
+
+/// Cuts a file of `chunks` into patch segments against a base of
+/// `base_size` bytes: consecutive whole chunks up to [`MAX_PATCH_OUTPUT`]
+/// each, referring to all of the base when it fits in
+/// [`MAX_PATCH_REFERENCE`], else to the window of that size around the same
+/// relative place.
+pub fn segments(chunks: &[Chunk], base_size: u64) -> Vec<Segment> {
+    let total: u64 = chunks.iter().map(|c| c.size).sum();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    let mut length = 0;
+    let close = |offset: u64, length: u64, out: &mut Vec<Segment>| {
+        if length == 0 {
+            return;
+        }
+        let (base_offset, base_length) = if base_size <= MAX_PATCH_REFERENCE {
+            (0, base_size)
+        } else {
+            // The middle of this segment, at the same relative place in
+            // the base.
+            let middle =
+                ((offset + length / 2) as u128 * base_size as u128 / total.max(1) as u128) as u64;
+            let start = middle
+                .saturating_sub(MAX_PATCH_REFERENCE / 2)
+                .min(base_size - MAX_PATCH_REFERENCE);
+            (start, MAX_PATCH_REFERENCE)
+        };
+        out.push(Segment {
+            offset,
+            length,
+            base_offset,
+            base_length,
+        });
+    };
+    for chunk in chunks {
+        if length + chunk.size > MAX_PATCH_OUTPUT {
+            close(offset, length, &mut out);
+            offset += length;
+            length = 0;
+        }
+        length += chunk.size;
+    }
+    close(offset, length, &mut out);
+    out
+}
+
+/// Checks a file's patches: from each base they cover the file whole, in
+/// order, each ending on a chunk boundary, within the segment bounds, and
+/// no larger than the bytes they rebuild. On error, the index of the
+/// offending `Patch` and why.
+pub fn check_patches(file: &UpdateFile) -> Result<(), (usize, String)> {
+    if file.patches.is_empty() {
+        return Ok(());
+    }
+    let size = file.size.unwrap_or_default();
+    let mut boundaries = std::collections::HashSet::with_capacity(file.chunks.len() + 1);
+    let mut at = 0u64;
+    boundaries.insert(0);
+    for c in &file.chunks {
+        at += c.size;
+        boundaries.insert(at);
+    }
+    // Where the next patch from each base must start.
+    let mut next: BTreeMap<Hash, u64> = BTreeMap::new();
+    for (i, p) in file.patches.iter().enumerate() {
+        if Some(p.from) == file.hash {
+            return Err((i, "patches the file from itself".into()));
+        }
+        let expected = next.entry(p.from).or_insert(0);
+        if p.offset != *expected {
+            return Err((
+                i,
+                format!(
+                    "starts at byte {}, where the patches from its base reach byte {expected}",
+                    p.offset
+                ),
+            ));
+        }
+        let end = p.offset.checked_add(p.length).filter(|e| *e <= size);
+        let Some(end) = end.filter(|_| p.length > 0) else {
+            return Err((i, format!("Length={} does not fit the file", p.length)));
+        };
+        if !boundaries.contains(&end) {
+            return Err((i, format!("ends at byte {end}, not a chunk boundary")));
+        }
+        if p.length > MAX_PATCH_OUTPUT {
+            return Err((
+                i,
+                format!("rebuilds {} bytes, more than {MAX_PATCH_OUTPUT}", p.length),
+            ));
+        }
+        if p.base_length > MAX_PATCH_REFERENCE || p.base_offset.checked_add(p.base_length).is_none()
+        {
+            return Err((
+                i,
+                format!(
+                    "refers to {} bytes of its base, more than {MAX_PATCH_REFERENCE}",
+                    p.base_length
+                ),
+            ));
+        }
+        if p.blob.size > p.length {
+            return Err((
+                i,
+                format!(
+                    "is {} bytes, more than the {} bytes it rebuilds",
+                    p.blob.size, p.length
+                ),
+            ));
+        }
+        *expected = end;
+    }
+    if let Some((from, reach)) = next.iter().find(|(_, reach)| **reach != size) {
+        return Err((
+            file.patches.len() - 1,
+            format!("the patches from {from} stop at byte {reach} of {size}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes that bring one chunk in: its compressed copy when there is
+/// one, else the chunk itself.
+pub fn chunk_cost(file: &UpdateFile, chunk: &Chunk) -> u64 {
+    file.packed.get(&chunk.hash).map_or(chunk.size, |b| b.size)
+}
+
+/// How a file's lacking chunks come in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilePlan {
+    /// The base the patches apply to.
+    pub base: Option<Hash>,
+    /// Patch segments to fetch and apply (indexes into `file.patches`).
+    pub patches: Vec<usize>,
+    /// Chunks to fetch compressed.
+    pub packed: Vec<(Chunk, Blob)>,
+    /// Chunks to fetch plain (by Range request).
+    pub plain: Vec<Chunk>,
+}
+
+impl FilePlan {
+    /// Bytes this plan takes over the uplink.
+    pub fn cost(&self, file: &UpdateFile) -> u64 {
+        self.patches
+            .iter()
+            .map(|&i| file.patches[i].blob.size)
+            .sum::<u64>()
+            + self.packed.iter().map(|(_, b)| b.size).sum::<u64>()
+            + self.plain.iter().map(|c| c.size).sum::<u64>()
+    }
+}
+
+/// Plans the cheapest way to bring in a file's chunks that `lacking` says
+/// the site lacks: per patch segment, the segment if it is smaller than
+/// its lacking chunks (compressed where that pays), against the base
+/// (`holds`, and not `failed`) that costs least in all; every other lacking
+/// chunk compressed or plain. Never more than the plain chunks.
+pub fn plan_file(
+    file: &UpdateFile,
+    lacking: impl Fn(&Hash) -> bool,
+    usable_base: impl Fn(&Hash) -> bool,
+) -> FilePlan {
+    // Chunks by their offset, to find those in a segment.
+    let mut at = 0u64;
+    let placed: Vec<(u64, Chunk)> = file
+        .chunks
+        .iter()
+        .map(|c| {
+            let start = at;
+            at += c.size;
+            (start, *c)
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let wanted: Vec<(u64, Chunk)> = placed
+        .into_iter()
+        .filter(|(_, c)| lacking(&c.hash) && seen.insert(c.hash))
+        .collect();
+    let chunks_only = || {
+        let mut plan = FilePlan::default();
+        for (_, c) in &wanted {
+            match file.packed.get(&c.hash) {
+                Some(b) => plan.packed.push((*c, *b)),
+                None => plan.plain.push(*c),
+            }
+        }
+        plan
+    };
+    let mut best = chunks_only();
+    let mut best_cost = best.cost(file);
+    let bases: std::collections::BTreeSet<Hash> = file
+        .patches
+        .iter()
+        .map(|p| p.from)
+        .filter(|h| usable_base(h))
+        .collect();
+    for base in bases {
+        let mut plan = FilePlan {
+            base: Some(base),
+            ..FilePlan::default()
+        };
+        let mut covered = std::collections::HashSet::new();
+        for (i, p) in file
+            .patches
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.from == base)
+        {
+            let inside: Vec<&(u64, Chunk)> = wanted
+                .iter()
+                .filter(|(start, _)| *start >= p.offset && *start < p.offset + p.length)
+                .collect();
+            if inside.is_empty() {
+                continue;
+            }
+            let by_chunks: u64 = inside.iter().map(|(_, c)| chunk_cost(file, c)).sum();
+            if p.blob.size < by_chunks {
+                plan.patches.push(i);
+                covered.extend(inside.iter().map(|(_, c)| c.hash));
+            }
+        }
+        if plan.patches.is_empty() {
+            continue;
+        }
+        for (_, c) in wanted.iter().filter(|(_, c)| !covered.contains(&c.hash)) {
+            match file.packed.get(&c.hash) {
+                Some(b) => plan.packed.push((*c, *b)),
+                None => plan.plain.push(*c),
+            }
+        }
+        let cost = plan.cost(file);
+        if cost < best_cost {
+            best = plan;
+            best_cost = cost;
+        }
+    }
+    best
+}
+
+/// Bytes a site that holds nothing of a release takes over the uplink:
+/// every chunk once, compressed where it can be.
+pub fn cheapest_without_base(manifest: &crate::Manifest) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    manifest
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(move |c| (f, c)))
+        .filter(|(_, c)| seen.insert(c.hash))
+        .map(|(f, c)| chunk_cost(f, c))
+        .sum()
+}
+
+/// The chunks a patch segment rebuilds: those starting inside it, in order.
+pub fn patch_chunks<'a>(file: &'a UpdateFile, patch: &Patch) -> impl Iterator<Item = Chunk> + 'a {
+    let (start, end) = (patch.offset, patch.offset + patch.length);
+    let mut at = 0u64;
+    file.chunks.iter().filter_map(move |c| {
+        let here = at;
+        at += c.size;
+        (here >= start && here < end).then_some(*c)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(size: u64, seed: u8) -> Chunk {
+        Chunk {
+            size,
+            hash: Hash::of(&[seed]),
+        }
+    }
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn file(chunks: Vec<Chunk>) -> UpdateFile {
+        let size = chunks.iter().map(|c| c.size).sum();
+        UpdateFile {
+            name: "bin/app".into(),
+            size: Some(size),
+            hash: Some(Hash::of(b"new")),
+            chunks,
+            ..UpdateFile::default()
+        }
+    }
+
+    fn with_patches(mut f: UpdateFile, base: Hash, base_size: u64, sizes: &[u64]) -> UpdateFile {
+        for (i, s) in segments(&f.chunks, base_size).into_iter().enumerate() {
+            f.patches.push(Patch {
+                from: base,
+                offset: s.offset,
+                length: s.length,
+                base_offset: s.base_offset,
+                base_length: s.base_length,
+                blob: Blob {
+                    size: sizes[i],
+                    hash: Hash::of(&[i as u8, 9]),
+                },
+            });
+        }
+        f
+    }
+
+    #[test]
+    fn segments_hold_whole_chunks_and_bounded_references() {
+        let chunks: Vec<Chunk> = (0..20).map(|i| chunk(3 * MIB, i)).collect();
+        let small = segments(&chunks, 10 * MIB);
+        // 3 MiB chunks, at most 8 MiB a segment: two chunks each.
+        assert_eq!(small.len(), 10);
+        assert!(small.iter().all(|s| s.length == 6 * MIB));
+        assert!(small
+            .iter()
+            .all(|s| (s.base_offset, s.base_length) == (0, 10 * MIB)));
+        let big = segments(&chunks, 120 * MIB);
+        assert!(big.iter().all(|s| s.base_length == MAX_PATCH_REFERENCE));
+        assert_eq!(big[0].base_offset, 0);
+        assert_eq!(big[9].base_offset, 120 * MIB - MAX_PATCH_REFERENCE);
+        // The middle segment refers to the middle of the base.
+        let mid = big[5];
+        let centre = mid.base_offset + mid.base_length / 2;
+        assert!(centre.abs_diff(66 * MIB) <= MIB, "{mid:?}");
+        let f = with_patches(file(chunks), Hash::of(b"old"), 120 * MIB, &[MIB; 10]);
+        assert_eq!(check_patches(&f), Ok(()));
+    }
+
+    #[test]
+    fn patches_that_leave_a_gap_or_overrun_are_refused() {
+        let chunks: Vec<Chunk> = (0..6).map(|i| chunk(3 * MIB, i)).collect();
+        let good = with_patches(file(chunks), Hash::of(b"old"), 10 * MIB, &[MIB; 3]);
+        let mut gap = good.clone();
+        gap.patches.remove(1);
+        assert!(check_patches(&gap)
+            .expect_err("refused")
+            .1
+            .contains("where the patches"));
+        let mut short = good.clone();
+        short.patches.pop();
+        assert!(check_patches(&short)
+            .expect_err("refused")
+            .1
+            .contains("stop at byte"));
+        let mut mid_chunk = good.clone();
+        mid_chunk.patches[0].length -= 1;
+        assert!(check_patches(&mid_chunk).is_err());
+        let mut big = good.clone();
+        big.patches[0].blob.size = big.patches[0].length + 1;
+        assert!(check_patches(&big)
+            .expect_err("refused")
+            .1
+            .contains("more than the"));
+        let mut wide = good.clone();
+        wide.patches[0].base_length = MAX_PATCH_REFERENCE + 1;
+        assert!(check_patches(&wide).is_err());
+        let mut itself = good;
+        itself.patches[0].from = itself.hash.expect("hash");
+        assert!(check_patches(&itself).is_err());
+    }
+
+    #[test]
+    fn the_plan_takes_the_patch_only_where_it_is_cheaper() {
+        let base = Hash::of(b"old");
+        let chunks: Vec<Chunk> = (0..6).map(|i| chunk(3 * MIB, i)).collect();
+        let mut f = with_patches(file(chunks.clone()), base, 10 * MIB, &[MIB, 7 * MIB, 100]);
+        f.packed.insert(
+            chunks[2].hash,
+            Blob {
+                size: MIB,
+                hash: Hash::of(b"z"),
+            },
+        );
+        let all = |_: &Hash| true;
+        let plan = plan_file(&f, all, |h| *h == base);
+        assert_eq!(plan.base, Some(base));
+        // Segment 1 (7 MiB) loses to its chunks (1 MiB packed + 3 MiB).
+        assert_eq!(plan.patches, vec![0, 2]);
+        assert_eq!(plan.packed.len(), 1);
+        assert_eq!(plan.plain, vec![chunks[3]]);
+        assert_eq!(plan.cost(&f), MIB + 100 + MIB + 3 * MIB);
+        // Without the base: chunks only, compressed where they can be.
+        let without = plan_file(&f, all, |_| false);
+        assert_eq!(without.base, None);
+        assert_eq!(without.cost(&f), 5 * 3 * MIB + MIB);
+        // Only what the site lacks: a segment whose chunks are all held
+        // is not fetched.
+        let lacking = |h: &Hash| *h == chunks[5].hash;
+        let plan = plan_file(&f, lacking, |h| *h == base);
+        assert_eq!(plan.patches, vec![2]);
+        assert!(plan.plain.is_empty() && plan.packed.is_empty());
+        assert_eq!(
+            patch_chunks(&f, &f.patches[2]).collect::<Vec<_>>(),
+            chunks[4..]
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! Patches and packed chunks over the uplink, on loopback: a C program
+//! compiled twice with one function changed and a data file edited in
+//! place. Nodes that hold the old release take the new one as patches,
+//! within a tenth of what `zstd --patch-from` needs; patches that lie,
+//! blobs cut short or swapped, and a node without the base all end with
+//! the right files from chunks, the reason said, and no loop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+use crate::swarm::LoopSite;
+
+/// A C program of `functions` functions; `changed` alters one early on, so
+/// every later function moves, as a rebuilt program's code does.
+fn c_program(functions: usize, changed: bool) -> String {
+    let mut src = String::from("#include <stdio.h>\n#include <stdlib.h>\n");
+    for i in 0..functions {
+        let body = if i == 3 && changed {
+            "int s = x * 7 + 2; for (int k = 0; k < (x & 31); k++) s ^= k * 2654435761u; return s - (x >> 1);".to_owned()
+        } else {
+            format!(
+                "int s = x + {i}; switch (x % 5) {{ case 0: s *= {a}; break; case 1: s ^= {b}; break; case 2: s -= {c}; break; default: s += {i}; }} return s;",
+                a = i * 3 + 1,
+                b = i * 7 + 5,
+                c = i * 11 + 3
+            )
+        };
+        src.push_str(&format!("int f{i}(int x) {{ {body} }}\n"));
+    }
+    src.push_str("int main(int argc, char **argv) { long t = 0;\n");
+    for i in 0..functions {
+        src.push_str(&format!("  t += f{i}(argc + {i});\n"));
+    }
+    src.push_str("  printf(\"%ld\\n\", t); return 0; }\n");
+    src
+}
+
+/// Compiles `src` into `out` with gcc.
+fn compile(src: &str, out: &Path, dir: &Path) {
+    let c = dir.join("prog.c");
+    std::fs::write(&c, src).expect("write C source");
+    std::fs::create_dir_all(out.parent().expect("parent")).expect("mkdir");
+    let status = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(out)
+        .arg(&c)
+        .status()
+        .expect("gcc runs (apt-get install gcc)");
+    assert!(status.success(), "gcc failed");
+}
+
+/// Lines of text, one edited in place in the new version.
+fn data_file(edited: bool) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..60_000 {
+        if edited && i == 30_000 {
+            out.push_str("this line was edited in place for the new release\n");
+        } else {
+            out.push_str(&format!(
+                "record {i:06} value {} {}\n",
+                i * 7919 % 10007,
+                ["alpha", "beta", "gamma", "delta"][i % 4]
+            ));
+        }
+    }
+    out.into_bytes()
+}
+
+/// The release pair: (old folder, new folder).
+fn release_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let (v1, v2) = (dir.join("v1"), dir.join("v2"));
+    compile(&c_program(1500, false), &v1.join("bin/app"), dir);
+    compile(&c_program(1500, true), &v2.join("bin/app"), dir);
+    write(&v1, "share/data.txt", &data_file(false));
+    write(&v2, "share/data.txt", &data_file(true));
+    write(&v1, "etc/app.conf", b"port = 1\n");
+    write(&v2, "etc/app.conf", b"port = 1\n");
+    (v1, v2)
+}
+
+/// What `zstd -19 --long --patch-from` needs for the new release over the
+/// old one: per changed file, the patch (or the file compressed, when it
+/// is new).
+fn zstd_reference(old: &Path, new: &Path) -> u64 {
+    let mut total = 0;
+    for name in ["bin/app", "share/data.txt", "etc/app.conf"] {
+        let (a, b) = (old.join(name), new.join(name));
+        if std::fs::read(&a).ok() == std::fs::read(&b).ok() {
+            continue;
+        }
+        let out = Command::new("zstd")
+            .args(["-q", "-19", "--long=27", "-c"])
+            .arg(format!("--patch-from={}", a.display()))
+            .arg(&b)
+            .output()
+            .expect("zstd runs (apt-get install zstd)");
+        assert!(out.status.success(), "zstd failed");
+        total += out.stdout.len() as u64;
+    }
+    total
+}
+
+/// Bytes of the new release's chunks that the old one lacks: what today's
+/// chunks alone would send.
+fn plain_chunk_delta(old: &Path, new: &Path) -> u64 {
+    let read = |p: &Path| {
+        lanup_protocol::Manifest::parse(&std::fs::read(p).expect("manifest")).expect("parses")
+    };
+    let (a, b) = (read(old), read(new));
+    let held = lanup_protocol::manifest::unique_chunks(&a.files);
+    lanup_protocol::manifest::unique_chunks(&b.files)
+        .into_iter()
+        .filter(|(h, _)| !held.contains_key(h))
+        .map(|(_, size)| size)
+        .sum()
+}
+
+fn origin_bytes(state: &Path) -> u64 {
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"])).expect("JSON");
+    status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["origin_bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn nodes_holding_the_old_release_take_the_new_one_as_patches() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (v1, v2) = release_pair(tmp.path());
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+    let old_manifest = tmp.path().join("v1.xml");
+    std::fs::copy(www.join("AutoUpdater.xml"), &old_manifest).expect("copy");
+
+    let mut site = LoopSite::new(tmp.path(), 2);
+    for i in 0..2 {
+        let cmd = site.command(i, Some(&origin.url), &first.public);
+        site.start(i, cmd);
+    }
+    let pending = wait_staged(&site.state_refs(), "1.0", &first, Duration::from_secs(60));
+    assert!(
+        pending.is_empty(),
+        "1.0 not staged:\n{}",
+        node_log(&site.states[0])
+    );
+    let before = origin_bytes(&site.states[0]);
+    let served_before = origin.stats()["bytes_served"].as_u64().expect("count");
+
+    let second = publish(&v2, "2.0", &origin.url, &key, &www);
+    run_ok(&["check", "--state", s(&site.states[1])]);
+    let pending = wait_staged(&site.state_refs(), "2.0", &second, Duration::from_secs(60));
+    assert!(
+        pending.is_empty(),
+        "2.0 not staged:\n{}",
+        node_log(&site.states[0])
+    );
+
+    let took = origin_bytes(&site.states[0]) - before;
+    let served = origin.stats()["bytes_served"].as_u64().expect("count") - served_before;
+    let reference = zstd_reference(&v1, &v2);
+    let plain = plain_chunk_delta(&old_manifest, &www.join("AutoUpdater.xml"));
+    eprintln!(
+        "2.0 over the uplink: {took} bytes of blobs and chunks ({served} served with manifests); zstd --patch-from {reference}; plain chunks {plain}; release {}",
+        second.size
+    );
+    assert!(
+        took < plain,
+        "{took} bytes is not below the plain chunk delta {plain}"
+    );
+    assert!(
+        took as f64 <= reference as f64 * 1.10,
+        "{took} bytes is more than 1.10 x zstd --patch-from's {reference}"
+    );
+    // What the origin sent is those bytes and the manifests polled.
+    assert!(
+        served <= took + 4 * second.manifest_bytes,
+        "origin served {served} bytes"
+    );
+    let logs: String = site.states.iter().map(|s| node_log(s)).collect();
+    assert!(logs.contains("took patches and packed chunks"), "{logs}");
+}
+
+/// Edits the signed manifest in `www` with `edit` and signs it again, as a
+/// publisher that made a mistake would.
+fn resign(www: &Path, key: &(PathBuf, String), edit: impl FnOnce(&str) -> String) {
+    let path = www.join("AutoUpdater.xml");
+    let xml = std::fs::read_to_string(&path).expect("manifest");
+    std::fs::write(&path, edit(&xml)).expect("write manifest");
+    run_ok(&["sign", "--key", s(&key.0), s(&path)]);
+}
+
+/// The `Hash` attribute values of every `Patch` element, in order.
+fn patch_hashes(xml: &str) -> Vec<String> {
+    xml.lines()
+        .filter(|l| l.trim_start().starts_with("<Patch "))
+        .filter_map(|l| l.split(" Hash=\"").nth(1))
+        .map(|h| h[..64].to_owned())
+        .collect()
+}
+
+/// The `PackedHash` attribute values.
+fn packed_hashes(xml: &str) -> Vec<String> {
+    xml.split("PackedHash=\"")
+        .skip(1)
+        .map(|h| h[..64].to_owned())
+        .collect()
+}
+
+#[test]
+fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (v1, v2) = release_pair(tmp.path());
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+
+    // Node 0 holds 1.0; node 1 joins later with nothing.
+    let mut site = LoopSite::new(tmp.path(), 2);
+    let cmd = site.command(0, Some(&origin.url), &first.public);
+    site.start(0, cmd);
+    let pending = wait_staged(
+        &site.state_refs()[..1],
+        "1.0",
+        &first,
+        Duration::from_secs(60),
+    );
+    assert!(
+        pending.is_empty(),
+        "1.0 not staged:\n{}",
+        node_log(&site.states[0])
+    );
+
+    let second = publish(&v2, "2.0", &origin.url, &key, &www);
+    let xml = std::fs::read_to_string(www.join("AutoUpdater.xml")).expect("manifest");
+    let patches = patch_hashes(&xml);
+    assert_eq!(
+        patches.len(),
+        2,
+        "a patch each for bin/app and data.txt:\n{xml}"
+    );
+    // The first patch is signed but lies: it names the second's bytes, so
+    // it decodes (if at all) to something else. One packed copy is cut
+    // short on the origin, every other one swapped for other bytes.
+    let (a, b) = (&patches[0], &patches[1]);
+    let size_of = |h: &str| {
+        std::fs::metadata(www.join("lanup-store/blobs").join(h))
+            .expect("blob")
+            .len()
+    };
+    let (size_a, size_b) = (size_of(a), size_of(b));
+    resign(&www, &key, |xml| {
+        xml.replace(
+            &format!("Size=\"{size_a}\" Hash=\"{a}\""),
+            &format!("Size=\"{size_b}\" Hash=\"{b}\""),
+        )
+    });
+    let blobs = www.join("lanup-store/blobs");
+    let xml = std::fs::read_to_string(www.join("AutoUpdater.xml")).expect("manifest");
+    let packed = packed_hashes(&xml);
+    assert!(!packed.is_empty(), "no packed chunks:\n{xml}");
+    for (i, h) in packed.iter().enumerate() {
+        let path = blobs.join(h);
+        let bytes = std::fs::read(&path).expect("packed blob");
+        if i == 0 {
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
+        } else {
+            std::fs::write(&path, pseudo_random(bytes.len(), 5)).expect("swap");
+        }
+    }
+    let second = Published {
+        manifest_bytes: std::fs::metadata(www.join("AutoUpdater.xml"))
+            .expect("manifest")
+            .len(),
+        ..second
+    };
+
+    run_ok(&["check", "--state", s(&site.states[0])]);
+    let cmd = site.command(1, Some(&origin.url), &first.public);
+    site.start(1, cmd);
+    let pending = wait_staged(&site.state_refs(), "2.0", &second, Duration::from_secs(90));
+    assert!(
+        pending.is_empty(),
+        "2.0 not staged with broken patches:\n{}",
+        node_log(&site.states[0])
+    );
+    let log = node_log(&site.states[0]) + &node_log(&site.states[1]);
+    assert!(log.contains("did not rebuild it"), "{log}");
+    assert!(log.contains("packed copy"), "{log}");
+    // No loop: each broken blob is asked for a bounded number of times.
+    let requests = origin.stats()["requests"].as_u64().expect("count");
+    assert!(requests < 60, "{requests} requests to the origin");
+    // The whole release still crossed at most once.
+    let served = origin.stats()["bytes_served"].as_u64().expect("count");
+    assert!(
+        served < first.size + 2 * second.size,
+        "origin served {served} bytes"
+    );
+}
