@@ -36,6 +36,11 @@ use lanup_protocol::fleet::FLEET_FILE;
 /// longer (a paused VM, a swap storm) wakes with its download stopped, and
 /// learns what the site holds before it asks again.
 pub const LEASE: Duration = Duration::from_secs(3);
+/// Every this many polls, the manifest is asked for without its ETag: an
+/// origin whose validator did not change when the manifest did (nginx's
+/// is the modification second and the size) would answer 304 for ever.
+pub const UNCONDITIONAL_EVERY: u32 = 8;
+
 /// How long a node whose origin failed says so (and is passed over for
 /// the fetcher role); then it may try again.
 pub const FAILING_FOR: Duration = Duration::from_secs(600);
@@ -184,6 +189,11 @@ pub struct Fetcher {
     store: ChunkStore,
     plan: OriginPlan,
     etag: Option<String>,
+    /// Polls since the last one without an ETag.
+    conditional_polls: u32,
+    /// The manifest bytes last told to the node: an unconditional poll
+    /// that finds them again changes nothing.
+    last_manifest: Option<Hash>,
     /// The fleet rollout file's ETag, as last read.
     fleet_etag: Option<String>,
     duty: watch::Receiver<Duty>,
@@ -251,6 +261,8 @@ impl Fetcher {
             store,
             plan: OriginPlan::new(poll_interval.as_millis() as u64),
             etag: None,
+            conditional_polls: 0,
+            last_manifest: None,
             fleet_etag: None,
             duty,
             check,
@@ -412,7 +424,13 @@ impl Fetcher {
             return;
         };
         let http = self.http.clone();
-        let etag = self.etag.clone();
+        self.conditional_polls += 1;
+        let etag = if self.conditional_polls >= UNCONDITIONAL_EVERY {
+            self.conditional_polls = 0;
+            None
+        } else {
+            self.etag.clone()
+        };
         let fleet_etag = self.fleet_etag.clone();
         self.jobs.spawn(async move {
             let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
@@ -530,6 +548,10 @@ impl Fetcher {
                         Some(signature) => {
                             self.etag = etag;
                             self.origin_ok();
+                            let hash = Hash::of(&source.bytes);
+                            if self.last_manifest.replace(hash) == Some(hash) {
+                                return;
+                            }
                             self.tell(FetcherEvent::Manifest {
                                 location: source.location,
                                 xml: source.bytes,

@@ -131,7 +131,9 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         .context("the release's patches would not be accepted")?;
     let xml = manifest.to_xml()?;
     let manifest_path = out.join(MANIFEST_FILE);
+    let previous = fs::metadata(&manifest_path).and_then(|m| m.modified()).ok();
     write_atomically(&manifest_path, xml.as_bytes())?;
+    newer_than(&manifest_path, previous)?;
     let signature = key.sign(xml.as_bytes());
     write_atomically(&out.join(SIGNATURE_FILE), signature.to_text().as_bytes())?;
     store.finish(&out, &manifest, xml.as_bytes(), opts.deltas.keep)?;
@@ -140,6 +142,26 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         manifest_path,
         signed_by: key.public(),
     })
+}
+
+/// Dates `path` at least a second after `previous` (the manifest it
+/// replaced), in whole seconds. Static servers derive their validators from
+/// the modification time: nginx's ETag is its second and the size, so two
+/// manifests of one size written within a second would share one and a
+/// node polling with it would be told nothing changed.
+fn newer_than(path: &Path, previous: Option<std::time::SystemTime>) -> Result<()> {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let seconds = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = seconds(SystemTime::now());
+    let at = match previous {
+        Some(p) if seconds(p) >= now => seconds(p) + 1,
+        _ => now,
+    };
+    File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(UNIX_EPOCH + Duration::from_secs(at)))
+        .with_context(|| format!("cannot date {}", path.display()))
 }
 
 /// Re-signs a manifest edited by hand, after checking it still parses and

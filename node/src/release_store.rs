@@ -68,6 +68,28 @@ struct Base {
     files: HashMap<String, (Hash, PathBuf)>,
 }
 
+impl Base {
+    /// The file of this base a new file `name` of `size` bytes is patched
+    /// from: the one of the same name, else (a folder named after its
+    /// version, as `app-1.2/` or `pkg-1.2.data/`) the one of the same file
+    /// name whose size is closest, within a factor of two.
+    fn counterpart(&self, name: &str, size: u64) -> Option<&(Hash, PathBuf)> {
+        if let Some(same) = self.files.get(name) {
+            return Some(same);
+        }
+        let leaf = name.rsplit('/').next()?;
+        self.files
+            .iter()
+            .filter(|(other, _)| other.rsplit('/').next() == Some(leaf))
+            .filter_map(|(_, entry)| {
+                let len = fs::metadata(&entry.1).ok()?.len();
+                (len / 2 <= size && size / 2 <= len).then_some((len.abs_diff(size), entry))
+            })
+            .min_by_key(|(distance, _)| *distance)
+            .map(|(_, entry)| entry)
+    }
+}
+
 /// The publisher's store in an output folder.
 #[derive(Debug)]
 pub struct ReleaseStore {
@@ -246,7 +268,7 @@ impl ReleaseStore {
             }
             let mut from = HashSet::new();
             for base in &bases {
-                let Some((hash, path)) = base.files.get(&file.name) else {
+                let Some((hash, path)) = base.counterpart(&file.name, size) else {
                     continue;
                 };
                 if Some(*hash) == file.hash || !from.insert(*hash) {

@@ -385,41 +385,7 @@ fn a_published_release_is_served_by_nginx_running_as_its_own_user() {
     let url = format!("http://127.0.0.1:{port}/");
     let key = keygen(tmp.path(), "publisher.key");
     let release = publish(&app, "1.0", &url, &key, &www);
-    let conf = tmp.path().join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nuser www-data;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ access_log off; client_body_temp_path {dir}/tmp; \
-             server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
-            dir = tmp.path().display(),
-            www = www.display()
-        ),
-    )
-    .expect("nginx.conf");
-    let _nginx = Nginx(
-        std::process::Command::new("/usr/sbin/nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(tmp.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nginx starts"),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let manifest = loop {
-        if let Ok(r) = reqwest::blocking::get(format!("{url}AutoUpdater.xml")) {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nginx did not come up"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let (_nginx, manifest) = start_nginx(tmp.path(), &www, port);
     assert_eq!(
         manifest.status().as_u16(),
         200,
@@ -436,6 +402,138 @@ fn a_published_release_is_served_by_nginx_running_as_its_own_user() {
         std::time::Duration::from_secs(60),
     );
     assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+}
+
+/// The manifest's ETag as nginx gives it now.
+fn etag(url: &str) -> String {
+    reqwest::blocking::Client::new()
+        .head(format!("{url}AutoUpdater.xml"))
+        .send()
+        .ok()
+        .and_then(|r| r.headers().get("etag")?.to_str().ok().map(str::to_owned))
+        .expect("nginx gives an ETag")
+}
+
+/// Sleeps until the wall clock starts a new second.
+fn at_a_new_second() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos();
+    std::thread::sleep(std::time::Duration::from_nanos(
+        u64::from(1_000_000_000 - nanos) + 5_000_000,
+    ));
+}
+
+#[test]
+fn two_releases_of_one_size_published_within_a_second_behind_nginx_are_both_picked_up() {
+    use std::os::unix::fs::PermissionsExt;
+    if !Path::new("/usr/sbin/nginx").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the nginx test needs nginx in CI (tests/run-all installs nginx-light)"
+        );
+        eprintln!("nginx is not installed (apt-get install nginx-light); skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let app = |n: u64| {
+        let dir = tmp.path().join(format!("app{n}"));
+        write(&dir, "bin/app", &pseudo_random(300_000, 70 + n));
+        dir
+    };
+    let www = tmp.path().join("www");
+    let port = crate::swarm::free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let key = keygen(tmp.path(), "publisher.key");
+    let release = publish(&app(0), "1.0", &url, &key, &www);
+    let (_nginx, _) = start_nginx(tmp.path(), &www, port);
+    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
+    let cmd = site.command(0, Some(&url), &release.public);
+    site.start(0, cmd);
+    let state = site.states[0].clone();
+    let staged = |version: &str, release: &Published| {
+        wait_staged(
+            &[&state],
+            version,
+            release,
+            std::time::Duration::from_secs(60),
+        )
+        .is_empty()
+    };
+    assert!(staged("1.0", &release), "{}", node_log(&state));
+
+    // 1.1 and 1.2: manifests of one size, written within one second; the
+    // node reads 1.1's (and its ETag) in between.
+    at_a_new_second();
+    let first = publish(&app(1), "1.1", &url, &key, &www);
+    let etag_1 = etag(&url);
+    run_ok(&["check", "--state", s(&state)]);
+    let seen = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !node_log(&state).contains("release=1.1") && std::time::Instant::now() < seen {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = publish(&app(2), "1.2", &url, &key, &www);
+    assert_eq!(
+        first.manifest_bytes, second.manifest_bytes,
+        "the two manifests are of one size"
+    );
+    let etag_2 = etag(&url);
+    assert_ne!(etag_1, etag_2, "nginx gave both manifests one ETag");
+    assert!(
+        node_log(&state).contains("release=1.1"),
+        "the node did not see 1.1:\n{}",
+        node_log(&state)
+    );
+    run_ok(&["check", "--state", s(&state)]);
+    assert!(
+        staged("1.2", &second),
+        "1.2 was missed:\n{}",
+        node_log(&state)
+    );
+}
+
+/// nginx as www-data serving `www` on `port`, with its first answer for
+/// the manifest.
+fn start_nginx(dir: &Path, www: &Path, port: u16) -> (Nginx, reqwest::blocking::Response) {
+    let url = format!("http://127.0.0.1:{port}/");
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nuser www-data;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {dir}/tmp; \
+             server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
+            dir = dir.display(),
+            www = www.display()
+        ),
+    )
+    .expect("nginx.conf");
+    let nginx = Nginx(
+        std::process::Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let manifest = loop {
+        if let Ok(r) = reqwest::blocking::get(format!("{url}AutoUpdater.xml")) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    (nginx, manifest)
 }
 
 /// An nginx master process, stopped with its workers when dropped (a
