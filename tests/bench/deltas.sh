@@ -107,11 +107,11 @@ EOF
 # utime + stime of a process, in seconds.
 cpu_of() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
 
-origin_bytes() {
-  "$LANUP" status --state "$1" --json | python3 -c '
-import json, sys
-print(sum(n.get("origin_bytes", 0) for n in json.load(sys.stdin)["nodes"]))'
-}
+# Body bytes the origin served so far.
+served() { curl -s "${url}_lanup/stats" | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes_served"])'; }
+
+# The manifest and its signature, which each fetch of a release reads.
+manifest_bytes() { cat "$work/www/AutoUpdater.xml" "$work/www/AutoUpdater.xml.sig" | wc -c; }
 
 wait_staged() {
   local state=$1 version=$2 t0
@@ -148,7 +148,7 @@ for pair in "${pairs[@]}"; do
   node based $((port + 1))
   based_pid=${pids[-1]}
   wait_staged "$work/based" 1.0
-  before_bytes=$(origin_bytes "$work/based")
+  before_bytes=$(served)
   t0=$(date +%s.%N)
   "$LANUP" publish --dir "$new_dir" --version 2.0 --app bench --url "$url" --key "$work/publisher.key" \
     --out "$work/www" --level "$level" 2> "$work/publish.log" > /dev/null
@@ -158,11 +158,12 @@ for pair in "${pairs[@]}"; do
   wait_staged "$work/based" 2.0
   sleep 1
   cpu_node=$(echo "$(cpu_of "$based_pid") - $cpu0" | bc)
-  with_base=$(($(origin_bytes "$work/based") - before_bytes))
+  with_base=$(($(served) - before_bytes - $(manifest_bytes)))
+  before_bytes=$(served)
   node fresh $((port + 2))
   wait_staged "$work/fresh" 2.0
   sleep 1
-  no_base=$(origin_bytes "$work/fresh")
+  no_base=$(($(served) - before_bytes - $(manifest_bytes)))
   S=$(size_of "$new_dir")
   z19=$(zstd_alone "$new_dir")
   pf=$(zstd_patch_from "$old_dir" "$new_dir")

@@ -290,3 +290,176 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
         "origin served {served} bytes"
     );
 }
+
+/// The last lanup before patches and packed chunks, from this repository's
+/// history.
+const PREVIOUS: &str = "4d87ba074a9e592970437d045632f709f5f9aded";
+
+/// That lanup, built once beside the current one: its source taken from
+/// git into `target/previous-src`, its binary renamed `lanup-previous` so
+/// that it shares the target folder (and every built dependency) without
+/// touching the current `lanup`.
+fn previous_lanup() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ sits in the workspace");
+        let target = workspace.join("target");
+        let src = target.join("previous-src");
+        let marker = src.join(".commit");
+        if std::fs::read_to_string(&marker).ok().as_deref() != Some(PREVIOUS) {
+            let _ = std::fs::remove_dir_all(&src);
+            std::fs::create_dir_all(&src).expect("mkdir");
+            let archive = Command::new("git")
+                .arg("-C")
+                .arg(workspace)
+                .args(["archive", PREVIOUS])
+                .output()
+                .expect("git runs");
+            assert!(
+                archive.status.success(),
+                "git archive {PREVIOUS} failed (a clone with its history is needed): {}",
+                String::from_utf8_lossy(&archive.stderr)
+            );
+            let mut tar = Command::new("tar")
+                .arg("-x")
+                .arg("-C")
+                .arg(&src)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("tar runs");
+            std::io::Write::write_all(tar.stdin.as_mut().expect("stdin"), &archive.stdout)
+                .expect("tar reads");
+            assert!(tar.wait().expect("tar ends").success(), "tar failed");
+            // Packages of other names (their crates keep theirs): Cargo
+            // names a path package's artifacts after its name, not its
+            // folder, so same-named ones would overwrite the current ones.
+            let edit = |file: &str, edits: &[(&str, &str)]| {
+                let path = src.join(file);
+                let mut text = std::fs::read_to_string(&path).expect("Cargo.toml");
+                for (from, to) in edits {
+                    assert!(text.contains(from), "{file} has no {from:?}");
+                    text = text.replacen(from, to, 1);
+                }
+                std::fs::write(&path, text).expect("edit Cargo.toml");
+            };
+            edit(
+                "Cargo.toml",
+                &[
+                    (
+                        "lanup-protocol = { path = \"protocol\" }",
+                        "lanup-protocol = { path = \"protocol\", package = \"lanup-previous-protocol\" }",
+                    ),
+                    (
+                        "lanup-node = { path = \"node\" }",
+                        "lanup-node = { path = \"node\", package = \"lanup-previous-node\" }",
+                    ),
+                ],
+            );
+            edit(
+                "protocol/Cargo.toml",
+                &[(
+                    "name = \"lanup-protocol\"\n",
+                    "name = \"lanup-previous-protocol\"\n",
+                )],
+            );
+            edit(
+                "node/Cargo.toml",
+                &[("name = \"lanup-node\"\n", "name = \"lanup-previous-node\"\n")],
+            );
+            edit(
+                "cli/Cargo.toml",
+                &[
+                    ("name = \"lanup-cli\"\n", "name = \"lanup-previous-cli\"\n"),
+                    ("name = \"lanup\"\n", "name = \"lanup-previous\"\n"),
+                ],
+            );
+            for (file, lib) in [
+                ("protocol/Cargo.toml", "lanup_protocol"),
+                ("node/Cargo.toml", "lanup_node"),
+            ] {
+                let path = src.join(file);
+                let mut text = std::fs::read_to_string(&path).expect("Cargo.toml");
+                text.push_str(&format!("\n[lib]\nname = \"{lib}\"\n"));
+                std::fs::write(&path, text).expect("edit Cargo.toml");
+            }
+            std::fs::write(&marker, PREVIOUS).expect("marker");
+        }
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .current_dir(&src)
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--quiet", "--offline", "-p", "lanup-previous-cli"])
+            .args(["--bin", "lanup-previous"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_") && name != "CARGO_HOME" {
+                build.env_remove(name.as_ref());
+            }
+        }
+        assert!(
+            build.status().expect("cargo runs").success(),
+            "building the previous lanup failed"
+        );
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        target.join(profile).join("lanup-previous")
+    })
+    .clone()
+}
+
+#[test]
+fn a_node_running_the_previous_lanup_stages_a_release_with_patches_by_its_chunks() {
+    let previous = previous_lanup();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (v1, v2) = release_pair(tmp.path());
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+
+    // One site: node 0 runs the previous lanup, node 1 this one.
+    let mut site = LoopSite::new(tmp.path(), 2);
+    for i in 0..2 {
+        let current = site.command(i, Some(&origin.url), &first.public);
+        let mut cmd = if i == 0 {
+            Command::new(&previous)
+        } else {
+            Command::new(current.get_program())
+        };
+        cmd.args(current.get_args());
+        for (k, v) in current.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        site.start(i, cmd);
+    }
+    let pending = wait_staged(&site.state_refs(), "1.0", &first, Duration::from_secs(60));
+    assert!(
+        pending.is_empty(),
+        "1.0 not staged:\n{}",
+        node_log(&site.states[0])
+    );
+    let second = publish(&v2, "2.0", &origin.url, &key, &www);
+    let xml = std::fs::read_to_string(www.join("AutoUpdater.xml")).expect("manifest");
+    assert!(
+        xml.contains("<Patch ") && xml.contains("PackedHash="),
+        "{xml}"
+    );
+    run_ok(&["check", "--state", s(&site.states[1])]);
+    let pending = wait_staged(&site.state_refs(), "2.0", &second, Duration::from_secs(60));
+    assert!(
+        pending.is_empty(),
+        "2.0 not staged by the previous lanup:\n{}",
+        node_log(&site.states[0])
+    );
+}
