@@ -66,27 +66,45 @@ impl Default for PublishDeltas {
 struct Base {
     name: String,
     files: HashMap<String, (Hash, PathBuf)>,
+    /// By file name (the path's last part): each file's size, hash and
+    /// where it is, for files whose folder was renamed.
+    by_leaf: HashMap<String, Vec<(u64, Hash, PathBuf)>>,
 }
 
 impl Base {
+    fn new(name: String, files: HashMap<String, (Hash, PathBuf)>) -> Base {
+        let mut by_leaf: HashMap<String, Vec<(u64, Hash, PathBuf)>> = HashMap::new();
+        for (file, (hash, path)) in &files {
+            let leaf = file.rsplit('/').next().unwrap_or(file);
+            if let Ok(meta) = fs::metadata(path) {
+                by_leaf
+                    .entry(leaf.to_owned())
+                    .or_default()
+                    .push((meta.len(), *hash, path.clone()));
+            }
+        }
+        Base {
+            name,
+            files,
+            by_leaf,
+        }
+    }
+
     /// The file of this base a new file `name` of `size` bytes is patched
     /// from: the one of the same name, else (a folder named after its
     /// version, as `app-1.2/` or `pkg-1.2.data/`) the one of the same file
     /// name whose size is closest, within a factor of two.
-    fn counterpart(&self, name: &str, size: u64) -> Option<&(Hash, PathBuf)> {
+    fn counterpart(&self, name: &str, size: u64) -> Option<(Hash, PathBuf)> {
         if let Some(same) = self.files.get(name) {
-            return Some(same);
+            return Some(same.clone());
         }
         let leaf = name.rsplit('/').next()?;
-        self.files
+        self.by_leaf
+            .get(leaf)?
             .iter()
-            .filter(|(other, _)| other.rsplit('/').next() == Some(leaf))
-            .filter_map(|(_, entry)| {
-                let len = fs::metadata(&entry.1).ok()?.len();
-                (len / 2 <= size && size / 2 <= len).then_some((len.abs_diff(size), entry))
-            })
-            .min_by_key(|(distance, _)| *distance)
-            .map(|(_, entry)| entry)
+            .filter(|(len, _, _)| len / 2 <= size && size / 2 <= *len)
+            .min_by_key(|(len, _, _)| len.abs_diff(size))
+            .map(|(_, hash, path)| (*hash, path.clone()))
     }
 }
 
@@ -124,6 +142,25 @@ impl ReleaseStore {
         Ok(ReleaseStore { root })
     }
 
+    /// Where a kept release's manifest is: named by application and
+    /// version.
+    fn release_path(&self, manifest: &Manifest) -> PathBuf {
+        let app = manifest.restart.app_name.as_deref().unwrap_or("release");
+        let app: String = app
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.root
+            .join("releases")
+            .join(format!("{app}-{}.xml", manifest.release_name()))
+    }
+
     fn file_path(&self, hash: &Hash) -> PathBuf {
         self.root.join("files").join(hash.to_string())
     }
@@ -145,10 +182,7 @@ impl ReleaseStore {
         if manifest.validate().is_err() {
             return Ok(());
         }
-        let kept = self
-            .root
-            .join("releases")
-            .join(format!("{}.xml", manifest.release_name()));
+        let kept = self.release_path(&manifest);
         if kept.is_file() {
             return Ok(());
         }
@@ -193,17 +227,19 @@ impl ReleaseStore {
         kept
     }
 
-    /// The bases a new release `name` is patched from: the newest `keep`
-    /// kept releases other than itself, and the `--base` ones.
-    fn bases(&self, name: &str, opts: &PublishDeltas) -> Result<Vec<Base>> {
+    /// The bases a new release is patched from: the newest `keep` kept
+    /// releases of the same application other than itself, and the
+    /// `--base` ones.
+    fn bases(&self, new: &Manifest, opts: &PublishDeltas) -> Result<Vec<Base>> {
         let mut bases: Vec<Base> = self
             .kept()
             .into_iter()
-            .filter(|(m, _)| m.release_name() != name)
+            .filter(|(m, _)| {
+                m.restart.app_name == new.restart.app_name && m.release_name() != new.release_name()
+            })
             .take(opts.keep)
-            .map(|(m, _)| Base {
-                name: m.release_name(),
-                files: m
+            .map(|(m, _)| {
+                let files = m
                     .files
                     .iter()
                     .filter_map(|f| {
@@ -211,7 +247,8 @@ impl ReleaseStore {
                         let path = self.file_path(&hash);
                         path.is_file().then(|| (f.name.clone(), (hash, path)))
                     })
-                    .collect(),
+                    .collect();
+                Base::new(m.release_name(), files)
             })
             .collect();
         for given in &opts.bases {
@@ -231,7 +268,7 @@ impl ReleaseStore {
         let bases = if opts.keep == 0 && opts.bases.is_empty() {
             Vec::new()
         } else {
-            self.bases(&manifest.release_name(), opts)?
+            self.bases(manifest, opts)?
         };
         // Packed copies made for earlier releases, by chunk.
         let mut earlier: HashMap<Hash, Blob> = HashMap::new();
@@ -262,23 +299,19 @@ impl ReleaseStore {
                     offset: here,
                 });
             }
-            // Tiny files cost more in requests than a patch saves.
-            if size < 4096 {
-                continue;
-            }
             let mut from = HashSet::new();
             for base in &bases {
                 let Some((hash, path)) = base.counterpart(&file.name, size) else {
                     continue;
                 };
-                if Some(*hash) == file.hash || !from.insert(*hash) {
+                if Some(hash) == file.hash || !from.insert(hash) {
                     continue;
                 }
-                let base_size = fs::metadata(path)?.len();
+                let base_size = fs::metadata(&path)?.len();
                 for (index, segment) in segments(&file.chunks, base_size).into_iter().enumerate() {
                     jobs.push(Job::Patch {
                         file: i,
-                        base: *hash,
+                        base: hash,
                         base_path: path.clone(),
                         segment,
                         index,
@@ -459,16 +492,21 @@ impl ReleaseStore {
                 self.keep_file(&out.join(&file.name), &hash, false)?;
             }
         }
-        let path = self
-            .root
-            .join("releases")
-            .join(format!("{}.xml", manifest.release_name()));
+        let path = self.release_path(manifest);
         crate::apply::write_synced(&path, xml)
             .with_context(|| format!("cannot write {}", path.display()))?;
         let kept = self.kept();
         let mut files = HashSet::new();
         let mut blobs = HashSet::new();
-        for (i, (m, path)) in kept.iter().enumerate() {
+        // Counted per application: lanup's own releases and the
+        // application's may share a folder.
+        let mut of_app: HashMap<Option<String>, usize> = HashMap::new();
+        for (m, path) in &kept {
+            let i = {
+                let n = of_app.entry(m.restart.app_name.clone()).or_default();
+                *n += 1;
+                *n - 1
+            };
             if i >= keep.max(1) {
                 let _ = fs::remove_file(path);
                 continue;
@@ -556,10 +594,7 @@ fn read_base(given: &Path) -> Result<Base> {
             .filter_map(|f| Some((f.name.clone(), (f.hash?, dir.join(&f.name)))))
             .filter(|(_, (_, p))| p.is_file())
             .collect();
-        return Ok(Base {
-            name: manifest.release_name(),
-            files,
-        });
+        return Ok(Base::new(manifest.release_name(), files));
     }
     if !given.is_dir() {
         bail!(
@@ -581,8 +616,95 @@ fn read_base(given: &Path) -> Result<Base> {
             .with_context(|| format!("cannot read {}", entry.path().display()))?;
         files.insert(name, (hash, entry.path().to_owned()));
     }
-    Ok(Base {
-        name: given.display().to_string(),
-        files,
-    })
+    Ok(Base::new(given.display().to_string(), files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::{publish, PublishOptions};
+    use lanup_protocol::manifest::Restart;
+    use lanup_protocol::sign::SecretKey;
+
+    /// Bytes that compress and patch like a program: numbered records.
+    fn program(seed: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        let mut i = 0u64;
+        while out.len() < len {
+            out.extend_from_slice(
+                format!("sym_{i:07} -> {:016x}\n", i.wrapping_mul(seed)).as_bytes(),
+            );
+            i += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn release(dir: &Path, files: &[(&str, Vec<u8>)]) {
+        let _ = fs::remove_dir_all(dir);
+        for (name, bytes) in files {
+            let path = dir.join(name);
+            fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs::write(path, bytes).expect("write");
+        }
+    }
+
+    fn publish_as(app: &str, dir: &Path, out: &Path, version: &str, key: &SecretKey) -> Manifest {
+        let opts = PublishOptions {
+            dir: dir.to_owned(),
+            out: out.to_owned(),
+            version: version.parse().expect("version"),
+            url: "http://origin.invalid/".into(),
+            update_time: time::OffsetDateTime::now_utc(),
+            expires: None,
+            restart: Restart {
+                allow: true,
+                app_name: Some(app.into()),
+                exe: None,
+            },
+            deltas: PublishDeltas {
+                level: 3,
+                ..PublishDeltas::default()
+            },
+        };
+        publish(&opts, key).expect("publish").manifest
+    }
+
+    #[test]
+    fn patches_come_from_the_same_application_and_a_renamed_version_folder() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (dir, out) = (tmp.path().join("dir"), tmp.path().join("www"));
+        let key = SecretKey::generate();
+        let old = program(3, 200_000);
+        let mut new = old.clone();
+        new.splice(5000..5000, b"one more symbol".iter().copied());
+        release(&dir, &[("app-1.0/bin/tool", old.clone())]);
+        let first = publish_as("tool", &dir, &out, "1.0", &key);
+        // lanup's own release in the same folder in between: its file is
+        // no base for the application's.
+        release(&dir, &[("lanup", program(5, 100_000))]);
+        publish_as("lanup", &dir, &out, "0.2.0", &key);
+        release(&dir, &[("app-2.0/bin/tool", new)]);
+        let second = publish_as("tool", &dir, &out, "2.0", &key);
+        let file = &second.files[0];
+        assert_eq!(file.patches.len(), 1, "{:?}", file.patches);
+        assert_eq!(Some(file.patches[0].from), first.files[0].hash);
+        assert!(file.patches[0].blob.size < 1000, "{:?}", file.patches[0]);
+        let blob = out
+            .join(STORE_DIR)
+            .join("blobs")
+            .join(file.patches[0].blob.hash.to_string());
+        let rebuilt = delta::apply_patch(
+            &old,
+            &fs::read(blob).expect("blob"),
+            file.size.expect("size"),
+        )
+        .expect("the patch applies");
+        assert_eq!(Hash::of(&rebuilt), file.hash.expect("hash"));
+        // Both applications' releases are kept as bases.
+        let kept = fs::read_dir(out.join(STORE_DIR).join("releases"))
+            .expect("releases")
+            .count();
+        assert_eq!(kept, 3);
+    }
 }

@@ -75,6 +75,11 @@ pub struct SiteModel {
     /// Fraction of the release's chunks every node already holds (a delta
     /// release).
     pub shared: f64,
+    /// Bytes over the uplink per byte of the chunks the site lacks: 1 for
+    /// plain chunks, less where patches or packed chunks replace them
+    /// (`lanup publish` prints it for each release; a rebuilt program
+    /// with a patch is about 0.1). Peers still exchange whole chunks.
+    pub wire: f64,
     /// Election timings: static peers or mDNS.
     pub mdns: bool,
     pub events: Vec<SiteEvent>,
@@ -94,6 +99,7 @@ impl Default for SiteModel {
             have_interval: 250 * MS,
             stage_rate: 1e9,
             shared: 0.0,
+            wire: 1.0,
             mdns: false,
             events: Vec::new(),
         }
@@ -144,7 +150,7 @@ pub fn bound_s(m: &SiteModel) -> f64 {
     } else {
         n * s / (m.uplink + sum_up)
     };
-    (s / m.uplink).max(s / d_min).max(serve)
+    (s * m.wire / m.uplink).max(s / d_min).max(serve)
 }
 
 /// Every node downloading the release itself through the site's uplink.
@@ -787,7 +793,8 @@ impl<'m> Sim<'m> {
     }
 
     fn start_flow(&mut self, src: Idx, dst: Idx, chunk: u32, rest: Vec<u32>, epoch: u64) {
-        let size = self.sizes[chunk as usize] as f64;
+        let wire = if src == self.origin { self.m.wire } else { 1.0 };
+        let size = self.sizes[chunk as usize] as f64 * wire;
         let flow = Flow {
             src,
             dst,

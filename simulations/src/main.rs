@@ -46,6 +46,10 @@ struct Args {
     /// Fraction of the release's chunks the nodes already hold (a delta).
     #[arg(long, value_name = "FRACTION")]
     shared: Option<f64>,
+    /// Uplink bytes per byte of the chunks a site lacks: 1 for plain
+    /// chunks, about 0.1 for a rebuilt program sent as a patch.
+    #[arg(long, value_name = "FRACTION")]
+    wire: Option<f64>,
     /// Seed of the first site (each site draws its own from it).
     #[arg(long)]
     seed: Option<u64>,
@@ -98,6 +102,7 @@ fn run(args: Args) -> Result<()> {
         lan_down: args.lan_down.clone(),
         latency: args.latency.clone(),
         shared: args.shared,
+        wire: args.wire,
         seed: args.seed,
         ..ScenarioFile::default()
     };

@@ -29,6 +29,8 @@ pub struct ScenarioFile {
     pub have_interval: Option<String>,
     pub stage_rate: Option<String>,
     pub shared: Option<f64>,
+    /// Uplink bytes per byte of lacking chunks (patches, packed chunks).
+    pub wire: Option<f64>,
     pub mdns: Option<bool>,
     pub seed: Option<u64>,
     #[serde(default)]
@@ -78,6 +80,7 @@ impl ScenarioFile {
             have_interval: over.have_interval.or(self.have_interval),
             stage_rate: over.stage_rate.or(self.stage_rate),
             shared: over.shared.or(self.shared),
+            wire: over.wire.or(self.wire),
             mdns: over.mdns.or(self.mdns),
             seed: over.seed.or(self.seed),
             events: if over.events.is_empty() {
@@ -98,6 +101,10 @@ impl ScenarioFile {
         let shared = self.shared.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&shared) {
             bail!("shared {shared}: a fraction between 0 and 1");
+        }
+        let wire = self.wire.unwrap_or(1.0);
+        if !(wire > 0.0 && wire <= 1.0) {
+            bail!("wire {wire}: uplink bytes per chunk byte, more than 0 and at most 1");
         }
         let jitter = self.lan_jitter.unwrap_or(0.0);
         if !(0.0..1.0).contains(&jitter) {
@@ -157,6 +164,7 @@ impl ScenarioFile {
                 )?,
                 stage_rate: rate("stage_rate", self.stage_rate.as_deref(), d.stage_rate)?,
                 shared,
+                wire,
                 mdns: self.mdns.unwrap_or(d.mdns),
                 events,
             },

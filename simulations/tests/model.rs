@@ -187,3 +187,25 @@ fn a_node_joining_mid_download_never_idles_the_uplink() {
         );
     }
 }
+
+#[test]
+fn patches_take_their_share_of_the_uplink_and_peers_still_move_whole_chunks() {
+    let plain = ideal(4);
+    let patched = SiteModel {
+        wire: 0.1,
+        lan_up: 125e6,
+        lan_down: 125e6,
+        ..ideal(4)
+    };
+    let r = simulate_site(&patched, 7);
+    // Every chunk crosses once, at a tenth of its size.
+    assert!(
+        (r.uplink_bytes as f64 - S as f64 * 0.1).abs() <= 2.0,
+        "{} bytes over the uplink",
+        r.uplink_bytes
+    );
+    assert_eq!(r.staged_nodes, 4);
+    // The uplink was the bound; now it is a tenth of it.
+    assert!(bound_s(&patched) < bound_s(&plain) / 5.0);
+    assert!(r.staged_s < simulate_site(&plain, 7).staged_s / 5.0);
+}

@@ -108,7 +108,17 @@ EOF
 cpu_of() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
 
 # Body bytes the origin served so far.
-served() { curl -s "${url}_lanup/stats" | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes_served"])'; }
+# (The count grows as answers finish: read until it holds still.)
+served() {
+  local a="" b
+  b=$(curl -s "${url}_lanup/stats" | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes_served"])')
+  until [ "$a" = "$b" ]; do
+    sleep 1
+    a=$b
+    b=$(curl -s "${url}_lanup/stats" | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes_served"])')
+  done
+  echo "$b"
+}
 
 # The manifest and its signature, which each fetch of a release reads.
 manifest_bytes() { cat "$work/www/AutoUpdater.xml" "$work/www/AutoUpdater.xml.sig" | wc -c; }
@@ -135,6 +145,7 @@ for pair in "${pairs[@]}"; do
   port=$((20000 + RANDOM % 20000))
   url="http://127.0.0.1:$port/"
   public=$("$LANUP" keygen --out "$work/publisher.key" 2> /dev/null)
+  mkdir -p "$work/www"
   "$LANUP" origin --dir "$work/www" --listen "127.0.0.1:$port" > "$work/origin.log" 2>&1 &
   pids+=($!)
   "$LANUP" publish --dir "$old_dir" --version 1.0 --app bench --url "$url" --key "$work/publisher.key" \
