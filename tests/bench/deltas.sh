@@ -126,7 +126,8 @@ manifest_bytes() { cat "$work/www/AutoUpdater.xml" "$work/www/AutoUpdater.xml.si
 wait_staged() {
   local state=$1 version=$2 t0
   t0=$(date +%s)
-  until [ -d "$state/staging/$version" ]; do
+  # Staged means verified: the folder exists while it is being filled.
+  until grep -q "release staged and verified release=$version " "$state.log"; do
     [ $(($(date +%s) - t0)) -gt 900 ] && { echo "$version not staged in 900 s" >&2; return 1; }
     sleep 0.2
   done

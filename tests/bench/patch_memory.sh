@@ -57,7 +57,8 @@ pids+=($node)
 wait_staged() {
   local t0
   t0=$(date +%s)
-  until [ -d "$work/node/staging/$1" ]; do
+  # Staged means verified: the folder exists while it is being filled.
+  until grep -q "release staged and verified release=$1 " "$work/node.log"; do
     [ $(($(date +%s) - t0)) -gt 1800 ] && { echo "$1 not staged in 1800 s" >&2; exit 1; }
     sleep 0.5
   done
