@@ -382,7 +382,9 @@ fn a_standby_whose_release_fails_halts_its_group_and_the_active_is_untouched() {
     assert!(stderr.contains("rollout halted by"), "{stderr}");
     // The standby rolled back; the active never began and its application
     // was never stopped.
-    assert!(fleet.at(0, "rolled-back").is_some());
+    assert!(fleet
+        .wait_at(0, "rolled-back", Duration::from_secs(10))
+        .is_some());
     assert_eq!(fleet.at(1, "applying"), None);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(fleet.at(1, "applying"), None);

@@ -117,15 +117,49 @@ fn plain_chunk_delta(old: &Path, new: &Path) -> u64 {
         .sum()
 }
 
+/// The release pair, an origin serving `www`, and 1.0 published there.
+struct Setup {
+    tmp: tempfile::TempDir,
+    v1: PathBuf,
+    v2: PathBuf,
+    www: PathBuf,
+    key: (PathBuf, String),
+    origin: OriginProc,
+    first: Published,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (v1, v2) = release_pair(tmp.path());
+        let www = tmp.path().join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let key = keygen(tmp.path(), "publisher.key");
+        let origin = OriginProc::start(&www, None);
+        let first = publish(&v1, "1.0", &origin.url, &key, &www);
+        Setup {
+            tmp,
+            v1,
+            v2,
+            www,
+            key,
+            origin,
+            first,
+        }
+    }
+}
+
 #[test]
 fn nodes_holding_the_old_release_take_the_new_one_as_patches() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (v1, v2) = release_pair(tmp.path());
-    let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(tmp.path(), "publisher.key");
-    let origin = OriginProc::start(&www, None);
-    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+    let Setup {
+        tmp,
+        v1,
+        v2,
+        www,
+        key,
+        origin,
+        first,
+    } = Setup::new();
     let old_manifest = tmp.path().join("v1.xml");
     std::fs::copy(www.join("AutoUpdater.xml"), &old_manifest).expect("copy");
 
@@ -200,13 +234,15 @@ fn packed_hashes(xml: &str) -> Vec<String> {
 
 #[test]
 fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (v1, v2) = release_pair(tmp.path());
-    let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(tmp.path(), "publisher.key");
-    let origin = OriginProc::start(&www, None);
-    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+    let Setup {
+        tmp,
+        v1: _,
+        v2,
+        www,
+        key,
+        origin,
+        first,
+    } = Setup::new();
 
     // Node 0 holds 1.0; node 1 joins later with nothing.
     let mut site = LoopSite::new(tmp.path(), 2);
@@ -418,13 +454,15 @@ fn previous_lanup() -> PathBuf {
 #[test]
 fn a_node_running_the_previous_lanup_stages_a_release_with_patches_by_its_chunks() {
     let previous = previous_lanup();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (v1, v2) = release_pair(tmp.path());
-    let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let key = keygen(tmp.path(), "publisher.key");
-    let origin = OriginProc::start(&www, None);
-    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+    let Setup {
+        tmp,
+        v1: _,
+        v2,
+        www,
+        key,
+        origin,
+        first,
+    } = Setup::new();
 
     // One site: node 0 runs the previous lanup, node 1 this one.
     let mut site = LoopSite::new(tmp.path(), 2);

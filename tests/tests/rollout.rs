@@ -440,6 +440,20 @@ impl Fleet {
             .find(|e| e["event"] == event && e["version"] == "2.0.0")
             .and_then(|e| e["at_ms"].as_u64())
     }
+
+    /// [`Fleet::at`], waiting up to `timeout` for the entry: a node writes
+    /// its audit log on a thread of its own, so the entry may land a little
+    /// after what it records is seen in status.
+    pub(crate) fn wait_at(&self, i: usize, event: &str, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let at = self.at(i, event);
+            if at.is_some() || Instant::now() > deadline {
+                return at;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// libfaketime, which puts a process's wall clock elsewhere (faketime).
