@@ -414,7 +414,7 @@ async fn read_answer(
 }
 
 /// The first byte a 206 answer holds, from its `Content-Range`.
-fn content_range_start(response: &reqwest::Response) -> Option<u64> {
+pub(crate) fn content_range_start(response: &reqwest::Response) -> Option<u64> {
     let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
     let range = value.strip_prefix("bytes ")?;
     range.split('-').next()?.trim().parse().ok()

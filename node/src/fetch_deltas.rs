@@ -12,7 +12,6 @@
 //! tried again for as long as the node runs.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -21,11 +20,11 @@ use lanup_protocol::chunk::Chunk;
 use lanup_protocol::delta::{patch_chunks, plan_file};
 use lanup_protocol::manifest::{Blob, Patch, UpdateFile};
 use lanup_protocol::{Hash, Manifest};
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::RANGE;
 use reqwest::StatusCode;
 use tracing::{info, warn};
 
-use crate::fetch::{fetch_missing, file_url, FetchError, FetchReport, Origin};
+use crate::fetch::{content_range_start, fetch_missing, file_url, FetchError, FetchReport, Origin};
 use crate::release_store::STORE_DIR;
 use crate::store::{ChunkStore, StoreError};
 
@@ -112,19 +111,8 @@ impl Bases {
                 c.insert(*hash);
             }
         }
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| format!("cannot read the base {}: {e}", path.display()))?;
-        let mut data = Vec::with_capacity(length as usize);
-        file.seek(SeekFrom::Start(offset))
-            .and_then(|_| file.take(length).read_to_end(&mut data))
-            .map_err(|e| format!("cannot read the base {}: {e}", path.display()))?;
-        if data.len() as u64 != length {
-            return Err(format!(
-                "the base {} is shorter than the patch needs",
-                path.display()
-            ));
-        }
-        Ok(data)
+        crate::release_store::read_range(path, offset, length)
+            .map_err(|e| format!("the base: {e:#}"))
     }
 }
 
@@ -388,14 +376,7 @@ async fn fetch_blob(
         match response.status() {
             StatusCode::OK => data.clear(),
             StatusCode::PARTIAL_CONTENT => {
-                let start = response
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|s| s.trim().parse::<usize>().ok());
-                if start != Some(data.len()) {
+                if content_range_start(&response) != Some(data.len() as u64) {
                     data.clear();
                     quiet += 1;
                     continue;

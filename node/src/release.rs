@@ -233,7 +233,7 @@ const PUBLISHED_MODE: u32 = 0o444;
 
 /// Writes a published file (manifest, signature) in one step, readable by
 /// everyone ([`PUBLISHED_MODE`], writable by its owner).
-fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
     crate::apply::write_synced(dest, bytes)
         .and_then(|()| fs::set_permissions(dest, fs::Permissions::from_mode(0o644)))
         .with_context(|| format!("cannot write {}", dest.display()))

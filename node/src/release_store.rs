@@ -472,9 +472,7 @@ impl ReleaseStore {
         let hash = Hash::of(bytes);
         let path = self.blob_path(&hash);
         if !path.is_file() {
-            crate::apply::write_synced(&path, bytes)
-                .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o644)))
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            crate::release::write_atomically(&path, bytes)?;
         }
         Ok(Blob {
             size: bytes.len() as u64,
@@ -551,9 +549,9 @@ fn prune(dir: &Path, keep: &HashSet<Hash>) -> Result<()> {
     Ok(())
 }
 
-/// `length` bytes of `path` from `offset`; the size is bounded by the
-/// segment sizes.
-fn read_range(path: &Path, offset: u64, length: u64) -> Result<Vec<u8>> {
+/// `length` bytes of `path` from `offset` (a patch's reference or
+/// target); the size is bounded by the segment sizes.
+pub(crate) fn read_range(path: &Path, offset: u64, length: u64) -> Result<Vec<u8>> {
     if length > MAX_PATCH_REFERENCE {
         bail!("{}: a range of {length} bytes is too large", path.display());
     }
