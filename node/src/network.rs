@@ -329,7 +329,7 @@ impl Network {
         // its streams with it).
         let every = Duration::from_secs(5);
         let mut redial = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let found_every = Duration::from_secs(2);
+        let found_every = Duration::from_secs(1);
         let mut redial_found =
             tokio::time::interval_at(tokio::time::Instant::now() + found_every, found_every);
         loop {
@@ -363,7 +363,7 @@ impl Network {
             .filter(|(peer, (_, at))| {
                 !self.connected.contains(peer)
                     && !self.is_banned(peer)
-                    && (local < **peer || at.elapsed() >= Duration::from_secs(4))
+                    && (local < **peer || at.elapsed() >= Duration::from_secs(1))
             })
             .map(|(peer, (addrs, _))| (*peer, addrs.clone()))
             .collect();

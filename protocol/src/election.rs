@@ -46,9 +46,10 @@ pub struct Candidate<P> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Discovery {
     /// Peers configured or found and not connected yet: static addresses
-    /// (a peer that refuses may be starting too), peers mDNS found (each
-    /// for at most `heartbeat_wait_ms`); and peers connected that the node
-    /// has not heard of yet.
+    /// (a peer that refuses may be starting too), peers mDNS found and not
+    /// connected (one that cannot be reached holds the election up for the
+    /// grace at most); and peers connected that the node has not heard of
+    /// yet.
     pub pending: usize,
     /// Milliseconds since discovery last found a peer (the node's uptime
     /// when it found none).

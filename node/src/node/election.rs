@@ -29,7 +29,6 @@ impl Node {
         let ms = |d: Duration| d.as_millis() as u64;
         let election = self.election();
         let found = self.net.discovered();
-        let wait = Duration::from_millis(election.heartbeat_wait_ms);
         let discovery = Discovery {
             pending: found.static_dialling
                 + found
@@ -40,7 +39,7 @@ impl Node {
                 + found
                     .found
                     .iter()
-                    .filter(|(peer, at)| !self.peers.contains_key(peer) && at.elapsed() < wait)
+                    .filter(|(peer, _)| !self.peers.contains_key(peer))
                     .count(),
             quiet_ms: ms(found
                 .last_found
