@@ -249,11 +249,13 @@ struct PublishArgs {
     /// installed, or its published manifest (repeatable).
     #[arg(long, value_name = "DIR|MANIFEST")]
     base: Vec<PathBuf>,
-    /// zstd level for patches and packed chunks (1-22; higher is smaller
-    /// and slower to publish, equally fast to decode).
-    #[arg(long, value_name = "N", default_value_t = lanup_node::delta::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
-    level: i32,
-    /// Write no compressed copies of chunks.
+    /// zstd level for patches, packed chunks and bundles of small files
+    /// (1-22; higher is smaller and slower to publish, equally fast to
+    /// decode). Default: 19, and 1 for bundles when a publish makes over
+    /// 64 MiB of new ones (a large tree's first release)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: Option<i32>,
+    /// Write no compressed copies of chunks and no bundles.
     #[arg(long)]
     no_pack: bool,
 }

@@ -18,7 +18,7 @@
 //!   the new release is proven. Both are inside the install directory, so
 //!   every move of the swap is a rename on one filesystem.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -192,6 +192,43 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(dir)
+}
+
+/// The files of `new` that the install directory already holds as `new`
+/// lists them: the installed release lists the same bytes and mode, and the
+/// file on disk still has them (checked by hash, before the application is
+/// stopped, so a file changed or rotted on disk is replaced, not kept).
+fn unchanged_files(install: &Path, old: &Manifest, new: &Manifest) -> Result<HashSet<String>> {
+    let listed: std::collections::HashMap<&str, &lanup_protocol::UpdateFile> =
+        old.files.iter().map(|f| (f.name.as_str(), f)).collect();
+    let candidates: Vec<&lanup_protocol::UpdateFile> = new
+        .files
+        .iter()
+        .filter(|f| {
+            listed.get(f.name.as_str()).is_some_and(|o| {
+                o.hash == f.hash && o.size == f.size && o.mode == f.mode && f.hash.is_some()
+            })
+        })
+        .collect();
+    let kept = crate::parallel::map(&candidates, |f| {
+        let path = install.join(&f.name);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return Ok(false);
+        };
+        let mode_ok = f
+            .mode
+            .is_none_or(|m| meta.permissions().mode() & 0o777 == m);
+        Ok(meta.is_file()
+            && Some(meta.len()) == f.size
+            && mode_ok
+            && crate::release::hash_file(&path).ok() == f.hash)
+    })?;
+    Ok(candidates
+        .into_iter()
+        .zip(kept)
+        .filter(|(_, k)| *k)
+        .map(|(f, _)| f.name.clone())
+        .collect())
 }
 
 fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
@@ -511,14 +548,19 @@ impl Applier {
         // Anything there is left from a copy that was cut short.
         ignore_missing(fs::remove_dir_all(self.work()))
             .with_context(|| format!("cannot clear {}", self.work().display()))?;
-        let copied = self.copy_new(release)?;
+        let unchanged = match installed {
+            Some(i) => unchanged_files(install, &i.manifest, manifest)?,
+            None => HashSet::new(),
+        };
+        let copied = self.copy_new(release, &unchanged)?;
         say(
             "verify",
             format!(
-                "checked and copied {} files ({}) into {}",
-                manifest.files.len(),
+                "checked and copied {} files ({}) into {}; {} unchanged files stay in place",
+                manifest.files.len() - unchanged.len(),
                 lanup_protocol::units::format_bytes(copied),
-                self.place(Place::New).display()
+                self.place(Place::New).display(),
+                unchanged.len()
             ),
         );
         fault("copied");
@@ -536,10 +578,25 @@ impl Applier {
             &next.join("install.json"),
             &serde_json::to_vec_pretty(&record)?,
         )?;
+        // The swap moves only what changes: files the installed release
+        // has and the new one does not, and files whose bytes or mode
+        // differ.
         let old_files: BTreeSet<String> = installed
-            .map(|i| i.manifest.files.iter().map(|f| f.name.clone()).collect())
+            .map(|i| {
+                i.manifest
+                    .files
+                    .iter()
+                    .filter(|f| !unchanged.contains(&f.name))
+                    .map(|f| f.name.clone())
+                    .collect()
+            })
             .unwrap_or_default();
-        let new_files = manifest.files.iter().map(|f| f.name.clone()).collect();
+        let new_files = manifest
+            .files
+            .iter()
+            .filter(|f| !unchanged.contains(&f.name))
+            .map(|f| f.name.clone())
+            .collect();
         let kind = |name: &str| match fs::symlink_metadata(install.join(name)) {
             Ok(m) if m.is_dir() => Kind::Dir,
             Ok(_) => Kind::File,
@@ -559,15 +616,18 @@ impl Applier {
         Ok(journal)
     }
 
-    /// Copies every staged file into `new`, checking its size and hash on
-    /// the way and giving it the manifest's mode, then syncs it all.
-    /// Returns the bytes copied.
-    fn copy_new(&self, release: &Release) -> Result<u64> {
+    /// Copies every staged file but the `unchanged` ones into `new`,
+    /// checking its size and hash on the way and giving it the manifest's
+    /// mode, then syncs it all. Returns the bytes copied.
+    fn copy_new(&self, release: &Release, unchanged: &HashSet<String>) -> Result<u64> {
         let new = self.place(Place::New);
         let mut dirs = BTreeSet::new();
         let mut total = 0;
         let mut buf = vec![0u8; 1 << 20];
         for file in &release.manifest.files {
+            if unchanged.contains(&file.name) {
+                continue;
+            }
             let src = release.staged.join(&file.name);
             let dest = new.join(&file.name);
             let dir = dest.parent().unwrap_or(&new).to_owned();

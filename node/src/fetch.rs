@@ -63,9 +63,10 @@ pub struct FetchReport {
     pub requests: usize,
     /// Bytes of the release already in the store before the fetch.
     pub already_held: u64,
-    /// Patch segments applied and packed chunks decoded.
+    /// Patch segments applied, packed chunks and bundles decoded.
     pub patches: usize,
     pub packed: usize,
+    pub bundles: usize,
 }
 
 /// The origin a node downloads from, and how.

@@ -1,6 +1,6 @@
 //! Taking a release from the origin the cheapest way: patches against files
-//! this node holds, then packed chunks, then plain Range requests
-//! ([`crate::fetch::fetch_missing`]) for the rest.
+//! this node holds, then packed chunks, then bundles of small files, then
+//! plain Range requests ([`crate::fetch::fetch_missing`]) for the rest.
 //!
 //! What to take is decided per file by `lanup_protocol::delta::plan_file`.
 //! A patch or packed chunk is a blob named by its hash in the signed
@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lanup_protocol::chunk::Chunk;
-use lanup_protocol::delta::{patch_chunks, plan_file};
-use lanup_protocol::manifest::{Blob, Patch, UpdateFile};
+use lanup_protocol::delta::{bundles_to_fetch, patch_chunks, plan_file};
+use lanup_protocol::manifest::{Blob, Bundle, Patch, UpdateFile};
 use lanup_protocol::{Hash, Manifest};
 use reqwest::header::RANGE;
 use reqwest::StatusCode;
@@ -122,7 +122,7 @@ impl Bases {
 pub struct Fallbacks {
     /// (file hash, base hash) pairs whose patches failed.
     patches: HashSet<(Hash, Hash)>,
-    /// Packed blobs that failed.
+    /// Packed chunks and bundles that failed, by blob.
     packed: HashSet<Hash>,
     notes: VecDeque<String>,
 }
@@ -240,17 +240,52 @@ pub async fn fetch_release(
             break;
         }
     }
+    let lacking: HashSet<Hash> = manifest
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(|c| c.hash))
+        .filter(|h| wanted(h) && !store.has(h))
+        .collect();
+    for i in bundles_to_fetch(manifest, &lacking) {
+        let bundle = &manifest.bundles[i];
+        if fallbacks
+            .lock()
+            .map_err(|_| poisoned())?
+            .packed
+            .contains(&bundle.blob.hash)
+        {
+            continue;
+        }
+        match unbundle_one(origin, manifest, bundle, store, &lacking, &mut report).await {
+            Ok(stored) => {
+                report.bundles += 1;
+                report.chunks += stored.len();
+                gained += stored.iter().map(|c| c.size).sum::<u64>();
+                stored.iter().for_each(&mut on_chunk);
+            }
+            Err(BlobError::Fetch(e)) => return Err(e),
+            Err(BlobError::Unusable(reason)) => {
+                let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                f.packed.insert(bundle.blob.hash);
+                f.note(format!(
+                    "the bundle of {} files from \"{}\" is unusable: {reason}",
+                    bundle.count, manifest.files[bundle.first].name
+                ));
+            }
+        }
+    }
     let plain = fetch_missing(origin, manifest, store, &wanted, &mut on_chunk).await?;
     report.bytes += plain.bytes;
     report.chunks += plain.chunks;
     report.requests += plain.requests;
     report.already_held = plain.already_held.saturating_sub(gained);
-    if report.patches + report.packed > 0 {
+    if report.patches + report.packed + report.bundles > 0 {
         info!(
             patches = report.patches,
             packed = report.packed,
+            bundles = report.bundles,
             bytes = report.bytes,
-            "took patches and packed chunks from the origin"
+            "took patches, packed chunks and bundles from the origin"
         );
     }
     Ok(report)
@@ -325,6 +360,62 @@ async fn unpack_one(
             )),
             Err(e) => Err(BlobError::Fetch(FetchError::LocalDisk(e))),
         }
+    })
+    .await
+    .map_err(|e| BlobError::Fetch(FetchError::Network(e.into())))?
+}
+
+/// Fetches one bundle, decodes it and stores the chunks of its files that
+/// are in `lacking`; returns the chunks stored.
+async fn unbundle_one(
+    origin: &Origin,
+    manifest: &Manifest,
+    bundle: &Bundle,
+    store: &ChunkStore,
+    lacking: &HashSet<Hash>,
+    report: &mut FetchReport,
+) -> Result<Vec<Chunk>, BlobError> {
+    // A validated manifest's bundle holds files of one chunk each.
+    let files: Vec<(String, Option<Chunk>, u64)> = manifest.files
+        [bundle.first..bundle.first + bundle.count]
+        .iter()
+        .map(|f| {
+            (
+                f.name.clone(),
+                f.chunks.first().copied(),
+                f.size.unwrap_or_default(),
+            )
+        })
+        .collect();
+    let total: u64 = files.iter().map(|(_, _, size)| size).sum();
+    let bytes = fetch_blob(origin, &bundle.blob, report).await?;
+    let store = store.clone();
+    let lacking: Vec<bool> = files
+        .iter()
+        .map(|(_, c, _)| c.is_some_and(|c| lacking.contains(&c.hash)))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let data =
+            crate::delta::unpack(&bytes, total).map_err(|e| BlobError::Unusable(e.to_string()))?;
+        drop(bytes);
+        let mut stored = Vec::new();
+        let mut at = 0usize;
+        for ((name, chunk, size), lacks) in files.iter().zip(lacking) {
+            let end = at + *size as usize;
+            if let (Some(chunk), true) = (chunk, lacks) {
+                match store.put(chunk, &data[at..end]) {
+                    Ok(()) => stored.push(*chunk),
+                    Err(StoreError::Corrupt { .. }) => {
+                        return Err(BlobError::Unusable(format!(
+                            "its bytes for \"{name}\" are not that file"
+                        )))
+                    }
+                    Err(e) => return Err(BlobError::Fetch(FetchError::LocalDisk(e))),
+                }
+            }
+            at = end;
+        }
+        Ok(stored)
     })
     .await
     .map_err(|e| BlobError::Fetch(FetchError::Network(e.into())))?

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod origin;
+mod parallel;
 pub mod policy;
 pub mod release;
 pub mod release_store;

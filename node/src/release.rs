@@ -3,12 +3,12 @@
 //! manifest.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lanup_protocol::chunk::digest_reader;
+use lanup_protocol::chunk::{digest_bytes, digest_reader, SMALL_FILE};
 use lanup_protocol::manifest::{
     check_file_name, Format, Restart, MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE,
 };
@@ -68,23 +68,18 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
             );
         }
     }
-    fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let out = fs::canonicalize(&opts.out)?;
-    if out.starts_with(&dir) {
+    let planned = resolved(&opts.out)?;
+    if planned.starts_with(&dir) {
         bail!(
             "output folder {} is inside the release folder {}; choose an output folder elsewhere",
-            out.display(),
+            planned.display(),
             dir.display()
         );
     }
 
-    // The release `out` serves now becomes a base before any of its files
-    // is replaced.
-    let store = ReleaseStore::open(&out)?;
-    store.keep_current(&out)?;
-
-    let mut files = Vec::new();
+    // Everything is read and checked before anything is written: a
+    // release no node would accept leaves the output folder as it was.
+    let mut sources = Vec::new();
     for entry in walkdir::WalkDir::new(&dir).sort_by_file_name() {
         let entry =
             entry.with_context(|| format!("cannot read release folder {}", dir.display()))?;
@@ -110,8 +105,9 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
                 path.display()
             );
         }
-        files.push(copy_and_digest(path, &out, &name)?);
+        sources.push((path.to_owned(), name));
     }
+    let files = crate::parallel::map(&sources, |(path, name)| digest_file(path, name))?;
 
     let mut manifest = Manifest {
         format: Format::V2,
@@ -121,15 +117,50 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         expires: opts.expires,
         files,
         restart: opts.restart.clone(),
+        bundles: Vec::new(),
     };
     manifest
         .validate()
         .context("the release would not be installable")?;
+    let plain = manifest.to_xml()?.len() as u64;
+    if plain > MAX_MANIFEST_BYTES {
+        bail!(
+            "{}: {} files make a {plain}-byte manifest, over the {MAX_MANIFEST_BYTES} bytes a node accepts; publish fewer files (archive the small ones together)",
+            dir.display(),
+            manifest.files.len()
+        );
+    }
+
+    fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
+    let out = fs::canonicalize(&opts.out)?;
+    if out.starts_with(&dir) {
+        bail!(
+            "output folder {} is inside the release folder {}; choose an output folder elsewhere",
+            out.display(),
+            dir.display()
+        );
+    }
+    // The release `out` serves now becomes a base before any of its files
+    // is replaced.
+    let store = ReleaseStore::open(&out)?;
+    store.keep_current(&out)?;
+    crate::parallel::map(
+        &sources.iter().zip(&manifest.files).collect::<Vec<_>>(),
+        |((path, _), file)| copy_checked(path, &out, file),
+    )?;
     store.add_deltas(&out, &mut manifest, &opts.deltas)?;
     manifest
         .validate()
         .context("the release's patches would not be accepted")?;
     let xml = manifest.to_xml()?;
+    if xml.len() as u64 > MAX_MANIFEST_BYTES {
+        bail!(
+            "{}: with its patches and packed chunks the manifest takes {} bytes, over the {MAX_MANIFEST_BYTES} bytes a node accepts; publish again with --keep-bases 0 --no-pack",
+            dir.display(),
+            xml.len()
+        );
+    }
     let manifest_path = out.join(MANIFEST_FILE);
     let previous = fs::metadata(&manifest_path).and_then(|m| m.modified()).ok();
     write_atomically(&manifest_path, xml.as_bytes())?;
@@ -198,33 +229,127 @@ fn file_name_of(root: &Path, path: &Path) -> Result<String> {
     Ok(parts.join("/"))
 }
 
-fn copy_and_digest(src: &Path, out: &Path, name: &str) -> Result<UpdateFile> {
-    let reader = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
-    let mode = reader.metadata()?.permissions().mode() & 0o777;
-    let dest = out.join(name);
-    let parent = dest.parent().unwrap_or(out);
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let mut writer = tempfile::NamedTempFile::new_in(parent)
-        .with_context(|| format!("cannot write in {}", parent.display()))?;
-    let digest = digest_reader(reader, |data| writer.write_all(data))
-        .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
-    // The published copy is readable by everyone (a web server serving the
-    // folder runs as its own user); the manifest records the mode the file
-    // is installed with.
-    writer
-        .as_file()
-        .set_permissions(fs::Permissions::from_mode(mode | PUBLISHED_MODE))?;
-    writer
-        .persist(&dest)
-        .with_context(|| format!("cannot rename into {}", dest.display()))?;
+/// `path` with symbolic links resolved, whether or not it exists yet: its
+/// longest existing part made canonical, the rest appended.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path).with_context(|| format!("{}", path.display()))?;
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            break;
+        };
+        rest.push(name);
+        existing = parent;
+    }
+    let mut out = fs::canonicalize(existing).with_context(|| format!("{}", existing.display()))?;
+    out.extend(rest.iter().rev());
+    Ok(out)
+}
+
+/// Digests one file of the release folder: small files are read whole,
+/// larger ones streamed.
+fn digest_file(src: &Path, name: &str) -> Result<UpdateFile> {
+    let mut reader = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let meta = reader.metadata()?;
+    let digest = if meta.len() <= SMALL_FILE {
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        reader
+            .read_to_end(&mut data)
+            .with_context(|| format!("cannot read {}", src.display()))?;
+        digest_bytes(&data)
+    } else {
+        digest_reader(reader, |_| Ok(()))
+            .with_context(|| format!("cannot read {}", src.display()))?
+    };
     Ok(UpdateFile {
         name: name.to_owned(),
         size: Some(digest.size),
-        mode: Some(mode),
+        mode: Some(meta.permissions().mode() & 0o777),
         hash: Some(digest.hash),
         chunks: digest.chunks,
         ..Default::default()
     })
+}
+
+/// Copies a file of the release folder to its place in `out`, checking on
+/// the way that it is still the file `file` describes. A file already there
+/// with the same bytes is left as it is (publishing a release that changes
+/// a few files of many writes only those). One that differs is replaced by
+/// a rename, so a client of the release being replaced never reads half a
+/// file; where there was none, the file is written in its place at once (no
+/// manifest names it before the new one is written).
+fn copy_checked(src: &Path, out: &Path, file: &UpdateFile) -> Result<()> {
+    let dest = out.join(&file.name);
+    let mode = file.mode.unwrap_or(0o644) | PUBLISHED_MODE;
+    let present = match fs::symlink_metadata(&dest) {
+        Ok(meta) if meta.is_file() && Some(meta.len()) == file.size => {
+            if file.hash.is_some() && hash_file(&dest).ok() == file.hash {
+                if meta.permissions().mode() & 0o777 != mode {
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
+                }
+                return Ok(());
+            }
+            true
+        }
+        Ok(_) => true,
+        Err(_) => false,
+    };
+    let parent = dest.parent().unwrap_or(out);
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let reader = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let mut temporary = None;
+    let mut writer = if present {
+        let t = tempfile::Builder::new()
+            .permissions(fs::Permissions::from_mode(mode))
+            .tempfile_in(parent)
+            .with_context(|| format!("cannot write in {}", parent.display()))?;
+        let writer = t.reopen()?;
+        temporary = Some(t);
+        writer
+    } else {
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&dest)
+            .with_context(|| format!("cannot write {}", dest.display()))?
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut reader = io::BufReader::with_capacity(1 << 20, reader);
+    loop {
+        let data = reader.fill_buf()?;
+        if data.is_empty() {
+            break;
+        }
+        hasher.update(data);
+        writer
+            .write_all(data)
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+        let n = data.len();
+        size += n as u64;
+        reader.consume(n);
+    }
+    if Some(size) != file.size || file.hash != Some(Hash::from(hasher.finalize())) {
+        if temporary.is_none() {
+            let _ = fs::remove_file(&dest);
+        }
+        bail!(
+            "{}: changed while it was being published; publish again once it is complete",
+            src.display()
+        );
+    }
+    // The published copy is readable by everyone (a web server serving the
+    // folder runs as its own user, and the umask may have narrowed the
+    // mode); the manifest records the mode the file is installed with.
+    writer.set_permissions(fs::Permissions::from_mode(mode))?;
+    if let Some(t) = temporary {
+        t.persist(&dest)
+            .with_context(|| format!("cannot rename into {}", dest.display()))?;
+    }
+    Ok(())
 }
 
 /// The permission bits every published file has at least: readable by
@@ -421,7 +546,9 @@ pub(crate) async fn http_get_bounded(
         .get(reqwest::header::ETAG)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut body = Vec::new();
+    // Sized once when the length is known (checked above): a manifest of
+    // many files is megabytes, and doubling would hold up to twice that.
+    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
     while let Some(chunk) = resp
         .chunk()
         .await

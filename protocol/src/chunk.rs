@@ -171,6 +171,32 @@ pub fn digest_reader<R: Read>(
     })
 }
 
+/// Files up to this size are best read whole and digested with
+/// [`digest_bytes`]: no hashing thread, no read buffers.
+pub const SMALL_FILE: u64 = BUFFER as u64;
+
+/// Chunks and hashes a file held in memory, as [`digest_reader`] does (the
+/// same cuts, hashes and order), on this thread: for the many small files
+/// of an application tree, where a thread and two buffers per file would
+/// cost more than the file.
+pub fn digest_bytes(data: &[u8]) -> FileDigest {
+    let chunks = fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+        .map(|c| Chunk {
+            size: c.length as u64,
+            hash: Hash::of(&data[c.offset..c.offset + c.length]),
+        })
+        .collect::<Vec<_>>();
+    let hash = match chunks.as_slice() {
+        [one] => one.hash,
+        _ => Hash::of(data),
+    };
+    FileDigest {
+        size: data.len() as u64,
+        hash,
+        chunks,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +315,19 @@ mod tests {
         let a = digest_reader(&data[..], |_| Ok(())).expect("read");
         let b = digest_reader(Trickle(&data), |_| Ok(())).expect("read");
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_file_digested_in_memory_is_digested_as_when_streamed() {
+        let data = pseudo_random(BUFFER + 4321, 5);
+        for size in [0, 1, 4096, MIN_CHUNK - 1, MAX_CHUNK + 1, BUFFER + 4321] {
+            let file = &data[..size];
+            assert_eq!(
+                digest_bytes(file),
+                digest_reader(file, |_| Ok(())).expect("read"),
+                "{size} bytes"
+            );
+        }
     }
 
     #[test]

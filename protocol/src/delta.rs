@@ -17,6 +17,14 @@
 //! whatever the file's; a file much larger than the reference window loses
 //! only what moved further than the window reaches.
 //!
+//! Small files (under [`crate::chunk::MIN_CHUNK`], one chunk each) are
+//! also compressed together in bundles: runs of consecutive files of up to
+//! [`MAX_BUNDLE`] bytes, cut where the files' names and sizes say (see
+//! [`bundle_runs`]), so a release that changes a few files of many keeps
+//! most bundles as they were and the publisher reuses them. A tree of
+//! 100,000 files of a few kilobytes crosses the uplink in a few hundred
+//! requests of about a megabyte, not 100,000 of a few kilobytes.
+//!
 //! This module decides; the node moves bytes and runs the codec.
 
 use std::collections::BTreeMap;
@@ -29,6 +37,148 @@ use crate::Hash;
 pub const MAX_PATCH_OUTPUT: u64 = 8 * 1024 * 1024;
 /// The most bytes of a base file one patch segment refers to.
 pub const MAX_PATCH_REFERENCE: u64 = 16 * 1024 * 1024;
+
+/// The most bytes a bundle decodes to (what a node holds of one at once).
+pub const MAX_BUNDLE: u64 = 4 * 1024 * 1024;
+/// A bundle is cut no sooner than this many bytes of files...
+const BUNDLE_MIN: u64 = 1024 * 1024;
+/// ...and after that, after each file with a chance of its size in this
+/// many bytes: bundles of about `BUNDLE_MIN + BUNDLE_SPREAD` on average
+/// (a megabyte or so over the wire for text).
+const BUNDLE_SPREAD: u64 = 3 * 1024 * 1024 / 2;
+
+/// Whether a file goes into bundles: not empty and smaller than a chunk.
+pub fn bundled(file: &UpdateFile) -> bool {
+    file.chunks.len() == 1
+        && file
+            .size
+            .is_some_and(|s| s < crate::chunk::MIN_CHUNK as u64)
+}
+
+/// The runs of files (first index, count) a publisher bundles: consecutive
+/// [`bundled`] files, up to [`MAX_BUNDLE`] bytes each. A run ends after a
+/// file whose name's hash falls under a threshold that grows with the
+/// file's size, once it holds [`BUNDLE_MIN`]: where runs end depends on
+/// the files near the end alone, so a changed file changes its own bundle
+/// and not the ones after it.
+pub fn bundle_runs(files: &[UpdateFile]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut first = 0;
+    let mut bytes = 0u64;
+    for (i, file) in files.iter().enumerate() {
+        let size = file.size.unwrap_or_default();
+        if !bundled(file) || bytes + size > MAX_BUNDLE {
+            if i > first {
+                runs.push((first, i - first));
+            }
+            first = i;
+            bytes = 0;
+            if !bundled(file) {
+                first = i + 1;
+                continue;
+            }
+        }
+        bytes += size;
+        let roll = Hash::of(file.name.as_bytes()).0[..8]
+            .iter()
+            .fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+        let threshold = (u64::MAX / BUNDLE_SPREAD).saturating_mul(size);
+        if bytes >= BUNDLE_MIN && roll < threshold {
+            runs.push((first, i + 1 - first));
+            first = i + 1;
+            bytes = 0;
+        }
+    }
+    if files.len() > first {
+        runs.push((first, files.len() - first));
+    }
+    runs
+}
+
+/// Checks a manifest's bundles: in file order, not overlapping, of
+/// [`bundled`] files, at most [`MAX_BUNDLE`] bytes, each smaller than what
+/// it holds. On error, the index of the offending `Bundle` and why.
+pub fn check_bundles(manifest: &crate::Manifest) -> Result<(), (usize, String)> {
+    let mut next = 0;
+    for (i, b) in manifest.bundles.iter().enumerate() {
+        if b.count == 0 {
+            return Err((i, "holds no file".into()));
+        }
+        if b.first < next {
+            return Err((
+                i,
+                format!(
+                    "starts at file {}, before file {next} where the bundle before it ends",
+                    b.first
+                ),
+            ));
+        }
+        let Some(files) = b
+            .first
+            .checked_add(b.count)
+            .and_then(|end| manifest.files.get(b.first..end))
+        else {
+            return Err((
+                i,
+                format!(
+                    "names files {} to {} of {}",
+                    b.first,
+                    b.first.saturating_add(b.count),
+                    manifest.files.len()
+                ),
+            ));
+        };
+        if let Some(f) = files.iter().find(|f| !bundled(f)) {
+            return Err((
+                i,
+                format!(
+                    "holds \"{}\", which is empty or not smaller than a chunk",
+                    f.name
+                ),
+            ));
+        }
+        let bytes: u64 = files.iter().filter_map(|f| f.size).sum();
+        if bytes > MAX_BUNDLE {
+            return Err((i, format!("holds {bytes} bytes, over {MAX_BUNDLE}")));
+        }
+        if b.blob.size >= bytes {
+            return Err((
+                i,
+                format!(
+                    "is {} bytes, not smaller than the {bytes} it holds",
+                    b.blob.size
+                ),
+            ));
+        }
+        next = b.first + b.count;
+    }
+    Ok(())
+}
+
+/// The bundles worth fetching for a node that lacks `lacking`: those
+/// smaller than what the lacking chunks of their files would cost one by
+/// one (packed or plain), in manifest order.
+pub fn bundles_to_fetch(
+    manifest: &crate::Manifest,
+    lacking: &std::collections::HashSet<Hash>,
+) -> Vec<usize> {
+    manifest
+        .bundles
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| {
+            let mut seen = std::collections::HashSet::new();
+            let alone: u64 = manifest.files[b.first..b.first + b.count]
+                .iter()
+                .flat_map(|f| f.chunks.iter().map(move |c| (f, c)))
+                .filter(|(_, c)| lacking.contains(&c.hash) && seen.insert(c.hash))
+                .map(|(f, c)| chunk_cost(f, c))
+                .sum();
+            b.blob.size < alone
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
 
 /// The part of a new file one patch segment rebuilds, and the part of the
 /// base it refers to.
@@ -279,16 +429,31 @@ pub fn plan_file(
 }
 
 /// Bytes a site that holds nothing of a release takes over the uplink:
-/// every chunk once, compressed where it can be.
+/// the bundles worth it, then every other chunk once, compressed where it
+/// can be.
 pub fn cheapest_without_base(manifest: &crate::Manifest) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    manifest
+    let all: std::collections::HashSet<Hash> = manifest
         .files
         .iter()
-        .flat_map(|f| f.chunks.iter().map(move |c| (f, c)))
-        .filter(|(_, c)| seen.insert(c.hash))
-        .map(|(f, c)| chunk_cost(f, c))
-        .sum()
+        .flat_map(|f| f.chunks.iter().map(|c| c.hash))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for i in bundles_to_fetch(manifest, &all) {
+        let b = &manifest.bundles[i];
+        bytes += b.blob.size;
+        for f in &manifest.files[b.first..b.first + b.count] {
+            seen.extend(f.chunks.iter().map(|c| c.hash));
+        }
+    }
+    bytes
+        + manifest
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter().map(move |c| (f, c)))
+            .filter(|(_, c)| seen.insert(c.hash))
+            .map(|(f, c)| chunk_cost(f, c))
+            .sum::<u64>()
 }
 
 /// The chunks a patch segment rebuilds: those starting inside it, in order.
@@ -432,5 +597,127 @@ mod tests {
             patch_chunks(&f, &f.patches[2]).collect::<Vec<_>>(),
             chunks[4..]
         );
+    }
+
+    fn small(name: &str, size: u64) -> UpdateFile {
+        UpdateFile {
+            name: name.into(),
+            size: Some(size),
+            hash: Some(Hash::of(name.as_bytes())),
+            chunks: vec![Chunk {
+                size,
+                hash: Hash::of(name.as_bytes()),
+            }],
+            ..UpdateFile::default()
+        }
+    }
+
+    fn tree(sizes: impl IntoIterator<Item = u64>) -> Vec<UpdateFile> {
+        sizes
+            .into_iter()
+            .enumerate()
+            .map(|(i, size)| small(&format!("d{}/f{i:06}", i % 7), size))
+            .collect()
+    }
+
+    #[test]
+    fn small_files_bundle_in_runs_that_a_changed_file_does_not_move() {
+        let files = tree((0..4000).map(|i| 1000 + (i * 37 % 3000)));
+        let runs = bundle_runs(&files);
+        // Every file in one run, in order, none over the limit.
+        let mut next = 0;
+        for &(first, count) in &runs {
+            assert_eq!(first, next);
+            let bytes: u64 = files[first..first + count]
+                .iter()
+                .filter_map(|f| f.size)
+                .sum();
+            assert!(bytes <= MAX_BUNDLE);
+            next = first + count;
+        }
+        assert_eq!(next, files.len());
+        let total: u64 = files.iter().filter_map(|f| f.size).sum();
+        let average = total / runs.len() as u64;
+        assert!(
+            (BUNDLE_MIN..=BUNDLE_MIN + 3 * BUNDLE_SPREAD).contains(&average),
+            "{} runs of {average} bytes on average",
+            runs.len()
+        );
+        // A file changed (other bytes, other size) moves only its run's
+        // end: every run before it and all but one after it stay.
+        let mut changed = files.clone();
+        changed[2000] = small("d5/f002000", 2222);
+        changed[2000].hash = Some(Hash::of(b"new bytes"));
+        let after = bundle_runs(&changed);
+        let same = after.iter().filter(|r| runs.contains(r)).count();
+        assert!(same + 2 >= runs.len(), "{same} of {} runs kept", runs.len());
+    }
+
+    #[test]
+    fn a_large_or_empty_file_ends_a_run_and_is_not_bundled() {
+        let mut files = tree([100, 200, 300]);
+        files.insert(1, small("big", crate::chunk::MIN_CHUNK as u64));
+        files.push(UpdateFile {
+            name: "empty".into(),
+            size: Some(0),
+            hash: Some(Hash::of(b"")),
+            ..UpdateFile::default()
+        });
+        assert_eq!(bundle_runs(&files), vec![(0, 1), (2, 2)]);
+    }
+
+    fn manifest(files: Vec<UpdateFile>, bundles: Vec<(usize, usize, u64)>) -> crate::Manifest {
+        crate::Manifest {
+            format: crate::manifest::Format::V2,
+            url: "http://o/".into(),
+            update_time: None,
+            version: "1".parse().ok(),
+            expires: None,
+            files,
+            restart: Default::default(),
+            bundles: bundles
+                .into_iter()
+                .map(|(first, count, size)| crate::manifest::Bundle {
+                    first,
+                    count,
+                    blob: Blob {
+                        size,
+                        hash: Hash::of(&[first as u8]),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bundles_that_overlap_overrun_or_do_not_save_are_refused() {
+        let files = || tree([1000, 1000, 1000, 1000]);
+        assert_eq!(
+            check_bundles(&manifest(files(), vec![(0, 2, 500), (2, 2, 500)])),
+            Ok(())
+        );
+        let refused = |bundles| check_bundles(&manifest(files(), bundles)).expect_err("refused");
+        assert_eq!(refused(vec![(0, 2, 500), (1, 2, 500)]).0, 1);
+        assert!(refused(vec![(3, 2, 500)])
+            .1
+            .contains("names files 3 to 5 of 4"));
+        assert!(refused(vec![(0, 0, 1)]).1.contains("no file"));
+        assert!(refused(vec![(0, 1, 1000)]).1.contains("not smaller"));
+        let mut with_big = files();
+        with_big[1] = small("big", crate::chunk::MIN_CHUNK as u64);
+        let e = check_bundles(&manifest(with_big, vec![(0, 2, 10)])).expect_err("big");
+        assert!(e.1.contains("\"big\""), "{e:?}");
+    }
+
+    #[test]
+    fn a_bundle_is_fetched_when_it_costs_less_than_its_lacking_files() {
+        let files = tree([1000, 1000, 1000, 1000]);
+        let m = manifest(files.clone(), vec![(0, 4, 1500)]);
+        let all: std::collections::HashSet<Hash> = files.iter().map(|f| f.chunks[0].hash).collect();
+        assert_eq!(bundles_to_fetch(&m, &all), vec![0]);
+        assert_eq!(cheapest_without_base(&m), 1500);
+        // One file lacking: 1000 bytes plain beat the 1500-byte bundle.
+        let one: std::collections::HashSet<Hash> = [files[2].chunks[0].hash].into();
+        assert!(bundles_to_fetch(&m, &one).is_empty());
     }
 }

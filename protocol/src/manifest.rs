@@ -52,6 +52,21 @@ pub struct Manifest {
     pub expires: Option<OffsetDateTime>,
     pub files: Vec<UpdateFile>,
     pub restart: Restart,
+    /// `Bundles/Bundle`: small files compressed together (see
+    /// [`crate::delta`]), in file order.
+    pub bundles: Vec<Bundle>,
+}
+
+/// One `Bundle` element: a zstd frame that decodes to files `first ..
+/// first + count` of the file list, concatenated in order (at most
+/// [`crate::delta::MAX_BUNDLE`] bytes), published as a blob. The many small
+/// files of an application tree cross the uplink in requests of a megabyte
+/// or more, compressed together, instead of one request each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bundle {
+    pub first: usize,
+    pub count: usize,
+    pub blob: Blob,
 }
 
 /// One `UpdateFile` element.
@@ -223,6 +238,8 @@ pub enum ManifestError {
         packed: u64,
         size: u64,
     },
+    #[error("manifest Bundle {index}: {reason}")]
+    BadBundle { index: usize, reason: String },
     #[error("manifest AppName Exe=\"{0}\" is not a file the manifest lists")]
     UnknownExe(String),
     #[error("release {release} expired at {expires}")]
@@ -251,8 +268,12 @@ impl Manifest {
         }
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
-        let xml: xml::AutoUpdater =
-            quick_xml::de::from_str(text).map_err(|e| ManifestError::Xml(e.to_string()))?;
+        xml::CONVERT_ERROR.with(|c| c.borrow_mut().take());
+        let xml: xml::AutoUpdater = quick_xml::de::from_str(text).map_err(|e| {
+            xml::CONVERT_ERROR
+                .with(|c| c.borrow_mut().take())
+                .unwrap_or_else(|| ManifestError::Xml(e.to_string()))
+        })?;
         Manifest::from_xml(xml)
     }
 
@@ -288,13 +309,17 @@ impl Manifest {
         if version.is_none() && update_time.is_none() {
             return Err(ManifestError::NoVersionOrDate);
         }
-        let files = xml
+        let files = match xml
             .files
             .ok_or(ManifestError::MissingElement("UpdateFileList"))?
             .files
-            .into_iter()
-            .map(UpdateFile::from_xml)
-            .collect::<Result<Vec<_>, _>>()?;
+        {
+            xml::Files::Read(files) => files,
+            xml::Files::Text(listed) => listed
+                .into_iter()
+                .map(UpdateFile::from_xml)
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let restart = match xml.restart {
             None => Restart::default(),
             Some(r) => Restart {
@@ -314,6 +339,35 @@ impl Manifest {
                 exe: r.app_name.and_then(|n| n.exe).filter(|n| !n.is_empty()),
             },
         };
+        let bundles = xml
+            .bundles
+            .map(|b| b.bundles)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(index, b)| {
+                let bad = |reason: String| ManifestError::BadBundle { index, reason };
+                let number = |attribute: &str, value: Option<String>| {
+                    let value = value.ok_or_else(|| bad(format!("no {attribute} attribute")))?;
+                    value
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| bad(format!("{attribute}=\"{value}\" is not a number")))
+                };
+                let hash = b.hash.ok_or_else(|| bad("no Hash attribute".into()))?;
+                Ok(Bundle {
+                    first: number("First", b.first)? as usize,
+                    count: number("Count", b.count)? as usize,
+                    blob: Blob {
+                        size: number("Size", b.size)?,
+                        hash: hash
+                            .trim()
+                            .parse()
+                            .map_err(|e| bad(format!("Hash=\"{hash}\" is malformed: {e}")))?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, ManifestError>>()?;
         Ok(Manifest {
             format,
             url,
@@ -322,6 +376,7 @@ impl Manifest {
             expires,
             files,
             restart,
+            bundles,
         })
     }
 
@@ -391,6 +446,8 @@ impl Manifest {
                 }
             })?;
         }
+        crate::delta::check_bundles(self)
+            .map_err(|(index, reason)| ManifestError::BadBundle { index, reason })?;
         if let Some(exe) = &self.restart.exe {
             if !names.contains(exe.as_str()) {
                 return Err(ManifestError::UnknownExe(exe.clone()));
@@ -496,7 +553,7 @@ impl Manifest {
                 }),
             }),
             files: Some(xml::FileList {
-                files: self.files.iter().map(UpdateFile::to_xml).collect(),
+                files: xml::Files::Text(self.files.iter().map(UpdateFile::to_xml).collect()),
             }),
             restart: Some(xml::RestartApp {
                 restart: Some(xml::Allow {
@@ -508,6 +565,18 @@ impl Manifest {
                         exe: self.restart.exe.clone(),
                     },
                 ),
+            }),
+            bundles: (!self.bundles.is_empty()).then(|| xml::Bundles {
+                bundles: self
+                    .bundles
+                    .iter()
+                    .map(|b| xml::Bundle {
+                        first: Some(b.first.to_string()),
+                        count: Some(b.count.to_string()),
+                        size: Some(b.blob.size.to_string()),
+                        hash: Some(b.blob.hash.to_string()),
+                    })
+                    .collect(),
             }),
         };
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n");
@@ -575,6 +644,10 @@ impl UpdateFile {
                 Ok(chunk)
             })
             .collect::<Result<Vec<_>, ManifestError>>()?;
+        // Exactly as long as the file's chunk list: one each for the many
+        // small files of a large tree, not the collector's spare room.
+        let mut chunks = chunks;
+        chunks.shrink_to_fit();
         let patches = f
             .patches
             .into_iter()
@@ -782,6 +855,27 @@ mod xml {
             skip_serializing_if = "Option::is_none"
         )]
         pub(super) restart: Option<RestartApp>,
+        /// After everything a classic reader knows, which ignores it.
+        #[serde(rename = "Bundles", default, skip_serializing_if = "Option::is_none")]
+        pub(super) bundles: Option<Bundles>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Bundles {
+        #[serde(rename = "Bundle", default)]
+        pub(super) bundles: Vec<Bundle>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub(super) struct Bundle {
+        #[serde(rename = "@First", default)]
+        pub(super) first: Option<String>,
+        #[serde(rename = "@Count", default)]
+        pub(super) count: Option<String>,
+        #[serde(rename = "@Size", default)]
+        pub(super) size: Option<String>,
+        #[serde(rename = "@Hash", default)]
+        pub(super) hash: Option<String>,
     }
 
     #[derive(Debug, Default, Serialize, Deserialize)]
@@ -819,7 +913,72 @@ mod xml {
     #[derive(Debug, Default, Serialize, Deserialize)]
     pub(super) struct FileList {
         #[serde(rename = "UpdateFile", default)]
-        pub(super) files: Vec<File>,
+        pub(super) files: Files,
+    }
+
+    /// The `UpdateFile` elements: written from their text form, read
+    /// straight into [`super::UpdateFile`]s one element at a time, so a
+    /// manifest of 100,000 files never holds every file's attributes as
+    /// text and as values at once (megabytes at the moment a node adopts
+    /// a release).
+    #[derive(Debug)]
+    pub(super) enum Files {
+        Text(Vec<File>),
+        Read(Vec<super::UpdateFile>),
+    }
+
+    impl Default for Files {
+        fn default() -> Self {
+            Files::Read(Vec::new())
+        }
+    }
+
+    std::thread_local! {
+        /// Why an element did not convert, for [`super::Manifest::parse`]
+        /// to return as itself rather than as the XML reader's text.
+        pub(super) static CONVERT_ERROR: std::cell::RefCell<Option<super::ManifestError>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    impl Serialize for Files {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            match self {
+                Files::Text(files) => files.serialize(serializer),
+                Files::Read(_) => Err(serde::ser::Error::custom(
+                    "files read from XML are written from their text form",
+                )),
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Files {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Files;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("UpdateFile elements")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Files, A::Error> {
+                    let mut files = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                    while let Some(file) = seq.next_element::<File>()? {
+                        match super::UpdateFile::from_xml(file) {
+                            Ok(f) => files.push(f),
+                            Err(e) => {
+                                let text = e.to_string();
+                                CONVERT_ERROR.with(|c| *c.borrow_mut() = Some(e));
+                                return Err(serde::de::Error::custom(text));
+                            }
+                        }
+                    }
+                    Ok(Files::Read(files))
+                }
+            }
+            deserializer.deserialize_seq(Visit)
+        }
     }
 
     #[derive(Debug, Default, Serialize, Deserialize)]

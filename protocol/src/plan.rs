@@ -303,6 +303,7 @@ mod tests {
             expires: None,
             files,
             restart: Restart::default(),
+            bundles: Vec::new(),
         }
     }
 

@@ -203,7 +203,10 @@ fn nodes_holding_the_old_release_take_the_new_one_as_patches() {
         "{took} bytes is more than 1.10 x zstd --patch-from's {reference}"
     );
     let logs: String = site.states.iter().map(|s| node_log(s)).collect();
-    assert!(logs.contains("took patches and packed chunks"), "{logs}");
+    assert!(
+        logs.contains("took patches, packed chunks and bundles"),
+        "{logs}"
+    );
 }
 
 /// Edits the signed manifest in `www` with `edit` and signs it again, as a
@@ -219,6 +222,15 @@ fn resign(www: &Path, key: &(PathBuf, String), edit: impl FnOnce(&str) -> String
 fn patch_hashes(xml: &str) -> Vec<String> {
     xml.lines()
         .filter(|l| l.trim_start().starts_with("<Patch "))
+        .filter_map(|l| l.split(" Hash=\"").nth(1))
+        .map(|h| h[..64].to_owned())
+        .collect()
+}
+
+/// The `Hash` attribute values of every `Bundle` element.
+fn bundle_hashes(xml: &str) -> Vec<String> {
+    xml.lines()
+        .filter(|l| l.trim_start().starts_with("<Bundle "))
         .filter_map(|l| l.split(" Hash=\"").nth(1))
         .map(|h| h[..64].to_owned())
         .collect()
@@ -268,9 +280,11 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
         2,
         "a patch each for bin/app and data.txt:\n{xml}"
     );
-    // The first patch is signed but lies: it names the second's bytes, so
-    // it decodes (if at all) to something else. One packed copy is cut
-    // short on the origin, every other one swapped for other bytes.
+    // Both patches are signed but lie: each names the other's bytes, so
+    // it decodes (if at all) to something else. bin/app then comes from
+    // its bundle, which is cut short on the origin; data.txt from its
+    // packed copies: one cut short, every other one swapped for other
+    // bytes. Everything ends as plain chunks.
     let (a, b) = (&patches[0], &patches[1]);
     let size_of = |h: &str| {
         std::fs::metadata(www.join("lanup-store/blobs").join(h))
@@ -281,6 +295,14 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
     resign(&www, &key, |xml| {
         xml.replace(
             &format!("Size=\"{size_a}\" Hash=\"{a}\""),
+            "Size=\"A\" Hash=\"A\"",
+        )
+        .replace(
+            &format!("Size=\"{size_b}\" Hash=\"{b}\""),
+            &format!("Size=\"{size_a}\" Hash=\"{a}\""),
+        )
+        .replace(
+            "Size=\"A\" Hash=\"A\"",
             &format!("Size=\"{size_b}\" Hash=\"{b}\""),
         )
     });
@@ -296,6 +318,13 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
         } else {
             std::fs::write(&path, pseudo_random(bytes.len(), 5)).expect("swap");
         }
+    }
+    let bundles = bundle_hashes(&xml);
+    assert!(!bundles.is_empty(), "no bundle:\n{xml}");
+    for h in &bundles {
+        let path = blobs.join(h);
+        let bytes = std::fs::read(&path).expect("bundle blob");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
     }
     let second = Published {
         manifest_bytes: std::fs::metadata(www.join("AutoUpdater.xml"))
@@ -316,6 +345,7 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
     let log = node_log(&site.states[0]) + &node_log(&site.states[1]);
     assert!(log.contains("did not rebuild it"), "{log}");
     assert!(log.contains("packed copy"), "{log}");
+    assert!(log.contains("the bundle of 2 files"), "{log}");
     // No loop: each broken blob is asked for a bounded number of times.
     let requests = origin.stats()["requests"].as_u64().expect("count");
     assert!(requests < 60, "{requests} requests to the origin");

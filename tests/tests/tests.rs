@@ -20,6 +20,7 @@ mod publish;
 mod rollout;
 mod service;
 mod setup;
+mod small_files;
 mod swarm;
 mod testbed;
 mod unattended;

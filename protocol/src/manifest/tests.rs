@@ -39,6 +39,7 @@ fn sample() -> Manifest {
             app_name: Some("TIMS".into()),
             exe: Some("bin/TIMS".into()),
         },
+        bundles: Vec::new(),
     }
 }
 
@@ -488,4 +489,49 @@ fn the_delta_elements_leave_the_files_and_chunks_as_they_were() {
         .map(|c| c.hash.to_string())
         .collect();
     assert_eq!(hashes, expected);
+}
+
+#[test]
+fn bundles_round_trip_and_a_malformed_one_is_named() {
+    let mut m = sample();
+    m.files[1] = UpdateFile {
+        name: "etc/a.conf".into(),
+        size: Some(900),
+        mode: None,
+        hash: Some(Hash::of(b"a")),
+        chunks: vec![chunk(900, b"a")],
+        ..Default::default()
+    };
+    m.files.push(UpdateFile {
+        name: "etc/b.conf".into(),
+        size: Some(700),
+        mode: None,
+        hash: Some(Hash::of(b"b")),
+        chunks: vec![chunk(700, b"b")],
+        ..Default::default()
+    });
+    m.bundles.push(crate::manifest::Bundle {
+        first: 1,
+        count: 2,
+        blob: crate::manifest::Blob {
+            size: 600,
+            hash: Hash::of(b"bundle"),
+        },
+    });
+    m.validate().expect("valid");
+    let xml = m.to_xml().expect("serialise");
+    assert!(
+        xml.contains("<Bundle First=\"1\" Count=\"2\" Size=\"600\""),
+        "{xml}"
+    );
+    assert_eq!(parse_v2(&m), m);
+    let bad = xml.replace("Count=\"2\"", "Count=\"two\"");
+    let e = Manifest::parse(bad.as_bytes()).expect_err("malformed");
+    assert_eq!(
+        e.to_string(),
+        "manifest Bundle 0: Count=\"two\" is not a number"
+    );
+    let mut overrun = m.clone();
+    overrun.bundles[0].count = 3;
+    assert!(overrun.validate().is_err());
 }
