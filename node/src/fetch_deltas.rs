@@ -193,9 +193,7 @@ pub async fn fetch_release(
                 match apply_one(origin, file, patch, store, bases, &checked, &mut report).await {
                     Ok(stored) => {
                         report.patches += 1;
-                        report.chunks += stored.len();
-                        gained += stored.iter().map(|c| c.size).sum::<u64>();
-                        stored.iter().for_each(&mut on_chunk);
+                        gained += took(&stored, &mut report, &mut on_chunk);
                     }
                     Err(BlobError::Fetch(e)) => return Err(e),
                     Err(BlobError::Unusable(reason)) => {
@@ -259,9 +257,7 @@ pub async fn fetch_release(
         match unbundle_one(origin, manifest, bundle, store, &lacking, &mut report).await {
             Ok(stored) => {
                 report.bundles += 1;
-                report.chunks += stored.len();
-                gained += stored.iter().map(|c| c.size).sum::<u64>();
-                stored.iter().for_each(&mut on_chunk);
+                gained += took(&stored, &mut report, &mut on_chunk);
             }
             Err(BlobError::Fetch(e)) => return Err(e),
             Err(BlobError::Unusable(reason)) => {
@@ -289,6 +285,14 @@ pub async fn fetch_release(
         );
     }
     Ok(report)
+}
+
+/// Counts the chunks a patch or bundle yielded and tells `on_chunk` of
+/// each; returns their bytes.
+fn took(stored: &[Chunk], report: &mut FetchReport, on_chunk: &mut impl FnMut(&Chunk)) -> u64 {
+    report.chunks += stored.len();
+    stored.iter().for_each(on_chunk);
+    stored.iter().map(|c| c.size).sum()
 }
 
 fn poisoned() -> FetchError {
