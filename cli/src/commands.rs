@@ -888,7 +888,7 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
         Some(path) => {
             let source = ManifestSource {
                 location: path.display().to_string(),
-                bytes: std::fs::read(path)
+                text: lanup_node::manifest_text::ManifestText::read_file(path)
                     .with_context(|| format!("cannot read {}", path.display()))?,
                 signature: None,
                 signature_location: String::new(),

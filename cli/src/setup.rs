@@ -128,7 +128,7 @@ fn check_origin(args: &SetupArgs) -> Result<String> {
     };
     source
         .signature()
-        .and_then(|sig| Ok(sig.verify(&source.bytes, &args.trust_publisher)?))
+        .and_then(|sig| Ok(source.text.verify(&sig, &args.trust_publisher)?))
         .with_context(|| {
             format!(
                 "--origin {url}: its release is not signed by a key given with --trust-publisher"

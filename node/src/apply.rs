@@ -80,7 +80,7 @@ pub(crate) fn fault(point: &str) {
 #[derive(Debug, Clone)]
 pub struct Release {
     pub manifest: Manifest,
-    pub xml: Vec<u8>,
+    pub text: crate::manifest_text::ManifestText,
     pub signature: String,
     /// `STATE/staging/<version>/`.
     pub staged: PathBuf,
@@ -189,6 +189,22 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// [`write_synced`] for a manifest held compressed: its text is written
+/// as it is decoded.
+pub fn write_text_synced(path: &Path, text: &crate::manifest_text::ManifestText) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    {
+        let mut writer = io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
+        text.write_to(&mut writer)?;
+        writer.flush()?;
+    }
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(dir)
@@ -567,7 +583,7 @@ impl Applier {
         // The release being installed, recorded before the journal names it.
         let next = self.next_dir();
         let _ = fs::remove_dir_all(&next);
-        write_synced(&next.join(MANIFEST_FILE), &release.xml)?;
+        write_text_synced(&next.join(MANIFEST_FILE), &release.text)?;
         write_synced(&next.join(SIGNATURE_FILE), release.signature.as_bytes())?;
         let record = InstallRecord {
             version: version.clone(),

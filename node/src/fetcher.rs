@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::fetch::{FetchError, FetchReport, Origin};
 use crate::fetch_deltas::{fetch_release, Bases, Fallbacks};
+use crate::manifest_text::ManifestText;
 use crate::release::{http_get_bounded, Got, ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
@@ -88,7 +89,7 @@ pub enum FetcherEvent {
     /// The origin's manifest changed: its bytes, signature and location.
     Manifest {
         location: String,
-        xml: Vec<u8>,
+        text: ManifestText,
         signature: String,
     },
     /// A chunk from the origin is in the store (best effort: a full
@@ -440,7 +441,13 @@ impl Fetcher {
                 Some((base, _)) => format!("{base}/{FLEET_FILE}"),
                 None => format!("{origin}/{FLEET_FILE}"),
             };
-            let fleet = http_get_bounded(&http, &fleet_url, fleet_etag.as_deref()).await;
+            let fleet = http_get_bounded(
+                &http,
+                &fleet_url,
+                fleet_etag.as_deref(),
+                lanup_protocol::fleet::MAX_FLEET_BYTES as u64,
+            )
+            .await;
             (epoch, Outcome::Poll(result, fleet))
         });
     }
@@ -548,13 +555,13 @@ impl Fetcher {
                         Some(signature) => {
                             self.etag = etag;
                             self.origin_ok();
-                            let hash = Hash::of(&source.bytes);
+                            let hash = source.text.hash();
                             if self.last_manifest.replace(hash) == Some(hash) {
                                 return;
                             }
                             self.tell(FetcherEvent::Manifest {
                                 location: source.location,
-                                xml: source.bytes,
+                                text: source.text,
                                 signature,
                             })
                             .await;

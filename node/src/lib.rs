@@ -20,6 +20,7 @@ pub mod fetcher;
 pub mod hq;
 pub mod keys;
 pub mod logfile;
+pub mod manifest_text;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -55,6 +55,7 @@ use crate::chunks::{self, ChunkError};
 use crate::config::NodeConfig;
 use crate::control::ControlRequest;
 use crate::fetcher::{random, Duty, Fetcher, FetcherEvent, FetcherHandle, Wanted, FAILING_FOR};
+use crate::manifest_text::ManifestText;
 use crate::network::{Network, NetworkClient, NetworkConfig, NetworkEvent, CHUNK_PROTOCOL};
 use crate::release::ManifestSource;
 use crate::store::ChunkStore;
@@ -135,7 +136,7 @@ struct HaveWaiter {
 /// The release this node is moving towards.
 struct Target {
     manifest: std::sync::Arc<Manifest>,
-    xml: Vec<u8>,
+    text: ManifestText,
     signature: String,
     hash: Hash,
     transfer: Transfer<PeerId>,
@@ -166,7 +167,7 @@ enum Done {
     /// A peer's answer to "which chunks do you hold", or `None` when the
     /// request failed.
     Have(PeerId, Hash, Option<(Vec<Hash>, u32)>),
-    Manifest(PeerId, Hash, Result<(Vec<u8>, String)>),
+    Manifest(PeerId, Hash, Result<(ManifestText, String)>),
     /// Chunks of the release (by manifest hash) found in the store.
     Held(Hash, Vec<Hash>),
     Staged(Hash, Result<PathBuf>),
@@ -828,10 +829,27 @@ impl Node {
                     return;
                 }
                 let response = match (&request, &self.target) {
-                    (Request::Manifest { manifest_hash }, Some(t)) if *manifest_hash == t.hash => {
-                        Response::Manifest {
-                            xml: t.xml.clone(),
-                            signature: t.signature.clone(),
+                    (
+                        Request::ManifestPart {
+                            manifest_hash,
+                            offset,
+                        },
+                        Some(t),
+                    ) if *manifest_hash == t.hash => Response::ManifestPart {
+                        packed: t.text.part(*offset).to_vec(),
+                        total: t.text.packed().len() as u64,
+                        signature: t.signature.clone(),
+                    },
+                    (Request::Manifest { manifest_hash }, Some(t))
+                        if *manifest_hash == t.hash
+                            && t.text.len() <= lanup_protocol::wire::MAX_PLAIN_MANIFEST_ANSWER =>
+                    {
+                        match t.text.to_vec() {
+                            Ok(xml) => Response::Manifest {
+                                xml,
+                                signature: t.signature.clone(),
+                            },
+                            Err(_) => Response::Unknown,
                         }
                     }
                     (
@@ -973,10 +991,10 @@ impl Node {
         match found {
             FetcherEvent::Manifest {
                 location,
-                xml,
+                text,
                 signature,
             } => {
-                let _ = self.adopt(&location, xml, signature);
+                let _ = self.adopt(&location, text, signature);
                 self.assign_duty();
             }
             FetcherEvent::Chunk(hash) => {
@@ -1077,11 +1095,11 @@ impl Node {
             Done::Manifest(peer, hash, result) => {
                 let waiting = self.validating.remove(&hash).unwrap_or_default();
                 let verdict = match result {
-                    Ok((xml, _)) if Hash::of(&xml) != hash => {
+                    Ok((text, _)) if text.hash() != hash => {
                         warn!(%peer, "refused announcement: the manifest it sent is not the one it announced");
                         MessageAcceptance::Reject
                     }
-                    Ok((xml, sig)) => self.adopt(&format!("peer {peer}"), xml, sig),
+                    Ok((text, sig)) => self.adopt(&format!("peer {peer}"), text, sig),
                     Err(e) => {
                         warn!(%peer, error = %format!("{e:#}"), "could not fetch an announced manifest");
                         MessageAcceptance::Ignore
@@ -1127,9 +1145,9 @@ impl Node {
                             .state
                             .join("releases")
                             .join(t.manifest.release_name());
-                        let written = crate::apply::write_synced(
+                        let written = crate::apply::write_text_synced(
                             &keep.join(lanup_protocol::manifest::MANIFEST_FILE),
-                            &t.xml,
+                            &t.text,
                         )
                         .and_then(|()| {
                             crate::apply::write_synced(

@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use lanup_protocol::chunk::{digest_bytes, digest_reader, SMALL_FILE};
 use lanup_protocol::manifest::{
-    check_file_name, Format, Restart, MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE,
+    check_file_name, Format, Restart, MANIFEST_FILE, MAX_FILES, MAX_MANIFEST_BYTES,
+    MAX_PACKED_MANIFEST_BYTES,
 };
 use lanup_protocol::sign::{PublicKey, SecretKey, Signature};
 use lanup_protocol::{Hash, Manifest, UpdateFile, Version};
 
+use crate::manifest_text::{ManifestText, PlainWriter, PUBLISH_LEVEL};
 use crate::release_store::{ReleaseStore, STORE_DIR};
 use time::OffsetDateTime;
 
@@ -122,6 +124,13 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
     manifest
         .validate()
         .context("the release would not be installable")?;
+    if manifest.files.len() > MAX_FILES {
+        bail!(
+            "{}: {} files, over the {MAX_FILES} a node accepts in one release; publish fewer files (archive the small ones together)",
+            dir.display(),
+            manifest.files.len()
+        );
+    }
     let plain = manifest.to_xml()?.len() as u64;
     if plain > MAX_MANIFEST_BYTES {
         bail!(
@@ -162,11 +171,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         );
     }
     let manifest_path = out.join(MANIFEST_FILE);
-    let previous = fs::metadata(&manifest_path).and_then(|m| m.modified()).ok();
-    write_atomically(&manifest_path, xml.as_bytes())?;
-    newer_than(&manifest_path, previous)?;
-    let signature = key.sign(xml.as_bytes());
-    write_atomically(&out.join(SIGNATURE_FILE), signature.to_text().as_bytes())?;
+    write_manifest(&manifest_path, xml.as_bytes(), key)?;
     store.finish(&out, &manifest, xml.as_bytes(), opts.deltas.keep)?;
     Ok(Published {
         manifest,
@@ -195,18 +200,51 @@ fn newer_than(path: &Path, previous: Option<std::time::SystemTime>) -> Result<()
         .with_context(|| format!("cannot date {}", path.display()))
 }
 
+/// Writes a manifest's compressed copy, its text and its signature, in that
+/// order, each in one step: a node reading between two of the steps finds a
+/// copy the signature does not cover and reads the text, or the text the
+/// earlier signature does not cover and tries again at its next poll.
+fn write_manifest(manifest_path: &Path, xml: &[u8], key: &SecretKey) -> Result<()> {
+    let packed_path = packed_path_for(manifest_path);
+    let text = ManifestText::read_plain(xml, PUBLISH_LEVEL)
+        .with_context(|| format!("cannot compress {}", manifest_path.display()))?;
+    let previous = |path: &Path| fs::metadata(path).and_then(|m| m.modified()).ok();
+    let (packed_before, plain_before) = (previous(&packed_path), previous(manifest_path));
+    write_atomically(&packed_path, text.packed())?;
+    newer_than(&packed_path, packed_before)?;
+    write_atomically(manifest_path, xml)?;
+    newer_than(manifest_path, plain_before)?;
+    let signature = key.sign(xml);
+    write_atomically(
+        &signature_path_for(manifest_path),
+        signature.to_text().as_bytes(),
+    )
+}
+
 /// Re-signs a manifest edited by hand, after checking it still parses and
-/// validates: a signature over a manifest no node would accept helps nobody.
+/// validates (a signature over a manifest no node would accept helps
+/// nobody), and writes its compressed copy anew.
 pub fn sign_manifest(manifest_path: &Path, key: &SecretKey) -> Result<PathBuf> {
-    let bytes = read_bounded_file(manifest_path)?;
-    let manifest =
-        Manifest::parse(&bytes).with_context(|| format!("{}", manifest_path.display()))?;
+    let text = ManifestText::read_file(manifest_path)
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let manifest = text
+        .parse()
+        .with_context(|| format!("{}", manifest_path.display()))?;
     manifest
         .validate()
         .with_context(|| format!("{}", manifest_path.display()))?;
-    let sig_path = signature_path_for(manifest_path);
-    write_atomically(&sig_path, key.sign(&bytes).to_text().as_bytes())?;
-    Ok(sig_path)
+    let xml = text
+        .to_vec()
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    write_manifest(manifest_path, &xml, key)?;
+    Ok(signature_path_for(manifest_path))
+}
+
+/// The compressed copy (`.zst`) that belongs to a manifest file.
+pub fn packed_path_for(manifest_path: &Path) -> PathBuf {
+    let mut name = manifest_path.as_os_str().to_owned();
+    name.push(".zst");
+    PathBuf::from(name)
 }
 
 /// The `.sig` file that belongs to a manifest file.
@@ -369,17 +407,21 @@ pub(crate) fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
 pub struct ManifestSource {
     /// Where the manifest came from, for messages.
     pub location: String,
-    pub bytes: Vec<u8>,
+    /// The manifest's exact bytes, held compressed.
+    pub text: ManifestText,
     /// The `.sig` file's text, when there is one.
     pub signature: Option<Vec<u8>>,
     /// Where the signature was looked for.
     pub signature_location: String,
 }
 
+/// The most bytes of a `.sig` file read.
+const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
+
 impl ManifestSource {
     /// Reads a manifest from a file, a release folder, or an http(s) URL (a
     /// URL ending in `/` names a release directory). Manifests over
-    /// [`MAX_MANIFEST_BYTES`] are refused before they are read whole.
+    /// [`MAX_MANIFEST_BYTES`] are refused once that much is read.
     pub async fn read(location: &str) -> Result<ManifestSource> {
         if location.starts_with("http://") || location.starts_with("https://") {
             let client = crate::fetch::Origin::client(std::time::Duration::from_secs(60))?;
@@ -398,7 +440,8 @@ impl ManifestSource {
         if path.is_dir() {
             path = path.join(MANIFEST_FILE);
         }
-        let bytes = read_bounded_file(&path)?;
+        let text = ManifestText::read_file(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let sig_path = signature_path_for(&path);
         let signature = match fs::read(&sig_path) {
             Ok(b) => Some(b),
@@ -407,7 +450,7 @@ impl ManifestSource {
         };
         Ok(ManifestSource {
             location: path.display().to_string(),
-            bytes,
+            text,
             signature,
             signature_location: sig_path.display().to_string(),
         })
@@ -416,6 +459,11 @@ impl ManifestSource {
     /// Polls an origin: GETs the manifest at `location` (a URL ending in `/`
     /// names a release directory) with `If-None-Match: etag` when an ETag
     /// from the last poll is given, and its signature when it changed.
+    ///
+    /// The compressed copy beside the manifest (`AutoUpdater.xml.zst`) is
+    /// asked for first, and taken when the signature holds over what it
+    /// decodes to; an origin without one, or with one left over from an
+    /// earlier manifest, gets the text asked for next.
     pub async fn poll(
         client: &reqwest::Client,
         location: &str,
@@ -426,20 +474,54 @@ impl ManifestSource {
         } else {
             location.to_owned()
         };
-        let (bytes, etag) = match http_get_bounded(client, &url, etag).await? {
-            Got::Body(bytes, etag) => (bytes, etag),
+        let sig_url = format!("{url}.sig");
+        let packed_url = format!("{url}.zst");
+        let mut signature = None;
+        match http_get_bounded(client, &packed_url, etag, MAX_PACKED_MANIFEST_BYTES).await? {
+            Got::NotModified => return Ok(Poll::Unchanged),
+            Got::NotFound => {}
+            Got::Body(packed, etag) => {
+                signature = get_signature(client, &sig_url).await?;
+                let sig = signature.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    let text = ManifestText::from_packed(packed)?;
+                    let sig = Signature::from_text(std::str::from_utf8(&sig.unwrap_or_default())?)?;
+                    text.verify(&sig, std::slice::from_ref(&sig.key))?;
+                    anyhow::Ok(text)
+                })
+                .await?;
+                match checked {
+                    Ok(text) => {
+                        return Ok(Poll::Changed {
+                            source: ManifestSource {
+                                location: packed_url,
+                                text,
+                                signature,
+                                signature_location: sig_url,
+                            },
+                            etag,
+                        })
+                    }
+                    Err(e) => tracing::warn!(
+                        url = %packed_url,
+                        reason = %format!("{e:#}"),
+                        "the compressed manifest is not the signed one; reading the manifest itself (publish again, or `lanup sign` the manifest, to write it anew)"
+                    ),
+                }
+            }
+        }
+        let (text, etag) = match http_get_text(client, &url, etag).await? {
+            Got::Body(text, etag) => (text, etag),
             Got::NotModified => return Ok(Poll::Unchanged),
             Got::NotFound => bail!("{url}: not found"),
         };
-        let sig_url = format!("{url}.sig");
-        let signature = match http_get_bounded(client, &sig_url, None).await? {
-            Got::Body(bytes, _) => Some(bytes),
-            Got::NotFound | Got::NotModified => None,
-        };
+        if signature.is_none() {
+            signature = get_signature(client, &sig_url).await?;
+        }
         Ok(Poll::Changed {
             source: ManifestSource {
                 location: url,
-                bytes,
+                text,
                 signature,
                 signature_location: sig_url,
             },
@@ -460,8 +542,8 @@ impl ManifestSource {
     /// Checks, in this order, that a trusted key signed these exact bytes,
     /// that they parse, and that the manifest is installable at `now`.
     pub fn authenticate(&self, trusted: &[PublicKey], now: OffsetDateTime) -> Result<Manifest> {
-        self.signature()?
-            .verify(&self.bytes, trusted)
+        self.text
+            .verify(&self.signature()?, trusted)
             .with_context(|| self.location.clone())?;
         let manifest = self.parse()?;
         manifest
@@ -472,28 +554,18 @@ impl ManifestSource {
 
     /// Parses without any trust check (for display).
     pub fn parse(&self) -> Result<Manifest> {
-        Manifest::parse(&self.bytes).with_context(|| self.location.clone())
+        self.text.parse().with_context(|| self.location.clone())
     }
 }
 
-fn read_bounded_file(path: &Path) -> Result<Vec<u8>> {
-    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let size = file.metadata()?.len();
-    if size > MAX_MANIFEST_BYTES {
-        bail!(
-            "{}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} bytes lanup accepts",
-            path.display()
-        );
-    }
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-        bail!(
-            "{}: manifest grew past {MAX_MANIFEST_BYTES} bytes while being read",
-            path.display()
-        );
-    }
-    Ok(bytes)
+/// GETs a `.sig` file: `None` when there is none.
+async fn get_signature(client: &reqwest::Client, url: &str) -> Result<Option<Vec<u8>>> {
+    Ok(
+        match http_get_bounded(client, url, None, MAX_SIGNATURE_BYTES).await? {
+            Got::Body(bytes, _) => Some(bytes),
+            Got::NotFound | Got::NotModified => None,
+        },
+    )
 }
 
 /// What a conditional poll of the origin found.
@@ -509,43 +581,60 @@ pub enum Poll {
 }
 
 /// What one bounded GET returned.
-pub(crate) enum Got {
-    Body(Vec<u8>, Option<String>),
+pub(crate) enum Got<T = Vec<u8>> {
+    Body(T, Option<String>),
     NotModified,
     NotFound,
 }
 
-/// GETs `url` (conditionally, given an ETag), refusing bodies over
-/// [`MAX_MANIFEST_BYTES`].
-pub(crate) async fn http_get_bounded(
+/// Sends a GET of `url` (conditionally, given an ETag); `Err` for an
+/// answer other than success, 304 or 404.
+async fn http_get(
     client: &reqwest::Client,
     url: &str,
     etag: Option<&str>,
-) -> Result<Got> {
+) -> Result<Got<reqwest::Response>> {
     let mut request = client.get(url);
     if let Some(etag) = etag {
         request = request.header(reqwest::header::IF_NONE_MATCH, etag);
     }
-    let mut resp = request
+    let resp = request
         .send()
         .await
         .with_context(|| format!("cannot fetch {url}"))?;
     match resp.status() {
-        reqwest::StatusCode::NOT_FOUND => return Ok(Got::NotFound),
-        reqwest::StatusCode::NOT_MODIFIED => return Ok(Got::NotModified),
+        reqwest::StatusCode::NOT_FOUND => Ok(Got::NotFound),
+        reqwest::StatusCode::NOT_MODIFIED => Ok(Got::NotModified),
         s if !s.is_success() => bail!("{url}: origin answered {s}"),
-        _ => {}
-    }
-    if let Some(len) = resp.content_length() {
-        if len > MAX_MANIFEST_BYTES {
-            bail!("{url}: manifest is {len} bytes, more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
+        _ => {
+            let etag = resp
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok(Got::Body(resp, etag))
         }
     }
-    let etag = resp
-        .headers()
-        .get(reqwest::header::ETAG)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+}
+
+/// GETs `url` (conditionally, given an ETag), refusing bodies over `max`
+/// bytes.
+pub(crate) async fn http_get_bounded(
+    client: &reqwest::Client,
+    url: &str,
+    etag: Option<&str>,
+    max: u64,
+) -> Result<Got> {
+    let (mut resp, etag) = match http_get(client, url, etag).await? {
+        Got::Body(resp, etag) => (resp, etag),
+        Got::NotModified => return Ok(Got::NotModified),
+        Got::NotFound => return Ok(Got::NotFound),
+    };
+    if let Some(len) = resp.content_length() {
+        if len > max {
+            bail!("{url}: {len} bytes, more than the {max} bytes lanup accepts here");
+        }
+    }
     // Sized once when the length is known (checked above): a manifest of
     // many files is megabytes, and doubling would hold up to twice that.
     let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
@@ -555,11 +644,42 @@ pub(crate) async fn http_get_bounded(
         .with_context(|| format!("reading {url}"))?
     {
         body.extend_from_slice(&chunk);
-        if body.len() as u64 > MAX_MANIFEST_BYTES {
-            bail!("{url}: manifest is more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
+        if body.len() as u64 > max {
+            bail!("{url}: more than the {max} bytes lanup accepts here");
         }
     }
     Ok(Got::Body(body, etag))
+}
+
+/// GETs a manifest's text, compressing it as it arrives (the text of a
+/// manifest of many files is never held whole).
+async fn http_get_text(
+    client: &reqwest::Client,
+    url: &str,
+    etag: Option<&str>,
+) -> Result<Got<ManifestText>> {
+    let (mut resp, etag) = match http_get(client, url, etag).await? {
+        Got::Body(resp, etag) => (resp, etag),
+        Got::NotModified => return Ok(Got::NotModified),
+        Got::NotFound => return Ok(Got::NotFound),
+    };
+    if let Some(len) = resp.content_length() {
+        if len > MAX_MANIFEST_BYTES {
+            bail!("{url}: manifest is {len} bytes, more than the {MAX_MANIFEST_BYTES} bytes lanup accepts");
+        }
+    }
+    let mut writer = PlainWriter::new(crate::manifest_text::NODE_LEVEL)?;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("reading {url}"))?
+    {
+        writer
+            .write_all(&chunk)
+            .with_context(|| format!("reading {url}"))?;
+    }
+    let text = writer.finish().with_context(|| url.to_owned())?;
+    Ok(Got::Body(text, etag))
 }
 
 /// How one file on disk differs from its manifest entry.

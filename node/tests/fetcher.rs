@@ -97,11 +97,11 @@ async fn does_its_duty_and_stops_when_the_role_or_the_lease_is_gone() -> Result<
         serial: 0,
     };
     handle.assign(acting(None));
-    let FetcherEvent::Manifest { xml, .. } = next(&mut events, Duration::from_secs(10)).await?
+    let FetcherEvent::Manifest { text, .. } = next(&mut events, Duration::from_secs(10)).await?
     else {
         bail!("expected the origin's manifest first");
     };
-    let manifest = Arc::new(Manifest::parse(&xml)?);
+    let manifest = Arc::new(text.parse()?);
     let chunks = unique_chunks(&manifest.files);
     assert!(chunks.len() >= 3, "the release should span several chunks");
     let all: BTreeSet<Hash> = chunks.keys().copied().collect();

@@ -23,11 +23,22 @@ use crate::{Hash, Version};
 pub const MANIFEST_FILE: &str = "AutoUpdater.xml";
 /// The detached signature's file name, next to the manifest.
 pub const SIGNATURE_FILE: &str = "AutoUpdater.xml.sig";
-/// Manifests larger than this are refused before parsing. A 1 GiB release
-/// lists about a thousand chunks, a bit over 100 KiB of XML; 16 MiB leaves
-/// room for very large releases while bounding what a hostile origin or peer
-/// can make a node parse.
-pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+/// The compressed copy of the manifest (zstd) published beside it: what
+/// nodes fetch from the origin and pass between them. It decodes to the
+/// exact bytes the signature covers.
+pub const PACKED_MANIFEST_FILE: &str = "AutoUpdater.xml.zst";
+/// Manifests larger than this (as text) are refused. A 1 GiB release of
+/// large files lists about a thousand chunks, a bit over 100 KiB of XML; a
+/// tree of a million small files takes about 260 MB of text, 45 MB
+/// compressed. Nodes read a manifest as a stream (the signature checked and
+/// the files parsed as it is decoded), so this bounds time and disk, not a
+/// buffer.
+pub const MAX_MANIFEST_BYTES: u64 = 512 * 1024 * 1024;
+/// The most files a manifest lists.
+pub const MAX_FILES: usize = 1_000_000;
+/// The compressed manifest larger than this is refused before it is read
+/// whole: nodes hold a manifest compressed.
+pub const MAX_PACKED_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Which shape a manifest has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +157,10 @@ pub enum ManifestError {
     TooLarge { size: u64, max: u64 },
     #[error("manifest is not UTF-8 text")]
     NotUtf8,
+    #[error("manifest lists more than the {MAX_FILES} files lanup accepts")]
+    TooManyFiles,
+    #[error("manifest could not be read: {0}")]
+    Read(String),
     #[error("manifest is not well-formed XML: {0}")]
     Xml(String),
     #[error(
@@ -270,6 +285,30 @@ impl Manifest {
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
         xml::CONVERT_ERROR.with(|c| c.borrow_mut().take());
         let xml: xml::AutoUpdater = quick_xml::de::from_str(text).map_err(|e| {
+            xml::CONVERT_ERROR
+                .with(|c| c.borrow_mut().take())
+                .unwrap_or_else(|| ManifestError::Xml(e.to_string()))
+        })?;
+        Manifest::from_xml(xml)
+    }
+
+    /// Parses a manifest read as a stream (a compressed copy as it is
+    /// decoded), with the bounds of [`Manifest::parse`]: no more than
+    /// [`MAX_MANIFEST_BYTES`] are read, and files become values one
+    /// element at a time, so the text is never held whole.
+    pub fn parse_reader<R: std::io::BufRead>(mut reader: R) -> Result<Manifest, ManifestError> {
+        let read_error = |e: std::io::Error| ManifestError::Read(e.to_string());
+        let head = reader.fill_buf().map_err(read_error)?;
+        if head.starts_with(b"\xEF\xBB\xBF") {
+            reader.consume(3);
+        }
+        xml::CONVERT_ERROR.with(|c| c.borrow_mut().take());
+        let bounded = xml::Bounded {
+            inner: reader,
+            left: MAX_MANIFEST_BYTES,
+        };
+        let mut de = quick_xml::de::Deserializer::from_reader(bounded);
+        let xml = <xml::AutoUpdater as serde::Deserialize>::deserialize(&mut de).map_err(|e| {
             xml::CONVERT_ERROR
                 .with(|c| c.borrow_mut().take())
                 .unwrap_or_else(|| ManifestError::Xml(e.to_string()))
@@ -933,6 +972,52 @@ mod xml {
         }
     }
 
+    /// A reader that fails once more than `left` bytes came through,
+    /// leaving [`super::ManifestError::TooLarge`] for the parse to return.
+    pub(super) struct Bounded<R> {
+        pub(super) inner: R,
+        pub(super) left: u64,
+    }
+
+    impl<R: std::io::BufRead> Bounded<R> {
+        fn over(&self) -> std::io::Error {
+            let max = super::MAX_MANIFEST_BYTES;
+            CONVERT_ERROR.with(|c| {
+                *c.borrow_mut() = Some(super::ManifestError::TooLarge { size: max + 1, max })
+            });
+            std::io::Error::other("manifest too large")
+        }
+    }
+
+    impl<R: std::io::BufRead> std::io::Read for Bounded<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = std::io::BufRead::fill_buf(self)?.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.inner.fill_buf()?[..n]);
+            std::io::BufRead::consume(self, n);
+            Ok(n)
+        }
+    }
+
+    impl<R: std::io::BufRead> std::io::BufRead for Bounded<R> {
+        fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+            let left = self.left;
+            let over = {
+                let buf = self.inner.fill_buf()?;
+                !buf.is_empty() && left == 0
+            };
+            if over {
+                return Err(self.over());
+            }
+            let buf = self.inner.fill_buf()?;
+            Ok(&buf[..buf.len().min(left as usize)])
+        }
+
+        fn consume(&mut self, n: usize) {
+            self.left -= n as u64;
+            self.inner.consume(n);
+        }
+    }
+
     std::thread_local! {
         /// Why an element did not convert, for [`super::Manifest::parse`]
         /// to return as itself rather than as the XML reader's text.
@@ -965,6 +1050,12 @@ mod xml {
                 ) -> Result<Files, A::Error> {
                     let mut files = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                     while let Some(file) = seq.next_element::<File>()? {
+                        if files.len() == super::MAX_FILES {
+                            let e = super::ManifestError::TooManyFiles;
+                            let text = e.to_string();
+                            CONVERT_ERROR.with(|c| *c.borrow_mut() = Some(e));
+                            return Err(serde::de::Error::custom(text));
+                        }
                         match super::UpdateFile::from_xml(file) {
                             Ok(f) => files.push(f),
                             Err(e) => {

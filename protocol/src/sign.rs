@@ -220,6 +220,54 @@ impl Signature {
         }
         Ok(())
     }
+
+    /// The same check as [`Signature::verify`] over a message fed in
+    /// pieces ([`SignatureCheck::update`], then [`SignatureCheck::finish`]):
+    /// a manifest of many files is checked as it is decoded, never held
+    /// whole. Refuses an untrusted key before any byte is read.
+    pub fn check(&self, trusted: &[PublicKey]) -> Result<SignatureCheck, SignatureError> {
+        if trusted.is_empty() {
+            return Err(SignatureError::NoTrustedKeys);
+        }
+        if !trusted.contains(&self.key) {
+            return Err(SignatureError::Untrusted(self.key.to_string()));
+        }
+        let bad = || SignatureError::BadSignature(self.key.to_string());
+        let key =
+            ed25519_dalek::VerifyingKey::from_bytes(&self.key.to_bytes()).map_err(|_| bad())?;
+        let signature = ed25519_dalek::Signature::from_bytes(&self.bytes);
+        let verifier = key.verify_stream(&signature).map_err(|_| bad())?;
+        Ok(SignatureCheck {
+            verifier,
+            key: self.key.to_string(),
+        })
+    }
+}
+
+/// A signature check in progress over a message read in pieces.
+pub struct SignatureCheck {
+    verifier: ed25519_dalek::StreamVerifier,
+    key: String,
+}
+
+impl SignatureCheck {
+    /// Feeds the next bytes of the message.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.verifier.update(bytes);
+    }
+
+    /// Whether the signature holds over every byte fed.
+    pub fn finish(self) -> Result<(), SignatureError> {
+        self.verifier
+            .finalize_and_verify()
+            .map_err(|_| SignatureError::BadSignature(self.key))
+    }
+}
+
+impl fmt::Debug for SignatureCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SignatureCheck(by {})", self.key)
+    }
 }
 
 impl fmt::Debug for Signature {
@@ -240,6 +288,36 @@ mod tests {
         let public = key.public().to_string();
         assert!(public.starts_with("ed25519:") && public.len() == 8 + 64);
         assert_eq!(public.parse::<PublicKey>(), Ok(key.public()));
+    }
+
+    #[test]
+    fn a_signature_checked_in_pieces_holds_exactly_when_it_holds_whole() {
+        let key = SecretKey::generate();
+        let manifest: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let sig = key.sign(&manifest);
+        let trusted = [key.public()];
+        let mut check = sig.check(&trusted).expect("trusted");
+        for piece in manifest.chunks(7_777) {
+            check.update(piece);
+        }
+        check.finish().expect("holds in pieces");
+
+        let mut changed = manifest.clone();
+        changed[123_456] ^= 1;
+        let mut check = sig.check(&trusted).expect("trusted");
+        check.update(&changed);
+        assert_eq!(
+            check.finish(),
+            Err(SignatureError::BadSignature(key.public().to_string()))
+        );
+        let mut check = sig.check(&trusted).expect("trusted");
+        check.update(&manifest[..manifest.len() - 1]);
+        assert!(check.finish().is_err(), "a message cut short fails");
+        let other = SecretKey::generate().public();
+        assert!(matches!(
+            sig.check(&[other]),
+            Err(SignatureError::Untrusted(_))
+        ));
     }
 
     #[test]

@@ -29,8 +29,14 @@ pub struct Announce {
 /// Requests a node answers for its peers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// The manifest with this hash and its signature.
+    /// The manifest with this hash and its signature, as text. Answered
+    /// only for manifests of up to [`MAX_PLAIN_MANIFEST_ANSWER`] bytes;
+    /// nodes ask for [`Request::ManifestPart`]s first and this of peers
+    /// that do not know those.
     Manifest { manifest_hash: Hash },
+    /// Part of the compressed copy of the manifest with this hash (its
+    /// hash is the text's), from byte `offset` on, and its signature.
+    ManifestPart { manifest_hash: Hash, offset: u64 },
     /// Which chunks of this release the peer holds, from the `since`-th it
     /// gained on (0 for all): asked often, answered with what is new.
     Have { manifest_hash: Hash, since: u32 },
@@ -45,6 +51,10 @@ pub enum Request {
     Audit { id: String },
 }
 
+/// The largest manifest text a node sends whole ([`Request::Manifest`]):
+/// an answer must stay under the request-response cap of 10 MiB.
+pub const MAX_PLAIN_MANIFEST_ANSWER: u64 = 8 << 20;
+
 /// The most audit entries one peer sends about one change.
 pub const MAX_AUDIT_ENTRIES: usize = 256;
 
@@ -54,6 +64,14 @@ pub enum Response {
     Manifest {
         #[serde(with = "serde_bytes")]
         xml: Vec<u8>,
+        signature: String,
+    },
+    /// Bytes of a compressed manifest from the offset asked for (at most
+    /// a mebibyte), how many it has in all, and the signature of its text.
+    ManifestPart {
+        #[serde(with = "serde_bytes")]
+        packed: Vec<u8>,
+        total: u64,
         signature: String,
     },
     Have {

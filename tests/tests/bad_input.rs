@@ -203,11 +203,11 @@ fn oversized_manifest_is_refused_before_parsing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("AutoUpdater.xml");
     let file = std::fs::File::create(&path).expect("create");
-    file.set_len(16 * 1024 * 1024 + 1)
-        .expect("sparse 16 MiB + 1");
+    file.set_len(512 * 1024 * 1024 + 1)
+        .expect("sparse 512 MiB + 1");
     let err = run_fails(&["inspect", s(&path)]);
     assert!(
-        err.contains("more than the 16777216 bytes lanup accepts"),
+        err.contains("more than the 536870912 bytes lanup accepts"),
         "{err}"
     );
 }

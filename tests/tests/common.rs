@@ -197,8 +197,21 @@ pub(crate) struct Published {
     pub(crate) public: String,
     /// Sum of the file sizes.
     pub(crate) size: u64,
-    /// `AutoUpdater.xml` plus its `.sig`, which every poll may fetch.
+    /// What a poll that finds a new manifest fetches: its compressed copy
+    /// (or its text, where there is none) and its `.sig`.
     pub(crate) manifest_bytes: u64,
+    /// The manifest's text, `AutoUpdater.xml`.
+    pub(crate) manifest_text: u64,
+}
+
+/// The bytes a node fetches to read the manifest served from `www`: the
+/// compressed copy when there is one, else the text, and the signature.
+pub(crate) fn manifest_read(www: &Path) -> u64 {
+    let len = |name: &str| std::fs::metadata(www.join(name)).map(|m| m.len());
+    len("AutoUpdater.xml.zst")
+        .or_else(|_| len("AutoUpdater.xml"))
+        .expect("published manifest")
+        + len("AutoUpdater.xml.sig").expect("published signature")
 }
 
 /// Runs `lanup publish --dir APP --version VERSION … --out WWW`.
@@ -242,7 +255,8 @@ pub(crate) fn publish_as(
         www: www.to_owned(),
         public: public.clone(),
         size,
-        manifest_bytes: len("AutoUpdater.xml") + len("AutoUpdater.xml.sig"),
+        manifest_bytes: manifest_read(www),
+        manifest_text: len("AutoUpdater.xml"),
     }
 }
 

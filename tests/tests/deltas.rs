@@ -327,9 +327,7 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
         std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
     }
     let second = Published {
-        manifest_bytes: std::fs::metadata(www.join("AutoUpdater.xml"))
-            .expect("manifest")
-            .len(),
+        manifest_bytes: manifest_read(&www),
         ..second
     };
 

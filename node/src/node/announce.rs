@@ -5,6 +5,7 @@
 //! as the release to fetch when it is.
 
 use super::*;
+use anyhow::bail;
 
 impl Node {
     /// Warns once per peer and manifest about a refused announcement.
@@ -106,19 +107,7 @@ impl Node {
         let net = self.net.clone();
         let tx = self.done_tx.clone();
         tokio::spawn(async move {
-            let result = match net
-                .request(
-                    from,
-                    Request::Manifest {
-                        manifest_hash: hash,
-                    },
-                )
-                .await
-            {
-                Ok(Response::Manifest { xml, signature }) => Ok((xml, signature)),
-                Ok(_) => Err(anyhow::anyhow!("peer does not have the manifest")),
-                Err(e) => Err(e),
-            };
+            let result = fetch_manifest(&net, from, hash).await;
             let _ = tx.send(Done::Manifest(from, hash, result)).await;
         });
         None
@@ -130,12 +119,12 @@ impl Node {
     pub(super) fn adopt(
         &mut self,
         from: &str,
-        xml: Vec<u8>,
+        text: ManifestText,
         signature: String,
     ) -> MessageAcceptance {
         let source = ManifestSource {
             location: from.to_owned(),
-            bytes: xml,
+            text,
             signature: Some(signature.clone().into_bytes()),
             signature_location: format!("{from} (signature)"),
         };
@@ -147,7 +136,7 @@ impl Node {
                     return MessageAcceptance::Reject;
                 }
             };
-        let hash = Hash::of(&source.bytes);
+        let hash = source.text.hash();
         if crate::upgrade::is_lanup(&manifest) {
             let running = crate::upgrade::version()
                 .parse::<lanup_protocol::Version>()
@@ -197,7 +186,7 @@ impl Node {
         info!(release = %manifest.release_name(), source = from, bytes = bytes_total, "release announced; fetching it");
         self.target = Some(Target {
             manifest: std::sync::Arc::new(manifest),
-            xml: source.bytes,
+            text: source.text,
             signature,
             hash,
             transfer,
@@ -220,5 +209,89 @@ impl Node {
         self.check_room();
         self.ask_have();
         MessageAcceptance::Accept
+    }
+}
+
+/// Takes the manifest `hash` from a peer: its compressed copy in parts
+/// (a manifest of many files is more than one answer may carry), or, from
+/// a peer that does not know parts, its text whole. The copy is decoded
+/// (bounded) off the node's task; the caller checks its hash.
+async fn fetch_manifest(
+    net: &NetworkClient,
+    from: PeerId,
+    hash: Hash,
+) -> Result<(ManifestText, String)> {
+    use lanup_protocol::manifest::MAX_PACKED_MANIFEST_BYTES;
+    let mut packed = Vec::new();
+    let mut signature = String::new();
+    loop {
+        let asked = Request::ManifestPart {
+            manifest_hash: hash,
+            offset: packed.len() as u64,
+        };
+        match net.request(from, asked).await {
+            Ok(Response::ManifestPart {
+                packed: part,
+                total,
+                signature: sig,
+            }) => {
+                if total > MAX_PACKED_MANIFEST_BYTES {
+                    bail!("peer's compressed manifest is {total} bytes, more than the {MAX_PACKED_MANIFEST_BYTES} lanup accepts");
+                }
+                if part.is_empty() && (packed.len() as u64) < total {
+                    bail!("peer sent an empty part of its manifest");
+                }
+                if !packed.is_empty() && sig != signature {
+                    bail!("peer's manifest changed its signature between parts");
+                }
+                signature = sig;
+                packed.extend_from_slice(&part);
+                if packed.len() as u64 > total {
+                    bail!("peer sent more of its manifest than it said it has");
+                }
+                if packed.len() as u64 == total {
+                    break;
+                }
+            }
+            // A peer that does not know parts (an older lanup) cannot read
+            // the request, and one that holds the text alone answers it
+            // with `Unknown`: the whole text is asked for instead.
+            Ok(Response::Unknown) | Err(_) if packed.is_empty() => {
+                return fetch_manifest_text(net, from, hash).await
+            }
+            Ok(Response::Unknown) => bail!("peer no longer has the manifest"),
+            Ok(_) => bail!("peer answered a manifest request with something else"),
+            Err(e) => return Err(e),
+        }
+    }
+    let text = tokio::task::spawn_blocking(move || ManifestText::from_packed(packed))
+        .await
+        .context("decoding the peer's manifest")??;
+    Ok((text, signature))
+}
+
+/// Takes the manifest `hash` from a peer as text.
+async fn fetch_manifest_text(
+    net: &NetworkClient,
+    from: PeerId,
+    hash: Hash,
+) -> Result<(ManifestText, String)> {
+    match net
+        .request(
+            from,
+            Request::Manifest {
+                manifest_hash: hash,
+            },
+        )
+        .await?
+    {
+        Response::Manifest { xml, signature } => {
+            let text = tokio::task::spawn_blocking(move || ManifestText::from_plain(&xml))
+                .await
+                .context("reading the peer's manifest")??;
+            Ok((text, signature))
+        }
+        Response::Unknown => bail!("peer does not have the manifest"),
+        _ => bail!("peer answered a manifest request with something else"),
     }
 }

@@ -15,7 +15,7 @@ impl Node {
         match t {
             Some(t) if t.staged => Ok(Release {
                 manifest: (*t.manifest).clone(),
-                xml: t.xml.clone(),
+                text: t.text.clone(),
                 signature: t.signature.clone(),
                 staged: self.config.state.join("staging").join(version),
                 rollback: false,
@@ -172,22 +172,29 @@ impl Node {
         let Ok(entries) = std::fs::read_dir(&releases) else {
             return;
         };
-        let mut found: Vec<(Manifest, Vec<u8>, String)> = Vec::new();
+        // The newest only is kept while looking: a manifest of many files
+        // is tens of megabytes parsed.
+        let mut found: Option<(Manifest, ManifestText, String)> = None;
         for entry in entries.flatten() {
             let dir = entry.path();
             match self.stored_manifest(&dir) {
-                Ok(found_here) => found.push(found_here),
+                Ok(here) => {
+                    if found.as_ref().is_none_or(|best| {
+                        here.0.compare_succession(&best.0) == std::cmp::Ordering::Greater
+                    }) {
+                        found = Some(here);
+                    }
+                }
                 Err(e) => {
                     warn!(dir = %dir.display(), error = %format!("{e:#}"), "not taking up a stored release")
                 }
             }
         }
-        found.sort_by(|a, b| a.0.compare_succession(&b.0));
-        let Some((manifest, xml, sig)) = found.pop() else {
+        let Some((manifest, text, sig)) = found else {
             return;
         };
         let location = releases.join(manifest.release_name());
-        if self.adopt(&location.display().to_string(), xml, sig) != MessageAcceptance::Accept {
+        if self.adopt(&location.display().to_string(), text, sig) != MessageAcceptance::Accept {
             return;
         }
         let staging = self

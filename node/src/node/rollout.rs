@@ -635,13 +635,13 @@ impl Node {
     pub(super) fn stored_manifest(
         &self,
         dir: &std::path::Path,
-    ) -> Result<(Manifest, Vec<u8>, String)> {
+    ) -> Result<(Manifest, ManifestText, String)> {
         let source = ManifestSource::read_local(dir)?;
         let manifest =
             source.authenticate(&self.config.trust_publisher, OffsetDateTime::now_utc())?;
         let signature = String::from_utf8(source.signature.unwrap_or_default())
             .with_context(|| format!("{}: signature is not text", source.signature_location))?;
-        Ok((manifest, source.bytes, signature))
+        Ok((manifest, source.text, signature))
     }
 
     /// A release this node still holds (`STATE/releases/` and
@@ -670,7 +670,7 @@ impl Node {
                 held()
             );
         }
-        let (manifest, xml, signature) = self
+        let (manifest, text, signature) = self
             .stored_manifest(&dir)
             .with_context(|| format!("cannot roll back to {version}"))?;
         if let Some(installed) = &self.installed {
@@ -683,7 +683,7 @@ impl Node {
         }
         Ok(Release {
             manifest,
-            xml,
+            text,
             signature,
             staged,
             rollback: true,

@@ -297,6 +297,38 @@ fn oversized_manifests_are_refused_before_parsing() {
 }
 
 #[test]
+fn a_streamed_manifest_reads_as_the_same_text_and_stops_at_the_bounds() {
+    let m = sample();
+    let text = m.to_xml().expect("writes");
+    let mut bom = b"\xEF\xBB\xBF".to_vec();
+    bom.extend_from_slice(text.as_bytes());
+    for bytes in [text.as_bytes(), &bom[..]] {
+        let streamed =
+            Manifest::parse_reader(std::io::BufReader::with_capacity(7, bytes)).expect("streams");
+        assert_eq!(streamed, Manifest::parse(bytes).expect("parses"));
+    }
+
+    // An endless comment: refused once the bound is read, not held.
+    let head = std::io::Cursor::new(b"<AutoUpdater Format=\"2\"><!--".to_vec());
+    let endless = std::io::Read::chain(head, std::io::repeat(b' '));
+    let endless = std::io::BufReader::new(endless);
+    assert!(matches!(
+        Manifest::parse_reader(endless),
+        Err(ManifestError::TooLarge { .. })
+    ));
+
+    // One file more than the format allows.
+    let file = "<UpdateFile FileName=\"a\"/>";
+    let mut listing = String::from("<AutoUpdater><URLAddres URL=\"http://o/\"/><UpdateFileList>");
+    listing.push_str(&file.repeat(MAX_FILES + 1));
+    listing.push_str("</UpdateFileList></AutoUpdater>");
+    assert_eq!(
+        Manifest::parse_reader(listing.as_bytes()),
+        Err(ManifestError::TooManyFiles)
+    );
+}
+
+#[test]
 fn offers_must_be_newer_and_unexpired() {
     let installed = sample();
     let mut offer = sample();
