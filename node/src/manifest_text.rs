@@ -18,8 +18,8 @@ use lanup_protocol::{Hash, Manifest};
 /// The zstd level a node compresses a manifest it got as text with;
 /// `lanup publish` uses [`PUBLISH_LEVEL`].
 pub(crate) const NODE_LEVEL: i32 = 3;
-/// The level of the compressed copy `lanup publish` writes beside the
-/// manifest.
+/// The level of the compressed copy `lanup publish` writes beside a
+/// manifest of up to a mebibyte (larger ones get [`NODE_LEVEL`]).
 pub const PUBLISH_LEVEL: i32 = 19;
 /// The window the compressed copy is made with, and the largest a node
 /// decodes (log2): a manifest repeats itself within an element, not across

@@ -206,7 +206,14 @@ fn newer_than(path: &Path, previous: Option<std::time::SystemTime>) -> Result<()
 /// earlier signature does not cover and tries again at its next poll.
 fn write_manifest(manifest_path: &Path, xml: &[u8], key: &SecretKey) -> Result<()> {
     let packed_path = packed_path_for(manifest_path);
-    let text = ManifestText::read_plain(xml, PUBLISH_LEVEL)
+    // Level 19 takes 14 s over the 26 MB manifest of 100,000 files for a
+    // copy a fifth smaller than level 3's (0.1 s): small manifests get it.
+    let level = if xml.len() <= 1 << 20 {
+        PUBLISH_LEVEL
+    } else {
+        crate::manifest_text::NODE_LEVEL
+    };
+    let text = ManifestText::read_plain(xml, level)
         .with_context(|| format!("cannot compress {}", manifest_path.display()))?;
     let previous = |path: &Path| fs::metadata(path).and_then(|m| m.modified()).ok();
     let (packed_before, plain_before) = (previous(&packed_path), previous(manifest_path));
