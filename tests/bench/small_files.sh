@@ -127,5 +127,5 @@ gen "$files" "$work/v2" 100
 wait_staged 2.0
 read -r req2 bytes2 <<< "$(stats)"
 echo "2.0 (100 files changed) from the origin: $((req2 - req1)) requests, $((bytes2 - bytes1)) bytes"
-"$LANUP" apply 2.0 --state "$work/n0" | grep -E "files \(|down"
+"$LANUP" apply 2.0 --state "$work/n0" | grep -E "files \(|down|committed"
 echo "peak RSS overall: node 0 $(hwm $n0) MiB, node 1 $(hwm $n1) MiB"
