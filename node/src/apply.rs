@@ -185,26 +185,29 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// or the new content, never a mix: a synced temporary file renamed over
 /// it, and the folder synced.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    write_synced_with(path, |file| file.write_all(bytes))
 }
 
 /// [`write_synced`] for a manifest held compressed: its text is written
 /// as it is decoded.
 pub fn write_text_synced(path: &Path, text: &crate::manifest_text::ManifestText) -> io::Result<()> {
+    write_synced_with(path, |file| {
+        let mut writer = io::BufWriter::with_capacity(256 * 1024, file);
+        text.write_to(&mut writer)?;
+        writer.flush()
+    })
+}
+
+/// Writes `path` through `write` into a temporary file beside it, synced
+/// and renamed into place, and syncs the folder.
+fn write_synced_with(
+    path: &Path,
+    write: impl FnOnce(&mut fs::File) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    {
-        let mut writer = io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
-        text.write_to(&mut writer)?;
-        writer.flush()?;
-    }
+    write(tmp.as_file_mut())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(dir)
