@@ -165,6 +165,29 @@ pub const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 /// health wait and its health command, with room to spare.
 pub const APPLY_LINE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long the CLI keeps knocking on a socket that exists but refuses:
+/// a node handing over to a new lanup, or restarted by its service
+/// manager, listens again within moments, and a command given meanwhile
+/// should reach it rather than fail.
+pub const REFUSED_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Connects to the control socket at `path`, trying again for
+/// [`REFUSED_PATIENCE`] while it refuses (no socket at all fails at once).
+async fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let until = tokio::time::Instant::now() + REFUSED_PATIENCE;
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends `request` to the node whose state directory is `state`; returns
 /// its answer (the last line, for an answer given step by step).
 pub async fn ask(state: &Path, request: ControlRequest) -> Result<serde_json::Value> {
@@ -192,7 +215,7 @@ pub async fn ask_each(
             patience.as_secs()
         )
     };
-    let stream = tokio::time::timeout(patience, UnixStream::connect(&path))
+    let stream = tokio::time::timeout(patience, connect(&path))
         .await
         .map_err(|_| no_answer())?
         .with_context(|| {
