@@ -79,7 +79,12 @@ pub(crate) fn fault(point: &str) {
 /// A release ready to install: its checked manifest and its staged files.
 #[derive(Debug, Clone)]
 pub struct Release {
-    pub manifest: Manifest,
+    /// Shared with the node's target: a large release's manifest is held
+    /// once.
+    pub manifest: std::sync::Arc<Manifest>,
+    /// The node's copy of the installed release's manifest, used when the
+    /// record on disk names the same release (else it is read).
+    pub installed: Option<std::sync::Arc<Manifest>>,
     pub text: crate::manifest_text::ManifestText,
     pub signature: String,
     /// `STATE/staging/<version>/`.
@@ -106,7 +111,7 @@ pub struct InstallRecord {
 /// The installed release, as recorded.
 #[derive(Debug, Clone)]
 pub struct Installed {
-    pub manifest: Manifest,
+    pub manifest: std::sync::Arc<Manifest>,
     pub record: InstallRecord,
 }
 
@@ -309,6 +314,21 @@ impl Applier {
         read_installed(&self.state)
     }
 
+    /// The installed release, with the manifest `known` (the node's copy)
+    /// when the record names that release, read again otherwise.
+    fn installed_as(&self, known: Option<&std::sync::Arc<Manifest>>) -> Result<Option<Installed>> {
+        let Some(record) = read_install_record(&self.state)? else {
+            return Ok(None);
+        };
+        match known {
+            Some(m) if m.release_name() == record.version => Ok(Some(Installed {
+                manifest: m.clone(),
+                record,
+            })),
+            _ => self.installed(),
+        }
+    }
+
     /// How the last apply ended, if there was one.
     /// Rotates the application's output log if it grew past its bound.
     pub fn rotate_app_log(&self) -> std::io::Result<bool> {
@@ -345,7 +365,7 @@ impl Applier {
     pub fn apply(&self, release: &Release, report: &mut dyn FnMut(Event)) -> Outcome {
         let mut say = narrator(report);
         let version = release.manifest.release_name();
-        let installed = match self.installed() {
+        let installed = match self.installed_as(release.installed.as_ref()) {
             Ok(i) => i,
             Err(e) => return self.failed(&version, None, format!("{e:#}"), &mut say),
         };
@@ -889,8 +909,10 @@ impl Applier {
 
     /// The app name of the release being installed, from `apply/next`.
     fn next_name(&self) -> Option<String> {
-        let xml = fs::read(self.next_dir().join(MANIFEST_FILE)).ok()?;
-        Manifest::parse(&xml).ok()?.restart.app_name
+        parse_file(&self.next_dir().join(MANIFEST_FILE))
+            .ok()?
+            .restart
+            .app_name
     }
 
     /// Removes the work folder and the record of the release that was not
@@ -1033,17 +1055,30 @@ fn promote(state: &Path, next: &Path) -> io::Result<()> {
 
 /// Reads `STATE/installed/`: the installed release's manifest and record.
 pub fn read_installed(state: &Path) -> Result<Option<Installed>> {
-    let dir = state.join("installed");
-    let record_path = dir.join("install.json");
+    let Some(record) = read_install_record(state)? else {
+        return Ok(None);
+    };
+    let manifest = parse_file(&state.join("installed").join(MANIFEST_FILE))?.into();
+    Ok(Some(Installed { manifest, record }))
+}
+
+/// What `STATE/installed/install.json` records, without the manifest.
+pub fn read_install_record(state: &Path) -> Result<Option<InstallRecord>> {
+    let record_path = state.join("installed").join("install.json");
     let record = match fs::read(&record_path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", record_path.display())),
     };
-    let record: InstallRecord = serde_json::from_slice(&record)
-        .with_context(|| format!("{}: not an install record", record_path.display()))?;
-    let xml_path = dir.join(MANIFEST_FILE);
-    let xml = fs::read(&xml_path).with_context(|| format!("cannot read {}", xml_path.display()))?;
-    let manifest = Manifest::parse(&xml).with_context(|| format!("{}", xml_path.display()))?;
-    Ok(Some(Installed { manifest, record }))
+    serde_json::from_slice(&record)
+        .map(Some)
+        .with_context(|| format!("{}: not an install record", record_path.display()))
+}
+
+/// The manifest in the file at `path`, parsed as it is read: the text of
+/// a large release (27 MB for 100,000 files) is never held whole.
+pub fn parse_file(path: &Path) -> Result<Manifest> {
+    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Manifest::parse_reader(io::BufReader::with_capacity(1 << 16, file))
+        .with_context(|| format!("{}", path.display()))
 }

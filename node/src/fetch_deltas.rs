@@ -54,12 +54,29 @@ impl Bases {
 
     /// What a node with state folder `state` holds: its installed
     /// release, the releases it staged, and the lanup binary it runs.
-    pub fn of_node(state: &Path) -> Bases {
+    /// Manifests the node holds already (`known`: installed or staged) are
+    /// not read again.
+    pub fn of_node(state: &Path, known: &[&Manifest]) -> Bases {
         let mut bases = Bases::default();
-        if let Ok(Some(installed)) = crate::apply::read_installed(state) {
-            bases.add(&installed.manifest, &installed.record.install_dir);
+        let is_known = |name: &str| known.iter().find(|m| m.release_name() == name).copied();
+        if let Ok(Some(record)) = crate::apply::read_install_record(state) {
+            match is_known(&record.version) {
+                Some(manifest) => bases.add(manifest, &record.install_dir),
+                None => {
+                    if let Ok(Some(installed)) = crate::apply::read_installed(state) {
+                        bases.add(&installed.manifest, &installed.record.install_dir);
+                    }
+                }
+            }
         }
-        for staged in crate::stage::kept(state, "") {
+        for manifest in known {
+            let dir = state.join("staging").join(manifest.release_name());
+            if dir.is_dir() {
+                bases.add(manifest, &dir);
+            }
+        }
+        let skip: Vec<String> = known.iter().map(|m| m.release_name()).collect();
+        for staged in crate::stage::kept(state, &skip, &[]) {
             bases.add(&staged.manifest, &staged.dir);
         }
         // Hashed once: the binary a node runs does not change under it.

@@ -239,8 +239,9 @@ struct Node {
     refused: HashSet<(PeerId, Hash)>,
     /// Installs releases into the configured `[app]`; none without one.
     applier: Option<Applier>,
-    /// The installed release's manifest.
-    installed: Option<Manifest>,
+    /// The installed release's manifest (the target's, when the node
+    /// installed it: held once).
+    installed: Option<std::sync::Arc<Manifest>>,
     /// The files this node holds that patches from the origin may apply
     /// to (installed, staged, lanup itself), found again after each
     /// install.
@@ -339,7 +340,8 @@ pub async fn run(
             info!(release = %outcome.version, ending = ?outcome.ending, "resolved an interrupted apply");
         }
     }
-    let installed = crate::apply::read_installed(&config.state)?;
+    let installed = crate::apply::read_installed(&config.state)?.map(|i| i.manifest);
+    let bases = crate::fetch_deltas::Bases::of_node(&config.state, installed.as_deref().as_slice());
     // The newer of the application's last apply and lanup's own update.
     let lanup_last = crate::upgrade::last(&config.state);
     let last_apply = applier
@@ -435,7 +437,6 @@ pub async fn run(
         children.spawn(until(cancel.clone(), task));
         reporter
     });
-    let config_state = config.state.clone();
     let mut node = Node {
         reporter,
         metrics,
@@ -468,8 +469,8 @@ pub async fn run(
         validating: HashMap::new(),
         refused: HashSet::new(),
         applier,
-        installed: installed.map(|i| i.manifest),
-        bases: std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(&config_state)),
+        installed,
+        bases: std::sync::Arc::new(bases),
         applying: None,
         // A lanup release that did not install is not tried again either:
         // each try stops the node.
@@ -619,8 +620,23 @@ impl Node {
             .is_some_and(|t| !t.staged || !t.transfer.is_done())
     }
 
+    /// The files this node holds that patches may apply to, from the
+    /// manifests it holds and those of its other staged releases.
+    fn find_bases(&self) -> std::sync::Arc<crate::fetch_deltas::Bases> {
+        let known: Vec<&Manifest> = self
+            .installed
+            .iter()
+            .map(|m| &**m)
+            .chain(self.target.iter().map(|t| &*t.manifest))
+            .collect();
+        std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
+            &self.config.state,
+            &known,
+        ))
+    }
+
     fn installed_name(&self) -> Option<String> {
-        self.installed.as_ref().map(Manifest::release_name)
+        self.installed.as_ref().map(|m| m.release_name())
     }
 
     /// Whether this node runs `manifest`'s release: lanup's own version for
@@ -947,11 +963,12 @@ impl Node {
             let state = self.config.state.clone();
             let tx = self.done_tx.clone();
             let hash = t.hash;
+            let installed: Vec<_> = self.installed.iter().cloned().collect();
             t.stager = Some(crate::stage::start(
                 manifest,
                 self.store.clone(),
                 dest,
-                move || crate::stage::kept(&state, &name),
+                move || crate::stage::kept(&state, &[name], &installed),
                 t.held_order.clone(),
                 move |result| {
                     let _ = tx.blocking_send(Done::Staged(hash, result));
@@ -1159,9 +1176,7 @@ impl Node {
                             warn!(dir = %keep.display(), error = %e, "cannot keep the staged release's manifest");
                         }
                         self.collect_garbage();
-                        self.bases = std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
-                            &self.config.state,
-                        ));
+                        self.bases = self.find_bases();
                         self.maybe_auto_apply();
                     }
                     Err(e) if e.downcast_ref::<crate::fetch::DamagedChunk>().is_some() => {
@@ -1207,13 +1222,16 @@ impl Node {
                 let health = self.health_said.take();
                 match outcome.ending {
                     Ending::Committed => {
-                        self.installed = crate::apply::read_installed(&self.config.state)
-                            .ok()
-                            .flatten()
-                            .map(|i| i.manifest);
-                        self.bases = std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
-                            &self.config.state,
-                        ));
+                        self.installed = match &self.target {
+                            Some(t) if t.manifest.release_name() == outcome.version => {
+                                Some(t.manifest.clone())
+                            }
+                            _ => crate::apply::read_installed(&self.config.state)
+                                .ok()
+                                .flatten()
+                                .map(|i| i.manifest),
+                        };
+                        self.bases = self.find_bases();
                         info!(release = %outcome.version, downtime_ms = ?outcome.downtime_ms, "release installed");
                     }
                     Ending::RolledBack => {

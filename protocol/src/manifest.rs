@@ -359,6 +359,10 @@ impl Manifest {
                 .map(UpdateFile::from_xml)
                 .collect::<Result<Vec<_>, _>>()?,
         };
+        // Exactly as long as the list: a node holds a large release's
+        // manifest for as long as it is staged or installed.
+        let mut files = files;
+        files.shrink_to_fit();
         let restart = match xml.restart {
             None => Restart::default(),
             Some(r) => Restart {

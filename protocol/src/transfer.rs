@@ -123,6 +123,10 @@ pub struct Transfer<P> {
     salt: u64,
 }
 
+/// How many of the rarest ready chunks a pick looks through before it
+/// takes any a peer with room holds (see [`Transfer::next_pick`]).
+const RAREST_SCAN: usize = 512;
+
 /// A ready chunk's place: (holders, tie-break, hash).
 type Key = (usize, u64, Hash);
 
@@ -200,6 +204,12 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         if let Some(list) = self.holders.remove(hash) {
             let key = self.key(list.len(), hash);
             self.ready.remove(&key);
+            // A peer's `has` stays the wanted chunks it holds.
+            for peer in &list {
+                if let Some(state) = self.peers.get_mut(peer) {
+                    state.has.remove(hash);
+                }
+            }
         }
     }
 
@@ -416,16 +426,40 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// The rarest ready chunk a peer with room holds, and that peer: the
     /// one with the fewest requests in flight, then the one asked least so
     /// far. Each ready chunk's holders are at hand, so this looks at the
-    /// chunks in order until one has a holder with room.
+    /// rarest [`RAREST_SCAN`] chunks in order until one has a holder with
+    /// room. Past them, the rarest chunks are all held by busy peers (a
+    /// fetcher that alone holds most of a large release, say): rather than
+    /// walk the whole release at every chunk that arrives, it takes any
+    /// ready chunk a peer with room holds, which costs at most the requests
+    /// in flight.
     fn next_pick(&self, now: u64) -> Option<(Key, P)> {
         let per_peer = self.limits.per_peer;
-        self.ready.iter().find_map(|key| {
+        // A peer that holds no wanted chunk has nothing to offer; with no
+        // peer that can be asked, nothing is looked through.
+        let room = |s: &PeerState| s.usable(now) && s.in_flight < per_peer && !s.has.is_empty();
+        if !self.peers.values().any(room) {
+            return None;
+        }
+        let pick = |key: &Key| {
             let peer = self.holders.get(&key.2)?.iter().filter_map(|p| {
                 let s = self.peers.get(p)?;
-                (s.usable(now) && s.in_flight < per_peer).then_some((s.in_flight, s.asked, p))
+                room(s).then_some((s.in_flight, s.asked, p))
             });
             peer.min().map(|(_, _, p)| (*key, p.clone()))
-        })
+        };
+        if let Some(found) = self.ready.iter().take(RAREST_SCAN).find_map(pick) {
+            return Some(found);
+        }
+        if self.ready.len() <= RAREST_SCAN {
+            return None;
+        }
+        // Every wanted chunk a usable peer holds is in flight or ready.
+        self.peers
+            .values()
+            .filter(|s| room(s))
+            .flat_map(|s| s.has.iter())
+            .filter(|h| !self.in_flight.contains_key(*h))
+            .find_map(|h| pick(&self.key(self.holders.get(h)?.len(), h)))
     }
 
     /// Rarest first: the rarest ready chunk that a peer with room holds
@@ -670,6 +704,49 @@ mod tests {
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].hash, h(2));
         assert_eq!(t.missing_bytes(), 102);
+    }
+
+    /// A fetcher alone holds most of a release of many small chunks and
+    /// is always busy; a second peer holds a part the fetcher holds too.
+    /// The second peer is kept busy all along (it is not left idle until
+    /// the rare chunks run out), and every pick costs about the requests
+    /// in flight, not the release: 60,000 chunks delivered one at a time
+    /// take a moment where a walk of the release at every chunk took
+    /// minutes.
+    #[test]
+    fn a_busy_holder_of_the_rarest_chunks_leaves_the_others_asked() {
+        let hash = |i: u32| Hash::of(&i.to_le_bytes());
+        let n = 60_000u32;
+        let mut t = Transfer::new((0..n).map(|i| (hash(i), 1000)), Limits::default());
+        t.peer_connected("fetcher");
+        t.peer_connected("peer");
+        t.peer_has(&"fetcher", (0..n).map(hash));
+        t.peer_has(&"peer", (0..n / 3).map(hash));
+        let mut in_flight: Vec<Request<&str>> = Vec::new();
+        let mut from_peer = 0;
+        let mut rounds = 0;
+        while !t.is_done() {
+            let (asked, expired) = t.poll(0);
+            assert!(expired.is_empty());
+            in_flight.extend(asked);
+            if rounds < n / 3 && rounds % 100 == 0 {
+                let busy = |p| in_flight.iter().filter(|r| r.peer == p).count();
+                assert_eq!(
+                    busy("peer"),
+                    4,
+                    "the second peer is asked at round {rounds}"
+                );
+            }
+            let r = in_flight.remove(0);
+            from_peer += usize::from(r.peer == "peer");
+            t.delivered(&r.peer, &r.hash);
+            rounds += 1;
+        }
+        assert_eq!(rounds, n);
+        assert!(
+            from_peer > 1000,
+            "the second peer served {from_peer} chunks"
+        );
     }
 
     /// Random events (peers coming and going, announcing, delivering,

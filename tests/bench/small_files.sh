@@ -9,7 +9,8 @@
 #
 #   tests/bench/small_files.sh [FILES]
 #
-# LANUP=path runs another binary.
+# LANUP=path runs another binary; WRAP0="heaptrack -o FILE" runs node 0
+# under a profiler.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 files=${1:-100000}
@@ -27,8 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The tree: half random bytes, half text of a few words, seeded; an
-# application that runs until it is stopped.
+# The tree: half random bytes, half text of a few words, seeded.
 gen() {
   python3 - "$@" << 'EOF'
 import os, random, sys
@@ -58,8 +58,8 @@ EOF
 }
 mkdir -p "$work/v1/bin" "$work/install" "$work/p"
 gen "$files" "$work/v1"
-printf '#!/bin/sh\nexec sleep 100000\n' > "$work/v1/bin/app"
-chmod 755 "$work/v1/bin/app"
+# The application runs under its own name, so lanup finds it to stop it.
+cp /bin/sleep "$work/v1/bin/app"
 size=$(du -sb --apparent-size "$work/v1/share" | cut -f1)
 
 # Publish beside tar | zstd -1, each into a folder of its own.
@@ -85,13 +85,14 @@ cat > "$work/lanup.toml" << EOF
 [app]
 name = "app"
 install_dir = "$work/install"
-start = ["bin/app"]
+start = ["bin/app", "100000"]
 health_after = "300ms"
 EOF
 node() {
-  local i=$1
+  local i=$1 wrap=
   shift
-  "$LANUP" node --state "$work/n$i" --listen "/ip4/127.0.0.1/tcp/$((port + 1 + i))" --no-mdns \
+  [ "$i" = 0 ] && wrap=${WRAP0:-}
+  $wrap "$LANUP" node --state "$work/n$i" --listen "/ip4/127.0.0.1/tcp/$((port + 1 + i))" --no-mdns \
     --peer "/ip4/127.0.0.1/tcp/$((port + 2 - i))" --origin "$url" --trust-publisher "$public" \
     --site small$$ --poll-interval 1h "$@" > "$work/n$i.log" 2>&1 &
   pids+=($!)
@@ -127,5 +128,5 @@ gen "$files" "$work/v2" 100
 wait_staged 2.0
 read -r req2 bytes2 <<< "$(stats)"
 echo "2.0 (100 files changed) from the origin: $((req2 - req1)) requests, $((bytes2 - bytes1)) bytes"
-"$LANUP" apply 2.0 --state "$work/n0" | grep -E "files \(|down|committed"
+"$LANUP" apply 2.0 --state "$work/n0" | grep -E "files \(|stop|start|committed"
 echo "peak RSS overall: node 0 $(hwm $n0) MiB, node 1 $(hwm $n1) MiB"

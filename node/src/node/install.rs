@@ -14,7 +14,8 @@ impl Node {
             .filter(|t| t.manifest.release_name() == version);
         match t {
             Some(t) if t.staged => Ok(Release {
-                manifest: (*t.manifest).clone(),
+                manifest: t.manifest.clone(),
+                installed: self.installed.clone(),
                 text: t.text.clone(),
                 signature: t.signature.clone(),
                 staged: self.config.state.join("staging").join(version),

@@ -682,7 +682,8 @@ impl Node {
             }
         }
         Ok(Release {
-            manifest,
+            manifest: std::sync::Arc::new(manifest),
+            installed: self.installed.clone(),
             text,
             signature,
             staged,
