@@ -16,7 +16,8 @@
 #   tests/bench/deltas.sh [PAIR...]      (default: every pair below)
 #
 # CORPUS=dir keeps the downloads (default /tmp/lanup-corpus); LANUP=path
-# runs another binary; LEVEL=n publishes at another zstd level.
+# runs another binary; LEVEL=n publishes at another zstd level; SELF_OLD
+# and SELF_NEW add lanup's own update (see below).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 corpus=${CORPUS:-/tmp/lanup-corpus}
@@ -36,6 +37,14 @@ pairs=(
   "typescript-js npm typescript 5.6.2 5.6.3"
   "tzdata-data pypi tzdata 2024.1 2024.2"
 )
+# lanup's own update: SELF_OLD=path SELF_NEW=path add the pair lanup-self
+# (two builds of lanup, e.g. of two commits with the version raised).
+if [ -n "${SELF_OLD:-}" ] && [ -n "${SELF_NEW:-}" ]; then
+  self_old=$("$SELF_OLD" --version | awk '{print $2}')
+  self_new=$("$SELF_NEW" --version | awk '{print $2}')
+  rm -rf "$corpus/lanup-self"
+  pairs+=("lanup-self self lanup $self_old $self_new")
+fi
 
 # Downloads and unpacks one version into $corpus/NAME/VERSION.
 fetch() {
@@ -52,12 +61,15 @@ fetch() {
       pip download --quiet --no-deps --only-binary=:all: -d "$dl" "$package==$version" ;;
     npm)
       (cd "$dl" && npm pack --silent "$package@$version" > /dev/null) ;;
+    self)
+      if [ "$version" = "$self_old" ]; then cp "$SELF_OLD" "$dl/lanup"; else cp "$SELF_NEW" "$dl/lanup"; fi ;;
   esac
   mkdir -p "$dir.part"
   for f in "$dl"/*; do
     case $f in
       *.whl) python3 -m zipfile -e "$f" "$dir.part" ;;
       *.tgz) tar xzf "$f" -C "$dir.part" ;;
+      *) cp "$f" "$dir.part/" ;;
     esac
   done
   chmod -R u+rwX,go+rX "$dir.part"
