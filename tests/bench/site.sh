@@ -15,6 +15,7 @@
 #   ONLY_BIG=1 tests/bench/site.sh      # part 4 alone
 #   ONLY_LANUP=1 tests/bench/site.sh    # part 1 alone (no nginx needed)
 #   TIMEOUT=1800 ONLY_LANUP=1 tests/bench/site.sh 4 8 64kbit   # a slow uplink
+#   TREE=dir ONLY_LANUP=1 tests/bench/site.sh 4 0 16mbit       # the folder dir as the release
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-8} size_mib=${2:-64} uplink=${3:-16mbit} big_mib=${4:-1024}
@@ -51,12 +52,17 @@ stamp() { date -d "$(grep -h "$1" "$2" | head -1 | sed 's/^\([^ ]*\).*/\1/')" +%
 
 # --- release -----------------------------------------------------------------
 mkdir -p "$work/app/bin" "$work/www"
-head -c $((size_mib << 20)) /dev/urandom > "$work/app/bin/app"
-echo "level = 1" > "$work/app/app.conf"
+if [ -n "${TREE:-}" ]; then
+  # A release of the folder TREE (e.g. many small files) instead.
+  cp -a "$TREE/." "$work/app/"
+else
+  head -c $((size_mib << 20)) /dev/urandom > "$work/app/bin/app"
+  echo "level = 1" > "$work/app/app.conf"
+fi
 public=$("$lanup" keygen --out "$work/publisher.key" 2> /dev/null)
 "$lanup" publish --dir "$work/app" --version 1.0 --app app --url "http://$origin_ip:8080/" \
   --key "$work/publisher.key" --out "$work/www" > /dev/null 2>&1
-S=$(stat -c %s "$work/app/bin/app" "$work/app/app.conf" | awk '{s+=$1} END {print s}')
+S=$(find "$work/app" -type f -printf '%s\n' | awk '{s+=$1} END {print s}')
 rate_bps=$(awk -v u="$uplink" 'BEGIN {
   n = u + 0; s = tolower(u); sub(/^[0-9.]+/, "", s);
   m = (s == "kbit") ? 1e3 : (s == "mbit") ? 1e6 : (s == "gbit") ? 1e9 : 8;
