@@ -621,13 +621,19 @@ impl Node {
     }
 
     /// The files this node holds that patches may apply to, from the
-    /// manifests it holds and those of its other staged releases.
+    /// manifests it holds (the target's once it is staged) and those of
+    /// its other staged releases.
     fn find_bases(&self) -> std::sync::Arc<crate::fetch_deltas::Bases> {
         let known: Vec<&Manifest> = self
             .installed
             .iter()
             .map(|m| &**m)
-            .chain(self.target.iter().map(|t| &*t.manifest))
+            .chain(
+                self.target
+                    .iter()
+                    .filter(|t| t.staged)
+                    .map(|t| &*t.manifest),
+            )
             .collect();
         std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
             &self.config.state,
