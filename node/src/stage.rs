@@ -286,7 +286,10 @@ fn stage(
             p.remaining -= 1;
             p.unsynced += data.len() as u64;
             if p.hashed == j {
-                p.hasher.get_or_insert_with(Default::default).update(&data);
+                // A file of one chunk is its chunk: no hasher.
+                if file.chunks.len() > 1 {
+                    p.hasher.get_or_insert_with(Default::default).update(&data);
+                }
                 p.hashed += 1;
             }
             advance(p, file, &path)?;
