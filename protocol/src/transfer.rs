@@ -238,6 +238,9 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                 continue;
             };
             state.counted = true;
+            // What arrived meanwhile is no longer wanted.
+            let holders = &self.holders;
+            state.has.retain(|h| holders.contains_key(h));
             let has: Vec<Hash> = state.has.iter().copied().collect();
             for h in &has {
                 self.holds(h, &peer, true);
