@@ -180,6 +180,8 @@ struct Part {
     /// Which chunks are written; empty for a file of one chunk (written
     /// when `remaining` is 0).
     written: Vec<bool>,
+    /// Where each chunk starts; empty for a file of one chunk (at 0).
+    offsets: Vec<u64>,
     remaining: usize,
     /// The file's hash over its first `hashed` chunks: boxed, as a hasher
     /// is two kilobytes and a release of 100,000 small files has as many
@@ -239,6 +241,18 @@ fn stage(
         let n = file.chunks.len();
         let mut p = Part {
             written: if n > 1 { vec![false; n] } else { Vec::new() },
+            offsets: if n > 1 {
+                file.chunks
+                    .iter()
+                    .scan(0, |at, c| {
+                        let start = *at;
+                        *at += c.size;
+                        Some(start)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             remaining: n,
             hasher: None,
             hashed: 0,
@@ -275,7 +289,7 @@ fn stage(
             if p.is_written(j) {
                 continue;
             }
-            let offset = offset_of(file, j);
+            let offset = p.offset(j);
             let path = part_path(&dest.join(&file.name));
             open_part(&path, true)?
                 .write_all_at(&data, offset)
@@ -312,6 +326,11 @@ fn stage(
 }
 
 impl Part {
+    /// Where `chunk` starts in the file.
+    fn offset(&self, chunk: usize) -> u64 {
+        self.offsets.get(chunk).copied().unwrap_or(0)
+    }
+
     fn is_written(&self, chunk: usize) -> bool {
         match self.written.get(chunk) {
             Some(w) => *w,
@@ -328,11 +347,6 @@ fn part_path(target: &Path) -> PathBuf {
         .and_then(|n| n.to_str())
         .unwrap_or("file");
     target.with_file_name(format!(".{name}.{PARTIAL}"))
-}
-
-/// Where chunk `j` of `file` starts.
-fn offset_of(file: &UpdateFile, j: usize) -> u64 {
-    file.chunks[..j].iter().map(|c| c.size).sum()
 }
 
 fn open_part(path: &Path, write: bool) -> Result<std::fs::File> {
@@ -352,7 +366,7 @@ fn advance(p: &mut Part, file: &UpdateFile, path: &Path) -> Result<()> {
     }
     let f = open_part(path, false)?;
     let mut buf = Vec::new();
-    let mut offset = offset_of(file, p.hashed);
+    let mut offset = p.offset(p.hashed);
     while p.hashed < n && p.is_written(p.hashed) {
         let size = file.chunks[p.hashed].size;
         buf.resize(size as usize, 0);
