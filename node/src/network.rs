@@ -22,7 +22,7 @@ use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     gossipsub, identify, mdns, noise, quic, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
     Transport,
@@ -56,6 +56,9 @@ const MAX_PENDING_INCOMING: u32 = 32;
 const MAX_PER_PEER: u32 = 2;
 /// A connection that has not finished its security and multiplexing
 /// handshake by then is closed.
+/// How long after start static peers not connected are dialled every
+/// second (then every 5 s).
+const STATIC_EAGER: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection no protocol uses for this long is closed. Every live peer
 /// gossips a heartbeat each second, so only dead weight goes.
@@ -165,6 +168,10 @@ pub struct Network {
     /// listens on): an address is dialled again while its peer is not
     /// connected, whatever other connections this node has.
     static_known: std::collections::HashMap<Multiaddr, PeerId>,
+    /// Static addresses with a dial of ours under way: not dialled again
+    /// until it ends (a second connection to one peer would be closed,
+    /// taking its streams with it).
+    static_dialling: std::collections::HashMap<Multiaddr, ConnectionId>,
     pending: std::collections::HashMap<OutboundRequestId, oneshot::Sender<Result<Response>>>,
     connected: HashSet<PeerId>,
     /// Peers refused until the given time (they sent bad chunks).
@@ -295,6 +302,7 @@ impl Network {
             events,
             static_peers: config.peers,
             static_known: Default::default(),
+            static_dialling: Default::default(),
             pending: Default::default(),
             connected: HashSet::new(),
             discovered: std::collections::HashMap::new(),
@@ -317,18 +325,15 @@ impl Network {
 
     /// Drives the swarm until every client is dropped.
     pub async fn run(mut self) {
-        for addr in self.static_peers.clone() {
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                warn!(%addr, error = %e, "cannot dial static peer");
-            }
-        }
+        self.redial_static();
         self.publish_discovery(false);
-        // Static peers are redialled while they are not connected (not at
-        // once: the dials above are still under way, and a second
-        // connection to the same peer would only be closed again, taking
-        // its streams with it).
+        // Static peers are redialled while they are not connected: every
+        // second while the node starts (a peer started a moment later
+        // refused the first dial, and the election's grace is 3 s: both
+        // would fetch alone), then every few seconds.
+        let started = tokio::time::Instant::now();
         let every = Duration::from_secs(5);
-        let mut redial = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut redial = tokio::time::interval_at(started + every, every);
         let found_every = Duration::from_secs(1);
         let mut redial_found =
             tokio::time::interval_at(tokio::time::Instant::now() + found_every, found_every);
@@ -347,7 +352,12 @@ impl Network {
                     let now = std::time::Instant::now();
                     self.banned.retain(|_, until| *until > now);
                 }
-                _ = redial_found.tick() => self.redial_discovered(),
+                _ = redial_found.tick() => {
+                    self.redial_discovered();
+                    if started.elapsed() < STATIC_EAGER {
+                        self.redial_static();
+                    }
+                }
             }
         }
     }
@@ -384,6 +394,9 @@ impl Network {
     /// seconds, so a node never lives with part of its intended mesh.
     fn redial_static(&mut self) {
         for addr in &self.static_peers {
+            if self.static_dialling.contains_key(addr) {
+                continue;
+            }
             let known = addr
                 .iter()
                 .find_map(|p| match p {
@@ -401,7 +414,13 @@ impl Network {
                     .build(),
                 None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
             };
-            let _ = self.swarm.dial(opts);
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.static_dialling.insert(addr.clone(), id);
+                }
+                Err(e) => debug!(%addr, error = %e, "cannot dial static peer"),
+            }
         }
     }
 
@@ -535,6 +554,11 @@ impl Network {
 
     fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         self.flush_backlog();
+        if let SwarmEvent::ConnectionEstablished { connection_id, .. }
+        | SwarmEvent::OutgoingConnectionError { connection_id, .. } = &event
+        {
+            self.static_dialling.retain(|_, id| id != connection_id);
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening for peers"),
             SwarmEvent::ConnectionEstablished { peer_id, .. } if self.is_banned(&peer_id) => {

@@ -79,7 +79,14 @@ fn metrics_parse_and_their_byte_counters_match_the_origin() {
         let (a, b) = (scrape(ports[0]), scrape(ports[1]));
         let from_origin =
             a["lanup_origin_received_bytes_total"] + b["lanup_origin_received_bytes_total"];
-        if from_origin as u64 + release.manifest_bytes == served || Instant::now() > deadline {
+        // Each node shows the release staged once its next heartbeat
+        // brought its gauges up to date.
+        let current = [&a, &b]
+            .iter()
+            .all(|m| m.contains_key("lanup_release{kind=staged,version=1.0}"));
+        if current && from_origin as u64 + release.manifest_bytes == served
+            || Instant::now() > deadline
+        {
             break (a, b);
         }
         std::thread::sleep(Duration::from_millis(300));

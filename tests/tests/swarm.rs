@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -59,6 +59,29 @@ impl LoopSite {
     /// The nodes' state directories.
     pub(crate) fn state_refs(&self) -> Vec<&Path> {
         self.states.iter().map(PathBuf::as_path).collect()
+    }
+}
+
+/// A test that fails shows what each node logged last: a site's failure
+/// under load (an election split, a peer gone silent) is read from there.
+impl Drop for LoopSite {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, state) in self.states.iter().enumerate() {
+            let log = node_log(state);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- node {i} ({}), last {} lines:",
+                state.display(),
+                tail.len()
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -119,6 +142,57 @@ fn five_nodes_stage_a_release_that_crossed_the_uplink_once() {
         assert_eq!(n["state"], "staged", "{n}");
         assert_eq!(n["staged_version"], "1.0", "{n}");
     }
+}
+
+/// Node 0 knows node 1 by address and dials it before node 1 listens;
+/// node 1 knows no peer. Node 0 dials again within the election's grace,
+/// so the site elects one fetcher and one copy crosses the uplink (a
+/// redial only after 5 s let each node fetch alone).
+#[test]
+fn a_static_peer_started_a_moment_later_is_dialled_again_before_the_election() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(2 * 1024 * 1024, 41));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+
+    let mut site = LoopSite::new(tmp.path(), 2);
+    let cmd = site.command(0, Some(&origin.url), &release.public);
+    site.start(0, cmd);
+    // Node 0's first dial is refused: nothing listens at node 1's port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_log(&site.states[0]).contains("listening for peers") {
+        assert!(Instant::now() < deadline, "node 0 did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cmd = node_command(
+        &site.states[1],
+        Some(&origin.url),
+        &release.public,
+        &site.site,
+    );
+    cmd.args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[1])])
+        .arg("--no-mdns");
+    site.start(1, cmd);
+
+    let pending = wait_staged(&site.state_refs(), "1.0", &release, Duration::from_secs(60));
+    assert!(pending.is_empty(), "not staged: {pending:?}");
+    let downloaders = site
+        .states
+        .iter()
+        .filter(|s| node_log(s).contains("downloading release from the origin"))
+        .count();
+    let served = origin.stats()["bytes_served"].as_u64().expect("count");
+    assert_eq!(downloaders, 1, "nodes that downloaded from the origin");
+    assert!(
+        served <= release.size + 2 * release.manifest_bytes,
+        "origin served {served} bytes for a {}-byte release",
+        release.size
+    );
 }
 
 #[test]
