@@ -1,5 +1,6 @@
-//! The codec behind patches and packed chunks: zstd. A packed chunk is one
-//! zstd frame of the chunk; a patch segment is one zstd frame compressed
+//! The codec behind patches, packed chunks and runs: zstd. A packed chunk
+//! is one zstd frame of the chunk, a run one frame of its chunks (decoded
+//! a chunk at a time, [`Pieces`]); a patch segment is one zstd frame compressed
 //! with a part of the base file as its reference prefix and long-distance
 //! matching, as `zstd --long --patch-from` does.
 //!
@@ -29,6 +30,8 @@ pub enum DecodeError {
     Zstd(&'static str),
     #[error("decoded to {got} bytes where the manifest names {expected}")]
     Size { got: u64, expected: u64 },
+    #[error("zstd: {0}")]
+    Stream(String),
 }
 
 /// Encoding failed (zstd's reason).
@@ -112,6 +115,80 @@ fn decode(reference: &[u8], frame: &[u8], size: u64) -> Result<Vec<u8>, DecodeEr
     Ok(out)
 }
 
+/// A run's frame decoded piece by piece (its chunks, in order): a node
+/// holds the frame, the decoder's window and one piece, however long the
+/// run.
+pub struct Pieces<'a> {
+    decoder: zstd::stream::read::Decoder<'a, &'a [u8]>,
+    total: u64,
+    read: u64,
+    piece: Vec<u8>,
+}
+
+impl<'a> Pieces<'a> {
+    /// The frame in `blob`, which must decode to exactly `total` bytes.
+    pub fn new(blob: &'a [u8], total: u64) -> Result<Pieces<'a>, DecodeError> {
+        let io = |e: std::io::Error| DecodeError::Stream(e.to_string());
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(blob)
+            .map_err(io)?
+            .single_frame();
+        decoder.window_log_max(window_log(total)).map_err(io)?;
+        Ok(Pieces {
+            decoder,
+            total,
+            read: 0,
+            piece: Vec::new(),
+        })
+    }
+
+    /// The next `size` bytes of the output: an error if the frame ends
+    /// sooner or if they would pass the total.
+    pub fn next(&mut self, size: u64) -> Result<&[u8], DecodeError> {
+        use std::io::Read;
+        if self.read + size > self.total {
+            return Err(DecodeError::Size {
+                got: self.read + size,
+                expected: self.total,
+            });
+        }
+        self.piece.resize(size as usize, 0);
+        let mut at = 0;
+        while at < self.piece.len() {
+            match self.decoder.read(&mut self.piece[at..]) {
+                Ok(0) => {
+                    return Err(DecodeError::Size {
+                        got: self.read + at as u64,
+                        expected: self.total,
+                    })
+                }
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DecodeError::Stream(e.to_string())),
+            }
+        }
+        self.read += size;
+        Ok(&self.piece)
+    }
+
+    /// Checks that the frame ends where the total says.
+    pub fn finish(mut self) -> Result<(), DecodeError> {
+        use std::io::Read;
+        let mut one = [0u8; 1];
+        match self.decoder.read(&mut one) {
+            Ok(0) if self.read == self.total => Ok(()),
+            Ok(0) => Err(DecodeError::Size {
+                got: self.read,
+                expected: self.total,
+            }),
+            Ok(_) => Err(DecodeError::Size {
+                got: self.read + 1,
+                expected: self.total,
+            }),
+            Err(e) => Err(DecodeError::Stream(e.to_string())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +235,41 @@ mod tests {
         // Truncated and foreign bytes are decoder errors.
         assert!(unpack(&packed[..packed.len() / 2], 1 << 20).is_err());
         assert!(unpack(b"not zstd at all", 15).is_err());
+    }
+
+    #[test]
+    fn a_run_decodes_piece_by_piece_within_its_signed_size() {
+        let data = program(5, 3 << 20);
+        let frame = pack(&data, 3).expect("pack");
+        let sizes = [1 << 20, 1 << 19, (3 << 20) - (1 << 20) - (1 << 19)];
+        let mut pieces = Pieces::new(&frame, 3 << 20).expect("frame");
+        let mut at = 0;
+        for size in sizes {
+            let piece = pieces.next(size).expect("piece");
+            assert_eq!(piece, &data[at..at + size as usize]);
+            at += size as usize;
+        }
+        pieces.finish().expect("ends where it should");
+        // The frame holds more than the manifest names.
+        let mut short = Pieces::new(&frame, 2 << 20).expect("frame");
+        short.next(2 << 20).expect("the named part");
+        assert!(short.finish().is_err());
+        assert!(Pieces::new(&frame, 2 << 20)
+            .expect("frame")
+            .next(3 << 20)
+            .is_err());
+        // Less than named, cut short, foreign bytes.
+        assert!(Pieces::new(&frame, 4 << 20)
+            .expect("frame")
+            .next(4 << 20)
+            .is_err());
+        let cut = &frame[..frame.len() / 2];
+        assert!(Pieces::new(cut, 3 << 20)
+            .and_then(|mut p| p.next(3 << 20).map(drop))
+            .is_err());
+        assert!(Pieces::new(b"not zstd at all", 15)
+            .and_then(|mut p| p.next(15).map(drop))
+            .is_err());
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct FetchReport {
     pub patches: usize,
     pub packed: usize,
     pub bundles: usize,
+    /// Runs of chunks taken compressed together.
+    pub runs: usize,
 }
 
 /// The origin a node downloads from, and how.

@@ -1,6 +1,7 @@
 //! Taking a release from the origin the cheapest way: patches against files
-//! this node holds, then packed chunks, then bundles of small files, then
-//! plain Range requests ([`crate::fetch::fetch_missing`]) for the rest.
+//! this node holds, then runs of chunks compressed together, then packed
+//! chunks, then bundles of small files, then plain Range requests
+//! ([`crate::fetch::fetch_missing`]) for the rest.
 //!
 //! What to take is decided per file by `lanup_protocol::delta::plan_file`.
 //! A patch or packed chunk is a blob named by its hash in the signed
@@ -17,8 +18,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lanup_protocol::chunk::Chunk;
-use lanup_protocol::delta::{bundles_to_fetch, patch_chunks, plan_file};
-use lanup_protocol::manifest::{Blob, Bundle, Patch, UpdateFile};
+use lanup_protocol::delta::{bundles_to_fetch, patch_chunks, plan_file, runs_to_fetch, ChunkOrder};
+use lanup_protocol::manifest::{Blob, Bundle, Patch, Run, UpdateFile};
 use lanup_protocol::{Hash, Manifest};
 use reqwest::header::RANGE;
 use reqwest::StatusCode;
@@ -186,12 +187,13 @@ pub async fn fetch_release(
     // then finds held.
     let mut gained = 0u64;
     let checked = Mutex::new(HashSet::new());
+    let lacking = |h: &Hash| wanted(h) && !store.has(h);
+    // Patches first: against a base, a changed file costs a fraction of
+    // any compressed copy.
     for file in &manifest.files {
-        let lacking = |h: &Hash| wanted(h) && !store.has(h);
         // Every file of a validated manifest has its hash.
         let Some(file_hash) = file.hash else { continue };
-        // Planned again after a patch fails: its chunks then come packed
-        // or plain.
+        // Planned again after a patch fails: the next base, if any.
         'plan: loop {
             if !file.chunks.iter().any(|c| lacking(&c.hash)) {
                 break;
@@ -224,35 +226,82 @@ pub async fn fetch_release(
                     }
                 }
             }
-            for (chunk, blob) in &plan.packed {
-                if !lacking(&chunk.hash)
-                    || fallbacks
-                        .lock()
-                        .map_err(|_| poisoned())?
-                        .packed
-                        .contains(&blob.hash)
-                {
-                    continue;
+            break;
+        }
+    }
+    // Then runs: what the site has no base for, compressed as a stream.
+    if !manifest.runs.is_empty() {
+        let order = ChunkOrder::new(&manifest.files);
+        for i in runs_to_fetch(manifest, &order, lacking) {
+            let run = &manifest.runs[i];
+            if fallbacks
+                .lock()
+                .map_err(|_| poisoned())?
+                .packed
+                .contains(&run.blob.hash)
+            {
+                continue;
+            }
+            match unrun_one(origin, manifest, &order, run, store, &lacking, &mut report).await {
+                Ok(stored) => {
+                    report.runs += 1;
+                    gained += took(&stored, &mut report, &mut on_chunk);
                 }
-                match unpack_one(origin, chunk, blob, store, &mut report).await {
-                    Ok(()) => {
-                        report.packed += 1;
-                        report.chunks += 1;
-                        gained += chunk.size;
-                        on_chunk(chunk);
-                    }
-                    Err(BlobError::Fetch(e)) => return Err(e),
-                    Err(BlobError::Unusable(reason)) => {
-                        let mut f = fallbacks.lock().map_err(|_| poisoned())?;
-                        f.packed.insert(blob.hash);
-                        f.note(format!(
-                            "{}: the packed copy of chunk {} is unusable: {reason}",
-                            file.name, chunk.hash
-                        ));
-                    }
+                Err(BlobError::Fetch(e)) => return Err(e),
+                Err(BlobError::Unusable(reason)) => {
+                    let name = order
+                        .span(&manifest.files, run.first, 1)
+                        .next()
+                        .map_or("", |(f, _)| manifest.files[f].name.as_str());
+                    let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                    f.packed.insert(run.blob.hash);
+                    f.note(format!(
+                        "the run of {} chunks from \"{name}\" is unusable: {reason}",
+                        run.count
+                    ));
                 }
             }
-            break;
+        }
+    }
+    // Then each chunk still lacking, packed where that pays.
+    for file in &manifest.files {
+        let Some(file_hash) = file.hash else { continue };
+        if !file.chunks.iter().any(|c| lacking(&c.hash)) {
+            continue;
+        }
+        let plan = {
+            let failed = fallbacks.lock().map_err(|_| poisoned())?;
+            plan_file(file, lacking, |b| {
+                bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
+            })
+        };
+        for (chunk, blob) in &plan.packed {
+            if !lacking(&chunk.hash)
+                || fallbacks
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .packed
+                    .contains(&blob.hash)
+            {
+                continue;
+            }
+            match unpack_one(origin, chunk, blob, store, &mut report).await {
+                Ok(()) => {
+                    report.packed += 1;
+                    report.chunks += 1;
+                    gained += chunk.size;
+                    on_chunk(chunk);
+                }
+                Err(BlobError::Fetch(e)) => return Err(e),
+                Err(BlobError::Unusable(reason)) => {
+                    let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                    f.packed.insert(blob.hash);
+                    f.note(format!(
+                        "{}: the packed copy of chunk {} is unusable: {reason}",
+                        file.name, chunk.hash
+                    ));
+                }
+            }
         }
     }
     let lacking: HashSet<Hash> = manifest
@@ -292,13 +341,14 @@ pub async fn fetch_release(
     report.chunks += plain.chunks;
     report.requests += plain.requests;
     report.already_held = plain.already_held.saturating_sub(gained);
-    if report.patches + report.packed + report.bundles > 0 {
+    if report.patches + report.runs + report.packed + report.bundles > 0 {
         info!(
             patches = report.patches,
+            runs = report.runs,
             packed = report.packed,
             bundles = report.bundles,
             bytes = report.bytes,
-            "took patches, packed chunks and bundles from the origin"
+            "took patches, runs, packed chunks and bundles from the origin"
         );
     }
     Ok(report)
@@ -381,6 +431,55 @@ async fn unpack_one(
             )),
             Err(e) => Err(BlobError::Fetch(FetchError::LocalDisk(e))),
         }
+    })
+    .await
+    .map_err(|e| BlobError::Fetch(FetchError::Network(e.into())))?
+}
+
+/// Fetches one run, decodes it and stores its chunks this node lacks;
+/// returns the chunks stored.
+async fn unrun_one(
+    origin: &Origin,
+    manifest: &Manifest,
+    order: &ChunkOrder,
+    run: &Run,
+    store: &ChunkStore,
+    lacking: &impl Fn(&Hash) -> bool,
+    report: &mut FetchReport,
+) -> Result<Vec<Chunk>, BlobError> {
+    let mut seen = HashSet::new();
+    let chunks: Vec<(Chunk, bool)> = order
+        .span(&manifest.files, run.first, run.count)
+        .map(|(_, c)| (*c, lacking(&c.hash) && seen.insert(c.hash)))
+        .collect();
+    // A validated manifest's run holds at most `MAX_RUN` bytes.
+    let total: u64 = chunks.iter().map(|(c, _)| c.size).sum();
+    let bytes = fetch_blob(origin, &run.blob, report).await?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let unusable = |e: crate::delta::DecodeError| BlobError::Unusable(e.to_string());
+        let mut pieces = crate::delta::Pieces::new(&bytes, total).map_err(unusable)?;
+        let mut stored = Vec::new();
+        let mut at = 0u64;
+        for (chunk, lacks) in chunks {
+            let data = pieces.next(chunk.size).map_err(unusable)?;
+            if lacks {
+                match store.put(&chunk, data) {
+                    Ok(()) => stored.push(chunk),
+                    Err(StoreError::Corrupt { .. }) => {
+                        return Err(BlobError::Unusable(format!(
+                            "its bytes {at}..{} are not chunk {}",
+                            at + chunk.size,
+                            chunk.hash
+                        )))
+                    }
+                    Err(e) => return Err(BlobError::Fetch(FetchError::LocalDisk(e))),
+                }
+            }
+            at += chunk.size;
+        }
+        pieces.finish().map_err(unusable)?;
+        Ok(stored)
     })
     .await
     .map_err(|e| BlobError::Fetch(FetchError::Network(e.into())))?

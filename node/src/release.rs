@@ -120,6 +120,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         files,
         restart: opts.restart.clone(),
         bundles: Vec::new(),
+        runs: Vec::new(),
     };
     manifest
         .validate()

@@ -24,7 +24,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lanup_protocol::delta::{segments, MAX_PATCH_REFERENCE};
+use lanup_protocol::delta::{segments, ChunkOrder, MAX_PATCH_REFERENCE};
 use lanup_protocol::manifest::{Blob, Patch, MANIFEST_FILE};
 use lanup_protocol::{Hash, Manifest};
 
@@ -125,6 +125,11 @@ pub const FAST_BUNDLES_ABOVE: u64 = 64 * 1024 * 1024;
 
 /// One piece of work for the encoder threads.
 enum Job {
+    /// A run of chunks: where each lies (file, offset, size).
+    Run {
+        pieces: Vec<(usize, u64, u64)>,
+        key: Hash,
+    },
     Bundle {
         first: usize,
         count: usize,
@@ -338,6 +343,50 @@ impl ReleaseStore {
                 });
             }
         }
+        // Runs made for earlier releases, by the chunks they hold.
+        let mut runs: Vec<(usize, usize, Hash)> = Vec::new();
+        let mut made_runs: HashMap<Hash, Blob> = HashMap::new();
+        if opts.pack {
+            for (m, _) in self.kept().into_iter().take(2) {
+                let order = ChunkOrder::new(&m.files);
+                for r in &m.runs {
+                    made_runs.insert(run_key(order.span(&m.files, r.first, r.count)), r.blob);
+                }
+            }
+            let order = ChunkOrder::new(&manifest.files);
+            // Where each file's chunks lie in it.
+            let offsets: Vec<Vec<u64>> = manifest
+                .files
+                .iter()
+                .map(|f| {
+                    f.chunks
+                        .iter()
+                        .scan(0, |at, c| {
+                            *at += c.size;
+                            Some(*at - c.size)
+                        })
+                        .collect()
+                })
+                .collect();
+            for (first, count) in lanup_protocol::delta::run_spans(&manifest.files) {
+                let key = run_key(order.span(&manifest.files, first, count));
+                runs.push((first, count, key));
+                if made_runs
+                    .get(&key)
+                    .is_some_and(|b| self.blob_path(&b.hash).is_file())
+                {
+                    continue;
+                }
+                let mut pieces = Vec::with_capacity(count);
+                let mut at = first;
+                for (f, c) in order.span(&manifest.files, first, count) {
+                    let index = at - order.first_of(f);
+                    pieces.push((f, offsets[f][index], c.size));
+                    at += 1;
+                }
+                jobs.push(Job::Run { pieces, key });
+            }
+        }
         let mut packed_seen = HashSet::new();
         for (i, file) in manifest.files.iter().enumerate() {
             let size = file.size.unwrap_or_default();
@@ -392,6 +441,9 @@ impl ReleaseStore {
         let mut patches: BTreeMap<(usize, Hash), Vec<(usize, Patch)>> = BTreeMap::new();
         for result in results {
             match result {
+                Done::Run { key, blob } => {
+                    made_runs.insert(key, blob);
+                }
                 Done::Bundle { key, blob } => {
                     made.insert(key, blob);
                 }
@@ -422,6 +474,23 @@ impl ReleaseStore {
                 .sum();
             if blob.size < holds {
                 manifest.bundles.push(lanup_protocol::manifest::Bundle {
+                    first,
+                    count,
+                    blob: *blob,
+                });
+            }
+        }
+        let order = ChunkOrder::new(&manifest.files);
+        for (first, count, key) in runs {
+            let Some(blob) = made_runs.get(&key) else {
+                continue;
+            };
+            let holds: u64 = order
+                .span(&manifest.files, first, count)
+                .map(|(_, c)| c.size)
+                .sum();
+            if blob.size < holds {
+                manifest.runs.push(lanup_protocol::manifest::Run {
                     first,
                     count,
                     blob: *blob,
@@ -476,6 +545,19 @@ impl ReleaseStore {
         level: i32,
     ) -> Result<Option<Done>> {
         match *job {
+            Job::Run { ref pieces, key } => {
+                let mut data = Vec::with_capacity(pieces.iter().map(|p| p.2 as usize).sum());
+                for &(file, offset, size) in pieces {
+                    let path = out.join(&manifest.files[file].name);
+                    data.extend_from_slice(&read_range(&path, offset, size)?);
+                }
+                let packed = delta::pack(&data, level)?;
+                if packed.len() >= data.len() {
+                    return Ok(None);
+                }
+                let blob = self.write_blob(&packed)?;
+                Ok(Some(Done::Run { key, blob }))
+            }
             Job::Bundle {
                 first,
                 count,
@@ -588,6 +670,7 @@ impl ReleaseStore {
             files.extend(m.files.iter().filter_map(|f| f.hash));
             if i < 2 {
                 blobs.extend(m.bundles.iter().map(|b| b.blob.hash));
+                blobs.extend(m.runs.iter().map(|r| r.blob.hash));
                 for f in &m.files {
                     blobs.extend(f.packed.values().map(|b| b.hash));
                     blobs.extend(f.patches.iter().map(|p| p.blob.hash));
@@ -602,6 +685,16 @@ impl ReleaseStore {
 
 /// What a bundle holds, for finding it again in a later release: the
 /// hashes of its files, in order.
+/// What a run holds: its chunks, in order.
+fn run_key<'a>(chunks: impl Iterator<Item = (usize, &'a lanup_protocol::chunk::Chunk)>) -> Hash {
+    let mut hasher = blake3::Hasher::new();
+    for (_, c) in chunks {
+        hasher.update(&c.hash.0);
+        hasher.update(&c.size.to_le_bytes());
+    }
+    Hash::from(hasher.finalize())
+}
+
 fn bundle_key(files: &[lanup_protocol::UpdateFile]) -> Hash {
     let mut hasher = blake3::Hasher::new();
     for f in files {
@@ -612,6 +705,10 @@ fn bundle_key(files: &[lanup_protocol::UpdateFile]) -> Hash {
 
 /// What one job produced.
 enum Done {
+    Run {
+        key: Hash,
+        blob: Blob,
+    },
     Bundle {
         key: Hash,
         blob: Blob,

@@ -452,6 +452,7 @@ mod tests {
             files: Vec::new(),
             restart: Default::default(),
             bundles: Vec::new(),
+            runs: Vec::new(),
         };
         let mut data = Vec::new();
         for (name, bytes, mode) in files {

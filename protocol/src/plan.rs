@@ -304,6 +304,7 @@ mod tests {
             files,
             restart: Restart::default(),
             bundles: Vec::new(),
+            runs: Vec::new(),
         }
     }
 

@@ -204,7 +204,7 @@ fn nodes_holding_the_old_release_take_the_new_one_as_patches() {
     );
     let logs: String = site.states.iter().map(|s| node_log(s)).collect();
     assert!(
-        logs.contains("took patches, packed chunks and bundles"),
+        logs.contains("took patches, runs, packed chunks and bundles"),
         "{logs}"
     );
 }
@@ -353,6 +353,103 @@ fn broken_patches_and_blobs_and_a_node_without_the_base_end_with_the_right_files
         served < first.size + 2 * second.size,
         "origin served {served} bytes"
     );
+}
+
+/// About `len` bytes of log-like text, different for each `seed`: it
+/// compresses, and compressing it whole beats compressing it in pieces.
+fn log_text(len: usize, seed: u64) -> Vec<u8> {
+    let words = ["open", "read", "close", "retry", "sync", "flush", "stat"];
+    let noise = pseudo_random(len / 8, seed);
+    let mut out = String::with_capacity(len + 100);
+    let mut i = 0usize;
+    while out.len() < len {
+        let n = u64::from(noise[i % noise.len()]) * 257 + u64::from(noise[(i * 7) % noise.len()]);
+        out.push_str(&format!(
+            "{:08} worker-{} {} /srv/data/{:05}.db took {} ms\n",
+            i,
+            n % 13,
+            words[(n % 7) as usize],
+            n % 20011,
+            n % 997
+        ));
+        i += 1;
+    }
+    out.into_bytes()
+}
+
+/// A node with no earlier release takes a large file as runs of chunks
+/// compressed together: within 1.05 x `zstd -19` of the file. A run cut
+/// short or swapped for other bytes ends, like any broken blob, with the
+/// right file from chunks and the reason said.
+#[test]
+fn a_node_without_a_base_takes_runs_and_broken_runs_end_in_chunks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (v1, v2) = (tmp.path().join("v1"), tmp.path().join("v2"));
+    write(&v1, "share/events.log", &log_text(6 << 20, 3));
+    // 2.0 names another file: no base to patch it from.
+    write(&v2, "share/events-2.log", &log_text(6 << 20, 4));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let first = publish(&v1, "1.0", &origin.url, &key, &www);
+    let xml = std::fs::read_to_string(www.join("AutoUpdater.xml")).expect("manifest");
+    assert!(xml.contains("<Run "), "no runs:\n{xml}");
+
+    let mut site = LoopSite::new(tmp.path(), 1);
+    let cmd = site.command(0, Some(&origin.url), &first.public);
+    site.start(0, cmd);
+    let pending = wait_staged(&site.state_refs(), "1.0", &first, Duration::from_secs(60));
+    assert!(pending.is_empty(), "1.0 not staged");
+    let served = origin.stats()["bytes_served"].as_u64().expect("count");
+    let took = served.saturating_sub(first.manifest_bytes);
+    let out = Command::new("zstd")
+        .args(["-q", "-19", "-c"])
+        .arg(v1.join("share/events.log"))
+        .output()
+        .expect("zstd runs (apt-get install zstd)");
+    let reference = out.stdout.len() as u64;
+    eprintln!(
+        "1.0 over the uplink: {took} bytes; zstd -19 {reference}; release {}",
+        first.size
+    );
+    assert!(
+        took as f64 <= reference as f64 * 1.05,
+        "{took} bytes is more than 1.05 x zstd -19's {reference}"
+    );
+    assert!(
+        node_log(&site.states[0]).contains("runs="),
+        "{}",
+        node_log(&site.states[0])
+    );
+
+    let second = publish(&v2, "2.0", &origin.url, &key, &www);
+    let xml = std::fs::read_to_string(www.join("AutoUpdater.xml")).expect("manifest");
+    let runs: Vec<String> = xml
+        .lines()
+        .filter(|l| l.trim_start().starts_with("<Run "))
+        .filter_map(|l| l.split(" Hash=\"").nth(1))
+        .map(|h| h[..64].to_owned())
+        .collect();
+    assert!(!runs.is_empty(), "no runs:\n{xml}");
+    let blobs = www.join("lanup-store/blobs");
+    for (i, h) in runs.iter().enumerate() {
+        let path = blobs.join(h);
+        let bytes = std::fs::read(&path).expect("run blob");
+        if i == 0 {
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
+        } else {
+            std::fs::write(&path, pseudo_random(bytes.len(), 9)).expect("swap");
+        }
+    }
+    let before = origin.stats()["requests"].as_u64().expect("count");
+    run_ok(&["check", "--state", s(&site.states[0])]);
+    let pending = wait_staged(&site.state_refs(), "2.0", &second, Duration::from_secs(60));
+    assert!(pending.is_empty(), "2.0 not staged with broken runs");
+    let log = node_log(&site.states[0]);
+    assert!(log.contains("the run of"), "{log}");
+    let requests = origin.stats()["requests"].as_u64().expect("count") - before;
+    assert!(requests < 40, "{requests} requests to the origin");
 }
 
 /// The last lanup before patches and packed chunks, from this repository's

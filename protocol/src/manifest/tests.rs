@@ -40,6 +40,7 @@ fn sample() -> Manifest {
             exe: Some("bin/TIMS".into()),
         },
         bundles: Vec::new(),
+        runs: Vec::new(),
     }
 }
 
@@ -566,4 +567,37 @@ fn bundles_round_trip_and_a_malformed_one_is_named() {
     let mut overrun = m.clone();
     overrun.bundles[0].count = 3;
     assert!(overrun.validate().is_err());
+}
+
+#[test]
+fn runs_round_trip_unknown_elements_are_ignored_and_a_malformed_run_is_named() {
+    let mut m = sample();
+    m.runs.push(crate::manifest::Run {
+        first: 0,
+        count: 2,
+        blob: crate::manifest::Blob {
+            size: 2500,
+            hash: Hash::of(b"run"),
+        },
+    });
+    m.validate().expect("valid");
+    let xml = m.to_xml().expect("serialise");
+    assert!(
+        xml.contains("<Run First=\"0\" Count=\"2\" Size=\"2500\""),
+        "{xml}"
+    );
+    assert_eq!(parse_v2(&m), m);
+    // A reader ignores an element it does not know, as a node before
+    // runs does with `Runs`.
+    let later = xml.replace("<Runs>", "<Later><Run First=\"x\"/></Later><Runs>");
+    assert_eq!(Manifest::parse(later.as_bytes()).expect("parses"), m);
+    let bad = xml.replace("Size=\"2500\"", "Size=\"lots\"");
+    let e = Manifest::parse(bad.as_bytes()).expect_err("malformed");
+    assert_eq!(
+        e.to_string(),
+        "manifest Run 0: Size=\"lots\" is not a number"
+    );
+    let mut big = m.clone();
+    big.runs[0].blob.size = 3000;
+    assert!(big.validate().is_err(), "a run no smaller than its chunks");
 }
