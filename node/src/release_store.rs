@@ -377,13 +377,10 @@ impl ReleaseStore {
                 {
                     continue;
                 }
-                let mut pieces = Vec::with_capacity(count);
-                let mut at = first;
-                for (f, c) in order.span(&manifest.files, first, count) {
-                    let index = at - order.first_of(f);
-                    pieces.push((f, offsets[f][index], c.size));
-                    at += 1;
-                }
+                let pieces = (first..)
+                    .zip(order.span(&manifest.files, first, count))
+                    .map(|(at, (f, c))| (f, offsets[f][at - order.first_of(f)], c.size))
+                    .collect();
                 jobs.push(Job::Run { pieces, key });
             }
         }
