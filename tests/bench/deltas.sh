@@ -133,7 +133,12 @@ served() {
 }
 
 # The manifest and its signature, which each fetch of a release reads.
-manifest_bytes() { cat "$work/www/AutoUpdater.xml" "$work/www/AutoUpdater.xml.sig" | wc -c; }
+# (a node reads the compressed copy when there is one).
+manifest_bytes() {
+  local m="$work/www/AutoUpdater.xml"
+  [ -f "$m.zst" ] && m="$m.zst"
+  cat "$m" "$work/www/AutoUpdater.xml.sig" | wc -c
+}
 
 wait_staged() {
   local state=$1 version=$2 t0

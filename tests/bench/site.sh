@@ -16,6 +16,9 @@
 #   ONLY_LANUP=1 tests/bench/site.sh    # part 1 alone (no nginx needed)
 #   TIMEOUT=1800 ONLY_LANUP=1 tests/bench/site.sh 4 8 64kbit   # a slow uplink
 #   TREE=dir ONLY_LANUP=1 tests/bench/site.sh 4 0 16mbit       # the folder dir as the release
+#   BASE=old TREE=new ONLY_LANUP=1 tests/bench/site.sh 4 0 64kbit
+#       an update: every node stages old as 1.0 over an unshaped link, then
+#       new is published as 2.0 (patches from 1.0) and measured
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-8} size_mib=${2:-64} uplink=${3:-16mbit} big_mib=${4:-1024}
@@ -60,8 +63,19 @@ else
   echo "level = 1" > "$work/app/app.conf"
 fi
 public=$("$lanup" keygen --out "$work/publisher.key" 2> /dev/null)
-"$lanup" publish --dir "$work/app" --version 1.0 --app app --url "http://$origin_ip:8080/" \
-  --key "$work/publisher.key" --out "$work/www" > /dev/null 2>&1
+publish() {
+  "$lanup" publish --dir "$1" --version "$2" --app app --url "http://$origin_ip:8080/" \
+    --key "$work/publisher.key" --out "$work/www" > /dev/null 2>&1
+}
+ver=1.0
+if [ -n "${BASE:-}" ]; then
+  mkdir -p "$work/base"
+  cp -a "$BASE/." "$work/base/"
+  publish "$work/base" 1.0
+  ver=2.0
+else
+  publish "$work/app" 1.0
+fi
 S=$(find "$work/app" -type f -printf '%s\n' | awk '{s+=$1} END {print s}')
 rate_bps=$(awk -v u="$uplink" 'BEGIN {
   n = u + 0; s = tolower(u); sub(/^[0-9.]+/, "", s);
@@ -73,6 +87,22 @@ echo "release: $S bytes; uplink $uplink = $rate_bps B/s; S/W = $(calc "$S / $rat
 
 if [ -z "${ONLY_BIG:-}" ]; then
 # --- 1. lanup ----------------------------------------------------------------
+# Waits until every node logged that it staged release $1.
+wait_staged() {
+  local t0 staged
+  t0=$(now)
+  while :; do
+    staged=0
+    for i in $(seq 0 $((nodes - 1))); do
+      grep -q "release staged and verified release=$1 " "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
+    done
+    [ $staged = "$nodes" ] && break
+    [ "$(calc "($(now) - $t0 > ${TIMEOUT:-600})")" = "1.000" ] && { echo "lanup: $1 timed out" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+# The base crosses an unshaped link: only the update is measured.
+[ -n "${BASE:-}" ] && tc -n "$origin_ns" qdisc del dev eth0 root
 before=$(served)
 t_start=$(now)
 for i in $(seq 0 $((nodes - 1))); do
@@ -80,18 +110,17 @@ for i in $(seq 0 $((nodes - 1))); do
     --origin "http://$origin_ip:8080/" --trust-publisher "$public" --site bench \
     --poll-interval 1h 2> "$work/n$i.log" &
 done
-while :; do
-  staged=0
-  for i in $(seq 0 $((nodes - 1))); do
-    grep -q "release staged and verified" "$work/n$i.log" 2> /dev/null && staged=$((staged + 1))
-  done
-  [ $staged = "$nodes" ] && break
-  [ "$(calc "($(now) - $t_start > ${TIMEOUT:-600})")" = "1.000" ] && { echo "lanup: timed out" >&2; exit 1; }
-  sleep 0.1
-done
+if [ -n "${BASE:-}" ]; then
+  wait_staged 1.0
+  tc -n "$origin_ns" qdisc add dev eth0 root tbf rate "$uplink" burst 32kb latency 100ms
+  publish "$work/app" 2.0
+  before=$(served)
+  "$lanup" check --state "$work/n0" > /dev/null
+fi
+wait_staged "$ver"
 t_staged=$(now)
 lanup_bytes=$(($(served) - before))
-announced=$(grep -h "release announced" "$work"/n*.log | sed 's/^\([^ ]*\).*/\1/' | sort | head -1)
+announced=$(grep -h "release announced.*release=$ver " "$work"/n*.log | sed 's/^\([^ ]*\).*/\1/' | sort | head -1)
 t_announce=$(date -d "$announced" +%s.%N)
 # Connected: from the first node's start to the moment the last node had
 # found all the others ("peer found" lines, one per peer).
@@ -102,10 +131,10 @@ done | sort -n | tail -1)
 connected=$(calc "$all_found - $first_start")
 lanup_time=$(calc "$t_staged - $t_announce")
 for i in $(seq 0 $((nodes - 1))); do
-  "$lanup" verify --manifest "$work/www" --dir "$work/n$i/staging/1.0" --trust "$public" > /dev/null \
+  "$lanup" verify --manifest "$work/www" --dir "$work/n$i/staging/$ver" --trust "$public" > /dev/null \
     || { echo "node $i staged wrong bytes" >&2; exit 1; }
 done
-fetchers=$(grep -l "downloading release from the origin" "$work"/n*.log | wc -l)
+fetchers=$(grep -l "downloading release from the origin release=$ver " "$work"/n*.log | wc -l)
 echo "lanup: all $nodes connected after ${connected}s; all staged ${lanup_time}s after the announcement" \
   "($(calc "$lanup_time / ($S / $rate_bps)") x S/W); origin bytes $lanup_bytes = $(calc "$lanup_bytes / $S") x S;" \
   "$fetchers node(s) downloaded"
