@@ -195,6 +195,9 @@ pub struct Fetcher {
     /// The manifest bytes last told to the node: an unconditional poll
     /// that finds them again changes nothing.
     last_manifest: Option<Hash>,
+    /// The signature last read beside it: an unconditional poll asks for
+    /// the signature alone first, and the manifest only if it changed.
+    last_signature: Option<Vec<u8>>,
     /// The fleet rollout file's ETag, as last read.
     fleet_etag: Option<String>,
     duty: watch::Receiver<Duty>,
@@ -264,6 +267,7 @@ impl Fetcher {
             etag: None,
             conditional_polls: 0,
             last_manifest: None,
+            last_signature: None,
             fleet_etag: None,
             duty,
             check,
@@ -432,9 +436,14 @@ impl Fetcher {
         } else {
             self.etag.clone()
         };
+        let known = etag
+            .is_none()
+            .then(|| self.last_signature.clone())
+            .flatten();
         let fleet_etag = self.fleet_etag.clone();
         self.jobs.spawn(async move {
-            let result = ManifestSource::poll(&http, &origin, etag.as_deref()).await;
+            let result =
+                ManifestSource::poll(&http, &origin, etag.as_deref(), known.as_deref()).await;
             // Beside the manifest, on the same connection: a few hundred
             // bytes when it has not changed.
             let fleet_url = match origin.rsplit_once('/') {
@@ -554,6 +563,7 @@ impl Fetcher {
                         ),
                         Some(signature) => {
                             self.etag = etag;
+                            self.last_signature = Some(signature.clone().into_bytes());
                             self.origin_ok();
                             let hash = source.text.hash();
                             if self.last_manifest.replace(hash) == Some(hash) {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -555,4 +556,52 @@ impl Drop for Nginx {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A fetcher polls now and then without the origin's validator, in case
+/// it hid a change (as nginx's does for equal-sized manifests written
+/// within a second). With the manifest unchanged, that poll reads the
+/// signature alone, not the manifest again: a large tree's manifest is
+/// megabytes, and the uplink is the scarce part.
+#[test]
+fn a_poll_without_the_validator_reads_only_the_signature_of_an_unchanged_manifest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(300_000, 91));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
+    let cmd = site.command(0, Some(&origin.url), &release.public);
+    site.start(0, cmd);
+    let state = site.states[0].clone();
+    let pending = wait_staged(&[&state], "1.0", &release, Duration::from_secs(60));
+    assert!(pending.is_empty(), "{}", node_log(&state));
+
+    let served = || origin.stats()["bytes_served"].as_u64().expect("count");
+    let requests = || origin.stats()["requests"].as_u64().expect("count");
+    let (bytes_before, requests_before) = (served(), requests());
+    // More polls than make one without the validator (a poll a second at
+    // most, however often asked).
+    let polls = lanup_node::fetcher::UNCONDITIONAL_EVERY + 2;
+    for _ in 0..polls {
+        run_ok(&["check", "--state", s(&state)]);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let asked = requests() - requests_before;
+    assert!(
+        asked >= u64::from(polls),
+        "{asked} requests for {polls} polls"
+    );
+    let size = |name: &str| std::fs::metadata(www.join(name)).expect("published").len();
+    let (packed, signature) = (size("AutoUpdater.xml.zst"), size("AutoUpdater.xml.sig"));
+    let grew = served() - bytes_before;
+    assert!(
+        grew >= signature && grew < packed,
+        "{polls} polls of an unchanged manifest read {grew} bytes (signature {signature}, \
+         compressed manifest {packed}):\n{}",
+        node_log(&state)
+    );
 }
