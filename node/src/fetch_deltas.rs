@@ -18,7 +18,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lanup_protocol::chunk::Chunk;
-use lanup_protocol::delta::{bundles_to_fetch, patch_chunks, plan_file, runs_to_fetch, ChunkOrder};
+use lanup_protocol::delta::{
+    bundles_to_fetch, patch_chunks, plan_file, run_pays, runs_to_fetch, ChunkOrder,
+};
 use lanup_protocol::manifest::{Blob, Bundle, Patch, Run, UpdateFile};
 use lanup_protocol::{Hash, Manifest};
 use reqwest::header::RANGE;
@@ -234,6 +236,11 @@ pub async fn fetch_release(
         let order = ChunkOrder::new(&manifest.files);
         for i in runs_to_fetch(manifest, &order, lacking) {
             let run = &manifest.runs[i];
+            // Asked again: what a peer or an earlier run brought meanwhile
+            // may make the chunks left cheaper one by one.
+            if !run_pays(manifest, &order, run, lacking) {
+                continue;
+            }
             if fallbacks
                 .lock()
                 .map_err(|_| poisoned())?

@@ -349,17 +349,25 @@ pub fn runs_to_fetch(
         .runs
         .iter()
         .enumerate()
-        .filter(|(_, r)| {
-            let mut seen = std::collections::HashSet::new();
-            let alone: u64 = order
-                .span(&manifest.files, r.first, r.count)
-                .filter(|(_, c)| lacking(&c.hash) && seen.insert(c.hash))
-                .map(|(f, c)| chunk_cost(&manifest.files[f], c))
-                .sum();
-            r.blob.size < alone
-        })
+        .filter(|(_, r)| run_pays(manifest, order, r, &lacking))
         .map(|(i, _)| i)
         .collect()
+}
+
+/// Whether `run` costs less than its chunks in `lacking` one by one.
+pub fn run_pays(
+    manifest: &crate::Manifest,
+    order: &ChunkOrder,
+    run: &crate::manifest::Run,
+    lacking: impl Fn(&Hash) -> bool,
+) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    let alone: u64 = order
+        .span(&manifest.files, run.first, run.count)
+        .filter(|(_, c)| lacking(&c.hash) && seen.insert(c.hash))
+        .map(|(f, c)| chunk_cost(&manifest.files[f], c))
+        .sum();
+    run.blob.size < alone
 }
 
 /// The bundles worth fetching for a node that lacks `lacking`: those
