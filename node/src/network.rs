@@ -54,11 +54,11 @@ const MAX_CONNECTIONS: u32 = 256;
 const MAX_PENDING_INCOMING: u32 = 32;
 /// Connections per peer (a dial race can leave two for a moment).
 const MAX_PER_PEER: u32 = 2;
-/// A connection that has not finished its security and multiplexing
-/// handshake by then is closed.
 /// How long after start static peers not connected are dialled every
 /// second (then every 5 s).
 const STATIC_EAGER: Duration = Duration::from_secs(10);
+/// A connection that has not finished its security and multiplexing
+/// handshake by then is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection no protocol uses for this long is closed. Every live peer
 /// gossips a heartbeat each second, so only dead weight goes.
@@ -325,7 +325,7 @@ impl Network {
 
     /// Drives the swarm until every client is dropped.
     pub async fn run(mut self) {
-        self.redial_static();
+        self.redial_static(true);
         self.publish_discovery(false);
         // Static peers are redialled while they are not connected: every
         // second while the node starts (a peer started a moment later
@@ -346,7 +346,7 @@ impl Network {
                 },
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = redial.tick() => {
-                    self.redial_static();
+                    self.redial_static(false);
                     self.flush_backlog();
                     // Bans that ran out are forgotten.
                     let now = std::time::Instant::now();
@@ -355,7 +355,7 @@ impl Network {
                 _ = redial_found.tick() => {
                     self.redial_discovered();
                     if started.elapsed() < STATIC_EAGER {
-                        self.redial_static();
+                        self.redial_static(false);
                     }
                 }
             }
@@ -392,7 +392,9 @@ impl Network {
     /// Dials every static address whose peer is not connected (or not
     /// known yet): a first dial that failed is tried again every few
     /// seconds, so a node never lives with part of its intended mesh.
-    fn redial_static(&mut self) {
+    /// A dial that cannot start (an address no transport takes) is
+    /// warned of the `first` time, then only logged at debug level.
+    fn redial_static(&mut self, first: bool) {
         for addr in &self.static_peers {
             if self.static_dialling.contains_key(addr) {
                 continue;
@@ -419,6 +421,7 @@ impl Network {
                 Ok(()) => {
                     self.static_dialling.insert(addr.clone(), id);
                 }
+                Err(e) if first => warn!(%addr, error = %e, "cannot dial static peer"),
                 Err(e) => debug!(%addr, error = %e, "cannot dial static peer"),
             }
         }
