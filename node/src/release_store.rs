@@ -290,11 +290,15 @@ impl ReleaseStore {
         } else {
             self.bases(manifest, opts)?
         };
+        // The last two releases, read once (a large tree's manifest takes
+        // a second to parse): their packed chunks, bundles and runs are
+        // reused.
+        let recent: Vec<Manifest> = self.kept().into_iter().take(2).map(|(m, _)| m).collect();
         // Packed copies made for earlier releases, by chunk.
         let mut earlier: HashMap<Hash, Blob> = HashMap::new();
-        for (m, _) in self.kept().into_iter().take(2) {
-            for f in m.files {
-                earlier.extend(f.packed);
+        for m in &recent {
+            for f in &m.files {
+                earlier.extend(f.packed.iter().map(|(c, b)| (*c, *b)));
             }
         }
         let mut jobs = Vec::new();
@@ -302,7 +306,7 @@ impl ReleaseStore {
         // Bundles made for earlier releases, by what they hold.
         let mut made: HashMap<Hash, Blob> = HashMap::new();
         if opts.pack {
-            for (m, _) in self.kept().into_iter().take(2) {
+            for m in &recent {
                 for b in &m.bundles {
                     if let Some(files) = m.files.get(b.first..b.first + b.count) {
                         made.insert(bundle_key(files), b.blob);
@@ -347,7 +351,7 @@ impl ReleaseStore {
         let mut runs: Vec<(usize, usize, Hash)> = Vec::new();
         let mut made_runs: HashMap<Hash, Blob> = HashMap::new();
         if opts.pack {
-            for (m, _) in self.kept().into_iter().take(2) {
+            for m in &recent {
                 let order = ChunkOrder::new(&m.files);
                 for r in &m.runs {
                     made_runs.insert(run_key(order.span(&m.files, r.first, r.count)), r.blob);
@@ -680,9 +684,8 @@ impl ReleaseStore {
     }
 }
 
-/// What a bundle holds, for finding it again in a later release: the
-/// hashes of its files, in order.
-/// What a run holds: its chunks, in order.
+/// What a run holds, for finding it again in a later release: its chunks,
+/// in order.
 fn run_key<'a>(chunks: impl Iterator<Item = (usize, &'a lanup_protocol::chunk::Chunk)>) -> Hash {
     let mut hasher = blake3::Hasher::new();
     for (_, c) in chunks {
@@ -692,6 +695,8 @@ fn run_key<'a>(chunks: impl Iterator<Item = (usize, &'a lanup_protocol::chunk::C
     Hash::from(hasher.finalize())
 }
 
+/// What a bundle holds, for finding it again in a later release: the
+/// hashes of its files, in order.
 fn bundle_key(files: &[lanup_protocol::UpdateFile]) -> Hash {
     let mut hasher = blake3::Hasher::new();
     for f in files {
