@@ -142,7 +142,7 @@ impl Bases {
 pub struct Fallbacks {
     /// (file hash, base hash) pairs whose patches failed.
     patches: HashSet<(Hash, Hash)>,
-    /// Packed chunks and bundles that failed, by blob.
+    /// Packed chunks, runs and bundles that failed, by blob.
     packed: HashSet<Hash>,
     notes: VecDeque<String>,
 }
@@ -172,8 +172,8 @@ enum BlobError {
 }
 
 /// Fetches what `store` lacks of `manifest` and `wanted` still asks for,
-/// the cheapest way: patches from `bases`, packed chunks, then plain
-/// chunks. `on_chunk` is told of every chunk stored.
+/// the cheapest way: patches from `bases`, runs, packed chunks, bundles,
+/// then plain chunks. `on_chunk` is told of every chunk stored.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_release(
     origin: &Origin,

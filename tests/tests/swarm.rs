@@ -56,6 +56,14 @@ impl LoopSite {
         self.procs[i] = Some(Proc(cmd.spawn().expect("node starts")));
     }
 
+    /// How many nodes logged a download from the origin.
+    pub(crate) fn downloaders(&self) -> usize {
+        self.states
+            .iter()
+            .filter(|s| node_log(s).contains("downloading release from the origin"))
+            .count()
+    }
+
     /// The nodes' state directories.
     pub(crate) fn state_refs(&self) -> Vec<&Path> {
         self.states.iter().map(PathBuf::as_path).collect()
@@ -110,11 +118,7 @@ fn five_nodes_stage_a_release_that_crossed_the_uplink_once() {
         pending.len(),
         node_log(&site.states[0])
     );
-    let downloaders = site
-        .states
-        .iter()
-        .filter(|s| node_log(s).contains("downloading release from the origin"))
-        .count();
+    let downloaders = site.downloaders();
     let served = origin.stats()["bytes_served"].as_u64().expect("count");
     let limit = (release.size as f64 * 1.02) as u64 + release.manifest_bytes * 10;
     assert!(
@@ -181,11 +185,7 @@ fn a_static_peer_started_a_moment_later_is_dialled_again_before_the_election() {
 
     let pending = wait_staged(&site.state_refs(), "1.0", &release, Duration::from_secs(60));
     assert!(pending.is_empty(), "not staged: {pending:?}");
-    let downloaders = site
-        .states
-        .iter()
-        .filter(|s| node_log(s).contains("downloading release from the origin"))
-        .count();
+    let downloaders = site.downloaders();
     // One copy: two nodes fetching alone took two. (Node 1 may still take
     // the role over from node 0 as it joins, and the rest of the release
     // with it, which costs at most a chunk cut off in flight.)
