@@ -627,13 +627,8 @@ impl Node {
         let known: Vec<&Manifest> = self
             .installed
             .iter()
+            .chain(self.target.iter().filter(|t| t.staged).map(|t| &t.manifest))
             .map(|m| &**m)
-            .chain(
-                self.target
-                    .iter()
-                    .filter(|t| t.staged)
-                    .map(|t| &*t.manifest),
-            )
             .collect();
         std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
             &self.config.state,

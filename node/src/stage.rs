@@ -103,31 +103,57 @@ pub struct Staged {
 /// to. A manifest in `known` (the installed release's, which the node
 /// holds) is taken as it is, not read again.
 pub fn kept(state: &Path, except: &[String], known: &[Arc<Manifest>]) -> Vec<Staged> {
+    let mut staged = Vec::new();
+    let mut left = Vec::new();
+    for (name, dir) in staged_dirs(state, except) {
+        match known.iter().find(|m| m.release_name() == name) {
+            Some(manifest) => staged.push(Staged {
+                manifest: manifest.clone(),
+                dir,
+            }),
+            None => left.push((name, dir)),
+        }
+    }
+    staged.extend(
+        left.into_iter()
+            .filter_map(|(name, dir)| read_staged(state, &name, dir)),
+    );
+    staged
+}
+
+/// Calls `each` with the releases staged under `state` (other than those
+/// in `except`) whose manifest the node kept, reading one manifest at a
+/// time: a manifest of 100,000 files is tens of megabytes in memory.
+pub fn each_kept(state: &Path, except: &[String], mut each: impl FnMut(Staged)) {
+    for (name, dir) in staged_dirs(state, except) {
+        if let Some(staged) = read_staged(state, &name, dir) {
+            each(staged);
+        }
+    }
+}
+
+/// The folders under `state`'s staging folder, by release name, but those
+/// in `except`.
+fn staged_dirs(state: &Path, except: &[String]) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(state.join("staging")) else {
         return Vec::new();
     };
     entries
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            if except.contains(&name) {
-                return None;
-            }
-            if let Some(manifest) = known.iter().find(|m| m.release_name() == name) {
-                return Some(Staged {
-                    manifest: manifest.clone(),
-                    dir: e.path(),
-                });
-            }
-            let source =
-                crate::release::ManifestSource::read_local(&state.join("releases").join(&name))
-                    .ok()?;
-            Some(Staged {
-                manifest: Arc::new(source.parse().ok()?),
-                dir: e.path(),
-            })
-        })
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .filter(|(name, _)| !except.contains(name))
         .collect()
+}
+
+/// The staged release `name` in `dir`, with the manifest the node kept
+/// for it.
+fn read_staged(state: &Path, name: &str, dir: PathBuf) -> Option<Staged> {
+    let source =
+        crate::release::ManifestSource::read_local(&state.join("releases").join(name)).ok()?;
+    Some(Staged {
+        manifest: Arc::new(source.parse().ok()?),
+        dir,
+    })
 }
 
 /// Starts staging `manifest` into `dest` (emptied first) from `store`, with
@@ -152,7 +178,7 @@ pub fn start(
         .name("lanup-stage".into())
         .spawn(move || {
             let started = std::time::Instant::now();
-            let result = stage(&manifest, &store, &dest, &earlier(), &rx);
+            let result = stage(&manifest, &store, &dest, earlier(), &rx);
             match result {
                 Ok(true) => {
                     debug!(release = %manifest.release_name(), took_ms = started.elapsed().as_millis() as u64, "every file staged");
@@ -169,28 +195,55 @@ pub fn start(
     Stager { tx }
 }
 
-/// One file being staged. It is opened for each write, not held open: a
-/// file held open for writing keeps its filesystem from being remounted
-/// (read-only, by an administrator fighting a failing disk).
+/// A file of more than one chunk being staged. It is opened for each
+/// write, not held open: a file held open for writing keeps its filesystem
+/// from being remounted (read-only, by an administrator fighting a failing
+/// disk).
 ///
 /// It names no path and copies no chunk list (both come from the manifest
-/// when needed): a release of 100,000 small files has as many parts open
-/// at first, and a few hundred bytes each were 30 MB.
+/// when needed). A file of one chunk (most of a release of many small
+/// files) has no part at all: it is written, checked and renamed as its
+/// chunk comes.
 struct Part {
-    /// Which chunks are written; empty for a file of one chunk (written
-    /// when `remaining` is 0).
+    /// Which chunks are written.
     written: Vec<bool>,
-    /// Where each chunk starts; empty for a file of one chunk (at 0).
+    /// Where each chunk starts.
     offsets: Vec<u64>,
     remaining: usize,
     /// The file's hash over its first `hashed` chunks: boxed, as a hasher
-    /// is two kilobytes and a release of 100,000 small files has as many
-    /// parts open at first (a file of one chunk needs none: its hash is
-    /// its chunk's, checked as the chunk was read).
+    /// is two kilobytes.
     hasher: Option<Box<blake3::Hasher>>,
     hashed: usize,
     unsynced: u64,
     synced_at: Instant,
+}
+
+/// Which file and chunk of the manifest each chunk is written to, sorted
+/// by hash: 40 bytes a chunk and no allocation of its own (a map of lists
+/// took about 150 bytes a chunk, 15 MB for 100,000 small files).
+struct Places(Vec<(Hash, u32, u32)>);
+
+impl Places {
+    fn of(&self, hash: &Hash) -> &[(Hash, u32, u32)] {
+        let from = self.0.partition_point(|(h, ..)| h < hash);
+        let to = from + self.0[from..].partition_point(|(h, ..)| h == hash);
+        &self.0[from..to]
+    }
+}
+
+/// The files still being staged: open (a bit a file) and, for those of
+/// more than one chunk, their part.
+struct Open {
+    files: Vec<bool>,
+    parts: HashMap<u32, Part>,
+    count: usize,
+}
+
+impl Open {
+    /// Whether chunk `j` of file `i` is still to be written.
+    fn wants(&self, i: u32, j: u32) -> bool {
+        self.files[i as usize] && self.parts.get(&i).is_none_or(|p| !p.written[j as usize])
+    }
 }
 
 /// Stages until every file is in place (true), or the node drops its side
@@ -199,29 +252,31 @@ fn stage(
     manifest: &Manifest,
     store: &ChunkStore,
     dest: &Path,
-    earlier: &[Staged],
+    earlier: Vec<Staged>,
     rx: &mpsc::Receiver<Hash>,
 ) -> Result<bool> {
     // What a stager stopped half-way left is not used; complete files
     // already there are replaced, each by a rename.
     clear_partial(dest);
     std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    let mut parts: Vec<Option<Part>> = Vec::with_capacity(manifest.files.len());
-    let mut places: HashMap<Hash, Vec<(usize, usize)>> = HashMap::new();
-    let mut open = 0;
-    let index = index_earlier(earlier);
+    let mut open = Open {
+        files: vec![false; manifest.files.len()],
+        parts: HashMap::new(),
+        count: 0,
+    };
+    let mut places = Vec::new();
+    let index = index_earlier(&earlier);
     for (i, file) in manifest.files.iter().enumerate() {
         check_file_name(&file.name)?;
         let target = dest.join(&file.name);
         let dir = target.parent().unwrap_or(dest);
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let part = part_path(&target);
-        if let Some(same) = same_file(file, earlier, &index) {
+        if let Some(same) = same_file(file, &earlier, &index) {
             let _ = std::fs::remove_file(&part);
             if std::fs::hard_link(&same, &part).is_ok() {
                 std::fs::rename(&part, &target)
                     .with_context(|| format!("cannot rename into {}", target.display()))?;
-                parts.push(None);
                 continue;
             }
         }
@@ -235,46 +290,53 @@ fn stage(
         f.set_len(size)
             .with_context(|| format!("cannot size {}", part.display()))?;
         drop(f);
-        for (j, c) in file.chunks.iter().enumerate() {
-            places.entry(c.hash).or_default().push((i, j));
-        }
         let n = file.chunks.len();
-        let mut p = Part {
-            written: if n > 1 { vec![false; n] } else { Vec::new() },
-            offsets: if n > 1 {
-                file.chunks
-                    .iter()
-                    .scan(0, |at, c| {
-                        let start = *at;
-                        *at += c.size;
-                        Some(start)
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            remaining: n,
-            hasher: None,
-            hashed: 0,
-            unsynced: 0,
-            synced_at: Instant::now(),
-        };
-        if p.remaining == 0 {
-            finish(&mut p, file, dest, store)?;
-            parts.push(None);
-        } else {
-            parts.push(Some(p));
-            open += 1;
+        if n == 0 {
+            finish(None, file, dest, store)?;
+            continue;
+        }
+        for (j, c) in file.chunks.iter().enumerate() {
+            places.push((c.hash, i as u32, j as u32));
+        }
+        open.files[i] = true;
+        open.count += 1;
+        if n > 1 {
+            let offsets = file
+                .chunks
+                .iter()
+                .scan(0, |at, c| {
+                    let start = *at;
+                    *at += c.size;
+                    Some(start)
+                })
+                .collect();
+            open.parts.insert(
+                i as u32,
+                Part {
+                    written: vec![false; n],
+                    offsets,
+                    remaining: n,
+                    hasher: None,
+                    hashed: 0,
+                    unsynced: 0,
+                    synced_at: Instant::now(),
+                },
+            );
         }
     }
-    while open > 0 {
+    // The earlier releases' manifests are not needed any more.
+    drop((index, earlier));
+    places.sort_unstable();
+    let places = Places(places);
+    while open.count > 0 {
         let Ok(hash) = rx.recv() else {
             return Ok(false);
         };
-        let Some(at) = places.remove(&hash) else {
-            // Not needed (any more): a repeat, or a chunk of linked files.
+        let at = places.of(&hash);
+        // Not needed (any more): a repeat, or a chunk of linked files.
+        if !at.iter().any(|&(_, i, j)| open.wants(i, j)) {
             continue;
-        };
+        }
         let data = store.get_verified(&hash).map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 anyhow::Error::new(DamagedChunk(hash))
@@ -283,27 +345,31 @@ fn stage(
                 anyhow::Error::new(e).context(format!("cannot read chunk {hash} from the store"))
             }
         })?;
-        for (i, j) in at {
-            let Some(p) = parts[i].as_mut() else { continue };
-            let file = &manifest.files[i];
-            if p.is_written(j) {
+        for &(_, i, j) in at {
+            if !open.wants(i, j) {
                 continue;
             }
-            let offset = p.offset(j);
+            let file = &manifest.files[i as usize];
             let path = part_path(&dest.join(&file.name));
+            let Some(p) = open.parts.get_mut(&i) else {
+                // A file of one chunk is its chunk.
+                open_part(&path, true)?
+                    .write_all_at(&data, 0)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                finish(None, file, dest, store)?;
+                open.files[i as usize] = false;
+                open.count -= 1;
+                continue;
+            };
+            let j = j as usize;
             open_part(&path, true)?
-                .write_all_at(&data, offset)
+                .write_all_at(&data, p.offsets[j])
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            if let Some(w) = p.written.get_mut(j) {
-                *w = true;
-            }
+            p.written[j] = true;
             p.remaining -= 1;
             p.unsynced += data.len() as u64;
             if p.hashed == j {
-                // A file of one chunk is its chunk: no hasher.
-                if file.chunks.len() > 1 {
-                    p.hasher.get_or_insert_with(Default::default).update(&data);
-                }
+                p.hasher.get_or_insert_with(Default::default).update(&data);
                 p.hashed += 1;
             }
             advance(p, file, &path)?;
@@ -316,27 +382,14 @@ fn stage(
                 p.synced_at = Instant::now();
             }
             if p.remaining == 0 {
-                let mut p = parts[i].take().expect("the part being finished");
-                finish(&mut p, file, dest, store)?;
-                open -= 1;
+                let mut p = open.parts.remove(&i).expect("the part being finished");
+                finish(Some(&mut p), file, dest, store)?;
+                open.files[i as usize] = false;
+                open.count -= 1;
             }
         }
     }
     Ok(true)
-}
-
-impl Part {
-    /// Where `chunk` starts in the file.
-    fn offset(&self, chunk: usize) -> u64 {
-        self.offsets.get(chunk).copied().unwrap_or(0)
-    }
-
-    fn is_written(&self, chunk: usize) -> bool {
-        match self.written.get(chunk) {
-            Some(w) => *w,
-            None => self.remaining == 0,
-        }
-    }
 }
 
 /// Where a file is written before it is complete: a hidden name beside
@@ -361,13 +414,13 @@ fn open_part(path: &Path, write: bool) -> Result<std::fs::File> {
 /// reading them back from the part at `path` (the page cache).
 fn advance(p: &mut Part, file: &UpdateFile, path: &Path) -> Result<()> {
     let n = file.chunks.len();
-    if p.hashed >= n || !p.is_written(p.hashed) {
+    if p.hashed >= n || !p.written[p.hashed] {
         return Ok(());
     }
     let f = open_part(path, false)?;
     let mut buf = Vec::new();
-    let mut offset = p.offset(p.hashed);
-    while p.hashed < n && p.is_written(p.hashed) {
+    let mut offset = p.offsets[p.hashed];
+    while p.hashed < n && p.written[p.hashed] {
         let size = file.chunks[p.hashed].size;
         buf.resize(size as usize, 0);
         f.read_exact_at(&mut buf, offset)
@@ -379,15 +432,20 @@ fn advance(p: &mut Part, file: &UpdateFile, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks a file whose every chunk is written, gives it its mode, syncs it
-/// and renames it to its name.
-fn finish(p: &mut Part, file: &UpdateFile, dest: &Path, store: &ChunkStore) -> Result<()> {
+/// Checks a file whose every chunk is written (its part, if it has more
+/// than one), gives it its mode, syncs it and renames it to its name.
+fn finish(p: Option<&mut Part>, file: &UpdateFile, dest: &Path, store: &ChunkStore) -> Result<()> {
     let target = dest.join(&file.name);
     let part = part_path(&target);
-    advance(p, file, &part)?;
-    let hash: Hash = match (&p.hasher, file.chunks.as_slice()) {
+    let hash: Hash = match (p, file.chunks.as_slice()) {
         (_, [only]) => only.hash,
-        (Some(h), _) => h.finalize().into(),
+        (Some(p), _) => {
+            advance(p, file, &part)?;
+            match &p.hasher {
+                Some(h) => h.finalize().into(),
+                None => blake3::Hasher::new().finalize().into(),
+            }
+        }
         (None, _) => blake3::Hasher::new().finalize().into(),
     };
     if Some(hash) != file.hash {

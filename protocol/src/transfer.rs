@@ -26,7 +26,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::hash::{DigestMap, DigestSet};
+use fixedbitset::FixedBitSet;
+
+use crate::hash::DigestMap;
 
 use crate::Hash;
 
@@ -65,8 +67,10 @@ pub struct Request<P> {
 #[derive(Debug)]
 struct PeerState {
     /// The wanted chunks it holds (only those: the keys come from the
-    /// manifest, not from the peer).
-    has: DigestSet,
+    /// manifest, not from the peer), a bit a chunk by [`Chunks`] id.
+    has: FixedBitSet,
+    /// How many bits of `has` are set.
+    held: usize,
     in_flight: usize,
     asked: u64,
     banned_until: Option<u64>,
@@ -79,7 +83,8 @@ struct PeerState {
 impl Default for PeerState {
     fn default() -> Self {
         PeerState {
-            has: DigestSet::default(),
+            has: FixedBitSet::new(),
+            held: 0,
             in_flight: 0,
             asked: 0,
             banned_until: None,
@@ -93,6 +98,34 @@ impl PeerState {
     fn usable(&self, now: u64) -> bool {
         self.banned_until.is_none_or(|until| until <= now)
     }
+
+    fn holds(&self, id: u32) -> bool {
+        self.has.contains(id as usize)
+    }
+
+    /// Marks chunk `id` (of `ids`) held; whether it was not already.
+    fn put(&mut self, id: u32, ids: usize) -> bool {
+        if self.has.len() < ids {
+            self.has.grow(ids);
+        }
+        let new = !self.has.put(id as usize);
+        self.held += usize::from(new);
+        new
+    }
+
+    /// Marks chunk `id` not held; whether it was.
+    fn unput(&mut self, id: u32) -> bool {
+        let had = self.holds(id);
+        if had {
+            self.has.remove(id as usize);
+            self.held -= 1;
+        }
+        had
+    }
+
+    fn ids(&self) -> Vec<u32> {
+        self.has.ones().map(|i| i as u32).collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -101,21 +134,67 @@ struct InFlight<P> {
     since: u64,
 }
 
+/// The chunks of a transfer, each by a dense id: those wanted at the start
+/// in hash order, then any wanted again later ([`Transfer::lost`]). What
+/// the scheduler keeps per chunk is an entry in a few arrays, about 50
+/// bytes a chunk and a bit per peer (maps and a list of holders a chunk
+/// were about 400 bytes a chunk, 40 MB for a release of 100,000 small
+/// files).
+#[derive(Debug, Default)]
+struct Chunks {
+    hashes: Vec<Hash>,
+    /// How many of `hashes` are sorted (those given at the start).
+    sorted: usize,
+    /// The ids of chunks added later.
+    later: DigestMap<u32>,
+    sizes: Vec<u64>,
+    /// Which are still wanted.
+    wanted: FixedBitSet,
+    /// For each wanted chunk, how many usable peers hold it.
+    holders: Vec<u32>,
+}
+
+impl Chunks {
+    fn id(&self, hash: &Hash) -> Option<u32> {
+        match self.hashes[..self.sorted].binary_search(hash) {
+            Ok(at) => Some(at as u32),
+            Err(_) => self.later.get(hash).copied(),
+        }
+    }
+
+    /// The id of `hash` if it is wanted.
+    fn wanted_id(&self, hash: &Hash) -> Option<u32> {
+        self.id(hash).filter(|&id| self.is_wanted(id))
+    }
+
+    fn is_wanted(&self, id: u32) -> bool {
+        self.wanted.contains(id as usize)
+    }
+
+    fn hash(&self, id: u32) -> Hash {
+        self.hashes[id as usize]
+    }
+
+    fn len(&self) -> usize {
+        self.hashes.len()
+    }
+}
+
 /// The scheduler for one release at one node.
 ///
 /// What a poll needs is kept up to date as events come, so a poll costs
 /// about the requests it makes, not the size of the release times the size
-/// of the site: every wanted chunk's usable holders, and the
+/// of the site: every wanted chunk's count of usable holders, and the
 /// chunks that could be asked for now ordered rarest first.
 #[derive(Debug)]
 pub struct Transfer<P> {
     limits: Limits,
-    /// Chunks this node still lacks, with their sizes.
-    wanted: BTreeMap<Hash, u64>,
+    chunks: Chunks,
+    /// How many chunks this node still lacks, and their bytes.
+    wanted: usize,
+    missing: u64,
     peers: BTreeMap<P, PeerState>,
     in_flight: DigestMap<InFlight<P>>,
-    /// For each wanted chunk, how many usable peers hold it.
-    holders: DigestMap<Vec<P>>,
     /// Wanted chunks not in flight that a usable peer holds: rarest first,
     /// then in this node's order.
     ready: BTreeSet<Key>,
@@ -127,8 +206,13 @@ pub struct Transfer<P> {
 /// takes any a peer with room holds (see [`Transfer::next_pick`]).
 const RAREST_SCAN: usize = 512;
 
-/// A ready chunk's place: (holders, tie-break, hash).
-type Key = (usize, u64, Hash);
+/// A ready chunk's place, in one number: its holders, then a tie-break,
+/// then its id.
+type Key = u128;
+
+fn key_id(key: Key) -> u32 {
+    key as u32
+}
 
 /// Where `hash` goes among equally rare chunks for a node with `salt`.
 fn tie(hash: &Hash, salt: u64) -> u64 {
@@ -140,11 +224,25 @@ fn tie(hash: &Hash, salt: u64) -> u64 {
 impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// A transfer of the chunks in `wanted` (hash, size).
     pub fn new(wanted: impl IntoIterator<Item = (Hash, u64)>, limits: Limits) -> Self {
-        let wanted: BTreeMap<Hash, u64> = wanted.into_iter().collect();
+        let mut list: Vec<(Hash, u64)> = wanted.into_iter().collect();
+        list.sort_by_key(|(h, _)| *h);
+        list.dedup_by_key(|(h, _)| *h);
+        let n = list.len();
+        let mut wanted = FixedBitSet::with_capacity(n);
+        wanted.insert_range(..);
+        let (hashes, sizes): (Vec<Hash>, Vec<u64>) = list.into_iter().unzip();
         Transfer {
             limits,
-            holders: wanted.keys().map(|h| (*h, Vec::new())).collect(),
-            wanted,
+            missing: sizes.iter().sum(),
+            wanted: n,
+            chunks: Chunks {
+                hashes,
+                sorted: n,
+                later: DigestMap::default(),
+                sizes,
+                wanted,
+                holders: vec![0; n],
+            },
             peers: BTreeMap::new(),
             in_flight: DigestMap::default(),
             ready: BTreeSet::new(),
@@ -156,60 +254,65 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// id) instead of all the same way.
     pub fn with_order(mut self, salt: u64) -> Self {
         self.salt = salt;
-        self.ready = self
-            .ready
-            .iter()
-            .map(|(c, _, h)| (*c, tie(h, salt), *h))
+        let ready = std::mem::take(&mut self.ready);
+        self.ready = ready
+            .into_iter()
+            .map(|k| {
+                let id = key_id(k);
+                self.key(self.chunks.holders[id as usize], id)
+            })
             .collect();
         self
     }
 
-    fn key(&self, count: usize, hash: &Hash) -> Key {
-        (count, tie(hash, self.salt), *hash)
+    fn key(&self, count: u32, id: u32) -> Key {
+        (u128::from(count) << 96)
+            | (u128::from(tie(&self.chunks.hash(id), self.salt)) << 32)
+            | u128::from(id)
     }
 
-    /// Adds `peer` to the usable holders of `hash` (if still wanted), or
-    /// takes it away.
-    fn holds(&mut self, hash: &Hash, peer: &P, holds: bool) {
-        let Some(list) = self.holders.get_mut(hash) else {
+    /// Counts one more usable holder of chunk `id` (if still wanted), or
+    /// one fewer.
+    fn count(&mut self, id: u32, holds: bool) {
+        if !self.chunks.is_wanted(id) {
             return;
-        };
-        let old = list.len();
-        if holds {
-            list.push(peer.clone());
-        } else if let Some(at) = list.iter().position(|p| p == peer) {
-            list.swap_remove(at);
         }
-        let count = list.len();
-        let key = self.key(old, hash);
-        self.ready.remove(&key);
-        if count > 0 && !self.in_flight.contains_key(hash) {
-            let key = self.key(count, hash);
-            self.ready.insert(key);
+        let old = self.chunks.holders[id as usize];
+        let count = if holds {
+            old + 1
+        } else {
+            old.saturating_sub(1)
+        };
+        self.chunks.holders[id as usize] = count;
+        self.ready.remove(&self.key(old, id));
+        if count > 0 && !self.in_flight.contains_key(&self.chunks.hash(id)) {
+            self.ready.insert(self.key(count, id));
         }
     }
 
     /// `hash` is no longer in flight: it may be asked again.
     fn make_ready(&mut self, hash: &Hash) {
-        if let Some(count) = self.holders.get(hash).map(Vec::len) {
+        if let Some(id) = self.chunks.wanted_id(hash) {
+            let count = self.chunks.holders[id as usize];
             if count > 0 && !self.in_flight.contains_key(hash) {
-                let key = self.key(count, hash);
-                self.ready.insert(key);
+                self.ready.insert(self.key(count, id));
             }
         }
     }
 
     fn unwant(&mut self, hash: &Hash) {
-        self.wanted.remove(hash);
-        if let Some(list) = self.holders.remove(hash) {
-            let key = self.key(list.len(), hash);
-            self.ready.remove(&key);
-            // A peer's `has` stays the wanted chunks it holds.
-            for peer in &list {
-                if let Some(state) = self.peers.get_mut(peer) {
-                    state.has.remove(hash);
-                }
-            }
+        let Some(id) = self.chunks.wanted_id(hash) else {
+            return;
+        };
+        let count = self.chunks.holders[id as usize];
+        self.ready.remove(&self.key(count, id));
+        self.chunks.wanted.remove(id as usize);
+        self.chunks.holders[id as usize] = 0;
+        self.wanted -= 1;
+        self.missing -= self.chunks.sizes[id as usize];
+        // A peer's `has` stays the wanted chunks it holds.
+        for state in self.peers.values_mut() {
+            state.unput(id);
         }
     }
 
@@ -219,9 +322,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             return;
         };
         state.counted = false;
-        let has: Vec<Hash> = state.has.iter().copied().collect();
-        for h in &has {
-            self.holds(h, peer, false);
+        for id in state.ids() {
+            self.count(id, false);
         }
     }
 
@@ -238,12 +340,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
                 continue;
             };
             state.counted = true;
-            // What arrived meanwhile is no longer wanted.
-            let holders = &self.holders;
-            state.has.retain(|h| holders.contains_key(h));
-            let has: Vec<Hash> = state.has.iter().copied().collect();
-            for h in &has {
-                self.holds(h, &peer, true);
+            for id in state.ids() {
+                self.count(id, true);
             }
         }
     }
@@ -270,6 +368,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         match self.peers.get_mut(peer) {
             Some(state) if state.banned_until.is_some() => {
                 state.has.clear();
+                state.held = 0;
                 state.in_flight = 0;
                 // Nothing left to count; its ban still runs.
                 state.counted = false;
@@ -286,15 +385,15 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         let Some(state) = self.peers.get_mut(peer) else {
             return;
         };
-        let counted = state.counted;
-        let holders = &self.holders;
-        let new: Vec<Hash> = hashes
+        let chunks = &self.chunks;
+        let new: Vec<u32> = hashes
             .into_iter()
-            .filter(|h| holders.contains_key(h) && state.has.insert(*h))
+            .filter_map(|h| chunks.wanted_id(&h))
+            .filter(|&id| state.put(id, chunks.len()))
             .collect();
-        if counted {
-            for h in &new {
-                self.holds(h, peer, true);
+        if state.counted {
+            for id in new {
+                self.count(id, true);
             }
         }
     }
@@ -323,12 +422,14 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// announcement that it holds it counts again.
     pub fn not_held(&mut self, peer: &P, hash: &Hash) {
         self.release(peer, hash);
+        let Some(id) = self.chunks.id(hash) else {
+            return;
+        };
         let Some(state) = self.peers.get_mut(peer) else {
             return;
         };
-        let counted = state.counted;
-        if state.has.remove(hash) && counted {
-            self.holds(hash, peer, false);
+        if state.unput(id) && state.counted {
+            self.count(id, false);
         }
     }
 
@@ -336,9 +437,31 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
     /// wanted again. Peers' earlier announcements of it were not kept, so
     /// the node asks them afresh what they hold.
     pub fn lost(&mut self, hash: Hash, size: u64) {
-        if self.wanted.insert(hash, size).is_none() {
-            self.holders.insert(hash, Vec::new());
-        }
+        let chunks = &mut self.chunks;
+        let id = match chunks.id(&hash) {
+            Some(id) if chunks.is_wanted(id) => {
+                self.missing = self.missing - chunks.sizes[id as usize] + size;
+                chunks.sizes[id as usize] = size;
+                return;
+            }
+            Some(id) => {
+                chunks.sizes[id as usize] = size;
+                id
+            }
+            None => {
+                let id = chunks.len() as u32;
+                chunks.hashes.push(hash);
+                chunks.sizes.push(size);
+                chunks.holders.push(0);
+                chunks.wanted.grow(chunks.len());
+                chunks.later.insert(hash, id);
+                id
+            }
+        };
+        chunks.wanted.insert(id as usize);
+        chunks.holders[id as usize] = 0;
+        self.wanted += 1;
+        self.missing += size;
     }
 
     /// `peer` sent bytes that are not `hash`: it is banned until
@@ -404,6 +527,13 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         }
     }
 
+    /// The size of `hash` if it is wanted, else 0.
+    fn size(&self, hash: &Hash) -> u64 {
+        self.chunks
+            .wanted_id(hash)
+            .map_or(0, |id| self.chunks.sizes[id as usize])
+    }
+
     /// Gives up requests older than the timeout (returned, so the node can
     /// drop them), then decides which requests to send now.
     pub fn poll(&mut self, now: u64) -> (Vec<Request<P>>, Vec<Request<P>>) {
@@ -416,7 +546,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             .map(|(h, f)| Request {
                 peer: f.peer.clone(),
                 hash: *h,
-                size: self.wanted.get(h).copied().unwrap_or(0),
+                size: self.size(h),
             })
             .collect();
         expired.sort_by_key(|r| r.hash);
@@ -428,29 +558,29 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
 
     /// The rarest ready chunk a peer with room holds, and that peer: the
     /// one with the fewest requests in flight, then the one asked least so
-    /// far. Each ready chunk's holders are at hand, so this looks at the
-    /// rarest [`RAREST_SCAN`] chunks in order until one has a holder with
-    /// room. Past them, the rarest chunks are all held by busy peers (a
-    /// fetcher that alone holds most of a large release, say): rather than
-    /// walk the whole release at every chunk that arrives, it takes any
-    /// ready chunk a peer with room holds, which costs at most the requests
-    /// in flight.
+    /// far. This looks at the rarest [`RAREST_SCAN`] chunks in order until
+    /// one has a holder with room. Past them, the rarest chunks are all
+    /// held by busy peers (a fetcher that alone holds most of a large
+    /// release, say): rather than walk the whole release at every chunk
+    /// that arrives, it takes any ready chunk a peer with room holds.
     fn next_pick(&self, now: u64) -> Option<(Key, P)> {
         let per_peer = self.limits.per_peer;
         // A peer that holds no wanted chunk has nothing to offer; with no
         // peer that can be asked, nothing is looked through.
-        let room = |s: &PeerState| s.usable(now) && s.in_flight < per_peer && !s.has.is_empty();
+        let room = |s: &PeerState| s.usable(now) && s.in_flight < per_peer && s.held > 0;
         if !self.peers.values().any(room) {
             return None;
         }
-        let pick = |key: &Key| {
-            let peer = self.holders.get(&key.2)?.iter().filter_map(|p| {
-                let s = self.peers.get(p)?;
-                room(s).then_some((s.in_flight, s.asked, p))
-            });
-            peer.min().map(|(_, _, p)| (*key, p.clone()))
+        let pick = |key: Key| {
+            let id = key_id(key);
+            let peer = self
+                .peers
+                .iter()
+                .filter(|(_, s)| s.counted && room(s) && s.holds(id))
+                .map(|(p, s)| (s.in_flight, s.asked, p));
+            peer.min().map(|(_, _, p)| (key, p.clone()))
         };
-        if let Some(found) = self.ready.iter().take(RAREST_SCAN).find_map(pick) {
+        if let Some(found) = self.ready.iter().take(RAREST_SCAN).find_map(|k| pick(*k)) {
             return Some(found);
         }
         if self.ready.len() <= RAREST_SCAN {
@@ -460,9 +590,12 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
         self.peers
             .values()
             .filter(|s| room(s))
-            .flat_map(|s| s.has.iter())
-            .filter(|h| !self.in_flight.contains_key(*h))
-            .find_map(|h| pick(&self.key(self.holders.get(h)?.len(), h)))
+            .flat_map(|s| s.has.ones())
+            .map(|id| id as u32)
+            .filter(|&id| {
+                self.chunks.is_wanted(id) && !self.in_flight.contains_key(&self.chunks.hash(id))
+            })
+            .find_map(|id| pick(self.key(self.chunks.holders[id as usize], id)))
     }
 
     /// Rarest first: the rarest ready chunk that a peer with room holds
@@ -475,7 +608,8 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             let Some((key, peer)) = self.next_pick(now) else {
                 break;
             };
-            let hash = key.2;
+            let id = key_id(key);
+            let hash = self.chunks.hash(id);
             self.ready.remove(&key);
             self.in_flight.insert(
                 hash,
@@ -491,7 +625,7 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             requests.push(Request {
                 peer,
                 hash,
-                size: self.wanted.get(&hash).copied().unwrap_or(0),
+                size: self.chunks.sizes[id as usize],
             });
             room -= 1;
         }
@@ -500,12 +634,12 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
 
     /// Whether every wanted chunk is here.
     pub fn is_done(&self) -> bool {
-        self.wanted.is_empty()
+        self.wanted == 0
     }
 
     /// Bytes still wanted.
     pub fn missing_bytes(&self) -> u64 {
-        self.wanted.values().sum()
+        self.missing
     }
 
     /// Wanted chunks that no usable peer holds: what only the origin can
@@ -516,10 +650,14 @@ impl<P: Ord + Clone + std::hash::Hash> Transfer<P> {
             .values()
             .filter(|s| !s.counted && s.usable(now))
             .collect();
-        self.holders
-            .iter()
-            .filter(|(h, list)| list.is_empty() && !unbanned.iter().any(|s| s.has.contains(h)))
-            .map(|(h, _)| *h)
+        self.chunks
+            .wanted
+            .ones()
+            .map(|id| id as u32)
+            .filter(|&id| {
+                self.chunks.holders[id as usize] == 0 && !unbanned.iter().any(|s| s.holds(id))
+            })
+            .map(|id| self.chunks.hash(id))
             .collect()
     }
 

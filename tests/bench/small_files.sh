@@ -10,7 +10,7 @@
 #   tests/bench/small_files.sh [FILES]
 #
 # LANUP=path runs another binary; WRAP0="heaptrack -o FILE" runs node 0
-# under a profiler.
+# under a profiler (WRAP1 node 1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 files=${1:-100000}
@@ -23,6 +23,8 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
   pkill -f "$work/install/bin/app" 2> /dev/null || true
+  # A node under a profiler is its child, not in pids.
+  pkill -f -- "--state $work/n" 2> /dev/null || true
   wait 2> /dev/null || true
   [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
@@ -92,6 +94,7 @@ node() {
   local i=$1 wrap=
   shift
   [ "$i" = 0 ] && wrap=${WRAP0:-}
+  [ "$i" = 1 ] && wrap=${WRAP1:-}
   $wrap "$LANUP" node --state "$work/n$i" --listen "/ip4/127.0.0.1/tcp/$((port + 1 + i))" --no-mdns \
     --peer "/ip4/127.0.0.1/tcp/$((port + 2 - i))" --origin "$url" --trust-publisher "$public" \
     --site small$$ --poll-interval 1h "$@" > "$work/n$i.log" 2>&1 &
