@@ -192,9 +192,10 @@ pub struct Fetcher {
     etag: Option<String>,
     /// Polls since the last one without an ETag.
     conditional_polls: u32,
-    /// The manifest bytes last told to the node: an unconditional poll
-    /// that finds them again changes nothing.
-    last_manifest: Option<Hash>,
+    /// The manifest bytes last told to the node, and whether their
+    /// signature held over them: an unconditional poll that finds them
+    /// again changes nothing.
+    last_manifest: Option<(Hash, bool)>,
     /// The signature last read beside it: an unconditional poll asks for
     /// the signature alone first, and the manifest only if it changed.
     last_signature: Option<Vec<u8>>,
@@ -556,17 +557,28 @@ impl Fetcher {
                 }
                 match result {
                     Ok(Poll::Unchanged) => self.origin_ok(),
-                    Ok(Poll::Changed { source, etag }) => match signature(&source) {
+                    Ok(Poll::Changed {
+                        source,
+                        etag,
+                        signed,
+                    }) => match signature(&source) {
                         None => self.failed(
                             "the origin's release is not signed",
                             format!("{}: no readable signature file beside it", source.location),
                         ),
                         Some(signature) => {
-                            self.etag = etag;
-                            self.last_signature = Some(signature.clone().into_bytes());
+                            // A manifest and signature that do not belong
+                            // together (read during a publish) are read
+                            // whole again at the next poll: neither a
+                            // validator nor the signature would show that
+                            // the origin's files changed since.
+                            self.etag = etag.filter(|_| signed);
+                            self.last_signature = signed.then(|| signature.clone().into_bytes());
                             self.origin_ok();
-                            let hash = source.text.hash();
-                            if self.last_manifest.replace(hash) == Some(hash) {
+                            // The same bytes signed now, after a torn
+                            // read of them, are told again.
+                            let told = (source.text.hash(), signed);
+                            if self.last_manifest.replace(told) == Some(told) {
                                 return;
                             }
                             self.tell(FetcherEvent::Manifest {

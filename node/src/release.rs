@@ -520,6 +520,7 @@ impl ManifestSource {
                                 signature_location: sig_url,
                             },
                             etag,
+                            signed: true,
                         })
                     }
                     Err(e) => tracing::warn!(
@@ -538,14 +539,29 @@ impl ManifestSource {
         if signature.is_none() {
             signature = get_signature(client, &sig_url).await?;
         }
+        let source = ManifestSource {
+            location: url,
+            text,
+            signature,
+            signature_location: sig_url,
+        };
+        // Read while a publish replaced the files, the two may not belong
+        // together; the node refuses such a pair, and neither is taken as
+        // what the origin serves.
+        let (source, signed) = tokio::task::spawn_blocking(move || {
+            let signed = source.signature().is_ok_and(|sig| {
+                source
+                    .text
+                    .verify(&sig, std::slice::from_ref(&sig.key))
+                    .is_ok()
+            });
+            (source, signed)
+        })
+        .await?;
         Ok(Poll::Changed {
-            source: ManifestSource {
-                location: url,
-                text,
-                signature,
-                signature_location: sig_url,
-            },
+            source,
             etag,
+            signed,
         })
     }
 
@@ -597,6 +613,10 @@ pub enum Poll {
     Changed {
         source: ManifestSource,
         etag: Option<String>,
+        /// Whether the signature holds over the manifest (by the key it
+        /// names, trusted or not): a pair read half-way through a publish
+        /// does not, and is not remembered as the origin's.
+        signed: bool,
     },
 }
 

@@ -603,3 +603,66 @@ fn a_poll_without_the_validator_reads_only_the_signature_of_an_unchanged_manifes
         node_log(&state)
     );
 }
+
+/// A poll that lands half-way through a publish reads a manifest and a
+/// signature that do not belong together: the node refuses that pair, and
+/// once the publish is done the same manifest, now with its signature, is
+/// taken (it was once dropped as "already told to the node", and the
+/// release was never staged).
+#[test]
+fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(300_000, 93));
+    let www = tmp.path().join("www");
+    let next = tmp.path().join("next");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    // 2.0, published elsewhere: its files reach the origin one by one.
+    write(&app, "bin/app", &pseudo_random(300_000, 94));
+    let copied = std::process::Command::new("cp")
+        .args(["-a", s(&www), s(&next)])
+        .status()
+        .expect("cp runs");
+    assert!(copied.success());
+    let second = publish(&app, "2.0", &origin.url, &key, &next);
+    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
+    let cmd = site.command(0, Some(&origin.url), &release.public);
+    site.start(0, cmd);
+    let state = site.states[0].clone();
+    let pending = wait_staged(&[&state], "1.0", &release, Duration::from_secs(60));
+    assert!(pending.is_empty(), "{}", node_log(&state));
+
+    // 2.0's files and manifest are there; its signature is not yet (1.0's
+    // is).
+    let copied = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$1\" && find . -mindepth 1 -maxdepth 1 ! -name 'AutoUpdater.xml*' -exec cp -a {} \"$2\"/ ';'")
+        .args(["sh", s(&next), s(&www)])
+        .status()
+        .expect("cp runs");
+    assert!(copied.success());
+    let take = |name: &str| std::fs::copy(next.join(name), www.join(name)).expect("copy");
+    take("AutoUpdater.xml");
+    take("AutoUpdater.xml.zst");
+    run_ok(&["check", "--state", s(&state)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !node_log(&state).contains("refused release") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the torn pair was not refused:\n{}",
+            node_log(&state)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    take("AutoUpdater.xml.sig");
+    run_ok(&["check", "--state", s(&state)]);
+    let pending = wait_staged(&[&state], "2.0", &second, Duration::from_secs(30));
+    assert!(
+        pending.is_empty(),
+        "2.0 was not staged once its publish was done:\n{}",
+        node_log(&state)
+    );
+}
