@@ -569,10 +569,12 @@ impl Fetcher {
                         Some(signature) => {
                             // A manifest and signature that do not belong
                             // together (read during a publish) are read
-                            // whole again at the next poll: neither a
-                            // validator nor the signature would show that
-                            // the origin's files changed since.
-                            self.etag = etag.filter(|_| signed);
+                            // whole again at the next poll without the
+                            // validator (the signature may change while the
+                            // manifest does not). The validator is kept: an
+                            // origin left that way is not read whole at
+                            // every poll.
+                            self.etag = etag;
                             self.last_signature = signed.then(|| signature.clone().into_bytes());
                             self.origin_ok();
                             // The same bytes signed now, after a torn

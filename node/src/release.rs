@@ -615,7 +615,7 @@ pub enum Poll {
         etag: Option<String>,
         /// Whether the signature holds over the manifest (by the key it
         /// names, trusted or not): a pair read half-way through a publish
-        /// does not, and is not remembered as the origin's.
+        /// does not, and its signature is not remembered as the origin's.
         signed: bool,
     },
 }
