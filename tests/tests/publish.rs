@@ -573,12 +573,7 @@ fn a_poll_without_the_validator_reads_only_the_signature_of_an_unchanged_manifes
     let key = keygen(tmp.path(), "publisher.key");
     let origin = OriginProc::start(&www, None);
     let release = publish(&app, "1.0", &origin.url, &key, &www);
-    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
-    let cmd = site.command(0, Some(&origin.url), &release.public);
-    site.start(0, cmd);
-    let state = site.states[0].clone();
-    let pending = wait_staged(&[&state], "1.0", &release, Duration::from_secs(60));
-    assert!(pending.is_empty(), "{}", node_log(&state));
+    let (_site, state) = one_node_staged(tmp.path(), &origin, "1.0", &release);
 
     let size = |name: &str| std::fs::metadata(www.join(name)).expect("published").len();
     let (packed, signature) = (size("AutoUpdater.xml.zst"), size("AutoUpdater.xml.sig"));
@@ -602,6 +597,23 @@ fn a_poll_without_the_validator_reads_only_the_signature_of_an_unchanged_manifes
          compressed manifest {packed}):\n{}",
         node_log(&state)
     );
+}
+
+/// One node of its own site, polling `origin`, once it staged `release`
+/// as `version` (the site stops its node when dropped).
+fn one_node_staged(
+    dir: &Path,
+    origin: &OriginProc,
+    version: &str,
+    release: &Published,
+) -> (crate::swarm::LoopSite, std::path::PathBuf) {
+    let mut site = crate::swarm::LoopSite::new(dir, 1);
+    let cmd = site.command(0, Some(&origin.url), &release.public);
+    site.start(0, cmd);
+    let state = site.states[0].clone();
+    let pending = wait_staged(&[&state], version, release, Duration::from_secs(60));
+    assert!(pending.is_empty(), "{}", node_log(&state));
+    (site, state)
 }
 
 /// A poll that lands half-way through a publish reads a manifest and a
@@ -628,12 +640,7 @@ fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done(
         .expect("cp runs");
     assert!(copied.success());
     let second = publish(&app, "2.0", &origin.url, &key, &next);
-    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
-    let cmd = site.command(0, Some(&origin.url), &release.public);
-    site.start(0, cmd);
-    let state = site.states[0].clone();
-    let pending = wait_staged(&[&state], "1.0", &release, Duration::from_secs(60));
-    assert!(pending.is_empty(), "{}", node_log(&state));
+    let (_site, state) = one_node_staged(tmp.path(), &origin, "1.0", &release);
 
     // 2.0's files and manifest are there; its signature is not yet (1.0's
     // is).
