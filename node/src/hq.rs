@@ -34,10 +34,15 @@ pub const FLEET_JSON_PATH: &str = "/_lanup/fleet.json";
 pub const FLEET_PAGE_PATH: &str = "/_lanup/fleet";
 /// The history file's size at which it is rotated.
 pub const HISTORY_MAX_BYTES: u64 = 16 << 20;
-/// Reports one address may post per minute (a site posts a few an hour;
+/// Reports one node key may post per minute (a site posts a few an hour;
 /// a burst of [`REPORTS_BURST`] covers a rollout's changes).
 const REPORTS_PER_MINUTE: u32 = 30;
 const REPORTS_BURST: u32 = 20;
+/// Posts one address may make per minute, whatever they hold: many sites
+/// behind one NAT share an address, so this is far above one site's rate;
+/// it bounds the signature checks one host can make headquarters do.
+const ADDRESS_POSTS_PER_MINUTE: u32 = 600;
+const ADDRESS_BURST: u32 = 200;
 
 /// Why a report was not taken, as the HTTP answer says it.
 #[derive(Debug)]
@@ -50,7 +55,8 @@ pub struct Refused {
 pub struct Reports {
     dir: PathBuf,
     fleet: Mutex<Fleet>,
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    by_address: DefaultKeyedRateLimiter<IpAddr>,
+    by_sender: DefaultKeyedRateLimiter<String>,
     stale_after: Duration,
 }
 
@@ -62,32 +68,39 @@ impl Reports {
             .with_context(|| format!("reports folder {}", sites.display()))?;
         let fleet = load(dir)?;
         info!(dir = %dir.display(), sites = fleet.sites.len(), "taking site reports");
-        let quota =
-            Quota::per_minute(NonZeroU32::new(REPORTS_PER_MINUTE).unwrap_or(NonZeroU32::MIN))
-                .allow_burst(NonZeroU32::new(REPORTS_BURST).unwrap_or(NonZeroU32::MIN));
+        let quota = |per_minute: u32, burst: u32| {
+            Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+        };
         Ok(Reports {
             dir: dir.to_path_buf(),
             fleet: Mutex::new(fleet),
-            limiter: RateLimiter::keyed(quota),
+            by_address: RateLimiter::keyed(quota(ADDRESS_POSTS_PER_MINUTE, ADDRESS_BURST)),
+            by_sender: RateLimiter::keyed(quota(REPORTS_PER_MINUTE, REPORTS_BURST)),
             stale_after,
         })
     }
 
-    /// Takes one posted report from `from`: rate limited per address,
-    /// checked, kept. Blocking (it writes files).
+    /// Takes one posted report from `from`: rate limited per address
+    /// (loosely, as sites share NATs) and per signing node, checked, kept.
+    /// Blocking (it writes files).
     pub fn take(&self, body: &[u8], from: IpAddr) -> Result<String, Refused> {
-        if self.limiter.check_key(&from).is_err() {
-            return Err(Refused {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: format!(
-                    "{from} sent more than {REPORTS_PER_MINUTE} reports a minute; try again later"
-                ),
-            });
+        let too_many = |message: String| Refused {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message,
+        };
+        if self.by_address.check_key(&from).is_err() {
+            return Err(too_many(format!(
+                "{from} posted more than {ADDRESS_POSTS_PER_MINUTE} reports a minute; try again later"
+            )));
         }
-        // Keys of addresses quiet for a while are dropped, so the limiter
-        // stays as small as the set of recent senders.
-        if self.limiter.len() > 10_000 {
-            self.limiter.retain_recent();
+        // Keys quiet for a while are dropped, so the limiters stay as
+        // small as the set of recent senders.
+        if self.by_address.len() > 10_000 {
+            self.by_address.retain_recent();
+        }
+        if self.by_sender.len() > 10_000 {
+            self.by_sender.retain_recent();
         }
         let now = now_unix_ms();
         let refused = |e: ReportRefusal| {
@@ -107,6 +120,12 @@ impl Reports {
             }
         };
         let checked = report::check(body, now).map_err(refused)?;
+        if self.by_sender.check_key(&checked.sender).is_err() {
+            return Err(too_many(format!(
+                "node {} sent more than {REPORTS_PER_MINUTE} reports a minute; try again later",
+                checked.sender
+            )));
+        }
         let mut fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
         let site = checked.site.clone();
         let sender = checked.sender.clone();
@@ -459,17 +478,36 @@ mod tests {
         let history = std::fs::read_to_string(dir.path().join("history.jsonl"))?;
         assert_eq!(history.lines().count(), 1);
 
-        // One address posting in a loop is held back; another is not.
+        // One node posting in a loop is held back; another node at the
+        // same address (sites behind one NAT) is not.
         let mut limited = 0;
         for i in 1..=(REPORTS_BURST + 5) {
             if let Err(r) = reports.take(&body(&key, "a", t + u64::from(i), None), from) {
                 assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.message);
+                assert!(r.message.contains("node "), "{}", r.message);
                 limited += 1;
             }
         }
         assert!(limited >= 5, "{limited} reports refused for their rate");
+        let other = SecretKey::generate();
+        reports
+            .take(&body(&other, "b", t, None), from)
+            .map_err(|r| anyhow::anyhow!(r.message))?;
+        // An address posting far beyond any site's rate is held back,
+        // whatever it posts; another address is not.
+        let flood = (0..ADDRESS_BURST + 10)
+            .filter(|_| {
+                reports
+                    .take(b"{}", from)
+                    .is_err_and(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+            })
+            .count();
+        assert!(
+            flood >= 10,
+            "{flood} posts refused for their address's rate"
+        );
         assert!(reports
-            .take(&body(&key, "b", t, None), "192.0.2.8".parse()?)
+            .take(&body(&other, "b", t + 1, None), "192.0.2.8".parse()?)
             .is_ok());
         Ok(())
     }

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use lanup_protocol::report::{self, Report};
+use lanup_protocol::sign::SecretKey;
+
 use crate::apply::{app_tree, own_status, KillUnder};
 use crate::common::*;
 use crate::swarm::LoopSite;
@@ -284,9 +287,30 @@ fn headquarters_refuses_forged_oversized_and_flooding_reports() {
         "refused reports show no site"
     );
     assert!(!tmp.path().join("reports/history.jsonl").exists());
-    // A sender that floods is held back.
-    let codes: Vec<u16> = (0..40).map(|_| post(b"{}".to_vec()).0).collect();
+    // A node that floods is held back; another node posting from the same
+    // address (sites behind one NAT) is not.
+    let signed = |key: &SecretKey, site: &str, at: u64| {
+        let r = Report {
+            site: site.into(),
+            sender: key.public().peer_id(),
+            sent_at_ms: at,
+            nodes: vec![],
+            rollout: None,
+        };
+        serde_json::to_vec(&report::sign(&r, key)).expect("json")
+    };
+    let (flooder, quiet) = (SecretKey::generate(), SecretKey::generate());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let codes: Vec<u16> = (0..40)
+        .map(|i| post(signed(&flooder, "flood", now + i)).0)
+        .collect();
     assert!(codes.contains(&429), "{codes:?}");
+    assert_eq!(codes[0], 200, "{codes:?}");
+    let (status, text) = post(signed(&quiet, "quiet", now));
+    assert_eq!(status, 200, "{text}");
 }
 
 /// Sites reporting to headquarters (three of two nodes, unless said
