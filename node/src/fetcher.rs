@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::fetch::{FetchError, FetchReport, Origin};
 use crate::fetch_deltas::{fetch_release, Bases, Fallbacks};
 use crate::manifest_text::ManifestText;
-use crate::release::{http_get_bounded, Got, ManifestSource, Poll};
+use crate::release::{http_get_bounded, Got, Known, ManifestSource, Poll};
 use crate::store::ChunkStore;
 use crate::throttle::Throttle;
 use lanup_protocol::fleet::FLEET_FILE;
@@ -196,9 +196,10 @@ pub struct Fetcher {
     /// signature held over them: an unconditional poll that finds them
     /// again changes nothing.
     last_manifest: Option<(Hash, bool)>,
-    /// The signature last read beside it: an unconditional poll asks for
-    /// the signature alone first, and the manifest only if it changed.
-    last_signature: Option<Vec<u8>>,
+    /// The signature last read, and the signed manifest last read: a poll
+    /// asks for the signature alone first, and for the manifest (as a
+    /// delta from this one, if the origin has it) only if it changed.
+    known: Option<Known>,
     /// The fleet rollout file's ETag, as last read.
     fleet_etag: Option<String>,
     duty: watch::Receiver<Duty>,
@@ -268,7 +269,7 @@ impl Fetcher {
             etag: None,
             conditional_polls: 0,
             last_manifest: None,
-            last_signature: None,
+            known: None,
             fleet_etag: None,
             duty,
             check,
@@ -437,14 +438,11 @@ impl Fetcher {
         } else {
             self.etag.clone()
         };
-        let known = etag
-            .is_none()
-            .then(|| self.last_signature.clone())
-            .flatten();
+        let known = self.known.clone();
         let fleet_etag = self.fleet_etag.clone();
         self.jobs.spawn(async move {
             let result =
-                ManifestSource::poll(&http, &origin, etag.as_deref(), known.as_deref()).await;
+                ManifestSource::poll(&http, &origin, etag.as_deref(), known.as_ref()).await;
             // Beside the manifest, on the same connection: a few hundred
             // bytes when it has not changed.
             let fleet_url = match origin.rsplit_once('/') {
@@ -548,7 +546,7 @@ impl Fetcher {
                         .and_then(|s| String::from_utf8(s).ok())
                 };
                 let ok = match &result {
-                    Ok(Poll::Unchanged) => true,
+                    Ok(Poll::Unchanged { .. }) => true,
                     Ok(Poll::Changed { source, .. }) => signature(source).is_some(),
                     Err(_) => false,
                 };
@@ -556,7 +554,12 @@ impl Fetcher {
                     return;
                 }
                 match result {
-                    Ok(Poll::Unchanged) => self.origin_ok(),
+                    Ok(Poll::Unchanged { etag }) => {
+                        if etag.is_some() {
+                            self.etag = etag;
+                        }
+                        self.origin_ok()
+                    }
                     Ok(Poll::Changed {
                         source,
                         etag,
@@ -568,14 +571,23 @@ impl Fetcher {
                         ),
                         Some(signature) => {
                             // A manifest and signature that do not belong
-                            // together (read during a publish) are read
-                            // whole again at the next poll without the
-                            // validator (the signature may change while the
-                            // manifest does not). The validator is kept: an
+                            // together (read during a publish, or a manifest
+                            // edited without signing it again) are read
+                            // again once the signature changes; the next
+                            // polls ask for the signature alone, so an
                             // origin left that way is not read whole at
-                            // every poll.
+                            // every poll. The manifest held stays the one a
+                            // delta may start from.
                             self.etag = etag;
-                            self.last_signature = signed.then(|| signature.clone().into_bytes());
+                            let text = if signed {
+                                Some(source.text.clone())
+                            } else {
+                                self.known.take().and_then(|k| k.text)
+                            };
+                            self.known = Some(Known {
+                                signature: signature.clone().into_bytes(),
+                                text,
+                            });
                             self.origin_ok();
                             // The same bytes signed now, after a torn
                             // read of them, are told again.

@@ -60,6 +60,8 @@ pub enum TextError {
     PackedTooLarge,
     #[error("compressed manifest does not decode: {0}")]
     Corrupt(io::Error),
+    #[error("manifest delta: {0}")]
+    Delta(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -206,6 +208,198 @@ impl ManifestText {
     }
 }
 
+/// What a manifest delta starts with.
+const DELTA_MAGIC: &[u8; 8] = b"lanupMD1";
+/// The longest a publish spends finding what two manifests share before
+/// it settles for a coarser delta.
+const DIFF_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+const OP_END: u8 = 0;
+const OP_COPY: u8 = 1;
+const OP_INSERT: u8 = 2;
+
+/// A manifest delta: how to write `target` from `base`, as runs of
+/// `base`'s lines copied in order and new bytes between them, compressed.
+/// A node that holds `base` rebuilds `target` from it streaming, without
+/// either text whole in memory: a release that changes a hundred of
+/// 100,000 files sends tens of kilobytes instead of its manifest.
+///
+/// ```text
+/// "lanupMD1", then one zstd frame of:
+///   base length u64, base BLAKE3, target length u64, target BLAKE3
+///   ops: 1 skip u64 length u64 (copy from base) | 2 length u64 bytes | 0
+/// ```
+pub fn make_delta(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
+    let lines = |text: &[u8]| -> Vec<usize> {
+        let mut ends: Vec<usize> = memchr_iter(text).map(|i| i + 1).collect();
+        if ends.last().is_none_or(|&e| e < text.len()) {
+            ends.push(text.len());
+        }
+        ends
+    };
+    let (base_ends, target_ends) = (lines(base), lines(target));
+    let (old, new) = (
+        line_slices(base, &base_ends),
+        line_slices(target, &target_ends),
+    );
+    let start_of = |ends: &[usize], line: usize| if line == 0 { 0 } else { ends[line - 1] };
+    let ops = similar::capture_diff_slices_deadline(
+        similar::Algorithm::Patience,
+        &old,
+        &new,
+        Some(std::time::Instant::now() + DIFF_DEADLINE),
+    );
+    let mut raw = Vec::with_capacity(128);
+    raw.extend_from_slice(&(base.len() as u64).to_le_bytes());
+    raw.extend_from_slice(&Hash::of(base).0);
+    raw.extend_from_slice(&(target.len() as u64).to_le_bytes());
+    raw.extend_from_slice(&Hash::of(target).0);
+    // Where in the base the last copy ended, and the copy or insertion
+    // still open (merged with the next one that continues it).
+    let mut cursor = 0usize;
+    let mut copy: Option<(usize, usize)> = None;
+    let mut insert: Option<(usize, usize)> = None;
+    let flush_copy = |raw: &mut Vec<u8>, copy: &mut Option<(usize, usize)>, cursor: &mut usize| {
+        if let Some((from, to)) = copy.take() {
+            raw.push(OP_COPY);
+            raw.extend_from_slice(&((from - *cursor) as u64).to_le_bytes());
+            raw.extend_from_slice(&((to - from) as u64).to_le_bytes());
+            *cursor = to;
+        }
+    };
+    let flush_insert = |raw: &mut Vec<u8>, insert: &mut Option<(usize, usize)>| {
+        if let Some((from, to)) = insert.take() {
+            raw.push(OP_INSERT);
+            raw.extend_from_slice(&((to - from) as u64).to_le_bytes());
+            raw.extend_from_slice(&target[from..to]);
+        }
+    };
+    for op in ops {
+        let (tag, old_range, new_range) = op.as_tag_tuple();
+        if tag == similar::DiffTag::Equal {
+            let from = start_of(&base_ends, old_range.start);
+            let to = start_of(&base_ends, old_range.end);
+            flush_insert(&mut raw, &mut insert);
+            copy = match copy {
+                Some((f, t)) if t == from => Some((f, to)),
+                _ => {
+                    flush_copy(&mut raw, &mut copy, &mut cursor);
+                    Some((from, to))
+                }
+            };
+        } else if !new_range.is_empty() {
+            let from = start_of(&target_ends, new_range.start);
+            let to = start_of(&target_ends, new_range.end);
+            flush_copy(&mut raw, &mut copy, &mut cursor);
+            insert = match insert {
+                Some((f, t)) if t == from => Some((f, to)),
+                _ => {
+                    flush_insert(&mut raw, &mut insert);
+                    Some((from, to))
+                }
+            };
+        }
+    }
+    flush_copy(&mut raw, &mut copy, &mut cursor);
+    flush_insert(&mut raw, &mut insert);
+    raw.push(OP_END);
+    let level = if raw.len() <= 1 << 20 {
+        PUBLISH_LEVEL
+    } else {
+        NODE_LEVEL
+    };
+    let mut out = DELTA_MAGIC.to_vec();
+    let mut encoder = zstd::stream::write::Encoder::new(&mut out, level)?;
+    encoder.window_log(WINDOW_LOG)?;
+    encoder.write_all(&raw)?;
+    encoder.finish()?;
+    Ok(out)
+}
+
+fn line_slices<'a>(text: &'a [u8], ends: &[usize]) -> Vec<&'a [u8]> {
+    let mut start = 0;
+    ends.iter()
+        .map(|&end| {
+            let line = &text[start..end];
+            start = end;
+            line
+        })
+        .collect()
+}
+
+fn memchr_iter(text: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    text.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+}
+
+impl ManifestText {
+    /// The manifest `delta` ([`make_delta`]) makes of this one, rebuilt
+    /// streaming and bounded: the delta must name this manifest as its
+    /// base and end in exactly the text it names as its target.
+    pub fn apply_delta(&self, delta: &[u8]) -> Result<ManifestText, TextError> {
+        let bad = |why: &str| TextError::Delta(why.to_owned());
+        let body = delta
+            .strip_prefix(DELTA_MAGIC)
+            .ok_or_else(|| bad("not a lanup manifest delta"))?;
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(body)?;
+        decoder.window_log_max(WINDOW_LOG)?;
+        let mut ops = BufReader::new(decoder);
+        let corrupt = |e: io::Error| TextError::Delta(format!("does not decode: {e}"));
+        let u64_at = |ops: &mut BufReader<_>| -> Result<u64, TextError> {
+            let mut b = [0u8; 8];
+            ops.read_exact(&mut b).map_err(corrupt)?;
+            Ok(u64::from_le_bytes(b))
+        };
+        let hash_at = |ops: &mut BufReader<_>| -> Result<Hash, TextError> {
+            let mut b = [0u8; 32];
+            ops.read_exact(&mut b).map_err(corrupt)?;
+            Ok(Hash(b))
+        };
+        let (base_len, base_hash) = (u64_at(&mut ops)?, hash_at(&mut ops)?);
+        let (target_len, target_hash) = (u64_at(&mut ops)?, hash_at(&mut ops)?);
+        if (base_len, base_hash) != (self.len, self.hash) {
+            return Err(bad("made against another manifest than the one held"));
+        }
+        if target_len > MAX_MANIFEST_BYTES {
+            return Err(TextError::TooLarge);
+        }
+        let mut base = self.reader()?;
+        let mut out = PlainWriter::new(NODE_LEVEL)?;
+        loop {
+            let mut op = [0u8; 1];
+            ops.read_exact(&mut op).map_err(corrupt)?;
+            let (from, len) = match op[0] {
+                OP_END => break,
+                OP_COPY => (Some(u64_at(&mut ops)?), u64_at(&mut ops)?),
+                OP_INSERT => (None, u64_at(&mut ops)?),
+                other => return Err(bad(&format!("unknown operation {other}"))),
+            };
+            if out.len.saturating_add(len) > target_len {
+                return Err(bad("writes more than the text it names"));
+            }
+            let copied = match from {
+                Some(skip) => {
+                    let skipped = io::copy(&mut (&mut base).take(skip), &mut io::sink())?;
+                    if skipped != skip {
+                        return Err(bad("reads past the end of the manifest held"));
+                    }
+                    io::copy(&mut (&mut base).take(len), &mut out)?
+                }
+                None => io::copy(&mut (&mut ops).take(len), &mut out).map_err(corrupt)?,
+            };
+            if copied != len {
+                return Err(bad("ends inside an operation"));
+            }
+        }
+        let text = out.finish()?;
+        if (text.len, text.hash) != (target_len, target_hash) {
+            return Err(bad("rebuilds another text than the one it names"));
+        }
+        Ok(text)
+    }
+}
+
 /// Takes a manifest's text in pieces (an HTTP body as it arrives) and
 /// compresses it as it goes, never holding the text whole.
 pub struct PlainWriter {
@@ -337,6 +531,118 @@ mod tests {
         assert!(bomb.len() < 1 << 20);
         assert!(matches!(
             ManifestText::from_packed(bomb),
+            Err(TextError::TooLarge)
+        ));
+    }
+
+    /// 5,000 files, of which the next release changes 20, drops 3 and adds
+    /// 5, with a new version line.
+    fn release_pair() -> (Vec<u8>, Vec<u8>) {
+        let old = sample_text(5_000);
+        let text = String::from_utf8(old.clone()).expect("utf-8");
+        let mut lines: Vec<String> = text.lines().map(|l| format!("{l}\n")).collect();
+        for l in lines.iter_mut() {
+            if l.contains("Version Num") {
+                *l = l.replace("1.0", "2.0");
+            }
+        }
+        for i in 0..20 {
+            let at = 5 + 3 * (i * 240) + 1;
+            lines[at] = format!(
+                "      <Chunk Size=\"3\" Hash=\"{}\"/>\n",
+                Hash::of(&[i as u8; 9])
+            );
+        }
+        lines.drain(50..59);
+        let end = lines.len() - 2;
+        for i in 0..5 {
+            lines.insert(
+                end,
+                format!(
+                    "    <UpdateFile FileName=\"new/{i}\" Size=\"0\" Mode=\"644\" Hash=\"{}\"/>\n",
+                    Hash::of(b"")
+                ),
+            );
+        }
+        (old, lines.concat().into_bytes())
+    }
+
+    #[test]
+    fn a_manifest_delta_rebuilds_the_next_manifest_from_the_one_held() {
+        let (old, new) = release_pair();
+        let held = ManifestText::from_plain(&old).expect("packs");
+        let delta = make_delta(&old, &new).expect("delta");
+        let whole = ManifestText::from_plain(&new).expect("packs");
+        assert!(
+            delta.len() * 20 < whole.packed().len(),
+            "delta {} B against {} B compressed",
+            delta.len(),
+            whole.packed().len()
+        );
+        let rebuilt = held.apply_delta(&delta).expect("applies");
+        assert_eq!(rebuilt.hash(), Hash::of(&new));
+        assert_eq!(rebuilt.to_vec().expect("decodes"), new);
+
+        // Whole rewrites, empty texts and a text without a final newline
+        // come through too.
+        for (a, b) in [
+            (&b""[..], &b"<x/>"[..]),
+            (b"a\nb\nc", b"a\nc\nb"),
+            (b"one\n", b""),
+        ] {
+            let d = make_delta(a, b).expect("delta");
+            let got = ManifestText::from_plain(a)
+                .expect("packs")
+                .apply_delta(&d)
+                .expect("applies");
+            assert_eq!(got.to_vec().expect("decodes"), b);
+        }
+    }
+
+    #[test]
+    fn a_manifest_delta_for_another_base_or_damaged_is_refused() {
+        let (old, new) = release_pair();
+        let delta = make_delta(&old, &new).expect("delta");
+        // Held: another manifest.
+        let other = ManifestText::from_plain(&new).expect("packs");
+        let e = other.apply_delta(&delta).expect_err("another base");
+        assert!(e.to_string().contains("another manifest"), "{e}");
+        let held = ManifestText::from_plain(&old).expect("packs");
+        // Cut short, or a byte changed anywhere: refused, never a wrong
+        // text.
+        assert!(held.apply_delta(&delta[..delta.len() / 2]).is_err());
+        assert!(held.apply_delta(b"lanupMD0 something else").is_err());
+        for at in (8..delta.len()).step_by(7) {
+            let mut bad = delta.clone();
+            bad[at] ^= 0x20;
+            if let Ok(text) = held.apply_delta(&bad) {
+                assert_eq!(text.hash(), Hash::of(&new), "flip at {at}");
+            }
+        }
+        // A delta that writes more than the text it names (or more than a
+        // manifest may be) is cut off at that bound.
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&(old.len() as u64).to_le_bytes());
+        raw.extend_from_slice(&Hash::of(&old).0);
+        raw.extend_from_slice(&4u64.to_le_bytes());
+        raw.extend_from_slice(&Hash::of(b"abcd").0);
+        raw.push(OP_INSERT);
+        raw.extend_from_slice(&5u64.to_le_bytes());
+        raw.extend_from_slice(b"abcde");
+        raw.push(OP_END);
+        let forge = |raw: &[u8]| {
+            let mut forged = DELTA_MAGIC.to_vec();
+            let mut encoder = zstd::stream::write::Encoder::new(&mut forged, 3).expect("encoder");
+            encoder.window_log(WINDOW_LOG).expect("window");
+            encoder.write_all(raw).expect("packs");
+            encoder.finish().expect("packs");
+            forged
+        };
+        let e = held.apply_delta(&forge(&raw)).expect_err("over its length");
+        assert!(e.to_string().contains("more than"), "{e}");
+        raw[40..48].copy_from_slice(&(MAX_MANIFEST_BYTES + 1).to_le_bytes());
+        assert!(matches!(
+            held.apply_delta(&forge(&raw)),
             Err(TextError::TooLarge)
         ));
     }

@@ -2,6 +2,7 @@
 //! its signature from a path or URL, and checking a folder against a
 //! manifest.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -159,7 +160,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         &sources.iter().zip(&manifest.files).collect::<Vec<_>>(),
         |((path, _), file)| copy_checked(path, &out, file),
     )?;
-    store.add_deltas(&out, &mut manifest, &opts.deltas)?;
+    let recent = store.add_deltas(&out, &mut manifest, &opts.deltas)?;
     manifest
         .validate()
         .context("the release's patches would not be accepted")?;
@@ -172,7 +173,8 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         );
     }
     let manifest_path = out.join(MANIFEST_FILE);
-    write_manifest(&manifest_path, xml.as_bytes(), key)?;
+    let bases: Vec<Vec<u8>> = recent.iter().filter_map(|p| fs::read(p).ok()).collect();
+    write_manifest(&manifest_path, xml.as_bytes(), key, &bases)?;
     store.finish(&out, &manifest, xml.as_bytes(), opts.deltas.keep)?;
     Ok(Published {
         manifest,
@@ -201,11 +203,18 @@ fn newer_than(path: &Path, previous: Option<std::time::SystemTime>) -> Result<()
         .with_context(|| format!("cannot date {}", path.display()))
 }
 
-/// Writes a manifest's compressed copy, its text and its signature, in that
-/// order, each in one step: a node reading between two of the steps finds a
-/// copy the signature does not cover and reads the text, or the text the
-/// earlier signature does not cover and tries again at its next poll.
-fn write_manifest(manifest_path: &Path, xml: &[u8], key: &SecretKey) -> Result<()> {
+/// Writes a manifest's deltas from `bases` (earlier manifests a node may
+/// hold), its compressed copy, its text and its signature, in that order,
+/// each in one step: a node reading between two of the steps finds a delta
+/// or copy the signature does not cover and reads the text, or the text
+/// the earlier signature does not cover and tries again at its next poll.
+/// Deltas from other manifests are removed.
+fn write_manifest(
+    manifest_path: &Path,
+    xml: &[u8],
+    key: &SecretKey,
+    bases: &[Vec<u8>],
+) -> Result<()> {
     let packed_path = packed_path_for(manifest_path);
     // Level 19 takes 14 s over the 26 MB manifest of 100,000 files for a
     // copy a fifth smaller than level 3's (0.1 s): small manifests get it.
@@ -216,17 +225,70 @@ fn write_manifest(manifest_path: &Path, xml: &[u8], key: &SecretKey) -> Result<(
     };
     let text = ManifestText::read_plain(xml, level)
         .with_context(|| format!("cannot compress {}", manifest_path.display()))?;
+    let mut made = HashSet::new();
+    for base in bases {
+        let hash = Hash::of(base);
+        if base.as_slice() == xml || !made.insert(hash) {
+            continue;
+        }
+        let delta = crate::manifest_text::make_delta(base, xml)
+            .with_context(|| format!("cannot write a delta of {}", manifest_path.display()))?;
+        // Worth a request only when it saves most of the compressed copy.
+        if delta.len() * 2 < text.packed().len() {
+            write_atomically(&delta_path_for(manifest_path, &hash), &delta)?;
+        } else {
+            made.remove(&hash);
+        }
+    }
+    remove_deltas_except(manifest_path, &made)?;
     let previous = |path: &Path| fs::metadata(path).and_then(|m| m.modified()).ok();
-    let (packed_before, plain_before) = (previous(&packed_path), previous(manifest_path));
+    let signature_path = signature_path_for(manifest_path);
+    let (packed_before, plain_before, signed_before) = (
+        previous(&packed_path),
+        previous(manifest_path),
+        previous(&signature_path),
+    );
     write_atomically(&packed_path, text.packed())?;
     newer_than(&packed_path, packed_before)?;
     write_atomically(manifest_path, xml)?;
     newer_than(manifest_path, plain_before)?;
     let signature = key.sign(xml);
-    write_atomically(
-        &signature_path_for(manifest_path),
-        signature.to_text().as_bytes(),
-    )
+    // Every signature file has the same size: dated a second later than
+    // the one it replaces, its validator changes too (nodes poll it).
+    write_atomically(&signature_path, signature.to_text().as_bytes())?;
+    newer_than(&signature_path, signed_before)
+}
+
+/// Where the delta that rebuilds a manifest from the one whose text
+/// hashes to `base` is kept: beside it, `AutoUpdater.xml.from-HASH.zst`.
+pub fn delta_path_for(manifest_path: &Path, base: &Hash) -> PathBuf {
+    let mut name = manifest_path.as_os_str().to_owned();
+    name.push(format!(".from-{base}.zst"));
+    PathBuf::from(name)
+}
+
+/// Removes the deltas beside a manifest other than those from `keep`.
+fn remove_deltas_except(manifest_path: &Path, keep: &HashSet<Hash>) -> Result<()> {
+    let (Some(dir), Some(name)) = (manifest_path.parent(), manifest_path.file_name()) else {
+        return Ok(());
+    };
+    let prefix = format!("{}.from-", name.to_string_lossy());
+    let entries = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let entry_name = entry.file_name();
+        let Some(base) = entry_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".zst"))
+        else {
+            continue;
+        };
+        if base.parse::<Hash>().is_ok_and(|h| !keep.contains(&h)) {
+            fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Re-signs a manifest edited by hand, after checking it still parses and
@@ -244,7 +306,7 @@ pub fn sign_manifest(manifest_path: &Path, key: &SecretKey) -> Result<PathBuf> {
     let xml = text
         .to_vec()
         .with_context(|| format!("cannot read {}", manifest_path.display()))?;
-    write_manifest(manifest_path, &xml, key)?;
+    write_manifest(manifest_path, &xml, key, &[])?;
     Ok(signature_path_for(manifest_path))
 }
 
@@ -435,7 +497,9 @@ impl ManifestSource {
             let client = crate::fetch::Origin::client(std::time::Duration::from_secs(60))?;
             return match ManifestSource::poll(&client, location, None, None).await? {
                 Poll::Changed { source, .. } => Ok(source),
-                Poll::Unchanged => bail!("{location}: origin answered 304 to an unconditional GET"),
+                Poll::Unchanged { .. } => {
+                    bail!("{location}: origin answered 304 to an unconditional GET")
+                }
             };
         }
         ManifestSource::read_local(Path::new(location))
@@ -464,25 +528,31 @@ impl ManifestSource {
         })
     }
 
-    /// Polls an origin: GETs the manifest at `location` (a URL ending in `/`
-    /// names a release directory) with `If-None-Match: etag` when an ETag
-    /// from the last poll is given, and its signature when it changed.
+    /// Polls an origin for the manifest at `location` (a URL ending in `/`
+    /// names a release directory), conditionally when an ETag from the
+    /// last poll is given.
     ///
-    /// Without an ETag but with the signature last read (`known`), the
-    /// signature alone is asked first: a manifest is signed
-    /// deterministically, so the same signature is the same manifest, and a
-    /// check that the validator did not hide a change costs a hundred
-    /// bytes instead of the manifest (megabytes for a large tree).
+    /// Holding a manifest from an earlier poll (`known`), it asks for the
+    /// signature alone first, with the ETag: a manifest is signed
+    /// deterministically, so the same signature is the same manifest, and
+    /// a poll of an unchanged release costs a hundred bytes at most. When
+    /// the signature changed, the delta that rebuilds the new manifest
+    /// from the one held (`AutoUpdater.xml.from-HASH.zst`, see
+    /// [`delta_path_for`]) is asked for next, and taken when the signature
+    /// holds over what it rebuilds: a release changing a few files of a
+    /// large tree costs kilobytes instead of its whole manifest. The ETag
+    /// returned is then the signature's.
     ///
-    /// The compressed copy beside the manifest (`AutoUpdater.xml.zst`) is
-    /// asked for first, and taken when the signature holds over what it
-    /// decodes to; an origin without one, or with one left over from an
-    /// earlier manifest, gets the text asked for next.
+    /// Else, and when there is no such delta, the compressed copy beside
+    /// the manifest (`AutoUpdater.xml.zst`) is asked for, and taken when
+    /// the signature holds over what it decodes to; an origin without one,
+    /// or with one left over from an earlier manifest, gets the text asked
+    /// for next.
     pub async fn poll(
         client: &reqwest::Client,
         location: &str,
         etag: Option<&str>,
-        known: Option<&[u8]>,
+        known: Option<&Known>,
     ) -> Result<Poll> {
         let url = if location.ends_with('/') {
             format!("{location}{MANIFEST_FILE}")
@@ -490,78 +560,64 @@ impl ManifestSource {
             location.to_owned()
         };
         let sig_url = format!("{url}.sig");
-        if let (None, Some(known)) = (etag, known) {
-            if get_signature(client, &sig_url).await?.as_deref() == Some(known) {
-                return Ok(Poll::Unchanged);
-            }
+        let Some(known) = known else {
+            return read_whole(client, url, sig_url, etag, None).await;
+        };
+        let (signature, sig_etag) =
+            match http_get_bounded(client, &sig_url, etag, MAX_SIGNATURE_BYTES).await? {
+                Got::NotModified => return Ok(Poll::Unchanged { etag: None }),
+                Got::Body(bytes, etag) => (Some(bytes), etag),
+                Got::NotFound => (None, None),
+            };
+        if signature.as_deref() == Some(&known.signature[..]) {
+            return Ok(Poll::Unchanged { etag: sig_etag });
         }
-        let packed_url = format!("{url}.zst");
-        let mut signature = None;
-        match http_get_bounded(client, &packed_url, etag, MAX_PACKED_MANIFEST_BYTES).await? {
-            Got::NotModified => return Ok(Poll::Unchanged),
-            Got::NotFound => {}
-            Got::Body(packed, etag) => {
-                signature = get_signature(client, &sig_url).await?;
-                let sig = signature.clone();
-                let checked = tokio::task::spawn_blocking(move || {
-                    let text = ManifestText::from_packed(packed)?;
-                    let sig = Signature::from_text(std::str::from_utf8(&sig.unwrap_or_default())?)?;
-                    text.verify(&sig, std::slice::from_ref(&sig.key))?;
-                    anyhow::Ok(text)
-                })
-                .await?;
-                match checked {
-                    Ok(text) => {
-                        return Ok(Poll::Changed {
-                            source: ManifestSource {
-                                location: packed_url,
-                                text,
-                                signature,
-                                signature_location: sig_url,
-                            },
-                            etag,
-                            signed: true,
-                        })
+        if let (Some(sig), Some(held)) = (signature.clone(), &known.text) {
+            let delta_url = format!("{url}.from-{}.zst", held.hash());
+            match http_get_bounded(client, &delta_url, None, MAX_PACKED_MANIFEST_BYTES).await {
+                Ok(Got::Body(delta, _)) => {
+                    let held = held.clone();
+                    let rebuilt = tokio::task::spawn_blocking(move || {
+                        let text = held.apply_delta(&delta)?;
+                        let sig = Signature::from_text(std::str::from_utf8(&sig)?)?;
+                        text.verify(&sig, std::slice::from_ref(&sig.key))?;
+                        anyhow::Ok(text)
+                    })
+                    .await?;
+                    match rebuilt {
+                        Ok(text) => {
+                            return Ok(Poll::Changed {
+                                source: ManifestSource {
+                                    location: delta_url,
+                                    text,
+                                    signature,
+                                    signature_location: sig_url,
+                                },
+                                etag: sig_etag,
+                                signed: true,
+                            })
+                        }
+                        Err(e) => tracing::warn!(
+                            url = %delta_url,
+                            reason = %format!("{e:#}"),
+                            "the manifest delta does not rebuild the signed manifest; reading the manifest whole"
+                        ),
                     }
-                    Err(e) => tracing::warn!(
-                        url = %packed_url,
-                        reason = %format!("{e:#}"),
-                        "the compressed manifest is not the signed one; reading the manifest itself (publish again, or `lanup sign` the manifest, to write it anew)"
-                    ),
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(url = %delta_url, error = %format!("{e:#}"), "no manifest delta; reading the manifest whole")
                 }
             }
         }
-        let (text, etag) = match http_get_text(client, &url, etag).await? {
-            Got::Body(text, etag) => (text, etag),
-            Got::NotModified => return Ok(Poll::Unchanged),
-            Got::NotFound => bail!("{url}: not found"),
-        };
-        if signature.is_none() {
-            signature = get_signature(client, &sig_url).await?;
-        }
-        let source = ManifestSource {
-            location: url,
-            text,
-            signature,
-            signature_location: sig_url,
-        };
-        // Read while a publish replaced the files, the two may not belong
-        // together; the node refuses such a pair, and neither is taken as
-        // what the origin serves.
-        let (source, signed) = tokio::task::spawn_blocking(move || {
-            let signed = source.signature().is_ok_and(|sig| {
-                source
-                    .text
-                    .verify(&sig, std::slice::from_ref(&sig.key))
-                    .is_ok()
-            });
-            (source, signed)
-        })
-        .await?;
-        Ok(Poll::Changed {
-            source,
-            etag,
-            signed,
+        let poll = read_whole(client, url, sig_url, None, Some(signature)).await?;
+        Ok(match poll {
+            Poll::Changed { source, signed, .. } => Poll::Changed {
+                source,
+                etag: sig_etag,
+                signed,
+            },
+            unchanged => unchanged,
         })
     }
 
@@ -594,6 +650,99 @@ impl ManifestSource {
     }
 }
 
+/// Reads a manifest whole (conditionally, given an ETag): the compressed
+/// copy first, taken when the signature holds over it, else the text. The
+/// signature is read after the manifest unless it was read already
+/// (`signature`).
+async fn read_whole(
+    client: &reqwest::Client,
+    url: String,
+    sig_url: String,
+    etag: Option<&str>,
+    mut signature: Option<Option<Vec<u8>>>,
+) -> Result<Poll> {
+    let packed_url = format!("{url}.zst");
+    match http_get_bounded(client, &packed_url, etag, MAX_PACKED_MANIFEST_BYTES).await? {
+        Got::NotModified => return Ok(Poll::Unchanged { etag: None }),
+        Got::NotFound => {}
+        Got::Body(packed, etag) => {
+            if signature.is_none() {
+                signature = Some(get_signature(client, &sig_url).await?);
+            }
+            let sig = signature.clone().flatten();
+            let checked = tokio::task::spawn_blocking(move || {
+                let text = ManifestText::from_packed(packed)?;
+                let sig = Signature::from_text(std::str::from_utf8(&sig.unwrap_or_default())?)?;
+                text.verify(&sig, std::slice::from_ref(&sig.key))?;
+                anyhow::Ok(text)
+            })
+            .await?;
+            match checked {
+                Ok(text) => {
+                    return Ok(Poll::Changed {
+                        source: ManifestSource {
+                            location: packed_url,
+                            text,
+                            signature: signature.flatten(),
+                            signature_location: sig_url,
+                        },
+                        etag,
+                        signed: true,
+                    })
+                }
+                Err(e) => tracing::warn!(
+                    url = %packed_url,
+                    reason = %format!("{e:#}"),
+                    "the compressed manifest is not the signed one; reading the manifest itself (publish again, or `lanup sign` the manifest, to write it anew)"
+                ),
+            }
+        }
+    }
+    let (text, etag) = match http_get_text(client, &url, etag).await? {
+        Got::Body(text, etag) => (text, etag),
+        Got::NotModified => return Ok(Poll::Unchanged { etag: None }),
+        Got::NotFound => bail!("{url}: not found"),
+    };
+    let signature = match signature {
+        Some(read) => read,
+        None => get_signature(client, &sig_url).await?,
+    };
+    let source = ManifestSource {
+        location: url,
+        text,
+        signature,
+        signature_location: sig_url,
+    };
+    // Read while a publish replaced the files, the two may not belong
+    // together; the node refuses such a pair, and neither is taken as
+    // what the origin serves.
+    let (source, signed) = tokio::task::spawn_blocking(move || {
+        let signed = source.signature().is_ok_and(|sig| {
+            source
+                .text
+                .verify(&sig, std::slice::from_ref(&sig.key))
+                .is_ok()
+        });
+        (source, signed)
+    })
+    .await?;
+    Ok(Poll::Changed {
+        source,
+        etag,
+        signed,
+    })
+}
+
+/// What a fetcher holds of what it last read from the origin.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// The signature file's bytes, as last read.
+    pub signature: Vec<u8>,
+    /// The last signed manifest read: the next one may come as a delta
+    /// from it.
+    pub text: Option<ManifestText>,
+}
+
 /// GETs a `.sig` file: `None` when there is none.
 async fn get_signature(client: &reqwest::Client, url: &str) -> Result<Option<Vec<u8>>> {
     Ok(
@@ -607,8 +756,9 @@ async fn get_signature(client: &reqwest::Client, url: &str) -> Result<Option<Vec
 /// What a conditional poll of the origin found.
 #[derive(Debug)]
 pub enum Poll {
-    /// The manifest is as it was at the last poll (HTTP 304).
-    Unchanged,
+    /// The manifest is as it was at the last poll (HTTP 304, or the same
+    /// signature), with the validator to poll with from now on, if new.
+    Unchanged { etag: Option<String> },
     /// The manifest and signature as served now, with the manifest's ETag.
     Changed {
         source: ManifestSource,

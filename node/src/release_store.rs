@@ -278,13 +278,15 @@ impl ReleaseStore {
     }
 
     /// Adds patches and packed chunks to `manifest`, whose files are
-    /// published in `out`, and writes their blobs.
+    /// published in `out`, and writes their blobs. Returns where the last
+    /// two releases' manifests are kept: the ones a node most likely holds,
+    /// for manifest deltas.
     pub fn add_deltas(
         &self,
         out: &Path,
         manifest: &mut Manifest,
         opts: &PublishDeltas,
-    ) -> Result<()> {
+    ) -> Result<Vec<PathBuf>> {
         let bases = if opts.keep == 0 && opts.bases.is_empty() {
             Vec::new()
         } else {
@@ -293,7 +295,8 @@ impl ReleaseStore {
         // The last two releases, read once (a large tree's manifest takes
         // a second to parse): their packed chunks, bundles and runs are
         // reused.
-        let recent: Vec<Manifest> = self.kept().into_iter().take(2).map(|(m, _)| m).collect();
+        let (recent, recent_paths): (Vec<Manifest>, Vec<PathBuf>) =
+            self.kept().into_iter().take(2).unzip();
         // Packed copies made for earlier releases, by chunk.
         let mut earlier: HashMap<Hash, Blob> = HashMap::new();
         for m in &recent {
@@ -522,7 +525,7 @@ impl ReleaseStore {
                 file.patches.extend(set.into_iter().map(|(_, p)| p));
             }
         }
-        Ok(())
+        Ok(recent_paths)
     }
 
     /// Runs the encoder over every job on every core; each result's blob

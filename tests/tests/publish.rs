@@ -620,7 +620,9 @@ fn one_node_staged(
 /// signature that do not belong together: the node refuses that pair, and
 /// once the publish is done the same manifest, now with its signature, is
 /// taken (it was once dropped as "already told to the node", and the
-/// release was never staged).
+/// release was never staged). A node holding the earlier manifest asks for
+/// the signature first and reads no torn pair: this one starts while the
+/// origin is half-way.
 #[test]
 fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -640,7 +642,6 @@ fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done(
         .expect("cp runs");
     assert!(copied.success());
     let second = publish(&app, "2.0", &origin.url, &key, &next);
-    let (_site, state) = one_node_staged(tmp.path(), &origin, "1.0", &release);
 
     // 2.0's files and manifest are there; its signature is not yet (1.0's
     // is).
@@ -654,7 +655,10 @@ fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done(
     let take = |name: &str| std::fs::copy(next.join(name), www.join(name)).expect("copy");
     take("AutoUpdater.xml");
     take("AutoUpdater.xml.zst");
-    run_ok(&["check", "--state", s(&state)]);
+    let mut site = crate::swarm::LoopSite::new(tmp.path(), 1);
+    let cmd = site.command(0, Some(&origin.url), &release.public);
+    site.start(0, cmd);
+    let state = site.states[0].clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !node_log(&state).contains("refused release") {
         assert!(
@@ -666,8 +670,7 @@ fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done(
     }
     take("AutoUpdater.xml.sig");
     // The manifest did not change, so its validator does not show the
-    // signature that did: a poll without it (one in UNCONDITIONAL_EVERY)
-    // reads the pair again.
+    // signature that did; the signature's does.
     let staged = (0..2 * lanup_node::fetcher::UNCONDITIONAL_EVERY).any(|_| {
         run_ok(&["check", "--state", s(&state)]);
         wait_staged(&[&state], "2.0", &second, Duration::from_millis(1100)).is_empty()
@@ -677,4 +680,94 @@ fn a_manifest_read_half_way_through_a_publish_is_taken_once_the_publish_is_done(
         "2.0 was not staged once its publish was done:\n{}",
         node_log(&state)
     );
+}
+
+/// A release changing two of 400 files reaches a node that holds the one
+/// before as a manifest delta: the origin serves less than the new
+/// manifest's compressed copy for manifest and files together. A delta
+/// that does not rebuild the signed manifest is refused, said once, and
+/// the manifest is read whole.
+#[test]
+fn a_node_holding_the_last_manifest_takes_the_next_as_a_delta_and_a_broken_one_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    let edition = |n: u64| {
+        for i in 0..400u64 {
+            let seed = if i % 200 == 7 { 1000 * n + i } else { i };
+            write(
+                &app,
+                &format!("d{}/f{i}.txt", i % 10),
+                &pseudo_random(600, seed),
+            );
+        }
+    };
+    edition(1);
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let release = publish(&app, "1.0", &origin.url, &key, &www);
+    let (_site, state) = one_node_staged(tmp.path(), &origin, "1.0", &release);
+    let served = || origin.stats()["bytes_served"].as_u64().expect("count");
+    let packed = || {
+        std::fs::metadata(www.join("AutoUpdater.xml.zst"))
+            .expect("published")
+            .len()
+    };
+    let deltas = || {
+        std::fs::read_dir(&www)
+            .expect("www")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("AutoUpdater.xml.from-"))
+            .collect::<Vec<_>>()
+    };
+    let take = |version: &str, n: u64| {
+        edition(n);
+        let next = publish(&app, version, &origin.url, &key, &www);
+        let before = served();
+        run_ok(&["check", "--state", s(&state)]);
+        let pending = wait_staged(&[&state], version, &next, Duration::from_secs(60));
+        assert!(pending.is_empty(), "{version}: {}", node_log(&state));
+        served() - before
+    };
+
+    let two = take("2.0", 2);
+    let from = deltas();
+    assert_eq!(from.len(), 1, "one delta, from 1.0: {from:?}");
+    let delta = std::fs::metadata(&from[0]).expect("delta").len();
+    eprintln!(
+        "2.0: origin served {two} B; manifest compressed {} B, delta {delta} B",
+        packed()
+    );
+    assert!(
+        two < packed(),
+        "origin served {two} B for 2.0, its compressed manifest alone is {} B:\n{}",
+        packed(),
+        node_log(&state)
+    );
+
+    // 3.0's delta from 2.0 is damaged: a byte in it changed.
+    edition(3);
+    let third = publish(&app, "3.0", &origin.url, &key, &www);
+    let from = deltas();
+    assert_eq!(from.len(), 2, "deltas from 1.0 and 2.0: {from:?}");
+    for path in &from {
+        let mut bytes = std::fs::read(path).expect("delta");
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x55;
+        std::fs::write(path, bytes).expect("damaged");
+    }
+    let before = served();
+    run_ok(&["check", "--state", s(&state)]);
+    let pending = wait_staged(&[&state], "3.0", &third, Duration::from_secs(60));
+    assert!(pending.is_empty(), "3.0: {}", node_log(&state));
+    let three = served() - before;
+    let log = node_log(&state);
+    assert_eq!(
+        log.matches("the manifest delta does not rebuild").count(),
+        1,
+        "{log}"
+    );
+    assert!(three >= packed(), "3.0 read whole: {three} B served");
 }
