@@ -139,9 +139,19 @@ pub struct FetcherHandle {
     sent: std::cell::Cell<u64>,
     taken: Arc<AtomicU64>,
     taken_seen: std::cell::Cell<(u64, Instant)>,
+    held: Arc<std::sync::Mutex<Option<Known>>>,
 }
 
 impl FetcherHandle {
+    /// Tells the fetcher of the manifest this node already holds (the
+    /// release it took up at start), so that its first poll asks for the
+    /// signature alone, or a delta from it, instead of the whole manifest.
+    pub fn holds(&self, known: Known) {
+        if let Ok(mut held) = self.held.lock() {
+            *held = Some(known);
+        }
+    }
+
     /// Tells the fetcher what is asked of it now.
     pub fn assign(&self, duty: Duty) {
         self.sent.set(self.sent.get() + 1);
@@ -196,6 +206,8 @@ pub struct Fetcher {
     /// signature held over them: an unconditional poll that finds them
     /// again changes nothing.
     last_manifest: Option<(Hash, bool)>,
+    /// What the node held at start, until the first poll takes it.
+    held: Arc<std::sync::Mutex<Option<Known>>>,
     /// The signature last read, and the signed manifest last read: a poll
     /// asks for the signature alone first, and for the manifest (as a
     /// delta from this one, if the origin has it) only if it changed.
@@ -258,7 +270,9 @@ impl Fetcher {
         let received = Arc::new(AtomicU64::new(0));
         let origin_bytes = Arc::new(AtomicU64::new(0));
         let taken = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(std::sync::Mutex::new(None));
         let fetcher = Fetcher {
+            held: held.clone(),
             taken: taken.clone(),
             origin,
             http: Origin::client(stall)?,
@@ -296,6 +310,7 @@ impl Fetcher {
             sent: std::cell::Cell::new(0),
             taken: taken.clone(),
             taken_seen: std::cell::Cell::new((0, Instant::now())),
+            held,
         };
         Ok((fetcher, handle, events))
     }
@@ -438,6 +453,9 @@ impl Fetcher {
         } else {
             self.etag.clone()
         };
+        if self.known.is_none() {
+            self.known = self.held.lock().ok().and_then(|mut h| h.take());
+        }
         let known = self.known.clone();
         let fleet_etag = self.fleet_etag.clone();
         self.jobs.spawn(async move {

@@ -505,6 +505,12 @@ pub async fn run(
         info!(release = %m.release_name(), "installed release");
     }
     node.load_staged();
+    if let Some(t) = &node.target {
+        node.fetcher.holds(crate::release::Known {
+            signature: t.signature.clone().into_bytes(),
+            text: Some(t.text.clone()),
+        });
+    }
     node.check_store(damaged_tx);
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     // After a freeze, one tick (that notices it), not a burst of them.

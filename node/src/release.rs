@@ -426,7 +426,10 @@ fn copy_checked(src: &Path, out: &Path, file: &UpdateFile) -> Result<()> {
     };
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
-    let mut reader = io::BufReader::with_capacity(1 << 20, reader);
+    // A buffer the file's size, up to a mebibyte: a tree of 100,000 small
+    // files is not 100,000 mebibytes allocated and freed.
+    let capacity = file.size.unwrap_or(0).clamp(8 << 10, 1 << 20) as usize;
+    let mut reader = io::BufReader::with_capacity(capacity, reader);
     loop {
         let data = reader.fill_buf()?;
         if data.is_empty() {
@@ -653,7 +656,8 @@ impl ManifestSource {
 /// Reads a manifest whole (conditionally, given an ETag): the compressed
 /// copy first, taken when the signature holds over it, else the text. The
 /// signature is read after the manifest unless it was read already
-/// (`signature`).
+/// (`signature`); the ETag returned is then the signature's, which the
+/// next polls ask with.
 async fn read_whole(
     client: &reqwest::Client,
     url: String,
@@ -665,9 +669,11 @@ async fn read_whole(
     match http_get_bounded(client, &packed_url, etag, MAX_PACKED_MANIFEST_BYTES).await? {
         Got::NotModified => return Ok(Poll::Unchanged { etag: None }),
         Got::NotFound => {}
-        Got::Body(packed, etag) => {
+        Got::Body(packed, mut etag) => {
             if signature.is_none() {
-                signature = Some(get_signature(client, &sig_url).await?);
+                let (read, sig_etag) = get_signature(client, &sig_url).await?;
+                signature = Some(read);
+                etag = sig_etag;
             }
             let sig = signature.clone().flatten();
             let checked = tokio::task::spawn_blocking(move || {
@@ -698,14 +704,18 @@ async fn read_whole(
             }
         }
     }
-    let (text, etag) = match http_get_text(client, &url, etag).await? {
+    let (text, mut etag) = match http_get_text(client, &url, etag).await? {
         Got::Body(text, etag) => (text, etag),
         Got::NotModified => return Ok(Poll::Unchanged { etag: None }),
         Got::NotFound => bail!("{url}: not found"),
     };
     let signature = match signature {
         Some(read) => read,
-        None => get_signature(client, &sig_url).await?,
+        None => {
+            let (read, sig_etag) = get_signature(client, &sig_url).await?;
+            etag = sig_etag;
+            read
+        }
     };
     let source = ManifestSource {
         location: url,
@@ -743,12 +753,15 @@ pub struct Known {
     pub text: Option<ManifestText>,
 }
 
-/// GETs a `.sig` file: `None` when there is none.
-async fn get_signature(client: &reqwest::Client, url: &str) -> Result<Option<Vec<u8>>> {
+/// GETs a `.sig` file, with its ETag: `None` when there is none.
+async fn get_signature(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<(Option<Vec<u8>>, Option<String>)> {
     Ok(
         match http_get_bounded(client, url, None, MAX_SIGNATURE_BYTES).await? {
-            Got::Body(bytes, _) => Some(bytes),
-            Got::NotFound | Got::NotModified => None,
+            Got::Body(bytes, etag) => (Some(bytes), etag),
+            Got::NotFound | Got::NotModified => (None, None),
         },
     )
 }

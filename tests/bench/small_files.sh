@@ -125,8 +125,13 @@ echo "peak RSS staging 1.0: node 0 $(hwm $n0) MiB, node 1 $(hwm $n1) MiB"
 
 cp -a "$work/v1" "$work/v2"
 gen "$files" "$work/v2" 100
+t0=$(date +%s.%N)
 "$LANUP" publish --dir "$work/v2" --version 2.0 --app app --app-exe bin/app --url "$url" \
   --key "$work/publisher.key" --out "$work/www" > /dev/null
+echo "publish of 2.0 (100 files changed): $(echo "$(date +%s.%N) - $t0" | bc)s"
+for d in "$work"/www/AutoUpdater.xml.from-*.zst; do
+  [ -e "$d" ] && echo "manifest delta: $(stat -c %s "$d") bytes ($(basename "$d"))"
+done
 "$LANUP" check --state "$work/n1" > /dev/null
 wait_staged 2.0
 read -r req2 bytes2 <<< "$(stats)"

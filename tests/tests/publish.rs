@@ -707,8 +707,9 @@ fn a_node_holding_the_last_manifest_takes_the_next_as_a_delta_and_a_broken_one_w
     let key = keygen(tmp.path(), "publisher.key");
     let origin = OriginProc::start(&www, None);
     let release = publish(&app, "1.0", &origin.url, &key, &www);
-    let (_site, state) = one_node_staged(tmp.path(), &origin, "1.0", &release);
+    let (mut site, state) = one_node_staged(tmp.path(), &origin, "1.0", &release);
     let served = || origin.stats()["bytes_served"].as_u64().expect("count");
+    let requests = || origin.stats()["requests"].as_u64().expect("count");
     let packed = || {
         std::fs::metadata(www.join("AutoUpdater.xml.zst"))
             .expect("published")
@@ -770,4 +771,29 @@ fn a_node_holding_the_last_manifest_takes_the_next_as_a_delta_and_a_broken_one_w
         "{log}"
     );
     assert!(three >= packed(), "3.0 read whole: {three} B served");
+
+    // Restarted, the node takes 3.0 up from its state, and its first poll
+    // of the unchanged origin reads the signature alone.
+    site.procs[0] = None;
+    let (before, asked) = (served(), requests());
+    let cmd = site.command(0, Some(&origin.url), &release.public);
+    site.start(0, cmd);
+    run_ok(&["check", "--state", s(&state)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while requests() == asked {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no poll after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted = served() - before;
+    assert!(
+        restarted * 4 < packed(),
+        "the first poll after a restart read {restarted} B ({} requests); the manifest is {} B:\n{}",
+        requests() - asked,
+        packed(),
+        node_log(&state)
+    );
 }
