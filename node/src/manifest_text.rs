@@ -230,7 +230,7 @@ const OP_INSERT: u8 = 2;
 /// ```
 pub fn make_delta(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
     let lines = |text: &[u8]| -> Vec<usize> {
-        let mut ends: Vec<usize> = memchr_iter(text).map(|i| i + 1).collect();
+        let mut ends: Vec<usize> = newlines(text).map(|i| i + 1).collect();
         if ends.last().is_none_or(|&e| e < text.len()) {
             ends.push(text.len());
         }
@@ -326,7 +326,7 @@ fn line_slices<'a>(text: &'a [u8], ends: &[usize]) -> Vec<&'a [u8]> {
         .collect()
 }
 
-fn memchr_iter(text: &[u8]) -> impl Iterator<Item = usize> + '_ {
+fn newlines(text: &[u8]) -> impl Iterator<Item = usize> + '_ {
     text.iter()
         .enumerate()
         .filter(|(_, b)| **b == b'\n')

@@ -7,7 +7,12 @@
 #                files zstd -19), summed: the reference with a base
 #   before       lanup's plain chunks the old release lacks (today)
 #   with_base    what a real node holding the old release took from the
-#                origin (status origin_bytes), and its CPU to stage it
+#                origin for the files (all it took less what it read for
+#                the manifest), and its CPU to stage it
+#   manifest     the new manifest, compressed, with its signature: what a
+#                node without the old one reads for it
+#   mf_delta     what the node holding the old manifest read for it (the
+#                manifest delta and the signature)
 #   no_base      what a fresh node took
 #   publish      time of `lanup publish` of the new release over the old
 #                (patches from it, packed chunks), and lanup-store's size
@@ -139,6 +144,17 @@ manifest_bytes() {
   [ -f "$m.zst" ] && m="$m.zst"
   cat "$m" "$work/www/AutoUpdater.xml.sig" | wc -c
 }
+# What a node holding 1.0's manifest reads for 2.0's: the delta from it
+# when publish wrote one (the only base is 1.0), else the whole.
+manifest_delta_bytes() {
+  local d
+  d=$(find "$work/www" -maxdepth 1 -name 'AutoUpdater.xml.from-*.zst' -print -quit)
+  if [ -n "$d" ]; then
+    cat "$d" "$work/www/AutoUpdater.xml.sig" | wc -c
+  else
+    manifest_bytes
+  fi
+}
 
 wait_staged() {
   local state=$1 version=$2 t0
@@ -150,7 +166,7 @@ wait_staged() {
   done
 }
 
-printf '%-14s %11s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n' pair S zstd19 patch_from before with_base no_base ratio_pf publish cpu_node store
+printf '%-14s %11s %9s %9s %9s %9s %9s %9s %8s %8s %9s %9s %9s\n' pair S zstd19 patch_from before with_base no_base ratio_pf publish cpu_node store manifest mf_delta
 selected=("$@")
 for pair in "${pairs[@]}"; do
   read -r name kind package old new <<< "$pair"
@@ -187,7 +203,8 @@ for pair in "${pairs[@]}"; do
   wait_staged "$work/based" 2.0
   sleep 1
   cpu_node=$(echo "$(cpu_of "$based_pid") - $cpu0" | bc)
-  with_base=$(($(served) - before_bytes - $(manifest_bytes)))
+  manifest_read=$(manifest_delta_bytes)
+  with_base=$(($(served) - before_bytes - manifest_read))
   before_bytes=$(served)
   node fresh $((port + 2))
   wait_staged "$work/fresh" 2.0
@@ -198,8 +215,9 @@ for pair in "${pairs[@]}"; do
   pf=$(zstd_patch_from "$old_dir" "$new_dir")
   plain=$(plain_delta "$work/old.xml" "$work/www/AutoUpdater.xml")
   store=$(du -sb "$work/www/lanup-store" | cut -f1)
-  printf '%-14s %11d %9d %9d %9d %9d %9d %9s %7.1fs %7.1fs %9d\n' "$name" "$S" "$z19" "$pf" "$plain" \
-    "$with_base" "$no_base" "$(echo "scale=3; $with_base / ($pf + 1)" | bc)" "$publish_s" "$cpu_node" "$store"
+  printf '%-14s %11d %9d %9d %9d %9d %9d %9s %7.1fs %7.1fs %9d %9d %9d\n' "$name" "$S" "$z19" "$pf" "$plain" \
+    "$with_base" "$no_base" "$(echo "scale=3; $with_base / ($pf + 1)" | bc)" "$publish_s" "$cpu_node" "$store" \
+    "$(manifest_bytes)" "$manifest_read"
   for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
   wait 2> /dev/null || true
   [ -n "${KEEP:-}" ] || rm -rf "$work"
