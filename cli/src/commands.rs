@@ -258,6 +258,11 @@ struct PublishArgs {
     /// Write no compressed copies of chunks and no bundles.
     #[arg(long)]
     no_pack: bool,
+    /// The release is for Linux nodes only: allow file names Windows
+    /// cannot hold (device names such as CON or aux.c, a part ending in a
+    /// dot or a space, < > : " | ? *, names that differ only in case)
+    #[arg(long)]
+    linux_only: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -959,6 +964,7 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
             level: args.level,
             pack: !args.no_pack,
         },
+        linux_only: args.linux_only,
     };
     let published = release::publish(&opts, &key)?;
     if let Some(legacy) = &legacy {

@@ -273,6 +273,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
                     exe: Some(format!("bin/{APP}")),
                 },
                 deltas: Default::default(),
+                linux_only: false,
             },
             &key,
         )?;

@@ -36,6 +36,9 @@ pub struct PublishOptions {
     pub restart: Restart,
     /// Patches from earlier releases and packed chunks.
     pub deltas: crate::release_store::PublishDeltas,
+    /// The release is for Linux nodes only: file names Windows cannot hold
+    /// are allowed.
+    pub linux_only: bool,
 }
 
 /// What a publish produced.
@@ -108,7 +111,25 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
                 path.display()
             );
         }
+        if !opts.linux_only {
+            if let Some(why) = lanup_protocol::manifest::windows_refuses(&name) {
+                bail!(
+                    "{}: {why}; a release installs on Windows nodes too, so rename it (or publish with --linux-only)",
+                    path.display()
+                );
+            }
+        }
         sources.push((path.to_owned(), name));
+    }
+    if !opts.linux_only {
+        if let Some((a, b)) =
+            lanup_protocol::manifest::case_twins(sources.iter().map(|(_, n)| n.as_str()))
+        {
+            bail!(
+                "{}: \"{a}\" and \"{b}\" differ only in case, and Windows keeps one file for both; rename one (or publish with --linux-only)",
+                dir.display()
+            );
+        }
     }
     let files = crate::parallel::map(&sources, |(path, name)| digest_file(path, name))?;
 

@@ -857,6 +857,7 @@ mod tests {
                 level: Some(3),
                 ..PublishDeltas::default()
             },
+            linux_only: false,
         };
         publish(&opts, key).expect("publish").manifest
     }

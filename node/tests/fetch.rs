@@ -38,6 +38,7 @@ fn publish_dir(
             expires: None,
             restart: Restart::default(),
             deltas: Default::default(),
+            linux_only: false,
         },
         key,
     )?

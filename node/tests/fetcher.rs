@@ -69,6 +69,7 @@ async fn does_its_duty_and_stops_when_the_role_or_the_lease_is_gone() -> Result<
             expires: None,
             restart: Restart::default(),
             deltas: Default::default(),
+            linux_only: false,
         },
         &key,
     )?;

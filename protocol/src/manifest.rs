@@ -820,6 +820,55 @@ pub fn check_file_name(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// Names Windows keeps for devices, with or without an extension.
+const WINDOWS_DEVICES: [&str; 24] = [
+    "CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "COM1", "COM2", "COM3", "COM4", "COM5",
+    "COM6", "COM7", "COM8", "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8",
+    "LPT9",
+];
+
+/// Why Windows cannot hold a file at `name` (a name [`check_file_name`]
+/// accepts), if it cannot: a character it refuses, a part ending in a dot
+/// or a space (which it drops), or a device name. `lanup publish` refuses
+/// such a release unless it is for Linux nodes only.
+pub fn windows_refuses(name: &str) -> Option<String> {
+    for part in name.split('/') {
+        if let Some(c) = part
+            .chars()
+            .find(|c| matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*'))
+        {
+            return Some(format!(
+                "\"{part}\" holds {c:?}, which Windows refuses in a file name"
+            ));
+        }
+        if part.ends_with('.') || part.ends_with(' ') {
+            return Some(format!(
+                "\"{part}\" ends in a dot or a space, which Windows drops from a file name"
+            ));
+        }
+        let stem = part.split('.').next().unwrap_or(part).trim_end_matches(' ');
+        if WINDOWS_DEVICES.iter().any(|d| d.eq_ignore_ascii_case(stem)) {
+            return Some(format!(
+                "\"{part}\" is the device {} on Windows, not a file",
+                stem.to_ascii_uppercase()
+            ));
+        }
+    }
+    None
+}
+
+/// Two file names of `names` that differ only in case, which Windows (its
+/// file systems ignore case) would take for one file, if there are any.
+pub fn case_twins<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<(&'a str, &'a str)> {
+    let mut seen = std::collections::HashMap::new();
+    for name in names {
+        if let Some(first) = seen.insert(name.to_lowercase(), name) {
+            return Some((first, name));
+        }
+    }
+    None
+}
+
 /// Formats a manifest date: RFC 3339 in UTC.
 pub fn format_date(t: OffsetDateTime) -> String {
     t.to_offset(time::UtcOffset::UTC)

@@ -797,3 +797,64 @@ fn a_node_holding_the_last_manifest_takes_the_next_as_a_delta_and_a_broken_one_w
         node_log(&state)
     );
 }
+
+/// A release installs on Windows nodes too: a name Windows cannot hold, or
+/// two names that differ only in case, are refused before anything is
+/// written, with the file and the reason; `--linux-only` allows them.
+#[test]
+fn names_windows_cannot_hold_are_refused_unless_the_release_is_for_linux_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (key, _) = keygen(tmp.path(), "publisher.key");
+    let attempt = |tree: &[&str], extra: &[&str]| {
+        let app = tmp.path().join(format!("app{}", tree.len() + extra.len()));
+        let _ = std::fs::remove_dir_all(&app);
+        for name in tree {
+            write(&app, name, name.as_bytes());
+        }
+        let out = tmp.path().join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut args = vec![
+            "publish",
+            "--dir",
+            s(&app),
+            "--version",
+            "1.0",
+            "--app",
+            "app",
+            "--url",
+            "http://origin.invalid/",
+            "--key",
+            s(&key),
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        let output = run(&args);
+        let written = out.join("AutoUpdater.xml").exists();
+        (output, written)
+    };
+    for (tree, says) in [
+        (&["bin/app", "drivers/aux.c"][..], "device AUX"),
+        (&["bin/app", "logs/08:00.txt"][..], "':'"),
+        (&["bin/app", "notes."][..], "ends in a dot"),
+        (
+            &["bin/app", "Readme.txt", "README.txt"][..],
+            "differ only in case",
+        ),
+    ] {
+        let (output, written) = attempt(tree, &[]);
+        let err = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{tree:?} published");
+        assert!(
+            err.contains(says) && err.contains("--linux-only"),
+            "{tree:?}: {err}"
+        );
+        assert!(!written, "{tree:?}: a manifest was written");
+        let (output, written) = attempt(tree, &["--linux-only"]);
+        assert!(
+            output.status.success() && written,
+            "{tree:?} with --linux-only: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -601,3 +601,38 @@ fn runs_round_trip_unknown_elements_are_ignored_and_a_malformed_run_is_named() {
     big.runs[0].blob.size = 3000;
     assert!(big.validate().is_err(), "a run no smaller than its chunks");
 }
+
+#[test]
+fn names_windows_cannot_hold_are_named_with_the_reason() {
+    for ok in [
+        "bin/TIMS.exe",
+        "share/données/été €.txt",
+        "console.log",
+        "com10.txt",
+        "a.b.c",
+        "auxiliary/x",
+    ] {
+        assert_eq!(windows_refuses(ok), None, "{ok}");
+    }
+    for (bad, says) in [
+        ("logs/2026-11-20T08:00:00Z.txt", "':'"),
+        ("what?.txt", "'?'"),
+        ("a/b*/c", "'*'"),
+        ("pipe|d", "'|'"),
+        ("dir./file", "ends in a dot"),
+        ("file ", "ends in a dot or a space"),
+        ("CON", "device CON"),
+        ("drivers/aux.c", "device AUX"),
+        ("nul.tar.gz", "device NUL"),
+        ("Lpt1", "device LPT1"),
+        ("conout$.txt", "device CONOUT$"),
+    ] {
+        let why = windows_refuses(bad).unwrap_or_default();
+        assert!(why.contains(says), "{bad}: {why:?}");
+    }
+    assert_eq!(case_twins(["a/x", "a/y", "b/x"]), None);
+    assert_eq!(
+        case_twins(["a/x", "A/y", "Docs/Read.me", "docs/read.ME"]),
+        Some(("Docs/Read.me", "docs/read.ME"))
+    );
+}
