@@ -21,7 +21,6 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -239,9 +238,7 @@ fn unchanged_files(install: &Path, old: &Manifest, new: &Manifest) -> Result<Has
         let Ok(meta) = fs::symlink_metadata(&path) else {
             return Ok(false);
         };
-        let mode_ok = f
-            .mode
-            .is_none_or(|m| meta.permissions().mode() & 0o777 == m);
+        let mode_ok = f.mode.is_none_or(|m| crate::platform::mode(&meta) == m);
         Ok(meta.is_file()
             && Some(meta.len()) == f.size
             && mode_ok
@@ -707,7 +704,7 @@ impl Applier {
                 );
             }
             if let Some(mode) = file.mode {
-                output.set_permissions(fs::Permissions::from_mode(mode))?;
+                crate::platform::set_mode(&output, mode)?;
             }
             output
                 .sync_all()

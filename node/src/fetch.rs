@@ -10,7 +10,6 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -476,8 +475,7 @@ pub fn assemble(manifest: &Manifest, store: &ChunkStore, dest: &Path) -> Result<
             );
         }
         if let Some(mode) = file.mode {
-            out.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(mode))?;
+            crate::platform::set_mode(out.as_file(), mode)?;
         }
         out.as_file().sync_all()?;
         out.persist(&target)

@@ -26,6 +26,7 @@ pub mod network;
 pub mod node;
 pub mod origin;
 mod parallel;
+pub mod platform;
 pub mod policy;
 pub mod release;
 pub mod release_store;

@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -394,7 +393,7 @@ fn digest_file(src: &Path, name: &str) -> Result<UpdateFile> {
     Ok(UpdateFile {
         name: name.to_owned(),
         size: Some(digest.size),
-        mode: Some(meta.permissions().mode() & 0o777),
+        mode: Some(crate::platform::mode(&meta)),
         hash: Some(digest.hash),
         chunks: digest.chunks,
         ..Default::default()
@@ -414,8 +413,8 @@ fn copy_checked(src: &Path, out: &Path, file: &UpdateFile) -> Result<()> {
     let present = match fs::symlink_metadata(&dest) {
         Ok(meta) if meta.is_file() && Some(meta.len()) == file.size => {
             if file.hash.is_some() && hash_file(&dest).ok() == file.hash {
-                if meta.permissions().mode() & 0o777 != mode {
-                    fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
+                if crate::platform::mode(&meta) != mode {
+                    crate::platform::set_path_mode(&dest, mode)?;
                 }
                 return Ok(());
             }
@@ -430,19 +429,13 @@ fn copy_checked(src: &Path, out: &Path, file: &UpdateFile) -> Result<()> {
     let mut temporary = None;
     let mut writer = if present {
         let t = tempfile::Builder::new()
-            .permissions(fs::Permissions::from_mode(mode))
             .tempfile_in(parent)
             .with_context(|| format!("cannot write in {}", parent.display()))?;
         let writer = t.reopen()?;
         temporary = Some(t);
         writer
     } else {
-        use std::os::unix::fs::OpenOptionsExt;
-        File::options()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&dest)
+        crate::platform::create_new(&dest, mode)
             .with_context(|| format!("cannot write {}", dest.display()))?
     };
     let mut hasher = blake3::Hasher::new();
@@ -476,7 +469,7 @@ fn copy_checked(src: &Path, out: &Path, file: &UpdateFile) -> Result<()> {
     // The published copy is readable by everyone (a web server serving the
     // folder runs as its own user, and the umask may have narrowed the
     // mode); the manifest records the mode the file is installed with.
-    writer.set_permissions(fs::Permissions::from_mode(mode))?;
+    crate::platform::set_mode(&writer, mode)?;
     if let Some(t) = temporary {
         t.persist(&dest)
             .with_context(|| format!("cannot rename into {}", dest.display()))?;
@@ -492,7 +485,7 @@ const PUBLISHED_MODE: u32 = 0o444;
 /// everyone ([`PUBLISHED_MODE`], writable by its owner).
 pub(crate) fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
     crate::apply::write_synced(dest, bytes)
-        .and_then(|()| fs::set_permissions(dest, fs::Permissions::from_mode(0o644)))
+        .and_then(|()| crate::platform::set_path_mode(dest, 0o644))
         .with_context(|| format!("cannot write {}", dest.display()))
 }
 

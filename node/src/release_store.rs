@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -157,7 +156,7 @@ impl ReleaseStore {
         for sub in ["releases", "files", "blobs"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+            crate::platform::set_path_mode(&dir, 0o755)?;
         }
         Ok(ReleaseStore { root })
     }

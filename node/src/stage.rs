@@ -23,7 +23,6 @@
 //! pass once every chunk is held, after its usual wait.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -353,8 +352,7 @@ fn stage(
             let path = part_path(&dest.join(&file.name));
             let Some(p) = open.parts.get_mut(&i) else {
                 // A file of one chunk is its chunk.
-                open_part(&path, true)?
-                    .write_all_at(&data, 0)
+                crate::platform::write_all_at(&open_part(&path, true)?, &data, 0)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 finish(None, file, dest, store)?;
                 open.files[i as usize] = false;
@@ -362,8 +360,7 @@ fn stage(
                 continue;
             };
             let j = j as usize;
-            open_part(&path, true)?
-                .write_all_at(&data, p.offsets[j])
+            crate::platform::write_all_at(&open_part(&path, true)?, &data, p.offsets[j])
                 .with_context(|| format!("cannot write {}", path.display()))?;
             p.written[j] = true;
             p.remaining -= 1;
@@ -423,7 +420,7 @@ fn advance(p: &mut Part, file: &UpdateFile, path: &Path) -> Result<()> {
     while p.hashed < n && p.written[p.hashed] {
         let size = file.chunks[p.hashed].size;
         buf.resize(size as usize, 0);
-        f.read_exact_at(&mut buf, offset)
+        crate::platform::read_exact_at(&f, &mut buf, offset)
             .with_context(|| format!("cannot read back {}", path.display()))?;
         offset += size;
         p.hasher.get_or_insert_with(Default::default).update(&buf);
@@ -457,7 +454,7 @@ fn finish(p: Option<&mut Part>, file: &UpdateFile, dest: &Path, store: &ChunkSto
     }
     let f = open_part(&part, true)?;
     if let Some(mode) = file.mode {
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
+        crate::platform::set_mode(&f, mode)
             .with_context(|| format!("cannot set the mode of {}", part.display()))?;
     }
     f.sync_all()
@@ -606,13 +603,7 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("bin/a")).expect("a"), a);
         assert_eq!(std::fs::read(dir.join("b.txt")).expect("b"), b);
         assert_eq!(std::fs::read(dir.join("empty")).expect("empty"), b"");
-        let mode = |p: &str| {
-            std::fs::metadata(dir.join(p))
-                .expect("meta")
-                .permissions()
-                .mode()
-                & 0o777
-        };
+        let mode = |p: &str| crate::platform::mode(&std::fs::metadata(dir.join(p)).expect("meta"));
         assert_eq!(mode("bin/a"), 0o755);
         assert!(crate::release::verify_dir(&m, &dir).is_empty());
         let stray: Vec<_> = walk(&dir)

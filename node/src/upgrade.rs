@@ -458,9 +458,8 @@ fn swap(state: &Path, journal: &Journal, staged: &Path) -> Result<()> {
     std::fs::copy(staged, &new)
         .with_context(|| format!("cannot copy the new lanup to {}", new.display()))?;
     {
-        use std::os::unix::fs::PermissionsExt;
         let file = std::fs::File::open(&new)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+        crate::platform::set_mode(&file, 0o755)?;
         file.sync_all()?;
     }
     write_journal(state, journal)?;
