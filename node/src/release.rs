@@ -596,8 +596,7 @@ impl ManifestSource {
                     let held = held.clone();
                     let rebuilt = tokio::task::spawn_blocking(move || {
                         let text = held.apply_delta(&delta)?;
-                        let sig = Signature::from_text(std::str::from_utf8(&sig)?)?;
-                        text.verify(&sig, std::slice::from_ref(&sig.key))?;
+                        holds_over(&text, &sig)?;
                         anyhow::Ok(text)
                     })
                     .await?;
@@ -692,8 +691,7 @@ async fn read_whole(
             let sig = signature.clone().flatten();
             let checked = tokio::task::spawn_blocking(move || {
                 let text = ManifestText::from_packed(packed)?;
-                let sig = Signature::from_text(std::str::from_utf8(&sig.unwrap_or_default())?)?;
-                text.verify(&sig, std::slice::from_ref(&sig.key))?;
+                holds_over(&text, &sig.unwrap_or_default())?;
                 anyhow::Ok(text)
             })
             .await?;
@@ -741,12 +739,10 @@ async fn read_whole(
     // together; the node refuses such a pair, and neither is taken as
     // what the origin serves.
     let (source, signed) = tokio::task::spawn_blocking(move || {
-        let signed = source.signature().is_ok_and(|sig| {
-            source
-                .text
-                .verify(&sig, std::slice::from_ref(&sig.key))
-                .is_ok()
-        });
+        let signed = source
+            .signature
+            .as_deref()
+            .is_some_and(|sig| holds_over(&source.text, sig).is_ok());
         (source, signed)
     })
     .await?;
@@ -755,6 +751,16 @@ async fn read_whole(
         etag,
         signed,
     })
+}
+
+/// Checks that `signature` (a `.sig` file's bytes) holds over `text` by the
+/// key it names, trusted or not: whether a manifest and a signature read
+/// from an origin belong together. Whether the key is trusted is the
+/// node's to check.
+fn holds_over(text: &ManifestText, signature: &[u8]) -> Result<()> {
+    let sig = Signature::from_text(std::str::from_utf8(signature)?)?;
+    text.verify(&sig, std::slice::from_ref(&sig.key))?;
+    Ok(())
 }
 
 /// What a fetcher holds of what it last read from the origin.
