@@ -34,6 +34,20 @@ impl Cli {
         matches!(self.command, Command::Node(_))
     }
 
+    /// The state directory of a node the Windows Service Control Manager
+    /// runs: its log goes to a rotated file there, since a service has no
+    /// console.
+    pub(crate) fn service_state(&self) -> Option<PathBuf> {
+        match &self.command {
+            Command::Node(args) if args.windows_service => Some(
+                args.state
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(lanup_node::config::DEFAULT_STATE)),
+            ),
+            _ => None,
+        }
+    }
+
     pub(crate) fn default_log_level(&self) -> &'static str {
         match self.command {
             Command::Demo(_) => "error",
@@ -54,6 +68,10 @@ enum Command {
     /// (one node per site from the origin, the rest from each other),
     /// verify and stage them.
     Node(NodeArgs),
+    /// Register this machine's node with its service manager (Windows: the
+    /// `lanup` service, under the Service Control Manager), or remove it.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Configure this machine's node in one command: writes
     /// /etc/lanup/lanup.toml after checking the origin, the publisher key
     /// and the install directory, and says how to start the service.
@@ -424,6 +442,26 @@ struct NodeArgs {
     /// 127.0.0.1:9184 (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Run as the Windows service the Service Control Manager started
+    /// (`lanup service install` registers the node so).
+    #[arg(long, hide = true)]
+    windows_service: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Register `lanup node` as a service. Windows: the `lanup` service,
+    /// LocalSystem, restarted by the SCM after a failure, reading
+    /// the configuration at --config; disabled until --start.
+    Install {
+        #[arg(long, value_name = "FILE", default_value = lanup_node::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Start the service with the machine (and now).
+        #[arg(long)]
+        start: bool,
+    },
+    /// Stop and remove the service.
+    Uninstall,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -467,22 +505,12 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     ..lanup_node::config::Overrides::default()
                 },
             )?;
-            let state = config.state.clone();
-            let rt = runtime()?;
-            match rt.block_on(lanup_node::node::run(config, shutdown_signal()))? {
-                lanup_node::node::Exit::Stopped => Ok(ExitCode::SUCCESS),
-                // Returns only when stopped during the trial, or when no
-                // lanup could be executed.
-                lanup_node::node::Exit::Update(handover) => {
-                    rt.block_on(lanup_node::upgrade::hand_over(
-                        &state,
-                        *handover,
-                        shutdown_signal(),
-                    ))?;
-                    Ok(ExitCode::SUCCESS)
-                }
+            if args.windows_service {
+                return run_as_service(config);
             }
+            run_node(config)
         }
+        Command::Service(command) => service(command),
         Command::Setup(args) => crate::setup::run(args),
         Command::Status { node, json } => {
             let answer = node.ask(ControlRequest::Status)?;
@@ -1262,13 +1290,59 @@ async fn origin(
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    lanup_node::platform::stop_requested().await;
+}
+
+/// Runs a node until it is asked to stop, or hands over to a new lanup.
+fn run_node(config: lanup_node::config::NodeConfig) -> Result<ExitCode> {
+    let state = config.state.clone();
+    let rt = runtime()?;
+    match rt.block_on(lanup_node::node::run(config, shutdown_signal()))? {
+        lanup_node::node::Exit::Stopped => Ok(ExitCode::SUCCESS),
+        // Returns only when stopped during the trial, or when no lanup
+        // could be executed.
+        lanup_node::node::Exit::Update(handover) => {
+            rt.block_on(lanup_node::upgrade::hand_over(
+                &state,
+                *handover,
+                shutdown_signal(),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn run_as_service(config: lanup_node::config::NodeConfig) -> Result<ExitCode> {
+    let code = lanup_node::platform::service::run_as_service(move || match run_node(config) {
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the node stopped");
+            1
+        }
+    })?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn service(command: ServiceCommand) -> Result<ExitCode> {
+    use lanup_node::platform::service;
+    match command {
+        ServiceCommand::Install { config, start } => {
+            let binary = lanup_node::upgrade::binary()?;
+            service::install(&binary, &config, start)?;
+            println!(
+                "registered the lanup service ({}), {}",
+                binary.display(),
+                if start {
+                    "started with the machine"
+                } else {
+                    "disabled until configured: `sc config lanup start= auto` and `sc start lanup`"
+                }
+            );
+        }
+        ServiceCommand::Uninstall => {
+            service::uninstall()?;
+            println!("removed the lanup service");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

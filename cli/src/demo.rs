@@ -479,7 +479,6 @@ fn fill(out: &mut impl Write, mut len: u64, seed: u64) -> std::io::Result<()> {
 /// (it records its version and pid in `var/`), and data files that make up
 /// the release's size.
 fn write_sample_app(app: &Path, size: u64) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     for dir in ["bin", "lib", "etc"] {
         std::fs::create_dir_all(app.join(dir))?;
     }
@@ -493,7 +492,7 @@ fn write_sample_app(app: &Path, size: u64) -> Result<()> {
          trap 'kill $s 2>/dev/null; exit 0' TERM INT\n\
          while :; do sleep 1 & s=$!; wait $s; done\n",
     )?;
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
+    lanup_node::platform::set_path_mode(&exe, 0o755)?;
     std::fs::write(app.join("VERSION"), "1.0.0\n")?;
     fill(
         &mut std::io::BufWriter::new(std::fs::File::create(app.join("lib/engine.bin"))?),

@@ -28,7 +28,10 @@ fn main() -> ExitCode {
     if cli.is_node() {
         steady_allocator();
     }
-    init_logging(cli.default_log_level());
+    match cli.service_state() {
+        Some(state) => log_to_file(&state, cli.default_log_level()),
+        None => init_logging(cli.default_log_level()),
+    }
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -82,7 +85,7 @@ fn init_logging(default_level: &str) {
         .with_writer(std::io::stderr)
         // Colours only on a terminal, not in log files or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if stderr_is_journal() {
+    if lanup_node::platform::stderr_is_journal() {
         let format = tracing_subscriber::fmt::format().without_time();
         builder.event_format(Journald(format)).init();
     } else {
@@ -90,17 +93,26 @@ fn init_logging(default_level: &str) {
     }
 }
 
-/// Whether stderr is the stream systemd connected to the journal: its
-/// device and inode are the ones `JOURNAL_STREAM` names.
-fn stderr_is_journal() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
-        return false;
-    };
-    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+/// The log of a node the Windows Service Control Manager runs, which has
+/// no console: `STATE/lanup.log`, rotated at 16 MiB with four older files,
+/// each line with its level; stderr if that file cannot be opened.
+fn log_to_file(state: &std::path::Path, default_level: &str) {
+    let path = state.join("lanup.log");
+    match lanup_node::logfile::Rotating::open(&path, 16 << 20, 4) {
+        Ok(file) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("LANUP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        Err(e) => {
+            init_logging(default_level);
+            tracing::warn!(log = %path.display(), error = %e, "cannot open the log file; logging to stderr");
+        }
+    }
 }
 
 /// A log format for the journal: the syslog priority of the event's level,

@@ -257,7 +257,6 @@ fn write(path: &Path, text: &str) -> Result<()> {
     }
     lanup_node::apply::write_synced(path, text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+    lanup_node::platform::set_path_mode(path, 0o644)
         .with_context(|| format!("cannot set the mode of {}", path.display()))
 }

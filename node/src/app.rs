@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, UpdateKind};
 
 use crate::config::AppConfig;
+use crate::platform;
 
 /// How often a wait for a process looks again.
 const POLL: Duration = Duration::from_millis(20);
@@ -41,7 +42,7 @@ pub enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("process {pid} is still running {waited:?} after SIGKILL")]
+    #[error("process {pid} is still running {waited:?} after it was killed")]
     Unkillable { pid: u32, waited: Duration },
     #[error("the application exited {status} {after:.1?} after it started (health_after is {health_after:?})")]
     Exited {
@@ -108,6 +109,7 @@ fn refresh_kind() -> ProcessRefreshKind {
 fn name_matches(name: &OsStr, exe: Option<&Path>, wanted: &str) -> bool {
     let name = name.to_string_lossy();
     name == wanted
+        || platform::same_program(&name, wanted)
         || exe.and_then(Path::file_name).is_some_and(|f| f == wanted)
         || (wanted.len() > COMM_LEN && wanted.as_bytes().get(..COMM_LEN) == Some(name.as_bytes()))
 }
@@ -121,11 +123,10 @@ impl App {
         App { config, log }
     }
 
-    /// The install directory with symbolic links resolved, as the kernel
-    /// reports process paths.
+    /// The install directory as the system reports process paths
+    /// (symbolic links resolved).
     fn install_root(&self) -> PathBuf {
-        std::fs::canonicalize(&self.config.install_dir)
-            .unwrap_or_else(|_| self.config.install_dir.clone())
+        platform::real_path(&self.config.install_dir)
     }
 
     /// The process name to look for: the configured one, else the
@@ -181,19 +182,13 @@ impl App {
             .collect()
     }
 
-    fn signal(procs: &[AppProcess], signal: rustix::process::Signal) {
-        for p in procs {
-            if let Some(pid) = i32::try_from(p.pid)
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-            {
-                let _ = rustix::process::kill_process(pid, signal);
-            }
-        }
-    }
-
-    /// Stops every process of the application: SIGTERM, and SIGKILL for
-    /// those still running after `stop_timeout`. Returns once all are gone.
+    /// Stops every process of the application: a stop request (SIGTERM; on
+    /// Windows a close request to its windows and a Ctrl-Break to its
+    /// console group), then the end (SIGKILL; `TerminateProcess`) for those
+    /// still running after `stop_timeout`, and then whatever is left of the
+    /// process tree the node started (its process group; its job object),
+    /// so no child of the application outlives it. Returns once all are
+    /// gone.
     pub fn stop(&self, name: Option<&str>) -> Result<Stopped, AppError> {
         let procs = self.processes(name);
         let mut stopped = Stopped {
@@ -203,19 +198,33 @@ impl App {
         if procs.is_empty() {
             return Ok(stopped);
         }
-        Self::signal(&procs, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + self.config.stop_timeout;
+        let asked = procs
+            .iter()
+            .filter(|p| platform::request_stop(p.pid))
+            .count();
+        // A program that cannot be asked (a Windows program without a
+        // window) is ended at once: waiting would only add downtime.
+        let patience = if asked > 0 {
+            self.config.stop_timeout
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + patience;
         let mut left = Self::still_running(&procs);
         while !left.is_empty() && Instant::now() < deadline {
             std::thread::sleep(POLL);
             left = Self::still_running(&left);
         }
+        let pids = stopped.pids.clone();
+        let tree = || platform::stop_tree(&self.config.install_dir, &pids);
         if left.is_empty() {
+            tree();
             return Ok(stopped);
         }
         stopped.killed = left.iter().map(|p| p.pid).collect();
-        tracing::warn!(pids = ?stopped.killed, timeout = ?self.config.stop_timeout, "the application ignored SIGTERM; killing it");
-        Self::signal(&left, rustix::process::Signal::KILL);
+        tracing::warn!(pids = ?stopped.killed, timeout = ?self.config.stop_timeout, "the application ignored the stop request; ending it");
+        left.iter().for_each(|p| platform::kill(p.pid));
+        tree();
         let waited = Instant::now();
         while !left.is_empty() {
             if waited.elapsed() > Duration::from_secs(10) {
@@ -253,7 +262,7 @@ impl App {
         let inside = self.config.install_dir.join(path);
         if path.is_absolute() {
             path.to_owned()
-        } else if program.contains('/') || inside.exists() {
+        } else if program.contains(['/', '\\']) || inside.exists() {
             inside
         } else {
             path.to_owned()
@@ -271,7 +280,6 @@ impl App {
     /// process group, output appended to the log. `exe` and `name` are the
     /// manifest's AppName Exe and Name, used when `app.start` is not set.
     pub fn start(&self, exe: Option<&str>, name: Option<&str>) -> Result<Started, AppError> {
-        use std::os::unix::process::CommandExt;
         let argv = self.start_command(exe, name)?;
         if let Err(e) = self.rotate_log() {
             tracing::warn!(log = %self.log.display(), error = %e, "cannot rotate the application's log");
@@ -289,18 +297,23 @@ impl App {
             source,
         })?;
         let program = self.program(&argv[0]);
-        let mut child = Command::new(&program)
+        let mut command = Command::new(&program);
+        command
             .args(&argv[1..])
             .current_dir(&self.config.install_dir)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err_log)
-            .process_group(0)
-            .spawn()
-            .map_err(|source| AppError::Start {
-                program: program.display().to_string(),
-                source,
-            })?;
+            .stderr(err_log);
+        platform::detach(&mut command);
+        let start_error = |source| AppError::Start {
+            program: program.display().to_string(),
+            source,
+        };
+        let mut child = command.spawn().map_err(start_error)?;
+        if let Err(e) = platform::adopt(&child, &self.config.install_dir) {
+            let _ = child.kill();
+            return Err(start_error(e));
+        }
         let started = Started {
             pid: child.id(),
             at: Instant::now(),

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::AppConfig;
+use crate::platform::sync_dir;
 
 /// The apply's working folder inside the install directory. No release may
 /// list a file under it.
@@ -67,8 +68,7 @@ pub const FAULT_POINTS: &[&str] = &[
 pub(crate) fn fault(point: &str) {
     #[cfg(feature = "fault-injection")]
     if std::env::var("LANUP_FAULT").is_ok_and(|p| p == point) {
-        let _ =
-            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        crate::platform::crash();
         std::thread::sleep(std::time::Duration::from_secs(60));
     }
     #[cfg(not(feature = "fault-injection"))]
@@ -180,11 +180,6 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Syncs a folder, so renames and new names in it survive a power cut.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Writes `bytes` to `path` so that after a crash it holds either the old
 /// or the new content, never a mix: a synced temporary file renamed over
 /// it, and the folder synced.
@@ -213,7 +208,10 @@ fn write_synced_with(
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     write(tmp.as_file_mut())?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    let tmp = tmp.into_temp_path();
+    crate::platform::rename(&tmp, path)?;
+    // Renamed: nothing is left to remove.
+    let _ = tmp.keep();
     sync_dir(dir)
 }
 
@@ -745,7 +743,7 @@ impl Applier {
                         fs::create_dir_all(dir)?;
                     }
                 }
-                fs::rename(&src, &dest).map_err(|e| {
+                crate::platform::rename(&src, &dest).map_err(|e| {
                     io::Error::new(
                         e.kind(),
                         format!("cannot move {} to {}: {e}", src.display(), dest.display()),
@@ -1043,9 +1041,9 @@ fn promote(state: &Path, next: &Path) -> io::Result<()> {
     let prev = state.join("installed.prev");
     if installed.exists() {
         ignore_missing(fs::remove_dir_all(&prev))?;
-        fs::rename(&installed, &prev)?;
+        crate::platform::rename(&installed, &prev)?;
     }
-    fs::rename(next, &installed)?;
+    crate::platform::rename(next, &installed)?;
     sync_dir(state)?;
     ignore_missing(fs::remove_dir_all(&prev))
 }

@@ -13,11 +13,13 @@ use libp2p::Multiaddr;
 use serde::Deserialize;
 
 /// Where a node keeps its identity, chunk store, staging area and control
-/// socket when nothing else is said.
-pub const DEFAULT_STATE: &str = "/var/lib/lanup";
+/// socket when nothing else is said (`/var/lib/lanup`; on Windows
+/// `C:\ProgramData\lanup`).
+pub const DEFAULT_STATE: &str = crate::platform::DEFAULT_STATE;
 /// The configuration `lanup node` reads when given no `--config`, as the
-/// package installs it.
-pub const DEFAULT_CONFIG: &str = "/etc/lanup/lanup.toml";
+/// package installs it (`/etc/lanup/lanup.toml`; on Windows
+/// `C:\ProgramData\lanup\lanup.toml`).
+pub const DEFAULT_CONFIG: &str = crate::platform::DEFAULT_CONFIG;
 /// The port nodes listen on by default, so static peer lists can name it.
 pub const DEFAULT_PORT: u16 = 4710;
 

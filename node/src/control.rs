@@ -1,11 +1,11 @@
-//! The control socket: how the `lanup` CLI talks to the node running on the
-//! same machine. A Unix socket in the state directory, mode 0600, so only
-//! the node's owner may use it; one JSON request per connection, answered
+//! The control channel: how the `lanup` CLI talks to the node running on
+//! the same machine. A Unix socket in the state directory, mode 0600, or on
+//! Windows a named pipe only Administrators and SYSTEM may open (see
+//! [`crate::platform::channel`]); one JSON request per connection, answered
 //! by one JSON line, or for a request that takes a while (an apply) by a
 //! line per step and a last line with the result.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -14,13 +14,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, warn};
 
-/// The socket's file name in the state directory.
-pub const SOCKET: &str = "control.sock";
+use crate::platform::channel::{self, Stream};
 
 /// The longest request line the node reads. Requests are small JSON
 /// objects (a signed command is under 2 KiB); a longer line is refused
@@ -58,52 +56,37 @@ pub enum ControlRequest {
 /// lines. The answer ends when the sender is dropped.
 pub type Incoming = (ControlRequest, mpsc::Sender<serde_json::Value>);
 
-/// The socket path for a state directory.
-pub fn socket_path(state: &Path) -> PathBuf {
-    state.join(SOCKET)
-}
-
-/// Fails when a live node already answers on the state directory's socket:
-/// two nodes on one state directory would apply over each other.
+/// Fails when a live node already answers on the state directory's
+/// channel: two nodes on one state directory would apply over each other.
 pub fn ensure_alone(state: &Path) -> Result<()> {
-    let path = socket_path(state);
-    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_ok() {
+    if channel::answers(state) {
         bail!("another node is running on {}", state.display());
     }
     Ok(())
 }
 
-/// Binds the state directory's socket; the future it returns accepts
+/// Listens on the state directory's channel; the future it returns accepts
 /// clients and hands their requests to the node, until dropped.
 pub fn listen(
     state: &Path,
     node: mpsc::Sender<Incoming>,
 ) -> Result<impl std::future::Future<Output = ()>> {
-    let path = socket_path(state);
-    // A socket left by a node that died is stale; a live node answers.
-    if path.exists() {
-        ensure_alone(state)?;
-        std::fs::remove_file(&path)
-            .with_context(|| format!("cannot remove stale {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let mut listener = channel::bind(state)?;
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     Ok(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let stream = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file handles, say: wait rather than spin.
-                    warn!(error = %e, "control socket cannot accept");
+                    warn!(error = %e, "the control channel cannot accept");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 let busy = serde_json::json!({ "error": format!("the node is serving {MAX_CLIENTS} control connections already; try again") });
-                let _ = stream.try_write(format!("{busy}\n").as_bytes());
+                channel::try_say(&stream, format!("{busy}\n").as_bytes());
                 continue;
             };
             let node = node.clone();
@@ -119,7 +102,7 @@ pub fn listen(
 
 /// Reads the request line: at most [`MAX_LINE`] bytes, within
 /// [`READ_TIMEOUT`].
-async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<ControlRequest, String> {
+async fn read_request(read: tokio::io::ReadHalf<Stream>) -> Result<ControlRequest, String> {
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
     let line = match tokio::time::timeout(READ_TIMEOUT, lines.next()).await {
         Err(_) => return Err(format!("no request line within {READ_TIMEOUT:?}")),
@@ -138,8 +121,8 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<ControlRe
     })
 }
 
-async fn answer(stream: UnixStream, node: mpsc::Sender<Incoming>) -> Result<()> {
-    let (read, mut write) = stream.into_split();
+async fn answer(stream: Stream, node: mpsc::Sender<Incoming>) -> Result<()> {
+    let (read, mut write) = tokio::io::split(stream);
     let request = match read_request(read).await {
         Ok(r) => r,
         Err(reason) => {
@@ -171,12 +154,12 @@ pub const APPLY_LINE_TIMEOUT: Duration = Duration::from_secs(600);
 /// should reach it rather than fail.
 pub const REFUSED_PATIENCE: Duration = Duration::from_secs(3);
 
-/// Connects to the control socket at `path`, trying again for
-/// [`REFUSED_PATIENCE`] while it refuses (no socket at all fails at once).
-async fn connect(path: &Path) -> std::io::Result<UnixStream> {
+/// Connects to the node on `state`, trying again for [`REFUSED_PATIENCE`]
+/// while it refuses (no node ever listening there fails at once).
+async fn connect(state: &Path) -> std::io::Result<Stream> {
     let until = tokio::time::Instant::now() + REFUSED_PATIENCE;
     loop {
-        match UnixStream::connect(path).await {
+        match channel::connect(state).await {
             Err(e)
                 if e.kind() == std::io::ErrorKind::ConnectionRefused
                     && tokio::time::Instant::now() < until =>
@@ -203,7 +186,7 @@ pub async fn ask_each(
     request: ControlRequest,
     mut each: impl FnMut(&serde_json::Value),
 ) -> Result<serde_json::Value> {
-    let path = socket_path(state);
+    let address = channel::address(state);
     let patience = match request {
         ControlRequest::Apply { .. } => APPLY_LINE_TIMEOUT,
         _ => LINE_TIMEOUT,
@@ -211,21 +194,21 @@ pub async fn ask_each(
     let no_answer = || {
         anyhow::anyhow!(
             "the node on {} accepts connections but has not answered for {} s; it may be wedged (see its log; systemd's watchdog restarts a wedged node)",
-            path.display(),
+            address,
             patience.as_secs()
         )
     };
-    let stream = tokio::time::timeout(patience, connect(&path))
+    let stream = tokio::time::timeout(patience, connect(state))
         .await
         .map_err(|_| no_answer())?
         .with_context(|| {
             format!(
                 "no node answers on {} (is `lanup node --state {}` running?)",
-                path.display(),
+                address,
                 state.display()
             )
         })?;
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     tokio::time::timeout(
         patience,
         write.write_all(format!("{}\n", serde_json::to_string(&request)?).as_bytes()),

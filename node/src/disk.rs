@@ -5,7 +5,6 @@
 //! disk of a production machine. A release that cannot fit is refused with
 //! both numbers, before anything is downloaded.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use lanup_protocol::units::format_bytes;
@@ -32,13 +31,8 @@ fn space(path: &Path) -> std::io::Result<(u64, u64, u64)> {
     while !at.exists() {
         at = at.parent().unwrap_or(Path::new("/"));
     }
-    let stat = rustix::fs::statvfs(at)?;
-    let dev = std::fs::metadata(at)?.dev();
-    Ok((
-        dev,
-        stat.f_bavail.saturating_mul(stat.f_frsize),
-        stat.f_blocks.saturating_mul(stat.f_frsize),
-    ))
+    let space = crate::platform::space(at)?;
+    Ok((space.filesystem, space.free, space.total))
 }
 
 /// Checks that every need fits (needs on one filesystem add up), keeping

@@ -1,23 +1,18 @@
 //! Publisher and admin key files on disk.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use lanup_protocol::sign::{PublicKey, SecretKey};
 
-/// Writes a new secret key to `path` with mode 0600 and returns its public
-/// key. Refuses to overwrite an existing file: a lost publisher key cannot be
+/// Writes a new secret key to `path`, readable by its owner only (mode
+/// 0600; on Windows a file only its owner, Administrators and SYSTEM may
+/// open), and returns its public key. Refuses to overwrite an existing file: a lost publisher key cannot be
 /// recovered.
 pub fn generate(path: &Path) -> Result<PublicKey> {
     let key = SecretKey::generate();
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    let mut file = crate::platform::create_private(path)
         .with_context(|| format!("cannot create key file {}", path.display()))?;
     file.write_all(key.to_text().as_bytes())
         .and_then(|()| file.sync_all())
@@ -27,15 +22,10 @@ pub fn generate(path: &Path) -> Result<PublicKey> {
 
 /// Reads a secret key file. Refuses one that others can read, as ssh does.
 pub fn load_secret(path: &Path) -> Result<SecretKey> {
-    let meta = std::fs::metadata(path)
+    let exposed = crate::platform::exposed(path)
         .with_context(|| format!("cannot read key file {}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "key file {} is readable by others (mode {mode:o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
+    if let Some(reason) = exposed {
+        bail!("key file {}: {reason}", path.display());
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read key file {}", path.display()))?;
@@ -45,6 +35,7 @@ pub fn load_secret(path: &Path) -> Result<SecretKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn key_files_are_private_and_not_overwritten() -> Result<()> {

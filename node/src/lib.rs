@@ -31,7 +31,6 @@ pub mod policy;
 pub mod release;
 pub mod release_store;
 pub mod report;
-pub mod service;
 pub mod stage;
 pub mod store;
 pub mod throttle;

@@ -70,6 +70,68 @@ pub fn rotate_in_place(path: &Path, max: u64, keep: usize) -> io::Result<bool> {
     Ok(true)
 }
 
+/// A log file this process writes, rotated by size as it grows: the node's
+/// own log where no service manager keeps one (a Windows service).
+#[derive(Debug)]
+pub struct Rotating {
+    path: PathBuf,
+    max: u64,
+    keep: usize,
+    file: fs::File,
+    len: u64,
+}
+
+impl Rotating {
+    /// Opens `path` for appending, rotated at `max` bytes with `keep` older
+    /// files.
+    pub fn open(path: &Path, max: u64, keep: usize) -> io::Result<Rotating> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Rotating {
+            path: path.to_owned(),
+            max,
+            keep,
+            file,
+            len,
+        })
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        // Closed before it is renamed: Windows renames no file that is
+        // open without shared delete access.
+        let fresh = tempfile::tempfile()?;
+        drop(std::mem::replace(&mut self.file, fresh));
+        let rotated = rotate(&self.path, self.max, self.keep);
+        self.file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.len = self.file.metadata()?.len();
+        rotated.map(|_| ())
+    }
+}
+
+impl io::Write for Rotating {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.len >= self.max {
+            self.rotate()?;
+        }
+        let n = self.file.write(buf)?;
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

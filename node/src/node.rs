@@ -315,7 +315,7 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Exit> {
-    let mut notifier = crate::service::Notifier::from_env();
+    let mut notifier = crate::platform::Notifier::from_env();
     // Where this lanup is installed, before anything can rename it.
     let _ = crate::upgrade::binary();
     std::fs::create_dir_all(&config.state)

@@ -274,7 +274,7 @@ fn stage(
         if let Some(same) = same_file(file, &earlier, &index) {
             let _ = std::fs::remove_file(&part);
             if std::fs::hard_link(&same, &part).is_ok() {
-                std::fs::rename(&part, &target)
+                crate::platform::rename(&part, &target)
                     .with_context(|| format!("cannot rename into {}", target.display()))?;
                 continue;
             }
@@ -459,7 +459,7 @@ fn finish(p: Option<&mut Part>, file: &UpdateFile, dest: &Path, store: &ChunkSto
     }
     f.sync_all()
         .with_context(|| format!("cannot sync {}", part.display()))?;
-    std::fs::rename(&part, &target)
+    crate::platform::rename(&part, &target)
         .with_context(|| format!("cannot rename into {}", target.display()))?;
     Ok(())
 }

@@ -29,7 +29,6 @@
 //! behind installs the newest one directly.
 
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -101,10 +100,7 @@ pub fn orphaned() -> bool {
     else {
         return false;
     };
-    rustix::process::getppid()
-        .map(rustix::process::Pid::as_raw_nonzero)
-        .map(|p| p.get())
-        != Some(parent)
+    crate::platform::parent_pid().and_then(|p| i32::try_from(p).ok()) != Some(parent)
 }
 
 /// The binary this process was started from, as it was named then: a swap
@@ -197,7 +193,7 @@ fn write_journal(state: &Path, journal: &Journal) -> Result<()> {
 
 fn sync_dir(path: &Path) {
     if let Some(dir) = path.parent() {
-        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        if let Err(e) = crate::platform::sync_dir(dir) {
             warn!(dir = %dir.display(), error = %e, "cannot sync the folder");
         }
     }
@@ -255,7 +251,7 @@ fn undo(binary: &Path) -> Result<()> {
     let old = beside(binary, "old");
     let _ = std::fs::remove_file(beside(binary, "new"));
     if old.exists() {
-        std::fs::rename(&old, binary).with_context(|| {
+        crate::platform::rename(&old, binary).with_context(|| {
             format!(
                 "cannot put the old lanup {} back in place of {}",
                 old.display(),
@@ -464,11 +460,14 @@ fn swap(state: &Path, journal: &Journal, staged: &Path) -> Result<()> {
     }
     write_journal(state, journal)?;
     let _ = std::fs::remove_file(&old);
-    std::fs::hard_link(binary, &old)
-        .with_context(|| format!("cannot keep the old lanup as {}", old.display()))?;
-    sync_dir(binary);
-    std::fs::rename(&new, binary)
-        .with_context(|| format!("cannot move the new lanup to {}", binary.display()))?;
+    crate::platform::replace_running(binary, &new, &old).with_context(|| {
+        format!(
+            "cannot put the new lanup {} in place of {}, keeping the old one as {}",
+            new.display(),
+            binary.display(),
+            old.display()
+        )
+    })?;
     sync_dir(binary);
     Ok(())
 }
@@ -482,7 +481,7 @@ async fn trial(
     to: &str,
     stop: impl std::future::Future<Output = ()>,
 ) -> Trial {
-    let mut notifier = crate::service::Notifier::from_env();
+    let mut notifier = crate::platform::Notifier::from_env();
     let mut command = std::process::Command::new(binary);
     command
         .args(std::env::args_os().skip(1))
@@ -549,10 +548,8 @@ async fn trial(
         },
         () = stop => Trial::Stopped,
     };
-    // Proven or not, the trial node stops: SIGTERM, then SIGKILL.
-    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
+    // Proven or not, the trial node stops: asked, then ended.
+    crate::platform::request_stop(child.id());
     let stopping = Instant::now();
     while child.try_wait().ok().flatten().is_none() {
         if stopping.elapsed() > Duration::from_secs(20) {
@@ -568,11 +565,7 @@ async fn trial(
 /// Executes the lanup installed at `binary` in this process, with this
 /// process's arguments; returns only the reason it could not.
 fn restart(binary: &Path) -> anyhow::Error {
-    let mut args = std::env::args_os();
-    let mut again = std::process::Command::new(binary);
-    if let Some(arg0) = args.next() {
-        again.arg0(arg0);
-    }
-    let error = again.args(args).env_remove(TRIAL_ENV).exec();
+    let error =
+        crate::platform::run_again(binary, std::env::args_os().collect(), &[(TRIAL_ENV, None)]);
     anyhow::anyhow!("cannot run {}: {error}", binary.display())
 }

@@ -1,14 +1,28 @@
 //! What differs between the systems a node runs on, behind one interface,
-//! so that the rest of the node needs no `cfg`: so far file modes and
-//! positioned reads and writes. Both sides compile for their target; the
-//! Unix side is what every test here runs.
+//! so that the rest of the node needs no `cfg`: file modes, private files,
+//! positioned reads and writes, durable renames, free space, the
+//! application's processes, the control channel, the service manager and
+//! running lanup again. Each side compiles for its own target, and CI
+//! builds both; the Unix side is what the integration tests run, the
+//! Windows side runs under Wine.
 
 #[cfg(unix)]
-mod unix;
-#[cfg(unix)]
-pub use unix::*;
+#[path = "unix/mod.rs"]
+mod sys;
+#[cfg(windows)]
+#[path = "windows/mod.rs"]
+mod sys;
 
-#[cfg(windows)]
-mod windows;
-#[cfg(windows)]
-pub use windows::*;
+pub use sys::channel;
+pub use sys::service::{self, stop_requested, Notifier};
+pub use sys::*;
+
+/// The free and total space of one filesystem, and which one it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Tells filesystems apart: needs on one filesystem add up.
+    pub filesystem: u64,
+    /// Bytes an unprivileged process may still write.
+    pub free: u64,
+    pub total: u64,
+}

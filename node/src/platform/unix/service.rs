@@ -1,4 +1,5 @@
-//! The service manager's side of a node: systemd's notify protocol.
+//! The service manager's side of a node on Linux: systemd's notify
+//! protocol.
 //!
 //! Under `Type=notify` systemd passes a datagram socket in `NOTIFY_SOCKET`
 //! and, with `WatchdogSec=`, the watchdog period in `WATCHDOG_USEC`. A node
@@ -107,4 +108,40 @@ fn abstract_address(name: &str) -> Option<SocketAddr> {
 #[cfg(not(target_os = "linux"))]
 fn abstract_address(_: &str) -> Option<SocketAddr> {
     None
+}
+
+/// Completes when the node is asked to stop: SIGTERM or Ctrl-C.
+pub async fn stop_requested() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The Windows service's entry; on Linux systemd runs `lanup node` as it
+/// is.
+pub fn run_as_service(_body: impl FnOnce() -> i32 + Send + 'static) -> anyhow::Result<i32> {
+    anyhow::bail!("--windows-service is for the Windows Service Control Manager; on Linux systemd runs `lanup node` (lanup.service)")
+}
+
+const SYSTEMD: &str = "on Linux the Debian package installs lanup.service for systemd (`systemctl enable --now lanup`); `lanup service` registers the Windows service";
+
+/// Registers the Windows service; on Linux the package's systemd unit is
+/// the service.
+pub fn install(
+    _binary: &std::path::Path,
+    _config: &std::path::Path,
+    _start: bool,
+) -> anyhow::Result<()> {
+    anyhow::bail!(SYSTEMD)
+}
+
+/// Removes the Windows service; see [`install`].
+pub fn uninstall() -> anyhow::Result<()> {
+    anyhow::bail!(SYSTEMD)
 }
