@@ -68,8 +68,12 @@ pub struct AppProcess {
 #[derive(Debug, Clone, Default)]
 pub struct Stopped {
     pub pids: Vec<u32>,
-    /// Processes that ignored SIGTERM for `stop_timeout` and were killed.
+    /// Processes that ignored the stop request (SIGTERM) for
+    /// `stop_timeout` and were ended.
     pub killed: Vec<u32>,
+    /// Processes that could not be asked (a Windows program without a
+    /// window) and were ended once the others had stopped.
+    pub ended: Vec<u32>,
 }
 
 /// A process this node started, with its exit status once it has one.
@@ -193,38 +197,30 @@ impl App {
         let procs = self.processes(name);
         let mut stopped = Stopped {
             pids: procs.iter().map(|p| p.pid).collect(),
-            killed: Vec::new(),
+            ..Stopped::default()
         };
         if procs.is_empty() {
             return Ok(stopped);
         }
-        let asked = procs
-            .iter()
-            .filter(|p| platform::request_stop(p.pid))
-            .count();
-        // A program that cannot be asked (a Windows program without a
-        // window) is ended at once: waiting would only add downtime.
-        let patience = if asked > 0 {
-            self.config.stop_timeout
-        } else {
-            Duration::ZERO
-        };
-        let deadline = Instant::now() + patience;
-        let mut left = Self::still_running(&procs);
-        while !left.is_empty() && Instant::now() < deadline {
+        let (asked, unasked): (Vec<AppProcess>, Vec<AppProcess>) =
+            procs.iter().partition(|p| platform::request_stop(p.pid));
+        let deadline = Instant::now() + self.config.stop_timeout;
+        let mut ignoring = Self::still_running(&asked);
+        while !ignoring.is_empty() && Instant::now() < deadline {
             std::thread::sleep(POLL);
-            left = Self::still_running(&left);
+            ignoring = Self::still_running(&ignoring);
         }
-        let pids = stopped.pids.clone();
-        let tree = || platform::stop_tree(&self.config.install_dir, &pids);
-        if left.is_empty() {
-            tree();
-            return Ok(stopped);
+        stopped.killed = ignoring.iter().map(|p| p.pid).collect();
+        stopped.ended = Self::still_running(&unasked)
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        if !stopped.killed.is_empty() {
+            tracing::warn!(pids = ?stopped.killed, timeout = ?self.config.stop_timeout, "the application ignored the stop request; ending it");
         }
-        stopped.killed = left.iter().map(|p| p.pid).collect();
-        tracing::warn!(pids = ?stopped.killed, timeout = ?self.config.stop_timeout, "the application ignored the stop request; ending it");
+        let mut left = Self::still_running(&procs);
         left.iter().for_each(|p| platform::kill(p.pid));
-        tree();
+        platform::stop_tree(&self.config.install_dir, &stopped.pids);
         let waited = Instant::now();
         while !left.is_empty() {
             if waited.elapsed() > Duration::from_secs(10) {

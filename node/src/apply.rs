@@ -411,13 +411,21 @@ impl Applier {
             "stop",
             if stopped.pids.is_empty() {
                 "the application was not running".to_owned()
-            } else if stopped.killed.is_empty() {
-                format!("stopped the application (pids {:?})", stopped.pids)
             } else {
-                format!(
-                    "stopped the application (pids {:?}; {:?} ignored SIGTERM and were killed)",
-                    stopped.pids, stopped.killed
-                )
+                let mut said = format!("stopped the application (pids {:?}", stopped.pids);
+                if !stopped.killed.is_empty() {
+                    said += &format!(
+                        "; {:?} ignored the stop request and were ended",
+                        stopped.killed
+                    );
+                }
+                if !stopped.ended.is_empty() {
+                    said += &format!(
+                        "; {:?} had no window to close and were ended",
+                        stopped.ended
+                    );
+                }
+                said + ")"
             },
         );
         fault("stopped");

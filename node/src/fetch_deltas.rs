@@ -105,7 +105,7 @@ impl Bases {
             }
         }
         for manifest in known {
-            let dir = state.join("staging").join(manifest.release_name());
+            let dir = state.join("staging").join(manifest.release_folder());
             if dir.is_dir() {
                 bases.add(manifest, dir);
             }

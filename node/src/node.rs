@@ -326,6 +326,7 @@ pub async fn run(
     if !crate::upgrade::on_trial() {
         crate::upgrade::recover(&config.state)?;
     }
+    crate::stage::rename_old_folders(&config.state);
     let key = identity(&config.state)?;
     // An interrupted apply is resolved before anything else.
     let applier = config
@@ -966,7 +967,11 @@ impl Node {
             t.staging = true;
             let manifest = t.manifest.clone();
             let name = manifest.release_name();
-            let dest = self.config.state.join("staging").join(&name);
+            let dest = self
+                .config
+                .state
+                .join("staging")
+                .join(manifest.release_folder());
             let state = self.config.state.clone();
             let tx = self.done_tx.clone();
             let hash = t.hash;
@@ -994,7 +999,7 @@ impl Node {
                 .config
                 .state
                 .join("staging")
-                .join(manifest.release_name());
+                .join(manifest.release_folder());
             let tx = self.done_tx.clone();
             let hash = t.hash;
             tokio::spawn(async move {
@@ -1168,7 +1173,7 @@ impl Node {
                             .config
                             .state
                             .join("releases")
-                            .join(t.manifest.release_name());
+                            .join(t.manifest.release_folder());
                         let written = crate::apply::write_text_synced(
                             &keep.join(lanup_protocol::manifest::MANIFEST_FILE),
                             &t.text,

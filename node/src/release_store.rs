@@ -177,7 +177,7 @@ impl ReleaseStore {
             .collect();
         self.root
             .join("releases")
-            .join(format!("{app}-{}.xml", manifest.release_name()))
+            .join(format!("{app}-{}.xml", manifest.release_folder()))
     }
 
     fn file_path(&self, hash: &Hash) -> PathBuf {

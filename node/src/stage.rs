@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lanup_protocol::hash::Hash;
-use lanup_protocol::manifest::{Manifest, UpdateFile};
-use tracing::debug;
+use lanup_protocol::manifest::{release_folder, Manifest, UpdateFile};
+use tracing::{debug, warn};
 
 use crate::fetch::DamagedChunk;
 use crate::store::ChunkStore;
@@ -105,7 +105,7 @@ pub fn kept(state: &Path, except: &[String], known: &[Arc<Manifest>]) -> Vec<Sta
     let mut staged = Vec::new();
     let mut left = Vec::new();
     for (name, dir) in staged_dirs(state, except) {
-        match known.iter().find(|m| m.release_name() == name) {
+        match known.iter().find(|m| m.release_folder() == name) {
             Some(manifest) => staged.push(Staged {
                 manifest: manifest.clone(),
                 dir,
@@ -131,9 +131,39 @@ pub fn each_kept(state: &Path, except: &[String], mut each: impl FnMut(Staged)) 
     }
 }
 
-/// The folders under `state`'s staging folder, by release name, but those
-/// in `except`.
+/// Renames the release folders an older lanup named after a date-named
+/// release as it is (`2026-11-20T08:00:00Z`) to the names Windows accepts
+/// too ([`release_folder`]), so that a node upgraded in place keeps what
+/// it staged. Run at start, before anything reads them.
+pub fn rename_old_folders(state: &Path) {
+    for sub in ["staging", "releases"] {
+        let Ok(entries) = std::fs::read_dir(state.join(sub)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let folder = release_folder(&name);
+            if folder == name {
+                continue;
+            }
+            let to = entry.path().with_file_name(&folder);
+            let _ = std::fs::remove_dir_all(&to);
+            match crate::platform::rename(&entry.path(), &to) {
+                Ok(()) => debug!(from = %name, to = %folder, "renamed a release folder"),
+                Err(e) => {
+                    warn!(folder = %entry.path().display(), error = %e, "cannot rename a release folder")
+                }
+            }
+        }
+    }
+}
+
+/// The folders under `state`'s staging folder, by folder name, but those
+/// of the releases named in `except`.
 fn staged_dirs(state: &Path, except: &[String]) -> Vec<(String, PathBuf)> {
+    let except: Vec<String> = except.iter().map(|n| release_folder(n)).collect();
     let Ok(entries) = std::fs::read_dir(state.join("staging")) else {
         return Vec::new();
     };
@@ -577,6 +607,30 @@ mod tests {
         }
         rx.recv_timeout(std::time::Duration::from_secs(10))
             .expect("the stager answers")
+    }
+
+    #[test]
+    fn folders_named_after_a_date_are_renamed_to_names_windows_accepts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = tmp.path();
+        let old = "2026-11-20T08:00:00Z";
+        for sub in ["staging", "releases"] {
+            std::fs::create_dir_all(state.join(sub).join(old)).expect("mkdir");
+            std::fs::write(state.join(sub).join(old).join("f"), sub).expect("write");
+            std::fs::create_dir_all(state.join(sub).join("1.0")).expect("mkdir");
+        }
+        rename_old_folders(state);
+        for sub in ["staging", "releases"] {
+            let mut names: Vec<String> = std::fs::read_dir(state.join(sub))
+                .expect("read_dir")
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["1.0", "2026-11-20T08.00.00Z"], "{sub}");
+            let kept = std::fs::read_to_string(state.join(sub).join("2026-11-20T08.00.00Z/f"));
+            assert_eq!(kept.expect("moved with its files"), sub);
+        }
     }
 
     #[test]

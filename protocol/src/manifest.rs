@@ -289,6 +289,14 @@ fn legacy_message() -> &'static str {
      AutoUpdater.xml`, which hashes every file and signs the manifest"
 }
 
+/// The folder a node keeps the release named `name` in (under
+/// `staging/` and `releases/`): the name, with the `:` of a date-named
+/// release, which Windows refuses in file names, as `.`. Versions hold no
+/// `:`, so no two releases share a folder.
+pub fn release_folder(name: &str) -> String {
+    name.replace(':', ".")
+}
+
 impl Manifest {
     /// Parses either shape. Checks syntax: required elements and attributes,
     /// numbers, dates, hashes. The rules that make a manifest installable are
@@ -589,6 +597,11 @@ impl Manifest {
             (None, Some(t)) => format_date(t),
             (None, None) => "(unnamed)".into(),
         }
+    }
+
+    /// The folder a node keeps this release in: see [`release_folder`].
+    pub fn release_folder(&self) -> String {
+        release_folder(&self.release_name())
     }
 
     /// Total bytes of all files.

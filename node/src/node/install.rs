@@ -4,6 +4,7 @@
 //! taken up again.
 
 use super::*;
+use lanup_protocol::manifest::release_folder;
 
 impl Node {
     /// The staged release `version`, ready to install.
@@ -18,7 +19,11 @@ impl Node {
                 installed: self.installed.clone(),
                 text: t.text.clone(),
                 signature: t.signature.clone(),
-                staged: self.config.state.join("staging").join(version),
+                staged: self
+                    .config
+                    .state
+                    .join("staging")
+                    .join(release_folder(version)),
                 rollback: false,
                 switchover: None,
             }),
@@ -194,7 +199,7 @@ impl Node {
         let Some((manifest, text, sig)) = found else {
             return;
         };
-        let location = releases.join(manifest.release_name());
+        let location = releases.join(manifest.release_folder());
         if self.adopt(&location.display().to_string(), text, sig) != MessageAcceptance::Accept {
             return;
         }
@@ -202,7 +207,7 @@ impl Node {
             .config
             .state
             .join("staging")
-            .join(manifest.release_name());
+            .join(manifest.release_folder());
         let complete = manifest.files.iter().all(|f| {
             std::fs::metadata(staging.join(&f.name)).is_ok_and(|m| Some(m.len()) == f.size)
         });

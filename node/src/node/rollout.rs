@@ -648,8 +648,9 @@ impl Node {
     /// `STATE/staging/`), older than the installed one, to roll back to. Its
     /// manifest is checked again; its files are checked as they are copied.
     pub(super) fn stored_release(&self, version: &str) -> Result<Release> {
-        let dir = self.config.state.join("releases").join(version);
-        let staged = self.config.state.join("staging").join(version);
+        let folder = lanup_protocol::manifest::release_folder(version);
+        let dir = self.config.state.join("releases").join(&folder);
+        let staged = self.config.state.join("staging").join(&folder);
         let held = || {
             let mut names: Vec<String> = std::fs::read_dir(self.config.state.join("releases"))
                 .into_iter()

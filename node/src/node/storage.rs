@@ -17,8 +17,10 @@ impl Node {
         let store = self.store.clone();
         let staging = self.config.state.join("staging");
         let releases = self.config.state.join("releases");
-        let current = t.manifest.release_name();
-        let installed = self.installed_name();
+        let current = t.manifest.release_folder();
+        let installed = self
+            .installed_name()
+            .map(|n| lanup_protocol::manifest::release_folder(&n));
         let keep_dir = move |name: Option<&str>| {
             name.is_some_and(|n| n == current || installed.as_deref() == Some(n))
         };
