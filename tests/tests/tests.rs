@@ -25,3 +25,4 @@ mod swarm;
 mod testbed;
 mod unattended;
 mod upgrade;
+mod windows;
