@@ -460,6 +460,9 @@ enum ServiceCommand {
         #[arg(long)]
         start: bool,
     },
+    /// Start the service with the machine, and now (once the node is
+    /// configured: the MSI registers it disabled).
+    Enable,
     /// Stop and remove the service.
     Uninstall,
 }
@@ -1335,9 +1338,13 @@ fn service(command: ServiceCommand) -> Result<ExitCode> {
                 if start {
                     "started with the machine"
                 } else {
-                    "disabled until configured: `sc config lanup start= auto` and `sc start lanup`"
+                    "disabled until configured: then `lanup service enable`"
                 }
             );
+        }
+        ServiceCommand::Enable => {
+            service::enable()?;
+            println!("the lanup service starts with the machine, and runs now");
         }
         ServiceCommand::Uninstall => {
             service::uninstall()?;

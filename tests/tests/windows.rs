@@ -662,3 +662,153 @@ fn two_windows_nodes_and_a_linux_node_are_one_site_that_takes_one_copy() {
     }
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Runs a Windows program of the prefix (`net`, `sc`, `reg`, `msiexec`).
+fn system(wine: &Wine, args: &[&str]) -> Output {
+    finish(
+        wine.env(&mut Command::new(WINE)).args(args),
+        &format!("{args:?}"),
+    )
+}
+
+/// The product codes of the lanup packages installed in the prefix.
+fn installed_lanups(wine: &Wine) -> Vec<String> {
+    let uninstall = r"HKLM\Software\Microsoft\Windows\CurrentVersion\Uninstall";
+    let listed = said(&system(wine, &["reg", "query", uninstall, "/s"]));
+    let mut products = Vec::new();
+    let mut key = "";
+    for line in listed.lines() {
+        if line.starts_with("HKEY_") {
+            key = line.trim();
+        } else if line.split_whitespace().next() == Some("DisplayName")
+            && line.split_whitespace().last() == Some("lanup")
+        {
+            if let Some(code) = key.rsplit('\\').next().filter(|c| c.starts_with('{')) {
+                products.push(code.to_owned());
+            }
+        }
+    }
+    products
+}
+
+/// The `Start` value of a service's registry key as `reg query` shows it.
+fn start_type(registered: &str) -> String {
+    registered
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("Start"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn said(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn the_msi_registers_a_disabled_service_that_the_scm_then_runs_and_stops_and_keeps_lanup_toml() {
+    let Some(wine) = wine() else { return };
+    if !Path::new("/usr/bin/wixl").exists() {
+        assert!(
+            std::env::var_os("LANUP_WINE_REQUIRED").is_none(),
+            "the MSI test needs wixl (Debian's wixl)"
+        );
+        eprintln!("skipped: the MSI test needs wixl (Debian's wixl)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let out = finish(
+        Command::new(workspace.join("packaging/windows/build.sh"))
+            .arg("--exe")
+            .arg(&wine.exe)
+            .arg("--out")
+            .arg(tmp.path()),
+        "packaging/windows/build.sh",
+    );
+    assert!(out.status.success(), "{}", said(&out));
+    let msi = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    eprintln!(
+        "the MSI: {} bytes",
+        std::fs::metadata(&msi).expect("msi").len()
+    );
+    let drive = wine.prefix.join("drive_c");
+    let service_key = r"HKLM\System\CurrentControlSet\Services\lanup";
+    // What an earlier run cut short may have left: its lanup installed
+    // (a second product sharing the component would keep the file).
+    let _ = system(&wine, &["net", "stop", "lanup"]);
+    for product in installed_lanups(&wine) {
+        let out = system(&wine, &["msiexec", "/x", &product, "/qn"]);
+        assert!(out.status.success(), "msiexec /x {product}: {}", said(&out));
+    }
+    let _ = system(&wine, &["sc", "delete", "lanup"]);
+    let data = drive.join("ProgramData/lanup");
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let config = format!(
+        "listen = [\"/ip4/127.0.0.1/tcp/0\"]\ntrust_publisher = [\"{}\"]\nsite = \"msi-{}\"\nmdns = false\n",
+        keygen(tmp.path(), "publisher.key").1,
+        free_port()
+    );
+    std::fs::write(data.join("lanup.toml"), &config).expect("config");
+
+    let out = system(&wine, &["msiexec", "/i", &win(&msi), "/qn"]);
+    assert!(out.status.success(), "msiexec /i: {}", said(&out));
+    assert!(drive.join("Program Files/lanup/lanup.exe").is_file());
+    assert!(drive
+        .join("Program Files/lanup/lanup.sample.toml")
+        .is_file());
+    let registered = said(&system(&wine, &["reg", "query", service_key]));
+    assert!(
+        registered.contains(r"lanup\lanup.exe node --windows-service"),
+        "{registered}"
+    );
+    // Disabled until configured: the SCM will not start it.
+    assert_eq!(start_type(&registered), "0x4", "{registered}");
+    let refused = system(&wine, &["net", "start", "lanup"]);
+    assert!(said(&refused).contains("disabled"), "{}", said(&refused));
+
+    // Enabled, the SCM runs the node from its default configuration, and
+    // the CLI finds it at the default state.
+    let out = wine.run_ok(&["service", "enable"]);
+    assert!(out.contains("starts with the machine"), "{out}");
+    let registered = said(&system(&wine, &["reg", "query", service_key]));
+    assert_eq!(start_type(&registered), "0x2", "automatic: {registered}");
+    wait_for("the service runs", Duration::from_secs(30), || {
+        said(&system(&wine, &["sc", "query", "lanup"])).contains("RUNNING")
+    });
+    let status: serde_json::Value =
+        serde_json::from_str(&wine.run_ok(&["status", "--json"])).expect("status JSON");
+    assert!(
+        status["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["self"] == true)),
+        "{status}"
+    );
+    let out = system(&wine, &["net", "stop", "lanup"]);
+    assert!(
+        said(&out).contains("stopped successfully"),
+        "{}",
+        said(&out)
+    );
+    let stopped = said(&system(&wine, &["sc", "query", "lanup"]));
+    assert!(stopped.contains("STOPPED"), "{stopped}");
+    assert!(stopped.contains("WIN32_EXIT_CODE    : 0"), "{stopped}");
+    let log = std::fs::read_to_string(data.join("lanup.log")).expect("the service's log");
+    assert!(log.contains("node starting"), "{log}");
+    assert!(log.contains("node stopping"), "{log}");
+
+    // Removed: the program and the service go, the configuration stays.
+    let out = system(&wine, &["msiexec", "/x", &win(&msi), "/qn"]);
+    assert!(out.status.success(), "msiexec /x: {}", said(&out));
+    assert!(!drive.join("Program Files/lanup/lanup.exe").exists());
+    assert!(!system(&wine, &["reg", "query", service_key])
+        .status
+        .success());
+    assert_eq!(
+        std::fs::read_to_string(data.join("lanup.toml")).expect("kept"),
+        config
+    );
+}

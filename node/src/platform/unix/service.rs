@@ -141,6 +141,11 @@ pub fn install(
     anyhow::bail!(SYSTEMD)
 }
 
+/// Enables the Windows service; see [`install`].
+pub fn enable() -> anyhow::Result<()> {
+    anyhow::bail!(SYSTEMD)
+}
+
 /// Removes the Windows service; see [`install`].
 pub fn uninstall() -> anyhow::Result<()> {
     anyhow::bail!(SYSTEMD)

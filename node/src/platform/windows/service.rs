@@ -6,7 +6,8 @@
 //! stop or a shutdown from the SCM stops it as SIGTERM does on Linux, with
 //! *stop pending* and a wait hint while it finishes; it ends *stopped*,
 //! with a service-specific exit code when it failed. The SCM's recovery
-//! actions (set at install) start it again after a failure: the
+//! actions (set at install, and by the service itself at each start, since
+//! the MSI cannot express them) start it again after a failure: the
 //! counterpart of `Restart=on-failure`. The SCM has no watchdog, so the
 //! node keeps its own: a node whose loop has not said it is alive for
 //! [`WEDGED`] stops with a failure, and recovery starts it again.
@@ -116,6 +117,9 @@ fn service_main(_arguments: Vec<OsString>) {
     };
     let _ = HANDLE.set(handle);
     report(ServiceState::StartPending, 0, Duration::from_secs(60));
+    if let Err(e) = own_recovery() {
+        warn!(error = %format!("{e:#}"), "the Service Control Manager will not restart this node after a failure");
+    }
     let body = BODY.lock().ok().and_then(|mut b| b.take());
     let code = body.map_or(1, |body| body());
     EXIT.store(code as u64, Ordering::SeqCst);
@@ -242,6 +246,15 @@ pub fn install(binary: &std::path::Path, config: &std::path::Path, start: bool) 
     service
         .set_description("Takes this machine's application updates from the site's peers")
         .context("cannot describe the lanup service")?;
+    set_recovery(&service)?;
+    info!(binary = %binary.display(), "registered the lanup service");
+    Ok(())
+}
+
+/// The SCM starts the service again 5 s after a failure, twice, then after
+/// a minute, the count reset after a day without one; a stop with an exit
+/// code other than 0 counts as a failure (a new lanup, a wedged node).
+fn set_recovery(service: &windows_service::service::Service) -> Result<()> {
     let restart = |secs| ServiceAction {
         action_type: ServiceActionType::Restart,
         delay: Duration::from_secs(secs),
@@ -256,8 +269,67 @@ pub fn install(binary: &std::path::Path, config: &std::path::Path, start: bool) 
         .context("cannot set the lanup service's recovery actions")?;
     service
         .set_failure_actions_on_non_crash_failures(true)
-        .context("cannot set the lanup service's recovery actions")?;
-    info!(binary = %binary.display(), "registered the lanup service");
+        .context("cannot set the lanup service's recovery actions")
+}
+
+/// Sets the service's recovery actions from inside it, at each start, so
+/// that a service registered by the installer (which cannot express them)
+/// has them too.
+fn own_recovery() -> Result<()> {
+    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
+        .context("cannot open the Service Control Manager")?;
+    let service = manager
+        .open_service(SERVICE_NAME, ServiceAccess::CHANGE_CONFIG)
+        .context("cannot open the lanup service")?;
+    set_recovery(&service)
+}
+
+/// Makes the `lanup` service start with the machine, and starts it now:
+/// what an administrator does once the node is configured (the MSI
+/// registers it disabled).
+pub fn enable() -> Result<()> {
+    use windows_sys::Win32::System::Services::{
+        ChangeServiceConfigW, SERVICE_AUTO_START, SERVICE_NO_CHANGE,
+    };
+    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
+        .context("cannot open the Service Control Manager (run as Administrator)")?;
+    let service = manager
+        .open_service(
+            SERVICE_NAME,
+            ServiceAccess::CHANGE_CONFIG | ServiceAccess::START | ServiceAccess::QUERY_STATUS,
+        )
+        .context("cannot open the lanup service (is lanup installed?)")?;
+    let null = std::ptr::null();
+    // SAFETY: a valid service handle, and SERVICE_NO_CHANGE or null for
+    // everything but the start type.
+    let changed = unsafe {
+        ChangeServiceConfigW(
+            service.raw_handle(),
+            SERVICE_NO_CHANGE,
+            SERVICE_AUTO_START,
+            SERVICE_NO_CHANGE,
+            null,
+            null,
+            std::ptr::null_mut(),
+            null,
+            null,
+            null,
+            null,
+        )
+    };
+    if changed == 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("cannot make the lanup service start with the machine");
+    }
+    let state = service.query_status().map(|s| s.current_state);
+    if !matches!(
+        state,
+        Ok(ServiceState::Running | ServiceState::StartPending)
+    ) {
+        service
+            .start::<&str>(&[])
+            .context("cannot start the lanup service")?;
+    }
     Ok(())
 }
 
