@@ -52,6 +52,8 @@ pub enum AppError {
     },
     #[error("the application's process {pid} is gone {after:.1?} after it started")]
     Vanished { pid: u32, after: Duration },
+    #[error("the application's launcher exited {status} {after:.1?} after it started and left no process of the application running (a forking application needs app.pid_file, or app.name set to the name its process runs as)")]
+    LeftNothing { status: String, after: Duration },
     #[error("health command {command:?} failed: {reason}")]
     Unhealthy { command: String, reason: String },
 }
@@ -81,6 +83,11 @@ pub struct Stopped {
 pub struct Started {
     pub pid: u32,
     pub at: Instant,
+    /// When it started, in seconds since the Unix epoch (as the system
+    /// dates processes).
+    wall: u64,
+    /// The process name the application runs as.
+    name: Option<String>,
     exit: Arc<Mutex<Option<ExitStatus>>>,
 }
 
@@ -122,6 +129,18 @@ fn alive(status: ProcessStatus) -> bool {
     !matches!(status, ProcessStatus::Zombie | ProcessStatus::Dead)
 }
 
+/// Whether process `pid` runs (a zombie does not).
+fn process_alive(pid: u32) -> bool {
+    let mut sys = System::new();
+    let id = Pid::from_u32(pid);
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[id]),
+        true,
+        ProcessRefreshKind::nothing().without_tasks(),
+    );
+    sys.process(id).is_some_and(|p| alive(p.status()))
+}
+
 impl App {
     pub fn new(config: AppConfig, log: PathBuf) -> App {
         App { config, log }
@@ -139,11 +158,13 @@ impl App {
         self.config.name.as_deref().or(manifest_name)
     }
 
-    /// The application's live processes.
+    /// The application's live processes: those with its name, and the one
+    /// `app.pid_file` names, that run from the install directory.
     pub fn processes(&self, name: Option<&str>) -> Vec<AppProcess> {
-        let Some(name) = name else {
+        let pid_file = self.pid_file_process().map(|(pid, _)| pid);
+        if name.is_none() && pid_file.is_none() {
             return Vec::new();
-        };
+        }
         let root = self.install_root();
         let mut sys = System::new();
         sys.refresh_processes_specifics(ProcessesToUpdate::All, true, refresh_kind());
@@ -153,7 +174,10 @@ impl App {
             .values()
             .filter(|p| p.pid().as_u32() != own && p.thread_kind().is_none())
             .filter(|p| alive(p.status()))
-            .filter(|p| name_matches(p.name(), p.exe(), name))
+            .filter(|p| {
+                Some(p.pid().as_u32()) == pid_file
+                    || name.is_some_and(|name| name_matches(p.name(), p.exe(), name))
+            })
             .filter(|p| {
                 p.exe().is_some_and(|e| e.starts_with(&root))
                     || p.cwd().is_some_and(|c| c.starts_with(&root))
@@ -313,6 +337,10 @@ impl App {
         let started = Started {
             pid: child.id(),
             at: Instant::now(),
+            wall: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            name: self.name(name).map(str::to_owned),
             exit: Arc::new(Mutex::new(None)),
         };
         // Reaped here while the node lives; after that, by init.
@@ -329,34 +357,47 @@ impl App {
 
     /// The new process must still run `health_after` after its start, and
     /// then `health_command`, if set, must exit 0 within `health_timeout`.
+    /// A process that exits 0 having left the application running (a
+    /// launcher, a daemon that forks) hands over: the process it left (the
+    /// one `app.pid_file` names, else the application's newest process by
+    /// name in the install directory) is the one judged from then on.
     pub fn check_health(&self, started: &Started) -> Result<(), AppError> {
         let health_after = self.config.health_after;
-        let exited = |status: ExitStatus| AppError::Exited {
-            status: status.to_string(),
-            after: started.at.elapsed(),
-            health_after,
-        };
-        while started.at.elapsed() < health_after {
-            if let Some(status) = started.exited() {
-                return Err(exited(status));
+        let deadline = started.at + health_after;
+        let mut judged: Option<u32> = None;
+        loop {
+            match judged {
+                None => {
+                    if let Some(status) = started.exited() {
+                        judged = Some(self.follow(started, status, deadline)?);
+                    }
+                }
+                Some(pid) if !process_alive(pid) => {
+                    return Err(AppError::Vanished {
+                        pid,
+                        after: started.at.elapsed(),
+                    })
+                }
+                Some(_) => {}
             }
-            std::thread::sleep(POLL.min(health_after.saturating_sub(started.at.elapsed())));
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::sleep(POLL.min(deadline - now));
         }
         // The reaper may need a moment to see an exit that just happened.
         std::thread::sleep(POLL);
-        if let Some(status) = started.exited() {
-            return Err(exited(status));
-        }
-        let mut sys = System::new();
-        let pid = Pid::from_u32(started.pid);
-        sys.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[pid]),
-            true,
-            ProcessRefreshKind::nothing().without_tasks(),
-        );
-        if !sys.process(pid).is_some_and(|p| alive(p.status())) {
+        let pid = match judged {
+            Some(pid) => pid,
+            None => match started.exited() {
+                Some(status) => self.follow(started, status, Instant::now())?,
+                None => started.pid,
+            },
+        };
+        if !process_alive(pid) {
             return Err(AppError::Vanished {
-                pid: started.pid,
+                pid,
                 after: started.at.elapsed(),
             });
         }
@@ -364,6 +405,75 @@ impl App {
             self.run_health_command(argv)?;
         }
         Ok(())
+    }
+
+    /// The started process exited with `status`: a failure, or (exit 0) a
+    /// launcher whose application runs on in the process this returns,
+    /// looked for until `deadline` (and at least two seconds: a daemon
+    /// writes its pid file a moment after its launcher exits).
+    fn follow(
+        &self,
+        started: &Started,
+        status: ExitStatus,
+        deadline: Instant,
+    ) -> Result<u32, AppError> {
+        if !status.success() {
+            return Err(AppError::Exited {
+                status: status.to_string(),
+                after: started.at.elapsed(),
+                health_after: self.config.health_after,
+            });
+        }
+        let until = deadline.max(Instant::now() + Duration::from_secs(2));
+        loop {
+            if let Some(pid) = self.left_running(started) {
+                tracing::info!(
+                    launcher = started.pid,
+                    pid,
+                    "the application's launcher exited 0; judging the process it left running"
+                );
+                return Ok(pid);
+            }
+            if Instant::now() >= until {
+                return Err(AppError::LeftNothing {
+                    status: status.to_string(),
+                    after: started.at.elapsed(),
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The application's process that a launcher started at `started`
+    /// left running: the one the pid file names, else the oldest of its
+    /// processes by name that started no earlier than the launcher.
+    fn left_running(&self, started: &Started) -> Option<u32> {
+        let since = started.wall.saturating_sub(1);
+        if self.config.pid_file.is_some() {
+            let (pid, start_time) = self.pid_file_process()?;
+            return (start_time >= since && pid != started.pid).then_some(pid);
+        }
+        self.processes(started.name.as_deref())
+            .into_iter()
+            .filter(|p| p.pid != started.pid && p.start_time >= since)
+            .min_by_key(|p| (p.start_time, p.pid))
+            .map(|p| p.pid)
+    }
+
+    /// The live process `app.pid_file` names, with its start time.
+    fn pid_file_process(&self) -> Option<(u32, u64)> {
+        let path = self.config.pid_file.as_ref()?;
+        let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+        let mut sys = System::new();
+        let id = Pid::from_u32(pid);
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[id]),
+            true,
+            ProcessRefreshKind::nothing().without_tasks(),
+        );
+        sys.process(id)
+            .filter(|p| alive(p.status()))
+            .map(|p| (pid, p.start_time()))
     }
 
     fn run_health_command(&self, argv: &[String]) -> Result<(), AppError> {

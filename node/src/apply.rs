@@ -663,6 +663,9 @@ impl Applier {
     /// mode, then syncs it all. Returns the bytes copied.
     fn copy_new(&self, release: &Release, unchanged: &HashSet<String>) -> Result<u64> {
         let new = self.place(Place::New);
+        // A release that only removes files, or changes none, copies
+        // nothing: the folder is still made, so that syncing it holds.
+        fs::create_dir_all(&new).with_context(|| format!("cannot create {}", new.display()))?;
         let mut dirs = BTreeSet::new();
         let mut total = 0;
         let mut buf = vec![0u8; 1 << 20];

@@ -90,6 +90,7 @@ pub struct AppFile {
     pub health_command: Option<Vec<String>>,
     pub health_timeout: Option<String>,
     pub apply: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 /// When a staged release is installed.
@@ -123,6 +124,10 @@ pub struct AppConfig {
     /// How long `health_command` may run before it counts as a failure.
     pub health_timeout: Duration,
     pub apply: ApplyPolicy,
+    /// The file a forking application (a launcher, a daemon) writes its
+    /// main process's pid to; relative paths resolve inside `install_dir`.
+    /// That process, not the launcher, is the one judged and stopped.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Values given on the command line; each one that is set replaces the
@@ -267,6 +272,7 @@ fn resolve_app(a: AppFile) -> Result<AppConfig> {
         Some("auto") => ApplyPolicy::Auto,
         Some(other) => bail!("app.apply {other:?}: expected \"on-rollout\" or \"auto\""),
     };
+    let pid_file = a.pid_file.map(|p| install_dir.join(p));
     Ok(AppConfig {
         name: a.name.filter(|n| !n.is_empty()),
         install_dir,
@@ -280,6 +286,7 @@ fn resolve_app(a: AppFile) -> Result<AppConfig> {
             Duration::from_secs(30),
         )?,
         apply,
+        pid_file,
     })
 }
 

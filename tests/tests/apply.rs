@@ -468,6 +468,24 @@ fn apply_replaces_the_running_release_and_keeps_unlisted_files() {
     );
 }
 
+/// A release that only removes a file copies nothing into place: it
+/// commits all the same (it once failed syncing a folder it never made).
+#[test]
+fn a_release_that_only_removes_a_file_is_installed() {
+    let mut site = AppSite::new("health_after = \"300ms\"");
+    let v1 = install_v1(&mut site);
+    let v2 = site.root.join("v1.1");
+    v1_tree(&v2);
+    std::fs::remove_file(v2.join("lib/old-only.bin")).expect("rm");
+    let r2 = site.publish(&v2, "1.1.0");
+    site.stage("1.1.0", &r2);
+    let out = site.apply_ok("1.1.0");
+    assert!(out.contains("committed 1.1.0"), "{out}");
+    assert!(!site.install.join("lib/old-only.bin").exists());
+    assert_eq!(site.installed_tree(), AppSite::expected_tree(&v2));
+    drop(v1);
+}
+
 #[test]
 fn a_release_that_does_not_stay_up_is_rolled_back_and_the_old_one_runs() {
     let (site, v1, _v2) = v1_running_v2_staged("health_after = \"1s\"", Some("exit"));

@@ -13,6 +13,7 @@ mod diskfull;
 mod faults;
 mod fleet;
 mod lan;
+mod launchers;
 mod metrics;
 mod origin;
 mod package;
