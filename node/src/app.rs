@@ -52,6 +52,16 @@ pub enum AppError {
     },
     #[error("the application's process {pid} is gone {after:.1?} after it started")]
     Vanished { pid: u32, after: Duration },
+    #[error("the application's service {service}: {reason}")]
+    Service { service: String, reason: String },
+    #[error(
+        "the application's service {service} is not running {after:.1?} after it started: {detail}"
+    )]
+    ServiceDown {
+        service: String,
+        after: Duration,
+        detail: String,
+    },
     #[error("the application's launcher exited {status} {after:.1?} after it started and left no process of the application running (a forking application needs app.pid_file, or app.name set to the name its process runs as)")]
     LeftNothing { status: String, after: Duration },
     #[error("health command {command:?} failed: {reason}")]
@@ -129,6 +139,12 @@ fn alive(status: ProcessStatus) -> bool {
     !matches!(status, ProcessStatus::Zombie | ProcessStatus::Dead)
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Whether process `pid` runs (a zombie does not).
 fn process_alive(pid: u32) -> bool {
     let mut sys = System::new();
@@ -152,6 +168,11 @@ impl App {
         platform::real_path(&self.config.install_dir)
     }
 
+    /// Whether the application is a service its service manager runs.
+    pub fn is_service(&self) -> bool {
+        self.config.service.is_some()
+    }
+
     /// The process name to look for: the configured one, else the
     /// manifest's AppName.
     pub fn name<'a>(&'a self, manifest_name: Option<&'a str>) -> Option<&'a str> {
@@ -161,6 +182,15 @@ impl App {
     /// The application's live processes: those with its name, and the one
     /// `app.pid_file` names, that run from the install directory.
     pub fn processes(&self, name: Option<&str>) -> Vec<AppProcess> {
+        if let Some(service) = &self.config.service {
+            return match platform::app_service::state(service) {
+                Ok(view) if view.running => vec![AppProcess {
+                    pid: view.pid.unwrap_or(0),
+                    start_time: 0,
+                }],
+                _ => Vec::new(),
+            };
+        }
         let pid_file = self.pid_file_process().map(|(pid, _)| pid);
         if name.is_none() && pid_file.is_none() {
             return Vec::new();
@@ -218,6 +248,9 @@ impl App {
     /// so no child of the application outlives it. Returns once all are
     /// gone.
     pub fn stop(&self, name: Option<&str>) -> Result<Stopped, AppError> {
+        if let Some(service) = &self.config.service {
+            return self.stop_service(service);
+        }
         let procs = self.processes(name);
         let mut stopped = Stopped {
             pids: procs.iter().map(|p| p.pid).collect(),
@@ -257,6 +290,85 @@ impl App {
             left = Self::still_running(&left);
         }
         Ok(stopped)
+    }
+
+    /// Stops the application's service through its manager, which stops
+    /// its whole process tree (its cgroup; its process).
+    fn stop_service(&self, service: &str) -> Result<Stopped, AppError> {
+        let error = |reason| AppError::Service {
+            service: service.to_owned(),
+            reason,
+        };
+        let view = platform::app_service::state(service).map_err(error)?;
+        if !view.running {
+            return Ok(Stopped::default());
+        }
+        platform::app_service::stop(service, self.config.stop_timeout + Duration::from_secs(10))
+            .map_err(error)?;
+        Ok(Stopped {
+            pids: view.pid.into_iter().collect(),
+            ..Stopped::default()
+        })
+    }
+
+    /// Starts the application's service; its main process is the one
+    /// judged.
+    fn start_service(&self, service: &str, name: Option<&str>) -> Result<Started, AppError> {
+        let error = |reason| AppError::Service {
+            service: service.to_owned(),
+            reason,
+        };
+        let at = Instant::now();
+        platform::app_service::start(service).map_err(error)?;
+        let mut view = platform::app_service::state(service).map_err(error)?;
+        while view.running && view.pid.is_none() && at.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(POLL);
+            view = platform::app_service::state(service).map_err(error)?;
+        }
+        Ok(Started {
+            pid: view.pid.unwrap_or(0),
+            at,
+            wall: unix_now(),
+            name: self.name(name).map(str::to_owned),
+            exit: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// A service must stay running, with the main process it started with,
+    /// for `health_after` (a service its manager restarts crashed).
+    fn check_service(&self, service: &str, started: &Started) -> Result<(), AppError> {
+        let deadline = started.at + self.config.health_after;
+        loop {
+            let view =
+                platform::app_service::state(service).map_err(|reason| AppError::Service {
+                    service: service.to_owned(),
+                    reason,
+                })?;
+            let same = started.pid == 0 || view.pid == Some(started.pid);
+            if !view.running || !same {
+                return Err(AppError::ServiceDown {
+                    service: service.to_owned(),
+                    after: started.at.elapsed(),
+                    detail: if view.running {
+                        format!(
+                            "its main process {} is gone, now {:?} ({})",
+                            started.pid, view.pid, view.detail
+                        )
+                    } else {
+                        view.detail
+                    },
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::sleep(POLL.min(deadline - now));
+        }
+        if let Some(argv) = &self.config.health_command {
+            self.run_health_command(argv)?;
+        }
+        Ok(())
     }
 
     /// The start command: `app.start`, else the manifest's AppName Exe or
@@ -300,6 +412,9 @@ impl App {
     /// process group, output appended to the log. `exe` and `name` are the
     /// manifest's AppName Exe and Name, used when `app.start` is not set.
     pub fn start(&self, exe: Option<&str>, name: Option<&str>) -> Result<Started, AppError> {
+        if let Some(service) = &self.config.service {
+            return self.start_service(service, name);
+        }
         let argv = self.start_command(exe, name)?;
         if let Err(e) = self.rotate_log() {
             tracing::warn!(log = %self.log.display(), error = %e, "cannot rotate the application's log");
@@ -337,9 +452,7 @@ impl App {
         let started = Started {
             pid: child.id(),
             at: Instant::now(),
-            wall: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            wall: unix_now(),
             name: self.name(name).map(str::to_owned),
             exit: Arc::new(Mutex::new(None)),
         };
@@ -362,6 +475,9 @@ impl App {
     /// one `app.pid_file` names, else the application's newest process by
     /// name in the install directory) is the one judged from then on.
     pub fn check_health(&self, started: &Started) -> Result<(), AppError> {
+        if let Some(service) = &self.config.service {
+            return self.check_service(service, started);
+        }
         let health_after = self.config.health_after;
         let deadline = started.at + health_after;
         let mut judged: Option<u32> = None;

@@ -558,12 +558,12 @@ impl Applier {
             }
         }
         let old_name = installed.and_then(|i| i.manifest.restart.app_name.as_deref());
-        if self.app.name(old_name).is_none()
+        let unnamed = self.app.name(old_name).is_none()
             || self
                 .app
                 .name(manifest.restart.app_name.as_deref())
-                .is_none()
-        {
+                .is_none();
+        if unnamed && !self.app.is_service() {
             bail!("cannot tell which processes are the application's: set app.name, or publish the release with an AppName");
         }
         let install = self.install_dir();

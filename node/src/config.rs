@@ -91,6 +91,7 @@ pub struct AppFile {
     pub health_timeout: Option<String>,
     pub apply: Option<String>,
     pub pid_file: Option<PathBuf>,
+    pub service: Option<String>,
 }
 
 /// When a staged release is installed.
@@ -128,6 +129,9 @@ pub struct AppConfig {
     /// main process's pid to; relative paths resolve inside `install_dir`.
     /// That process, not the launcher, is the one judged and stopped.
     pub pid_file: Option<PathBuf>,
+    /// The service the application is (a systemd unit, a Windows service
+    /// name): stopped, started and judged through its service manager.
+    pub service: Option<String>,
 }
 
 /// Values given on the command line; each one that is set replaces the
@@ -273,6 +277,10 @@ fn resolve_app(a: AppFile) -> Result<AppConfig> {
         Some(other) => bail!("app.apply {other:?}: expected \"on-rollout\" or \"auto\""),
     };
     let pid_file = a.pid_file.map(|p| install_dir.join(p));
+    let service = a.service.filter(|s| !s.is_empty());
+    if service.is_some() && (a.start.is_some() || pid_file.is_some()) {
+        bail!("app.service: its service manager starts the application; app.start and app.pid_file do not go with it");
+    }
     Ok(AppConfig {
         name: a.name.filter(|n| !n.is_empty()),
         install_dir,
@@ -287,6 +295,7 @@ fn resolve_app(a: AppFile) -> Result<AppConfig> {
         )?,
         apply,
         pid_file,
+        service,
     })
 }
 
@@ -468,6 +477,10 @@ mod tests {
             (
                 format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\napply = \"now\""),
                 "app.apply",
+            ),
+            (
+                format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\nservice = \"tims.service\"\nstart = [\"bin/tims\"]"),
+                "app.service",
             ),
             (
                 format!("trust_publisher = [\"{KEY}\"]\n[app]\ninstall_dir = \"/opt/x\"\nstart = []"),

@@ -812,3 +812,114 @@ fn the_msi_registers_a_disabled_service_that_the_scm_then_runs_and_stops_and_kee
         config
     );
 }
+
+/// Removes a Windows service of the prefix when dropped.
+struct ServiceGuard<'a>(&'a Wine, String);
+
+impl Drop for ServiceGuard<'_> {
+    fn drop(&mut self) {
+        let _ = system(self.0, &["net", "stop", &self.1]);
+        let _ = system(self.0, &["sc", "delete", &self.1]);
+    }
+}
+
+#[test]
+fn an_application_that_is_a_windows_service_is_stopped_started_and_judged_through_the_scm() {
+    let Some(wine) = wine() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let _programs = EndUnder::new(root);
+    let key = keygen(root, "publisher.key");
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let origin = OriginProc::start(&www, None);
+    let install = root.join("install");
+    std::fs::create_dir_all(&install).expect("mkdir");
+    let name = format!("lanup-tims-{}", free_port());
+    let binary = format!("{} --service", win(&install.join("bin/TIMS.exe")));
+    let out = system(&wine, &["sc", "create", &name, "binpath=", &binary]);
+    assert!(out.status.success(), "sc create: {}", said(&out));
+    let _service = ServiceGuard(&wine, name.clone());
+    let release = |version: &str, says: &str| {
+        let app = root.join(format!("app-{version}"));
+        std::fs::create_dir_all(app.join("bin")).expect("mkdir");
+        std::fs::copy(&wine.tims, app.join("bin/TIMS.exe")).expect("copy TIMS.exe");
+        write(&app, "VERSION", format!("{says}\n").as_bytes());
+        publish_as("TIMS", &app, version, &origin.url, &key, &www)
+    };
+    let config = root.join("lanup.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\nservice = \"{name}\"\ninstall_dir = '{}'\nhealth_after = \"2s\"\n",
+            win(&install)
+        ),
+    )
+    .expect("config");
+    let v1 = release("1.0", "1.0");
+    let state = root.join("node/state");
+    let mut node = WinNode::start(
+        &wine,
+        &state,
+        &[
+            "--trust-publisher",
+            &key.1,
+            "--site",
+            &format!("winsvc-{}", free_port()),
+            "--origin",
+            &origin.url,
+            "--config",
+            &win(&config),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+    );
+    node.wait_up(&wine);
+    let var = install.join("var");
+    let running = || said(&system(&wine, &["sc", "query", &name])).contains("RUNNING");
+    let install_release = |version: &str, published: &Published| {
+        let pending = wait_staged(&[&state], version, published, Duration::from_secs(60));
+        assert!(
+            pending.is_empty(),
+            "{version} not staged: {}",
+            node_log(&state)
+        );
+        let before = read(&var.join("current"));
+        let out = wine.run_ok(&["apply", version, "--state", &win(&state)]);
+        assert!(out.contains(&format!("committed {version}")), "{out}");
+        assert!(running(), "the service runs {version}");
+        assert!(read(&var.join("current")).starts_with(&format!("{version} ")));
+        if !before.is_empty() {
+            assert_eq!(
+                read(&var.join("closed")),
+                before,
+                "the SCM stopped the old one"
+            );
+        }
+    };
+    install_release("1.0", &v1);
+    let v2 = release("2.0", "2.0");
+    wine.run_ok(&["check", "--state", &win(&state)]);
+    install_release("2.0", &v2);
+    let second = read(&var.join("current"));
+    // 3.0 reports itself stopped at once: rolled back, 2.0 runs again.
+    let v3 = release("3.0", "3.0 broken");
+    wine.run_ok(&["check", "--state", &win(&state)]);
+    let pending = wait_staged(&[&state], "3.0", &v3, Duration::from_secs(60));
+    assert!(pending.is_empty(), "3.0 not staged: {}", node_log(&state));
+    let out = wine.run(&["apply", "3.0", "--state", &win(&state)]);
+    let told = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "a broken service is refused: {told}");
+    assert!(told.contains("rolled back"), "{told}");
+    assert!(told.contains(&name), "{told}");
+    wait_for(
+        "the 2.0 service runs again",
+        Duration::from_secs(20),
+        || {
+            let now = read(&var.join("current"));
+            now.starts_with("2.0 ") && now != second && running()
+        },
+    );
+    assert_eq!(read(&install.join("VERSION")), "2.0");
+    drop(node.proc.take());
+}

@@ -13,6 +13,7 @@ mod sys;
 #[path = "windows/mod.rs"]
 mod sys;
 
+pub use sys::app_service;
 pub use sys::channel;
 pub use sys::service::{self, stop_requested, Notifier};
 pub use sys::*;
@@ -25,4 +26,15 @@ pub struct Space {
     /// Bytes an unprivileged process may still write.
     pub free: u64,
     pub total: u64,
+}
+
+/// An application's service as its service manager reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    /// Running, or on its way to it.
+    pub running: bool,
+    /// Its main process.
+    pub pid: Option<u32>,
+    /// The manager's words for its state and last exit, for messages.
+    pub detail: String,
 }

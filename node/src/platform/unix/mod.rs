@@ -1,5 +1,6 @@
 //! The platform seam on Linux (and other Unix systems).
 
+pub mod app_service;
 pub mod channel;
 pub mod service;
 

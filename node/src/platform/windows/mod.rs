@@ -3,6 +3,7 @@
 //! sound.
 #![allow(unsafe_code)]
 
+pub mod app_service;
 pub mod channel;
 mod job;
 mod security;
