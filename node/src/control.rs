@@ -1,9 +1,9 @@
 //! The control channel: how the `lanup` CLI talks to the node running on
 //! the same machine. A Unix socket in the state directory, mode 0600, or on
-//! Windows a named pipe only Administrators and SYSTEM may open (see
-//! [`crate::platform::channel`]); one JSON request per connection, answered
-//! by one JSON line, or for a request that takes a while (an apply) by a
-//! line per step and a last line with the result.
+//! Windows a named pipe only SYSTEM, Administrators and the node's own user
+//! may open (see [`crate::platform::channel`]); one JSON request per
+//! connection, answered by one JSON line, or for a request that takes a
+//! while (an apply) by a line per step and a last line with the result.
 
 use std::path::Path;
 

@@ -8,8 +8,8 @@ use lanup_protocol::sign::{PublicKey, SecretKey};
 
 /// Writes a new secret key to `path`, readable by its owner only (mode
 /// 0600; on Windows a file only its owner, Administrators and SYSTEM may
-/// open), and returns its public key. Refuses to overwrite an existing file: a lost publisher key cannot be
-/// recovered.
+/// open), and returns its public key. Refuses to overwrite an existing
+/// file: a lost publisher key cannot be recovered.
 pub fn generate(path: &Path) -> Result<PublicKey> {
     let key = SecretKey::generate();
     let mut file = crate::platform::create_private(path)

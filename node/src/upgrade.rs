@@ -548,8 +548,11 @@ async fn trial(
         },
         () = stop => Trial::Stopped,
     };
-    // Proven or not, the trial node stops: asked, then ended.
-    crate::platform::request_stop(child.id());
+    // Proven or not, the trial node stops: asked, then ended (at once where
+    // it cannot be asked: a Windows process without a window).
+    if !crate::platform::request_stop(child.id()) {
+        let _ = child.kill();
+    }
     let stopping = Instant::now();
     while child.try_wait().ok().flatten().is_none() {
         if stopping.elapsed() > Duration::from_secs(20) {

@@ -417,6 +417,10 @@ fn apply_replaces_the_running_release_and_keeps_unlisted_files() {
     let (site, _v1, v2) = v1_running_v2_staged("health_after = \"500ms\"", None);
     let (_, old_pid) = site.running().expect("v1 runs");
     let out = site.apply_ok("2.0.0");
+    // Beside the Windows program's under Wine (tests/tests/windows.rs).
+    if let Some(line) = out.lines().find(|l| l.contains("the application was down")) {
+        eprintln!("Linux program: {}", line.trim());
+    }
     for step in [
         "verify",
         "begin",
