@@ -101,6 +101,17 @@ pub struct Started {
     exit: Arc<Mutex<Option<ExitStatus>>>,
 }
 
+impl std::fmt::Display for Started {
+    /// The process, as the apply log names it: "pid 4242", or that a
+    /// service's manager names no main process (it has already ended).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            0 => f.write_str("no main process"),
+            pid => write!(f, "pid {pid}"),
+        }
+    }
+}
+
 impl Started {
     fn exited(&self) -> Option<ExitStatus> {
         self.exit.lock().ok().and_then(|e| *e)

@@ -453,7 +453,7 @@ impl Applier {
             if !stopped.pids.is_empty() {
                 downtime = Some(stopped_at.elapsed());
             }
-            say("start", format!("started {version} (pid {})", started.pid));
+            say("start", format!("started {version} ({started})"));
             fault("started");
             if let Err(e) = self.app.check_health(&started) {
                 return self.roll_back(journal, e.to_string(), &mut say);
@@ -1036,7 +1036,7 @@ impl Applier {
             .app
             .start(restart.exe.as_deref(), restart.app_name.as_deref())
         {
-            Ok(s) => say("start", format!("started {what} (pid {})", s.pid)),
+            Ok(s) => say("start", format!("started {what} ({s})")),
             Err(e) => warn!(error = %e, "cannot start {what}"),
         }
     }
