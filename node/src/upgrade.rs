@@ -122,6 +122,10 @@ fn journal_path(state: &Path) -> PathBuf {
     dir(state).join("journal.json")
 }
 
+fn leftover_path(state: &Path) -> PathBuf {
+    dir(state).join("leftover")
+}
+
 fn last_path(state: &Path) -> PathBuf {
     dir(state).join("last.json")
 }
@@ -206,6 +210,7 @@ fn sync_dir(path: &Path) {
 pub fn recover(state: &Path) -> Result<()> {
     let path = journal_path(state);
     let Ok(bytes) = std::fs::read(&path) else {
+        remove_leftover(state);
         return Ok(());
     };
     let journal: Journal = serde_json::from_slice(&bytes)
@@ -244,6 +249,28 @@ pub fn recover(state: &Path) -> Result<()> {
         return Err(restart(&journal.binary));
     }
     Ok(())
+}
+
+/// Removes the old binary a finished update could not delete. On Windows
+/// the old binary is the running program's image when the update commits,
+/// and cannot be deleted until that process has ended: the update names
+/// it in `STATE/upgrade/leftover`, and the new lanup removes it when it
+/// starts.
+fn remove_leftover(state: &Path) {
+    let marker = leftover_path(state);
+    let Ok(named) = std::fs::read_to_string(&marker) else {
+        return;
+    };
+    let old = PathBuf::from(named);
+    match std::fs::remove_file(&old) {
+        Ok(()) => info!(file = %old.display(), "removed the lanup the last update replaced"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(file = %old.display(), error = %e, "cannot remove the lanup the last update replaced");
+            return;
+        }
+    }
+    let _ = std::fs::remove_file(&marker);
 }
 
 /// Puts the old binary back in place of the new one, if it was set aside.
@@ -402,7 +429,12 @@ pub async fn hand_over(
                 warn!(error = %format!("{e:#}"), "cannot commit the update of lanup; putting the old lanup back");
                 return Err(give_up(state, &binary, || fail(format!("{e:#}"), true)));
             }
-            let _ = std::fs::remove_file(beside(&binary, "old"));
+            let old = beside(&binary, "old");
+            if std::fs::remove_file(&old).is_err() && old.exists() {
+                // Windows: the old binary is this process's image until it
+                // ends; the new lanup removes it.
+                let _ = write_synced(&leftover_path(state), old.to_string_lossy().as_bytes());
+            }
             let outcome = Outcome {
                 version: to.clone(),
                 from: Some(from.clone()),
@@ -453,11 +485,16 @@ fn swap(state: &Path, journal: &Journal, staged: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&new);
     std::fs::copy(staged, &new)
         .with_context(|| format!("cannot copy the new lanup to {}", new.display()))?;
-    {
-        let file = std::fs::File::open(&new)?;
-        crate::platform::set_mode(&file, 0o755)?;
-        file.sync_all()?;
-    }
+    // Opened for writing: Windows flushes a file only through a handle
+    // that may write it.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&new)
+        .and_then(|file| {
+            crate::platform::set_mode(&file, 0o755)?;
+            file.sync_all()
+        })
+        .with_context(|| format!("cannot make {} durable", new.display()))?;
     write_journal(state, journal)?;
     let _ = std::fs::remove_file(&old);
     crate::platform::replace_running(binary, &new, &old).with_context(|| {
@@ -571,4 +608,29 @@ fn restart(binary: &Path) -> anyhow::Error {
     let error =
         crate::platform::run_again(binary, std::env::args_os().collect(), &[(TRIAL_ENV, None)]);
     anyhow::anyhow!("cannot run {}: {error}", binary.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_old_lanup_an_update_could_not_delete_is_removed_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(super::dir(&state)).expect("mkdir");
+        let old = dir.path().join(".lanup.exe.lanup-old");
+        let other = dir.path().join("another-nodes.lanup-old");
+        std::fs::write(&old, b"the replaced lanup").expect("write");
+        std::fs::write(&other, b"not this node's").expect("write");
+        std::fs::write(leftover_path(&state), old.to_string_lossy().as_bytes()).expect("marker");
+        recover(&state).expect("recover");
+        assert!(!old.exists(), "the named leftover is removed");
+        assert!(!leftover_path(&state).exists(), "and the marker with it");
+        assert!(other.exists(), "nothing else is touched");
+        // Gone already (removed by hand): the marker goes, nothing fails.
+        std::fs::write(leftover_path(&state), old.to_string_lossy().as_bytes()).expect("marker");
+        recover(&state).expect("recover");
+        assert!(!leftover_path(&state).exists());
+    }
 }

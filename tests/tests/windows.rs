@@ -6,7 +6,8 @@
 //! request, its windowless child with its job object, and rolls back a
 //! release that fails its health check; the CLI talks to the node over its
 //! named pipe; two Windows nodes and a Linux node make one site that takes
-//! one copy from the origin.
+//! one copy from the origin; a Windows node replaces its own `lanup.exe`
+//! and keeps the old one when the new one never answers.
 //!
 //! Needs `lanup.exe` (`LANUP_WINDOWS_EXE`, which `tests/run-all` builds),
 //! Debian's `wine64`, `Xvfb` (Wine delivers window messages only with a
@@ -216,8 +217,13 @@ impl Wine {
 
     /// `lanup.exe` under Wine.
     fn lanup(&self) -> Command {
+        self.lanup_at(&self.exe)
+    }
+
+    /// A `lanup.exe` at `exe` under Wine.
+    fn lanup_at(&self, exe: &Path) -> Command {
         let mut cmd = Command::new(WINE);
-        self.env(&mut cmd).arg(&self.exe).env("LANUP_LOG", "warn");
+        self.env(&mut cmd).arg(exe).env("LANUP_LOG", "warn");
         cmd
     }
 
@@ -419,10 +425,18 @@ struct WinNode {
 
 impl WinNode {
     fn start(wine: &Wine, state: &Path, args: &[&str]) -> WinNode {
-        std::fs::create_dir_all(state.parent().expect("parent")).expect("mkdir");
+        WinNode::start_from(wine, &wine.exe, state, args)
+    }
+
+    /// A node run from the `lanup.exe` at `exe`, in the folder above its
+    /// state.
+    fn start_from(wine: &Wine, exe: &Path, state: &Path, args: &[&str]) -> WinNode {
+        let folder = state.parent().expect("parent");
+        std::fs::create_dir_all(folder).expect("mkdir");
         let log = std::fs::File::create(state.with_extension("log")).expect("log");
         let child = wine
-            .lanup()
+            .lanup_at(exe)
+            .current_dir(folder)
             .arg("node")
             .args(["--state", &win(state), "--poll-interval", "1h", "--no-mdns"])
             .args(args)
@@ -922,4 +936,168 @@ fn an_application_that_is_a_windows_service_is_stopped_started_and_judged_throug
     );
     assert_eq!(read(&install.join("VERSION")), "2.0");
     drop(node.proc.take());
+}
+
+/// The own row of `lanup.exe status --json` at `state`.
+fn own_row(wine: &Wine, state: &Path) -> serde_json::Value {
+    let out = wine.run(&["status", "--state", &win(state), "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["self"] == true).cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_windows_node_replaces_its_own_lanup_exe_and_keeps_the_old_one_when_the_new_one_never_answers()
+{
+    let Some(wine) = wine() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let (publisher, admin) = (keygen(root, "publisher.key"), keygen(root, "admin.key"));
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let origin = OriginProc::start(&www, None);
+    let programs = EndUnder::new(root);
+    // The node runs lanup.exe from a folder of its own, as from Program
+    // Files.
+    let bin = root.join("bin/lanup.exe");
+    std::fs::create_dir_all(bin.parent().expect("bin")).expect("mkdir");
+    std::fs::copy(&wine.exe, &bin).expect("copy lanup.exe");
+    let old_hash = blake3::hash(&std::fs::read(&bin).expect("read"))
+        .to_hex()
+        .to_string();
+    let state = root.join("node/state");
+    let node = WinNode::start_from(
+        &wine,
+        &bin,
+        &state,
+        &[
+            "--trust-publisher",
+            &publisher.1,
+            "--trust-admin",
+            &admin.1,
+            "--site",
+            &format!("win-self-{}", free_port()),
+            "--origin",
+            &origin.url,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--self-update-timeout",
+            "20s",
+        ],
+    );
+    node.wait_up(&wine);
+    assert_eq!(
+        own_row(&wine, &state)["lanup_version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let roll_out = |version: &str, dir: &Path| {
+        let release = publish_as("lanup", dir, version, &origin.url, &publisher, &www);
+        wine.run_ok(&["check", "--state", &win(&state)]);
+        let pending = wait_staged(&[&state], version, &release, Duration::from_secs(90));
+        assert!(
+            pending.is_empty(),
+            "{version} not staged: {}",
+            node_log(&state)
+        );
+        let out = wine.run(&[
+            "rollout",
+            version,
+            "--key",
+            &win(&admin.0),
+            "--state",
+            &win(&state),
+            "--waves",
+            "1,100%",
+            "--wait",
+            "--timeout",
+            "100s",
+        ]);
+        let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), said.into_owned())
+    };
+
+    // A newer lanup.exe (this one, with a version stamped at its end):
+    // renamed aside while it runs, the new one in place, tried, proven and
+    // run; the new process removes the old file once the old process is
+    // gone.
+    let good = root.join("good");
+    std::fs::create_dir_all(&good).expect("mkdir");
+    let mut exe = std::fs::read(&wine.exe).expect("read lanup.exe");
+    exe.extend_from_slice(b"\nLANUP-TEST-VERSION=9.0.0\n");
+    std::fs::write(good.join("lanup.exe"), &exe).expect("write");
+    let new_hash = blake3::hash(&exe).to_hex().to_string();
+    let (ok, said) = roll_out("9.0.0", &good);
+    assert!(
+        ok,
+        "rollout of lanup.exe 9.0.0: {said}\n{}",
+        node_log(&state)
+    );
+    wait_for(
+        "the node runs lanup.exe 9.0.0",
+        Duration::from_secs(60),
+        || own_row(&wine, &state)["lanup_version"] == "9.0.0",
+    );
+    let on_disk = || {
+        blake3::hash(&std::fs::read(&bin).expect("read"))
+            .to_hex()
+            .to_string()
+    };
+    assert_eq!(
+        on_disk(),
+        new_hash,
+        "the installed lanup.exe is the new one"
+    );
+    assert_ne!(old_hash, new_hash);
+    wait_for(
+        "only lanup.exe is left in its folder",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(bin.parent().expect("bin"))
+                .expect("read_dir")
+                .count()
+                == 1
+        },
+    );
+
+    eprintln!(
+        "lanup.exe 9.0.0 in place: {}",
+        if node_log(&state).contains("removed the lanup the last update replaced") {
+            "the new process removed the old lanup.exe"
+        } else {
+            "the old process could delete its own image (Wine allows it; Windows does not)"
+        }
+    );
+
+    // A lanup.exe that starts and never answers (a Windows program that
+    // is not lanup at all): given up after the node's
+    // self_update_timeout, ended, and the old lanup.exe back and running.
+    let hangs = root.join("hangs");
+    std::fs::create_dir_all(&hangs).expect("mkdir");
+    std::fs::copy(&wine.tims, hangs.join("lanup.exe")).expect("copy TIMS.exe");
+    let (ok, said) = roll_out("9.1.0", &hangs);
+    assert!(!ok, "a lanup.exe that never answers is refused: {said}");
+    assert!(
+        said.contains("did not prove itself within 20s"),
+        "{said}\n{}",
+        node_log(&state)
+    );
+    wait_for(
+        "the node runs lanup.exe 9.0.0 again",
+        Duration::from_secs(60),
+        || own_row(&wine, &state)["lanup_version"] == "9.0.0",
+    );
+    assert_eq!(
+        on_disk(),
+        new_hash,
+        "the installed lanup.exe is 9.0.0's again"
+    );
+    // The one tried was ended: one lanup.exe node runs, the old one.
+    let nodes: Vec<String> = programs
+        .running("lanup.exe")
+        .into_iter()
+        .filter(|line| line.contains(" node "))
+        .collect();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
 }

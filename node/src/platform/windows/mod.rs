@@ -157,20 +157,39 @@ pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Re
 /// Renames `from` to `to`, replacing `to`, and returns once the move is on
 /// disk (`MoveFileEx` with write-through): Windows cannot sync a folder,
 /// so each rename is made durable by itself.
+///
+/// A file whose program has just ended (or that a virus scanner or the
+/// search indexer has open for a moment) refuses to move with "access
+/// denied" or "sharing violation" for a while: those are tried again, for
+/// up to two seconds, before the error is returned.
 pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    const ACCESS_DENIED: i32 = 5;
+    const SHARING_VIOLATION: i32 = 32;
     let (from_w, to_w) = (wide(from.as_os_str()), wide(to.as_os_str()));
-    // SAFETY: both names are NUL-terminated and alive for the call.
-    let ok = unsafe {
-        MoveFileExW(
-            from_w.as_ptr(),
-            to_w.as_ptr(),
-            MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH,
-        )
-    };
-    if ok == 0 {
-        return Err(io::Error::last_os_error());
+    let mut tries = 0;
+    loop {
+        // SAFETY: both names are NUL-terminated and alive for the call.
+        let ok = unsafe {
+            MoveFileExW(
+                from_w.as_ptr(),
+                to_w.as_ptr(),
+                MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH,
+            )
+        };
+        if ok != 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        let busy = matches!(
+            error.raw_os_error(),
+            Some(ACCESS_DENIED | SHARING_VIOLATION)
+        );
+        if !busy || tries == 20 {
+            return Err(error);
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(())
 }
 
 /// Nothing to do: Windows opens no folder for syncing, and [`rename`]
