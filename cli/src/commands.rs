@@ -442,6 +442,14 @@ struct NodeArgs {
     /// 127.0.0.1:9184 (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// A PEM file of certificate authorities the origin and headquarters
+    /// may be signed by, beside the system's trust store.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// The HTTP proxy to the origin and headquarters, e.g.
+    /// http://proxy:3128 [default: HTTPS_PROXY/HTTP_PROXY/NO_PROXY].
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
     /// Run as the Windows service the Service Control Manager started
     /// (`lanup service install` registers the node so).
     #[arg(long, hide = true)]
@@ -505,6 +513,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
                     report_to: args.report_to,
                     report_interval: args.report_interval,
                     metrics_listen: args.metrics_listen,
+                    ca_file: args.ca_file,
+                    proxy: args.proxy,
                     ..lanup_node::config::Overrides::default()
                 },
             )?;

@@ -39,7 +39,7 @@ pub(crate) fn fetch_view(reports: &str, stale_after: Duration) -> Result<serde_j
             reports.trim_end_matches('/'),
             lanup_node::hq::FLEET_JSON_PATH.trim_start_matches('/')
         );
-        let resp = reqwest::blocking::Client::builder()
+        let resp = lanup_node::http::blocking_builder()?
             .timeout(Duration::from_secs(30))
             .build()?
             .get(&url)

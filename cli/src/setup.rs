@@ -38,6 +38,14 @@ pub(crate) struct SetupArgs {
     /// Cap on the site's downloads from the origin (e.g. 256kbit).
     #[arg(long, value_name = "RATE")]
     wan_rate: Option<String>,
+    /// A PEM file of certificate authorities the origin may be signed by,
+    /// beside the system's trust store (a company's own authority).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// The HTTP proxy to the origin, e.g. http://proxy:3128 [default:
+    /// HTTPS_PROXY/HTTP_PROXY/NO_PROXY from the environment].
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
     /// The node's state directory [default: /var/lib/lanup].
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
@@ -81,6 +89,15 @@ fn render(args: &SetupArgs, install_dir: Option<&Path>) -> String {
     if let Some(rate) = &args.wan_rate {
         text.push_str(&format!("wan_rate = {}\n", quoted(rate)));
     }
+    if let Some(file) = &args.ca_file {
+        text.push_str(&format!(
+            "ca_file = {}\n",
+            quoted(&file.display().to_string())
+        ));
+    }
+    if let Some(proxy) = &args.proxy {
+        text.push_str(&format!("proxy = {}\n", quoted(proxy)));
+    }
     if let Some(state) = &args.state {
         text.push_str(&format!(
             "state = {}\n",
@@ -110,6 +127,10 @@ fn check_origin(args: &SetupArgs) -> Result<String> {
     if !url.ends_with('/') {
         url.push('/');
     }
+    lanup_node::http::configure(lanup_node::http::Settings {
+        ca_file: args.ca_file.clone(),
+        proxy: args.proxy.clone(),
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -123,7 +144,10 @@ fn check_origin(args: &SetupArgs) -> Result<String> {
                 "origin {url} answers; nothing is published there yet (nodes take up the first release published)"
             ))
         }
-        Ok(Err(e)) => bail!("--origin {url}: unreachable or not a release directory: {e:#}"),
+        Ok(Err(e)) => match e.chain().find_map(lanup_node::http::explain) {
+            Some(why) => bail!("--origin {url}: {why} ({e:#})"),
+            None => bail!("--origin {url}: unreachable or not a release directory: {e:#}"),
+        },
         Ok(Ok(source)) => source,
     };
     source
@@ -151,7 +175,14 @@ fn check_origin(args: &SetupArgs) -> Result<String> {
     Ok(said)
 }
 
-pub(crate) fn run(args: SetupArgs) -> Result<ExitCode> {
+pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
+    // The configuration names the authorities' file absolutely: the node
+    // runs from another folder.
+    if let Some(file) = &args.ca_file {
+        args.ca_file = Some(
+            std::path::absolute(file).with_context(|| format!("--ca-file {}", file.display()))?,
+        );
+    }
     if !args.start.is_empty() && args.start[0].is_empty() {
         bail!("--start: expected a program and its arguments");
     }

@@ -55,6 +55,12 @@ pub struct ConfigFile {
     pub report_interval: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
     pub metrics_listen: Option<String>,
+    /// A PEM file of certificate authorities the origin and headquarters
+    /// are checked against, beside the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// The HTTP proxy to the origin and headquarters (default: the
+    /// environment's HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY).
+    pub proxy: Option<String>,
     /// Distinct trusted admin keys a rollout or rollback needs (default 1).
     pub admin_threshold: Option<usize>,
     /// The same for an abort (default 1: one key may always stop a
@@ -169,6 +175,9 @@ pub struct NodeConfig {
     pub report_interval: Duration,
     /// Where the node serves its Prometheus metrics, if anywhere.
     pub metrics_listen: Option<String>,
+    /// Whom the origin's and headquarters' certificates may be signed by,
+    /// and the proxy to them.
+    pub http: crate::http::Settings,
     /// Approvals, redundancy group, apply windows, uplink schedule.
     pub policy: crate::policy::Policy,
     pub app: Option<AppConfig>,
@@ -214,6 +223,8 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         report_to: flags.report_to.or(file.report_to),
         report_interval: flags.report_interval.or(file.report_interval),
         metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+        ca_file: flags.ca_file.or(file.ca_file),
+        proxy: flags.proxy.or(file.proxy),
         admin_threshold: flags.admin_threshold.or(file.admin_threshold),
         abort_threshold: flags.abort_threshold.or(file.abort_threshold),
         group: flags.group.or(file.group),
@@ -326,6 +337,10 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             bail!("origin {origin:?}: expected an http:// or https:// URL of a release directory");
         }
     }
+    crate::http::check(&crate::http::Settings {
+        ca_file: c.ca_file.clone(),
+        proxy: c.proxy.clone(),
+    })?;
     if let Some(to) = &c.report_to {
         if !(to.starts_with("http://") || to.starts_with("https://")) {
             bail!("report_to {to:?}: expected the http:// or https:// URL of headquarters' lanup origin");
@@ -402,6 +417,10 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             })?,
         },
         metrics_listen: c.metrics_listen,
+        http: crate::http::Settings {
+            ca_file: c.ca_file,
+            proxy: c.proxy,
+        },
         policy,
         app: c.app.map(resolve_app).transpose()?,
     })

@@ -90,11 +90,11 @@ pub struct Origin {
 impl Origin {
     /// An HTTP client for an origin: connections and every wait for bytes
     /// are bounded by `stall`, whole transfers by nothing.
-    pub fn client(stall: Duration) -> reqwest::Result<reqwest::Client> {
-        reqwest::Client::builder()
+    pub fn client(stall: Duration) -> anyhow::Result<reqwest::Client> {
+        Ok(crate::http::builder()?
             .connect_timeout(stall)
             .read_timeout(stall)
-            .build()
+            .build()?)
     }
 }
 

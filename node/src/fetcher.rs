@@ -621,7 +621,10 @@ impl Fetcher {
                             .await;
                         }
                     },
-                    Err(e) => self.failed("cannot read the origin's manifest", format!("{e:#}")),
+                    Err(e) => self.failed(
+                        "cannot read the origin's manifest",
+                        crate::http::describe(&e),
+                    ),
                 }
             }
             Outcome::Download {
@@ -661,7 +664,11 @@ impl Fetcher {
                             }
                             _ => "download from the origin failed",
                         };
-                        self.failed(what, format!("{e:#}"));
+                        let reason = match crate::http::explain(&e) {
+                            Some(why) => format!("{why} ({e:#})"),
+                            None => format!("{e:#}"),
+                        };
+                        self.failed(what, reason);
                     }
                 }
             }

@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod fetch_deltas;
 pub mod fetcher;
 pub mod hq;
+pub mod http;
 pub mod keys;
 pub mod logfile;
 pub mod manifest_text;

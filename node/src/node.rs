@@ -315,6 +315,7 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Exit> {
+    crate::http::configure(config.http.clone())?;
     let mut notifier = crate::platform::Notifier::from_env();
     // Where this lanup is installed, before anything can rename it.
     let _ = crate::upgrade::binary();

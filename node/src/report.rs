@@ -113,9 +113,8 @@ async fn run(
     mut rx: watch::Receiver<Option<Report>>,
     said: watch::Sender<Said>,
 ) {
-    let client = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(30))
-        .build()
+    let client = match crate::http::builder()
+        .and_then(|b| Ok(b.connect_timeout(Duration::from_secs(30)).build()?))
     {
         Ok(c) => c,
         Err(e) => {
@@ -185,7 +184,10 @@ async fn run(
                         let text = resp.text().await.unwrap_or_default();
                         Err(format!("{url} answered {status}: {}", text.trim()))
                     }
-                    Err(e) => Err(format!("{url}: {e}")),
+                    Err(e) => Err(match crate::http::explain(&e) {
+                        Some(why) => format!("{url}: {why} ({e})"),
+                        None => format!("{url}: {e}"),
+                    }),
                 };
                 n += 1;
                 match outcome {

@@ -24,6 +24,7 @@ mod setup;
 mod small_files;
 mod swarm;
 mod testbed;
+mod tls;
 mod unattended;
 mod upgrade;
 mod windows;
