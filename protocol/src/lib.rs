@@ -34,6 +34,7 @@ pub mod group;
 pub mod hash;
 pub mod journal;
 pub mod manifest;
+pub mod membership;
 pub mod plan;
 pub mod report;
 pub mod rollout;
