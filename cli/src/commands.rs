@@ -76,6 +76,11 @@ enum Command {
     /// /etc/lanup/lanup.toml after checking the origin, the publisher key
     /// and the install directory, and says how to start the service.
     Setup(crate::setup::SetupArgs),
+    /// Issue a join token: a new machine's `lanup setup --join TOKEN`
+    /// enrolls its node as a member of the site, with a certificate signed
+    /// by the token, which this admin key vouches for. The admin key stays
+    /// here; the token admits machines only until it expires.
+    Enroll(crate::setup::EnrollArgs),
     /// Show every node of the site, as the local node hears them.
     Status {
         #[command(flatten)]
@@ -525,6 +530,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Service(command) => service(command),
         Command::Setup(args) => crate::setup::run(args),
+        Command::Enroll(args) => crate::setup::enroll(args),
         Command::Status { node, json } => {
             let answer = node.ask(ControlRequest::Status)?;
             if json {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use lanup_node::config::{NodeConfig, Overrides, DEFAULT_CONFIG};
 use lanup_node::release::ManifestSource;
+use lanup_protocol::membership::{Certificate, Grant, JoinToken};
 use lanup_protocol::sign::PublicKey;
 
 /// Write the node's configuration (by default /etc/lanup/lanup.toml) after
@@ -23,12 +24,18 @@ pub(crate) struct SetupArgs {
     /// A publisher key whose releases this node accepts (repeatable).
     #[arg(long, value_name = "KEY", required = true)]
     trust_publisher: Vec<PublicKey>,
-    /// The site's name: nodes of one site share releases.
-    #[arg(long, value_name = "NAME")]
-    site: String,
-    /// An admin key whose signed rollouts this node obeys (repeatable).
+    /// The site's name: nodes of one site share releases (with --join:
+    /// the token's site).
+    #[arg(long, value_name = "NAME", required_unless_present = "join")]
+    site: Option<String>,
+    /// An admin key whose signed rollouts this node obeys (repeatable;
+    /// with --join, the key that issued the token is trusted too).
     #[arg(long, value_name = "KEY")]
     trust_admin: Vec<PublicKey>,
+    /// Enroll this machine's node as a member of the site with a token
+    /// from `lanup enroll`, and admit only members from now on.
+    #[arg(long, value_name = "TOKEN")]
+    join: Option<String>,
     /// The application's process name.
     #[arg(long, value_name = "NAME", requires = "install_dir")]
     app_name: Option<String>,
@@ -77,7 +84,10 @@ fn render(args: &SetupArgs, install_dir: Option<&Path>) -> String {
          # Every key is explained in lanup.sample.toml; flags of `lanup node`\n\
          # override it.\n",
     );
-    text.push_str(&format!("site = {}\n", quoted(&args.site)));
+    text.push_str(&format!(
+        "site = {}\n",
+        quoted(args.site.as_deref().unwrap_or_default())
+    ));
     text.push_str(&format!("origin = {}\n", quoted(&args.origin)));
     text.push_str(&format!(
         "trust_publisher = {}\n",
@@ -85,6 +95,9 @@ fn render(args: &SetupArgs, install_dir: Option<&Path>) -> String {
     ));
     if !args.trust_admin.is_empty() {
         text.push_str(&format!("trust_admin = {}\n", list(&args.trust_admin)));
+    }
+    if args.join.is_some() {
+        text.push_str("members_only_from = \"now\"\n");
     }
     if let Some(rate) = &args.wan_rate {
         text.push_str(&format!("wan_rate = {}\n", quoted(rate)));
@@ -176,6 +189,33 @@ fn check_origin(args: &SetupArgs) -> Result<String> {
 }
 
 pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
+    let token = match &args.join {
+        None => None,
+        Some(text) => {
+            let token = JoinToken::from_text(text).context("--join")?;
+            if args
+                .site
+                .as_deref()
+                .is_some_and(|site| site != token.site())
+            {
+                bail!(
+                    "--join: the token is for site {:?}, not --site {:?}",
+                    token.site(),
+                    args.site.as_deref().unwrap_or_default()
+                );
+            }
+            let now = lanup_node::node::now_unix_ms() / 1000;
+            if now > token.until() {
+                bail!("--join: the token expired {} s ago; ask the administrator for a new one (lanup enroll)", now - token.until());
+            }
+            args.site = Some(token.site().to_owned());
+            let admin: PublicKey = token.admin().parse().context("--join: its admin key")?;
+            if !args.trust_admin.contains(&admin) {
+                args.trust_admin.push(admin);
+            }
+            Some(token)
+        }
+    };
     // The configuration names the authorities' file absolutely: the node
     // runs from another folder.
     if let Some(file) = &args.ca_file {
@@ -256,6 +296,19 @@ pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+    if let Some(token) = &token {
+        let key = lanup_node::membership::identity(&config.state)?;
+        let now = lanup_node::node::now_unix_ms() / 1000;
+        let cert = token.admit(&key.public(), now).context("--join")?;
+        lanup_node::membership::save(&config.state, &cert)?;
+        notes.push(format!(
+            "enrolled this node ({}) as a member of site {:?} until {} (certificate in {}); it admits only members",
+            key.public().peer_id(),
+            token.site(),
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(now + (cert_lasts(&cert)))),
+            lanup_node::membership::certificate_path(&config.state).display()
+        ));
+    }
     for note in notes {
         println!("{note}");
     }
@@ -290,4 +343,53 @@ fn write(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     lanup_node::platform::set_path_mode(path, 0o644)
         .with_context(|| format!("cannot set the mode of {}", path.display()))
+}
+
+/// How long a certificate lasts from its issue, in seconds.
+fn cert_lasts(cert: &Certificate) -> u64 {
+    serde_json::from_str::<Grant>(&cert.grant.text)
+        .map(|g| g.expires.saturating_sub(g.issued))
+        .unwrap_or(0)
+}
+
+/// `lanup enroll`: a join token for the site.
+#[derive(Debug, clap::Args)]
+pub(crate) struct EnrollArgs {
+    /// The site the token admits machines to.
+    #[arg(long, value_name = "NAME")]
+    site: String,
+    /// The admin's secret key file (`lanup keygen`); nodes of the site
+    /// trust its public key (trust_admin).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// How long the token admits machines [default: 1h].
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    valid: String,
+    /// How long a membership it gives lasts [default: 365d].
+    #[arg(long, value_name = "DURATION", default_value = "365d")]
+    lasts: String,
+}
+
+pub(crate) fn enroll(args: EnrollArgs) -> Result<ExitCode> {
+    let admin = lanup_node::keys::load_secret(&args.key)?;
+    let secs = |flag: &str, v: &str| -> Result<u64> {
+        Ok(humantime::parse_duration(v)
+            .with_context(|| format!("--{flag} {v:?}: expected a duration like 1h or 30d"))?
+            .as_secs())
+    };
+    let (valid, lasts) = (secs("valid", &args.valid)?, secs("lasts", &args.lasts)?);
+    if valid == 0 || lasts == 0 {
+        bail!("--valid and --lasts must be longer than a second");
+    }
+    let now = lanup_node::node::now_unix_ms() / 1000;
+    let token = JoinToken::new(&admin, &args.site, now, valid, lasts);
+    println!("{}", token.to_text());
+    eprintln!(
+        "a join token for site {:?}, admitting machines until {} (memberships of {}); on each new machine:\n  lanup setup --join TOKEN --origin URL --trust-publisher KEY ...\nrevoking the token's key {} removes every node it admitted",
+        args.site,
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(token.until())),
+        args.lasts,
+        token.key()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -75,6 +75,8 @@ async fn main() -> Result<()> {
         Throttle::default(),
         damaged,
         lanup_node::metrics::Metrics::new(),
+        // Everyone is admitted: the example has no site.
+        tokio::sync::watch::channel(lanup_node::membership::Admission::default()).1,
     ));
     let mut addr = None;
     for _ in 0..100 {

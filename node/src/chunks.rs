@@ -169,7 +169,8 @@ pub async fn fetch(
     }
 }
 
-/// Serves chunks from `store` to every peer that asks, no faster in total
+/// Serves chunks from `store` to every peer that asks and is admitted
+/// (a member of the site, once only members are), no faster in total
 /// than `lan` allows and at most [`MAX_SERVING`] at once, until the stream
 /// of incoming streams ends. A chunk found damaged on disk is removed, the
 /// asker told it is not held, and `damaged` told of it (so the node stops
@@ -180,10 +181,17 @@ pub async fn serve(
     lan: Throttle,
     damaged: mpsc::Sender<Hash>,
     metrics: crate::metrics::Metrics,
+    admission: tokio::sync::watch::Receiver<crate::membership::Admission>,
 ) {
     let faulty = fault_corrupt_chunks();
     let slots = Arc::new(Semaphore::new(MAX_SERVING));
     while let Some((peer, stream)) = incoming.next().await {
+        if !admission.borrow().admits(&peer) {
+            // Dropped unanswered: a stranger gets no chunk.
+            debug!(%peer, "refused a chunk request from a peer that is not a member of the site");
+            drop(stream);
+            continue;
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };

@@ -61,6 +61,9 @@ pub struct ConfigFile {
     /// The HTTP proxy to the origin and headquarters (default: the
     /// environment's HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY).
     pub proxy: Option<String>,
+    /// From when only enrolled members of the site are admitted: "now",
+    /// or an RFC 3339 date that gives an existing site time to enroll.
+    pub members_only_from: Option<String>,
     /// Distinct trusted admin keys a rollout or rollback needs (default 1).
     pub admin_threshold: Option<usize>,
     /// The same for an abort (default 1: one key may always stop a
@@ -178,6 +181,8 @@ pub struct NodeConfig {
     /// Whom the origin's and headquarters' certificates may be signed by,
     /// and the proxy to them.
     pub http: crate::http::Settings,
+    /// From when (Unix seconds) only members of the site are admitted.
+    pub members_only_from: Option<u64>,
     /// Approvals, redundancy group, apply windows, uplink schedule.
     pub policy: crate::policy::Policy,
     pub app: Option<AppConfig>,
@@ -225,6 +230,7 @@ fn merge(file: ConfigFile, flags: Overrides) -> ConfigFile {
         metrics_listen: flags.metrics_listen.or(file.metrics_listen),
         ca_file: flags.ca_file.or(file.ca_file),
         proxy: flags.proxy.or(file.proxy),
+        members_only_from: flags.members_only_from.or(file.members_only_from),
         admin_threshold: flags.admin_threshold.or(file.admin_threshold),
         abort_threshold: flags.abort_threshold.or(file.abort_threshold),
         group: flags.group.or(file.group),
@@ -337,6 +343,19 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             bail!("origin {origin:?}: expected an http:// or https:// URL of a release directory");
         }
     }
+    let members_only_from = match c.members_only_from.as_deref() {
+        None => None,
+        Some("now") => Some(0),
+        Some(date) => Some(
+            humantime::parse_rfc3339(date)
+                .map_err(|e| anyhow::anyhow!("members_only_from {date:?}: expected \"now\" or a date like 2027-01-15T00:00:00Z ({e})"))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        ),
+    };
+    if members_only_from.is_some() && trust_admin.is_empty() {
+        bail!("members_only_from: membership certificates are signed by admin keys; set trust_admin too");
+    }
     crate::http::check(&crate::http::Settings {
         ca_file: c.ca_file.clone(),
         proxy: c.proxy.clone(),
@@ -421,6 +440,7 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             ca_file: c.ca_file,
             proxy: c.proxy,
         },
+        members_only_from,
         policy,
         app: c.app.map(resolve_app).transpose()?,
     })

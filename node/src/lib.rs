@@ -22,6 +22,7 @@ pub mod http;
 pub mod keys;
 pub mod logfile;
 pub mod manifest_text;
+pub mod membership;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -179,6 +179,11 @@ enum Done {
 }
 
 struct Node {
+    /// Which peers are members of the site, and whether only members are
+    /// admitted.
+    gate: crate::membership::Gate,
+    /// This node's certificate, sent with its heartbeats.
+    own_certificate: Option<lanup_protocol::membership::Certificate>,
     /// What the node shows Prometheus.
     metrics: crate::metrics::Metrics,
     /// Posts the site's reports to headquarters, while this node is the
@@ -289,14 +294,41 @@ struct Node {
     asked: HashMap<String, Instant>,
 }
 
-/// Loads or creates the node's identity in `state/identity.key`.
-fn identity(state: &std::path::Path) -> Result<SecretKey> {
-    let path = state.join("identity.key");
-    if path.exists() {
-        return crate::keys::load_secret(&path);
+/// The node's own certificate, checked: one for another site or another
+/// key is an error the operator sees at start, an expired one a warning
+/// (the node runs, and is a stranger to members-only peers).
+fn own_certificate(
+    config: &NodeConfig,
+    key: &SecretKey,
+) -> Result<Option<lanup_protocol::membership::Certificate>> {
+    let Some(cert) = crate::membership::load(&config.state)? else {
+        if config.members_only_from.is_some() {
+            warn!("this node holds no membership certificate: members-only peers ignore it (lanup setup --join TOKEN enrolls it)");
+        }
+        return Ok(None);
+    };
+    let none = lanup_protocol::membership::Revocations::default();
+    match cert.check(
+        &config.site,
+        &key.public(),
+        &config.trust_admin,
+        &none,
+        now_unix_ms() / 1000,
+    ) {
+        Ok(grant) => info!(
+            expires = grant.expires,
+            "this node is an enrolled member of its site"
+        ),
+        Err(lanup_protocol::membership::MembershipError::Expired(at)) => {
+            warn!(expired = at, "this node's membership certificate has expired: enroll it again (lanup setup --join TOKEN)")
+        }
+        Err(e) => anyhow::bail!(
+            "{}: this node's membership certificate does not hold for site {:?}: {e}",
+            crate::membership::certificate_path(&config.state).display(),
+            config.site
+        ),
     }
-    crate::keys::generate(&path)?;
-    crate::keys::load_secret(&path)
+    Ok(Some(cert))
 }
 
 /// Why a node stopped.
@@ -328,7 +360,14 @@ pub async fn run(
         crate::upgrade::recover(&config.state)?;
     }
     crate::stage::rename_old_folders(&config.state);
-    let key = identity(&config.state)?;
+    let key = crate::membership::identity(&config.state)?;
+    let own_certificate = own_certificate(&config, &key)?;
+    let gate = crate::membership::Gate::new(
+        &config.site,
+        &config.trust_admin,
+        config.members_only_from,
+        now_unix_ms() / 1000,
+    );
     // An interrupted apply is resolved before anything else.
     let applier = config
         .app
@@ -400,6 +439,7 @@ pub async fn run(
             Throttle::new(config.lan_rate),
             damaged_tx.clone(),
             metrics.clone(),
+            gate.admission(),
         ),
     ));
 
@@ -440,6 +480,8 @@ pub async fn run(
         reporter
     });
     let mut node = Node {
+        gate,
+        own_certificate,
         reporter,
         metrics,
         check: None,
@@ -789,7 +831,11 @@ impl Node {
                 let verdict = if topic == self.status_topic {
                     Some(self.on_heartbeat(from, author, &data))
                 } else if topic == self.announce_topic {
-                    self.on_announce(from, id.clone(), &data)
+                    if self.gate.admits(&from, now_unix_ms() / 1000) {
+                        self.on_announce(from, id.clone(), &data)
+                    } else {
+                        Some(MessageAcceptance::Ignore)
+                    }
                 } else if topic == self.rollout_topic {
                     let verdict = match serde_json::from_slice::<SignedCommand>(&data) {
                         Ok(signed) => self
@@ -821,6 +867,12 @@ impl Node {
                 request,
                 channel,
             } => {
+                // A stranger, once only members are admitted, learns nothing.
+                if !self.gate.admits(&from, now_unix_ms() / 1000) {
+                    debug!(peer = %from, "refused a request from a peer that is not a member of the site");
+                    let _ = self.net.respond(channel, Response::Unknown).await;
+                    return;
+                }
                 // Nothing new for a peer that asks which chunks this node
                 // gained: it is answered as soon as there is (a long poll),
                 // so the last chunk spreads at LAN speed, not at a polling

@@ -14,6 +14,7 @@ mod faults;
 mod fleet;
 mod lan;
 mod launchers;
+mod membership;
 mod metrics;
 mod origin;
 mod package;

@@ -83,6 +83,9 @@ pub(super) struct Heartbeat {
     /// can approve it from any node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) requests: Vec<String>,
+    /// The sender's membership certificate for the site, if enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) membership: Option<lanup_protocol::membership::Certificate>,
 }
 
 /// The newest heartbeat of one author.
@@ -140,6 +143,7 @@ impl Node {
             seq: self.heartbeats_sent,
             command_id: self.rollout.as_ref().map(Rollout::newest_id),
             requests: self.pending.keys().cloned().collect(),
+            membership: self.own_certificate.clone(),
             last_error: self
                 .disk_error
                 .as_ref()
@@ -214,9 +218,19 @@ impl Node {
         let Ok(hb) = serde_json::from_slice::<Heartbeat>(data) else {
             return MessageAcceptance::Reject;
         };
+        // Once only members are admitted, a heartbeat counts only from a
+        // member (its candidacy, suspicions and status), passed on by a
+        // member or by its author.
+        let now_s = now_unix_ms() / 1000;
+        let author = author.unwrap_or(from);
+        let member = self.gate.heard(author, hb.membership.as_ref(), now_s);
+        if self.gate.enforcing(now_s)
+            && !(member && (from == author || self.gate.is_member(&from, now_s)))
+        {
+            return MessageAcceptance::Ignore;
+        }
         // Gossip can bring an author's old heartbeat after a newer one;
         // only the newest counts.
-        let author = author.unwrap_or(from);
         let fresh = self
             .heard
             .get(&author)

@@ -160,7 +160,20 @@ impl Node {
                     serde_json::json!(fetcher == Some(self.local) && self.was_fetcher);
                 mine["self"] = serde_json::json!(true);
                 let mut nodes = vec![mine];
-                for (peer, info) in &self.peers {
+                // Peers that are not members, once only members are
+                // admitted, are no nodes of the site: named apart.
+                let now_s = now_unix_ms() / 1000;
+                let strangers: Vec<String> = self
+                    .peers
+                    .keys()
+                    .filter(|p| !self.gate.admits(p, now_s))
+                    .map(PeerId::to_string)
+                    .collect();
+                for (peer, info) in self
+                    .peers
+                    .iter()
+                    .filter(|(p, _)| self.gate.admits(p, now_s))
+                {
                     let (hb, seen) = match &info.heartbeat {
                         Some((at, hb)) => (Some(hb), Some(at.elapsed().as_millis() as u64)),
                         None => (None, None),
@@ -204,6 +217,11 @@ impl Node {
                     "requests": self.requests_json(),
                     "site_clock_offset_ms": self.site_offset_ms(),
                     "reports": reports,
+                    "membership": {
+                        "enrolled": self.own_certificate.is_some(),
+                        "members_only": self.gate.enforcing(now_s),
+                        "strangers": strangers,
+                    },
                 })
             }
             ControlRequest::Peers => serde_json::json!({
@@ -389,6 +407,9 @@ impl Node {
     }
 
     pub(super) async fn heartbeat(&mut self) {
+        // Memberships expire and members-only may begin: the chunk server
+        // learns of it here.
+        self.gate.publish(now_unix_ms() / 1000);
         self.heartbeats_sent += 1;
         let hb = self.own_heartbeat();
         if let Ok(data) = serde_json::to_vec(&hb) {

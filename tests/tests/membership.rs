@@ -1,0 +1,210 @@
+//! Who belongs to a site: nodes enrolled with `lanup enroll` and `lanup
+//! setup --join` admit only members. A stranger on the LAN that claims the
+//! fetcher role (the lowest key, an origin that never answers) is ignored,
+//! so the release still arrives, and it gets no chunk; two sites of one
+//! name on one LAN, each enrolled by its own administrator, each stage
+//! their own release from their own origin with one copy.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+use crate::swarm::{free_port, LoopSite};
+
+/// `lanup enroll`'s token for `site`, signed by the admin key at `key`.
+fn token(site: &str, key: &Path) -> String {
+    run_ok(&["enroll", "--site", site, "--key", s(key), "--valid", "10m"])
+        .trim()
+        .to_owned()
+}
+
+/// Sets up node `state` with `lanup setup --join`, its configuration at
+/// `state.toml`.
+fn join(state: &Path, token: &str, origin: &str, publisher: &str) -> PathBuf {
+    let config = state.with_extension("toml");
+    let out = run_ok(&[
+        "setup",
+        "--join",
+        token,
+        "--origin",
+        origin,
+        "--trust-publisher",
+        publisher,
+        "--state",
+        s(state),
+        "--config",
+        s(&config),
+    ]);
+    assert!(out.contains("enrolled this node"), "{out}");
+    config
+}
+
+/// The node's public key bytes (their order is the PeerIds' order).
+fn node_key(state: &Path) -> [u8; 32] {
+    let text = std::fs::read_to_string(state.join("identity.key")).expect("identity.key");
+    lanup_protocol::sign::SecretKey::from_text(&text)
+        .expect("key")
+        .public()
+        .to_bytes()
+}
+
+/// The PeerIds a node lists in `lanup status --json`.
+fn listed(state: &Path) -> Vec<String> {
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"])).expect("JSON");
+    status["nodes"]
+        .as_array()
+        .map(|n| {
+            n.iter()
+                .filter_map(|n| n["peer_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_stranger_that_claims_the_fetcher_role_is_ignored_and_gets_no_chunk() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let admin = keygen(root, "admin.key");
+    let publisher = keygen(root, "publisher.key");
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let origin = OriginProc::start(&www, None);
+    let app = root.join("app");
+    write(&app, "bin/app", &pseudo_random(2_000_000, 5));
+    let release = publish(&app, "1.0", &origin.url, &publisher, &www);
+
+    // Three members and a stranger, all peered with each other.
+    let mut site = LoopSite::new(root, 4);
+    let token = token(&site.site, &admin.0);
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| join(&site.states[i], &token, &origin.url, &publisher.1))
+        .collect();
+    // The stranger's key sorts below every member's: without membership
+    // it would be the site's fetcher. Its origin accepts connections and
+    // never answers.
+    let lowest = (0..3)
+        .map(|i| node_key(&site.states[i]))
+        .min()
+        .expect("members");
+    let stranger_key = loop {
+        let key = lanup_protocol::sign::SecretKey::generate();
+        if key.public().to_bytes() < lowest {
+            break key;
+        }
+    };
+    let stranger = site.states[3].clone();
+    std::fs::create_dir_all(&stranger).expect("mkdir");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(stranger.join("identity.key"))
+            .expect("identity.key");
+        std::io::Write::write_all(&mut file, stranger_key.to_text().as_bytes()).expect("write");
+    }
+    let hang = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hang_url = format!("http://{}/", hang.local_addr().expect("addr"));
+    let cmd = site.command(3, Some(&hang_url), &publisher.1);
+    site.start(3, cmd);
+    for (i, config) in configs.iter().enumerate() {
+        let mut cmd = site.command(i, Some(&origin.url), &publisher.1);
+        cmd.arg("--config").arg(config);
+        site.start(i, cmd);
+    }
+    let members: Vec<&Path> = site.states[..3].iter().map(PathBuf::as_path).collect();
+    let pending = wait_staged(&members, "1.0", &release, Duration::from_secs(60));
+    assert!(
+        pending.is_empty(),
+        "not staged on {pending:?}:\n{}",
+        site.states
+            .iter()
+            .map(|s| format!("--- {}\n{}", s.display(), node_log(s)))
+            .collect::<String>()
+    );
+    let served = origin.stats()["bytes_served"].as_u64().expect("bytes");
+    assert!(
+        served < release.size * 3 / 2,
+        "one copy: the origin served {served} bytes of a {} byte release",
+        release.size
+    );
+    // The stranger heard of the release and was refused every chunk; no
+    // member lists it.
+    assert!(
+        !staged_ok(&stranger, "1.0", &release),
+        "{}",
+        node_log(&stranger)
+    );
+    let stranger_id = stranger_key.public().peer_id();
+    for state in &members {
+        let listed = listed(state);
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        assert!(!listed.contains(&stranger_id), "{listed:?}");
+    }
+    // The stranger's own view: it did not get the chunks it asked for.
+    let held = std::fs::read_dir(stranger.join("chunks"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    eprintln!("the stranger holds {held} chunk files");
+    drop(hang);
+}
+
+#[test]
+fn two_sites_of_one_name_on_one_lan_each_take_their_own_release_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    // One LAN: four nodes peered with each other, all named site "plant".
+    let mut lan = LoopSite::new(root, 4);
+    lan.site = format!("plant-{}", free_port());
+    let mut sites = Vec::new();
+    for (n, nodes) in [(0usize, 0..2usize), (1, 2..4)] {
+        let dir = root.join(format!("company{n}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let admin = keygen(&dir, "admin.key");
+        let publisher = keygen(&dir, "publisher.key");
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let origin = OriginProc::start(&www, None);
+        let app = dir.join("app");
+        write(&app, "bin/app", &pseudo_random(1_500_000, 40 + n as u64));
+        let release = publish(&app, "1.0", &origin.url, &publisher, &www);
+        let token = token(&lan.site, &admin.0);
+        for i in nodes.clone() {
+            let config = join(&lan.states[i], &token, &origin.url, &publisher.1);
+            let mut cmd: Command = lan.command(i, Some(&origin.url), &publisher.1);
+            cmd.arg("--config").arg(config);
+            lan.start(i, cmd);
+        }
+        sites.push((nodes, origin, release));
+    }
+    for (nodes, origin, release) in &sites {
+        let states: Vec<&Path> = lan.states[nodes.clone()]
+            .iter()
+            .map(PathBuf::as_path)
+            .collect();
+        let pending = wait_staged(&states, "1.0", release, Duration::from_secs(60));
+        assert!(
+            pending.is_empty(),
+            "not staged on {pending:?}:\n{}",
+            lan.states
+                .iter()
+                .map(|s| format!("--- {}\n{}", s.display(), node_log(s)))
+                .collect::<String>()
+        );
+        let served = origin.stats()["bytes_served"].as_u64().expect("bytes");
+        assert!(
+            served < release.size * 3 / 2,
+            "one copy per site: its origin served {served} of {}",
+            release.size
+        );
+        for state in &states {
+            assert_eq!(listed(state).len(), 2, "{}", state.display());
+        }
+    }
+}
