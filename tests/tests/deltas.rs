@@ -569,6 +569,15 @@ fn previous_lanup() -> Option<PathBuf> {
             std::fs::write(&marker, PREVIOUS).expect("marker");
         }
         let mut build = Command::new(env!("CARGO"));
+        // Cargo's settings for this test are not the previous build's; its
+        // target folder is set after, so that one set outside (a
+        // CARGO_TARGET_DIR of the run's) does not send it elsewhere.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_") && name != "CARGO_HOME" {
+                build.env_remove(name.as_ref());
+            }
+        }
         build
             .current_dir(&src)
             .env("CARGO_TARGET_DIR", &target)
@@ -576,12 +585,6 @@ fn previous_lanup() -> Option<PathBuf> {
             .args(["--bin", "lanup-previous"]);
         if !cfg!(debug_assertions) {
             build.arg("--release");
-        }
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.starts_with("CARGO_") && name != "CARGO_HOME" {
-                build.env_remove(name.as_ref());
-            }
         }
         assert!(
             build.status().expect("cargo runs").success(),
