@@ -81,6 +81,21 @@ enum Command {
     /// by the token, which this admin key vouches for. The admin key stays
     /// here; the token admits machines only until it expires.
     Enroll(crate::setup::EnrollArgs),
+    /// Remove nodes (or every node a join token admitted) from the site: a
+    /// revocation list signed here with an admin key, adding KEYs to the
+    /// one the local node holds, taken by every node of the site at once.
+    Revoke {
+        /// What to revoke: a node, by its PeerId (as `lanup status` lists
+        /// it) or its public key (`ed25519:…`), or a join token, by the key
+        /// `lanup enroll` printed.
+        #[arg(required = true, value_name = "NODE_OR_KEY", value_parser = node_or_key)]
+        keys: Vec<PublicKey>,
+        /// The admin's secret key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        node: LocalNode,
+    },
     /// Show every node of the site, as the local node hears them.
     Status {
         #[command(flatten)]
@@ -531,6 +546,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Service(command) => service(command),
         Command::Setup(args) => crate::setup::run(args),
         Command::Enroll(args) => crate::setup::enroll(args),
+        Command::Revoke { keys, key, node } => revoke(&keys, &key, &node),
         Command::Status { node, json } => {
             let answer = node.ask(ControlRequest::Status)?;
             if json {
@@ -1368,4 +1384,48 @@ fn service(command: ServiceCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lanup revoke`: the node's revocation list with `keys` added, signed
+/// with the admin key at `key` and handed to the local node.
+fn revoke(keys: &[PublicKey], key: &Path, node: &LocalNode) -> Result<ExitCode> {
+    let admin = lanup_node::keys::load_secret(key)?;
+    let status = node.ask(ControlRequest::Status)?;
+    let site = status["site"]
+        .as_str()
+        .context("the node did not say its site")?
+        .to_owned();
+    let mut revoked: Vec<String> = status["membership"]["revoked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    for k in keys {
+        let k = k.to_string();
+        if !revoked.contains(&k) {
+            revoked.push(k);
+        }
+    }
+    // Stamped after the list held, even when this machine's clock is
+    // behind the one that signed it.
+    let now = (lanup_node::node::now_unix_ms() / 1000)
+        .max(status["membership"]["revoked_issued"].as_u64().unwrap_or(0) + 1);
+    let signed = lanup_protocol::membership::Revocations::sign(&admin, &site, revoked.clone(), now);
+    let answer = node.ask(ControlRequest::Revoke { signed })?;
+    if let Some(e) = answer["error"].as_str() {
+        bail!("{e}");
+    }
+    println!(
+        "site {site:?}: {} key(s) revoked; every node takes the list with the next heartbeats",
+        revoked.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_or_key(text: &str) -> Result<PublicKey, String> {
+    text.parse::<PublicKey>()
+        .ok()
+        .or_else(|| PublicKey::from_peer_id(text))
+        .ok_or_else(|| format!("{text:?}: expected a node's PeerId (12D3KooW…) or a public key (ed25519: and 64 hex digits)"))
 }

@@ -50,6 +50,10 @@ pub enum ControlRequest {
     /// Change `change` from request to result, from the audit logs of
     /// this node and its peers.
     History { change: String },
+    /// An admin-signed revocation list to take and pass on to the site.
+    Revoke {
+        signed: lanup_protocol::membership::Signed,
+    },
 }
 
 /// A request on its way to the node, with where to send the answer's

@@ -54,6 +54,10 @@ pub fn load(state: &Path) -> Result<Option<Certificate>> {
     }
 }
 
+pub fn revocations_path(state: &Path) -> PathBuf {
+    state.join("revocations.json")
+}
+
 /// Keeps `cert` as the node's own certificate.
 pub fn save(state: &Path, cert: &Certificate) -> Result<()> {
     std::fs::create_dir_all(state).with_context(|| format!("cannot create {}", state.display()))?;
@@ -195,6 +199,58 @@ impl Gate {
             // Every certificate is checked again against it.
             self.known.clear();
             self.publish(now);
+        }
+        Ok(taken)
+    }
+
+    /// The revocation list held, as signed.
+    pub fn revocations(&self) -> Option<&lanup_protocol::membership::Signed> {
+        self.revoked.signed.as_ref()
+    }
+
+    /// When the list held was signed (Unix seconds; 0: none).
+    pub fn revocations_issued(&self) -> u64 {
+        self.revoked.list.issued
+    }
+
+    /// The keys revoked.
+    pub fn revoked_keys(&self) -> &[String] {
+        &self.revoked.list.keys
+    }
+
+    /// Takes the list kept in `state`, if any.
+    pub fn load_revocations(&mut self, state: &Path, now: u64) {
+        let path = revocations_path(state);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(signed) => {
+                if let Err(e) = self.revoke(&signed, now) {
+                    warn!(file = %path.display(), reason = %e, "the kept revocation list is not accepted");
+                }
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "the kept revocation list is unreadable")
+            }
+        }
+    }
+
+    /// Takes `signed` when newer and keeps it in `state`; returns whether
+    /// it was taken.
+    pub fn take_revocations(
+        &mut self,
+        state: &Path,
+        signed: &lanup_protocol::membership::Signed,
+        now: u64,
+    ) -> Result<bool, MembershipError> {
+        let taken = self.revoke(signed, now)?;
+        if taken {
+            let path = revocations_path(state);
+            let text = serde_json::to_vec_pretty(signed).unwrap_or_default();
+            if let Err(e) = crate::apply::write_synced(&path, &text) {
+                warn!(file = %path.display(), error = %e, "cannot keep the revocation list");
+            }
         }
         Ok(taken)
     }

@@ -362,12 +362,13 @@ pub async fn run(
     crate::stage::rename_old_folders(&config.state);
     let key = crate::membership::identity(&config.state)?;
     let own_certificate = own_certificate(&config, &key)?;
-    let gate = crate::membership::Gate::new(
+    let mut gate = crate::membership::Gate::new(
         &config.site,
         &config.trust_admin,
         config.members_only_from,
         now_unix_ms() / 1000,
     );
+    gate.load_revocations(&config.state, now_unix_ms() / 1000);
     // An interrupted apply is resolved before anything else.
     let applier = config
         .app

@@ -382,16 +382,17 @@ impl Revocations {
         site: &str,
         trusted: &[PublicKey],
     ) -> Result<bool, MembershipError> {
-        signed.by_trusted(trusted)?;
         let list: RevocationList = signed.body("revocation list")?;
+        // Not newer: nothing to check (every heartbeat carries the list).
+        if self.signed.is_some() && list.issued <= self.list.issued {
+            return Ok(false);
+        }
+        signed.by_trusted(trusted)?;
         if list.site != site {
             return Err(MembershipError::OtherSite {
                 found: list.site,
                 wanted: site.to_owned(),
             });
-        }
-        if self.signed.is_some() && list.issued <= self.list.issued {
-            return Ok(false);
         }
         self.list = list;
         self.signed = Some(signed.clone());

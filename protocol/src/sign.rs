@@ -73,6 +73,23 @@ impl PublicKey {
         self.0.to_bytes()
     }
 
+    /// The key of the node whose PeerId is `peer` (an ed25519 PeerId holds
+    /// its key), or `None` when `peer` is not one.
+    pub fn from_peer_id(peer: &str) -> Option<PublicKey> {
+        let peer: libp2p_identity::PeerId = peer.trim().parse().ok()?;
+        // An identity multihash: code 0, the length, the key's protobuf.
+        let bytes = peer.to_bytes();
+        let digest = match bytes.as_slice() {
+            [0, len, digest @ ..] if usize::from(*len) == digest.len() => digest,
+            _ => return None,
+        };
+        libp2p_identity::PublicKey::try_decode_protobuf(digest)
+            .ok()?
+            .try_into_ed25519()
+            .ok()
+            .map(PublicKey)
+    }
+
     /// The PeerId of a node whose key this is, as text.
     pub fn peer_id(&self) -> String {
         libp2p_identity::PublicKey::from(self.0.clone())
@@ -273,6 +290,18 @@ impl fmt::Debug for SignatureCheck {
 impl fmt::Debug for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Signature(by {})", self.key)
+    }
+}
+
+#[cfg(test)]
+mod peer_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_nodes_key_is_read_back_from_its_peer_id() {
+        let key = SecretKey::generate().public();
+        assert_eq!(PublicKey::from_peer_id(&key.peer_id()), Some(key));
+        assert_eq!(PublicKey::from_peer_id("12D3KooWnot-a-peer"), None);
     }
 }
 

@@ -208,3 +208,94 @@ fn two_sites_of_one_name_on_one_lan_each_take_their_own_release_once() {
         }
     }
 }
+
+/// `lanup status --json`'s membership part.
+fn membership(state: &Path) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&["status", "--state", s(state), "--json"])).expect("JSON");
+    status["membership"].clone()
+}
+
+#[test]
+fn a_revoked_member_is_cut_off_at_once_and_the_rest_of_the_site_carries_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let admin = keygen(root, "admin.key");
+    let publisher = keygen(root, "publisher.key");
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let origin = OriginProc::start(&www, None);
+    let app = root.join("app");
+    write(&app, "bin/app", &pseudo_random(1_000_000, 8));
+    let v1 = publish(&app, "1.0", &origin.url, &publisher, &www);
+    let mut site = LoopSite::new(root, 3);
+    let token = token(&site.site, &admin.0);
+    for i in 0..3 {
+        let config = join(&site.states[i], &token, &origin.url, &publisher.1);
+        let mut cmd = site.command(i, Some(&origin.url), &publisher.1);
+        cmd.arg("--config").arg(config);
+        site.start(i, cmd);
+    }
+    let states: Vec<&Path> = site.states.iter().map(PathBuf::as_path).collect();
+    let pending = wait_staged(&states, "1.0", &v1, Duration::from_secs(60));
+    assert!(pending.is_empty(), "not staged on {pending:?}");
+
+    // Node 2 is revoked, by its PeerId, from node 0's CLI.
+    let text = std::fs::read_to_string(site.states[2].join("identity.key")).expect("key");
+    let revoked = lanup_protocol::sign::SecretKey::from_text(&text)
+        .expect("key")
+        .public()
+        .peer_id();
+    let out = run_ok(&[
+        "revoke",
+        &revoked,
+        "--key",
+        s(&admin.0),
+        "--state",
+        s(states[0]),
+    ]);
+    assert!(out.contains("1 key(s) revoked"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let cut_off = [0, 1].iter().all(|&i| {
+            let m = membership(states[i]);
+            listed(states[i]).len() == 2
+                && m["strangers"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|p| p == revoked.as_str()))
+        });
+        let told = membership(states[2])["revoked"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1);
+        if cut_off && told {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 not cut off: {} {} {}",
+            membership(states[0]),
+            membership(states[1]),
+            membership(states[2])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every node keeps the list for its next start.
+    assert!(site.states[1].join("revocations.json").exists());
+
+    // The next release reaches the two members, once; not node 2.
+    let before = origin.stats()["bytes_served"].as_u64().expect("bytes");
+    write(&app, "bin/app", &pseudo_random(1_000_000, 9));
+    let v2 = publish(&app, "2.0", &origin.url, &publisher, &www);
+    run_ok(&["check", "--state", s(states[0])]);
+    let pending = wait_staged(&states[..2], "2.0", &v2, Duration::from_secs(60));
+    assert!(pending.is_empty(), "not staged on {pending:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!staged_ok(states[2], "2.0", &v2), "{}", node_log(states[2]));
+    let served = origin.stats()["bytes_served"].as_u64().expect("bytes") - before;
+    assert!(
+        served < v2.size * 3 / 2,
+        "one copy of 2.0: {served} of {}",
+        v2.size
+    );
+    assert!(node_log(states[2]).contains("this node is revoked from its site"));
+}

@@ -211,7 +211,8 @@ impl Node {
         };
         let me = Candidate {
             id: self.local,
-            has_origin: self.config.origin.is_some(),
+            // A node the site revoked fetches nothing for it.
+            has_origin: self.config.origin.is_some() && !self.revoked_here(),
             silent_ms: 0,
             failing: self.origin_failing() || by_site.contains(&self.local),
             downloading: self.downloading(),
@@ -276,5 +277,13 @@ impl Node {
 
     pub(super) fn is_fetcher(&self) -> bool {
         self.fetcher() == Some(self.local)
+    }
+}
+
+impl Node {
+    /// Whether the site's revocation list names this node.
+    pub(super) fn revoked_here(&self) -> bool {
+        lanup_protocol::sign::PublicKey::from_peer_id(&self.local.to_string())
+            .is_some_and(|key| self.gate.revoked_keys().contains(&key.to_string()))
     }
 }

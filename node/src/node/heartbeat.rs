@@ -86,6 +86,10 @@ pub(super) struct Heartbeat {
     /// The sender's membership certificate for the site, if enrolled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) membership: Option<lanup_protocol::membership::Certificate>,
+    /// The site's newest revocation list the sender holds (admin-signed:
+    /// taken from anyone, when newer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) revocations: Option<lanup_protocol::membership::Signed>,
 }
 
 /// The newest heartbeat of one author.
@@ -144,6 +148,7 @@ impl Node {
             command_id: self.rollout.as_ref().map(Rollout::newest_id),
             requests: self.pending.keys().cloned().collect(),
             membership: self.own_certificate.clone(),
+            revocations: self.gate.revocations().cloned(),
             last_error: self
                 .disk_error
                 .as_ref()
@@ -222,6 +227,9 @@ impl Node {
         // member (its candidacy, suspicions and status), passed on by a
         // member or by its author.
         let now_s = now_unix_ms() / 1000;
+        if let Some(list) = &hb.revocations {
+            let _ = self.take_revocations(list, &format!("peer {from}"));
+        }
         let author = author.unwrap_or(from);
         let member = self.gate.heard(author, hb.membership.as_ref(), now_s);
         if self.gate.enforcing(now_s)
@@ -274,5 +282,31 @@ impl Node {
             }
         }
         MessageAcceptance::Accept
+    }
+}
+
+impl Node {
+    /// Takes a site revocation list `source` passed on, when it is newer
+    /// than the one held and a trusted admin signed it.
+    pub(super) fn take_revocations(
+        &mut self,
+        list: &lanup_protocol::membership::Signed,
+        source: &str,
+    ) -> Result<bool, String> {
+        let now_s = now_unix_ms() / 1000;
+        match self.gate.take_revocations(&self.config.state, list, now_s) {
+            Ok(true) => {
+                info!(%source, revoked = ?self.gate.revoked_keys(), "took the site's newer revocation list");
+                if self.revoked_here() {
+                    warn!("this node is revoked from its site: it fetches and serves nothing for it; an administrator enrolls it again with a new token");
+                }
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                debug!(%source, reason = %e, "a revocation list is not accepted");
+                Err(e.to_string())
+            }
+        }
     }
 }

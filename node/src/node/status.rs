@@ -115,6 +115,17 @@ impl Node {
             self.change_record(change, reply);
             return;
         }
+        if let ControlRequest::Revoke { signed } = request {
+            let answer = match self.take_revocations(&signed, "this node's CLI") {
+                Ok(taken) => serde_json::json!({
+                    "taken": taken,
+                    "revoked": self.gate.revoked_keys(),
+                }),
+                Err(reason) => serde_json::json!({ "error": format!("refused: {reason}") }),
+            };
+            let _ = reply.try_send(answer);
+            return;
+        }
         if let ControlRequest::Apply { version } = request {
             if let Err(e) = self.start_apply(&version, Some(reply.clone())) {
                 let _ = reply.try_send(serde_json::json!({ "error": format!("{e:#}") }));
@@ -221,6 +232,8 @@ impl Node {
                         "enrolled": self.own_certificate.is_some(),
                         "members_only": self.gate.enforcing(now_s),
                         "strangers": strangers,
+                        "revoked": self.gate.revoked_keys(),
+                        "revoked_issued": self.gate.revocations_issued(),
                     },
                 })
             }
@@ -228,6 +241,7 @@ impl Node {
                 "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
             }),
             ControlRequest::Apply { .. }
+            | ControlRequest::Revoke { .. }
             | ControlRequest::Rollout { .. }
             | ControlRequest::History { .. }
             | ControlRequest::Check => {
