@@ -352,6 +352,10 @@ struct RolloutArgs {
     /// --fleet`). Set it to the sites' admin_threshold.
     #[arg(long, value_name = "N", default_value_t = 1, requires = "fleet")]
     approvals: usize,
+    /// With --fleet: how long each site's command stays valid, so that a
+    /// site offline for days takes it when it returns (at most 90d).
+    #[arg(long, value_name = "DURATION", default_value = "14d", value_parser = humantime::parse_duration, requires = "fleet")]
+    valid: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -682,6 +686,7 @@ fn rollout(args: RolloutArgs) -> Result<ExitCode> {
             timeout: args.timeout,
             approvals: args.approvals,
             reason: args.change.reason.clone(),
+            valid: args.valid,
         });
     }
     let action = match &args.version {

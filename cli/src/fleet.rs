@@ -165,6 +165,8 @@ pub(crate) struct FleetRollout<'a> {
     pub(crate) timeout: Duration,
     pub(crate) approvals: usize,
     pub(crate) reason: Option<String>,
+    /// How long each site's command stays valid for a site that was away.
+    pub(crate) valid: Duration,
 }
 
 /// How often a waiting fleet rollout reads the reports again.
@@ -195,6 +197,10 @@ fn site_command(
             },
             nodes: if abort { Vec::new() } else { nodes },
             fleet: Some(fleet.to_owned()),
+            valid_for_ms: Some(
+                file.valid_for_ms
+                    .unwrap_or(lanup_protocol::rollout::FLEET_VALID_MS),
+            ),
             reason: None,
             now: false,
             groups: Default::default(),
@@ -460,6 +466,7 @@ fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<F
         commands: Default::default(),
         plan,
         approvals_needed,
+        valid_for_ms: Some(r.valid.as_millis() as u64),
     };
     // A request is written at once, so other admins can approve it.
     if file.plan.is_some() {

@@ -76,6 +76,7 @@ pub(crate) fn issue(
         waves,
         nodes: if abort { Vec::new() } else { nodes },
         fleet: None,
+        valid_for_ms: None,
         reason: change.reason.clone(),
         now: change.now,
         groups: if abort { Default::default() } else { groups },

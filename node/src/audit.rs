@@ -56,6 +56,10 @@ pub struct Entry {
     /// together (`lanup history --change`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// For a command valid longer than a day (a fleet rollout's): until
+    /// when its id must be remembered to refuse it again (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget_at_ms: Option<u64>,
 }
 
 impl Entry {
@@ -73,6 +77,7 @@ impl Entry {
             reason: None,
             downtime_ms: None,
             node: None,
+            forget_at_ms: None,
         }
     }
 }

@@ -453,8 +453,10 @@ pub async fn run(
     let audit = Audit::new(&config.state);
     let mut guard = ReplayGuard::default();
     for entry in audit.read()?.iter().filter(|e| e.event == "accepted") {
-        if let (Some(id), Some(at)) = (&entry.id, entry.issued_at_ms) {
-            guard.remember(id, at);
+        match (&entry.id, entry.issued_at_ms, entry.forget_at_ms) {
+            (Some(id), _, Some(forget_at)) => guard.remember_until(id, forget_at),
+            (Some(id), Some(at), None) => guard.remember(id, at),
+            _ => {}
         }
     }
     let (audit_tx, audit_thread) = audit_writer(audit)?;

@@ -7,9 +7,11 @@
 //! site's command to its node, which checks it like one typed on its CLI
 //! (trusted admin key, this site, freshness, no replay) and gossips it to
 //! the site, whose node waves then run as for any rollout. A command of a
-//! fleet rollout names the fleet rollout, and stays valid for
-//! [`crate::rollout::CATCH_UP_MAX_AGE_MS`], so a site that was offline
-//! when its wave opened catches up when it next polls.
+//! fleet rollout names the fleet rollout, and stays valid for the
+//! rollout's validity (`lanup rollout --fleet --valid`, 14 days by
+//! default, [`crate::rollout::FLEET_VALID_MS`]), so a site that was
+//! offline for days when its wave opened catches up when it next polls;
+//! nodes remember its id as long, so it is never taken twice.
 //!
 //! Headquarters opens the next site wave only when every site of the waves
 //! before reports the release installed on every node; a site that halts
@@ -166,6 +168,10 @@ pub struct FleetFile {
     /// requester's alone).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub approvals_needed: usize,
+    /// How long each site's command stays valid for a site that was away
+    /// (ms; [`crate::rollout::FLEET_VALID_MS`] when not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_for_ms: Option<u64>,
 }
 
 fn one() -> usize {
@@ -371,6 +377,7 @@ mod tests {
         let part = |fleet: &str, version: &str, with: SignedCommand| {
             let command = Command {
                 fleet: Some(fleet.into()),
+                valid_for_ms: None,
                 ..Command::new(
                     "s",
                     Action::Rollout {
@@ -454,6 +461,7 @@ mod tests {
             commands: BTreeMap::new(),
             plan: None,
             approvals_needed: 1,
+            valid_for_ms: None,
         }
     }
 

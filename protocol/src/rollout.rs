@@ -107,6 +107,11 @@ pub struct Command {
     /// site offline when its wave opened catches up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<String>,
+    /// How long a fleet rollout's command stays valid for a site that was
+    /// away (set at `lanup rollout --fleet --valid`; without it
+    /// [`CATCH_UP_MAX_AGE_MS`], and never over [`MAX_FLEET_VALID_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_for_ms: Option<u64>,
     /// Why: shown with the request while it waits for approval, and in
     /// the change's record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +138,7 @@ impl Command {
             waves: Vec::new(),
             nodes: Vec::new(),
             fleet: None,
+            valid_for_ms: None,
             reason: None,
             now: false,
             groups: BTreeMap::new(),
@@ -201,6 +207,31 @@ pub fn sign(command: &Command, key: &SecretKey) -> SignedCommand {
 /// a rollout's later waves can run for hours.
 pub const CATCH_UP_MAX_AGE_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// A fleet rollout's default validity: a site offline for days (a closed
+/// branch, a cut line) catches up when it returns.
+pub const FLEET_VALID_MS: u64 = 14 * 24 * 60 * 60 * 1000;
+
+/// The longest validity a fleet command may claim.
+pub const MAX_FLEET_VALID_MS: u64 = 90 * 24 * 60 * 60 * 1000;
+
+impl Command {
+    /// How old this command may be when a node that was away takes it.
+    pub fn catch_up_ms(&self) -> u64 {
+        match (&self.fleet, self.valid_for_ms) {
+            (Some(_), Some(valid)) => valid.clamp(CATCH_UP_MAX_AGE_MS, MAX_FLEET_VALID_MS),
+            _ => CATCH_UP_MAX_AGE_MS,
+        }
+    }
+
+    /// Until when (Unix ms) a node must remember its id to refuse it
+    /// again.
+    pub fn remember_until_ms(&self) -> u64 {
+        self.issued_at_ms
+            .saturating_add(self.catch_up_ms())
+            .saturating_add(MAX_SKEW_MS)
+    }
+}
+
 /// Checks who signed `signed` and for which site, but not when: a trusted
 /// admin key, a signature over the exact text, and this site.
 pub fn authenticate(
@@ -232,18 +263,30 @@ pub fn authenticate(
     Ok(command)
 }
 
-/// The ids of commands a node accepted recently, so none is acted on twice.
-/// Ids older than [`CATCH_UP_MAX_AGE_MS`] are forgotten: a command that old
-/// is refused as stale anyway.
+/// The ids of commands a node accepted, so none is acted on twice, each
+/// kept until the command is too old to be taken anyway
+/// ([`Command::remember_until_ms`]: a day, or a fleet rollout's validity).
 #[derive(Debug, Clone, Default)]
 pub struct ReplayGuard {
+    /// Id, and when it may be forgotten (Unix ms).
     seen: BTreeMap<String, u64>,
 }
 
 impl ReplayGuard {
-    /// Remembers `id`, issued at `issued_at_ms`.
+    /// Remembers `id` of an ordinary command issued at `issued_at_ms`.
     pub fn remember(&mut self, id: &str, issued_at_ms: u64) {
-        self.seen.insert(id.to_owned(), issued_at_ms);
+        self.remember_until(
+            id,
+            issued_at_ms
+                .saturating_add(CATCH_UP_MAX_AGE_MS)
+                .saturating_add(MAX_SKEW_MS),
+        );
+    }
+
+    /// Remembers `id` until `forget_at_ms`.
+    pub fn remember_until(&mut self, id: &str, forget_at_ms: u64) {
+        let at = self.seen.entry(id.to_owned()).or_insert(0);
+        *at = (*at).max(forget_at_ms);
     }
 
     /// Whether `id` was accepted before.
@@ -274,7 +317,8 @@ impl ReplayGuard {
         site: &str,
         now_ms: u64,
     ) -> Result<Command, Refusal> {
-        self.check_within(signed, trusted, site, now_ms, CATCH_UP_MAX_AGE_MS)
+        let command = authenticate(signed, trusted, site)?;
+        self.check_within(signed, trusted, site, now_ms, command.catch_up_ms())
     }
 
     /// The one freshness rule, whatever path a command arrives by (gossip,
@@ -296,7 +340,7 @@ impl ReplayGuard {
         let command = authenticate(signed, trusted, site)?;
         let away = started_ms > command.issued_at_ms;
         let max_age = if away || command.fleet.is_some() {
-            CATCH_UP_MAX_AGE_MS
+            command.catch_up_ms()
         } else {
             MAX_AGE_MS
         };
@@ -321,12 +365,11 @@ impl ReplayGuard {
         if command.issued_at_ms > now_ms + MAX_SKEW_MS {
             return Err(Refusal::Future((command.issued_at_ms - now_ms) / 1000));
         }
-        self.seen
-            .retain(|_, at| *at + CATCH_UP_MAX_AGE_MS + MAX_SKEW_MS >= now_ms);
+        self.seen.retain(|_, forget_at| *forget_at >= now_ms);
         if self.seen.contains_key(&command.id) {
             return Err(Refusal::Replayed(command.id));
         }
-        self.remember(&command.id, command.issued_at_ms);
+        self.remember_until(&command.id, command.remember_until_ms());
         Ok(command)
     }
 }
@@ -611,6 +654,49 @@ mod tests {
         assert!(guard
             .check_arrival(&fresh, &trusted, "s", now, now - 7_200_000)
             .is_ok());
+    }
+
+    #[test]
+    fn a_fleet_rollout_valid_for_two_weeks_reaches_a_site_back_after_days_and_only_once() {
+        let admin = SecretKey::generate();
+        let trusted = vec![admin.public()];
+        let day = 24 * 3_600_000;
+        let now = 1_800_000_000_000;
+        let issued = now - 5 * day;
+        let mut c = command("s", issued, "fleet-14d");
+        c.fleet = Some("f2".into());
+        c.valid_for_ms = Some(FLEET_VALID_MS);
+        let part = sign(&c, &admin);
+        // A site offline for five days takes it when it returns.
+        let mut guard = ReplayGuard::default();
+        assert!(guard
+            .check_arrival(&part, &trusted, "s", now, now - 10 * day)
+            .is_ok());
+        // Again, a week later: refused as a replay, still remembered.
+        assert!(matches!(
+            guard.check_arrival(&part, &trusted, "s", now + 7 * day, now - 10 * day),
+            Err(Refusal::Replayed(_))
+        ));
+        // A node restarted rebuilds its memory from its audit log's
+        // forget_at_ms and refuses it too.
+        let mut restarted = ReplayGuard::default();
+        restarted.remember_until(&c.id, c.remember_until_ms());
+        assert!(matches!(
+            restarted.check_arrival(&part, &trusted, "s", now + 7 * day, now + 7 * day),
+            Err(Refusal::Replayed(_))
+        ));
+        // After its validity, nobody takes it.
+        let mut late = ReplayGuard::default();
+        assert!(matches!(
+            late.check_arrival(&part, &trusted, "s", issued + FLEET_VALID_MS + 60_000, now),
+            Err(Refusal::Stale(..))
+        ));
+        // A validity over the bound is held to it; an ordinary command's
+        // own claim changes nothing.
+        c.valid_for_ms = Some(10 * MAX_FLEET_VALID_MS);
+        assert_eq!(c.catch_up_ms(), MAX_FLEET_VALID_MS);
+        c.fleet = None;
+        assert_eq!(c.catch_up_ms(), CATCH_UP_MAX_AGE_MS);
     }
 
     #[test]

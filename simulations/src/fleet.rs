@@ -127,6 +127,7 @@ pub fn simulate_fleet_rollout(
         commands: BTreeMap::new(),
         plan: None,
         approvals_needed: 1,
+        valid_for_ms: None,
     };
     let mut times: Vec<WaveTimes> = Vec::new();
     let mut t = 0u64;

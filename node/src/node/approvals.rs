@@ -218,7 +218,7 @@ impl Node {
         if keys.len() >= needed {
             let p = self.pending.remove(&id).map(|p| p.signed).unwrap_or(signed);
             self.save_requests();
-            self.guard.remember(&id, command.issued_at_ms);
+            self.guard.remember_until(&id, command.remember_until_ms());
             let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
             info!(request = %id, approvals = keys.len(), "the change is approved; it starts");
             self.audit_entry(Entry {

@@ -150,6 +150,7 @@ pub(super) fn command_fields(command: Option<&Command>) -> Entry {
         entry.version = version;
         entry.id = Some(c.id.clone());
         entry.issued_at_ms = Some(c.issued_at_ms);
+        entry.forget_at_ms = c.fleet.is_some().then(|| c.remember_until_ms());
     }
     entry
 }
