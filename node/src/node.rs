@@ -839,6 +839,12 @@ impl Node {
                     } else {
                         Some(MessageAcceptance::Ignore)
                     }
+                } else if topic == self.rollout_topic
+                    && !self.gate.admits(&from, now_unix_ms() / 1000)
+                {
+                    // Admin-signed, but a stranger's would only fill the
+                    // audit log with refusals.
+                    Some(MessageAcceptance::Ignore)
                 } else if topic == self.rollout_topic {
                     let verdict = match serde_json::from_slice::<SignedCommand>(&data) {
                         Ok(signed) => self
