@@ -856,6 +856,18 @@ fn print_status(answer: &serde_json::Value) {
         nodes.len(),
         if nodes.len() == 1 { "" } else { "s" }
     );
+    let m = &answer["membership"];
+    if m["members_only"] == true {
+        let strangers = m["strangers"].as_array().map_or(0, Vec::len);
+        head.push_str(" (members only");
+        if m["enrolled"] != true {
+            head.push_str("; this node is not enrolled");
+        }
+        if strangers > 0 {
+            head.push_str(&format!("; {strangers} stranger(s) refused"));
+        }
+        head.push(')');
+    }
     let r = &answer["rollout"];
     if let Some(version) = r["version"].as_str() {
         let what = match r["action"].as_str() {
