@@ -236,6 +236,11 @@ enum Command {
         /// A site whose newest report is older than this is flagged stale.
         #[arg(long, value_name = "DURATION", default_value = "2h10m", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
+        /// With --reports: count only reports from enrolled members of the
+        /// site they name, whose certificates this admin key signed
+        /// (repeatable; the sites' trust_admin keys).
+        #[arg(long, value_name = "KEY", requires = "reports")]
+        trust_admin: Vec<PublicKey>,
     },
 }
 
@@ -660,9 +665,13 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             rate,
             reports,
             stale_after,
+            trust_admin,
         } => {
             let reports = reports
-                .map(|r| lanup_node::hq::Reports::open(&r, stale_after))
+                .map(|r| {
+                    lanup_node::hq::Reports::open(&r, stale_after)
+                        .map(|r| r.members_only(trust_admin))
+                })
                 .transpose()?;
             runtime()?.block_on(origin(&dir, &listen, rate, reports))
         }

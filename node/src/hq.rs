@@ -58,6 +58,8 @@ pub struct Reports {
     by_address: DefaultKeyedRateLimiter<IpAddr>,
     by_sender: DefaultKeyedRateLimiter<String>,
     stale_after: Duration,
+    /// With admin keys, only enrolled members' reports count.
+    admins: Vec<lanup_protocol::sign::PublicKey>,
 }
 
 impl Reports {
@@ -78,7 +80,23 @@ impl Reports {
             by_address: RateLimiter::keyed(quota(ADDRESS_POSTS_PER_MINUTE, ADDRESS_BURST)),
             by_sender: RateLimiter::keyed(quota(REPORTS_PER_MINUTE, REPORTS_BURST)),
             stale_after,
+            admins: Vec::new(),
         })
+    }
+
+    /// Counts only reports from enrolled members of the site they name:
+    /// signed by a node whose membership certificate one of `admins`
+    /// signed (or vouched for). The fleet view and fleet rollouts then
+    /// read only members' reports.
+    pub fn members_only(mut self, admins: Vec<lanup_protocol::sign::PublicKey>) -> Reports {
+        if !admins.is_empty() {
+            info!(
+                admins = admins.len(),
+                "site reports count only from enrolled members"
+            );
+        }
+        self.admins = admins;
+        self
     }
 
     /// Takes one posted report from `from`: rate limited per address
@@ -106,9 +124,9 @@ impl Reports {
         let refused = |e: ReportRefusal| {
             let status = match e {
                 ReportRefusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                ReportRefusal::BadSignature(_) | ReportRefusal::NotSender { .. } => {
-                    StatusCode::FORBIDDEN
-                }
+                ReportRefusal::BadSignature(_)
+                | ReportRefusal::NotSender { .. }
+                | ReportRefusal::NotMember { .. } => StatusCode::FORBIDDEN,
                 ReportRefusal::Replayed(_) => StatusCode::CONFLICT,
                 ReportRefusal::TooManySites(_) => StatusCode::INSUFFICIENT_STORAGE,
                 _ => StatusCode::BAD_REQUEST,
@@ -119,7 +137,7 @@ impl Reports {
                 message: format!("report refused: {e}"),
             }
         };
-        let checked = report::check(body, now).map_err(refused)?;
+        let checked = report::check_member(body, now, &self.admins).map_err(refused)?;
         if self.by_sender.check_key(&checked.sender).is_err() {
             return Err(too_many(format!(
                 "node {} sent more than {REPORTS_PER_MINUTE} reports a minute; try again later",

@@ -478,7 +478,12 @@ pub async fn run(
     )?;
     children.spawn(fetcher.run(cancel.clone()));
     let reporter = config.report_to.clone().map(|url| {
-        let (reporter, task) = crate::report::start(url, config.report_interval, key.clone());
+        let (reporter, task) = crate::report::start(
+            url,
+            config.report_interval,
+            key.clone(),
+            own_certificate.clone(),
+        );
         children.spawn(until(cancel.clone(), task));
         reporter
     });

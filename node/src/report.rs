@@ -87,10 +87,14 @@ pub fn start(
     url: String,
     refresh: Duration,
     key: SecretKey,
+    membership: Option<lanup_protocol::membership::Certificate>,
 ) -> (Reporter, impl std::future::Future<Output = ()>) {
     let (tx, rx) = watch::channel(None);
     let (said_tx, said) = watch::channel(Said::default());
-    (Reporter { tx, said }, run(url, refresh, key, rx, said_tx))
+    (
+        Reporter { tx, said },
+        run(url, refresh, (key, membership), rx, said_tx),
+    )
 }
 
 /// A pause in `0..max`, spread by the node's key and `n`: different
@@ -109,7 +113,7 @@ fn spread(key: &SecretKey, n: u64, max: Duration) -> Duration {
 async fn run(
     url: String,
     refresh: Duration,
-    key: SecretKey,
+    (key, membership): (SecretKey, Option<lanup_protocol::membership::Certificate>),
     mut rx: watch::Receiver<Option<Report>>,
     said: watch::Sender<Said>,
 ) {
@@ -172,7 +176,11 @@ async fn run(
             () = sleep => {
                 let Some(mut r) = current else { continue };
                 r.sent_at_ms = crate::node::now_unix_ms();
-                let body = match serde_json::to_vec(&report::sign(&r, &key)) {
+                let mut signed = report::sign(&r, &key);
+                // The node's membership goes with it: headquarters that
+                // trusts admin keys counts only members' reports.
+                signed.membership = membership.clone();
+                let body = match serde_json::to_vec(&signed) {
                     Ok(b) => b,
                     Err(_) => continue,
                 };
@@ -278,7 +286,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = report_url(&format!("http://{}/", listener.local_addr()?));
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let (reporter, task) = start(url, Duration::from_secs(3600), SecretKey::generate());
+        let (reporter, task) = start(url, Duration::from_secs(3600), SecretKey::generate(), None);
         tokio::spawn(task);
         let told = |n: usize| {
             let posts = posts.clone();

@@ -106,6 +106,11 @@ pub struct SignedReport {
     pub key: String,
     /// 128 hex digits: ed25519 over the bytes of `report`.
     pub signature: String,
+    /// The sending node's membership certificate for its site (its own
+    /// admin signature makes it trustworthy; headquarters with trusted
+    /// admin keys counts only reports that carry a valid one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<crate::membership::Certificate>,
 }
 
 /// Why headquarters refused a report. Each message says what was wrong.
@@ -130,6 +135,8 @@ pub enum ReportRefusal {
     Replayed(String),
     #[error("{0} sites are known already; a new site is refused")]
     TooManySites(usize),
+    #[error("its sender is not an enrolled member of site {site:?}: {reason}")]
+    NotMember { site: String, reason: String },
 }
 
 /// Signs `report` with the sending node's key.
@@ -139,6 +146,7 @@ pub fn sign(report: &Report, key: &SecretKey) -> SignedReport {
         signature: key.sign(text.as_bytes()).to_hex(),
         report: text,
         key: key.public().to_string(),
+        membership: None,
     }
 }
 
@@ -155,6 +163,18 @@ pub fn valid_site(site: &str) -> bool {
 /// key signed its exact text, its site name and its age. Replays are for
 /// [`Fleet::accept`], which knows what was taken before.
 pub fn check(body: &[u8], now_ms: u64) -> Result<Report, ReportRefusal> {
+    check_member(body, now_ms, &[])
+}
+
+/// [`check`], and, with `admins` (headquarters' trusted admin keys), that
+/// the sender is an enrolled member of the site it reports for: a
+/// certificate for its key and that site, signed by one of them (or by a
+/// join token one of them vouched for), not expired.
+pub fn check_member(
+    body: &[u8],
+    now_ms: u64,
+    admins: &[PublicKey],
+) -> Result<Report, ReportRefusal> {
     if body.len() > MAX_REPORT_BYTES {
         return Err(ReportRefusal::TooLarge(body.len()));
     }
@@ -180,6 +200,24 @@ pub fn check(body: &[u8], now_ms: u64) -> Result<Report, ReportRefusal> {
     }
     if !valid_site(&report.site) {
         return Err(ReportRefusal::BadSite(report.site));
+    }
+    if !admins.is_empty() {
+        let not_member = |reason: String| ReportRefusal::NotMember {
+            site: report.site.clone(),
+            reason,
+        };
+        let cert = signed
+            .membership
+            .as_ref()
+            .ok_or_else(|| not_member("it carries no membership certificate".into()))?;
+        cert.check(
+            &report.site,
+            &key,
+            admins,
+            &crate::membership::Revocations::default(),
+            now_ms / 1000,
+        )
+        .map_err(|e| not_member(e.to_string()))?;
     }
     if report.sent_at_ms > now_ms + MAX_SKEW_MS {
         return Err(ReportRefusal::Future((report.sent_at_ms - now_ms) / 1000));
@@ -454,6 +492,68 @@ mod tests {
     }
 
     const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn with_admin_keys_only_an_enrolled_member_of_the_named_site_reports() {
+        use crate::membership::Certificate;
+        let admin = SecretKey::generate();
+        let admins = [admin.public()];
+        let node = SecretKey::generate();
+        let with = |cert: Option<Certificate>| {
+            let r = Report {
+                site: "plant".into(),
+                sender: node.public().peer_id(),
+                sent_at_ms: NOW,
+                nodes: vec![],
+                rollout: None,
+            };
+            let mut signed = sign(&r, &node);
+            signed.membership = cert;
+            serde_json::to_vec(&signed).expect("json")
+        };
+        let not_member = |body: Vec<u8>| {
+            matches!(
+                check_member(&body, NOW, &admins),
+                Err(ReportRefusal::NotMember { .. })
+            )
+        };
+        let year = 365 * 86_400;
+        // No certificate, another admin's, another node's, another site's.
+        assert!(not_member(with(None)));
+        let other_admin = SecretKey::generate();
+        assert!(not_member(with(Some(Certificate::issue(
+            &other_admin,
+            "plant",
+            &node.public(),
+            NOW / 1000,
+            year
+        )))));
+        let other_node = SecretKey::generate().public();
+        assert!(not_member(with(Some(Certificate::issue(
+            &admin,
+            "plant",
+            &other_node,
+            NOW / 1000,
+            year
+        )))));
+        assert!(not_member(with(Some(Certificate::issue(
+            &admin,
+            "other",
+            &node.public(),
+            NOW / 1000,
+            year
+        )))));
+        // A member's report counts; without admin keys anyone's does.
+        let member = with(Some(Certificate::issue(
+            &admin,
+            "plant",
+            &node.public(),
+            NOW / 1000,
+            year,
+        )));
+        assert!(check_member(&member, NOW, &admins).is_ok());
+        assert!(check(&with(None), NOW).is_ok());
+    }
 
     #[test]
     fn a_signed_report_is_taken_and_shown() -> Result<(), ReportRefusal> {

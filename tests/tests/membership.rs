@@ -299,3 +299,84 @@ fn a_revoked_member_is_cut_off_at_once_and_the_rest_of_the_site_carries_on() {
     );
     assert!(node_log(states[2]).contains("this node is revoked from its site"));
 }
+
+#[test]
+fn headquarters_that_trusts_admin_keys_counts_only_members_reports() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let admin = keygen(root, "admin.key");
+    let publisher = keygen(root, "publisher.key");
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let reports = root.join("reports");
+    let hq = OriginProc::start_with(&www, &["--reports", s(&reports), "--trust-admin", &admin.1]);
+    let app = root.join("app");
+    write(&app, "bin/app", &pseudo_random(200_000, 3));
+    let v1 = publish(&app, "1.0", &hq.url, &publisher, &www);
+    // An enrolled site of one node reports; its report counts.
+    let mut site = LoopSite::new(root, 1);
+    let token = token(&site.site, &admin.0);
+    let config = join(&site.states[0], &token, &hq.url, &publisher.1);
+    let mut cmd = site.command(0, Some(&hq.url), &publisher.1);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--report-to", &hq.url, "--report-interval", "1s"]);
+    site.start(0, cmd);
+    let pending = wait_staged(&[&site.states[0]], "1.0", &v1, Duration::from_secs(60));
+    assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+    let fleet = || -> serde_json::Value {
+        serde_json::from_str(&run_ok(&["fleet", "--reports", &hq.url, "--json"])).expect("JSON")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let view = loop {
+        let view = fleet();
+        let reported = view["sites"].as_array().is_some_and(|sites| {
+            sites
+                .iter()
+                .any(|s| s["site"] == site.site.as_str() && s["nodes"] == 1)
+        });
+        if reported {
+            break view;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{view:#}\n{}",
+            node_log(&site.states[0])
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // A validly signed report for the same site from a key no admin
+    // enrolled: refused, and the view does not change.
+    let stranger = lanup_protocol::sign::SecretKey::generate();
+    let forged = lanup_protocol::report::Report {
+        site: site.site.clone(),
+        sender: stranger.public().peer_id(),
+        sent_at_ms: lanup_node::node::now_unix_ms(),
+        nodes: vec![],
+        rollout: None,
+    };
+    let body = serde_json::to_vec(&lanup_protocol::report::sign(&forged, &stranger)).expect("json");
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{}_lanup/report", hq.url))
+        .body(body)
+        .send()
+        .expect("headquarters answers");
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("not an enrolled member"), "{text}");
+    let sites = |v: &serde_json::Value| v["sites"].as_array().map_or(0, Vec::len);
+    let after = fleet();
+    assert_eq!(sites(&after), sites(&view));
+    let ours = |v: &serde_json::Value| {
+        v["sites"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["site"] == site.site.as_str()).cloned())
+            .map(|s| (s["node_ids"].clone(), s["sender"].clone()))
+    };
+    assert_eq!(
+        ours(&after),
+        ours(&view),
+        "the forged report changed nothing"
+    );
+}
