@@ -380,3 +380,105 @@ fn headquarters_that_trusts_admin_keys_counts_only_members_reports() {
         "the forged report changed nothing"
     );
 }
+
+#[test]
+fn a_member_that_claims_the_fetcher_role_and_cannot_be_reached_is_passed_over_in_seconds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let admin = keygen(root, "admin.key");
+    let publisher = keygen(root, "publisher.key");
+    let www = root.join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let origin = OriginProc::start(&www, None);
+    let mut site = LoopSite::new(root, 4);
+    let token = token(&site.site, &admin.0);
+    // Node 3 is an enrolled member with the lowest key whose origin never
+    // answers; it knows node 0 alone, and no other node has its address:
+    // nodes 1 and 2 hear it only through node 0's gossip.
+    let lowest = loop {
+        let key = lanup_protocol::sign::SecretKey::generate();
+        if key.public().to_bytes()[0] < 0x08 {
+            break key;
+        }
+    };
+    let claimer = site.states[3].clone();
+    std::fs::create_dir_all(&claimer).expect("mkdir");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(claimer.join("identity.key"))
+            .expect("identity.key");
+        std::io::Write::write_all(&mut file, lowest.to_text().as_bytes()).expect("write");
+    }
+    let hang = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hang_url = format!("http://{}/", hang.local_addr().expect("addr"));
+    let config = join(&claimer, &token, &origin.url, &publisher.1);
+    let mut cmd = node_command(&claimer, Some(&hang_url), &publisher.1, &site.site);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[3])])
+        .args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[0])])
+        .arg("--no-mdns");
+    site.start(3, cmd);
+    for i in 0..3 {
+        let config = join(&site.states[i], &token, &origin.url, &publisher.1);
+        let mut cmd = node_command(&site.states[i], Some(&origin.url), &publisher.1, &site.site);
+        cmd.arg("--config")
+            .arg(config)
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[i])])
+            .arg("--no-mdns");
+        for j in (0..3).filter(|&j| j != i) {
+            cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[j])]);
+        }
+        site.start(i, cmd);
+    }
+    // Every member takes node 3 for the site's fetcher.
+    let claimer_id = lowest.public().peer_id();
+    let fetcher_of = |state: &Path| -> Option<String> {
+        let out = run(&["status", "--state", s(state), "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["fetcher"] == true)
+            .and_then(|n| n["peer_id"].as_str().map(str::to_owned))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !(0..3).all(|i| fetcher_of(&site.states[i]).as_deref() == Some(claimer_id.as_str())) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 3 is not the site's fetcher: {:?}",
+            (0..3)
+                .map(|i| fetcher_of(&site.states[i]))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let app = root.join("app");
+    write(&app, "bin/app", &pseudo_random(500_000, 12));
+    let release = publish(&app, "1.0", &origin.url, &publisher, &www);
+    let began = std::time::Instant::now();
+    // An administrator on node 2 asks for the release: node 2 cannot
+    // reach the fetcher it hears of, so the site passes it over.
+    let _ = run(&["check", "--state", s(&site.states[2])]);
+    let members: Vec<&Path> = site.states[..3].iter().map(PathBuf::as_path).collect();
+    let pending = wait_staged(&members, "1.0", &release, Duration::from_secs(30));
+    assert!(
+        pending.is_empty(),
+        "not staged on {pending:?}:\n{}",
+        site.states
+            .iter()
+            .map(|s| format!("--- {}\n{}", s.display(), node_log(s)))
+            .collect::<String>()
+    );
+    eprintln!(
+        "staged on the three reachable members {:.1?} after the check",
+        began.elapsed()
+    );
+    assert!(node_log(&site.states[2]).contains("the site's fetcher cannot be reached"));
+    drop(hang);
+}

@@ -263,6 +263,7 @@ impl Node {
             asking: false,
             next_at: Instant::now(),
             last_error: None,
+            unreached: None,
         });
         if pending.replies.len() >= CHECKS_HELD {
             let _ = reply.try_send(serde_json::json!({
@@ -332,8 +333,22 @@ impl Node {
             }
             Err(e) => {
                 debug!(%fetcher, error = %e, "a lanup check did not reach the site's fetcher; asking again");
+                let unreachable = e.starts_with("cannot reach") || e.contains("did not answer");
+                let count = match pending.unreached {
+                    Some((peer, n)) if peer == fetcher && unreachable => n + 1,
+                    _ if unreachable => 1,
+                    _ => 0,
+                };
+                pending.unreached = (count > 0).then_some((fetcher, count));
                 pending.last_error = Some(e);
                 pending.next_at = Instant::now() + CHECK_RETRY;
+                if count >= UNREACHED_SUSPECT && fetcher != self.local {
+                    warn!(peer = %fetcher, attempts = count, "the site's fetcher cannot be reached; the next node takes over");
+                    self.suspects.insert(fetcher, Instant::now());
+                    if let Some(p) = &mut self.check {
+                        p.unreached = None;
+                    }
+                }
             }
         }
     }
@@ -466,7 +481,15 @@ pub(super) struct PendingCheck {
     /// The next attempt, not before.
     next_at: Instant,
     last_error: Option<String>,
+    /// The fetcher that could not be reached, and how many times in a row.
+    unreached: Option<(PeerId, u32)>,
 }
+
+/// Attempts in a row that cannot reach the site's fetcher before this node
+/// suspects it: a fetcher no one can reach (gone, or never reachable:
+/// gossip passed on by others, no address that answers) is no fetcher,
+/// and the site passes it over in seconds rather than waiting on it.
+const UNREACHED_SUSPECT: u32 = 3;
 
 /// Asks `fetcher` to poll the origin now; whether it polls at once, or why
 /// it cannot.
