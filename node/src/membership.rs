@@ -77,6 +77,11 @@ pub fn identity(state: &Path) -> Result<lanup_protocol::sign::SecretKey> {
     crate::keys::load_secret(&path)
 }
 
+/// The PeerId of the node whose key is `key` (`ed25519:…`).
+fn peer_of(key: &str) -> Option<PeerId> {
+    key.parse::<PublicKey>().ok()?.peer_id().parse().ok()
+}
+
 /// What this node knows of its peers' membership.
 pub struct Gate {
     site: String,
@@ -86,7 +91,10 @@ pub struct Gate {
     revoked: Revocations,
     /// Each peer's last certificate checked (by digest), and until when it
     /// makes the peer a member (`None`: it did not hold).
-    known: HashMap<PeerId, ([u8; 32], Option<u64>)>,
+    known: HashMap<PeerId, ([u8; 32], Option<u64>, u64)>,
+    /// Bumped by each newer revocation list: a certificate checked before
+    /// it is checked again at its node's next heartbeat.
+    generation: u64,
     admission: watch::Sender<Admission>,
 }
 
@@ -102,6 +110,7 @@ impl Gate {
             from,
             revoked: Revocations::default(),
             known: HashMap::new(),
+            generation: 0,
             admission,
         }
     }
@@ -122,9 +131,14 @@ impl Gate {
             self.forget(author);
             return false;
         };
+        let was = self.is_member(&author, now);
         let digest = cert.digest();
         let until = match self.known.get(&author) {
-            Some((seen, until)) if *seen == digest => *until,
+            Some((seen, until, generation))
+                if *seen == digest && *generation == self.generation =>
+            {
+                *until
+            }
             _ => {
                 let until = match self.check(author, cert, now) {
                     Ok(until) => Some(until),
@@ -139,12 +153,16 @@ impl Gate {
                         self.known.remove(&drop);
                     }
                 }
-                self.known.insert(author, (digest, until));
+                self.known.insert(author, (digest, until, self.generation));
                 until
             }
         };
         let member = until.is_some_and(|u| now < u);
-        self.publish(now);
+        // The chunk server hears of changes only: every heartbeat of every
+        // member passes here.
+        if member != was {
+            self.publish(now);
+        }
         member
     }
 
@@ -174,7 +192,7 @@ impl Gate {
     pub fn is_member(&self, peer: &PeerId, now: u64) -> bool {
         self.known
             .get(peer)
-            .is_some_and(|(_, until)| until.is_some_and(|u| now < u))
+            .is_some_and(|(_, until, _)| until.is_some_and(|u| now < u))
     }
 
     /// Whether `peer` is admitted at `now`: a member, or anyone while
@@ -196,8 +214,15 @@ impl Gate {
                 keys = self.revoked.list.keys.len(),
                 "took a newer revocation list"
             );
-            // Every certificate is checked again against it.
-            self.known.clear();
+            // A node it names is out at once; every other certificate is
+            // checked again against it at its node's next heartbeat (one
+            // a token admitted is out then).
+            for key in &self.revoked.list.keys {
+                if let Some(peer) = peer_of(key) {
+                    self.known.remove(&peer);
+                }
+            }
+            self.generation += 1;
             self.publish(now);
         }
         Ok(taken)
@@ -261,7 +286,7 @@ impl Gate {
         let members: HashSet<PeerId> = self
             .known
             .iter()
-            .filter(|(_, (_, until))| until.is_some_and(|u| now < u))
+            .filter(|(_, (_, until, _))| until.is_some_and(|u| now < u))
             .map(|(peer, _)| *peer)
             .collect();
         self.admission.send_if_modified(|a| {
