@@ -4,10 +4,10 @@
 //! Trusted: the operating system's store (on Linux what
 //! `update-ca-certificates` installs, or `SSL_CERT_FILE` / `SSL_CERT_DIR`
 //! where set; on Windows the machine's certificate store) plus the
-//! authorities in `ca_file`, read again for every new client so that a
-//! renewed authority is taken without a restart. Each connection checks
-//! the server's certificate afresh, so a server certificate renewed
-//! meanwhile is simply taken by the next connection.
+//! authorities in `ca_file`, read when a client is made (the node's origin
+//! client when the node starts: a changed authority needs a restart). Each
+//! connection checks the server's certificate afresh, so a server
+//! certificate renewed meanwhile is simply taken by the next connection.
 //!
 //! Proxy: `proxy` in the configuration when set (with `NO_PROXY` still
 //! honoured), otherwise `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
