@@ -13,6 +13,27 @@ use std::time::Duration;
 use crate::common::*;
 use crate::swarm::{free_port, LoopSite};
 
+/// An administrator's keys, a publisher's, and an origin serving `www`.
+struct Org {
+    admin: (PathBuf, String),
+    publisher: (PathBuf, String),
+    www: PathBuf,
+    origin: OriginProc,
+}
+
+impl Org {
+    fn new(root: &Path) -> Org {
+        let www = root.join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        Org {
+            admin: keygen(root, "admin.key"),
+            publisher: keygen(root, "publisher.key"),
+            origin: OriginProc::start(&www, None),
+            www,
+        }
+    }
+}
+
 /// `lanup enroll`'s token for `site`, signed by the admin key at `key`.
 fn token(site: &str, key: &Path) -> String {
     run_ok(&["enroll", "--site", site, "--key", s(key), "--valid", "10m"])
@@ -50,6 +71,29 @@ fn node_key(state: &Path) -> [u8; 32] {
         .to_bytes()
 }
 
+/// Gives the node at `state` an identity whose key sorts below those of
+/// the nodes at `others` (so that, heard, it would be the site's fetcher).
+fn lowest_identity(state: &Path, others: &[PathBuf]) -> lanup_protocol::sign::SecretKey {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lowest = others.iter().map(|s| node_key(s)).min().expect("others");
+    let key = loop {
+        let key = lanup_protocol::sign::SecretKey::generate();
+        if key.public().to_bytes() < lowest {
+            break key;
+        }
+    };
+    std::fs::create_dir_all(state).expect("mkdir");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(state.join("identity.key"))
+        .expect("identity.key");
+    std::io::Write::write_all(&mut file, key.to_text().as_bytes()).expect("write");
+    key
+}
+
 /// The PeerIds a node lists in `lanup status --json`.
 fn listed(state: &Path) -> Vec<String> {
     let status: serde_json::Value =
@@ -68,11 +112,12 @@ fn listed(state: &Path) -> Vec<String> {
 fn a_stranger_that_claims_the_fetcher_role_is_ignored_and_gets_no_chunk() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
-    let admin = keygen(root, "admin.key");
-    let publisher = keygen(root, "publisher.key");
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let origin = OriginProc::start(&www, None);
+    let Org {
+        admin,
+        publisher,
+        www,
+        origin,
+    } = Org::new(root);
     let app = root.join("app");
     write(&app, "bin/app", &pseudo_random(2_000_000, 5));
     let release = publish(&app, "1.0", &origin.url, &publisher, &www);
@@ -86,29 +131,8 @@ fn a_stranger_that_claims_the_fetcher_role_is_ignored_and_gets_no_chunk() {
     // The stranger's key sorts below every member's: without membership
     // it would be the site's fetcher. Its origin accepts connections and
     // never answers.
-    let lowest = (0..3)
-        .map(|i| node_key(&site.states[i]))
-        .min()
-        .expect("members");
-    let stranger_key = loop {
-        let key = lanup_protocol::sign::SecretKey::generate();
-        if key.public().to_bytes() < lowest {
-            break key;
-        }
-    };
     let stranger = site.states[3].clone();
-    std::fs::create_dir_all(&stranger).expect("mkdir");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(stranger.join("identity.key"))
-            .expect("identity.key");
-        std::io::Write::write_all(&mut file, stranger_key.to_text().as_bytes()).expect("write");
-    }
+    let stranger_key = lowest_identity(&stranger, &site.states[..3]);
     let hang = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hang_url = format!("http://{}/", hang.local_addr().expect("addr"));
     let cmd = site.command(3, Some(&hang_url), &publisher.1);
@@ -220,11 +244,12 @@ fn membership(state: &Path) -> serde_json::Value {
 fn a_revoked_member_is_cut_off_at_once_and_the_rest_of_the_site_carries_on() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
-    let admin = keygen(root, "admin.key");
-    let publisher = keygen(root, "publisher.key");
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let origin = OriginProc::start(&www, None);
+    let Org {
+        admin,
+        publisher,
+        www,
+        origin,
+    } = Org::new(root);
     let app = root.join("app");
     write(&app, "bin/app", &pseudo_random(1_000_000, 8));
     let v1 = publish(&app, "1.0", &origin.url, &publisher, &www);
@@ -385,35 +410,22 @@ fn headquarters_that_trusts_admin_keys_counts_only_members_reports() {
 fn a_member_that_claims_the_fetcher_role_and_cannot_be_reached_is_passed_over_in_seconds() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
-    let admin = keygen(root, "admin.key");
-    let publisher = keygen(root, "publisher.key");
-    let www = root.join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let origin = OriginProc::start(&www, None);
+    let Org {
+        admin,
+        publisher,
+        www,
+        origin,
+    } = Org::new(root);
     let mut site = LoopSite::new(root, 4);
     let token = token(&site.site, &admin.0);
     // Node 3 is an enrolled member with the lowest key whose origin never
     // answers; it knows node 0 alone, and no other node has its address:
     // nodes 1 and 2 hear it only through node 0's gossip.
-    let lowest = loop {
-        let key = lanup_protocol::sign::SecretKey::generate();
-        if key.public().to_bytes()[0] < 0x08 {
-            break key;
-        }
-    };
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| join(&site.states[i], &token, &origin.url, &publisher.1))
+        .collect();
     let claimer = site.states[3].clone();
-    std::fs::create_dir_all(&claimer).expect("mkdir");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(claimer.join("identity.key"))
-            .expect("identity.key");
-        std::io::Write::write_all(&mut file, lowest.to_text().as_bytes()).expect("write");
-    }
+    let lowest = lowest_identity(&claimer, &site.states[..3]);
     let hang = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hang_url = format!("http://{}/", hang.local_addr().expect("addr"));
     let config = join(&claimer, &token, &origin.url, &publisher.1);
@@ -424,8 +436,7 @@ fn a_member_that_claims_the_fetcher_role_and_cannot_be_reached_is_passed_over_in
         .args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[0])])
         .arg("--no-mdns");
     site.start(3, cmd);
-    for i in 0..3 {
-        let config = join(&site.states[i], &token, &origin.url, &publisher.1);
+    for (i, config) in configs.iter().enumerate() {
         let mut cmd = node_command(&site.states[i], Some(&origin.url), &publisher.1, &site.site);
         cmd.arg("--config")
             .arg(config)
