@@ -29,7 +29,8 @@ pub(crate) struct SetupArgs {
     #[arg(long, value_name = "NAME", required_unless_present = "join")]
     site: Option<String>,
     /// An admin key whose signed rollouts this node obeys (repeatable;
-    /// with --join, the key that issued the token is trusted too).
+    /// with --join, the token must come from one of them, and without any
+    /// the key that issued the token is trusted).
     #[arg(long, value_name = "KEY")]
     trust_admin: Vec<PublicKey>,
     /// Enroll this machine's node as a member of the site with a token
@@ -210,8 +211,12 @@ pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
             }
             args.site = Some(token.site().to_owned());
             let admin: PublicKey = token.admin().parse().context("--join: its admin key")?;
-            if !args.trust_admin.contains(&admin) {
+            // Given admin keys, the token must come from one of them;
+            // given none, the token's key is trusted (and named below).
+            if args.trust_admin.is_empty() {
                 args.trust_admin.push(admin);
+            } else if !args.trust_admin.contains(&admin) {
+                bail!("--join: the token was issued with admin key {admin}, which is not one of the --trust-admin keys");
             }
             Some(token)
         }
@@ -302,11 +307,12 @@ pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
         let cert = token.admit(&key.public(), now).context("--join")?;
         lanup_node::membership::save(&config.state, &cert)?;
         notes.push(format!(
-            "enrolled this node ({}) as a member of site {:?} until {} (certificate in {}); it admits only members",
+            "enrolled this node ({}) as a member of site {:?} until {} (certificate in {}); it admits only members, and trusts admin key {}",
             key.public().peer_id(),
             token.site(),
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(now + (cert_lasts(&cert)))),
-            lanup_node::membership::certificate_path(&config.state).display()
+            lanup_node::membership::certificate_path(&config.state).display(),
+            token.admin()
         ));
     }
     for note in notes {

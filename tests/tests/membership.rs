@@ -493,3 +493,53 @@ fn a_member_that_claims_the_fetcher_role_and_cannot_be_reached_is_passed_over_in
     assert!(node_log(&site.states[2]).contains("the site's fetcher cannot be reached"));
     drop(hang);
 }
+
+#[test]
+fn a_join_token_from_an_untrusted_admin_an_expired_one_or_a_damaged_one_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let admin = keygen(root, "admin.key");
+    let other = keygen(root, "other.key");
+    let (_, publisher) = keygen(root, "publisher.key");
+    let (state, config) = (root.join("state"), root.join("lanup.toml"));
+    let setup = |token: &str, extra: &[&str]| {
+        let mut args = vec![
+            "setup",
+            "--join",
+            token,
+            "--origin",
+            "http://127.0.0.1:9/",
+            "--trust-publisher",
+            &publisher,
+            "--state",
+            s(&state),
+            "--config",
+            s(&config),
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let good = token("plant", &admin.0);
+    let said = setup(&good, &["--trust-admin", &other.1]);
+    assert!(said.contains("not one of the --trust-admin keys"), "{said}");
+    let said = setup(&good, &["--site", "another-plant"]);
+    assert!(said.contains("the token is for site \"plant\""), "{said}");
+    let short = run_ok(&[
+        "enroll",
+        "--site",
+        "plant",
+        "--key",
+        s(&admin.0),
+        "--valid",
+        "1s",
+    ]);
+    std::thread::sleep(Duration::from_millis(2100));
+    let said = setup(short.trim(), &[]);
+    assert!(said.contains("expired"), "{said}");
+    let said = setup(&good[..good.len() - 9], &[]);
+    assert!(said.contains("join token"), "{said}");
+    assert!(!root.join("lanup.toml").exists(), "nothing is written");
+    assert!(!root.join("state/membership.json").exists());
+}
