@@ -79,34 +79,43 @@ fn proxy_for(url: &str) -> Result<reqwest::Proxy> {
     Ok(proxy.no_proxy(reqwest::NoProxy::from_env()))
 }
 
+/// The authorities of `ca_file` and the proxy, as the settings name them.
+fn trust_and_route() -> Result<(Vec<reqwest::Certificate>, Option<reqwest::Proxy>)> {
+    let settings = settings();
+    let authorities = match &settings.ca_file {
+        Some(file) => authorities(file)?,
+        None => Vec::new(),
+    };
+    let proxy = settings.proxy.as_deref().map(proxy_for).transpose()?;
+    Ok((authorities, proxy))
+}
+
 /// A client builder with this process's trust and proxy.
 pub fn builder() -> Result<reqwest::ClientBuilder> {
-    let settings = settings();
-    let mut builder = reqwest::Client::builder();
-    if let Some(file) = &settings.ca_file {
-        for cert in authorities(file)? {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let Some(proxy) = &settings.proxy {
-        builder = builder.proxy(proxy_for(proxy)?);
-    }
-    Ok(builder)
+    let (authorities, proxy) = trust_and_route()?;
+    let builder = authorities
+        .into_iter()
+        .fold(reqwest::Client::builder(), |b, cert| {
+            b.add_root_certificate(cert)
+        });
+    Ok(match proxy {
+        Some(proxy) => builder.proxy(proxy),
+        None => builder,
+    })
 }
 
 /// The blocking counterpart of [`builder`], for the CLI.
 pub fn blocking_builder() -> Result<reqwest::blocking::ClientBuilder> {
-    let settings = settings();
-    let mut builder = reqwest::blocking::Client::builder();
-    if let Some(file) = &settings.ca_file {
-        for cert in authorities(file)? {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let Some(proxy) = &settings.proxy {
-        builder = builder.proxy(proxy_for(proxy)?);
-    }
-    Ok(builder)
+    let (authorities, proxy) = trust_and_route()?;
+    let builder = authorities
+        .into_iter()
+        .fold(reqwest::blocking::Client::builder(), |b, cert| {
+            b.add_root_certificate(cert)
+        });
+    Ok(match proxy {
+        Some(proxy) => builder.proxy(proxy),
+        None => builder,
+    })
 }
 
 /// What an operator should know when `error` (anywhere in its chain) is

@@ -85,6 +85,8 @@ fn peer_of(key: &str) -> Option<PeerId> {
 /// What this node knows of its peers' membership.
 pub struct Gate {
     site: String,
+    /// This node's own key, `ed25519:…`.
+    own: String,
     trusted: Vec<PublicKey>,
     /// From when (Unix seconds) only members are admitted; `None`: never.
     from: Option<u64>,
@@ -99,13 +101,20 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(site: &str, trusted: &[PublicKey], from: Option<u64>, now: u64) -> Gate {
+    pub fn new(
+        site: &str,
+        own: &PublicKey,
+        trusted: &[PublicKey],
+        from: Option<u64>,
+        now: u64,
+    ) -> Gate {
         let (admission, _) = watch::channel(Admission {
             enforcing: from.is_some_and(|f| now >= f),
             members: HashSet::new(),
         });
         Gate {
             site: site.to_owned(),
+            own: own.to_string(),
             trusted: trusted.to_vec(),
             from,
             revoked: Revocations::default(),
@@ -238,6 +247,11 @@ impl Gate {
         self.revoked.list.issued
     }
 
+    /// Whether the site's revocation list names this node.
+    pub fn revokes_self(&self) -> bool {
+        self.revoked.names(&self.own)
+    }
+
     /// The keys revoked.
     pub fn revoked_keys(&self) -> &[String] {
         &self.revoked.list.keys
@@ -319,7 +333,8 @@ mod tests {
             SecretKey::generate(),
             SecretKey::generate(),
         );
-        let mut gate = Gate::new("plant", &[admin.public()], Some(NOW), NOW);
+        let own = SecretKey::generate().public();
+        let mut gate = Gate::new("plant", &own, &[admin.public()], Some(NOW), NOW);
         let admission = gate.admission();
         let cert_a = Certificate::issue(&admin, "plant", &a.public(), NOW, 3600);
         let cert_b = Certificate::issue(&admin, "plant", &b.public(), NOW, 3600);
@@ -340,7 +355,7 @@ mod tests {
         gate.publish(NOW + 3600);
         assert!(!gate.admits(&peer(&a), NOW + 3600));
         // Before `from`, everyone is admitted.
-        let open = Gate::new("plant", &[admin.public()], Some(NOW + 100), NOW);
+        let open = Gate::new("plant", &own, &[admin.public()], Some(NOW + 100), NOW);
         assert!(open.admits(&peer(&stranger), NOW));
         assert!(!open.admits(&peer(&stranger), NOW + 100));
     }

@@ -175,7 +175,7 @@ enum Done {
     Applied(Outcome),
     Commands(PeerId, Vec<SignedCommand>),
     /// The site's fetcher's answer to a `lanup check` passed on to it.
-    Checked(PeerId, Result<bool, String>),
+    Checked(PeerId, Result<bool, status::CheckError>),
 }
 
 struct Node {
@@ -364,6 +364,7 @@ pub async fn run(
     let own_certificate = own_certificate(&config, &key)?;
     let mut gate = crate::membership::Gate::new(
         &config.site,
+        &key.public(),
         &config.trust_admin,
         config.members_only_from,
         now_unix_ms() / 1000,

@@ -283,7 +283,6 @@ impl Node {
 impl Node {
     /// Whether the site's revocation list names this node.
     pub(super) fn revoked_here(&self) -> bool {
-        lanup_protocol::sign::PublicKey::from_peer_id(&self.local.to_string())
-            .is_some_and(|key| self.gate.revoked_keys().contains(&key.to_string()))
+        self.gate.revokes_self()
     }
 }

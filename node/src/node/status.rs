@@ -319,7 +319,7 @@ impl Node {
     }
 
     /// The fetcher's answer to a check this node passed on.
-    pub(super) fn checked(&mut self, fetcher: PeerId, answer: Result<bool, String>) {
+    pub(super) fn checked(&mut self, fetcher: PeerId, answer: Result<bool, CheckError>) {
         let Some(pending) = &mut self.check else {
             return;
         };
@@ -333,14 +333,14 @@ impl Node {
             }
             Err(e) => {
                 debug!(%fetcher, error = %e, "a lanup check did not reach the site's fetcher; asking again");
-                let unreachable = e.starts_with("cannot reach") || e.contains("did not answer");
+                let unreachable = matches!(e, CheckError::Unreached(_));
                 let count = match pending.unreached {
                     Some((peer, n)) if peer == fetcher && unreachable => n + 1,
                     _ if unreachable => 1,
                     _ => 0,
                 };
                 pending.unreached = (count > 0).then_some((fetcher, count));
-                pending.last_error = Some(e);
+                pending.last_error = Some(e.to_string());
                 pending.next_at = Instant::now() + CHECK_RETRY;
                 if count >= UNREACHED_SUSPECT && fetcher != self.local {
                     warn!(peer = %fetcher, attempts = count, "the site's fetcher cannot be reached; the next node takes over");
@@ -491,25 +491,46 @@ pub(super) struct PendingCheck {
 /// and the site passes it over in seconds rather than waiting on it.
 const UNREACHED_SUSPECT: u32 = 3;
 
+/// Why a check passed on to the site's fetcher did not reach it.
+#[derive(Debug)]
+pub(super) enum CheckError {
+    /// It could not be reached, or did not answer: counts toward
+    /// suspecting it.
+    Unreached(String),
+    /// It answered, but not as the fetcher (the site is choosing one, or
+    /// it runs an older lanup).
+    Refused(String),
+}
+
+impl std::fmt::Display for CheckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckError::Unreached(why) | CheckError::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Asks `fetcher` to poll the origin now; whether it polls at once, or why
 /// it cannot.
-async fn ask_to_check(net: &NetworkClient, fetcher: PeerId) -> Result<bool, String> {
+async fn ask_to_check(net: &NetworkClient, fetcher: PeerId) -> Result<bool, CheckError> {
     let asked = tokio::time::timeout(CHECK_ASK, net.request(fetcher, Request::Check));
     match asked.await {
         Ok(Ok(Response::Check {
             fetcher: true,
             polling,
         })) => Ok(polling),
-        Ok(Ok(Response::Check { fetcher: false, .. })) => Err(format!(
+        Ok(Ok(Response::Check { fetcher: false, .. })) => Err(CheckError::Refused(format!(
             "{fetcher} does not count itself the site's fetcher (the site is choosing one); try again in a few seconds"
-        )),
-        Ok(Ok(_)) => Err(format!(
+        ))),
+        Ok(Ok(_)) => Err(CheckError::Refused(format!(
             "the site's fetcher {fetcher} does not know this request (it runs an older lanup)"
-        )),
-        Ok(Err(e)) => Err(format!("cannot reach the site's fetcher {fetcher}: {e:#}")),
-        Err(_) => Err(format!(
+        ))),
+        Ok(Err(e)) => Err(CheckError::Unreached(format!(
+            "cannot reach the site's fetcher {fetcher}: {e:#}"
+        ))),
+        Err(_) => Err(CheckError::Unreached(format!(
             "the site's fetcher {fetcher} did not answer within {} s",
             CHECK_ASK.as_secs()
-        )),
+        ))),
     }
 }
