@@ -241,6 +241,14 @@ enum Command {
         /// (repeatable; the sites' trust_admin keys).
         #[arg(long, value_name = "KEY", requires = "reports")]
         trust_admin: Vec<PublicKey>,
+        /// With --reports: how long each site's timeline is kept, and a
+        /// site that stops reporting.
+        #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = humantime::parse_duration, requires = "reports")]
+        keep_history: std::time::Duration,
+        /// With --reports: sites kept at most (a new site beyond is
+        /// refused).
+        #[arg(long, value_name = "N", default_value_t = lanup_hq::store::MAX_SITES, requires = "reports")]
+        max_sites: usize,
     },
 }
 
@@ -666,14 +674,22 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             reports,
             stale_after,
             trust_admin,
+            keep_history,
+            max_sites,
         } => {
-            let reports = reports
+            let hq = reports
                 .map(|r| {
-                    lanup_node::hq::Reports::open(&r, stale_after)
-                        .map(|r| r.members_only(trust_admin))
+                    lanup_hq::Headquarters::open(lanup_hq::Settings {
+                        dir: r,
+                        releases: dir.clone(),
+                        stale_after,
+                        keep: keep_history,
+                        max_sites,
+                        admins: trust_admin,
+                    })
                 })
                 .transpose()?;
-            runtime()?.block_on(origin(&dir, &listen, rate, reports))
+            runtime()?.block_on(origin(&dir, &listen, rate, hq))
         }
     }
 }
@@ -1328,7 +1344,7 @@ async fn origin(
     dir: &Path,
     listen: &str,
     rate: Option<Rate>,
-    reports: Option<lanup_node::hq::Reports>,
+    hq: Option<lanup_hq::Headquarters>,
 ) -> Result<ExitCode> {
     let mut origin = Origin::bind(dir, listen, rate).await?;
     let addr = origin.local_addr()?;
@@ -1336,8 +1352,9 @@ async fn origin(
         "lanup origin: serving {} at http://{addr}/\n",
         dir.display()
     );
-    if let Some(reports) = reports {
-        origin = origin.with_reports(reports);
+    let hq = hq.map(std::sync::Arc::new);
+    if let Some(hq) = &hq {
+        origin = origin.with_routes(lanup_hq::routes(hq.clone()));
         said.push_str(&format!(
             "lanup origin: taking site reports; the fleet at http://{addr}/_lanup/fleet\n"
         ));
@@ -1346,7 +1363,16 @@ async fn origin(
     // may have stopped reading after the address.
     let mut out = std::io::stdout();
     let _ = out.write_all(said.as_bytes()).and_then(|()| out.flush());
-    origin.serve(shutdown_signal()).await?;
+    let upkeep = async move {
+        match hq {
+            Some(hq) => hq.upkeep().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = origin.serve(shutdown_signal()) => served?,
+        () = upkeep => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

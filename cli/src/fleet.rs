@@ -29,6 +29,17 @@ pub(crate) struct FleetArgs {
     /// flagged stale (a URL uses the origin's own setting).
     #[arg(long, value_name = "DURATION", default_value = "2h10m", value_parser = humantime::parse_duration)]
     stale_after: Duration,
+    /// Show this site alone; with --history, its timeline.
+    #[arg(long, value_name = "NAME")]
+    site: Option<String>,
+    /// With --site: the site's timeline, newest first (what changed at
+    /// each report: versions, failures, rollouts, nodes, senders), and its
+    /// enrolled members.
+    #[arg(long, requires = "site")]
+    history: bool,
+    /// With --history: at most this many entries.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    limit: usize,
 }
 
 /// The fleet view as JSON, from a URL or a folder.
@@ -37,28 +48,84 @@ pub(crate) fn fetch_view(reports: &str, stale_after: Duration) -> Result<serde_j
         let url = format!(
             "{}/{}",
             reports.trim_end_matches('/'),
-            lanup_node::hq::FLEET_JSON_PATH.trim_start_matches('/')
+            lanup_protocol::report::FLEET_JSON_PATH.trim_start_matches('/')
         );
-        let resp = lanup_node::http::blocking_builder()?
-            .timeout(Duration::from_secs(30))
-            .build()?
-            .get(&url)
-            .send()
-            .with_context(|| format!("cannot reach {url}"))?;
-        let status = resp.status();
-        let text = resp.text().with_context(|| format!("reading {url}"))?;
-        if !status.is_success() {
-            anyhow::bail!("{url} answered {status}: {}", text.trim());
-        }
-        return serde_json::from_str(&text).with_context(|| format!("{url}: not a fleet view"));
+        return get_json(&url, "a fleet view");
     }
-    let fleet = lanup_node::hq::load(Path::new(reports))?;
-    let sites = fleet.view(now_ms(), stale_after.as_millis() as u64);
-    Ok(lanup_node::hq::fleet_json(&sites, None))
+    let store = lanup_hq::Store::open_read_only(Path::new(reports))?;
+    let (sites, counts) = store.views(
+        now_ms(),
+        stale_after.as_millis() as u64,
+        &lanup_hq::Filter::default(),
+    )?;
+    Ok(lanup_hq::fleet_json(&sites, counts, None))
+}
+
+fn get_json(url: &str, what: &str) -> Result<serde_json::Value> {
+    let resp = lanup_node::http::blocking_builder()?
+        .timeout(Duration::from_secs(60))
+        .build()?
+        .get(url)
+        .send()
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let text = resp.text().with_context(|| format!("reading {url}"))?;
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}: {}", text.trim());
+    }
+    serde_json::from_str(&text).with_context(|| format!("{url}: not {what}"))
+}
+
+/// A site's timeline and members as JSON, from a URL or a folder.
+fn fetch_history(reports: &str, site: &str, limit: usize) -> Result<serde_json::Value> {
+    if reports.starts_with("http://") || reports.starts_with("https://") {
+        let url = format!(
+            "{}/{}?site={}&limit={limit}",
+            reports.trim_end_matches('/'),
+            lanup_protocol::report::HISTORY_JSON_PATH.trim_start_matches('/'),
+            site
+        );
+        return get_json(&url, "a site's timeline");
+    }
+    let store = lanup_hq::Store::open_read_only(Path::new(reports))?;
+    let events = store.history(site, limit)?;
+    if events.is_empty() {
+        anyhow::bail!("no timeline for site {site:?}: it has not reported within the history kept");
+    }
+    Ok(serde_json::json!({
+        "site": site,
+        "events": events,
+        "members": store.members(site)?,
+    }))
 }
 
 pub(crate) fn run(args: FleetArgs) -> Result<ExitCode> {
-    let view = fetch_view(&args.reports, args.stale_after)?;
+    if let Some(site) = args.site.as_deref().filter(|_| args.history) {
+        if !lanup_protocol::report::valid_site(site) {
+            anyhow::bail!("--site {site:?}: not a site name");
+        }
+        let history = fetch_history(&args.reports, site, args.limit)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&history)?);
+        } else {
+            print!("{}", timeline(&history)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut view = fetch_view(&args.reports, args.stale_after)?;
+    if let Some(site) = &args.site {
+        let one: Vec<serde_json::Value> = view["sites"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["site"].as_str() == Some(site))
+            .cloned()
+            .collect();
+        if one.is_empty() {
+            anyhow::bail!("site {site:?}: headquarters has no report from it");
+        }
+        view["sites"] = serde_json::Value::Array(one);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(ExitCode::SUCCESS);
@@ -83,6 +150,69 @@ pub(crate) fn run(args: FleetArgs) -> Result<ExitCode> {
     }
     print!("{}", table(&sites));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A site's timeline: one line per entry, newest first, then its members.
+fn timeline(history: &serde_json::Value) -> Result<String> {
+    let events: Vec<lanup_hq::Event> =
+        serde_json::from_value(history["events"].clone()).context("the site's timeline")?;
+    let members: Vec<lanup_hq::Member> =
+        serde_json::from_value(history["members"].clone()).unwrap_or_default();
+    let mut out = format!(
+        "{:<20}  {:<10} {:>5}  {:<24} {:<22} {}\n",
+        "RECEIVED (UTC)", "SENDER", "NODES", "INSTALLED", "ROLLOUT", "CHANGED"
+    );
+    for e in &events {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(e.received_ms);
+        let at = humantime::format_rfc3339_seconds(at).to_string();
+        let v = &e.view;
+        let versions = v
+            .versions
+            .iter()
+            .map(|(v, n)| format!("{v}×{n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let rollout = v
+            .rollout
+            .as_ref()
+            .map(|r| format!("{} {} {}", r.action, r.version, r.stage))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<20}  {:<10} {:>5}  {:<24} {:<22} {}\n",
+            at.trim_end_matches('Z').replace('T', " "),
+            lanup_protocol::short_peer(&e.sender),
+            v.nodes,
+            versions,
+            rollout,
+            e.changes.join(", ")
+        ));
+        for f in &v.failed {
+            out.push_str(&format!(
+                "    failed: {}{}: {}\n",
+                lanup_protocol::short_peer(&f.node),
+                f.version
+                    .as_ref()
+                    .map(|v| format!(" ({v})"))
+                    .unwrap_or_default(),
+                f.error
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "{} entries shown for site {}\n",
+        events.len(),
+        history["site"].as_str().unwrap_or("?")
+    ));
+    if !members.is_empty() {
+        let now = now_ms() / 1000;
+        let soonest = members.iter().map(|m| m.expires_s).min().unwrap_or(0);
+        out.push_str(&format!(
+            "{} enrolled member(s) heard from; the first certificate to expire does so in {} days\n",
+            members.len(),
+            soonest.saturating_sub(now) / 86_400
+        ));
+    }
+    Ok(out)
 }
 
 /// One line per site, then one per failed node.

@@ -17,7 +17,6 @@ pub mod disk;
 pub mod fetch;
 pub mod fetch_deltas;
 pub mod fetcher;
-pub mod hq;
 pub mod http;
 pub mod keys;
 pub mod logfile;

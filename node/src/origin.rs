@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result};
-use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt;
 use lanup_protocol::units::Rate;
@@ -22,9 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::io::ReaderStream;
 use tracing::{debug, info};
 
-use crate::hq::{self, Reports};
 use crate::throttle::Throttle;
-use lanup_protocol::report::MAX_REPORT_BYTES;
 use std::net::SocketAddr;
 
 /// Path of the statistics endpoint.
@@ -59,13 +57,14 @@ struct Shared {
     stats: Arc<Stats>,
     throttle: Throttle,
     rate: Option<Rate>,
-    reports: Option<Arc<Reports>>,
 }
 
 /// A bound origin, ready to serve.
 pub struct Origin {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// Routes served beside the release folder (headquarters').
+    extra: Router,
 }
 
 impl Origin {
@@ -88,16 +87,15 @@ impl Origin {
                 stats: Arc::default(),
                 throttle,
                 rate,
-                reports: None,
             }),
+            extra: Router::new(),
         })
     }
 
-    /// Takes site reports too, kept in `reports`, and shows the fleet.
-    pub fn with_reports(mut self, reports: Reports) -> Origin {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.reports = Some(Arc::new(reports));
-        }
+    /// Serves `routes` too, beside the release folder (headquarters'
+    /// report intake and fleet view).
+    pub fn with_routes(mut self, routes: Router) -> Origin {
+        self.extra = self.extra.merge(routes);
         self
     }
 
@@ -125,14 +123,9 @@ impl Origin {
         );
         let app = Router::new()
             .route(STATS_PATH, get(stats))
-            .route(
-                hq::REPORT_PATH,
-                post(take_report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)),
-            )
-            .route(hq::FLEET_JSON_PATH, get(fleet_json))
-            .route(hq::FLEET_PAGE_PATH, get(fleet_page))
             .fallback(serve_file)
-            .with_state(self.shared);
+            .with_state(self.shared)
+            .merge(self.extra);
         axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -153,53 +146,6 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
-    )
-        .into_response()
-}
-
-fn no_reports() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        "this origin takes no site reports (start it with --reports DIR)\n",
-    )
-        .into_response()
-}
-
-async fn take_report(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    body: Bytes,
-) -> Response {
-    let Some(reports) = shared.reports.clone() else {
-        return no_reports();
-    };
-    match tokio::task::spawn_blocking(move || reports.take(&body, from.ip())).await {
-        Ok(Ok(said)) => (StatusCode::OK, said).into_response(),
-        Ok(Err(refused)) => (refused.status, refused.message + "\n").into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "report lost\n").into_response(),
-    }
-}
-
-async fn fleet_json(State(shared): State<Arc<Shared>>) -> Response {
-    let Some(reports) = &shared.reports else {
-        return no_reports();
-    };
-    let sites = reports.view();
-    let rollout = hq::read_rollout(&shared.root);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        hq::fleet_json(&sites, rollout.as_ref()).to_string(),
-    )
-        .into_response()
-}
-
-async fn fleet_page(State(shared): State<Arc<Shared>>) -> Response {
-    let Some(reports) = &shared.reports else {
-        return no_reports();
-    };
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        hq::fleet_page(&reports.view(), hq::read_rollout(&shared.root).as_ref()),
     )
         .into_response()
 }

@@ -71,13 +71,16 @@ impl Reporter {
 
 /// The report path under a base URL, unless the URL names it already.
 pub fn report_url(base: &str) -> String {
-    if base.trim_end_matches('/').ends_with(crate::hq::REPORT_PATH) {
+    if base
+        .trim_end_matches('/')
+        .ends_with(lanup_protocol::report::REPORT_PATH)
+    {
         return base.to_owned();
     }
     format!(
         "{}/{}",
         base.trim_end_matches('/'),
-        crate::hq::REPORT_PATH.trim_start_matches('/')
+        lanup_protocol::report::REPORT_PATH.trim_start_matches('/')
     )
 }
 
@@ -270,7 +273,7 @@ mod tests {
         let posts: Arc<Mutex<Vec<Report>>> = Arc::default();
         let kept = posts.clone();
         let app = axum::Router::new().route(
-            crate::hq::REPORT_PATH,
+            lanup_protocol::report::REPORT_PATH,
             axum::routing::post(move |body: axum::body::Bytes| {
                 let kept = kept.clone();
                 async move {

@@ -15,6 +15,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::sign::{PublicKey, SecretKey};
 
+/// Where sites post their reports to headquarters.
+pub const REPORT_PATH: &str = "/_lanup/report";
+/// Headquarters' fleet view as JSON.
+pub const FLEET_JSON_PATH: &str = "/_lanup/fleet.json";
+/// Headquarters' fleet view as a page.
+pub const FLEET_PAGE_PATH: &str = "/_lanup/fleet";
+/// One site's timeline at headquarters, as JSON (`?site=NAME`).
+pub const HISTORY_JSON_PATH: &str = "/_lanup/fleet/history.json";
+
 /// The largest report headquarters takes (a site of a few hundred nodes
 /// fits).
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
@@ -163,18 +172,36 @@ pub fn valid_site(site: &str) -> bool {
 /// key signed its exact text, its site name and its age. Replays are for
 /// [`Fleet::accept`], which knows what was taken before.
 pub fn check(body: &[u8], now_ms: u64) -> Result<Report, ReportRefusal> {
-    check_member(body, now_ms, &[])
+    check_member(body, now_ms, &[], |_| None).map(|c| c.report)
+}
+
+/// A report that passed [`check_member`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub report: Report,
+    /// The sender's membership, when members' reports alone count.
+    pub member: Option<Enrolled>,
+}
+
+/// A reporting node's membership, as its certificate showed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolled {
+    pub grant: crate::membership::Grant,
+    /// The key that signed the grant: an admin's, or a join token's.
+    pub signer: String,
 }
 
 /// [`check`], and, with `admins` (headquarters' trusted admin keys), that
 /// the sender is an enrolled member of the site it reports for: a
 /// certificate for its key and that site, signed by one of them (or by a
-/// join token one of them vouched for), not expired.
+/// join token one of them vouched for), not expired, and neither it nor
+/// its token in the site's revocation list (`revoked(site)`).
 pub fn check_member(
     body: &[u8],
     now_ms: u64,
     admins: &[PublicKey],
-) -> Result<Report, ReportRefusal> {
+    revoked: impl Fn(&str) -> Option<crate::membership::Revocations>,
+) -> Result<Checked, ReportRefusal> {
     if body.len() > MAX_REPORT_BYTES {
         return Err(ReportRefusal::TooLarge(body.len()));
     }
@@ -201,6 +228,7 @@ pub fn check_member(
     if !valid_site(&report.site) {
         return Err(ReportRefusal::BadSite(report.site));
     }
+    let mut member = None;
     if !admins.is_empty() {
         let not_member = |reason: String| ReportRefusal::NotMember {
             site: report.site.clone(),
@@ -210,14 +238,19 @@ pub fn check_member(
             .membership
             .as_ref()
             .ok_or_else(|| not_member("it carries no membership certificate".into()))?;
-        cert.check(
-            &report.site,
-            &key,
-            admins,
-            &crate::membership::Revocations::default(),
-            now_ms / 1000,
-        )
-        .map_err(|e| not_member(e.to_string()))?;
+        let grant = cert
+            .check(
+                &report.site,
+                &key,
+                admins,
+                &revoked(&report.site).unwrap_or_default(),
+                now_ms / 1000,
+            )
+            .map_err(|e| not_member(e.to_string()))?;
+        member = Some(Enrolled {
+            grant,
+            signer: cert.grant.key.clone(),
+        });
     }
     if report.sent_at_ms > now_ms + MAX_SKEW_MS {
         return Err(ReportRefusal::Future((report.sent_at_ms - now_ms) / 1000));
@@ -228,7 +261,7 @@ pub fn check_member(
             MAX_AGE_MS / 1000,
         ));
     }
-    Ok(report)
+    Ok(Checked { report, member })
 }
 
 /// What headquarters keeps of one site.
@@ -275,79 +308,87 @@ pub struct Fleet {
     pub sites: BTreeMap<String, SiteRecord>,
 }
 
-impl Fleet {
-    /// Takes a checked report received at `now_ms`; refuses a replay.
+impl SiteRecord {
+    /// What headquarters keeps of a site after its first report.
+    pub fn new(report: &Report, now_ms: u64) -> SiteRecord {
+        SiteRecord {
+            report: report.clone(),
+            received_ms: now_ms,
+            first_seen_ms: BTreeMap::new(),
+            last_listed_ms: BTreeMap::new(),
+            senders: BTreeMap::new(),
+            vouched: std::iter::once(report.sender.clone())
+                .chain(report.nodes.iter().map(|n| n.id.clone()))
+                .collect(),
+            unlisted_sender: false,
+        }
+    }
+
+    /// Takes a checked report for this site received at `now_ms`; refuses
+    /// a replay (a report not newer than its sender's newest taken).
     pub fn accept(&mut self, report: Report, now_ms: u64) -> Result<Accepted, ReportRefusal> {
         let mut accepted = Accepted::default();
-        if !self.sites.contains_key(&report.site) {
-            if self.sites.len() >= MAX_SITES {
-                return Err(ReportRefusal::TooManySites(self.sites.len()));
-            }
-            accepted.new_site = true;
-        }
-        let record = self
-            .sites
-            .entry(report.site.clone())
-            .or_insert_with(|| SiteRecord {
-                report: report.clone(),
-                received_ms: now_ms,
-                first_seen_ms: BTreeMap::new(),
-                last_listed_ms: BTreeMap::new(),
-                senders: BTreeMap::new(),
-                vouched: std::iter::once(report.sender.clone())
-                    .chain(report.nodes.iter().map(|n| n.id.clone()))
-                    .collect(),
-                unlisted_sender: false,
-            });
-        match record.senders.get(&report.sender) {
+        match self.senders.get(&report.sender) {
             Some(&last) if report.sent_at_ms <= last => {
                 return Err(ReportRefusal::Replayed(report.sender));
             }
             Some(_) => {}
             None => accepted.new_sender = true,
         }
-        let unlisted = !record.vouched.contains(&report.sender);
+        let unlisted = !self.vouched.contains(&report.sender);
         if !unlisted {
-            record
-                .vouched
+            self.vouched
                 .extend(report.nodes.iter().map(|n| n.id.clone()));
         }
         // The senders' newest times are kept for the site's listed nodes and
         // any recent sender, so the map stays bounded.
-        record
-            .senders
+        self.senders
             .insert(report.sender.clone(), report.sent_at_ms);
         for node in &report.nodes {
-            if !record.first_seen_ms.contains_key(&node.id) {
-                record.first_seen_ms.insert(node.id.clone(), now_ms);
+            if !self.first_seen_ms.contains_key(&node.id) {
+                self.first_seen_ms.insert(node.id.clone(), now_ms);
                 accepted.new_nodes.push(node.id.clone());
             }
-            record.last_listed_ms.insert(node.id.clone(), now_ms);
+            self.last_listed_ms.insert(node.id.clone(), now_ms);
         }
         let listed: std::collections::BTreeSet<&str> =
             report.nodes.iter().map(|n| n.id.as_str()).collect();
-        record
-            .last_listed_ms
+        self.last_listed_ms
             .retain(|_, at| *at + MISSING_FOR_MS > now_ms);
-        if record.last_listed_ms.len() > 4 * MAX_NODES {
-            record
-                .last_listed_ms
+        if self.last_listed_ms.len() > 4 * MAX_NODES {
+            self.last_listed_ms
                 .retain(|id, _| listed.contains(id.as_str()));
         }
-        record
-            .senders
+        self.senders
             .retain(|s, at| listed.contains(s.as_str()) || *at + MAX_AGE_MS > report.sent_at_ms);
-        if record.first_seen_ms.len() > 4 * MAX_NODES {
-            record
-                .first_seen_ms
+        if self.first_seen_ms.len() > 4 * MAX_NODES {
+            self.first_seen_ms
                 .retain(|id, _| listed.contains(id.as_str()));
         }
-        if record.vouched.len() > 4 * MAX_NODES {
-            record.vouched.retain(|id| listed.contains(id.as_str()));
+        if self.vouched.len() > 4 * MAX_NODES {
+            self.vouched.retain(|id| listed.contains(id.as_str()));
         }
-        record.report = report;
-        record.received_ms = now_ms;
-        record.unlisted_sender = unlisted;
+        self.report = report;
+        self.received_ms = now_ms;
+        self.unlisted_sender = unlisted;
+        Ok(accepted)
+    }
+}
+
+impl Fleet {
+    /// Takes a checked report received at `now_ms`; refuses a replay, and
+    /// a new site beyond [`MAX_SITES`].
+    pub fn accept(&mut self, report: Report, now_ms: u64) -> Result<Accepted, ReportRefusal> {
+        let new_site = !self.sites.contains_key(&report.site);
+        if new_site && self.sites.len() >= MAX_SITES {
+            return Err(ReportRefusal::TooManySites(self.sites.len()));
+        }
+        let record = self
+            .sites
+            .entry(report.site.clone())
+            .or_insert_with(|| SiteRecord::new(&report, now_ms));
+        let mut accepted = record.accept(report, now_ms)?;
+        accepted.new_site = new_site;
         Ok(accepted)
     }
 
@@ -403,7 +444,8 @@ pub struct SiteView {
 }
 
 impl SiteView {
-    fn of(r: &SiteRecord, now_ms: u64, stale_after_ms: u64) -> SiteView {
+    /// The row of the site kept in `r`, as seen at `now_ms`.
+    pub fn of(r: &SiteRecord, now_ms: u64, stale_after_ms: u64) -> SiteView {
         let mut versions = BTreeMap::new();
         let mut lanup_versions = BTreeMap::new();
         let mut failed = Vec::new();
@@ -513,7 +555,7 @@ mod tests {
         };
         let not_member = |body: Vec<u8>| {
             matches!(
-                check_member(&body, NOW, &admins),
+                check_member(&body, NOW, &admins, |_| None),
                 Err(ReportRefusal::NotMember { .. })
             )
         };
@@ -551,7 +593,7 @@ mod tests {
             NOW / 1000,
             year,
         )));
-        assert!(check_member(&member, NOW, &admins).is_ok());
+        assert!(check_member(&member, NOW, &admins, |_| None).is_ok());
         assert!(check(&with(None), NOW).is_ok());
     }
 

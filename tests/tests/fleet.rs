@@ -199,6 +199,49 @@ fn three_sites_report_to_headquarters_which_shows_versions_failures_and_stale_si
         table.contains(&format!("failed: {failing} (2.0.0)")),
         "{table}"
     );
+    // site-c's timeline names its failure, from the URL and the folder
+    // alike.
+    for from in [hq.url.as_str(), s(&hq.reports)] {
+        let history: serde_json::Value = serde_json::from_str(&run_ok(&[
+            "fleet",
+            "--reports",
+            from,
+            "--site",
+            "site-c",
+            "--history",
+            "--json",
+        ]))
+        .expect("JSON");
+        let events = history["events"].as_array().cloned().unwrap_or_default();
+        assert!(
+            events
+                .iter()
+                .any(|e| e["view"]["failed"][0]["node"] == failing.as_str()
+                    && e["changes"]
+                        .as_array()
+                        .is_some_and(|c| c.contains(&"failed".into()))),
+            "{history:#}"
+        );
+        assert_eq!(
+            events.last().map(|e| &e["changes"][0]),
+            Some(&"first report".into())
+        );
+    }
+    let timeline = run_ok(&[
+        "fleet",
+        "--reports",
+        &hq.url,
+        "--site",
+        "site-c",
+        "--history",
+    ]);
+    assert!(
+        timeline.contains(&format!(
+            "failed: {} (2.0.0)",
+            lanup_protocol::short_peer(&failing)
+        )),
+        "{timeline}"
+    );
 
     // One node of site-a, not its reporter, goes down: headquarters names
     // it as missing from the site's report, in the view and in the table.
@@ -286,7 +329,15 @@ fn headquarters_refuses_forged_oversized_and_flooding_reports() {
         serde_json::json!([]),
         "refused reports show no site"
     );
-    assert!(!tmp.path().join("reports/history.jsonl").exists());
+    let none = run_fails(&[
+        "fleet",
+        "--reports",
+        s(&tmp.path().join("reports")),
+        "--site",
+        "x",
+        "--history",
+    ]);
+    assert!(none.contains("no timeline for site \"x\""), "{none}");
     // A node that floods is held back; another node posting from the same
     // address (sites behind one NAT) is not.
     let signed = |key: &SecretKey, site: &str, at: u64| {
@@ -505,28 +556,7 @@ fn a_fleet_rollout_installs_the_named_site_first_and_the_rest_only_once_it_is_he
 /// the screenshot is kept there (docs/fleet.png is made so).
 fn browse_fleet_page(url: &str) {
     let page = format!("{url}_lanup/fleet");
-    let chromium = |args: &[&str]| {
-        let out = std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                // A container's /dev/shm is small.
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--disable-gpu",
-                "--hide-scrollbars",
-            ])
-            .args(args)
-            .arg(&page)
-            .output()
-            .expect("chromium runs (apt-get install chromium)");
-        assert!(
-            out.status.success(),
-            "chromium failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let chromium = |args: &[&str]| chromium(&page, args);
     let dom = String::from_utf8(chromium(&["--dump-dom"])).expect("DOM text");
     for site in ["site-a", "site-b", "site-c"] {
         assert!(
@@ -550,6 +580,163 @@ fn browse_fleet_page(url: &str) {
     if let Some(keep) = std::env::var_os("LANUP_FLEET_SCREENSHOT") {
         std::fs::write(keep, &png).expect("keep the screenshot");
     }
+}
+
+/// Runs headless Chromium (Debian's `chromium`) on `page` with `args`;
+/// returns what it printed.
+fn chromium(page: &str, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            // A container's /dev/shm is small.
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .args(args)
+        .arg(page)
+        .output()
+        .expect("chromium runs (apt-get install chromium)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Site `i` of the many-site headquarters below.
+fn many_site(i: usize) -> String {
+    format!("site-{i:05}")
+}
+
+#[test]
+fn the_fleet_page_of_thousands_of_sites_pages_and_searches_in_a_browser() {
+    const SITES: usize = 3_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let (admin_key, admin) = keygen(tmp.path(), "admin.key");
+    let admin_secret = lanup_node::keys::load_secret(&admin_key).expect("admin key");
+    let reports = tmp.path().join("reports");
+    let origin = OriginProc::start_with(&www, &["--reports", s(&reports), "--trust-admin", &admin]);
+    let url = origin.url.clone();
+    let now = crate::rollout::now_ms();
+    // Every site an enrolled node of its own, posting over four
+    // connections; site-00007 has a failed node, every 500th runs a
+    // release candidate.
+    let post = |part: usize| {
+        let client = reqwest::blocking::Client::new();
+        for i in (part..SITES).step_by(4) {
+            let key = SecretKey::generate();
+            let id = key.public().peer_id();
+            let mut node = report::NodeState {
+                id: id.clone(),
+                lanup: None,
+                installed: Some(if i % 500 == 0 { "2.0-rc1" } else { "1.9.4" }.into()),
+                staged: None,
+                state: "installed".into(),
+                error: None,
+                failed: None,
+            };
+            if i == 7 {
+                node.failed = Some("2.0".into());
+                node.error = Some("health check failed: exit 3".into());
+            }
+            let r = Report {
+                site: many_site(i),
+                sender: id,
+                sent_at_ms: now,
+                nodes: vec![node],
+                rollout: None,
+            };
+            let mut signed = report::sign(&r, &key);
+            signed.membership = Some(lanup_protocol::membership::Certificate::issue(
+                &admin_secret,
+                &r.site,
+                &key.public(),
+                now / 1000,
+                86_400,
+            ));
+            let resp = client
+                .post(format!("{url}_lanup/report"))
+                .body(serde_json::to_vec(&signed).expect("json"))
+                .send()
+                .expect("headquarters answers");
+            assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
+        }
+    };
+    std::thread::scope(|scope| {
+        for part in 0..4 {
+            scope.spawn(move || post(part));
+        }
+    });
+    let fleet = format!("{url}_lanup/fleet");
+    let dom = |query: &str| {
+        let started = Instant::now();
+        let dom = String::from_utf8(chromium(&format!("{fleet}{query}"), &["--dump-dom"]))
+            .expect("DOM text");
+        eprintln!(
+            "fleet page{query}: rendered in a browser in {:?}",
+            started.elapsed()
+        );
+        dom
+    };
+    let rows = |dom: &str| dom.matches("<tr class=").count();
+
+    let first = dom("");
+    assert!(
+        first.contains("3000 sites, 1 with failed nodes, 0 stale"),
+        "{first}"
+    );
+    assert_eq!(rows(&first), 100);
+    assert!(first.contains("sites 1–100 of 3000"), "{first}");
+    assert!(first.contains("page 1 of 30"), "{first}");
+    assert!(first.contains(&format!("<td>{}</td>", many_site(99))));
+    assert!(!first.contains(&format!("<td>{}</td>", many_site(100))));
+    // The "next" link, as the browser parsed it, leads to the next page.
+    let next = first
+        .split("<a href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a link to the next page")
+        .replace("&amp;", "&");
+    assert_eq!(next, "?page=2");
+    let second = dom(&next);
+    assert_eq!(rows(&second), 100);
+    assert!(second.contains(&format!("<td>{}</td>", many_site(100))));
+    assert!(second.contains("page 2 of 30"), "{second}");
+
+    // What the search form sends: a name, a version, problems only.
+    let one = dom("?q=site-02345");
+    assert_eq!(rows(&one), 1, "{one}");
+    assert!(one.contains(&format!("<td>{}</td>", many_site(2345))));
+    let rc = dom("?q=2.0-RC");
+    assert_eq!(rows(&rc), SITES / 500, "{rc}");
+    assert!(rc.contains("sites 1–6 of 6"), "{rc}");
+    let bad = dom("?q=&problems=1");
+    assert_eq!(rows(&bad), 1, "{bad}");
+    assert!(bad.contains("health check failed: exit 3"), "{bad}");
+    assert!(bad.contains("checked"), "the form keeps its choice: {bad}");
+    let none = dom("?q=%3Cscript%3E");
+    assert!(none.contains("no site matches"), "{none}");
+    assert!(none.contains("value=\"&lt;script&gt;\""), "{none}");
+
+    // fleet.json still holds every site (fleet rollouts read them all),
+    // and a page of them when asked.
+    let json = |path: &str| -> serde_json::Value {
+        let text = reqwest::blocking::get(format!("{url}{path}"))
+            .and_then(|r| r.text())
+            .expect("fleet.json");
+        serde_json::from_str(&text).expect("JSON")
+    };
+    let all = json("_lanup/fleet.json");
+    assert_eq!(all["sites"].as_array().map(Vec::len), Some(SITES));
+    let paged = json("_lanup/fleet.json?page=3&q=site-01");
+    assert_eq!(paged["sites"][0]["site"], many_site(1200));
+    assert_eq!(paged["counts"]["matching"], 1000);
 }
 
 #[test]
