@@ -93,6 +93,15 @@ enum Command {
         /// The admin's secret key file.
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        /// Publish the site's list in this release folder instead (at
+        /// headquarters): the site's fetcher reads it at its next poll,
+        /// the site's nodes pass it on, and headquarters refuses the
+        /// revoked nodes' reports. Needs --site.
+        #[arg(long, value_name = "WWW", requires = "site")]
+        publish_dir: Option<PathBuf>,
+        /// With --publish-dir: the site the keys are revoked from.
+        #[arg(long, value_name = "NAME", requires = "publish_dir")]
+        site: Option<String>,
         #[command(flatten)]
         node: LocalNode,
     },
@@ -563,7 +572,16 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Service(command) => service(command),
         Command::Setup(args) => crate::setup::run(args),
         Command::Enroll(args) => crate::setup::enroll(args),
-        Command::Revoke { keys, key, node } => revoke(&keys, &key, &node),
+        Command::Revoke {
+            keys,
+            key,
+            publish_dir: Some(dir),
+            site: Some(site),
+            ..
+        } => publish_revocations(&keys, &key, &dir, &site),
+        Command::Revoke {
+            keys, key, node, ..
+        } => revoke(&keys, &key, &node),
         Command::Status { node, json } => {
             let answer = node.ask(ControlRequest::Status)?;
             if json {
@@ -1471,6 +1489,51 @@ fn revoke(keys: &[PublicKey], key: &Path, node: &LocalNode) -> Result<ExitCode> 
     println!(
         "site {site:?}: {} key(s) revoked; every node takes the list with the next heartbeats",
         revoked.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lanup revoke --publish-dir WWW --site SITE`: the site's published
+/// revocation list with `keys` added, signed with the admin key at `key`.
+fn publish_revocations(keys: &[PublicKey], key: &Path, dir: &Path, site: &str) -> Result<ExitCode> {
+    use lanup_protocol::membership::{revoked_file, RevocationList, Revocations, Signed};
+    if !lanup_protocol::report::valid_site(site) {
+        bail!("--site {site:?}: not a site name");
+    }
+    let admin = lanup_node::keys::load_secret(key)?;
+    let path = dir.join(revoked_file(site));
+    // The list published before, whoever signed it: its keys stay revoked.
+    let before: Option<RevocationList> = match std::fs::read(&path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice::<Signed>(&bytes)
+                .ok()
+                .and_then(|s| s.body::<RevocationList>("revocation list").ok())
+                .with_context(|| format!("{}: not a revocation list", path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut revoked = before.as_ref().map(|b| b.keys.clone()).unwrap_or_default();
+    for k in keys {
+        let k = k.to_string();
+        if !revoked.contains(&k) {
+            revoked.push(k);
+        }
+    }
+    let now = (lanup_node::node::now_unix_ms() / 1000).max(before.map_or(0, |b| b.issued + 1));
+    let signed = Revocations::sign(&admin, site, revoked.clone(), now);
+    let parent = path.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(parent)
+        .with_context(|| format!("cannot write in {}", parent.display()))?;
+    serde_json::to_writer_pretty(&mut tmp, &signed)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "site {site:?}: {} key(s) revoked, published at {}; the site takes it at its next poll",
+        revoked.len(),
+        path.display()
     );
     Ok(ExitCode::SUCCESS)
 }

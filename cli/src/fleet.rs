@@ -53,12 +53,14 @@ pub(crate) fn fetch_view(reports: &str, stale_after: Duration) -> Result<serde_j
         return get_json(&url, "a fleet view");
     }
     let store = lanup_hq::Store::open_read_only(Path::new(reports))?;
-    let (sites, counts) = store.views(
+    let json = lanup_hq::fleet_json(
+        &store,
         now_ms(),
         stale_after.as_millis() as u64,
         &lanup_hq::Filter::default(),
+        None,
     )?;
-    Ok(lanup_hq::fleet_json(&sites, counts, None))
+    Ok(serde_json::from_str(&json)?)
 }
 
 fn get_json(url: &str, what: &str) -> Result<serde_json::Value> {

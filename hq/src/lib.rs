@@ -25,7 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use lanup_protocol::fleet::{wave_progress, FleetFile, FLEET_FILE};
+use lanup_protocol::fleet::{site_installed, wave_progress_of, FleetFile, FLEET_FILE};
+use lanup_protocol::membership::{Revocations, Signed};
 use lanup_protocol::report::{
     self, ReportRefusal, SiteView, FLEET_JSON_PATH, FLEET_PAGE_PATH, HISTORY_JSON_PATH,
     MAX_REPORT_BYTES, REPORT_PATH,
@@ -93,7 +94,17 @@ pub struct Headquarters {
     by_site: DefaultKeyedRateLimiter<String>,
     refused_by_address: DefaultKeyedRateLimiter<IpAddr>,
     held_back: Mutex<HashMap<IpAddr, Instant>>,
+    /// Reports taken at once (each on a blocking thread; they write one
+    /// at a time, and check their signatures side by side).
+    intake: tokio::sync::Semaphore,
+    /// Views built at once.
+    readers: tokio::sync::Semaphore,
 }
+
+/// Reports checked and kept at once.
+const INTAKE_WORKERS: usize = 8;
+/// Fleet views (page, JSON, timeline) built at once.
+const VIEW_READERS: usize = 2;
 
 impl Headquarters {
     /// Opens (creating) the store in the reports folder.
@@ -114,6 +125,8 @@ impl Headquarters {
             by_site: RateLimiter::keyed(quota(REPORTS_PER_MINUTE, REPORTS_BURST)),
             refused_by_address: RateLimiter::keyed(quota(REFUSED_PER_MINUTE, REFUSED_BURST)),
             held_back: Mutex::new(HashMap::new()),
+            intake: tokio::sync::Semaphore::new(INTAKE_WORKERS),
+            readers: tokio::sync::Semaphore::new(VIEW_READERS),
             settings,
         })
     }
@@ -180,8 +193,10 @@ impl Headquarters {
                 message: format!("report refused: {e}"),
             }
         };
-        let checked =
-            report::check_member(body, now_ms, &self.settings.admins, |_| None).map_err(refused)?;
+        let checked = report::check_member(body, now_ms, &self.settings.admins, |site| {
+            self.revocations(site)
+        })
+        .map_err(refused)?;
         let site = checked.report.site.clone();
         let sender = checked.report.sender.clone();
         let (limited, who) = if checked.member.is_some() {
@@ -217,10 +232,37 @@ impl Headquarters {
         Ok(format!("taken: site {site}\n"))
     }
 
+    /// Site `site`'s revocation list as published in the release folder
+    /// (`lanup revoke --publish-dir`), when a trusted admin signed it.
+    fn revocations(&self, site: &str) -> Option<Revocations> {
+        let path = self
+            .settings
+            .releases
+            .join(lanup_protocol::membership::revoked_file(site));
+        let bytes = std::fs::read(&path).ok()?;
+        let mut held = Revocations::default();
+        let taken = serde_json::from_slice::<Signed>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|signed| {
+                held.take(&signed, site, &self.settings.admins)
+                    .map_err(|e| e.to_string())
+            });
+        match taken {
+            Ok(_) => Some(held),
+            Err(e) => {
+                warn!(file = %path.display(), reason = %e, "a published revocation list is not taken");
+                None
+            }
+        }
+    }
+
     /// The sites `filter` asks for at `now_ms`, with the counts.
     pub fn views(&self, now_ms: u64, filter: &Filter) -> Result<(Vec<SiteView>, Counts)> {
-        self.store
-            .views(now_ms, self.settings.stale_after.as_millis() as u64, filter)
+        self.store.views(now_ms, self.stale_after_ms(), filter)
+    }
+
+    fn stale_after_ms(&self) -> u64 {
+        self.settings.stale_after.as_millis() as u64
     }
 
     /// The fleet rollout in the release folder, if there is one.
@@ -251,25 +293,58 @@ pub fn read_rollout(root: &Path) -> Option<FleetFile> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// The fleet view's JSON: the sites asked for, the counts, and the fleet
-/// rollout when there is one (its progress read from `all`, every site).
+/// How far each wave of `file` is, from every site's row, read one at a
+/// time.
+pub fn progress(
+    store: &Store,
+    now_ms: u64,
+    stale_after_ms: u64,
+    file: &FleetFile,
+) -> Result<Vec<(usize, usize)>> {
+    let mut installed = std::collections::HashSet::new();
+    store.each_view(now_ms, stale_after_ms, &Filter::default(), |v| {
+        if site_installed(file, &v.site, &v) {
+            installed.insert(v.site);
+        }
+    })?;
+    Ok(wave_progress_of(file, |site| installed.contains(site)))
+}
+
+/// The fleet view as JSON text: the sites `filter` asks for, the counts,
+/// and the fleet rollout when there is one. Written a site at a time: at
+/// 20,000 sites the text is what is held, not the sites.
 pub fn fleet_json(
-    sites: &[SiteView],
-    counts: Counts,
-    rollout: Option<(&FleetFile, &[SiteView])>,
-) -> serde_json::Value {
-    serde_json::json!({
-        "sites": sites,
+    store: &Store,
+    now_ms: u64,
+    stale_after_ms: u64,
+    filter: &Filter,
+    rollout: Option<&FleetFile>,
+) -> Result<String> {
+    let rollout = rollout
+        .map(|f| progress(store, now_ms, stale_after_ms, f).map(|p| rollout_json(f, &p)))
+        .transpose()?;
+    let mut out = b"{\"sites\":[".to_vec();
+    let mut first = true;
+    let counts = store.each_view(now_ms, stale_after_ms, filter, |v| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, &v);
+    })?;
+    let tail = serde_json::json!({
         "counts": counts,
         "stale": counts.stale,
-        "rollout": rollout.map(|(f, all)| rollout_json(f, all)),
-    })
+        "rollout": rollout,
+    });
+    out.extend_from_slice(b"],");
+    // The rest of the object, without its opening brace.
+    out.extend_from_slice(tail.to_string().get(1..).unwrap_or("}").as_bytes());
+    Ok(String::from_utf8(out)?)
 }
 
 /// A fleet rollout's progress: its state and, per site wave, its sites and
 /// how many of them run the release.
-pub fn rollout_json(file: &FleetFile, sites: &[SiteView]) -> serde_json::Value {
-    let progress = wave_progress(file, sites);
+pub fn rollout_json(file: &FleetFile, progress: &[(usize, usize)]) -> serde_json::Value {
     let mut json = serde_json::json!({
         "id": file.id,
         "version": file.version,
@@ -347,7 +422,15 @@ async fn take_report(
     ConnectInfo(from): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Response {
-    match tokio::task::spawn_blocking(move || hq.take(&body, from.ip(), now_ms())).await {
+    let Ok(_turn) = hq.intake.acquire().await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "headquarters is stopping\n",
+        )
+            .into_response();
+    };
+    let taker = hq.clone();
+    match tokio::task::spawn_blocking(move || taker.take(&body, from.ip(), now_ms())).await {
         Ok(Ok(said)) => (StatusCode::OK, said).into_response(),
         Ok(Err(refused)) => (refused.status, refused.message + "\n").into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "report lost\n").into_response(),
@@ -363,41 +446,23 @@ fn failed(e: anyhow::Error) -> Response {
         .into_response()
 }
 
-/// The sites `query` asks for, the counts and, with a fleet rollout, every
-/// site (its progress needs them all).
-type Read = (Vec<SiteView>, Counts, Option<(FleetFile, Vec<SiteView>)>);
-
-fn read(hq: &Headquarters, query: &ViewQuery, whole: bool) -> Result<Read> {
-    let now = now_ms();
-    let filter = query.filter(whole);
-    let (sites, counts) = hq.views(now, &filter)?;
-    let rollout = match hq.rollout() {
-        Some(file) if filter == Filter::default() => Some((file, sites.clone())),
-        Some(file) => Some((file, hq.views(now, &Filter::default())?.0)),
-        None => None,
-    };
-    Ok((sites, counts, rollout))
-}
-
 async fn fleet_json_route(
     State(hq): State<Arc<Headquarters>>,
     Query(query): Query<ViewQuery>,
 ) -> Response {
-    let built = tokio::task::spawn_blocking(move || {
-        read(&hq, &query, true).map(|(sites, counts, rollout)| {
-            fleet_json(
-                &sites,
-                counts,
-                rollout.as_ref().map(|(f, all)| (f, all.as_slice())),
-            )
-            .to_string()
-        })
+    let built = view_task(&hq, move |hq| {
+        fleet_json(
+            &hq.store,
+            now_ms(),
+            hq.stale_after_ms(),
+            &query.filter(true),
+            hq.rollout().as_ref(),
+        )
     })
     .await;
     match built {
-        Ok(Ok(json)) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-        Ok(Err(e)) => failed(e),
-        Err(e) => failed(e.into()),
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => failed(e),
     }
 }
 
@@ -405,24 +470,36 @@ async fn fleet_page_route(
     State(hq): State<Arc<Headquarters>>,
     Query(query): Query<ViewQuery>,
 ) -> Response {
-    let built = tokio::task::spawn_blocking(move || {
-        read(&hq, &query, false).map(|(sites, counts, rollout)| {
-            page::fleet_page(
-                &sites,
-                counts,
-                &query,
-                rollout.as_ref().map(|(f, all)| (f, all.as_slice())),
-            )
-        })
+    let built = view_task(&hq, move |hq| {
+        let now = now_ms();
+        let (sites, counts) = hq.views(now, &query.filter(false))?;
+        let rollout = hq
+            .rollout()
+            .map(|f| progress(&hq.store, now, hq.stale_after_ms(), &f).map(|p| (f, p)))
+            .transpose()?;
+        Ok(page::fleet_page(
+            &sites,
+            counts,
+            &query,
+            rollout.as_ref().map(|(f, p)| (f, p.as_slice())),
+        ))
     })
     .await;
     match built {
-        Ok(Ok(html)) => {
-            ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
-        }
-        Ok(Err(e)) => failed(e),
-        Err(e) => failed(e.into()),
+        Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
+        Err(e) => failed(e),
     }
+}
+
+/// Runs `read` on a blocking thread, [`VIEW_READERS`] at a time: each
+/// reads every site, so their number bounds headquarters' memory.
+async fn view_task<T: Send + 'static>(
+    hq: &Arc<Headquarters>,
+    read: impl FnOnce(&Headquarters) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let _turn = hq.readers.acquire().await?;
+    let hq = hq.clone();
+    tokio::task::spawn_blocking(move || read(&hq)).await?
 }
 
 /// The query of a site's timeline: `?site=NAME&limit=N`.
@@ -439,7 +516,7 @@ async fn history_route(
 ) -> Response {
     let limit = query.limit.unwrap_or(200).min(MAX_HISTORY);
     let site = query.site.clone();
-    let built = tokio::task::spawn_blocking(move || {
+    let built = view_task(&hq, move |hq| {
         let events = hq.store.history(&query.site, limit)?;
         let members = hq.store.members(&query.site)?;
         anyhow::Ok(serde_json::json!({
@@ -450,18 +527,17 @@ async fn history_route(
     })
     .await;
     match built {
-        Ok(Ok(json)) if !json["events"].as_array().is_some_and(Vec::is_empty) => (
+        Ok(json) if !json["events"].as_array().is_some_and(Vec::is_empty) => (
             [(header::CONTENT_TYPE, "application/json")],
             json.to_string(),
         )
             .into_response(),
-        Ok(Ok(_)) => (
+        Ok(_) => (
             StatusCode::NOT_FOUND,
             format!("no timeline for site {site:?}: it has not reported within the history kept\n"),
         )
             .into_response(),
-        Ok(Err(e)) => failed(e),
-        Err(e) => failed(e.into()),
+        Err(e) => failed(e),
     }
 }
 

@@ -4,7 +4,7 @@
 //! refreshed by itself; at 20,000 sites a page still holds
 //! [`ROWS`] of them.
 
-use lanup_protocol::fleet::{wave_progress, FleetFile, FleetState};
+use lanup_protocol::fleet::{FleetFile, FleetState};
 use lanup_protocol::report::SiteView;
 
 use crate::{Counts, ViewQuery};
@@ -23,16 +23,16 @@ fn awaiting(file: &FleetFile) -> Option<(usize, usize)> {
         .then_some((have, file.approvals_needed))
 }
 
-/// The fleet page: the fleet rollout's waves (their progress read from
-/// `all`, every site), then `sites`, the page of them `query` asks for,
-/// refreshed by itself every 30 s.
+/// The fleet page: the fleet rollout's waves with their progress
+/// ([`crate::progress`]), then `sites`, the page of them `query` asks
+/// for, refreshed by itself every 30 s.
 pub fn fleet_page(
     sites: &[SiteView],
     counts: Counts,
     query: &ViewQuery,
-    rollout: Option<(&FleetFile, &[SiteView])>,
+    rollout: Option<(&FleetFile, &[(usize, usize)])>,
 ) -> String {
-    let rollout_html = rollout.map_or_else(String::new, |(f, all)| {
+    let rollout_html = rollout.map_or_else(String::new, |(f, progress)| {
         let state = match &f.state {
             FleetState::Running if awaiting(f).is_some() => {
                 let (have, needed) = awaiting(f).unwrap_or_default();
@@ -46,7 +46,7 @@ pub fn fleet_page(
         let waves = f
             .waves
             .iter()
-            .zip(wave_progress(f, all))
+            .zip(progress.iter().copied())
             .enumerate()
             .map(|(i, (w, (done, of)))| {
                 let pct = (done * 100).checked_div(of).unwrap_or(0);

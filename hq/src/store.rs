@@ -313,6 +313,21 @@ impl Store {
         stale_after_ms: u64,
         filter: &Filter,
     ) -> Result<(Vec<SiteView>, Counts)> {
+        let mut views = Vec::new();
+        let counts = self.each_view(now_ms, stale_after_ms, filter, |v| views.push(v))?;
+        Ok((views, counts))
+    }
+
+    /// Hands each site `filter` asks for to `each`, one at a time and in
+    /// name order (at 20,000 sites, no more than one is held); returns the
+    /// counts over all sites.
+    pub fn each_view(
+        &self,
+        now_ms: u64,
+        stale_after_ms: u64,
+        filter: &Filter,
+        mut each: impl FnMut(SiteView),
+    ) -> Result<Counts> {
         let conn = self.read.lock().unwrap_or_else(|p| p.into_inner());
         let stale_before = now_ms.saturating_sub(stale_after_ms);
         let (sites, failed, stale): (i64, i64, i64) = conn.query_row(
@@ -323,51 +338,48 @@ impl Store {
         let pattern = format!("%{}%", like_escape(&filter.search.to_lowercase()));
         let matching_sql = "FROM sites WHERE search LIKE ?1 ESCAPE '\\'
               AND (?2 = 0 OR failed = 1 OR received_ms < ?3)";
-        let matching: i64 = conn.query_row(
-            &format!("SELECT count(*) {matching_sql}"),
-            params![pattern, filter.problems, int(stale_before)],
-            |r| r.get(0),
-        )?;
+        let matching: i64 = if filter == &Filter::default() {
+            sites
+        } else {
+            conn.query_row(
+                &format!("SELECT count(*) {matching_sql}"),
+                params![pattern, filter.problems, int(stale_before)],
+                |r| r.get(0),
+            )?
+        };
         let limit = if filter.limit == 0 {
             -1
         } else {
             filter.limit as i64
         };
-        let mut stmt = conn.prepare(&format!(
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT view, received_ms {matching_sql} ORDER BY name LIMIT ?4 OFFSET ?5"
         ))?;
-        let rows = stmt.query_map(
-            params![
-                pattern,
-                filter.problems,
-                int(stale_before),
-                limit,
-                filter.offset as i64
-            ],
-            |r| Ok((r.get::<_, String>(0)?, uint(r.get(1)?))),
-        )?;
-        let mut views = Vec::new();
-        for row in rows {
-            let (text, received_ms) = row?;
-            match serde_json::from_str::<SiteView>(&text) {
+        let mut rows = stmt.query(params![
+            pattern,
+            filter.problems,
+            int(stale_before),
+            limit,
+            filter.offset as i64
+        ])?;
+        while let Some(row) = rows.next()? {
+            let text = row.get_ref(0)?.as_str()?;
+            match serde_json::from_str::<SiteView>(text) {
                 Ok(mut view) => {
-                    let age = now_ms.saturating_sub(received_ms);
+                    let age = now_ms.saturating_sub(uint(row.get(1)?));
                     view.last_report_s = age / 1000;
                     view.stale = age > stale_after_ms;
-                    views.push(view);
+                    each(view);
                 }
                 Err(e) => warn!(error = %e, "skipping a site row that cannot be read"),
             }
         }
-        Ok((
-            views,
-            Counts {
-                sites: sites as usize,
-                failed: failed as usize,
-                stale: stale as usize,
-                matching: matching as usize,
-            },
-        ))
+        Ok(Counts {
+            sites: sites as usize,
+            failed: failed as usize,
+            stale: stale as usize,
+            matching: matching as usize,
+        })
     }
 
     /// Site `site`'s timeline, newest first, at most `limit` entries.

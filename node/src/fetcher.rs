@@ -101,6 +101,8 @@ pub enum FetcherEvent {
     /// The origin's fleet rollout file changed: its bytes (checked by the
     /// node, command by command).
     Fleet(Vec<u8>),
+    /// The site's revocation list as the origin publishes it.
+    Revocations(Vec<u8>),
 }
 
 /// How the fetcher fares, as the node shows it.
@@ -214,6 +216,9 @@ pub struct Fetcher {
     known: Option<Known>,
     /// The fleet rollout file's ETag, as last read.
     fleet_etag: Option<String>,
+    /// The site's published revocation list (its path beside the fleet
+    /// file; none when the node trusts no admin key), and its ETag.
+    revoked: Option<(String, Option<String>)>,
     duty: watch::Receiver<Duty>,
     check: mpsc::Receiver<()>,
     events: mpsc::Sender<FetcherEvent>,
@@ -243,8 +248,13 @@ pub struct Fetcher {
 }
 
 enum Outcome {
-    /// The manifest's poll, then the fleet rollout file's.
-    Poll(anyhow::Result<Poll>, anyhow::Result<Got>),
+    /// The manifest's poll, the fleet rollout file's, and the site's
+    /// revocation list's (when it is read).
+    Poll(
+        anyhow::Result<Poll>,
+        anyhow::Result<Got>,
+        Option<anyhow::Result<Got>>,
+    ),
     Download {
         result: Result<FetchReport, FetchError>,
         /// Bytes of the chunks it stored, as counted while it ran.
@@ -285,6 +295,7 @@ impl Fetcher {
             last_manifest: None,
             known: None,
             fleet_etag: None,
+            revoked: None,
             duty,
             check,
             events: events_tx,
@@ -313,6 +324,13 @@ impl Fetcher {
             held,
         };
         Ok((fetcher, handle, events))
+    }
+
+    /// Reads the site's revocation list published at `path` (beside the
+    /// fleet rollout file) at each poll too.
+    pub fn with_revocations(mut self, path: String) -> Fetcher {
+        self.revoked = Some((path, None));
+        self
     }
 
     /// Runs until cancelled or the node drops its handle.
@@ -458,23 +476,33 @@ impl Fetcher {
         }
         let known = self.known.clone();
         let fleet_etag = self.fleet_etag.clone();
+        let revoked = self.revoked.clone();
         self.jobs.spawn(async move {
             let result =
                 ManifestSource::poll(&http, &origin, etag.as_deref(), known.as_ref()).await;
             // Beside the manifest, on the same connection: a few hundred
-            // bytes when it has not changed.
-            let fleet_url = match origin.rsplit_once('/') {
-                Some((base, _)) => format!("{base}/{FLEET_FILE}"),
-                None => format!("{origin}/{FLEET_FILE}"),
-            };
+            // bytes when they have not changed.
+            let base = origin.rsplit_once('/').map_or(origin.as_str(), |(b, _)| b);
             let fleet = http_get_bounded(
                 &http,
-                &fleet_url,
+                &format!("{base}/{FLEET_FILE}"),
                 fleet_etag.as_deref(),
                 lanup_protocol::fleet::MAX_FLEET_BYTES as u64,
             )
             .await;
-            (epoch, Outcome::Poll(result, fleet))
+            let revoked = match revoked {
+                Some((path, etag)) => Some(
+                    http_get_bounded(
+                        &http,
+                        &format!("{base}/{path}"),
+                        etag.as_deref(),
+                        lanup_protocol::membership::MAX_REVOCATION_BYTES as u64,
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            (epoch, Outcome::Poll(result, fleet, revoked))
         });
     }
 
@@ -545,7 +573,20 @@ impl Fetcher {
     async fn finished(&mut self, epoch: u64, outcome: Outcome) {
         let now = self.now_ms();
         match outcome {
-            Outcome::Poll(result, fleet) => {
+            Outcome::Poll(result, fleet, revoked) => {
+                if let (Some(got), Some((_, etag))) = (revoked, self.revoked.as_mut()) {
+                    match got {
+                        Ok(Got::Body(bytes, new)) => {
+                            *etag = new;
+                            self.tell(FetcherEvent::Revocations(bytes)).await;
+                        }
+                        Ok(Got::NotFound) => *etag = None,
+                        Ok(Got::NotModified) => {}
+                        Err(e) => {
+                            debug!(error = %format!("{e:#}"), "cannot read the site's published revocation list")
+                        }
+                    }
+                }
                 match fleet {
                     Ok(Got::Body(bytes, etag)) => {
                         self.fleet_etag = etag;

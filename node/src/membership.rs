@@ -283,8 +283,16 @@ impl Gate {
         signed: &lanup_protocol::membership::Signed,
         now: u64,
     ) -> Result<bool, MembershipError> {
+        let before = self.revoked.list.keys.clone();
         let taken = self.revoke(signed, now)?;
         if taken {
+            // A newer list replaces the one held: a key it leaves out is
+            // admitted again (revoked at a node, then a list published at
+            // headquarters that did not know of it).
+            let dropped: Vec<&String> = before.iter().filter(|k| !self.revoked.names(k)).collect();
+            if !dropped.is_empty() {
+                warn!(?dropped, "the site's newer revocation list no longer names keys the one before did; they are admitted again");
+            }
             let path = revocations_path(state);
             let text = serde_json::to_vec_pretty(signed).unwrap_or_default();
             if let Err(e) = crate::apply::write_synced(&path, &text) {

@@ -477,6 +477,14 @@ pub async fn run(
         store.clone(),
         config.poll_interval,
     )?;
+    // With trusted admin keys, the site's revocation list is read from
+    // the origin too: an administrator revokes a node there without
+    // reaching any node of the site.
+    let fetcher = if config.trust_admin.is_empty() {
+        fetcher
+    } else {
+        fetcher.with_revocations(lanup_protocol::membership::revoked_file(&config.site))
+    };
     children.spawn(fetcher.run(cancel.clone()));
     let reporter = config.report_to.clone().map(|url| {
         let (reporter, task) = crate::report::start(
@@ -1110,6 +1118,16 @@ impl Node {
             // again for chunks whose notices were dropped.
             FetcherEvent::Ended => self.reconcile_store(),
             FetcherEvent::Fleet(bytes) => self.on_fleet(&bytes),
+            FetcherEvent::Revocations(bytes) => {
+                match serde_json::from_slice::<lanup_protocol::membership::Signed>(&bytes) {
+                    Ok(list) => {
+                        let _ = self.take_revocations(&list, "the origin");
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the site's published revocation list cannot be read; ignored")
+                    }
+                }
+            }
         }
     }
 

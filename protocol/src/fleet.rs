@@ -253,20 +253,20 @@ pub enum FleetStep {
 
 /// How far each site of a fleet rollout is: (sites installed, sites).
 pub fn wave_progress(file: &FleetFile, views: &[SiteView]) -> Vec<(usize, usize)> {
-    let by_name: BTreeMap<&str, &SiteView> = views.iter().map(|v| (v.site.as_str(), v)).collect();
+    let installed: std::collections::BTreeSet<&str> = views
+        .iter()
+        .filter(|v| site_installed(file, &v.site, v))
+        .map(|v| v.site.as_str())
+        .collect();
+    wave_progress_of(file, |site| installed.contains(site))
+}
+
+/// How far each wave is, given which sites run the release (see
+/// [`site_installed`]): headquarters reads its sites one at a time.
+pub fn wave_progress_of(file: &FleetFile, installed: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
     file.waves
         .iter()
-        .map(|w| {
-            let done = w
-                .iter()
-                .filter(|s| {
-                    by_name
-                        .get(s.as_str())
-                        .is_some_and(|v| site_installed(file, s, v))
-                })
-                .count();
-            (done, w.len())
-        })
+        .map(|w| (w.iter().filter(|s| installed(s)).count(), w.len()))
         .collect()
 }
 
@@ -275,7 +275,7 @@ pub fn wave_progress(file: &FleetFile, views: &[SiteView]) -> Vec<(usize, usize)
 /// named is among them. A site back from being offline may report before
 /// its reporter hears its peers: a report listing the reporter alone does
 /// not finish a site of several nodes.
-fn site_installed(file: &FleetFile, site: &str, v: &SiteView) -> bool {
+pub fn site_installed(file: &FleetFile, site: &str, v: &SiteView) -> bool {
     v.installed(&file.version)
         && site_part(file, site).is_none_or(|c| c.nodes.iter().all(|n| v.node_ids.contains(n)))
 }

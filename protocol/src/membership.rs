@@ -83,7 +83,12 @@ impl Signed {
         Ok(key)
     }
 
-    fn body<T: for<'de> Deserialize<'de>>(&self, what: &'static str) -> Result<T, MembershipError> {
+    /// The signed text read as a `T` (`what` names it in the error); the
+    /// signature is not checked.
+    pub fn body<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &'static str,
+    ) -> Result<T, MembershipError> {
         serde_json::from_str(&self.text).map_err(|_| MembershipError::Malformed(what))
     }
 
@@ -228,6 +233,17 @@ impl Certificate {
 }
 
 const TOKEN_PREFIX: &str = "lanup-join-1.";
+
+/// The largest published revocation list a node or headquarters reads.
+pub const MAX_REVOCATION_BYTES: usize = 256 * 1024;
+
+/// Where a site's revocation list is published in the release folder,
+/// beside the fleet rollout file: the site's fetcher reads it as it polls,
+/// and headquarters as it takes the site's reports. `site` is a valid site
+/// name (letters, digits, '-', '_', '.'; no leading '.').
+pub fn revoked_file(site: &str) -> String {
+    format!("revoked/{site}.json")
+}
 
 /// What a join token carries: the admin's delegation and the secret of
 /// the key it vouches for.

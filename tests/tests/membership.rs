@@ -404,6 +404,69 @@ fn headquarters_that_trusts_admin_keys_counts_only_members_reports() {
         ours(&view),
         "the forged report changed nothing"
     );
+
+    // The admin revokes the site's node at headquarters, reaching no node:
+    // the list published beside the releases reaches the node at its next
+    // poll (it then fetches and reports nothing), and headquarters refuses
+    // what the revoked key still signs, certificate and all.
+    let secret = {
+        let text =
+            std::fs::read_to_string(site.states[0].join("identity.key")).expect("identity.key");
+        lanup_protocol::sign::SecretKey::from_text(&text).expect("key")
+    };
+    let peer = secret.public().peer_id();
+    let out = run_ok(&[
+        "revoke",
+        &peer,
+        "--key",
+        s(&admin.0),
+        "--publish-dir",
+        s(&www),
+        "--site",
+        &site.site,
+    ]);
+    assert!(out.contains("1 key(s) revoked, published"), "{out}");
+    // Its next poll (polls are an hour apart here).
+    run_ok(&["check", "--state", s(&site.states[0])]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while membership(&site.states[0])["revoked"]
+        .as_array()
+        .is_none_or(|r| r.len() != 1)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revocation published at headquarters did not reach the node:\n{}",
+            node_log(&site.states[0])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(node_log(&site.states[0]).contains("source=the origin"));
+    let cert = lanup_node::membership::load(&site.states[0])
+        .expect("membership.json")
+        .expect("a certificate");
+    let mine = lanup_protocol::report::Report {
+        site: site.site.clone(),
+        sender: peer.clone(),
+        sent_at_ms: lanup_node::node::now_unix_ms(),
+        nodes: vec![],
+        rollout: None,
+    };
+    let mut signed = lanup_protocol::report::sign(&mine, &secret);
+    signed.membership = Some(cert);
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{}_lanup/report", hq.url))
+        .body(serde_json::to_vec(&signed).expect("json"))
+        .send()
+        .expect("headquarters answers");
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("revoked"), "{text}");
+    assert_eq!(
+        ours(&fleet()),
+        ours(&view),
+        "the revoked node's report changed nothing"
+    );
 }
 
 #[test]
