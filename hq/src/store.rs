@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS sites (
     -- Lower-case site name and installed versions, for the page's search.
     search TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sites_received ON sites (received_ms);
+-- The fleet view's counts, filters and pages read this small index, and
+-- a site's row only for the sites they show.
+CREATE INDEX IF NOT EXISTS sites_list ON sites (name, search, failed, received_ms);
 CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY,
     site TEXT NOT NULL,

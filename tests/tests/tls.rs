@@ -295,7 +295,15 @@ fn said(out: &Output) -> String {
 fn an_origin_signed_by_a_private_authority_is_refused_by_name_and_trusted_from_ca_file_ssl_cert_file_or_the_system_store(
 ) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let company = Company::new(tmp.path(), "");
+    // Headquarters behind the same nginx: its reports and fleet view are
+    // passed to `lanup origin --reports` on loopback.
+    let hq_www = tmp.path().join("hq-www");
+    std::fs::create_dir_all(&hq_www).expect("mkdir");
+    let hq = OriginProc::start_with(&hq_www, &["--reports", s(&tmp.path().join("reports"))]);
+    let company = Company::new(
+        tmp.path(),
+        &format!("location /_lanup/ {{ proxy_pass {}_lanup/; }}", hq.url),
+    );
     let v1 = company.publish("1.0", 300_000);
 
     // Not trusted: setup says exactly why, and what to do.
@@ -346,13 +354,44 @@ fn an_origin_signed_by_a_private_authority_is_refused_by_name_and_trusted_from_c
         "update-ca-certificates put the authority in the test's store"
     );
 
-    // A node with ca_file stages the release over TLS.
+    // A node with ca_file stages the release over TLS, and reports to
+    // headquarters over TLS; the admin's `lanup fleet` reads it there.
     let mut site = LoopSite::new(tmp.path(), 1);
     let mut cmd = site.command(0, Some(&company.origin.url()), &company.key.1);
-    cmd.args(["--ca-file", s(&company.ca)]);
+    cmd.args(["--ca-file", s(&company.ca)]).args([
+        "--report-to",
+        &company.origin.url(),
+        "--report-interval",
+        "1s",
+    ]);
     site.start(0, cmd);
     let pending = wait_staged(&[&site.states[0]], "1.0", &v1, Duration::from_secs(60));
     assert!(pending.is_empty(), "{}", node_log(&site.states[0]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = lanup()
+            .args(["fleet", "--reports", &company.origin.url(), "--json"])
+            .env("SSL_CERT_FILE", &company.ca)
+            .output()
+            .expect("lanup fleet runs");
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let staged = view["sites"].as_array().is_some_and(|sites| {
+            sites
+                .iter()
+                .any(|s| s["site"] == site.site.as_str() && s["nodes"] == 1)
+        });
+        if staged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report through nginx: {}\n{}",
+            said(&out),
+            node_log(&site.states[0])
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(company.origin.access().contains("POST /_lanup/report"));
 
     // A node without it says why it cannot reach the origin.
     std::fs::create_dir_all(tmp.path().join("blind")).expect("mkdir");
