@@ -34,6 +34,10 @@ pub const MAX_SITES: usize = 50_000;
 /// holds the write lock for long.
 const PRUNE_BATCH: usize = 5_000;
 
+/// The schema's version (SQLite's `user_version`): a database from a newer
+/// lanup is refused rather than misread.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sites (
     name TEXT PRIMARY KEY,
@@ -167,10 +171,20 @@ impl Store {
         // at the next checkpoint, and a power cut loses at most the last
         // reports, which their sites send again (a report refused for
         // being a replay is never one headquarters lost).
+        let version: i64 = write
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .with_context(|| format!("reading {}", path.display()))?;
+        if version > SCHEMA_VERSION {
+            anyhow::bail!(
+                "{}: written by a newer lanup (schema {version}; this one knows {SCHEMA_VERSION}): run that lanup, or move the file aside",
+                path.display()
+            );
+        }
         write
             .pragma_update(None, "journal_mode", "WAL")
             .and_then(|()| write.pragma_update(None, "synchronous", "NORMAL"))
             .and_then(|()| write.execute_batch(SCHEMA))
+            .and_then(|()| write.pragma_update(None, "user_version", SCHEMA_VERSION))
             .with_context(|| format!("preparing {}", path.display()))?;
         let read = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         let store = Store {

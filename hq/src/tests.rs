@@ -338,3 +338,36 @@ fn a_folder_kept_by_an_older_lanup_is_taken_in() -> Result<()> {
     assert_eq!(replay.expect_err("replay").status, StatusCode::CONFLICT);
     Ok(())
 }
+
+#[test]
+fn a_damaged_database_or_one_from_a_newer_lanup_is_refused_by_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join(store::DB_FILE),
+        b"not a database at all, 64 bytes of it, and then some more text",
+    )?;
+    let err = format!(
+        "{:#}",
+        Headquarters::open(settings(dir.path()))
+            .err()
+            .expect("refused")
+    );
+    assert!(
+        err.contains("hq.sqlite") && err.contains("not a database"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    drop(Headquarters::open(settings(dir.path()))?);
+    let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE))?;
+    conn.pragma_update(None, "user_version", 99)?;
+    drop(conn);
+    let err = format!(
+        "{:#}",
+        Headquarters::open(settings(dir.path()))
+            .err()
+            .expect("refused")
+    );
+    assert!(err.contains("newer lanup"), "{err}");
+    Ok(())
+}
