@@ -378,6 +378,42 @@ async fn main() -> anyhow::Result<()> {
         );
         say_rss(pid, what);
     }
+    // The page as an operator's browser renders it (Debian's chromium),
+    // beside the browser's own start on a blank page.
+    for query in ["about:blank", "", "?q=site-1234", "?page=150"] {
+        let started = Instant::now();
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-gpu",
+                "--dump-dom",
+            ])
+            .arg(if query == "about:blank" {
+                query.to_owned()
+            } else {
+                format!("{base}_lanup/fleet{query}")
+            })
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                let dom = String::from_utf8_lossy(&out.stdout);
+                println!(
+                    "{:<28} {:>7.0} ms in headless Chromium, {} site rows",
+                    if query == "about:blank" {
+                        "a blank page".to_owned()
+                    } else {
+                        format!("fleet page{query}")
+                    },
+                    started.elapsed().as_secs_f64() * 1e3,
+                    dom.matches("<tr class=").count()
+                );
+            }
+            _ => println!("(no chromium here: the page was not rendered in a browser)"),
+        }
+    }
     std::fs::remove_file(www.join(FLEET_FILE))?;
     let (median, size) = time_get(&client, &format!("{base}_lanup/fleet")).await;
     println!(
