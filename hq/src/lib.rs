@@ -157,7 +157,13 @@ impl Headquarters {
         }
         let taken = self.check_and_keep(body, now_ms);
         if let Err(refused) = &taken {
-            if refused.status != StatusCode::TOO_MANY_REQUESTS {
+            // What the sender did wrong counts against its address; a
+            // site over its quota or headquarters' own trouble does not.
+            let senders_fault = !matches!(
+                refused.status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            );
+            if senders_fault {
                 warn!(%from, reason = %refused.message, "site report refused");
                 if self.refused_by_address.check_key(&from).is_err() {
                     let mut held = self.held_back.lock().unwrap_or_else(|p| p.into_inner());
@@ -168,11 +174,13 @@ impl Headquarters {
                 }
             }
         }
-        for limiter_len in [self.by_site.len(), self.refused_by_address.len()] {
-            if limiter_len > LIMITER_KEYS {
-                self.by_site.retain_recent();
-                self.refused_by_address.retain_recent();
-            }
+        // Keys quiet for a while are dropped, so the limiters stay as
+        // small as the set of recent senders.
+        if self.by_site.len() > LIMITER_KEYS {
+            self.by_site.retain_recent();
+        }
+        if self.refused_by_address.len() > LIMITER_KEYS {
+            self.refused_by_address.retain_recent();
         }
         taken
     }
