@@ -624,20 +624,25 @@ impl App {
         let Some(program) = argv.first() else {
             return Err("no program given".into());
         };
-        let mut child = Command::new(self.program(program))
+        let mut command = Command::new(self.program(program));
+        command
             .args(&argv[1..])
             .current_dir(&self.config.install_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run it: {e}"))?;
+            .stderr(Stdio::null());
+        // A tree of its own (a process group, a job object), ended whole
+        // when the command is done: what it started does not outlive it.
+        platform::detach(&mut command);
+        let mut child = command.spawn().map_err(|e| format!("cannot run it: {e}"))?;
+        let tree = PathBuf::from(format!("bounded command {}", child.id()));
+        let _ = platform::adopt(&child, &tree);
         let deadline = Instant::now() + timeout;
-        loop {
+        let ended = loop {
             match child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) if status.success() => break Ok(()),
                 Ok(Some(status)) => {
-                    return Err(match status.code() {
+                    break Err(match status.code() {
                         Some(code) => format!("it exited with status {code}"),
                         None => format!("it was ended by a signal ({status})"),
                     })
@@ -645,12 +650,14 @@ impl App {
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!("no answer within {timeout:?} ({setting})"));
+                    break Err(format!("no answer within {timeout:?} ({setting})"));
                 }
                 Ok(None) => std::thread::sleep(POLL),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => break Err(e.to_string()),
             }
-        }
+        };
+        platform::stop_tree(&tree, &[child.id()]);
+        ended
     }
 }
 

@@ -60,13 +60,34 @@ pub enum ControlRequest {
 /// lines. The answer ends when the sender is dropped.
 pub type Incoming = (ControlRequest, mpsc::Sender<serde_json::Value>);
 
-/// Fails when a live node already answers on the state directory's
-/// channel: two nodes on one state directory would apply over each other.
-pub fn ensure_alone(state: &Path) -> Result<()> {
-    if channel::answers(state) {
-        bail!("another node is running on {}", state.display());
+/// The state directory's lock (`STATE/node.lock`), held for as long as
+/// the node runs and released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Takes the state directory's lock, or fails when another node holds it:
+/// two nodes on one state directory would recover the same journal, take
+/// each other's control channel and apply over each other. Taken before
+/// anything else touches the directory.
+pub fn lock_state(state: &Path) -> Result<StateLock> {
+    let path = state.join("node.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(StateLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another node is running on {}", state.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
-    Ok(())
 }
 
 /// Listens on the state directory's channel; the future it returns accepts

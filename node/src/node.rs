@@ -353,7 +353,9 @@ pub async fn run(
     let _ = crate::upgrade::binary();
     std::fs::create_dir_all(&config.state)
         .with_context(|| format!("cannot create state directory {}", config.state.display()))?;
-    crate::control::ensure_alone(&config.state)?;
+    // Held until the node stops: the second of two nodes started together
+    // on one state directory stops here, before recovery or the channel.
+    let _lock = crate::control::lock_state(&config.state)?;
     // An update of lanup itself cut short is resolved first (a trial node
     // leaves it to the node that started it).
     if !crate::upgrade::on_trial() {

@@ -18,6 +18,7 @@ mod membership;
 mod metrics;
 mod origin;
 mod package;
+mod parts;
 mod publish;
 mod rollout;
 mod service;
