@@ -159,10 +159,9 @@ impl Wine {
         Ok(wine)
     }
 
-    /// Makes the prefix (once per target folder: Wine writes about 700 MB)
-    /// and puts in what Debian's Wine 8.0 lacks; builds `TIMS.exe`.
-    fn prepare(&self, root: &Path) -> Result<(), String> {
-        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("windows");
+    /// Starts the prefix's server and boots the prefix (making it when it
+    /// is new).
+    fn boot(&self) -> Result<(), String> {
         std::fs::create_dir_all(&self.prefix).map_err(|e| e.to_string())?;
         // The prefix's server and its services, started here with no
         // standard handles of the tests', live until the last test ends.
@@ -180,7 +179,27 @@ impl Wine {
         ran(
             self.env(&mut Command::new(WINE)).arg("wineboot"),
             "starting the Wine prefix",
-        )?;
+        )
+    }
+
+    /// Makes the prefix (once per target folder: Wine writes about 700 MB)
+    /// and puts in what Debian's Wine 8.0 lacks; builds `TIMS.exe`.
+    fn prepare(&self, root: &Path) -> Result<(), String> {
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("windows");
+        // Making a fresh prefix on a loaded machine has failed once with
+        // "could not load kernel32.dll": a second, from scratch, is tried.
+        if let Err(first) = self.boot() {
+            eprintln!("the Wine prefix did not start ({first}); making it again");
+            let _ = self
+                .env(&mut Command::new(WINESERVER))
+                .arg("-k")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            std::thread::sleep(Duration::from_secs(1));
+            let _ = std::fs::remove_dir_all(&self.prefix);
+            self.boot()?;
+        }
         // Rust's standard library imports ProcessPrng from
         // bcryptprimitives.dll, which Windows 10 and later ship and Wine
         // 8.0 does not.
