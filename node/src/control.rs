@@ -73,12 +73,22 @@ pub struct StateLock {
 /// anything else touches the directory.
 pub fn lock_state(state: &Path) -> Result<StateLock> {
     let path = state.join("node.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    // Held open read-only (made first if missing): a file open for
+    // writing would keep the state's filesystem from being remounted
+    // read-only.
+    let file = match std::fs::File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            std::fs::File::open(&path)
+        }
+        opened => opened,
+    }
+    .with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(StateLock { _file: file }),
         Err(std::fs::TryLockError::WouldBlock) => {
