@@ -636,7 +636,12 @@ impl App {
         platform::detach(&mut command);
         let mut child = command.spawn().map_err(|e| format!("cannot run it: {e}"))?;
         let tree = PathBuf::from(format!("bounded command {}", child.id()));
-        let _ = platform::adopt(&child, &tree);
+        if let Err(e) = platform::adopt(&child, &tree) {
+            // Not let run (on Windows it waits, suspended, for its job).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("cannot run it in a process tree of its own: {e}"));
+        }
         let deadline = Instant::now() + timeout;
         let ended = loop {
             match child.try_wait() {

@@ -597,15 +597,21 @@ fn a_windows_node_stops_replaces_and_restarts_a_windows_program_and_rolls_back_a
     wine.run_ok(&["check", "--state", &win(&state)]);
     let pending = wait_staged(&[&state], "3.0", &v3, Duration::from_secs(60));
     assert!(pending.is_empty(), "3.0 not staged: {}", node_log(&state));
+    let child_before = read(&var.join("child"));
     let out = wine.run(&["apply", "3.0", "--state", &win(&state)]);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "a broken release is refused: {said}");
     assert!(said.contains("rolled back"), "{said}");
     assert_eq!(read(&install.join("VERSION")), "2.0");
-    wait_for("TIMS 2.0 runs again", Duration::from_secs(20), || {
-        let now = read(&var.join("current"));
-        now.starts_with("2.0 ") && now != second
-    });
+    // TIMS records itself, then starts its child: both are waited for.
+    wait_for(
+        "TIMS 2.0 and its child run again",
+        Duration::from_secs(20),
+        || {
+            let now = read(&var.join("current"));
+            now.starts_with("2.0 ") && now != second && read(&var.join("child")) != child_before
+        },
+    );
     let running = programs.running("TIMS.exe");
     assert_eq!(running.len(), 2, "2.0 again and its child: {running:?}");
     // The installed files are 2.0's, byte for byte.
