@@ -62,13 +62,15 @@ fn join(state: &Path, token: &str, origin: &str, publisher: &str) -> PathBuf {
     config
 }
 
+/// The node's own key (`STATE/identity.key`).
+fn identity(state: &Path) -> lanup_protocol::sign::SecretKey {
+    let text = std::fs::read_to_string(state.join("identity.key")).expect("identity.key");
+    lanup_protocol::sign::SecretKey::from_text(&text).expect("key")
+}
+
 /// The node's public key bytes (their order is the PeerIds' order).
 fn node_key(state: &Path) -> [u8; 32] {
-    let text = std::fs::read_to_string(state.join("identity.key")).expect("identity.key");
-    lanup_protocol::sign::SecretKey::from_text(&text)
-        .expect("key")
-        .public()
-        .to_bytes()
+    identity(state).public().to_bytes()
 }
 
 /// Gives the node at `state` an identity whose key sorts below those of
@@ -266,11 +268,7 @@ fn a_revoked_member_is_cut_off_at_once_and_the_rest_of_the_site_carries_on() {
     assert!(pending.is_empty(), "not staged on {pending:?}");
 
     // Node 2 is revoked, by its PeerId, from node 0's CLI.
-    let text = std::fs::read_to_string(site.states[2].join("identity.key")).expect("key");
-    let revoked = lanup_protocol::sign::SecretKey::from_text(&text)
-        .expect("key")
-        .public()
-        .peer_id();
+    let revoked = identity(&site.states[2]).public().peer_id();
     let out = run_ok(&[
         "revoke",
         &revoked,
@@ -409,11 +407,7 @@ fn headquarters_that_trusts_admin_keys_counts_only_members_reports() {
     // the list published beside the releases reaches the node at its next
     // poll (it then fetches and reports nothing), and headquarters refuses
     // what the revoked key still signs, certificate and all.
-    let secret = {
-        let text =
-            std::fs::read_to_string(site.states[0].join("identity.key")).expect("identity.key");
-        lanup_protocol::sign::SecretKey::from_text(&text).expect("key")
-    };
+    let secret = identity(&site.states[0]);
     let peer = secret.public().peer_id();
     let out = run_ok(&[
         "revoke",
