@@ -371,3 +371,43 @@ fn a_damaged_database_or_one_from_a_newer_lanup_is_refused_by_name() -> Result<(
     assert!(err.contains("newer lanup"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_published_revocation_list_revokes_and_a_damaged_or_forged_one_is_passed_over() -> Result<()> {
+    use lanup_protocol::membership::{revoked_file, Revocations};
+    let dir = tempfile::tempdir()?;
+    let admin = SecretKey::generate();
+    let mut s = settings(dir.path());
+    s.admins = vec![admin.public()];
+    let hq = Headquarters::open(s)?;
+    let key = SecretKey::generate();
+    let cert = Certificate::issue(&admin, "plant", &key.public(), NOW / 1000, 86_400);
+    let signed = |at: u64| {
+        let mut signed: report::SignedReport =
+            serde_json::from_slice(&one(&key, "plant", at, "1.0")).expect("json");
+        signed.membership = Some(cert.clone());
+        serde_json::to_vec(&signed).expect("json")
+    };
+    let list = dir.path().join(revoked_file("plant"));
+    std::fs::create_dir_all(list.parent().expect("parent"))?;
+    // Damaged, then signed by a key headquarters does not trust: the
+    // member still reports.
+    std::fs::write(&list, b"{\"text\": 12")?;
+    taken(&hq, &signed(NOW), NOW)?;
+    let stranger = SecretKey::generate();
+    let forged = Revocations::sign(
+        &stranger,
+        "plant",
+        vec![key.public().to_string()],
+        NOW / 1000,
+    );
+    std::fs::write(&list, serde_json::to_vec(&forged)?)?;
+    taken(&hq, &signed(NOW + 1), NOW + 1)?;
+    // The admin's list: refused, by name.
+    let real = Revocations::sign(&admin, "plant", vec![key.public().to_string()], NOW / 1000);
+    std::fs::write(&list, serde_json::to_vec(&real)?)?;
+    let refused = take(&hq, &signed(NOW + 2), "192.0.2.7", NOW + 2).expect_err("revoked");
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(refused.message.contains("revoked"), "{}", refused.message);
+    Ok(())
+}
