@@ -63,6 +63,7 @@ async fn main() -> Result<()> {
             peers: vec![],
             psk: None,
             mdns: false,
+            state: None,
         },
     )?;
     tokio::spawn(server_net.run());
@@ -94,6 +95,7 @@ async fn main() -> Result<()> {
             peers: vec![addr.with(libp2p::multiaddr::Protocol::P2p(server.local_peer_id()))],
             psk: None,
             mdns: false,
+            state: None,
         },
     )?;
     tokio::spawn(client_net.run());

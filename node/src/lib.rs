@@ -31,6 +31,7 @@ pub mod platform;
 pub mod policy;
 pub mod release;
 pub mod release_store;
+pub mod remembered;
 pub mod report;
 pub mod stage;
 pub mod store;

@@ -43,7 +43,16 @@ pub struct NetworkConfig {
     pub psk: Option<PreSharedKey>,
     /// mDNS on every non-loopback interface.
     pub mdns: bool,
+    /// The state directory, where the peers this node knew are kept
+    /// ([`crate::remembered`]); None keeps none.
+    pub state: Option<std::path::PathBuf>,
 }
+
+/// Peers mDNS found that are remembered at once: beyond any real LAN.
+const MAX_DISCOVERED: usize = 1024;
+/// How long after start the remembered peers that did not answer are
+/// dialled (then they wait for the next start, or for mDNS).
+const RECALL_FOR: Duration = Duration::from_secs(60);
 
 /// Connections held at most, all peers together: a site is tens of nodes,
 /// each with a connection or two to every other.
@@ -60,13 +69,24 @@ const STATIC_EAGER: Duration = Duration::from_secs(10);
 /// A connection that has not finished its security and multiplexing
 /// handshake by then is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection no protocol uses for this long is closed. Every live peer
-/// gossips a heartbeat each second, so only dead weight goes.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A connection no protocol uses for this long is closed. Peers at rest
+/// say little (a heartbeat every tens of seconds, and only to their mesh),
+/// so a connection is not closed for being quiet: pings tell a peer that
+/// stopped answering, and only a connection unused for a day goes.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Pings find a peer that stopped answering (a frozen machine, a cable
 /// pulled without a reset); its connection is closed, not held for hours.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Mesh peers each node passes gossip to (gossipsub's D). With `mesh_n_low`
+/// two below and the mesh grafted within a second of connecting, a site
+/// of any size hears a message in a few LAN hops.
+const MESH_N: usize = 6;
+/// A message above this many bytes is announced to mesh peers as had
+/// (IDONTWANT) once received, so that they do not send their copy: a
+/// heartbeat is a few hundred bytes.
+const IDONTWANT_FROM: usize = 200;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -106,6 +126,8 @@ pub enum NetworkEvent {
 
 enum Command {
     Subscribe(String),
+    /// Answered at once: the swarm's task runs.
+    Alive(oneshot::Sender<()>),
     Publish {
         topic: String,
         data: Vec<u8>,
@@ -183,6 +205,12 @@ pub struct Network {
     /// Gossip messages and requests dropped because the node lagged (each
     /// sender tries again: heartbeats every second, requests on timeout).
     shed: u64,
+    /// The peers this node knew, kept across restarts.
+    remembered: crate::remembered::Remembered,
+    /// Remembered peers dialled since start and not connected yet (they
+    /// sit in `discovered` meanwhile, as if mDNS had found them).
+    recalled: HashSet<PeerId>,
+    started: std::time::Instant,
     /// Peers mDNS found, their addresses and when: dialled again while
     /// they stay unconnected (a first dial can fail, and mDNS reports a
     /// peer once per record, not again minutes later).
@@ -223,8 +251,22 @@ fn transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, 
 }
 
 fn behaviour(key: &Keypair, mdns_on: bool) -> Result<Behaviour> {
+    // Gossip travels the mesh: each node passes a message on to a few
+    // peers (not to every peer it is connected to, which at a site of
+    // hundreds would have each node receive and check every message
+    // hundreds of times). An author sends its own to its mesh peers only;
+    // each copy costs its receiver a signature check, and a node that got
+    // a message tells its mesh peers not to send it again.
     let gossip = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_secs(1))
+        .heartbeat_initial_delay(Duration::from_millis(100))
+        .mesh_n(MESH_N)
+        .mesh_n_low(MESH_N - 2)
+        .mesh_n_high(MESH_N * 2)
+        .mesh_outbound_min(2)
+        .gossip_lazy(MESH_N)
+        .flood_publish(false)
+        .idontwant_message_size_threshold(IDONTWANT_FROM)
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
         .build()
@@ -306,6 +348,12 @@ impl Network {
             pending: Default::default(),
             connected: HashSet::new(),
             discovered: std::collections::HashMap::new(),
+            remembered: crate::remembered::Remembered::load(
+                config.state.as_deref(),
+                crate::node::now_unix_ms() / 1000,
+            ),
+            recalled: HashSet::new(),
+            started: std::time::Instant::now(),
             banned: Default::default(),
             backlog: Default::default(),
             shed: 0,
@@ -325,6 +373,7 @@ impl Network {
 
     /// Drives the swarm until every client is dropped.
     pub async fn run(mut self) {
+        self.recall();
         self.redial_static(true);
         self.publish_discovery(false);
         // Static peers are redialled while they are not connected: every
@@ -347,6 +396,8 @@ impl Network {
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = redial.tick() => {
                     self.redial_static(false);
+                    self.remembered.save_if_due(false);
+                    self.end_recall();
                     self.flush_backlog();
                     // Bans that ran out are forgotten.
                     let now = std::time::Instant::now();
@@ -360,6 +411,43 @@ impl Network {
                 }
             }
         }
+        self.remembered.save_if_due(true);
+    }
+
+    /// Dials the peers this node remembers, as if mDNS had found them (the
+    /// lower PeerId first: see the module docs): they count as found and
+    /// not connected yet, so that the election waits for them (for its
+    /// grace at most).
+    fn recall(&mut self) {
+        let now = std::time::Instant::now();
+        for (peer, addrs) in self.remembered.peers() {
+            if self.discovered.len() >= MAX_DISCOVERED {
+                break;
+            }
+            self.discovered.entry(peer).or_insert((addrs, now));
+            self.recalled.insert(peer);
+        }
+        if !self.recalled.is_empty() {
+            info!(
+                peers = self.recalled.len(),
+                "dialling the peers this node knew"
+            );
+        }
+        self.redial_discovered();
+    }
+
+    /// Remembered peers that did not answer within [`RECALL_FOR`] are no
+    /// longer dialled.
+    fn end_recall(&mut self) {
+        if self.recalled.is_empty() || self.started.elapsed() < RECALL_FOR {
+            return;
+        }
+        for peer in std::mem::take(&mut self.recalled) {
+            if !self.connected.contains(&peer) {
+                self.discovered.remove(&peer);
+            }
+        }
+        self.publish_discovery(false);
     }
 
     /// Dials again the peers mDNS found that are still not connected: the
@@ -435,6 +523,9 @@ impl Network {
                     warn!(error = %e, "cannot subscribe");
                 }
             }
+            Command::Alive(reply) => {
+                let _ = reply.send(());
+            }
             Command::Publish { topic, data, reply } => {
                 let result = b
                     .gossipsub
@@ -463,6 +554,7 @@ impl Network {
             }
             Command::Ban { peer, until } => {
                 self.banned.insert(peer, until);
+                self.remembered.forget(&peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
         }
@@ -507,10 +599,6 @@ impl Network {
     fn peer_connected(&mut self, peer: PeerId, addr: &Multiaddr) {
         self.connected.insert(peer);
         info!(%peer, %addr, "peer found");
-        self.swarm
-            .behaviour_mut()
-            .gossipsub
-            .add_explicit_peer(&peer);
         self.emit(NetworkEvent::PeerConnected(peer));
     }
 
@@ -576,6 +664,10 @@ impl Network {
                     self.static_known.insert(addr.clone(), peer_id);
                 }
                 let new = !self.connected.contains(&peer_id);
+                if self.recalled.remove(&peer_id) {
+                    // Found again: it is a peer like any other now.
+                    self.discovered.remove(&peer_id);
+                }
                 if new {
                     self.peer_connected(peer_id, &addr.clone());
                 }
@@ -588,6 +680,13 @@ impl Network {
                 info,
                 ..
             })) => {
+                if !self.is_banned(&peer_id) {
+                    self.remembered.connected(
+                        peer_id,
+                        &info.listen_addrs,
+                        crate::node::now_unix_ms() / 1000,
+                    );
+                }
                 let mut known = false;
                 for addr in &info.listen_addrs {
                     if self.static_peers.contains(addr) {
@@ -611,6 +710,13 @@ impl Network {
                 let local = *self.swarm.local_peer_id();
                 let mut new = false;
                 for (peer, addr) in found {
+                    // mDNS found it: it is dialled and expired as mDNS says.
+                    self.recalled.remove(&peer);
+                    if !self.discovered.contains_key(&peer)
+                        && self.discovered.len() >= MAX_DISCOVERED
+                    {
+                        continue;
+                    }
                     new |= !self.discovered.contains_key(&peer);
                     let entry = self
                         .discovered
@@ -732,6 +838,13 @@ impl NetworkClient {
         self.send(Command::Subscribe(topic.to_owned())).await
     }
 
+    /// Whether the swarm's task answers (the watchdog's proof that the
+    /// network runs, between heartbeats).
+    pub async fn alive(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Alive(reply)).await.is_ok() && rx.await.is_ok()
+    }
+
     /// Gossips `data` on `topic`.
     pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<()> {
         let (reply, rx) = oneshot::channel();
@@ -811,6 +924,7 @@ mod tests {
             ],
             psk: None,
             mdns: false,
+            state: None,
         };
         let (_network, client, _events) =
             Network::new(Keypair::generate_ed25519(), config).expect("swarm");

@@ -263,6 +263,13 @@ struct Node {
     /// When this node started (Unix ms), and its heartbeats since.
     boot_ms: u64,
     heartbeats_sent: u64,
+    last_sent: Option<heartbeat::Sent>,
+    /// Peers that left a request unanswered, and when: not live until
+    /// they speak again (bounded by the connection limit; forgotten when
+    /// they disconnect or speak).
+    unanswered: HashMap<PeerId, Instant>,
+    /// Seconds ticked since the node started (housekeeping runs on them).
+    ticks: u64,
     /// Announce the release with every heartbeat up to this one (after it
     /// was adopted, or a peer connected), then every
     /// [`ANNOUNCE_EVERY`]th.
@@ -411,6 +418,7 @@ pub async fn run(
             peers: config.peers.clone(),
             psk,
             mdns: config.mdns,
+            state: Some(config.state.clone()),
         },
     )?;
     let local = net.local_peer_id();
@@ -548,6 +556,9 @@ pub async fn run(
         heard: HashMap::new(),
         boot_ms: now_unix_ms(),
         heartbeats_sent: 0,
+        last_sent: None,
+        unanswered: HashMap::new(),
+        ticks: 0,
         announce_until: 0,
         rollout,
         pending,
@@ -582,7 +593,9 @@ pub async fn run(
     let mut have = tokio::time::interval(HAVE_INTERVAL);
     // While the node settles (or owes a newcomer a heartbeat).
     let mut quick = tokio::time::interval(QUICK_TICK);
-    for ticks in [&mut schedule, &mut have, &mut quick] {
+    // A change the site must hear of goes out within this.
+    let mut changes = tokio::time::interval(heartbeat::CHANGE_GAP);
+    for ticks in [&mut schedule, &mut have, &mut quick, &mut changes] {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     // Recovered, listening on the control socket, the swarm running.
@@ -591,34 +604,24 @@ pub async fn run(
     let mut failure = None;
     loop {
         tokio::select! {
+            // Timers first: a flood from the network must not hold back
+            // the watchdog, the heartbeat or the fetcher's duty (each timer
+            // fires once per period, so it cannot starve the rest).
             biased;
             _ = &mut shutdown => break,
-            Some(event) = events.recv() => node.on_network(event).await,
-            Some(d) = done.recv() => node.on_done(d).await,
-            Some(found) = found.recv() => node.on_fetcher(found),
-            Some((request, reply)) = control.recv() => node.control(request, reply),
-            Some(hash) = damaged.recv() => node.chunk_lost(hash),
             _ = heartbeat.tick() => {
-                node.notice_freeze();
-                wedge_fault(&node.started);
-                // Sending the heartbeat waits for the swarm's answer: a
-                // heartbeat sent means this loop and the swarm run.
-                node.heartbeat().await;
-                if crate::upgrade::orphaned() {
-                    failure = Some(anyhow::anyhow!("the node that started this trial of a new lanup is gone"));
+                if let Some(e) = node.tick(&mut notifier).await {
+                    failure = Some(e);
                     break;
                 }
-                if node.fetcher.answers() {
-                    notifier.alive();
+            }
+            _ = changes.tick() => node.heartbeat(false).await,
+            _ = quick.tick(), if !node.has_settled.get() || node.early_heartbeat.is_some() => {
+                if node.early_heartbeat.is_some_and(|at| at <= Instant::now()) {
+                    node.early_heartbeat = None;
+                    node.heartbeat(true).await;
                 }
-                node.notice_silence();
-                node.prune();
-                node.watch_fetcher();
                 node.fetcher_duties();
-                node.expire_requests();
-                node.rollout_duties();
-                node.maybe_auto_apply();
-                node.report_duties();
             }
             // Ticks only while chunks move: an idle node sleeps.
             _ = schedule.tick(), if node.moving() => {
@@ -627,20 +630,18 @@ pub async fn run(
                     node.assign_duty();
                 }
             }
+            _ = have.tick(), if node.moving() => node.ask_have(),
+            Some(event) = events.recv() => node.on_network(event).await,
+            Some(d) = done.recv() => node.on_done(d).await,
+            Some(found) = found.recv() => node.on_fetcher(found),
+            Some((request, reply)) = control.recv() => node.control(request, reply),
+            Some(hash) = damaged.recv() => node.chunk_lost(hash),
             Some(ended) = children.join_next() => {
                 failure = Some(match ended {
                     Ok(()) => anyhow::anyhow!("a part of the node stopped by itself"),
                     Err(e) => anyhow::anyhow!("a part of the node failed: {e}"),
                 });
                 break;
-            }
-            _ = have.tick(), if node.moving() => node.ask_have(),
-            _ = quick.tick(), if !node.has_settled.get() || node.early_heartbeat.is_some() => {
-                if node.early_heartbeat.is_some_and(|at| at <= Instant::now()) {
-                    node.early_heartbeat = None;
-                    node.heartbeat().await;
-                }
-                node.fetcher_duties();
             }
         }
         node.answer_have_waiting().await;
@@ -677,6 +678,34 @@ pub async fn run(
 }
 
 impl Node {
+    /// The node's second: notices a freeze, sends the heartbeat if due,
+    /// tells the watchdog that the loop, the swarm and the fetcher answer,
+    /// and does each part's housekeeping. An error ends the node.
+    async fn tick(&mut self, notifier: &mut crate::platform::Notifier) -> Option<anyhow::Error> {
+        self.ticks += 1;
+        self.notice_freeze();
+        wedge_fault(&self.started);
+        self.heartbeat(false).await;
+        if crate::upgrade::orphaned() {
+            return Some(anyhow::anyhow!(
+                "the node that started this trial of a new lanup is gone"
+            ));
+        }
+        // The swarm answering proves its task runs.
+        if self.net.alive().await && self.fetcher.answers() {
+            notifier.alive();
+        }
+        self.notice_silence();
+        self.prune();
+        self.watch_fetcher();
+        self.fetcher_duties();
+        self.expire_requests();
+        self.rollout_duties();
+        self.maybe_auto_apply();
+        self.report_duties();
+        None
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -833,6 +862,7 @@ impl Node {
             }
             NetworkEvent::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
+                self.unanswered.remove(&peer);
                 self.stalls.remove(&peer);
                 self.have_pending.remove(&peer);
                 self.have_waiting.retain(|w| w.peer != peer);

@@ -22,6 +22,7 @@ async fn start(
             peers,
             psk: None,
             mdns: false,
+            state: None,
         },
     )?;
     tokio::spawn(network.run());

@@ -282,6 +282,7 @@ impl Liar {
                     peers: peers.iter().map(|p| p.parse().expect("addr")).collect(),
                     psk: None,
                     mdns: false,
+                    state: None,
                 },
             )
             .expect("the liar's swarm")

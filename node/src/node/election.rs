@@ -176,7 +176,6 @@ impl Node {
     /// (one only rested for serving slowly still does: it is not lying,
     /// and passing it over would take a second copy over the uplink).
     pub(super) fn fetcher(&self) -> Option<PeerId> {
-        let ms = |at: &Instant| at.elapsed().as_millis() as u64;
         let by_site = self.suspected_by_site();
         let suspect = |peer: &PeerId, hb: &Heartbeat| {
             hb.origin_failing
@@ -186,12 +185,21 @@ impl Node {
                     .get(peer)
                     .is_some_and(|at| at.elapsed() < FAILING_FOR)
         };
+        // Whether each node is live is the node's to judge (a heartbeat's
+        // cadence varies): the election sees a live one as just heard.
+        let quiet = |peer: &PeerId, at: Instant, hb: &Heartbeat| {
+            if self.live(peer, at, hb) {
+                0
+            } else {
+                u64::MAX
+            }
+        };
         let peers = self.peers.iter().filter_map(|(peer, info)| {
             let (at, hb) = info.heartbeat.as_ref()?;
             Some(Candidate {
                 id: *peer,
                 has_origin: hb.has_origin,
-                silent_ms: ms(at),
+                silent_ms: quiet(peer, *at, hb),
                 failing: suspect(peer, hb),
                 downloading: hb.downloading,
             })
@@ -199,7 +207,7 @@ impl Node {
         let heard = self.heard.iter().map(|(author, h)| Candidate {
             id: *author,
             has_origin: h.has_origin,
-            silent_ms: ms(&h.at),
+            silent_ms: quiet(author, h.at, &h.heartbeat),
             failing: suspect(author, &h.heartbeat),
             downloading: h.heartbeat.downloading,
         });
@@ -225,8 +233,9 @@ impl Node {
     /// the fetcher.
     pub(super) fn suspected_by_site(&self) -> HashSet<PeerId> {
         self.heard
-            .values()
-            .filter(|h| h.at.elapsed() < PEER_SILENT)
+            .iter()
+            .filter(|(author, h)| self.live(author, h.at, &h.heartbeat))
+            .map(|(_, h)| h)
             .flat_map(|h| h.heartbeat.suspects.iter())
             .filter_map(|id| id.parse().ok())
             .collect()

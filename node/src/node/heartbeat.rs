@@ -1,10 +1,46 @@
-//! The heartbeat every node gossips once a second: what it says, how this
-//! node builds its own from what it is doing, and how it takes one from a
-//! peer (the newest per author only; a command or request it names that
-//! this node lacks is asked for; a silent peer that speaks again is asked
-//! for chunks again).
+//! The heartbeat every node gossips: what it says, how this node builds
+//! its own from what it is doing, when it sends it, and how it takes one
+//! from a peer (the newest per author only; a command or request it names
+//! that this node lacks is asked for; a silent peer that speaks again is
+//! asked for chunks again).
+//!
+//! A node says something when it has something to say: a heartbeat goes
+//! out within [`CHANGE_GAP`] of a change the site must hear of (its state,
+//! its release, an apply's step, an error), and otherwise only as a
+//! keep-alive, once a second while it fetches from the origin (the site
+//! watches that it makes progress), every few seconds while it takes a
+//! release from its peers, and every ten seconds or more at rest. The
+//! keep-alives of a large site are spread out further, so that the whole
+//! site sends a bounded number a second whatever its size; each heartbeat
+//! says how soon the next is due, and its receivers count the sender as
+//! gone only once that has passed twice over.
 
 use super::*;
+
+/// The least time between two heartbeats of one node: changes within it
+/// go out together.
+pub(super) const CHANGE_GAP: Duration = Duration::from_millis(50);
+/// A node at rest sends a keep-alive at least this often ...
+const AT_REST: Duration = Duration::from_secs(10);
+/// ... and at most this seldom (its receivers wait twice as long, and
+/// pings close the connection of a peer that stopped answering sooner).
+const AT_REST_MAX: Duration = Duration::from_secs(120);
+/// Keep-alives a whole site at rest sends a second: a node's cadence
+/// grows with the nodes it hears beyond `AT_REST * SITE_AT_REST`.
+const SITE_AT_REST: u64 = 4;
+/// Keep-alives a site at work (taking a release from its peers) sends a
+/// second, beyond one a second per node.
+const SITE_AT_WORK: u64 = 32;
+
+/// Authors of heartbeats remembered at most: ten times the largest site
+/// lanup is built for.
+const MAX_HEARD: usize = 5000;
+
+/// A heartbeat's cadence when the sender does not say (an older lanup: one
+/// a second).
+fn every_second() -> u64 {
+    lanup_protocol::election::HEARTBEAT_MS
+}
 
 /// The heartbeat every node gossips.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +126,50 @@ pub(super) struct Heartbeat {
     /// taken from anyone, when newer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) revocations: Option<lanup_protocol::membership::Signed>,
+    /// How soon the sender's next heartbeat is due, in ms, if nothing
+    /// changes: its receivers count it as gone once twice that passed.
+    #[serde(default = "every_second")]
+    pub(super) every_ms: u64,
+}
+
+impl Heartbeat {
+    /// What of the heartbeat the site must hear at once when it changes:
+    /// everything but counters, clocks and the cadence.
+    pub(super) fn digest(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut quiet = self.clone();
+        quiet.seq = 0;
+        quiet.clock_ms = 0;
+        quiet.every_ms = 0;
+        quiet.bytes_have = 0;
+        quiet.origin_bytes = 0;
+        quiet.origin_received = 0;
+        // An origin error's countdown to the next try ticks every second.
+        if let Some(e) = &mut quiet.last_error {
+            if let Some(cut) = e.find(" (next try in ") {
+                e.truncate(cut);
+            }
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_vec(&quiet).unwrap_or_default().hash(&mut h);
+        h.finish()
+    }
+
+    /// How long after this heartbeat its sender counts as gone: five
+    /// seconds for one sent each second, twice its cadence and two seconds
+    /// more for a slower one (a cadence above [`AT_REST_MAX`] is taken as
+    /// that: a peer cannot buy itself a long life).
+    pub(super) fn silent_after(&self) -> Duration {
+        let every = Duration::from_millis(self.every_ms).min(AT_REST_MAX);
+        PEER_SILENT.max(every * 2 + Duration::from_secs(2))
+    }
+}
+
+/// The heartbeat this node sent last: when, and what it said.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sent {
+    pub(super) at: Instant,
+    pub(super) digest: u64,
 }
 
 /// The newest heartbeat of one author.
@@ -109,6 +189,96 @@ pub(super) struct Heard {
 }
 
 impl Node {
+    /// How soon this node's next heartbeat is due if nothing changes: each
+    /// second while it fetches from the origin; while it takes a release
+    /// from its peers or applies one, each second, spread further at a
+    /// large site; at rest every ten seconds, spread further at a large
+    /// site.
+    pub(super) fn heartbeat_every(&self) -> Duration {
+        if self.downloading() {
+            return HEARTBEAT;
+        }
+        let site = self.live_nodes() as u64 + 1;
+        if self.moving() || self.applying.is_some() {
+            HEARTBEAT.max(Duration::from_millis(site * 1000 / SITE_AT_WORK))
+        } else {
+            AT_REST
+                .max(Duration::from_millis(site * 1000 / SITE_AT_REST))
+                .min(AT_REST_MAX)
+        }
+    }
+
+    /// The other nodes this node counts as live.
+    pub(super) fn live_nodes(&self) -> usize {
+        self.heard
+            .iter()
+            .filter(|(author, h)| **author != self.local && self.live(author, h.at, &h.heartbeat))
+            .count()
+    }
+
+    /// Whether `author`, last heard at `at` saying `hb`, still counts as
+    /// live: its next heartbeat is not overdue; it answered what it was
+    /// asked since it spoke (a frozen machine keeps its connections but
+    /// answers nothing); and, once this node took up a release the author
+    /// did not name, it spoke since (every live node says so within
+    /// milliseconds of taking it up, so one at rest that froze is passed
+    /// over in seconds, not at its next keep-alive).
+    pub(super) fn live(&self, author: &PeerId, at: Instant, hb: &Heartbeat) -> bool {
+        if at.elapsed() >= hb.silent_after() {
+            return false;
+        }
+        if self.unanswered.get(author).is_some_and(|since| *since > at) {
+            return false;
+        }
+        match &self.target {
+            Some(t) if at < t.adopted_at && t.adopted_at.elapsed() >= PEER_SILENT => {
+                hb.release.as_deref() == Some(t.manifest.release_name().as_str())
+            }
+            _ => true,
+        }
+    }
+
+    /// Sends this node's heartbeat when one is due: something the site
+    /// must hear changed (and [`CHANGE_GAP`] passed since the last), the
+    /// keep-alive's time came, or `now` (a peer connected, a release was
+    /// taken up).
+    pub(super) async fn heartbeat(&mut self, now: bool) {
+        // Memberships expire and members-only may begin: the chunk server
+        // learns of it here.
+        self.gate.publish(now_unix_ms() / 1000);
+        let hb = self.own_heartbeat();
+        let digest = hb.digest();
+        let due = now
+            || self.last_sent.is_none_or(|sent| {
+                let since = sent.at.elapsed();
+                since >= self.heartbeat_every() || (sent.digest != digest && since >= CHANGE_GAP)
+            });
+        if !due {
+            return;
+        }
+        self.heartbeats_sent += 1;
+        self.last_sent = Some(Sent {
+            at: Instant::now(),
+            digest,
+        });
+        if let Ok(data) = serde_json::to_vec(&hb) {
+            let _ = self.net.publish(&self.status_topic, data).await;
+        }
+        let announce = self.heartbeats_sent <= self.announce_until
+            || self.heartbeats_sent.is_multiple_of(ANNOUNCE_EVERY);
+        if let Some(t) = self.target.as_ref().filter(|_| announce) {
+            let announce = Announce {
+                release: t.manifest.release_name(),
+                manifest_hash: t.hash,
+                signature: t.signature.clone(),
+                app: t.manifest.restart.app_name.clone(),
+            };
+            if let Ok(data) = serde_json::to_vec(&announce) {
+                let _ = self.net.publish(&self.announce_topic, data).await;
+            }
+        }
+    }
+
     pub(super) fn own_heartbeat(&self) -> Heartbeat {
         let t = self.target.as_ref();
         let installed = self.installed_name();
@@ -144,7 +314,8 @@ impl Node {
                 .filter(|o| o.ending != Ending::Committed)
                 .map(|o| o.version.clone()),
             boot_ms: self.boot_ms,
-            seq: self.heartbeats_sent,
+            seq: self.heartbeats_sent + 1,
+            every_ms: self.heartbeat_every().as_millis() as u64,
             command_id: self.rollout.as_ref().map(Rollout::newest_id),
             requests: self.pending.keys().cloned().collect(),
             membership: self.own_certificate.clone(),
@@ -248,6 +419,14 @@ impl Node {
                 Some(old) if old.heartbeat.origin_received == hb.origin_received => old.progress_at,
                 _ => Instant::now(),
             };
+            if !self.heard.contains_key(&author) && self.heard.len() >= MAX_HEARD {
+                // Beyond any real site: the author heard longest ago makes
+                // room (a flood of made-up authors cannot grow the map).
+                let oldest = self.heard.iter().min_by_key(|(_, h)| h.at).map(|(a, _)| *a);
+                if let Some(oldest) = oldest {
+                    self.heard.remove(&oldest);
+                }
+            }
             self.heard.insert(
                 author,
                 Heard {
@@ -266,6 +445,7 @@ impl Node {
             self.maybe_catch_up(from, id);
         }
         if fresh {
+            self.unanswered.remove(&author);
             self.catch_up_requests(from, &hb.requests);
         }
         // The author's own record when it is a peer; one heard only

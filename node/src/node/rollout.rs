@@ -446,7 +446,7 @@ impl Node {
         self.heard.iter().filter(|(author, h)| {
             **author != self.local
                 && !self.peers.contains_key(author)
-                && h.at.elapsed() < PEER_SILENT
+                && self.live(author, h.at, &h.heartbeat)
         })
     }
 

@@ -14,7 +14,7 @@ impl Node {
     pub(super) fn prune(&mut self) {
         const FORGET: Duration = Duration::from_secs(600);
         // Once a minute, the application's output log is kept bounded.
-        if self.heartbeats_sent.is_multiple_of(60) {
+        if self.ticks.is_multiple_of(60) {
             if let Some(applier) = self.applier.clone() {
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = applier.rotate_app_log() {
@@ -36,17 +36,23 @@ impl Node {
     /// are no longer asked for chunks; what is in flight to them is asked
     /// elsewhere, and the fetcher treats their chunks as missing.
     pub(super) fn notice_silence(&mut self) {
-        for (peer, info) in &mut self.peers {
-            let last = info
-                .heartbeat
-                .as_ref()
-                .map_or(info.connected_at, |(at, _)| *at);
-            if !info.silent && last.elapsed() >= PEER_SILENT {
+        let silent: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, info)| !info.silent)
+            .filter(|(peer, info)| match &info.heartbeat {
+                Some((at, hb)) => !self.live(peer, *at, hb),
+                None => info.connected_at.elapsed() >= PEER_SILENT,
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in silent {
+            if let Some(info) = self.peers.get_mut(&peer) {
                 info.silent = true;
-                warn!(%peer, "peer connected but silent for 5 s; not asking it for chunks");
-                if let Some(t) = &mut self.target {
-                    t.transfer.peer_disconnected(peer);
-                }
+            }
+            warn!(%peer, "peer connected but silent past its next heartbeat; not asking it for chunks");
+            if let Some(t) = &mut self.target {
+                t.transfer.peer_disconnected(&peer);
             }
         }
     }
@@ -60,7 +66,7 @@ impl Node {
         let mut skews: Vec<i64> = self
             .heard
             .iter()
-            .filter(|(author, h)| **author != self.local && h.at.elapsed() < PEER_SILENT)
+            .filter(|(author, h)| **author != self.local && self.live(author, h.at, &h.heartbeat))
             .filter_map(|(_, h)| h.skew_ms)
             .chain([0])
             .collect();
@@ -334,6 +340,11 @@ impl Node {
             Err(e) => {
                 debug!(%fetcher, error = %e, "a lanup check did not reach the site's fetcher; asking again");
                 let unreachable = matches!(e, CheckError::Unreached(_));
+                if unreachable && self.peers.contains_key(&fetcher) {
+                    // Connected and not answering: a frozen machine. It is
+                    // not live until it speaks again.
+                    self.unanswered.insert(fetcher, Instant::now());
+                }
                 let count = match pending.unreached {
                     Some((peer, n)) if peer == fetcher && unreachable => n + 1,
                     _ if unreachable => 1,
@@ -432,30 +443,6 @@ impl Node {
             sent_at_ms: 0,
             nodes,
             rollout,
-        }
-    }
-
-    pub(super) async fn heartbeat(&mut self) {
-        // Memberships expire and members-only may begin: the chunk server
-        // learns of it here.
-        self.gate.publish(now_unix_ms() / 1000);
-        self.heartbeats_sent += 1;
-        let hb = self.own_heartbeat();
-        if let Ok(data) = serde_json::to_vec(&hb) {
-            let _ = self.net.publish(&self.status_topic, data).await;
-        }
-        let due = self.heartbeats_sent <= self.announce_until
-            || self.heartbeats_sent.is_multiple_of(ANNOUNCE_EVERY);
-        if let Some(t) = self.target.as_ref().filter(|_| due) {
-            let announce = Announce {
-                release: t.manifest.release_name(),
-                manifest_hash: t.hash,
-                signature: t.signature.clone(),
-                app: t.manifest.restart.app_name.clone(),
-            };
-            if let Ok(data) = serde_json::to_vec(&announce) {
-                let _ = self.net.publish(&self.announce_topic, data).await;
-            }
         }
     }
 }
