@@ -105,13 +105,18 @@ enum Command {
         #[command(flatten)]
         node: LocalNode,
     },
-    /// Show every node of the site, as the local node hears them.
+    /// Show every node of the site, as the local node hears them (a site
+    /// of more than 40 is summarised: counts by state, then the nodes that
+    /// stand out).
     Status {
         #[command(flatten)]
         node: LocalNode,
-        /// Print one JSON object instead of a table.
+        /// Print one JSON object (every node) instead of a table.
         #[arg(long)]
         json: bool,
+        /// List every node, however large the site.
+        #[arg(long)]
+        all: bool,
     },
     /// Show every site that reports to headquarters: nodes, installed
     /// releases, failed nodes with their errors, the age of each site's last
@@ -582,12 +587,12 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Revoke {
             keys, key, node, ..
         } => revoke(&keys, &key, &node),
-        Command::Status { node, json } => {
+        Command::Status { node, json, all } => {
             let answer = node.ask(ControlRequest::Status)?;
             if json {
                 println!("{answer}");
             } else {
-                print_status(&answer);
+                crate::status::print(&answer, all);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -876,126 +881,6 @@ fn follow_hand_over(node: &LocalNode, version: &str) -> Result<ExitCode> {
 }
 
 pub(crate) use lanup_protocol::short_peer as short_id;
-
-/// What a node is doing, in a few words: its state, the release it is
-/// moving to, and the apply step under way.
-fn node_doing(n: &serde_json::Value) -> String {
-    let state = n["state"].as_str().unwrap_or("?");
-    let release = n["release"].as_str();
-    match (state, release) {
-        ("applying", Some(r)) => {
-            format!("applying {r}: {}", n["apply_step"].as_str().unwrap_or("?"))
-        }
-        ("fetching" | "staging" | "staged", Some(r)) => format!("{state} {r}"),
-        _ => state.to_owned(),
-    }
-}
-
-fn print_status(answer: &serde_json::Value) {
-    let nodes = answer["nodes"].as_array().cloned().unwrap_or_default();
-    let mut head = format!(
-        "site {}: {} node{}",
-        answer["site"].as_str().unwrap_or("?"),
-        nodes.len(),
-        if nodes.len() == 1 { "" } else { "s" }
-    );
-    let m = &answer["membership"];
-    if m["members_only"] == true {
-        let strangers = m["strangers"].as_array().map_or(0, Vec::len);
-        head.push_str(" (members only");
-        if m["enrolled"] != true {
-            head.push_str("; this node is not enrolled");
-        }
-        if strangers > 0 {
-            head.push_str(&format!("; {strangers} stranger(s) refused"));
-        }
-        head.push(')');
-    }
-    let r = &answer["rollout"];
-    if let Some(version) = r["version"].as_str() {
-        let what = match r["action"].as_str() {
-            Some("rollback") => "rollback to",
-            _ => "rollout of",
-        };
-        head.push_str(&format!(
-            "; {what} {version}: {}",
-            r["stage"].as_str().unwrap_or("?")
-        ));
-        if let Some(node) = r["halted_by"].as_str() {
-            let by = if node.starts_with("12D3") {
-                short_id(node)
-            } else {
-                node.to_owned()
-            };
-            head.push_str(&format!(
-                " by {by}: {}",
-                r["reason"].as_str().unwrap_or("no reason given")
-            ));
-        }
-    }
-    println!("{head}");
-    crate::change::print_requests(answer);
-    // Clocks that disagree by more than a minute: freshness of commands is
-    // judged by the site's clock, but an operator should fix them.
-    for n in &nodes {
-        let skew = n["clock_skew_ms"].as_i64().unwrap_or(0);
-        if skew.unsigned_abs() > 60_000 {
-            println!(
-                "clock: {}'s clock is {} {} this node's",
-                short_id(n["peer_id"].as_str().unwrap_or("?")),
-                humantime::format_duration(std::time::Duration::from_secs(
-                    skew.unsigned_abs() / 1000
-                )),
-                if skew > 0 { "ahead of" } else { "behind" }
-            );
-        }
-    }
-    println!(
-        "{:<13} {:<10} {:<8} {:<24} {:<18} {:>11} {:>10}  LAST ERROR",
-        "NODE", "VERSION", "LANUP", "STATE", "PROGRESS", "FROM ORIGIN", "LAST SEEN"
-    );
-    for n in &nodes {
-        let mut id = short_id(n["peer_id"].as_str().unwrap_or("?"));
-        if n["fetcher"] == true {
-            id.push_str(" *");
-        }
-        if n["self"] == true {
-            id.push_str(" ●");
-        }
-        let have = n["bytes_have"].as_u64().unwrap_or(0);
-        let total = n["bytes_total"].as_u64().unwrap_or(0);
-        let progress = if total == 0 || (have == total && n["state"] != "fetching") {
-            "-".to_owned()
-        } else {
-            format!(
-                "{:.0}% of {}",
-                have as f64 * 100.0 / total as f64,
-                format_bytes(total)
-            )
-        };
-        let seen = match n["last_seen_ms"].as_u64() {
-            _ if n["self"] == true => "-".to_owned(),
-            Some(ms) => format!("{:.1} s ago", ms as f64 / 1000.0),
-            None => "never".to_owned(),
-        };
-        let error = n["last_error"]
-            .as_str()
-            .map_or("-".to_owned(), |e| format!("last apply failed: {e}"));
-        println!(
-            "{:<13} {:<10} {:<8} {:<24} {:<18} {:>11} {:>10}  {}",
-            id,
-            n["installed_version"].as_str().unwrap_or("-"),
-            n["lanup_version"].as_str().unwrap_or("?"),
-            node_doing(n),
-            progress,
-            format_bytes(n["origin_bytes"].as_u64().unwrap_or(0)),
-            seen,
-            error
-        );
-    }
-    println!("● this node   * the site's fetcher (the one node that talks to the origin)");
-    crate::change::print_groups_and_waits(&nodes);
-}
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

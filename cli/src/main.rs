@@ -9,6 +9,7 @@ mod fleet;
 mod record;
 mod rollout;
 mod setup;
+mod status;
 
 use std::process::ExitCode;
 

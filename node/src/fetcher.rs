@@ -93,8 +93,9 @@ pub enum FetcherEvent {
         signature: String,
     },
     /// A chunk from the origin is in the store (best effort: a full
-    /// channel drops the notice).
-    Chunk(Hash),
+    /// channel drops the notice), downloaded for the release with this
+    /// manifest hash.
+    Chunk { release: Hash, chunk: Hash },
     /// A download ended or was stopped: the store is the truth about what
     /// it stored.
     Ended,
@@ -534,6 +535,7 @@ impl Fetcher {
         let lease = self.lease.clone();
         let started = self.started;
         let origin_bytes = self.origin_bytes.clone();
+        let release = w.hash;
         // Asked before every request and as bytes arrive: a chunk a peer
         // now holds, or a role that lapsed, stops the download of it.
         let wanted = move |h: &Hash| {
@@ -555,7 +557,10 @@ impl Fetcher {
                     counted += c.size;
                     stored.insert(c.hash);
                     origin_bytes.fetch_add(c.size, Ordering::Relaxed);
-                    let _ = events.try_send(FetcherEvent::Chunk(c.hash));
+                    let _ = events.try_send(FetcherEvent::Chunk {
+                        release,
+                        chunk: c.hash,
+                    });
                 },
             )
             .await;

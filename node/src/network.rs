@@ -48,6 +48,14 @@ pub struct NetworkConfig {
     pub state: Option<std::path::PathBuf>,
 }
 
+/// Connections a node seeks on its own: a node that knows fewer peers (a
+/// site whose nodes know only a bootstrap node or two by address) dials
+/// nodes it heard of in gossip, the lower PeerId dialling, until it has
+/// this many, so that gossip has a mesh to travel.
+pub const TARGET_PEERS: usize = 8;
+/// Connection changes waiting for the node at most: four for each
+/// connection the node may hold.
+const MAX_BACKLOG: usize = 4 * MAX_CONNECTIONS as usize;
 /// Peers mDNS found that are remembered at once: beyond any real LAN.
 const MAX_DISCOVERED: usize = 1024;
 /// How long after start the remembered peers that did not answer are
@@ -128,6 +136,11 @@ enum Command {
     Subscribe(String),
     /// Answered at once: the swarm's task runs.
     Alive(oneshot::Sender<()>),
+    /// A node heard of in gossip, and where it says it listens.
+    HeardOf {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
     Publish {
         topic: String,
         data: Vec<u8>,
@@ -161,6 +174,7 @@ pub struct NetworkClient {
     streams: libp2p_stream::Control,
     local: PeerId,
     discovery: tokio::sync::watch::Receiver<Discovered>,
+    listening: tokio::sync::watch::Receiver<Vec<Multiaddr>>,
 }
 
 /// What discovery has answered so far: the election waits for it at start
@@ -205,6 +219,11 @@ pub struct Network {
     /// Gossip messages and requests dropped because the node lagged (each
     /// sender tries again: heartbeats every second, requests on timeout).
     shed: u64,
+    /// Nodes heard of in gossip and where they listen: dialled while this
+    /// node has fewer than [`TARGET_PEERS`] connections.
+    heard_of: std::collections::HashMap<PeerId, Vec<Multiaddr>>,
+    /// Where this node listens, for its heartbeats.
+    listening: tokio::sync::watch::Sender<Vec<Multiaddr>>,
     /// The peers this node knew, kept across restarts.
     remembered: crate::remembered::Remembered,
     /// Remembered peers dialled since start and not connected yet (they
@@ -254,9 +273,10 @@ fn behaviour(key: &Keypair, mdns_on: bool) -> Result<Behaviour> {
     // Gossip travels the mesh: each node passes a message on to a few
     // peers (not to every peer it is connected to, which at a site of
     // hundreds would have each node receive and check every message
-    // hundreds of times). An author sends its own to its mesh peers only;
-    // each copy costs its receiver a signature check, and a node that got
-    // a message tells its mesh peers not to send it again.
+    // hundreds of times). An author sends its own to every peer it is
+    // connected to (so a peer that just connected hears it at once); each
+    // copy costs its receiver a signature check, and a node that got a
+    // message tells its mesh peers not to send it again.
     let gossip = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_secs(1))
         .heartbeat_initial_delay(Duration::from_millis(100))
@@ -265,7 +285,7 @@ fn behaviour(key: &Keypair, mdns_on: bool) -> Result<Behaviour> {
         .mesh_n_high(MESH_N * 2)
         .mesh_outbound_min(2)
         .gossip_lazy(MESH_N)
-        .flood_publish(false)
+        .flood_publish(true)
         .idontwant_message_size_threshold(IDONTWANT_FROM)
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
@@ -334,6 +354,7 @@ impl Network {
         let (events, events_rx) = mpsc::channel(1024);
         // Every static peer counts as not answered yet until the swarm has
         // run: a node that looked before would think itself alone.
+        let (listening, listening_rx) = tokio::sync::watch::channel(Vec::new());
         let (discovery, discovery_rx) = tokio::sync::watch::channel(Discovered {
             static_dialling: config.peers.len(),
             ..Discovered::default()
@@ -353,6 +374,8 @@ impl Network {
                 crate::node::now_unix_ms() / 1000,
             ),
             recalled: HashSet::new(),
+            heard_of: Default::default(),
+            listening,
             started: std::time::Instant::now(),
             banned: Default::default(),
             backlog: Default::default(),
@@ -366,6 +389,7 @@ impl Network {
                 streams,
                 local,
                 discovery: discovery_rx,
+                listening: listening_rx,
             },
             events_rx,
         ))
@@ -396,6 +420,7 @@ impl Network {
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = redial.tick() => {
                     self.redial_static(false);
+                    self.seek_peers();
                     self.remembered.save_if_due(false);
                     self.end_recall();
                     self.flush_backlog();
@@ -434,6 +459,37 @@ impl Network {
             );
         }
         self.redial_discovered();
+    }
+
+    /// Dials nodes heard of in gossip while this node has fewer than
+    /// [`TARGET_PEERS`] connections (the lower PeerId dials, as with mDNS).
+    fn seek_peers(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let mut want = TARGET_PEERS.saturating_sub(self.connected.len());
+        if want == 0 {
+            return;
+        }
+        self.heard_of
+            .retain(|peer, _| !self.connected.contains(peer));
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .heard_of
+            .iter()
+            .filter(|(peer, _)| local < **peer && !self.is_banned(peer))
+            .map(|(peer, addrs)| (*peer, addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            if want == 0 {
+                break;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            match self.swarm.dial(opts) {
+                Ok(()) => want -= 1,
+                Err(e) => debug!(%peer, error = %e, "dial of a node heard of failed"),
+            }
+        }
     }
 
     /// Remembered peers that did not answer within [`RECALL_FOR`] are no
@@ -526,6 +582,12 @@ impl Network {
             Command::Alive(reply) => {
                 let _ = reply.send(());
             }
+            Command::HeardOf { peer, addrs } => {
+                if self.heard_of.len() < MAX_DISCOVERED || self.heard_of.contains_key(&peer) {
+                    self.heard_of.insert(peer, addrs);
+                }
+                self.seek_peers();
+            }
             Command::Publish { topic, data, reply } => {
                 let result = b
                     .gossipsub
@@ -607,11 +669,22 @@ impl Network {
     /// Connection changes wait in a backlog; gossip and requests beyond
     /// the queue are dropped and counted.
     fn emit(&mut self, event: NetworkEvent) {
-        let keep = matches!(
-            event,
-            NetworkEvent::PeerConnected(_) | NetworkEvent::PeerDisconnected(_)
-        );
-        if keep {
+        let changed = match &event {
+            NetworkEvent::PeerConnected(p) | NetworkEvent::PeerDisconnected(p) => Some(*p),
+            _ => None,
+        };
+        if let Some(peer) = changed {
+            if self.backlog.len() >= MAX_BACKLOG {
+                // A peer that comes and goes faster than the node takes
+                // it in: its older changes go, its newest stays.
+                self.backlog.retain(|e| {
+                    !matches!(e, NetworkEvent::PeerConnected(p) | NetworkEvent::PeerDisconnected(p) if *p == peer)
+                });
+                if self.backlog.len() >= MAX_BACKLOG {
+                    self.backlog.pop_front();
+                    self.shed += 1;
+                }
+            }
             self.backlog.push_back(event);
             self.flush_backlog();
             return;
@@ -651,7 +724,17 @@ impl Network {
             self.static_dialling.retain(|_, id| id != connection_id);
         }
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening for peers"),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening for peers");
+                self.listening.send_modify(|l| {
+                    if !l.contains(&address) {
+                        l.push(address);
+                    }
+                });
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listening.send_modify(|l| l.retain(|a| *a != address));
+            }
             SwarmEvent::ConnectionEstablished { peer_id, .. } if self.is_banned(&peer_id) => {
                 debug!(peer = %peer_id, "refused a connection from a banned peer");
                 let _ = self.swarm.disconnect_peer_id(peer_id);
@@ -836,6 +919,18 @@ impl NetworkClient {
     /// Joins a gossip topic.
     pub async fn subscribe(&self, topic: &str) -> Result<()> {
         self.send(Command::Subscribe(topic.to_owned())).await
+    }
+
+    /// Where this node listens (its heartbeats say so).
+    pub fn listening(&self) -> Vec<Multiaddr> {
+        self.listening.borrow().clone()
+    }
+
+    /// Tells the swarm of a node heard of in gossip and where it listens:
+    /// dialled if this node has too few peers. Never waits (a full queue
+    /// drops it: the node's next heartbeat names it again).
+    pub fn heard_of(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.commands.try_send(Command::HeardOf { peer, addrs });
     }
 
     /// Whether the swarm's task answers (the watchdog's proof that the

@@ -163,7 +163,9 @@ struct Target {
 }
 
 enum Done {
-    Chunk(Result<(PeerId, Hash), ChunkError>),
+    /// A chunk from a peer is in the store (or why not), fetched for the
+    /// release with this manifest hash.
+    Chunk(Hash, Result<(PeerId, Hash), ChunkError>),
     /// A peer's answer to "which chunks do you hold", or `None` when the
     /// request failed.
     Have(PeerId, Hash, Option<(Vec<Hash>, u32)>),
@@ -264,9 +266,15 @@ struct Node {
     boot_ms: u64,
     heartbeats_sent: u64,
     last_sent: Option<heartbeat::Sent>,
-    /// Peers that left a request unanswered, and when: not live until
-    /// they speak again (bounded by the connection limit; forgotten when
-    /// they disconnect or speak).
+    /// The node's short tasks (a chunk, a question to a peer, a manifest
+    /// read): ended with the node, reaped each second.
+    tasks: tokio::task::JoinSet<()>,
+    /// The lack last handed to the fetcher, for the release with this
+    /// manifest hash.
+    lacking: Option<(Hash, std::sync::Arc<std::collections::BTreeSet<Hash>>)>,
+    /// Peers that left a request unanswered or disconnected, and when: not
+    /// live until they speak again (forgotten when they speak, or with the
+    /// authors not heard for ten minutes).
     unanswered: HashMap<PeerId, Instant>,
     /// Seconds ticked since the node started (housekeeping runs on them).
     ticks: u64,
@@ -279,7 +287,7 @@ struct Node {
     /// The audit log's writer: a thread of its own appends and syncs each
     /// entry, so the node's loop never waits for the disk (a peer can make
     /// it refuse commands).
-    audit: std::sync::mpsc::Sender<Entry>,
+    audit: std::sync::mpsc::SyncSender<Entry>,
     /// The rollout this node follows.
     rollout: Option<Rollout>,
     /// Changes waiting for approvals, by id.
@@ -557,6 +565,8 @@ pub async fn run(
         boot_ms: now_unix_ms(),
         heartbeats_sent: 0,
         last_sent: None,
+        tasks: tokio::task::JoinSet::new(),
+        lacking: None,
         unanswered: HashMap::new(),
         ticks: 0,
         announce_until: 0,
@@ -602,6 +612,9 @@ pub async fn run(
     notifier.ready();
     tokio::pin!(shutdown);
     let mut failure = None;
+    // Something happened since the node last looked whether its heartbeat
+    // changed: only then does it look (an idle node sleeps).
+    let mut changed = true;
     loop {
         tokio::select! {
             // Timers first: a flood from the network must not hold back
@@ -615,7 +628,10 @@ pub async fn run(
                     break;
                 }
             }
-            _ = changes.tick() => node.heartbeat(false).await,
+            _ = changes.tick(), if changed => {
+                changed = node.heartbeat(false).await;
+                continue;
+            }
             _ = quick.tick(), if !node.has_settled.get() || node.early_heartbeat.is_some() => {
                 if node.early_heartbeat.is_some_and(|at| at <= Instant::now()) {
                     node.early_heartbeat = None;
@@ -644,6 +660,7 @@ pub async fn run(
                 break;
             }
         }
+        changed = true;
         node.answer_have_waiting().await;
         if node.leaving.is_some() {
             break;
@@ -683,6 +700,11 @@ impl Node {
     /// and does each part's housekeeping. An error ends the node.
     async fn tick(&mut self, notifier: &mut crate::platform::Notifier) -> Option<anyhow::Error> {
         self.ticks += 1;
+        while let Some(ended) = self.tasks.try_join_next() {
+            if let Err(e) = ended {
+                warn!(error = %e, "a task of the node failed");
+            }
+        }
         self.notice_freeze();
         wedge_fault(&self.started);
         self.heartbeat(false).await;
@@ -781,7 +803,7 @@ impl Node {
             let tx = self.done_tx.clone();
             let hash = t.hash;
             let since = t.peer_since.get(&peer).copied().unwrap_or(0);
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let answer = net
                     .request(
                         peer,
@@ -862,7 +884,9 @@ impl Node {
             }
             NetworkEvent::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
-                self.unanswered.remove(&peer);
+                // Gone from here: not live until it is heard again
+                // (through others, if it still talks to them).
+                self.unanswered.insert(peer, Instant::now());
                 self.stalls.remove(&peer);
                 self.have_pending.remove(&peer);
                 self.have_waiting.retain(|w| w.peer != peer);
@@ -1056,14 +1080,15 @@ impl Node {
                 hash: r.hash,
             };
             let peer_bytes = self.metrics.peer_bytes.clone();
-            tokio::spawn(async move {
+            let release = t.hash;
+            self.tasks.spawn(async move {
                 let result = chunks::fetch(control, r.peer, chunk, store)
                     .await
                     .map(|()| {
                         peer_bytes.inc_by(r.size);
                         (r.peer, r.hash)
                     });
-                let _ = tx.send(Done::Chunk(result)).await;
+                let _ = tx.send(Done::Chunk(release, result)).await;
             });
         }
         if !t.staged
@@ -1110,7 +1135,7 @@ impl Node {
                 .join(manifest.release_folder());
             let tx = self.done_tx.clone();
             let hash = t.hash;
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let result = tokio::task::spawn_blocking(move || {
                     crate::stage::clear_partial(&dest);
                     crate::fetch::assemble(&manifest, &store, &dest).map(|()| dest)
@@ -1134,8 +1159,14 @@ impl Node {
                 let _ = self.adopt(&location, text, signature);
                 self.assign_duty();
             }
-            FetcherEvent::Chunk(hash) => {
-                if let Some(t) = &mut self.target {
+            FetcherEvent::Chunk {
+                release,
+                chunk: hash,
+            } => {
+                // A chunk of a release no longer the target is in the
+                // store, but not held for this one (its own is found
+                // there if it has it too).
+                if let Some(t) = self.target.as_mut().filter(|t| t.hash == release) {
                     t.transfer.obtained(&hash);
                     if t.held.insert(hash) {
                         t.held_order.push(hash);
@@ -1165,9 +1196,13 @@ impl Node {
 
     async fn on_done(&mut self, done: Done) {
         match done {
-            Done::Chunk(result) => {
+            Done::Chunk(release, result) => {
                 let now = self.now_ms();
-                let Some(t) = &mut self.target else { return };
+                let Some(t) = self.target.as_mut().filter(|t| t.hash == release) else {
+                    // For a release no longer the target: its chunk is in
+                    // the store, and the new one's transfer never asked.
+                    return;
+                };
                 match result {
                     Ok((peer, hash)) => {
                         t.transfer.delivered(&peer, &hash);

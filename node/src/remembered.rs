@@ -97,11 +97,7 @@ impl Remembered {
     /// loopback and unspecified addresses are kept only when they are all
     /// it gave.
     pub fn connected(&mut self, peer: PeerId, addrs: &[Multiaddr], now_s: u64) {
-        let mut usable: Vec<Multiaddr> = addrs.iter().filter(|a| routable(a)).cloned().collect();
-        if usable.is_empty() {
-            usable = addrs.iter().filter(|a| !unspecified(a)).cloned().collect();
-        }
-        usable.truncate(MAX_ADDRS);
+        let usable = usable(addrs);
         if usable.is_empty() {
             return;
         }
@@ -178,6 +174,17 @@ impl Remembered {
         }
         self.changed |= self.peers.len() != before;
     }
+}
+
+/// The addresses of `addrs` worth dialling, at most [`MAX_ADDRS`]:
+/// loopback and unspecified ones only when they are all there is.
+pub fn usable(addrs: &[Multiaddr]) -> Vec<Multiaddr> {
+    let mut usable: Vec<Multiaddr> = addrs.iter().filter(|a| routable(a)).cloned().collect();
+    if usable.is_empty() {
+        usable = addrs.iter().filter(|a| !unspecified(a)).cloned().collect();
+    }
+    usable.truncate(MAX_ADDRS);
+    usable
 }
 
 fn unspecified(addr: &Multiaddr) -> bool {

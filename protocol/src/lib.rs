@@ -25,6 +25,7 @@
 //! and key distribution (operators configure which publisher keys to trust).
 
 pub mod approval;
+pub mod cadence;
 pub mod chunk;
 pub mod delta;
 pub mod election;

@@ -35,6 +35,7 @@ use lanup_protocol::Hash;
 use serde::{Deserialize, Serialize};
 
 pub mod fleet;
+pub mod idle;
 pub mod scenario;
 
 /// Nanoseconds of simulated time.

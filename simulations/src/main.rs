@@ -71,10 +71,63 @@ struct Args {
     /// With --fleet-rollout: each site's poll interval.
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
     poll_interval: std::time::Duration,
+    /// Model a site at rest instead, at each of these sizes (8,32,64,128):
+    /// each node's CPU and LAN bytes, as lanup runs it and as it ran
+    /// with a heartbeat a second passed on to every peer.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+    idle: Vec<u64>,
     /// With --fleet-rollout: one node's apply (stop, swap, start, health
     /// check).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     apply_time: std::time::Duration,
+}
+
+/// The idle model's table (or JSON) for each size and topology.
+fn print_idle(sizes: &[u64], json: bool) -> Result<()> {
+    use lanup_simulations::idle::{at_rest, flooding, Costs, Topology};
+    let c = Costs::MEASURED;
+    let rows: Vec<_> = [Topology::Star, Topology::Full]
+        .into_iter()
+        .flat_map(|t| {
+            sizes
+                .iter()
+                .map(move |&n| (at_rest(n, t, c), flooding(n, t, c)))
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:<8} {:>10} {:>10} {:>12} {:>10} {:>12} | before: {:>10} {:>10} {:>12}",
+        "nodes",
+        "topology",
+        "every",
+        "site/s",
+        "copies/node",
+        "cpu/node%",
+        "busiest%",
+        "cpu/node%",
+        "busiest%",
+        "LAN B/s"
+    );
+    for (now, before) in rows {
+        println!(
+            "{:>6} {:<8} {:>8} s {:>10.1} {:>12.1} {:>10.2} {:>12.2} | {:>18.2} {:>10.2} {:>12.0}   LAN B/s now {:.0}",
+            now.nodes,
+            format!("{:?}", now.topology).to_lowercase(),
+            now.every_ms / 1000,
+            now.site_rate,
+            now.copies_per_node,
+            now.cpu_pct_per_node,
+            now.cpu_pct_busiest,
+            before.cpu_pct_per_node,
+            before.cpu_pct_busiest,
+            before.lan_bytes_per_node,
+            now.lan_bytes_per_node,
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -88,6 +141,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    if !args.idle.is_empty() {
+        return print_idle(&args.idle, args.json);
+    }
     let file = match &args.scenario {
         Some(path) => ScenarioFile::read(path)?,
         None => ScenarioFile::default(),

@@ -2,8 +2,9 @@
 # What an idle site costs each of its nodes (root): for each size in SIZES,
 # a site of that many nodes on the loopback of a network namespace of its
 # own, every node peered by address to two bootstrap nodes (TOPOLOGY=star,
-# as a site behind a router without multicast) or to every other node
-# (TOPOLOGY=full, as mDNS connects a LAN), a 64 KiB release staged at every
+# as a site behind a router without multicast) or connected to every other
+# node, one connection a pair, the lower dialling (TOPOLOGY=full, as mDNS
+# connects a LAN), a 64 KiB release staged at every
 # node. After SETTLE seconds at rest, for MEASURE seconds: the CPU each node
 # used (mean, and the busiest node), the bytes the site moved on the
 # loopback (all traffic in the namespace is the nodes' own, plus the
@@ -29,7 +30,7 @@ cleanup() {
   wait 2> /dev/null || true
   ip netns pids "$ns" 2> /dev/null | xargs -r kill -9 2> /dev/null || true
   ip netns del "$ns" 2> /dev/null || true
-  rm -rf "$work"
+  [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 ip netns add "$ns"
@@ -46,7 +47,16 @@ ip netns exec "$ns" "$LANUP" origin --dir "$work/www" --listen 127.0.0.1:8080 > 
 pids+=($!)
 
 lo_bytes() { in_ns awk '$1 == "lo:" {print $2}' /proc/net/dev; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Every node's CPU ticks read at once, without a process per node (a busy
+# machine would stretch the window node by node): into the array ticks.
+snapshot() {
+  ticks=()
+  local p f
+  for p in "${node_pids[@]}"; do
+    read -r -a f < "/proc/$p/stat"
+    ticks+=($((f[13] + f[14])))
+  done
+}
 
 printf '%-6s %-8s %12s %12s %14s %14s %12s %12s\n' nodes topology "cpu/node %" "busiest %" "LAN B/s/node" "LAN B/s site" "RSS MiB" "peak MiB"
 for n in "${sizes[@]}"; do
@@ -54,7 +64,7 @@ for n in "${sizes[@]}"; do
   for i in $(seq 0 $((n - 1))); do
     peers=()
     if [ "$topology" = full ]; then
-      for j in $(seq 0 $((n - 1))); do [ "$j" = "$i" ] || peers+=(--peer "/ip4/127.0.0.1/tcp/$((5000 + j))"); done
+      for j in $(seq $((i + 1)) $((n - 1))); do peers+=(--peer "/ip4/127.0.0.1/tcp/$((5000 + j))"); done
     else
       for j in 0 1; do [ "$j" = "$i" ] || peers+=(--peer "/ip4/127.0.0.1/tcp/$((5000 + j))"); done
     fi
@@ -73,25 +83,29 @@ for n in "${sizes[@]}"; do
   done
   sleep "$settle"
   b0=$(lo_bytes)
-  declare -A c0=()
-  for p in "${node_pids[@]}"; do c0[$p]=$(cpu_ticks "$p"); done
+  t0=$EPOCHREALTIME
+  snapshot
+  c0=("${ticks[@]}")
   sleep "$measure"
+  snapshot
+  t1=$EPOCHREALTIME
   b1=$(lo_bytes)
+  window=$(echo "$t1 - $t0" | bc)
   total=0 busiest=0 rss=0 peak=0
-  for p in "${node_pids[@]}"; do
-    used=$(($(cpu_ticks "$p") - c0[$p]))
+  for k in "${!node_pids[@]}"; do
+    p=${node_pids[$k]}
+    used=$((ticks[k] - c0[k]))
     total=$((total + used))
     ((used > busiest)) && busiest=$used
     rss=$((rss + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
     hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$p/status")
     ((hwm > peak)) && peak=$hwm
   done
-  unset c0
   # Loopback counts each byte once (sent and received on lo).
   site_bps=$(((b1 - b0) / measure))
   printf '%-6s %-8s %12s %12s %14s %14s %12s %12s\n' "$n" "$topology" \
-    "$(echo "scale=2; $total * 100 / ($hz * $measure * $n)" | bc)" \
-    "$(echo "scale=2; $busiest * 100 / ($hz * $measure)" | bc)" \
+    "$(echo "scale=2; $total * 100 / ($hz * $window * $n)" | bc)" \
+    "$(echo "scale=2; $busiest * 100 / ($hz * $window)" | bc)" \
     "$((site_bps / n))" "$site_bps" \
     "$(echo "scale=1; $rss / 1024 / $n" | bc)" "$(echo "scale=1; $peak / 1024" | bc)"
   for p in "${node_pids[@]}"; do kill "$p" 2> /dev/null || true; done

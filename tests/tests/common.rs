@@ -95,6 +95,18 @@ pub(crate) fn run_fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Waits until `check` holds, or panics with `what` after `timeout`.
+pub(crate) fn wait_for(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what} ({timeout:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A child process that is killed and reaped when dropped, even when the
 /// test panics.
 pub(crate) struct Proc(pub(crate) Child);

@@ -16,15 +16,6 @@ fn served(origin: &OriginProc) -> u64 {
     origin.stats()["bytes_served"].as_u64().expect("count")
 }
 
-/// Waits until `check` holds, or panics with `what` after `timeout`.
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The nodes whose logs say they downloaded from the origin.
 fn downloaders(site: &LoopSite) -> Vec<usize> {
     (0..site.states.len())

@@ -13,6 +13,7 @@ mod diskfull;
 mod faults;
 mod fleet;
 mod lan;
+mod large_site;
 mod launchers;
 mod membership;
 mod metrics;

@@ -339,15 +339,6 @@ fn read(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Waits until `cond` holds, or fails with `what`.
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_release_published_on_windows_is_the_one_published_on_linux_and_each_checks_the_other() {
     let Some(wine) = wine() else { return };

@@ -106,7 +106,7 @@ impl Node {
         self.validating.insert(hash, vec![(id, from)]);
         let net = self.net.clone();
         let tx = self.done_tx.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let result = fetch_manifest(&net, from, hash).await;
             let _ = tx.send(Done::Manifest(from, hash, result)).await;
         });

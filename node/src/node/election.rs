@@ -94,22 +94,41 @@ impl Node {
     pub(super) fn assign_duty(&mut self) {
         let now = self.now_ms();
         let acting = self.was_fetcher;
-        let release = self.target.as_ref().filter(|_| acting).map(|t| Wanted {
-            hash: t.hash,
-            manifest: t.manifest.clone(),
-            lacking: std::sync::Arc::new(if t.transfer.is_done() {
+        let lacking = self.target.as_ref().filter(|_| acting).map(|t| {
+            let now_lacking = if t.transfer.is_done() {
                 Default::default()
             } else {
                 t.transfer.unavailable(now)
-            }),
-            heard_all: self
-                .peers
-                .iter()
-                .all(|(p, info)| info.silent || t.peer_since.contains_key(p)),
-            adopted_at: t.adopted_at,
-            blocked: t.no_room.is_some(),
-            bases: self.bases.clone(),
+            };
+            // The same lack is handed over as the same set: the fetcher
+            // tells by it that a download already ended with it (and
+            // does not start the same one again).
+            match &self.lacking {
+                Some((hash, set)) if *hash == t.hash && **set == now_lacking => set.clone(),
+                _ => std::sync::Arc::new(now_lacking),
+            }
         });
+        self.lacking = self
+            .target
+            .as_ref()
+            .zip(lacking.clone())
+            .map(|(t, l)| (t.hash, l));
+        let release = self
+            .target
+            .as_ref()
+            .zip(lacking)
+            .map(|(t, lacking)| Wanted {
+                hash: t.hash,
+                manifest: t.manifest.clone(),
+                lacking,
+                heard_all: self
+                    .peers
+                    .iter()
+                    .all(|(p, info)| info.silent || t.peer_since.contains_key(p)),
+                adopted_at: t.adopted_at,
+                blocked: t.no_room.is_some(),
+                bases: self.bases.clone(),
+            });
         self.fetcher.assign(Duty {
             acting,
             confirmed: Some(Instant::now()),
@@ -157,7 +176,7 @@ impl Node {
             return;
         }
         let (store, tx, hash) = (self.store.clone(), self.done_tx.clone(), t.hash);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let held = tokio::task::spawn_blocking(move || {
                 unknown.into_iter().filter(|h| store.has(h)).collect()
             })
@@ -176,6 +195,23 @@ impl Node {
     /// (one only rested for serving slowly still does: it is not lying,
     /// and passing it over would take a second copy over the uplink).
     pub(super) fn fetcher(&self) -> Option<PeerId> {
+        self.choose_fetcher(true)
+    }
+
+    /// The fetcher this node heard itself (itself, or a node whose own
+    /// heartbeat it heard): what its heartbeat names, so that a node that
+    /// hears only a few peers learns of a fetcher further away. Never from
+    /// what others named: two nodes cannot keep a gone fetcher alive by
+    /// naming it to each other.
+    pub(super) fn fetcher_heard(&self) -> Option<PeerId> {
+        self.choose_fetcher(false)
+    }
+
+    /// The site's fetcher among the live nodes this node heard and, `named`,
+    /// the fetchers live nodes name in their heartbeats (a node at a site
+    /// whose nodes know only a bootstrap node or two hears the others late;
+    /// one that starts must not fetch while a lower node does).
+    fn choose_fetcher(&self, named: bool) -> Option<PeerId> {
         let by_site = self.suspected_by_site();
         let suspect = |peer: &PeerId, hb: &Heartbeat| {
             hb.origin_failing
@@ -225,8 +261,31 @@ impl Node {
             failing: self.origin_failing() || by_site.contains(&self.local),
             downloading: self.downloading(),
         };
-        self.election()
-            .choose(std::iter::once(me).chain(peers.chain(heard).filter(|c| !banned(&c.id))))
+        let hearsay = self
+            .heard
+            .iter()
+            .filter(|_| named)
+            .filter(|(author, h)| self.live(author, h.at, &h.heartbeat))
+            .filter_map(|(_, h)| {
+                let (id, downloading) = h.heartbeat.fetcher.as_ref()?;
+                let id: PeerId = id.parse().ok()?;
+                let known = id == self.local || self.heard.contains_key(&id);
+                (!known).then(|| Candidate {
+                    id,
+                    has_origin: true,
+                    silent_ms: 0,
+                    failing: by_site.contains(&id)
+                        || self
+                            .suspects
+                            .get(&id)
+                            .is_some_and(|at| at.elapsed() < FAILING_FOR),
+                    downloading: *downloading,
+                })
+            })
+            .collect::<Vec<_>>();
+        self.election().choose(
+            std::iter::once(me).chain(peers.chain(heard).chain(hearsay).filter(|c| !banned(&c.id))),
+        )
     }
 
     /// Nodes that live nodes of the site say they saw make no progress as

@@ -4,34 +4,17 @@
 //! that this node lacks is asked for; a silent peer that speaks again is
 //! asked for chunks again).
 //!
-//! A node says something when it has something to say: a heartbeat goes
-//! out within [`CHANGE_GAP`] of a change the site must hear of (its state,
-//! its release, an apply's step, an error), and otherwise only as a
-//! keep-alive, once a second while it fetches from the origin (the site
-//! watches that it makes progress), every few seconds while it takes a
-//! release from its peers, and every ten seconds or more at rest. The
-//! keep-alives of a large site are spread out further, so that the whole
-//! site sends a bounded number a second whatever its size; each heartbeat
-//! says how soon the next is due, and its receivers count the sender as
-//! gone only once that has passed twice over.
+//! A node says something when it has something to say, and otherwise
+//! sends slow keep-alives whose cadence it names: the rules are
+//! [`lanup_protocol::cadence`]'s.
 
 use super::*;
 
+use lanup_protocol::cadence::{self, Doing};
+
 /// The least time between two heartbeats of one node: changes within it
 /// go out together.
-pub(super) const CHANGE_GAP: Duration = Duration::from_millis(50);
-/// A node at rest sends a keep-alive at least this often ...
-const AT_REST: Duration = Duration::from_secs(10);
-/// ... and at most this seldom (its receivers wait twice as long, and
-/// pings close the connection of a peer that stopped answering sooner).
-const AT_REST_MAX: Duration = Duration::from_secs(120);
-/// Keep-alives a whole site at rest sends a second: a node's cadence
-/// grows with the nodes it hears beyond `AT_REST * SITE_AT_REST`.
-const SITE_AT_REST: u64 = 4;
-/// Keep-alives a site at work (taking a release from its peers) sends a
-/// second, beyond one a second per node.
-const SITE_AT_WORK: u64 = 32;
-
+pub(super) const CHANGE_GAP: Duration = Duration::from_millis(cadence::CHANGE_GAP_MS);
 /// Authors of heartbeats remembered at most: ten times the largest site
 /// lanup is built for.
 const MAX_HEARD: usize = 5000;
@@ -130,6 +113,15 @@ pub(super) struct Heartbeat {
     /// changes: its receivers count it as gone once twice that passed.
     #[serde(default = "every_second")]
     pub(super) every_ms: u64,
+    /// The site's fetcher as the sender heard it (itself, or a node whose
+    /// own heartbeat it heard), and whether it downloads: a node that
+    /// hears few peers learns of it. Named only once the sender settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) fetcher: Option<(String, bool)>,
+    /// Where the sender listens: a node with too few peers dials nodes it
+    /// heard of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) listen: Vec<libp2p::Multiaddr>,
 }
 
 impl Heartbeat {
@@ -155,13 +147,9 @@ impl Heartbeat {
         h.finish()
     }
 
-    /// How long after this heartbeat its sender counts as gone: five
-    /// seconds for one sent each second, twice its cadence and two seconds
-    /// more for a slower one (a cadence above [`AT_REST_MAX`] is taken as
-    /// that: a peer cannot buy itself a long life).
+    /// How long after this heartbeat its sender counts as gone.
     pub(super) fn silent_after(&self) -> Duration {
-        let every = Duration::from_millis(self.every_ms).min(AT_REST_MAX);
-        PEER_SILENT.max(every * 2 + Duration::from_secs(2))
+        Duration::from_millis(cadence::silent_after_ms(self.every_ms))
     }
 }
 
@@ -189,23 +177,31 @@ pub(super) struct Heard {
 }
 
 impl Node {
-    /// How soon this node's next heartbeat is due if nothing changes: each
-    /// second while it fetches from the origin; while it takes a release
-    /// from its peers or applies one, each second, spread further at a
-    /// large site; at rest every ten seconds, spread further at a large
-    /// site.
+    /// How soon this node's next heartbeat is due if nothing changes.
     pub(super) fn heartbeat_every(&self) -> Duration {
-        if self.downloading() {
-            return HEARTBEAT;
-        }
-        let site = self.live_nodes() as u64 + 1;
-        if self.moving() || self.applying.is_some() {
-            HEARTBEAT.max(Duration::from_millis(site * 1000 / SITE_AT_WORK))
+        let doing = if self.downloading() {
+            Doing::Downloading
+        } else if self.moving() || self.applying.is_some() {
+            Doing::AtWork
         } else {
-            AT_REST
-                .max(Duration::from_millis(site * 1000 / SITE_AT_REST))
-                .min(AT_REST_MAX)
+            Doing::AtRest
+        };
+        Duration::from_millis(cadence::every_ms(doing, self.live_nodes() as u64 + 1))
+    }
+
+    /// The fetcher this node names in its heartbeat, and whether it
+    /// downloads (as that node said, or as this one does).
+    fn named_fetcher(&self) -> Option<(String, bool)> {
+        if !self.has_settled.get() {
+            return None;
         }
+        let id = self.fetcher_heard()?;
+        let downloading = if id == self.local {
+            self.downloading()
+        } else {
+            self.heard.get(&id).is_some_and(|h| h.heartbeat.downloading)
+        };
+        Some((id.to_string(), downloading))
     }
 
     /// The other nodes this node counts as live.
@@ -241,8 +237,9 @@ impl Node {
     /// Sends this node's heartbeat when one is due: something the site
     /// must hear changed (and [`CHANGE_GAP`] passed since the last), the
     /// keep-alive's time came, or `now` (a peer connected, a release was
-    /// taken up).
-    pub(super) async fn heartbeat(&mut self, now: bool) {
+    /// taken up). Whether a change is still to be sent (it came within
+    /// the gap).
+    pub(super) async fn heartbeat(&mut self, now: bool) -> bool {
         // Memberships expire and members-only may begin: the chunk server
         // learns of it here.
         self.gate.publish(now_unix_ms() / 1000);
@@ -254,7 +251,7 @@ impl Node {
                 since >= self.heartbeat_every() || (sent.digest != digest && since >= CHANGE_GAP)
             });
         if !due {
-            return;
+            return self.last_sent.is_some_and(|sent| sent.digest != digest);
         }
         self.heartbeats_sent += 1;
         self.last_sent = Some(Sent {
@@ -277,6 +274,7 @@ impl Node {
                 let _ = self.net.publish(&self.announce_topic, data).await;
             }
         }
+        false
     }
 
     pub(super) fn own_heartbeat(&self) -> Heartbeat {
@@ -316,6 +314,8 @@ impl Node {
             boot_ms: self.boot_ms,
             seq: self.heartbeats_sent + 1,
             every_ms: self.heartbeat_every().as_millis() as u64,
+            listen: crate::remembered::usable(&self.net.listening()),
+            fetcher: self.named_fetcher(),
             command_id: self.rollout.as_ref().map(Rollout::newest_id),
             requests: self.pending.keys().cloned().collect(),
             membership: self.own_certificate.clone(),
@@ -443,6 +443,14 @@ impl Node {
         // the heartbeat on (it knows the command, or will).
         if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
             self.maybe_catch_up(from, id);
+        }
+        if fresh
+            && !self.peers.contains_key(&author)
+            && self.peers.len() < crate::network::TARGET_PEERS
+            && !hb.listen.is_empty()
+        {
+            self.net
+                .heard_of(author, crate::remembered::usable(&hb.listen));
         }
         if fresh {
             self.unanswered.remove(&author);

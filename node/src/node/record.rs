@@ -27,18 +27,18 @@ fn own_entries(state: &std::path::Path, id: &str) -> Vec<Entry> {
 impl Node {
     /// A peer asks for this node's entries about a change.
     pub(super) fn answer_audit(
-        &self,
+        &mut self,
         id: String,
         channel: libp2p::request_response::ResponseChannel<Response>,
     ) {
         let (net, state) = (self.net.clone(), self.config.state.clone());
         let Ok(permit) = self.audit_answers.clone().try_acquire_owned() else {
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _ = net.respond(channel, Response::Unknown).await;
             });
             return;
         };
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _permit = permit;
             let entries = tokio::task::spawn_blocking(move || own_entries(&state, &id))
                 .await
@@ -53,7 +53,7 @@ impl Node {
 
     /// `lanup history --change ID`: gathers the site's entries and answers
     /// once every connected peer answered or [`ASK_TIMEOUT`] passed.
-    pub(super) fn change_record(&self, id: String, reply: mpsc::Sender<serde_json::Value>) {
+    pub(super) fn change_record(&mut self, id: String, reply: mpsc::Sender<serde_json::Value>) {
         let (net, state, local) = (self.net.clone(), self.config.state.clone(), self.local);
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         // Nodes heard of only through others cannot be asked: their last
@@ -68,7 +68,7 @@ impl Node {
             }
         }
         let pending = self.pending.get(&id).map(|p| p.signed.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let own_id = id.clone();
             let mut nodes = BTreeMap::new();
             let own = tokio::task::spawn_blocking(move || own_entries(&state, &own_id))

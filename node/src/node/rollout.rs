@@ -122,12 +122,20 @@ impl Rollout {
     }
 }
 
+/// Audit entries waiting for the writer at most: a disk that stalls (or
+/// a flood of refused commands) costs entries, counted in a warning, not
+/// the node's memory or its loop.
+const AUDIT_QUEUE: usize = 1024;
+
 /// Starts the thread that appends audit entries; it ends when the node's
 /// sender is dropped.
 pub(super) fn audit_writer(
     audit: Audit,
-) -> Result<(std::sync::mpsc::Sender<Entry>, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = std::sync::mpsc::channel::<Entry>();
+) -> Result<(
+    std::sync::mpsc::SyncSender<Entry>,
+    std::thread::JoinHandle<()>,
+)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Entry>(AUDIT_QUEUE);
     let writer = std::thread::Builder::new()
         .name("lanup-audit".into())
         .spawn(move || {
@@ -157,8 +165,17 @@ pub(super) fn command_fields(command: Option<&Command>) -> Entry {
 
 impl Node {
     pub(super) fn audit_entry(&self, entry: Entry) {
-        if self.audit.send(entry).is_err() {
-            warn!("the audit log's writer has stopped; an entry was not recorded");
+        match self.audit.try_send(entry) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                warn!(
+                    waiting = AUDIT_QUEUE,
+                    "the audit log's writer is behind (a slow disk?); an entry was not recorded"
+                )
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                warn!("the audit log's writer has stopped; an entry was not recorded")
+            }
         }
     }
 
@@ -318,7 +335,7 @@ impl Node {
             info!(fleet = %file.id, release = %file.version, "this site's wave of a fleet rollout opened");
             if let Ok(data) = serde_json::to_vec(&signed) {
                 let (net, topic) = (self.net.clone(), self.rollout_topic.clone());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let _ = net.publish(&topic, data).await;
                 });
             }
@@ -379,7 +396,7 @@ impl Node {
         let net = self.net.clone();
         let tx = self.done_tx.clone();
         let request = Request::Commands { id: id.to_owned() };
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Ok(Response::Commands { commands }) = net.request(peer, request).await {
                 let _ = tx.send(Done::Commands(peer, commands)).await;
             }

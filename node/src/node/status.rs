@@ -24,6 +24,7 @@ impl Node {
             }
         }
         self.heard.retain(|_, h| h.at.elapsed() < FORGET);
+        self.unanswered.retain(|_, at| at.elapsed() < FORGET);
         self.asked.retain(|_, at| at.elapsed() < CATCH_UP_RETRY);
         self.refusals.retain(|_, at| at.elapsed() < REFUSAL_QUIET);
         self.suspects.retain(|_, at| at.elapsed() < FAILING_FOR);
@@ -96,7 +97,7 @@ impl Node {
                     let id = id.unwrap_or_default();
                     let merged = self.merged(&id).unwrap_or(signed);
                     if let Ok(data) = serde_json::to_vec(&merged) {
-                        tokio::spawn(async move {
+                        self.tasks.spawn(async move {
                             let _ = net.publish(&topic, data).await;
                         });
                     }
@@ -316,7 +317,7 @@ impl Node {
                     p.asking = true;
                 }
                 let (net, done) = (self.net.clone(), self.done_tx.clone());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let answer = ask_to_check(&net, fetcher).await;
                     let _ = done.send(Done::Checked(fetcher, answer)).await;
                 });
