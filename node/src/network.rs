@@ -464,6 +464,9 @@ impl Network {
     /// Dials nodes heard of in gossip while this node has fewer than
     /// [`TARGET_PEERS`] connections (the lower PeerId dials, as with mDNS).
     fn seek_peers(&mut self) {
+        if dials_only_static() {
+            return;
+        }
         let local = *self.swarm.local_peer_id();
         let mut want = TARGET_PEERS.saturating_sub(self.connected.len());
         if want == 0 {
@@ -895,6 +898,20 @@ impl Network {
             }
             _ => {}
         }
+    }
+}
+
+/// Test builds only: with `LANUP_FAULT_NO_DIAL_OUT=1` the node dials its
+/// static peers alone, never a node it heard of (a machine whose firewall
+/// lets it reach those and no other).
+fn dials_only_static() -> bool {
+    #[cfg(feature = "fault-injection")]
+    {
+        std::env::var("LANUP_FAULT_NO_DIAL_OUT").is_ok_and(|v| v == "1")
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        false
     }
 }
 
