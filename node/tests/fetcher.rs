@@ -111,7 +111,7 @@ async fn does_its_duty_and_stops_when_the_role_or_the_lease_is_gone() -> Result<
     // once and tells the node, and the origin sends no more.
     handle.assign(acting(Some(wanted(&manifest, all.clone()))));
     loop {
-        if let FetcherEvent::Chunk(_) = next(&mut events, Duration::from_secs(20)).await? {
+        if let FetcherEvent::Chunk { .. } = next(&mut events, Duration::from_secs(20)).await? {
             break;
         }
     }

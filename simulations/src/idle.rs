@@ -14,6 +14,10 @@ use serde::Serialize;
 /// Gossip mesh peers each node passes a message to (the node's `MESH_N`).
 pub const MESH_N: u64 = 6;
 
+/// Connections of a node at a site whose nodes know two bootstrap nodes
+/// (the node seeks 8, and others seek it).
+pub const SEEKING: u64 = 12;
+
 /// How the nodes of a site are connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Topology {
@@ -74,8 +78,13 @@ pub struct IdleCost {
 }
 
 /// Connections of a typical node and of the busiest one.
-fn degrees(nodes: u64, topology: Topology) -> (u64, u64) {
+/// `seeking`: nodes dial the nodes they hear of (lanup now; before, a
+/// node that knew two bootstrap nodes stayed with them).
+fn degrees(nodes: u64, topology: Topology, seeking: bool) -> (u64, u64) {
     match topology {
+        // A node that knows two bootstrap nodes dials nodes it hears of
+        // until it has 8 peers, and is dialled by some: about 12.
+        Topology::Star if seeking => (SEEKING.min(nodes - 1), nodes - 1),
         Topology::Star => (2.min(nodes - 1), nodes - 1),
         Topology::Full => (nodes - 1, nodes - 1),
     }
@@ -84,15 +93,49 @@ fn degrees(nodes: u64, topology: Topology) -> (u64, u64) {
 /// A site of `nodes` at rest, as lanup runs it now.
 pub fn at_rest(nodes: u64, topology: Topology, costs: Costs) -> IdleCost {
     let nodes = nodes.max(2);
-    let every_ms = cadence::every_ms(Doing::AtRest, nodes);
-    let site_rate = cadence::site_rate(Doing::AtRest, nodes);
-    let (typical, busiest) = degrees(nodes, topology);
     // Each distinct message reaches a node once from each mesh peer that
     // passes it on, at most MESH_N of them.
-    let copies = |degree: u64| site_rate * degree.min(MESH_N) as f64;
+    cost(
+        nodes,
+        topology,
+        costs,
+        cadence::every_ms(Doing::AtRest, nodes),
+        true,
+        |degree| degree.min(MESH_N),
+    )
+}
+
+/// A site of `nodes` at rest as lanup ran it before: a heartbeat a second
+/// from every node, passed on to every connected peer.
+pub fn flooding(nodes: u64, topology: Topology, costs: Costs) -> IdleCost {
+    let nodes = nodes.max(2);
+    cost(
+        nodes,
+        topology,
+        costs,
+        lanup_protocol::election::HEARTBEAT_MS,
+        false,
+        |degree| degree,
+    )
+}
+
+/// What a site whose nodes beat every `every_ms` costs, when a node with
+/// `degree` connections receives `copies(degree)` copies of each message
+/// (`seeking`: see [`degrees`]).
+fn cost(
+    nodes: u64,
+    topology: Topology,
+    costs: Costs,
+    every_ms: u64,
+    seeking: bool,
+    copies: impl Fn(u64) -> u64,
+) -> IdleCost {
+    let site_rate = nodes as f64 * 1000.0 / every_ms as f64;
+    let (typical, busiest) = degrees(nodes, topology, seeking);
+    let received = |degree: u64| site_rate * copies(degree) as f64;
     let cpu = |degree: u64| {
         costs.base_cpu_pct
-            + (copies(degree) * costs.per_copy_us + degree as f64 * costs.per_connection_us)
+            + (received(degree) * costs.per_copy_us + degree as f64 * costs.per_connection_us)
                 / 10_000.0
     };
     IdleCost {
@@ -100,35 +143,10 @@ pub fn at_rest(nodes: u64, topology: Topology, costs: Costs) -> IdleCost {
         topology,
         every_ms,
         site_rate,
-        copies_per_node: copies(typical),
+        copies_per_node: received(typical),
         cpu_pct_per_node: cpu(typical),
         cpu_pct_busiest: cpu(busiest),
-        lan_bytes_per_node: copies(typical) * costs.copy_bytes
-            + typical as f64 * costs.per_connection_bytes,
-    }
-}
-
-/// A site of `nodes` at rest as lanup ran it before: a heartbeat a second
-/// from every node, passed on to every connected peer.
-pub fn flooding(nodes: u64, topology: Topology, costs: Costs) -> IdleCost {
-    let nodes = nodes.max(2);
-    let site_rate = nodes as f64;
-    let (typical, busiest) = degrees(nodes, topology);
-    let copies = |degree: u64| site_rate * degree as f64;
-    let cpu = |degree: u64| {
-        costs.base_cpu_pct
-            + (copies(degree) * costs.per_copy_us + degree as f64 * costs.per_connection_us)
-                / 10_000.0
-    };
-    IdleCost {
-        nodes,
-        topology,
-        every_ms: lanup_protocol::election::HEARTBEAT_MS,
-        site_rate,
-        copies_per_node: copies(typical),
-        cpu_pct_per_node: cpu(typical),
-        cpu_pct_busiest: cpu(busiest),
-        lan_bytes_per_node: copies(typical) * costs.copy_bytes
+        lan_bytes_per_node: received(typical) * costs.copy_bytes
             + typical as f64 * costs.per_connection_bytes,
     }
 }

@@ -369,3 +369,88 @@ pub(crate) fn wait_status_staged(
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// A free loopback TCP port (bound, read, released).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A site of `lanup node` processes on loopback with static peers (mDNS off:
+/// it would multicast on the machine's real interface).
+pub(crate) struct LoopSite {
+    pub(crate) site: String,
+    pub(crate) ports: Vec<u16>,
+    pub(crate) states: Vec<PathBuf>,
+    pub(crate) procs: Vec<Option<Proc>>,
+}
+
+impl LoopSite {
+    /// Room for `n` nodes with state under `dir`; none started yet.
+    pub(crate) fn new(dir: &Path, n: usize) -> LoopSite {
+        LoopSite {
+            site: format!("loop-{}-{}", std::process::id(), free_port()),
+            ports: (0..n).map(|_| free_port()).collect(),
+            states: (0..n).map(|i| dir.join(format!("node{i}"))).collect(),
+            procs: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    /// `lanup node` for node `i`, knowing all the others by address.
+    pub(crate) fn command(&self, i: usize, origin: Option<&str>, publisher: &str) -> Command {
+        let mut cmd = node_command(&self.states[i], origin, publisher, &self.site);
+        cmd.args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.ports[i])])
+            .arg("--no-mdns");
+        for (j, port) in self.ports.iter().enumerate() {
+            if j != i {
+                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{port}")]);
+            }
+        }
+        cmd
+    }
+
+    /// Starts node `i` from `cmd`, logging to its log file.
+    pub(crate) fn start(&mut self, i: usize, mut cmd: Command) {
+        let log = std::fs::File::create(self.states[i].with_extension("log")).expect("log");
+        cmd.stdout(Stdio::null()).stderr(Stdio::from(log));
+        self.procs[i] = Some(Proc(cmd.spawn().expect("node starts")));
+    }
+
+    /// How many nodes logged a download from the origin.
+    pub(crate) fn downloaders(&self) -> usize {
+        self.states
+            .iter()
+            .filter(|s| node_log(s).contains("downloading release from the origin"))
+            .count()
+    }
+
+    /// The nodes' state directories.
+    pub(crate) fn state_refs(&self) -> Vec<&Path> {
+        self.states.iter().map(PathBuf::as_path).collect()
+    }
+}
+
+/// A test that fails shows what each node logged last: a site's failure
+/// under load (an election split, a peer gone silent) is read from there.
+impl Drop for LoopSite {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, state) in self.states.iter().enumerate() {
+            let log = node_log(state);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- node {i} ({}), last {} lines:",
+                state.display(),
+                tail.len()
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}

@@ -13,7 +13,6 @@ mod diskfull;
 mod faults;
 mod fleet;
 mod lan;
-mod large_site;
 mod launchers;
 mod membership;
 mod metrics;

@@ -208,9 +208,10 @@ impl Node {
     }
 
     /// The site's fetcher among the live nodes this node heard and, `named`,
-    /// the fetchers live nodes name in their heartbeats (a node at a site
-    /// whose nodes know only a bootstrap node or two hears the others late;
-    /// one that starts must not fetch while a lower node does).
+    /// the downloading fetchers live nodes name in their heartbeats (a node
+    /// at a site whose nodes know only a bootstrap node or two hears the
+    /// others late; one that starts must not fetch while another
+    /// downloads).
     fn choose_fetcher(&self, named: bool) -> Option<PeerId> {
         let by_site = self.suspected_by_site();
         let suspect = |peer: &PeerId, hb: &Heartbeat| {
@@ -267,7 +268,9 @@ impl Node {
             .filter(|_| named)
             .filter(|(author, h)| self.live(author, h.at, &h.heartbeat))
             .filter_map(|(_, h)| {
-                let (id, downloading) = h.heartbeat.fetcher.as_ref()?;
+                // Only a download under way: a newcomer must not start a
+                // second one; anything else the node hears for itself.
+                let (id, downloading) = h.heartbeat.fetcher.as_ref().filter(|(_, d)| *d)?;
                 let id: PeerId = id.parse().ok()?;
                 let known = id == self.local || self.heard.contains_key(&id);
                 (!known).then(|| Candidate {
