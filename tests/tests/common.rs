@@ -400,13 +400,23 @@ impl LoopSite {
 
     /// `lanup node` for node `i`, knowing all the others by address.
     pub(crate) fn command(&self, i: usize, origin: Option<&str>, publisher: &str) -> Command {
+        let others: Vec<usize> = (0..self.ports.len()).filter(|&j| j != i).collect();
+        self.command_peering(i, &others, origin, publisher)
+    }
+
+    /// `lanup node` for node `i`, knowing nodes `peers` by address.
+    pub(crate) fn command_peering(
+        &self,
+        i: usize,
+        peers: &[usize],
+        origin: Option<&str>,
+        publisher: &str,
+    ) -> Command {
         let mut cmd = node_command(&self.states[i], origin, publisher, &self.site);
         cmd.args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.ports[i])])
             .arg("--no-mdns");
-        for (j, port) in self.ports.iter().enumerate() {
-            if j != i {
-                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{port}")]);
-            }
+        for &j in peers {
+            cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", self.ports[j])]);
         }
         cmd
     }
@@ -453,4 +463,19 @@ impl Drop for LoopSite {
             }
         }
     }
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks.
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let at = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    at(11) + at(12)
 }

@@ -266,21 +266,6 @@ fn remount(dir: &Path, mode: &str) {
     panic!("cannot remount {} {mode}", dir.display());
 }
 
-/// User plus system CPU time of process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let at = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    at(11) + at(12)
-}
-
 #[test]
 fn a_state_directory_turned_read_only_is_reported_and_backs_off_on_every_node() {
     if !available() {

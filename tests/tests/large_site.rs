@@ -11,23 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// CPU time a process has used, in clock ticks (utime + stime).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may hold spaces; fields count from after its ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13
-    // after the name.
-    field(11) + field(12)
-}
-
 fn clock_ticks_per_second() -> u64 {
     let out = std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -64,17 +47,8 @@ fn a_site_of_48_hears_every_node_fetches_once_and_rests_quietly() {
 
     let mut site = LoopSite::new(tmp.path(), N);
     for i in 0..N {
-        let mut cmd = node_command(
-            &site.states[i],
-            Some(&origin.url),
-            &release.public,
-            &site.site,
-        );
-        cmd.args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[i])])
-            .arg("--no-mdns");
-        for j in [0, 1].into_iter().filter(|&j| j != i) {
-            cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[j])]);
-        }
+        let bootstraps: Vec<usize> = [0, 1].into_iter().filter(|&j| j != i).collect();
+        let cmd = site.command_peering(i, &bootstraps, Some(&origin.url), &release.public);
         site.start(i, cmd);
     }
     let pending = wait_staged(
@@ -171,14 +145,10 @@ fn a_restarted_node_without_multicast_or_static_peers_dials_the_peers_it_knew() 
     let origin = OriginProc::start(&www, None);
     let v1 = publish(&app, "1.0", &origin.url, &key, &www);
     let mut site = LoopSite::new(tmp.path(), 2);
+    // Node 1 knows node 0; node 0 knows no one.
     let command = |site: &LoopSite, i: usize| {
-        let mut cmd = node_command(&site.states[i], Some(&origin.url), &v1.public, &site.site);
-        cmd.args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[i])])
-            .arg("--no-mdns");
-        if i == 1 {
-            cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[0])]);
-        }
-        cmd
+        let peers: &[usize] = if i == 1 { &[0] } else { &[] };
+        site.command_peering(i, peers, Some(&origin.url), &v1.public)
     };
     for i in 0..2 {
         let cmd = command(&site, i);
