@@ -6,10 +6,6 @@
 
 use super::*;
 
-/// How long after start a node counts the downloading fetcher its peers
-/// name (it has not heard the whole site yet).
-const NAMED_FETCHER_FOR: Duration = Duration::from_secs(30);
-
 impl Node {
     pub(super) fn election(&self) -> Election {
         if self.config.mdns {
@@ -269,10 +265,7 @@ impl Node {
         let hearsay = self
             .heard
             .iter()
-            // Only while this node starts: afterwards it hears the site
-            // itself, and a peer that names a made-up fetcher cannot keep
-            // it from fetching.
-            .filter(|_| named && self.started.elapsed() < NAMED_FETCHER_FOR)
+            .filter(|_| named)
             .filter(|(author, h)| self.live(author, h.at, &h.heartbeat))
             .filter_map(|(_, h)| {
                 // Only a download under way: a newcomer must not start a
