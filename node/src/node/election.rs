@@ -249,10 +249,16 @@ impl Node {
             downloading: h.heartbeat.downloading,
         });
         let now = self.now_ms();
+        let now_s = now_unix_ms() / 1000;
+        // A peer that lied, and one the site no longer admits (revoked,
+        // or its membership expired), are no candidates: what it said
+        // before stays live for its keep-alive's span, seconds too long.
         let banned = |peer: &PeerId| {
-            self.target
-                .as_ref()
-                .is_some_and(|t| t.transfer.is_distrusted(peer, now))
+            (*peer != self.local && !self.gate.admits(peer, now_s))
+                || self
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.transfer.is_distrusted(peer, now))
         };
         let me = Candidate {
             id: self.local,

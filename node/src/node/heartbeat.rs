@@ -206,9 +206,11 @@ impl Node {
 
     /// The other nodes this node counts as live.
     pub(super) fn live_nodes(&self) -> usize {
+        let now_s = now_unix_ms() / 1000;
         self.heard
             .iter()
             .filter(|(author, h)| **author != self.local && self.live(author, h.at, &h.heartbeat))
+            .filter(|(author, _)| self.gate.admits(author, now_s))
             .count()
     }
 
