@@ -39,7 +39,7 @@ use anyhow::{Context, Result};
 use lanup_protocol::chunk::Chunk;
 use lanup_protocol::manifest::unique_chunks;
 use lanup_protocol::sign::{SecretKey, Signature};
-use lanup_protocol::transfer::{Limits, Transfer};
+use lanup_protocol::transfer::Limits;
 use lanup_protocol::wire::{Announce, Request, Response};
 use lanup_protocol::{Hash, Manifest, Version};
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
@@ -75,8 +75,11 @@ mod record;
 mod rollout;
 mod status;
 mod storage;
+mod transfer;
 
 use heartbeat::{Heard, Heartbeat};
+use libp2p::request_response::ResponseChannel;
+use transfer::{AfterChunk, Target, Transfers};
 
 use rollout::{audit_writer, Rollout};
 
@@ -88,7 +91,7 @@ const HEARTBEAT: Duration = Duration::from_millis(lanup_protocol::election::HEAR
 const ANNOUNCE_EVERY: u64 = 10;
 /// How often a node asks its peers what chunks they gained (those it is
 /// not waiting on already: a peer holds a question until it gains a chunk,
-/// for at most [`HAVE_HOLD`]).
+/// for seconds).
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a starting node looks whether it has settled.
 const QUICK_TICK: Duration = Duration::from_millis(50);
@@ -96,20 +99,9 @@ const QUICK_TICK: Duration = Duration::from_millis(50);
 /// the peer's gossip subscription to arrive, so that the heartbeat reaches
 /// it.
 const EARLY_HEARTBEAT: Duration = Duration::from_millis(200);
-/// How long a node holds a peer's question about new chunks when it has
-/// none to tell (within the request timeout of 30 s).
-const HAVE_HOLD: Duration = Duration::from_secs(10);
-/// Questions held at once, one per peer at most: beyond, they are answered
-/// at once, as before long polls.
-const HAVE_WAITING_MAX: usize = 256;
 /// A peer silent this long is not asked for chunks, and no longer counts
 /// for the fetcher election.
 const PEER_SILENT: Duration = Duration::from_millis(Election::STATIC_PEERS.silent_ms);
-/// Chunk requests to one peer that stall in a row before it is rested.
-const STALLS_TO_REST: u32 = 3;
-/// How long a peer whose chunk requests stall again and again is not asked
-/// for chunks (it stays connected: a busy machine is not a hostile one).
-const STALL_REST: Duration = Duration::from_secs(60);
 /// How long a node waits before it assembles a release again after that
 /// failed (a full disk does not empty itself in 100 ms).
 const STAGE_RETRY: Duration = Duration::from_secs(30);
@@ -121,45 +113,6 @@ struct PeerInfo {
     /// Connected but silent for [`PEER_SILENT`] (a frozen machine): not
     /// asked for chunks until it speaks again.
     silent: bool,
-}
-
-/// A peer's question "which chunks did you gain since `since`", held until
-/// there is something to tell it.
-struct HaveWaiter {
-    peer: PeerId,
-    manifest_hash: Hash,
-    since: u32,
-    channel: libp2p::request_response::ResponseChannel<Response>,
-    at: Instant,
-}
-
-/// The release this node is moving towards.
-struct Target {
-    manifest: std::sync::Arc<Manifest>,
-    text: ManifestText,
-    signature: String,
-    hash: Hash,
-    transfer: Transfer<PeerId>,
-    held: HashSet<Hash>,
-    /// `held` in the order chunks arrived, so peers can ask what is new.
-    held_order: Vec<Hash>,
-    /// Per peer, how many of its chunks this node has heard of.
-    peer_since: BTreeMap<PeerId, u32>,
-    bytes_total: u64,
-    staged: bool,
-    staging: bool,
-    /// Stages the release as its chunks arrive ([`crate::stage`]); after
-    /// it failed once, the release is staged in one pass once every chunk
-    /// is held.
-    stager: Option<crate::stage::Stager>,
-    stager_failed: bool,
-    /// Why the last staging failed (a full disk, say), and when to try
-    /// again.
-    stage_failed: Option<(String, Instant)>,
-    /// The release does not fit on this node's disks (the disk guard's
-    /// message), and when to look again: nothing is fetched meanwhile.
-    no_room: Option<(String, Instant)>,
-    adopted_at: Instant,
 }
 
 enum Done {
@@ -201,25 +154,13 @@ struct Node {
     store: ChunkStore,
     local: PeerId,
     peers: BTreeMap<PeerId, PeerInfo>,
-    target: Option<Target>,
     done_tx: mpsc::Sender<Done>,
-    /// Chunk requests that stalled in a row, per peer: a peer that
-    /// advertises chunks and never sends them is rested for
-    /// [`STALL_REST`].
-    stalls: HashMap<PeerId, u32>,
-    /// Peers' questions about new chunks, held until there are some.
-    have_waiting: Vec<HaveWaiter>,
-    /// Peers asked which chunks they hold and not answered yet.
-    have_pending: HashSet<PeerId>,
+    /// The release this node takes up, its chunks and their peers.
+    transfer: Transfers<ResponseChannel<Response>>,
     /// Fetchers this node saw make no progress, and when.
     suspects: HashMap<PeerId, Instant>,
     /// The fetcher this node follows, and since when.
     choice: Option<(PeerId, Instant)>,
-    /// This node's own disk refused a chunk (read-only, full): transfers
-    /// pause until then, longer each time, and the status says why.
-    disk_failures: u32,
-    disk_paused_until: Option<Instant>,
-    disk_error: Option<String>,
     /// Whether this node acts as the site's fetcher (it is elected, and has
     /// heard the site since it started or woke): the fetcher's duty.
     was_fetcher: bool,
@@ -520,22 +461,16 @@ pub async fn run(
         reporter,
         metrics,
         check: None,
-        have_waiting: Vec::new(),
         leaving: None,
         config,
         net,
         store,
         local,
         peers: BTreeMap::new(),
-        target: None,
+        transfer: Transfers::default(),
         done_tx,
-        stalls: HashMap::new(),
-        have_pending: HashSet::new(),
         suspects: HashMap::new(),
         choice: None,
-        disk_failures: 0,
-        disk_paused_until: None,
-        disk_error: None,
         was_fetcher: false,
         last_tick: Instant::now(),
         woke_at: None,
@@ -589,7 +524,7 @@ pub async fn run(
         info!(release = %m.release_name(), "installed release");
     }
     node.load_staged();
-    if let Some(t) = &node.target {
+    if let Some(t) = node.transfer.target() {
         node.fetcher.holds(crate::release::Known {
             signature: t.signature.clone().into_bytes(),
             text: Some(t.text.clone()),
@@ -735,8 +670,8 @@ impl Node {
     /// Whether a release is on its way here (chunks to fetch, or to
     /// assemble): only then do the transfer's ticks run.
     fn moving(&self) -> bool {
-        self.target
-            .as_ref()
+        self.transfer
+            .target()
             .is_some_and(|t| !t.staged || !t.transfer.is_done())
     }
 
@@ -747,7 +682,13 @@ impl Node {
         let known: Vec<&Manifest> = self
             .installed
             .iter()
-            .chain(self.target.iter().filter(|t| t.staged).map(|t| &t.manifest))
+            .chain(
+                self.transfer
+                    .target()
+                    .into_iter()
+                    .filter(|t| t.staged)
+                    .map(|t| &t.manifest),
+            )
             .map(|m| &**m)
             .collect();
         std::sync::Arc::new(crate::fetch_deltas::Bases::of_node(
@@ -772,8 +713,8 @@ impl Node {
 
     /// Whether the release `version` this node knows of is lanup's own.
     fn is_lanup_release(&self, version: &str) -> bool {
-        self.target
-            .as_ref()
+        self.transfer
+            .target()
             .filter(|t| t.manifest.release_name() == version)
             .is_some_and(|t| crate::upgrade::is_lanup(&t.manifest))
     }
@@ -784,25 +725,14 @@ impl Node {
     /// chunks fetched from the origin or from others become visible here,
     /// a fraction of a second after they arrive (cut-through).
     fn ask_have(&mut self) {
-        let Some(t) = &self.target else { return };
-        if t.transfer.is_done() {
-            return;
-        }
-        // One question per peer at a time: a slow peer is not asked again
-        // before it answered.
-        let pending = &self.have_pending;
-        let speaking: Vec<PeerId> = self
+        let speaking = self
             .peers
             .iter()
-            .filter(|(peer, p)| !p.silent && !pending.contains(*peer))
-            .map(|(peer, _)| *peer)
-            .collect();
-        for peer in speaking {
-            self.have_pending.insert(peer);
+            .filter(|(_, p)| !p.silent)
+            .map(|(peer, _)| *peer);
+        for (peer, hash, since) in self.transfer.have_questions(speaking) {
             let net = self.net.clone();
             let tx = self.done_tx.clone();
-            let hash = t.hash;
-            let since = t.peer_since.get(&peer).copied().unwrap_or(0);
             self.tasks.spawn(async move {
                 let answer = net
                     .request(
@@ -827,73 +757,15 @@ impl Node {
     /// Answers the held questions about new chunks that now have an answer:
     /// chunks gained since, a release that changed, or a hold that ran out.
     async fn answer_have_waiting(&mut self) {
-        if self.have_waiting.is_empty() {
-            return;
-        }
-        let (hash, gained) = self
-            .target
-            .as_ref()
-            .map_or((None, 0), |t| (Some(t.hash), t.held_order.len()));
-        let due = |w: &HaveWaiter| {
-            Some(w.manifest_hash) != hash
-                || (w.since as usize) < gained
-                || w.at.elapsed() >= HAVE_HOLD
-        };
-        if !self.have_waiting.iter().any(due) {
-            return;
-        }
-        let (answer, keep): (Vec<HaveWaiter>, Vec<HaveWaiter>) =
-            std::mem::take(&mut self.have_waiting)
-                .into_iter()
-                .partition(due);
-        self.have_waiting = keep;
-        for w in answer {
-            let response = match &self.target {
-                Some(t) if t.hash == w.manifest_hash => {
-                    let from = (w.since as usize).min(t.held_order.len());
-                    Response::Have {
-                        chunks: t.held_order[from..].to_vec(),
-                        total: t.held_order.len() as u32,
-                    }
-                }
-                _ => Response::Unknown,
-            };
-            let _ = self.net.respond(w.channel, response).await;
+        for (channel, response) in self.transfer.due_answers() {
+            let _ = self.net.respond(channel, response).await;
         }
     }
 
     async fn on_network(&mut self, event: NetworkEvent) {
         match event {
-            NetworkEvent::PeerConnected(peer) => {
-                // A newcomer learns the release from the next few
-                // heartbeats (gossip keeps no history).
-                self.announce_until = self.heartbeats_sent + 3;
-                self.early_heartbeat
-                    .get_or_insert(Instant::now() + EARLY_HEARTBEAT);
-                self.peers.insert(
-                    peer,
-                    PeerInfo {
-                        connected_at: Instant::now(),
-                        heartbeat: None,
-                        silent: false,
-                    },
-                );
-                if let Some(t) = &mut self.target {
-                    t.transfer.peer_connected(peer);
-                }
-            }
-            NetworkEvent::PeerDisconnected(peer) => {
-                self.peers.remove(&peer);
-                // Gone from here: not live until it is heard again
-                // (through others, if it still talks to them).
-                self.unanswered.insert(peer, Instant::now());
-                self.stalls.remove(&peer);
-                self.have_pending.remove(&peer);
-                self.have_waiting.retain(|w| w.peer != peer);
-                if let Some(t) = &mut self.target {
-                    t.transfer.peer_disconnected(&peer);
-                }
-            }
+            NetworkEvent::PeerConnected(peer) => self.peer_connected(peer),
+            NetworkEvent::PeerDisconnected(peer) => self.peer_disconnected(peer),
             NetworkEvent::Gossip {
                 topic,
                 from,
@@ -901,43 +773,7 @@ impl Node {
                 id,
                 data,
             } => {
-                let verdict = if topic == self.status_topic {
-                    Some(self.on_heartbeat(from, author, &data))
-                } else if topic == self.announce_topic {
-                    if self.gate.admits(&from, now_unix_ms() / 1000) {
-                        self.on_announce(from, id.clone(), &data)
-                    } else {
-                        Some(MessageAcceptance::Ignore)
-                    }
-                } else if topic == self.rollout_topic
-                    && !self.gate.admits(&from, now_unix_ms() / 1000)
-                {
-                    // Admin-signed, but a stranger's would only fill the
-                    // audit log with refusals.
-                    Some(MessageAcceptance::Ignore)
-                } else if topic == self.rollout_topic {
-                    let verdict = match serde_json::from_slice::<SignedCommand>(&data) {
-                        Ok(signed) => self
-                            .on_command(&format!("peer {from}"), signed, false)
-                            .is_ok(),
-                        Err(e) => {
-                            self.refuse_command(
-                                &format!("peer {from}"),
-                                None,
-                                &format!("malformed: {e}"),
-                            );
-                            false
-                        }
-                    };
-                    Some(if verdict {
-                        MessageAcceptance::Accept
-                    } else {
-                        MessageAcceptance::Reject
-                    })
-                } else {
-                    Some(MessageAcceptance::Ignore)
-                };
-                if let Some(verdict) = verdict {
+                if let Some(verdict) = self.on_gossip(&topic, from, author, id.clone(), &data) {
                     let _ = self.net.validate(id, from, verdict).await;
                 }
             }
@@ -945,106 +781,155 @@ impl Node {
                 from,
                 request,
                 channel,
-            } => {
-                // A stranger, once only members are admitted, learns nothing.
-                if !self.gate.admits(&from, now_unix_ms() / 1000) {
-                    debug!(peer = %from, "refused a request from a peer that is not a member of the site");
-                    let _ = self.net.respond(channel, Response::Unknown).await;
-                    return;
+            } => self.on_peer_request(from, request, channel).await,
+        }
+    }
+
+    fn peer_connected(&mut self, peer: PeerId) {
+        // A newcomer learns the release from the next few heartbeats
+        // (gossip keeps no history).
+        self.announce_until = self.heartbeats_sent + 3;
+        self.early_heartbeat
+            .get_or_insert(Instant::now() + EARLY_HEARTBEAT);
+        self.peers.insert(
+            peer,
+            PeerInfo {
+                connected_at: Instant::now(),
+                heartbeat: None,
+                silent: false,
+            },
+        );
+        self.transfer.peer_connected(peer);
+    }
+
+    fn peer_disconnected(&mut self, peer: PeerId) {
+        self.peers.remove(&peer);
+        // Gone from here: not live until it is heard again (through
+        // others, if it still talks to them).
+        self.unanswered.insert(peer, Instant::now());
+        self.transfer.peer_gone(&peer);
+    }
+
+    /// A gossip message's verdict (None: decided later, once an announced
+    /// manifest is fetched).
+    fn on_gossip(
+        &mut self,
+        topic: &str,
+        from: PeerId,
+        author: Option<PeerId>,
+        id: MessageId,
+        data: &[u8],
+    ) -> Option<MessageAcceptance> {
+        if topic == self.status_topic {
+            Some(self.on_heartbeat(from, author, data))
+        } else if topic == self.announce_topic {
+            if self.gate.admits(&from, now_unix_ms() / 1000) {
+                self.on_announce(from, id, data)
+            } else {
+                Some(MessageAcceptance::Ignore)
+            }
+        } else if topic == self.rollout_topic && !self.gate.admits(&from, now_unix_ms() / 1000) {
+            // Admin-signed, but a stranger's would only fill the
+            // audit log with refusals.
+            Some(MessageAcceptance::Ignore)
+        } else if topic == self.rollout_topic {
+            let verdict = match serde_json::from_slice::<SignedCommand>(data) {
+                Ok(signed) => self
+                    .on_command(&format!("peer {from}"), signed, false)
+                    .is_ok(),
+                Err(e) => {
+                    self.refuse_command(&format!("peer {from}"), None, &format!("malformed: {e}"));
+                    false
                 }
-                // Nothing new for a peer that asks which chunks this node
-                // gained: it is answered as soon as there is (a long poll),
-                // so the last chunk spreads at LAN speed, not at a polling
-                // interval.
-                if let (
-                    Request::Have {
-                        manifest_hash,
-                        since,
-                    },
-                    Some(t),
-                ) = (&request, &self.target)
-                {
-                    let waiting = self.have_waiting.iter().any(|w| w.peer == from);
-                    if *manifest_hash == t.hash
-                        && *since as usize >= t.held_order.len()
-                        && !waiting
-                        && self.have_waiting.len() < HAVE_WAITING_MAX
-                    {
-                        self.have_waiting.push(HaveWaiter {
-                            peer: from,
-                            manifest_hash: *manifest_hash,
-                            since: *since,
-                            channel,
-                            at: Instant::now(),
-                        });
-                        return;
-                    }
-                }
-                if let Request::Audit { id } = request {
-                    self.answer_audit(id, channel);
-                    return;
-                }
-                let response = match (&request, &self.target) {
-                    (
-                        Request::ManifestPart {
-                            manifest_hash,
-                            offset,
-                        },
-                        Some(t),
-                    ) if *manifest_hash == t.hash => Response::ManifestPart {
-                        packed: t.text.part(*offset).to_vec(),
-                        total: t.text.packed().len() as u64,
+            };
+            Some(if verdict {
+                MessageAcceptance::Accept
+            } else {
+                MessageAcceptance::Reject
+            })
+        } else {
+            Some(MessageAcceptance::Ignore)
+        }
+    }
+
+    async fn on_peer_request(
+        &mut self,
+        from: PeerId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    ) {
+        // A stranger, once only members are admitted, learns nothing.
+        if !self.gate.admits(&from, now_unix_ms() / 1000) {
+            debug!(peer = %from, "refused a request from a peer that is not a member of the site");
+            let _ = self.net.respond(channel, Response::Unknown).await;
+            return;
+        }
+        let (channel, response) = match request {
+            // Nothing new for a peer that asks which chunks this node
+            // gained: it is answered as soon as there is (a long poll), so
+            // the last chunk spreads at LAN speed, not at a polling
+            // interval.
+            Request::Have {
+                manifest_hash,
+                since,
+            } => match self.transfer.ask_held(from, manifest_hash, since, channel) {
+                Ok(()) => return,
+                Err(answer) => answer,
+            },
+            Request::Audit { id } => {
+                self.answer_audit(id, channel);
+                return;
+            }
+            request => (channel, self.answer_peer(&request)),
+        };
+        let _ = self.net.respond(channel, response).await;
+    }
+
+    /// The answer to a peer's request that is answered at once.
+    fn answer_peer(&mut self, request: &Request) -> Response {
+        match (request, self.transfer.target()) {
+            (
+                Request::ManifestPart {
+                    manifest_hash,
+                    offset,
+                },
+                Some(t),
+            ) if *manifest_hash == t.hash => Response::ManifestPart {
+                packed: t.text.part(*offset).to_vec(),
+                total: t.text.packed().len() as u64,
+                signature: t.signature.clone(),
+            },
+            (Request::Manifest { manifest_hash }, Some(t))
+                if *manifest_hash == t.hash
+                    && t.text.len() <= lanup_protocol::wire::MAX_PLAIN_MANIFEST_ANSWER =>
+            {
+                match t.text.to_vec() {
+                    Ok(xml) => Response::Manifest {
+                        xml,
                         signature: t.signature.clone(),
                     },
-                    (Request::Manifest { manifest_hash }, Some(t))
-                        if *manifest_hash == t.hash
-                            && t.text.len() <= lanup_protocol::wire::MAX_PLAIN_MANIFEST_ANSWER =>
-                    {
-                        match t.text.to_vec() {
-                            Ok(xml) => Response::Manifest {
-                                xml,
-                                signature: t.signature.clone(),
-                            },
-                            Err(_) => Response::Unknown,
-                        }
-                    }
-                    (
-                        Request::Have {
-                            manifest_hash,
-                            since,
-                        },
-                        Some(t),
-                    ) if *manifest_hash == t.hash => {
-                        let from = (*since as usize).min(t.held_order.len());
-                        Response::Have {
-                            chunks: t.held_order[from..].to_vec(),
-                            total: t.held_order.len() as u32,
-                        }
-                    }
-                    (Request::Check, _) => {
-                        let fetcher = self.is_fetcher();
-                        Response::Check {
-                            fetcher,
-                            polling: fetcher && self.poll_now(),
-                        }
-                    }
-                    (Request::Commands { id }, _) => match &self.rollout {
-                        Some(r) if r.command.id == *id || r.newest_id() == *id => {
-                            Response::Commands {
-                                commands: r.commands(),
-                            }
-                        }
-                        _ => match self.pending.get(id) {
-                            Some(p) => Response::Commands {
-                                commands: vec![p.signed.clone()],
-                            },
-                            None => Response::Unknown,
-                        },
-                    },
-                    _ => Response::Unknown,
-                };
-                let _ = self.net.respond(channel, response).await;
+                    Err(_) => Response::Unknown,
+                }
             }
+            (Request::Check, _) => {
+                let fetcher = self.is_fetcher();
+                Response::Check {
+                    fetcher,
+                    polling: fetcher && self.poll_now(),
+                }
+            }
+            (Request::Commands { id }, _) => match &self.rollout {
+                Some(r) if r.command.id == *id || r.newest_id() == *id => Response::Commands {
+                    commands: r.commands(),
+                },
+                _ => match self.pending.get(id) {
+                    Some(p) => Response::Commands {
+                        commands: vec![p.signed.clone()],
+                    },
+                    None => Response::Unknown,
+                },
+            },
+            _ => Response::Unknown,
         }
     }
 
@@ -1058,18 +943,20 @@ impl Node {
 
     fn schedule(&mut self) {
         let now = self.now_ms();
-        if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
+        if self.transfer.disk_paused() {
             return;
         }
         // A release refused for want of room is looked at again (every
         // STAGE_RETRY, not every tick: that costs statvfs calls).
-        if self.target.as_ref().is_some_and(|t| t.no_room.is_some()) {
+        if self.transfer.target().is_some_and(|t| t.no_room.is_some()) {
             self.check_room();
-            if self.target.as_ref().is_some_and(|t| t.no_room.is_some()) {
+            if self.transfer.target().is_some_and(|t| t.no_room.is_some()) {
                 return;
             }
         }
-        let Some(t) = &mut self.target else { return };
+        let Some(t) = self.transfer.target_mut() else {
+            return;
+        };
         let (requests, _expired) = t.transfer.poll(now);
         for r in requests {
             let control = self.net.streams();
@@ -1166,7 +1053,7 @@ impl Node {
                 // A chunk of a release no longer the target is in the
                 // store, but not held for this one (its own is found
                 // there if it has it too).
-                if let Some(t) = self.target.as_mut().filter(|t| t.hash == release) {
+                if let Some(t) = self.transfer.target_mut().filter(|t| t.hash == release) {
                     t.transfer.obtained(&hash);
                     if t.held.insert(hash) {
                         t.held_order.push(hash);
@@ -1197,244 +1084,204 @@ impl Node {
     async fn on_done(&mut self, done: Done) {
         match done {
             Done::Chunk(release, result) => {
-                let now = self.now_ms();
-                let Some(t) = self.target.as_mut().filter(|t| t.hash == release) else {
-                    // For a release no longer the target: its chunk is in
-                    // the store, and the new one's transfer never asked.
-                    return;
-                };
-                match result {
-                    Ok((peer, hash)) => {
-                        t.transfer.delivered(&peer, &hash);
-                        if t.held.insert(hash) {
-                            t.held_order.push(hash);
-                            if let Some(s) = &t.stager {
-                                s.gained(hash);
-                            }
-                        }
-                        self.stalls.remove(&peer);
-                        if self.disk_error.take().is_some() {
-                            info!("this node's disk takes chunks again");
-                        }
-                        self.disk_failures = 0;
-                    }
-                    Err(ChunkError::Corrupt { peer, hash }) => {
-                        t.transfer.corrupt(&peer, &hash, now);
-                        self.distrust(peer, "sent a bad chunk").await;
-                    }
-                    Err(ChunkError::NotHeld { peer, hash }) => {
-                        debug!(%peer, chunk = %hash, "peer no longer holds a chunk it offered");
-                        t.transfer.not_held(&peer, &hash);
-                    }
-                    Err(ChunkError::Stalled { peer, hash }) => {
-                        let stalls = self.stalls.entry(peer).or_default();
-                        *stalls += 1;
-                        if *stalls >= STALLS_TO_REST {
-                            // Slow is not hostile: the peer stays connected
-                            // and in the site's picture (its heartbeats, its
-                            // part in rollouts); it is only not asked for
-                            // chunks for a while.
-                            t.transfer
-                                .rest(&peer, &hash, now, STALL_REST.as_millis() as u64);
-                            self.stalls.remove(&peer);
-                            warn!(%peer, rest = %humantime::format_duration(STALL_REST), "peer stopped sending chunks it offered, again and again; not asked for chunks for a while");
-                        } else {
-                            debug!(%peer, chunk = %hash, "peer stopped sending a chunk; asking elsewhere");
-                            t.transfer.failed(&peer, &hash);
-                        }
-                    }
-                    Err(ChunkError::LocalDisk { peer, hash, reason }) => {
-                        t.transfer.failed(&peer, &hash);
-                        self.disk_failed(reason);
-                    }
-                    Err(ChunkError::Failed { peer, hash, .. }) => t.transfer.failed(&peer, &hash),
+                match self.transfer.chunk_done(&release, result, self.now_ms()) {
+                    AfterChunk::Stale => return,
+                    AfterChunk::Schedule => {}
+                    AfterChunk::Distrust(peer) => self.distrust(peer, "sent a bad chunk").await,
+                    AfterChunk::DiskFailed(reason) => self.transfer.disk_failed(reason, random()),
                 }
                 // A free slot is used at once, not at the next tick.
                 self.schedule();
             }
             Done::Have(peer, hash, answer) => {
-                self.have_pending.remove(&peer);
-                let Some((chunks, total)) = answer else {
-                    return;
-                };
                 let silent = self.peers.get(&peer).is_none_or(|p| p.silent);
-                if let Some(t) = self.target.as_mut().filter(|t| t.hash == hash && !silent) {
-                    let gained = !chunks.is_empty();
-                    t.transfer.peer_connected(peer);
-                    t.transfer.peer_has(&peer, chunks);
-                    t.peer_since.insert(peer, total);
-                    if self.was_fetcher {
-                        self.assign_duty();
-                    }
-                    if gained {
-                        // Asked again at once (it holds the question until
-                        // it gains more), and what it has is asked for now.
-                        self.ask_have();
-                        self.schedule();
-                    }
-                }
-            }
-            Done::Manifest(peer, hash, result) => {
-                let waiting = self.validating.remove(&hash).unwrap_or_default();
-                let verdict = match result {
-                    Ok((text, _)) if text.hash() != hash => {
-                        warn!(%peer, "refused announcement: the manifest it sent is not the one it announced");
-                        MessageAcceptance::Reject
-                    }
-                    Ok((text, sig)) => self.adopt(&format!("peer {peer}"), text, sig),
-                    Err(e) => {
-                        warn!(%peer, error = %format!("{e:#}"), "could not fetch an announced manifest");
-                        MessageAcceptance::Ignore
-                    }
-                };
-                if verdict == MessageAcceptance::Reject {
-                    self.refused.insert((peer, hash));
-                }
-                for (id, from) in waiting {
-                    let _ = self.net.validate(id, from, verdict).await;
-                }
-            }
-            Done::Held(hash, held) => {
-                let Some(t) = self.target.as_mut().filter(|t| t.hash == hash) else {
+                let Some(gained) = self.transfer.have_answered(peer, &hash, answer, silent) else {
                     return;
                 };
-                for hash in held {
-                    if t.held.insert(hash) {
-                        t.transfer.obtained(&hash);
-                        t.held_order.push(hash);
-                        if let Some(s) = &t.stager {
-                            s.gained(hash);
-                        }
-                    }
+                if self.was_fetcher {
+                    self.assign_duty();
+                }
+                if gained {
+                    // Asked again at once (it holds the question until it
+                    // gains more), and what it has is asked for now.
+                    self.ask_have();
+                    self.schedule();
+                }
+            }
+            Done::Manifest(peer, hash, result) => self.manifest_fetched(peer, hash, result).await,
+            Done::Held(hash, held) => {
+                if !self.transfer.is_target(&hash) {
+                    return;
+                }
+                for chunk in held {
+                    self.transfer.gained(&hash, chunk);
                 }
                 self.assign_duty();
             }
-            Done::Staged(hash, result) => {
-                let Some(t) = self.target.as_mut().filter(|t| t.hash == hash) else {
-                    return;
-                };
-                t.staging = false;
-                if t.stager.take().is_some() && result.is_err() {
-                    t.stager_failed = true;
-                }
-                match result {
-                    Ok(dir) => {
-                        t.staged = true;
-                        t.stage_failed = None;
-                        info!(release = %t.manifest.release_name(), dir = %dir.display(), "release staged and verified");
-                        let keep = self
-                            .config
-                            .state
-                            .join("releases")
-                            .join(t.manifest.release_folder());
-                        let written = crate::apply::write_text_synced(
-                            &keep.join(lanup_protocol::manifest::MANIFEST_FILE),
-                            &t.text,
-                        )
-                        .and_then(|()| {
-                            crate::apply::write_synced(
-                                &keep.join(lanup_protocol::manifest::SIGNATURE_FILE),
-                                t.signature.as_bytes(),
-                            )
-                        });
-                        if let Err(e) = written {
-                            warn!(dir = %keep.display(), error = %e, "cannot keep the staged release's manifest");
-                        }
-                        self.collect_garbage();
-                        self.bases = self.find_bases();
-                        self.maybe_auto_apply();
-                    }
-                    Err(e) if e.downcast_ref::<crate::fetch::DamagedChunk>().is_some() => {
-                        if let Some(damaged) = e.downcast_ref::<crate::fetch::DamagedChunk>() {
-                            let hash = damaged.0;
-                            self.chunk_lost(hash);
-                        }
-                    }
-                    Err(e) => {
-                        let reason = format!("{e:#}");
-                        warn!(release = %t.manifest.release_name(), error = %reason, retry_in = ?STAGE_RETRY, "staging failed; the installed release is untouched");
-                        t.stage_failed = Some((reason, Instant::now() + STAGE_RETRY));
-                    }
-                }
-            }
+            Done::Staged(hash, result) => self.staged(hash, result),
             Done::Commands(peer, commands) => self.catch_up(peer, commands),
             Done::Checked(fetcher, answer) => self.checked(fetcher, answer),
-            Done::ApplyStep(event) => {
-                // The steps a change's record names: the hand-over and the
-                // health check.
-                match event.step.as_str() {
-                    "health" => self.health_said = Some(event.message.clone()),
-                    "switchover" => {
-                        if let Some(r) = &self.rollout {
-                            self.audit_entry(Entry {
-                                event: "switchover".into(),
-                                action: Some(if r.back { "rollback" } else { "rollout" }.into()),
-                                version: Some(r.version.clone()),
-                                id: Some(r.command.id.clone()),
-                                reason: Some(event.message.clone()),
-                                ..Entry::default_at(now_unix_ms())
-                            });
-                        }
-                    }
-                    _ => {}
+            Done::ApplyStep(event) => self.apply_step(event),
+            Done::Applied(outcome) => self.applied(outcome),
+        }
+    }
+
+    /// An announced manifest came from the peer that announced it (or did
+    /// not): the announcement's verdict, for every copy that waited on it.
+    async fn manifest_fetched(
+        &mut self,
+        peer: PeerId,
+        hash: Hash,
+        result: Result<(ManifestText, String)>,
+    ) {
+        let waiting = self.validating.remove(&hash).unwrap_or_default();
+        let verdict = match result {
+            Ok((text, _)) if text.hash() != hash => {
+                warn!(%peer, "refused announcement: the manifest it sent is not the one it announced");
+                MessageAcceptance::Reject
+            }
+            Ok((text, sig)) => self.adopt(&format!("peer {peer}"), text, sig),
+            Err(e) => {
+                warn!(%peer, error = %format!("{e:#}"), "could not fetch an announced manifest");
+                MessageAcceptance::Ignore
+            }
+        };
+        if verdict == MessageAcceptance::Reject {
+            self.refused.insert((peer, hash));
+        }
+        for (id, from) in waiting {
+            let _ = self.net.validate(id, from, verdict).await;
+        }
+    }
+
+    /// Staging of the release `hash` ended.
+    fn staged(&mut self, hash: Hash, result: Result<PathBuf>) {
+        let Some(t) = self.transfer.target_mut().filter(|t| t.hash == hash) else {
+            return;
+        };
+        t.staging = false;
+        if t.stager.take().is_some() && result.is_err() {
+            t.stager_failed = true;
+        }
+        match result {
+            Ok(dir) => {
+                t.staged = true;
+                t.stage_failed = None;
+                info!(release = %t.manifest.release_name(), dir = %dir.display(), "release staged and verified");
+                let keep = self
+                    .config
+                    .state
+                    .join("releases")
+                    .join(t.manifest.release_folder());
+                let written = crate::apply::write_text_synced(
+                    &keep.join(lanup_protocol::manifest::MANIFEST_FILE),
+                    &t.text,
+                )
+                .and_then(|()| {
+                    crate::apply::write_synced(
+                        &keep.join(lanup_protocol::manifest::SIGNATURE_FILE),
+                        t.signature.as_bytes(),
+                    )
+                });
+                if let Err(e) = written {
+                    warn!(dir = %keep.display(), error = %e, "cannot keep the staged release's manifest");
                 }
-                if let Some((_, step)) = &mut self.applying {
-                    *step = event.step;
+                self.collect_garbage();
+                self.bases = self.find_bases();
+                self.maybe_auto_apply();
+            }
+            Err(e) if e.downcast_ref::<crate::fetch::DamagedChunk>().is_some() => {
+                if let Some(damaged) = e.downcast_ref::<crate::fetch::DamagedChunk>() {
+                    let hash = damaged.0;
+                    self.chunk_lost(hash);
                 }
             }
-            Done::Applied(outcome) => {
-                self.applying = None;
-                let health = self.health_said.take();
-                match outcome.ending {
-                    Ending::Committed => {
-                        self.installed = match &self.target {
-                            Some(t) if t.manifest.release_name() == outcome.version => {
-                                Some(t.manifest.clone())
-                            }
-                            _ => crate::apply::read_installed(&self.config.state)
-                                .ok()
-                                .flatten()
-                                .map(|i| i.manifest),
-                        };
-                        self.bases = self.find_bases();
-                        info!(release = %outcome.version, downtime_ms = ?outcome.downtime_ms, "release installed");
-                    }
-                    Ending::RolledBack => {
-                        self.failed_releases.insert(outcome.version.clone());
-                        warn!(release = %outcome.version, reason = ?outcome.reason, "release rolled back");
-                    }
-                    Ending::Failed => {
-                        warn!(release = %outcome.version, reason = ?outcome.reason, "release not installed")
-                    }
-                }
-                if let Some(r) = self
-                    .rollout
-                    .as_ref()
-                    .filter(|r| r.version == outcome.version)
-                {
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(release = %t.manifest.release_name(), error = %reason, retry_in = ?STAGE_RETRY, "staging failed; the installed release is untouched");
+                t.stage_failed = Some((reason, Instant::now() + STAGE_RETRY));
+            }
+        }
+    }
+
+    /// A step of the apply under way (the steps a change's record names:
+    /// the hand-over and the health check).
+    fn apply_step(&mut self, event: Event) {
+        // The steps a change's record names: the hand-over and the
+        // health check.
+        match event.step.as_str() {
+            "health" => self.health_said = Some(event.message.clone()),
+            "switchover" => {
+                if let Some(r) = &self.rollout {
                     self.audit_entry(Entry {
-                        event: match outcome.ending {
-                            Ending::Committed => "applied",
-                            Ending::RolledBack => "rolled-back",
-                            Ending::Failed => "apply-failed",
-                        }
-                        .into(),
+                        event: "switchover".into(),
                         action: Some(if r.back { "rollback" } else { "rollout" }.into()),
-                        version: Some(outcome.version.clone()),
+                        version: Some(r.version.clone()),
                         id: Some(r.command.id.clone()),
-                        // A commit says how its health was judged.
-                        reason: outcome.reason.clone().or(health),
-                        downtime_ms: outcome.downtime_ms,
+                        reason: Some(event.message.clone()),
                         ..Entry::default_at(now_unix_ms())
                     });
                 }
-                self.metrics.applied(outcome.ending.name());
-                self.last_apply = Some(outcome);
-                // A release staged while this apply ran is next.
-                self.maybe_auto_apply();
-                self.rollout_duties();
+            }
+            _ => {}
+        }
+        if let Some((_, step)) = &mut self.applying {
+            *step = event.step;
+        }
+    }
+
+    /// An apply ended.
+    fn applied(&mut self, outcome: Outcome) {
+        self.applying = None;
+        let health = self.health_said.take();
+        match outcome.ending {
+            Ending::Committed => {
+                self.installed = match self.transfer.target() {
+                    Some(t) if t.manifest.release_name() == outcome.version => {
+                        Some(t.manifest.clone())
+                    }
+                    _ => crate::apply::read_installed(&self.config.state)
+                        .ok()
+                        .flatten()
+                        .map(|i| i.manifest),
+                };
+                self.bases = self.find_bases();
+                info!(release = %outcome.version, downtime_ms = ?outcome.downtime_ms, "release installed");
+            }
+            Ending::RolledBack => {
+                self.failed_releases.insert(outcome.version.clone());
+                warn!(release = %outcome.version, reason = ?outcome.reason, "release rolled back");
+            }
+            Ending::Failed => {
+                warn!(release = %outcome.version, reason = ?outcome.reason, "release not installed")
             }
         }
+        if let Some(r) = self
+            .rollout
+            .as_ref()
+            .filter(|r| r.version == outcome.version)
+        {
+            self.audit_entry(Entry {
+                event: match outcome.ending {
+                    Ending::Committed => "applied",
+                    Ending::RolledBack => "rolled-back",
+                    Ending::Failed => "apply-failed",
+                }
+                .into(),
+                action: Some(if r.back { "rollback" } else { "rollout" }.into()),
+                version: Some(outcome.version.clone()),
+                id: Some(r.command.id.clone()),
+                // A commit says how its health was judged.
+                reason: outcome.reason.clone().or(health),
+                downtime_ms: outcome.downtime_ms,
+                ..Entry::default_at(now_unix_ms())
+            });
+        }
+        self.metrics.applied(outcome.ending.name());
+        self.last_apply = Some(outcome);
+        // A release staged while this apply ran is next.
+        self.maybe_auto_apply();
+        self.rollout_duties();
     }
 }
 

@@ -41,7 +41,7 @@ impl Node {
             }
         };
         let hash = announce.manifest_hash;
-        if self.target.as_ref().is_some_and(|t| t.hash == hash) {
+        if self.transfer.target().is_some_and(|t| t.hash == hash) {
             return Some(MessageAcceptance::Accept);
         }
         let signature = match Signature::from_text(&announce.signature) {
@@ -62,7 +62,9 @@ impl Node {
         // Versions are compared within one application only (an older
         // node does not say which: then as the release this node has).
         let same_app = |m: &Manifest| announce.app.is_none() || announce.app == m.restart.app_name;
-        if let (Some(t), Ok(announced)) = (&self.target, announce.release.parse::<Version>()) {
+        if let (Some(t), Ok(announced)) =
+            (self.transfer.target(), announce.release.parse::<Version>())
+        {
             if same_app(&t.manifest)
                 && t.manifest
                     .version
@@ -151,7 +153,7 @@ impl Node {
                 return MessageAcceptance::Ignore;
             }
         }
-        if let Some(t) = &self.target {
+        if let Some(t) = self.transfer.target() {
             if t.hash == hash {
                 return MessageAcceptance::Accept;
             }
@@ -160,48 +162,20 @@ impl Node {
                 return MessageAcceptance::Ignore;
             }
         }
-        let chunks = unique_chunks(&manifest.files);
-        let bytes_total = chunks.values().sum();
-        let held: HashSet<Hash> = chunks
-            .keys()
+        let held: HashSet<Hash> = unique_chunks(&manifest.files)
+            .into_keys()
             .filter(|h| self.store.has(h))
-            .copied()
             .collect();
-        let mut transfer = Transfer::new(
-            chunks
-                .iter()
-                .filter(|(h, _)| !held.contains(*h))
-                .map(|(h, s)| (*h, *s)),
-            Limits::default(),
-        )
-        // Equally rare chunks in this node's own order, from its PeerId.
-        .with_order(u64::from_le_bytes(
-            Hash::of(&self.local.to_bytes()).0[..8]
-                .try_into()
-                .unwrap_or_default(),
-        ));
-        for peer in self.peers.keys() {
-            transfer.peer_connected(*peer);
-        }
-        info!(release = %manifest.release_name(), source = from, bytes = bytes_total, "release announced; fetching it");
-        self.target = Some(Target {
-            manifest: std::sync::Arc::new(manifest),
-            text: source.text,
+        let target = Target::new(
+            manifest,
+            source.text,
             signature,
-            hash,
-            transfer,
-            held_order: held.iter().copied().collect(),
             held,
-            peer_since: BTreeMap::new(),
-            bytes_total,
-            staged: false,
-            staging: false,
-            stager: None,
-            stager_failed: false,
-            stage_failed: None,
-            no_room: None,
-            adopted_at: Instant::now(),
-        });
+            &self.local,
+            self.peers.keys().copied(),
+        );
+        info!(release = %target.manifest.release_name(), source = from, bytes = target.bytes_total, "release announced; fetching it");
+        self.transfer.take_up(target);
         // Peers hear of it now, not at the next heartbeat (up to a second
         // later): they start staging what they already hold meanwhile.
         self.announce_until = self.heartbeats_sent + 3;

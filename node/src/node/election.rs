@@ -94,7 +94,7 @@ impl Node {
     pub(super) fn assign_duty(&mut self) {
         let now = self.now_ms();
         let acting = self.was_fetcher;
-        let lacking = self.target.as_ref().filter(|_| acting).map(|t| {
+        let lacking = self.transfer.target().filter(|_| acting).map(|t| {
             let now_lacking = if t.transfer.is_done() {
                 Default::default()
             } else {
@@ -109,13 +109,13 @@ impl Node {
             }
         });
         self.lacking = self
-            .target
-            .as_ref()
+            .transfer
+            .target()
             .zip(lacking.clone())
             .map(|(t, l)| (t.hash, l));
         let release = self
-            .target
-            .as_ref()
+            .transfer
+            .target()
             .zip(lacking)
             .map(|(t, lacking)| Wanted {
                 hash: t.hash,
@@ -154,10 +154,7 @@ impl Node {
         );
         self.was_fetcher = false;
         self.woke_at = Some(Instant::now());
-        if let Some(t) = &mut self.target {
-            t.peer_since.clear();
-            t.adopted_at = Instant::now();
-        }
+        self.transfer.read_lists_afresh();
         self.assign_duty();
     }
 
@@ -166,7 +163,9 @@ impl Node {
     /// what it holds arrives as [`Done::Held`]; the fetcher is told its
     /// duty then.
     pub(super) fn reconcile_store(&mut self) {
-        let Some(t) = &self.target else { return };
+        let Some(t) = self.transfer.target() else {
+            return;
+        };
         let unknown: Vec<Hash> = unique_chunks(&t.manifest.files)
             .into_keys()
             .filter(|h| !t.held.contains(h))
@@ -256,8 +255,8 @@ impl Node {
         let banned = |peer: &PeerId| {
             (*peer != self.local && !self.gate.admits(peer, now_s))
                 || self
-                    .target
-                    .as_ref()
+                    .transfer
+                    .target()
                     .is_some_and(|t| t.transfer.is_distrusted(peer, now))
         };
         let me = Candidate {
@@ -327,7 +326,7 @@ impl Node {
         if self.choice.as_ref().map(|(p, _)| *p) != choice {
             self.choice = choice.map(|p| (p, Instant::now()));
         }
-        let (Some((fetcher, since)), Some(t)) = (self.choice, &self.target) else {
+        let (Some((fetcher, since)), Some(t)) = (self.choice, self.transfer.target()) else {
             return;
         };
         if fetcher == self.local || t.transfer.is_done() {

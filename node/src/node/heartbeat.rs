@@ -228,7 +228,7 @@ impl Node {
         if self.unanswered.get(author).is_some_and(|since| *since > at) {
             return false;
         }
-        match &self.target {
+        match self.transfer.target() {
             Some(t) if at < t.adopted_at && t.adopted_at.elapsed() >= PEER_SILENT => {
                 hb.release.as_deref() == Some(t.manifest.release_name().as_str())
             }
@@ -265,7 +265,7 @@ impl Node {
         }
         let announce = self.heartbeats_sent <= self.announce_until
             || self.heartbeats_sent.is_multiple_of(ANNOUNCE_EVERY);
-        if let Some(t) = self.target.as_ref().filter(|_| announce) {
+        if let Some(t) = self.transfer.target().filter(|_| announce) {
             let announce = Announce {
                 release: t.manifest.release_name(),
                 manifest_hash: t.hash,
@@ -280,7 +280,7 @@ impl Node {
     }
 
     pub(super) fn own_heartbeat(&self) -> Heartbeat {
-        let t = self.target.as_ref();
+        let t = self.transfer.target();
         let installed = self.installed_name();
         let last = self.last_apply.as_ref();
         let target_failed = t.is_some_and(|t| {
@@ -323,8 +323,8 @@ impl Node {
             membership: self.own_certificate.clone(),
             revocations: self.gate.revocations().cloned(),
             last_error: self
-                .disk_error
-                .as_ref()
+                .transfer
+                .disk_error()
                 .map(|e| format!("this node's disk: {e}"))
                 .or_else(|| t.and_then(|t| t.no_room.as_ref().map(|(r, _)| r.clone())))
                 .or_else(|| {
@@ -464,11 +464,8 @@ impl Node {
             info.heartbeat = Some((Instant::now(), hb));
             if std::mem::take(&mut info.silent) {
                 info!(peer = %author, "peer speaks again");
-                if let Some(t) = &mut self.target {
-                    // Its chunk list is asked afresh.
-                    t.transfer.peer_connected(author);
-                    t.peer_since.remove(&author);
-                }
+                // Its chunk list is asked afresh.
+                self.transfer.peer_speaks_again(author);
             }
         }
         MessageAcceptance::Accept

@@ -10,8 +10,8 @@ impl Node {
     /// The staged release `version`, ready to install.
     pub(super) fn staged_release(&self, version: &str) -> Result<Release> {
         let t = self
-            .target
-            .as_ref()
+            .transfer
+            .target()
             .filter(|t| t.manifest.release_name() == version);
         match t {
             Some(t) if t.staged => Ok(Release {
@@ -30,7 +30,7 @@ impl Node {
             Some(_) => anyhow::bail!("{version} is not staged yet (it is still being fetched)"),
             None => anyhow::bail!(
                 "{version} is not staged on this node ({})",
-                match &self.target {
+                match self.transfer.target() {
                     Some(t) if t.staged => format!("staged: {}", t.manifest.release_name()),
                     Some(t) => format!("fetching: {}", t.manifest.release_name()),
                     None => "nothing staged".into(),
@@ -136,7 +136,7 @@ impl Node {
             .app
             .as_ref()
             .is_some_and(|a| a.apply == crate::config::ApplyPolicy::Auto);
-        let Some(t) = self.target.as_ref().filter(|t| t.staged) else {
+        let Some(t) = self.transfer.target().filter(|t| t.staged) else {
             return;
         };
         let version = t.manifest.release_name();
@@ -212,8 +212,8 @@ impl Node {
             std::fs::metadata(staging.join(&f.name)).is_ok_and(|m| Some(m.len()) == f.size)
         });
         if let Some(t) = self
-            .target
-            .as_mut()
+            .transfer
+            .target_mut()
             .filter(|t| complete && t.transfer.is_done())
         {
             t.staged = true;

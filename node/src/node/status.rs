@@ -52,9 +52,7 @@ impl Node {
                 info.silent = true;
             }
             warn!(%peer, "peer connected but silent past its next heartbeat; not asking it for chunks");
-            if let Some(t) = &mut self.target {
-                t.transfer.peer_disconnected(&peer);
-            }
+            self.transfer.peer_silent(&peer);
         }
     }
 
@@ -390,8 +388,8 @@ impl Node {
         );
         m.peers.set(self.peers.len() as i64);
         let staged = self
-            .target
-            .as_ref()
+            .transfer
+            .target()
             .filter(|t| t.staged)
             .map(|t| t.manifest.release_name());
         m.set_releases(self.installed_name().as_deref(), staged.as_deref());

@@ -10,7 +10,7 @@ impl Node {
     /// folders of other releases go, except the installed release's staged
     /// folder and manifest: with them the site can roll back to it.
     pub(super) fn collect_garbage(&self) {
-        let Some(t) = self.target.as_ref().filter(|t| t.staged) else {
+        let Some(t) = self.transfer.target().filter(|t| t.staged) else {
             return;
         };
         let keep: HashSet<Hash> = unique_chunks(&t.manifest.files).into_keys().collect();
@@ -62,7 +62,9 @@ impl Node {
     /// down are neither offered to peers nor used. Damaged ones go to
     /// `damaged`, as chunks found damaged while serving do.
     pub(super) fn check_store(&self, damaged: mpsc::Sender<Hash>) {
-        let Some(t) = &self.target else { return };
+        let Some(t) = self.transfer.target() else {
+            return;
+        };
         let hashes: Vec<Hash> = t.held.iter().copied().collect();
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
@@ -89,7 +91,7 @@ impl Node {
     /// does not, nothing is fetched; it is looked at again every
     /// [`STAGE_RETRY`].
     pub(super) fn check_room(&mut self) {
-        let Some(t) = self.target.as_mut().filter(|t| !t.staged) else {
+        let Some(t) = self.transfer.target_mut().filter(|t| !t.staged) else {
             return;
         };
         if t.no_room
@@ -134,44 +136,12 @@ impl Node {
         }
     }
 
-    /// This node's disk refused a chunk: transfers from peers pause (5 s
-    /// doubling, with jitter, at most 5 minutes) instead of asking again
-    /// at once, and the status says why.
-    pub(super) fn disk_failed(&mut self, reason: String) {
-        if self.disk_paused_until.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        // The same waits as after origin failures.
-        self.disk_failures = self.disk_failures.saturating_add(1);
-        let wait = Duration::from_millis(lanup_protocol::fetcher::backoff_ms(
-            self.disk_failures,
-            lanup_protocol::fetcher::BACKOFF_MAX_MS,
-            random(),
-        ));
-        warn!(error = %reason, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "this node cannot store chunks on its own disk; pausing transfers");
-        self.disk_paused_until = Some(Instant::now() + wait);
-        self.disk_error = Some(reason);
-    }
-
     /// A chunk this node held was found damaged on its disk (and removed):
     /// it is no longer offered as held here, and is fetched again, from a
     /// peer or else the origin.
     pub(super) fn chunk_lost(&mut self, hash: Hash) {
-        let Some(t) = &mut self.target else { return };
-        if !t.held.remove(&hash) {
-            return;
+        if self.transfer.lost(hash) {
+            warn!(chunk = %hash, "a chunk was damaged on this node's disk; removed, and fetched again");
         }
-        let size = unique_chunks(&t.manifest.files)
-            .get(&hash)
-            .copied()
-            .unwrap_or_default();
-        warn!(chunk = %hash, "a chunk was damaged on this node's disk; removed, and fetched again");
-        // `held_order` stays as it is (peers read it by position); a peer
-        // that asks for the chunk now is told it is not held.
-        t.transfer.lost(hash, size);
-        // Peers' lists are asked afresh: what they said they hold was kept
-        // only for chunks this node wanted then.
-        t.peer_since.clear();
-        t.adopted_at = Instant::now();
     }
 }
