@@ -231,39 +231,42 @@ enum Command {
     },
     /// Serve a release folder over HTTP (GET/HEAD, Range, ETag), with a
     /// byte count at /_lanup/stats and an optional rate cap.
-    Origin {
-        /// The folder to serve.
-        #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
-        /// Address to listen on, e.g. 0.0.0.0:8080 (port 0 picks one).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Cap on the total send rate: bytes per second (2MiB, 500KB) or
-        /// bits per second (16mbit).
-        #[arg(long, value_name = "RATE")]
-        rate: Option<Rate>,
-        /// Take signed site reports (POST /_lanup/report), keep them in this
-        /// folder, and show the fleet at /_lanup/fleet and
-        /// /_lanup/fleet.json.
-        #[arg(long, value_name = "DIR")]
-        reports: Option<PathBuf>,
-        /// A site whose newest report is older than this is flagged stale.
-        #[arg(long, value_name = "DURATION", default_value = "2h10m", value_parser = humantime::parse_duration)]
-        stale_after: std::time::Duration,
-        /// With --reports: count only reports from enrolled members of the
-        /// site they name, whose certificates this admin key signed
-        /// (repeatable; the sites' trust_admin keys).
-        #[arg(long, value_name = "KEY", requires = "reports")]
-        trust_admin: Vec<PublicKey>,
-        /// With --reports: how long each site's timeline is kept, and a
-        /// site that stops reporting.
-        #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = humantime::parse_duration, requires = "reports")]
-        keep_history: std::time::Duration,
-        /// With --reports: sites kept at most (a new site beyond is
-        /// refused).
-        #[arg(long, value_name = "N", default_value_t = lanup_hq::store::MAX_SITES, requires = "reports")]
-        max_sites: usize,
-    },
+    Origin(OriginArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct OriginArgs {
+    /// The folder to serve.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:8080 (port 0 picks one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Cap on the total send rate: bytes per second (2MiB, 500KB) or
+    /// bits per second (16mbit).
+    #[arg(long, value_name = "RATE")]
+    rate: Option<Rate>,
+    /// Take signed site reports (POST /_lanup/report), keep them in this
+    /// folder, and show the fleet at /_lanup/fleet and
+    /// /_lanup/fleet.json.
+    #[arg(long, value_name = "DIR")]
+    reports: Option<PathBuf>,
+    /// A site whose newest report is older than this is flagged stale.
+    #[arg(long, value_name = "DURATION", default_value = "2h10m", value_parser = humantime::parse_duration)]
+    stale_after: std::time::Duration,
+    /// With --reports: count only reports from enrolled members of the
+    /// site they name, whose certificates this admin key signed
+    /// (repeatable; the sites' trust_admin keys).
+    #[arg(long, value_name = "KEY", requires = "reports")]
+    trust_admin: Vec<PublicKey>,
+    /// With --reports: how long each site's timeline is kept, and a
+    /// site that stops reporting.
+    #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = humantime::parse_duration, requires = "reports")]
+    keep_history: std::time::Duration,
+    /// With --reports: sites kept at most (a new site beyond is
+    /// refused).
+    #[arg(long, value_name = "N", default_value_t = lanup_hq::store::MAX_SITES, requires = "reports")]
+    max_sites: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -538,42 +541,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             crate::demo::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Node(args) => {
-            let default = Path::new(lanup_node::config::DEFAULT_CONFIG);
-            let file = args
-                .config
-                .as_deref()
-                .or_else(|| default.exists().then_some(default));
-            let config = lanup_node::config::NodeConfig::resolve(
-                file,
-                lanup_node::config::Overrides {
-                    state: args.state,
-                    listen: Some(args.listen),
-                    peers: Some(args.peer),
-                    origin: args.origin,
-                    trust_publisher: Some(args.trust_publisher),
-                    trust_admin: Some(args.trust_admin),
-                    site: args.site,
-                    psk: args.psk,
-                    wan_rate: args.wan_rate,
-                    lan_rate: args.lan_rate,
-                    poll_interval: args.poll_interval,
-                    origin_stall_timeout: args.origin_stall_timeout,
-                    mdns: args.no_mdns.then_some(false),
-                    self_update_timeout: args.self_update_timeout,
-                    report_to: args.report_to,
-                    report_interval: args.report_interval,
-                    metrics_listen: args.metrics_listen,
-                    ca_file: args.ca_file,
-                    proxy: args.proxy,
-                    ..lanup_node::config::Overrides::default()
-                },
-            )?;
-            if args.windows_service {
-                return run_as_service(config);
-            }
-            run_node(config)
-        }
+        Command::Node(args) => node(args),
         Command::Service(command) => service(command),
         Command::Setup(args) => crate::setup::run(args),
         Command::Enroll(args) => crate::setup::enroll(args),
@@ -587,46 +555,9 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Revoke {
             keys, key, node, ..
         } => revoke(&keys, &key, &node),
-        Command::Status { node, json, all } => {
-            let answer = node.ask(ControlRequest::Status)?;
-            if json {
-                println!("{answer}");
-            } else {
-                crate::status::print(&answer, all);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Peers { node, json } => {
-            let answer = node.ask(ControlRequest::Peers)?;
-            if json {
-                println!("{answer}");
-            } else {
-                for p in answer["peers"].as_array().into_iter().flatten() {
-                    println!("{}", p.as_str().unwrap_or_default());
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Check { node } => {
-            let answer = node.ask(ControlRequest::Check)?;
-            if let Some(e) = answer["error"].as_str() {
-                bail!("{e}");
-            }
-            let now = answer["polling"] == true;
-            let when = if now {
-                "now"
-            } else {
-                "as soon as its download ends"
-            };
-            match answer["asked"].as_str() {
-                Some(fetcher) => println!(
-                    "the site's fetcher {} polls the origin {when}",
-                    short_id(fetcher)
-                ),
-                None => println!("this node is the site's fetcher; it polls the origin {when}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status { node, json, all } => status(&node, json, all),
+        Command::Peers { node, json } => peers(&node, json),
+        Command::Check { node } => check(&node),
         Command::Keygen { out } => {
             let public = keys::generate(&out)?;
             eprintln!("secret key written to {} (mode 0600)", out.display());
@@ -665,21 +596,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => apply(&node, &version, json),
         Command::Rollout(args) => rollout(args),
-        Command::Rollback(args) => {
-            let version = args.version.clone();
-            let action = lanup_protocol::rollout::Action::Rollback { version };
-            let sent = issue(&args.node, &args.key, action, Vec::new(), &args.change)?;
-            if !crate::change::said_waiting(&sent, &args.node) {
-                println!(
-                    "rollback to {} sent (id {}, signed by {}): every node at once",
-                    args.version, sent.id, sent.key
-                );
-            }
-            if !args.wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            follow_exit(follow(&args.node, args.timeout, Some(&sent.id))?)
-        }
+        Command::Rollback(args) => rollback(args),
         Command::Approve(args) => crate::change::approve(args),
         Command::Reject(args) => crate::change::reject(args),
         Command::History {
@@ -690,31 +607,121 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         } => crate::record::show(&node, &id, json, format == "md"),
         Command::History { node, json, .. } => history(&node.state, json),
         Command::Fleet(args) => crate::fleet::run(args),
-        Command::Origin {
-            dir,
-            listen,
-            rate,
-            reports,
-            stale_after,
-            trust_admin,
-            keep_history,
-            max_sites,
-        } => {
-            let hq = reports
-                .map(|r| {
-                    lanup_hq::Headquarters::open(lanup_hq::Settings {
-                        dir: r,
-                        releases: dir.clone(),
-                        stale_after,
-                        keep: keep_history,
-                        max_sites,
-                        admins: trust_admin,
-                    })
-                })
-                .transpose()?;
-            runtime()?.block_on(origin(&dir, &listen, rate, hq))
+        Command::Origin(args) => serve_origin(args),
+    }
+}
+
+fn node(args: NodeArgs) -> Result<ExitCode> {
+    let default = Path::new(lanup_node::config::DEFAULT_CONFIG);
+    let file = args
+        .config
+        .as_deref()
+        .or_else(|| default.exists().then_some(default));
+    let config = lanup_node::config::NodeConfig::resolve(
+        file,
+        lanup_node::config::Overrides {
+            state: args.state,
+            listen: Some(args.listen),
+            peers: Some(args.peer),
+            origin: args.origin,
+            trust_publisher: Some(args.trust_publisher),
+            trust_admin: Some(args.trust_admin),
+            site: args.site,
+            psk: args.psk,
+            wan_rate: args.wan_rate,
+            lan_rate: args.lan_rate,
+            poll_interval: args.poll_interval,
+            origin_stall_timeout: args.origin_stall_timeout,
+            mdns: args.no_mdns.then_some(false),
+            self_update_timeout: args.self_update_timeout,
+            report_to: args.report_to,
+            report_interval: args.report_interval,
+            metrics_listen: args.metrics_listen,
+            ca_file: args.ca_file,
+            proxy: args.proxy,
+            ..lanup_node::config::Overrides::default()
+        },
+    )?;
+    if args.windows_service {
+        return run_as_service(config);
+    }
+    run_node(config)
+}
+
+fn status(node: &LocalNode, json: bool, all: bool) -> Result<ExitCode> {
+    let answer = node.ask(ControlRequest::Status)?;
+    if json {
+        println!("{answer}");
+    } else {
+        crate::status::print(&answer, all);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn peers(node: &LocalNode, json: bool) -> Result<ExitCode> {
+    let answer = node.ask(ControlRequest::Peers)?;
+    if json {
+        println!("{answer}");
+    } else {
+        for p in answer["peers"].as_array().into_iter().flatten() {
+            println!("{}", p.as_str().unwrap_or_default());
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lanup check`: the site's fetcher polls the origin now.
+fn check(node: &LocalNode) -> Result<ExitCode> {
+    let answer = node.ask(ControlRequest::Check)?;
+    if let Some(e) = answer["error"].as_str() {
+        bail!("{e}");
+    }
+    let when = if answer["polling"] == true {
+        "now"
+    } else {
+        "as soon as its download ends"
+    };
+    match answer["asked"].as_str() {
+        Some(fetcher) => println!(
+            "the site's fetcher {} polls the origin {when}",
+            short_id(fetcher)
+        ),
+        None => println!("this node is the site's fetcher; it polls the origin {when}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rollback(args: RollbackArgs) -> Result<ExitCode> {
+    let version = args.version.clone();
+    let action = lanup_protocol::rollout::Action::Rollback { version };
+    let sent = issue(&args.node, &args.key, action, Vec::new(), &args.change)?;
+    if !crate::change::said_waiting(&sent, &args.node) {
+        println!(
+            "rollback to {} sent (id {}, signed by {}): every node at once",
+            args.version, sent.id, sent.key
+        );
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow_exit(follow(&args.node, args.timeout, Some(&sent.id))?)
+}
+
+fn serve_origin(args: OriginArgs) -> Result<ExitCode> {
+    let hq = args
+        .reports
+        .map(|r| {
+            lanup_hq::Headquarters::open(lanup_hq::Settings {
+                dir: r,
+                releases: args.dir.clone(),
+                stale_after: args.stale_after,
+                keep: args.keep_history,
+                max_sites: args.max_sites,
+                admins: args.trust_admin,
+            })
+        })
+        .transpose()?;
+    runtime()?.block_on(origin(&args.dir, &args.listen, args.rate, hq))
 }
 
 fn rollout(args: RolloutArgs) -> Result<ExitCode> {
@@ -895,20 +902,60 @@ fn date_arg(flag: &str, value: &str) -> Result<OffsetDateTime> {
     })
 }
 
-fn publish(args: PublishArgs) -> Result<ExitCode> {
-    let legacy = match &args.from_legacy {
-        None => None,
-        Some(path) => {
-            let source = ManifestSource {
-                location: path.display().to_string(),
-                text: lanup_node::manifest_text::ManifestText::read_file(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
-                signature: None,
-                signature_location: String::new(),
-            };
-            Some(source.parse()?)
-        }
+/// A classic manifest to publish from (`--from-legacy`).
+fn read_legacy(path: &Path) -> Result<Manifest> {
+    let source = ManifestSource {
+        location: path.display().to_string(),
+        text: lanup_node::manifest_text::ManifestText::read_file(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        signature: None,
+        signature_location: String::new(),
     };
+    source.parse()
+}
+
+/// The release time of one published now into `out`: now, to the second.
+/// Releases of different applications on one origin are ordered by this
+/// time: a release published in the same second as the one it replaces is
+/// dated a second later, or nodes would take it for no newer and pass it
+/// over.
+fn next_update_time(out: &Path) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    let previous = std::fs::read(out.join(lanup_protocol::manifest::MANIFEST_FILE))
+        .ok()
+        .and_then(|xml| Manifest::parse(&xml).ok())
+        .and_then(|m| m.update_time);
+    match previous {
+        Some(at) if at >= now => at + time::Duration::SECOND,
+        _ => now,
+    }
+}
+
+/// Warns of files the classic manifest lists that the release folder does
+/// not hold.
+fn warn_unlisted(legacy: &Manifest, manifest: &Manifest, args: &PublishArgs) {
+    let listed: std::collections::HashSet<_> =
+        manifest.files.iter().map(|f| f.name.as_str()).collect();
+    for f in legacy
+        .files
+        .iter()
+        .filter(|f| !listed.contains(f.name.as_str()))
+    {
+        eprintln!(
+            "warning: {} lists {:?}, which is not in {}",
+            args.from_legacy
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display(),
+            f.name,
+            args.dir.display()
+        );
+    }
+}
+
+fn publish(args: PublishArgs) -> Result<ExitCode> {
+    let legacy = args.from_legacy.as_deref().map(read_legacy).transpose()?;
     let app_name = args
         .app
         .clone()
@@ -931,22 +978,7 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
     }
     let update_time = match &args.date {
         Some(d) => date_arg("--date", d)?,
-        None => {
-            let now = OffsetDateTime::now_utc();
-            let now = now.replace_nanosecond(0).unwrap_or(now);
-            // Releases of different applications on one origin are ordered
-            // by this time, to the second: a release published in the same
-            // second as the one it replaces is dated a second later, or
-            // nodes would take it for no newer and pass it over.
-            let previous = std::fs::read(args.out.join(lanup_protocol::manifest::MANIFEST_FILE))
-                .ok()
-                .and_then(|xml| Manifest::parse(&xml).ok())
-                .and_then(|m| m.update_time);
-            match previous {
-                Some(at) if at >= now => at + time::Duration::SECOND,
-                _ => now,
-            }
-        }
+        None => next_update_time(&args.out),
     };
     let expires = args
         .expires
@@ -976,27 +1008,7 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
     };
     let published = release::publish(&opts, &key)?;
     if let Some(legacy) = &legacy {
-        let listed: std::collections::HashSet<_> = published
-            .manifest
-            .files
-            .iter()
-            .map(|f| f.name.as_str())
-            .collect();
-        for f in legacy
-            .files
-            .iter()
-            .filter(|f| !listed.contains(f.name.as_str()))
-        {
-            eprintln!(
-                "warning: {} lists {:?}, which is not in {}",
-                args.from_legacy
-                    .as_deref()
-                    .unwrap_or(Path::new(""))
-                    .display(),
-                f.name,
-                args.dir.display()
-            );
-        }
+        warn_unlisted(legacy, &published.manifest, &args);
     }
     let m = &published.manifest;
     eprintln!(

@@ -200,23 +200,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     }
     let waves = parse_waves(&args.waves).map_err(|e| anyhow::anyhow!("--waves: {e}"))?;
     let began = Instant::now();
-    let tmp;
-    let root = match &args.dir {
-        Some(d) => {
-            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
-                bail!(
-                    "--dir {}: not empty (the demo starts from nothing)",
-                    d.display()
-                );
-            }
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (root, _tmp) = demo_root(args.dir.as_deref())?;
     let n = usize::from(args.nodes);
     let app = root.join("sample-app");
     let www = root.join("origin");
@@ -259,49 +243,8 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
             edit_sample_app(&app, version)?;
             say("edited the sample app: three 64 KiB changes in lib/engine.bin, one file added");
         }
-        let published = release::publish(
-            &PublishOptions {
-                dir: app.clone(),
-                out: www.clone(),
-                version: version.parse()?,
-                url: base.clone(),
-                update_time: OffsetDateTime::now_utc(),
-                expires: None,
-                restart: Restart {
-                    allow: true,
-                    app_name: Some(APP.into()),
-                    exe: Some(format!("bin/{APP}")),
-                },
-                deltas: Default::default(),
-                linux_only: false,
-            },
-            &key,
-        )?;
-        let size = published.manifest.total_size();
-        say(&format!(
-            "published {version}: {} files, {}, signed",
-            published.manifest.files.len(),
-            format_bytes(size)
-        ));
-        let before = served(&site, &base)?;
-        let started = Instant::now();
-        for i in 0..n {
-            // Only the site's fetcher polls; the others say so.
-            site.node(i).ask(ControlRequest::Check)?;
-        }
-        site.wait_staged(version)?;
-        let secs = started.elapsed().as_secs_f64();
-        let uplink = served(&site, &base)? - before;
-        say(&format!(
-            "{version} staged and verified on all {n} nodes in {secs:.1} s; {} crossed the uplink",
-            format_bytes(uplink)
-        ));
-        steps.push(Step {
-            release: version.into(),
-            size,
-            uplink,
-            secs,
-        });
+        let published = publish_version(&app, &www, &base, version, &key)?;
+        steps.push(stage_everywhere(&site, &base, version, &published)?);
         let (waves, how) = if edit {
             (waves.clone(), format!("in waves {}", args.waves))
         } else {
@@ -310,27 +253,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
                 "on every node at once".into(),
             )
         };
-        let sent = issue(
-            &site.node(n - 1),
-            &admin_path,
-            Action::Rollout {
-                version: version.into(),
-            },
-            waves,
-            &crate::commands::ChangeArgs::default(),
-        )?;
-        say(&format!(
-            "rollout of {version} {how}, signed by the admin key (id {})",
-            sent.id
-        ));
-        let waited = follow(
-            &site.node(n - 1),
-            std::time::Duration::from_secs(600),
-            Some(&sent.id),
-        )?;
-        if waited != Followed::Done {
-            bail!("the rollout of {version} halted");
-        }
+        roll_out(&site, &admin_path, version, waves, &how)?;
     }
     let stats = served_stats(&site, &base)?;
     let results = node_results(&site)?;
@@ -352,6 +275,121 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         &results,
         began.elapsed().as_secs_f64(),
     );
+    Ok(())
+}
+
+/// The folder the demo works in: `dir` (empty or new), else a temporary
+/// one, removed when the returned guard drops.
+fn demo_root(dir: Option<&Path>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!(
+                    "--dir {}: not empty (the demo starts from nothing)",
+                    d.display()
+                );
+            }
+            std::fs::create_dir_all(d)?;
+            Ok((d.to_owned(), None))
+        }
+        None => {
+            let tmp = tempfile::tempdir()?;
+            Ok((tmp.path().to_owned(), Some(tmp)))
+        }
+    }
+}
+
+/// Publishes the sample app as `version` into the origin's folder.
+fn publish_version(
+    app: &Path,
+    www: &Path,
+    base: &str,
+    version: &str,
+    key: &lanup_protocol::sign::SecretKey,
+) -> Result<release::Published> {
+    let published = release::publish(
+        &PublishOptions {
+            dir: app.to_owned(),
+            out: www.to_owned(),
+            version: version.parse()?,
+            url: base.to_owned(),
+            update_time: OffsetDateTime::now_utc(),
+            expires: None,
+            restart: Restart {
+                allow: true,
+                app_name: Some(APP.into()),
+                exe: Some(format!("bin/{APP}")),
+            },
+            deltas: Default::default(),
+            linux_only: false,
+        },
+        key,
+    )?;
+    say(&format!(
+        "published {version}: {} files, {}, signed",
+        published.manifest.files.len(),
+        format_bytes(published.manifest.total_size())
+    ));
+    Ok(published)
+}
+
+/// Has the site check the origin and waits until every node staged
+/// `version`: how long that took and what crossed the uplink.
+fn stage_everywhere(
+    site: &Site,
+    base: &str,
+    version: &str,
+    published: &release::Published,
+) -> Result<Step> {
+    let n = site.states.len();
+    let before = served(site, base)?;
+    let started = Instant::now();
+    for i in 0..n {
+        // Only the site's fetcher polls; the others say so.
+        site.node(i).ask(ControlRequest::Check)?;
+    }
+    site.wait_staged(version)?;
+    let secs = started.elapsed().as_secs_f64();
+    let uplink = served(site, base)? - before;
+    say(&format!(
+        "{version} staged and verified on all {n} nodes in {secs:.1} s; {} crossed the uplink",
+        format_bytes(uplink)
+    ));
+    Ok(Step {
+        release: version.into(),
+        size: published.manifest.total_size(),
+        uplink,
+        secs,
+    })
+}
+
+/// Rolls `version` out in `waves`, signed by the admin key, from the last
+/// node's CLI, and follows it to its end.
+fn roll_out(
+    site: &Site,
+    admin_path: &Path,
+    version: &str,
+    waves: Vec<lanup_protocol::rollout::WaveSize>,
+    how: &str,
+) -> Result<()> {
+    let last = site.node(site.states.len() - 1);
+    let sent = issue(
+        &last,
+        admin_path,
+        Action::Rollout {
+            version: version.into(),
+        },
+        waves,
+        &crate::commands::ChangeArgs::default(),
+    )?;
+    say(&format!(
+        "rollout of {version} {how}, signed by the admin key (id {})",
+        sent.id
+    ));
+    let waited = follow(&last, std::time::Duration::from_secs(600), Some(&sent.id))?;
+    if waited != Followed::Done {
+        bail!("the rollout of {version} halted");
+    }
     Ok(())
 }
 

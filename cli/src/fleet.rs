@@ -385,32 +385,7 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
     let path = r.publish_dir.join(FLEET_FILE);
     let existing = read_file(&path)?;
     if r.abort {
-        let Some(mut file) = existing.filter(|f| f.state == FleetState::Running) else {
-            anyhow::bail!("no fleet rollout is running in {}", r.publish_dir.display());
-        };
-        let opened: Vec<String> = file
-            .waves
-            .iter()
-            .take(file.open)
-            .flatten()
-            .cloned()
-            .collect();
-        for site in &opened {
-            let abort = site_command(&key, site, Action::Abort, &[], Vec::new(), &file);
-            file.commands.insert(site.clone(), abort);
-        }
-        file.state = FleetState::Aborted {
-            by: key.public().to_string(),
-        };
-        file.updated_ms = now_ms();
-        write_file(&path, &file)?;
-        println!(
-            "fleet rollout {} of {} aborted: no further site begins; the {} sites begun are told to stop",
-            file.id,
-            file.version,
-            opened.len()
-        );
-        return Ok(ExitCode::SUCCESS);
+        return abort(&key, &path, existing, r.publish_dir);
     }
     let version = r.version.context("a release to roll out is needed")?;
     let mut file = match existing {
@@ -426,38 +401,8 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
         _ => new_rollout(&key, version, &r)?,
     };
     let deadline = std::time::Instant::now() + r.timeout;
-    // No site begins before enough admins signed the plan.
-    let mut said = 0;
-    while let Some(plan) = file.plan.as_ref() {
-        let have = lanup_protocol::fleet::plan_signers(plan).len();
-        if have >= file.approvals_needed {
-            break;
-        }
-        if have != said {
-            println!(
-                "fleet rollout {} of {version}: waiting for approval, {have} of {} admins have signed; another admin approves it with: lanup approve {} --fleet --publish-dir {} --key FILE",
-                file.id,
-                file.approvals_needed,
-                file.id,
-                r.publish_dir.display()
-            );
-            said = have;
-        }
-        if !r.wait {
-            return Ok(ExitCode::SUCCESS);
-        }
-        if std::time::Instant::now() > deadline {
-            return Ok(ExitCode::from(2));
-        }
-        std::thread::sleep(FLEET_LOOK);
-        // Approvals are written to the file by `lanup approve --fleet`.
-        match read_file(&path)? {
-            Some(f) if f.id == file.id && f.state == FleetState::Running => file = f,
-            _ => anyhow::bail!(
-                "fleet rollout {} was ended while it waited for approval",
-                file.id
-            ),
-        }
+    if let Some(exit) = wait_for_approval(&mut file, &r, &path, deadline)? {
+        return Ok(exit);
     }
     let bars = Bars::new(r.wait, &file);
     loop {
@@ -465,21 +410,7 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
         bars.show(&file, &views);
         match next_step(&file, &views) {
             FleetStep::Open(n) => {
-                for site in &file.waves[n] {
-                    let nodes = views
-                        .iter()
-                        .find(|v| &v.site == site)
-                        .map(|v| v.node_ids.clone())
-                        .unwrap_or_default();
-                    let action = Action::Rollout {
-                        version: version.to_owned(),
-                    };
-                    let signed = site_command(&key, site, action, &r.node_waves, nodes, &file);
-                    file.commands.insert(site.clone(), signed);
-                }
-                file.open = n + 1;
-                file.updated_ms = now_ms();
-                write_file(&path, &file)?;
+                open_wave(&mut file, n, &views, &key, &r)?;
                 bars.say(&format!(
                     "wave {} of {} open: {}",
                     n + 1,
@@ -530,6 +461,112 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// Aborts the running fleet rollout: no further site begins, and those
+/// begun are told to stop.
+fn abort(
+    key: &SecretKey,
+    path: &Path,
+    existing: Option<FleetFile>,
+    publish_dir: &Path,
+) -> Result<ExitCode> {
+    let Some(mut file) = existing.filter(|f| f.state == FleetState::Running) else {
+        anyhow::bail!("no fleet rollout is running in {}", publish_dir.display());
+    };
+    let opened: Vec<String> = file
+        .waves
+        .iter()
+        .take(file.open)
+        .flatten()
+        .cloned()
+        .collect();
+    for site in &opened {
+        let abort = site_command(key, site, Action::Abort, &[], Vec::new(), &file);
+        file.commands.insert(site.clone(), abort);
+    }
+    file.state = FleetState::Aborted {
+        by: key.public().to_string(),
+    };
+    file.updated_ms = now_ms();
+    write_file(path, &file)?;
+    println!(
+        "fleet rollout {} of {} aborted: no further site begins; the {} sites begun are told to stop",
+        file.id,
+        file.version,
+        opened.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until enough admins signed the plan (no site begins before):
+/// an exit code when this run ends here (not waiting, or out of time).
+fn wait_for_approval(
+    file: &mut FleetFile,
+    r: &FleetRollout<'_>,
+    path: &Path,
+    deadline: std::time::Instant,
+) -> Result<Option<ExitCode>> {
+    let mut said = 0;
+    while let Some(plan) = file.plan.as_ref() {
+        let have = lanup_protocol::fleet::plan_signers(plan).len();
+        if have >= file.approvals_needed {
+            break;
+        }
+        if have != said {
+            println!(
+                "fleet rollout {} of {}: waiting for approval, {have} of {} admins have signed; another admin approves it with: lanup approve {} --fleet --publish-dir {} --key FILE",
+                file.id,
+                file.version,
+                file.approvals_needed,
+                file.id,
+                r.publish_dir.display()
+            );
+            said = have;
+        }
+        if !r.wait {
+            return Ok(Some(ExitCode::SUCCESS));
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(Some(ExitCode::from(2)));
+        }
+        std::thread::sleep(FLEET_LOOK);
+        // Approvals are written to the file by `lanup approve --fleet`.
+        match read_file(path)? {
+            Some(f) if f.id == file.id && f.state == FleetState::Running => *file = f,
+            _ => anyhow::bail!(
+                "fleet rollout {} was ended while it waited for approval",
+                file.id
+            ),
+        }
+    }
+    Ok(None)
+}
+
+/// Opens wave `n`: each of its sites gets its rollout command, signed
+/// here, in the fleet file.
+fn open_wave(
+    file: &mut FleetFile,
+    n: usize,
+    views: &[SiteView],
+    key: &SecretKey,
+    r: &FleetRollout<'_>,
+) -> Result<()> {
+    for site in &file.waves[n] {
+        let nodes = views
+            .iter()
+            .find(|v| &v.site == site)
+            .map(|v| v.node_ids.clone())
+            .unwrap_or_default();
+        let action = Action::Rollout {
+            version: file.version.clone(),
+        };
+        let signed = site_command(key, site, action, &r.node_waves, nodes, file);
+        file.commands.insert(site.clone(), signed);
+    }
+    file.open = n + 1;
+    file.updated_ms = now_ms();
+    write_file(&r.publish_dir.join(FLEET_FILE), file)
 }
 
 fn new_rollout(key: &SecretKey, version: &str, r: &FleetRollout<'_>) -> Result<FleetFile> {

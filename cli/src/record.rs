@@ -225,7 +225,6 @@ impl Record {
     }
 
     fn markdown(&self) -> String {
-        let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
         let mut out = String::new();
         let _ = writeln!(out, "# Change {}: {}\n", self.id, self.what());
         let requested = self.first("requested").or(self.first("accepted"));
@@ -264,23 +263,7 @@ impl Record {
             );
         }
         let _ = writeln!(out, "- **Outcome:** {}\n", cell(&self.outcome()));
-        let applies = self.applies();
-        if !applies.is_empty() {
-            let _ = writeln!(out, "## Each node's apply\n");
-            let _ = writeln!(out, "| Node | Began | Result | Health |");
-            let _ = writeln!(out, "|---|---|---|---|");
-            for (node, began, result, health) in applies {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} |",
-                    cell(&node),
-                    cell(&began),
-                    cell(&result),
-                    cell(&health)
-                );
-            }
-            let _ = writeln!(out);
-        }
+        self.markdown_applies(&mut out);
         let _ = writeln!(out, "## Every step\n");
         let _ = writeln!(out, "| Time | Node | Step | Details |");
         let _ = writeln!(out, "|---|---|---|---|");
@@ -306,6 +289,28 @@ impl Record {
             );
         }
         out
+    }
+
+    /// The table of each node's apply, if any applied.
+    fn markdown_applies(&self, out: &mut String) {
+        let applies = self.applies();
+        if applies.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "## Each node's apply\n");
+        let _ = writeln!(out, "| Node | Began | Result | Health |");
+        let _ = writeln!(out, "|---|---|---|---|");
+        for (node, began, result, health) in applies {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                cell(&node),
+                cell(&began),
+                cell(&result),
+                cell(&health)
+            );
+        }
+        let _ = writeln!(out);
     }
 }
 
@@ -334,4 +339,9 @@ pub(crate) fn show(node: &LocalNode, id: &str, json: bool, markdown: bool) -> Re
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Text made safe for a Markdown table's cell.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
 }

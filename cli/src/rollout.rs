@@ -152,24 +152,7 @@ pub(crate) fn follow(
         };
         if std::time::Instant::now() >= deadline {
             bars.finish();
-            let version = status["rollout"]["version"].as_str().unwrap_or("?");
-            eprintln!(
-                "lanup: gave up waiting after {} at {}; the {} goes on. Nodes not on {version}:",
-                humantime::format_duration(timeout),
-                status["rollout"]["stage"].as_str().unwrap_or("?"),
-                status["rollout"]["action"].as_str().unwrap_or("rollout"),
-            );
-            for n in status["nodes"].as_array().into_iter().flatten() {
-                if runs(&status, n) {
-                    continue;
-                }
-                eprintln!(
-                    "  {}  {}  {}",
-                    short_id(n["peer_id"].as_str().unwrap_or("?")),
-                    n["state"].as_str().unwrap_or("?"),
-                    n["last_error"].as_str().unwrap_or("no error reported"),
-                );
-            }
+            say_not_there(&status, timeout);
             return Ok(Followed::TimedOut);
         }
         if let Some(id) = id.filter(|id| status["rollout"]["id"] != *id) {
@@ -218,6 +201,29 @@ pub(crate) fn follow(
             }
             _ => {}
         }
+    }
+}
+
+/// Names the nodes not on the rollout's release yet, with what they are
+/// doing and their last error, once a wait gave up.
+fn say_not_there(status: &serde_json::Value, timeout: std::time::Duration) {
+    let version = status["rollout"]["version"].as_str().unwrap_or("?");
+    eprintln!(
+        "lanup: gave up waiting after {} at {}; the {} goes on. Nodes not on {version}:",
+        humantime::format_duration(timeout),
+        status["rollout"]["stage"].as_str().unwrap_or("?"),
+        status["rollout"]["action"].as_str().unwrap_or("rollout"),
+    );
+    for n in status["nodes"].as_array().into_iter().flatten() {
+        if runs(status, n) {
+            continue;
+        }
+        eprintln!(
+            "  {}  {}  {}",
+            short_id(n["peer_id"].as_str().unwrap_or("?")),
+            n["state"].as_str().unwrap_or("?"),
+            n["last_error"].as_str().unwrap_or("no error reported"),
+        );
     }
 }
 

@@ -190,36 +190,9 @@ fn check_origin(args: &SetupArgs) -> Result<String> {
 }
 
 pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
-    let token = match &args.join {
+    let token = match args.join.clone() {
         None => None,
-        Some(text) => {
-            let token = JoinToken::from_text(text).context("--join")?;
-            if args
-                .site
-                .as_deref()
-                .is_some_and(|site| site != token.site())
-            {
-                bail!(
-                    "--join: the token is for site {:?}, not --site {:?}",
-                    token.site(),
-                    args.site.as_deref().unwrap_or_default()
-                );
-            }
-            let now = lanup_node::node::now_unix_ms() / 1000;
-            if now > token.until() {
-                bail!("--join: the token expired {} s ago; ask the administrator for a new one (lanup enroll)", now - token.until());
-            }
-            args.site = Some(token.site().to_owned());
-            let admin: PublicKey = token.admin().parse().context("--join: its admin key")?;
-            // Given admin keys, the token must come from one of them;
-            // given none, the token's key is trusted (and named below).
-            if args.trust_admin.is_empty() {
-                args.trust_admin.push(admin);
-            } else if !args.trust_admin.contains(&admin) {
-                bail!("--join: the token was issued with admin key {admin}, which is not one of the --trust-admin keys");
-            }
-            Some(token)
-        }
+        Some(text) => Some(take_token(&mut args, &text)?),
     };
     // The configuration names the authorities' file absolutely: the node
     // runs from another folder.
@@ -266,58 +239,14 @@ pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
             format!("application {name:?}: running (pids {pids:?})")
         });
     }
-    let path = &args.config;
-    match std::fs::read_to_string(path) {
-        Ok(existing) if existing == text => {
-            notes.push(format!("{} already says this; unchanged", path.display()));
-        }
-        // The package's template: comments only, nothing to lose.
-        Ok(existing) if unset(&existing) => {
-            write(path, &text)?;
-            notes.push(format!(
-                "wrote {} (it held only comments)",
-                path.display()
-            ));
-        }
-        Ok(_) if !args.force => bail!(
-            "{} exists and says something else; nothing written (pass --force to replace it; the old one is kept as {}.bak)",
-            path.display(),
-            path.display()
-        ),
-        Ok(existing) => {
-            let backup = PathBuf::from(format!("{}.bak", path.display()));
-            std::fs::write(&backup, existing)
-                .with_context(|| format!("cannot keep the old {}", backup.display()))?;
-            write(path, &text)?;
-            notes.push(format!(
-                "replaced {} (the old one is {})",
-                path.display(),
-                backup.display()
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            write(path, &text)?;
-            notes.push(format!("wrote {}", path.display()));
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
+    notes.push(write_config(&args.config, &text, args.force)?);
     if let Some(token) = &token {
-        let key = lanup_node::membership::identity(&config.state)?;
-        let now = lanup_node::node::now_unix_ms() / 1000;
-        let cert = token.admit(&key.public(), now).context("--join")?;
-        lanup_node::membership::save(&config.state, &cert)?;
-        notes.push(format!(
-            "enrolled this node ({}) as a member of site {:?} until {} (certificate in {}); it admits only members, and trusts admin key {}",
-            key.public().peer_id(),
-            token.site(),
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(now + (cert_lasts(&cert)))),
-            lanup_node::membership::certificate_path(&config.state).display(),
-            token.admin()
-        ));
+        notes.push(enroll_with(token, &config)?);
     }
     for note in notes {
         println!("{note}");
     }
+    let path = &args.config;
     let flag = if path == Path::new(DEFAULT_CONFIG) {
         String::new()
     } else {
@@ -331,6 +260,90 @@ pub(crate) fn run(mut args: SetupArgs) -> Result<ExitCode> {
     println!("  systemctl status lanup");
     println!("  lanup status");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads `--join`'s token: it names the site, and its admin key is
+/// trusted (or must be one of the keys given).
+fn take_token(args: &mut SetupArgs, text: &str) -> Result<JoinToken> {
+    let token = JoinToken::from_text(text).context("--join")?;
+    if args
+        .site
+        .as_deref()
+        .is_some_and(|site| site != token.site())
+    {
+        bail!(
+            "--join: the token is for site {:?}, not --site {:?}",
+            token.site(),
+            args.site.as_deref().unwrap_or_default()
+        );
+    }
+    let now = lanup_node::node::now_unix_ms() / 1000;
+    if now > token.until() {
+        bail!("--join: the token expired {} s ago; ask the administrator for a new one (lanup enroll)", now - token.until());
+    }
+    args.site = Some(token.site().to_owned());
+    let admin: PublicKey = token.admin().parse().context("--join: its admin key")?;
+    // Given admin keys, the token must come from one of them;
+    // given none, the token's key is trusted (and named below).
+    if args.trust_admin.is_empty() {
+        args.trust_admin.push(admin);
+    } else if !args.trust_admin.contains(&admin) {
+        bail!("--join: the token was issued with admin key {admin}, which is not one of the --trust-admin keys");
+    }
+    Ok(token)
+}
+
+/// Writes the configuration to `path`, keeping what is there unless it
+/// says nothing (the package's template) or `force`: what was done.
+fn write_config(path: &Path, text: &str, force: bool) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(existing) if existing == *text => {
+            Ok(format!("{} already says this; unchanged", path.display()))
+        }
+        // The package's template: comments only, nothing to lose.
+        Ok(existing) if unset(&existing) => {
+            write(path, text)?;
+            Ok(format!("wrote {} (it held only comments)", path.display()))
+        }
+        Ok(_) if !force => bail!(
+            "{} exists and says something else; nothing written (pass --force to replace it; the old one is kept as {}.bak)",
+            path.display(),
+            path.display()
+        ),
+        Ok(existing) => {
+            let backup = PathBuf::from(format!("{}.bak", path.display()));
+            std::fs::write(&backup, existing)
+                .with_context(|| format!("cannot keep the old {}", backup.display()))?;
+            write(path, text)?;
+            Ok(format!(
+                "replaced {} (the old one is {})",
+                path.display(),
+                backup.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write(path, text)?;
+            Ok(format!("wrote {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Enrolls this node with `token`: its membership certificate, written to
+/// its state; what was done.
+fn enroll_with(token: &JoinToken, config: &NodeConfig) -> Result<String> {
+    let key = lanup_node::membership::identity(&config.state)?;
+    let now = lanup_node::node::now_unix_ms() / 1000;
+    let cert = token.admit(&key.public(), now).context("--join")?;
+    lanup_node::membership::save(&config.state, &cert)?;
+    Ok(format!(
+            "enrolled this node ({}) as a member of site {:?} until {} (certificate in {}); it admits only members, and trusts admin key {}",
+            key.public().peer_id(),
+            token.site(),
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(now + (cert_lasts(&cert)))),
+            lanup_node::membership::certificate_path(&config.state).display(),
+            token.admin()
+        ))
 }
 
 /// Whether a configuration sets nothing: blank lines and comments only, as

@@ -579,98 +579,14 @@ impl Fetcher {
         let now = self.now_ms();
         match outcome {
             Outcome::Poll(result, fleet, revoked) => {
-                if let (Some(got), Some((_, etag))) = (revoked, self.revoked.as_mut()) {
-                    match got {
-                        Ok(Got::Body(bytes, new)) => {
-                            *etag = new;
-                            self.tell(FetcherEvent::Revocations(bytes)).await;
-                        }
-                        Ok(Got::NotFound) => *etag = None,
-                        Ok(Got::NotModified) => {}
-                        Err(e) => {
-                            debug!(error = %format!("{e:#}"), "cannot read the site's published revocation list")
-                        }
-                    }
-                }
-                match fleet {
-                    Ok(Got::Body(bytes, etag)) => {
-                        self.fleet_etag = etag;
-                        self.tell(FetcherEvent::Fleet(bytes)).await;
-                    }
-                    Ok(Got::NotFound) => self.fleet_etag = None,
-                    Ok(Got::NotModified) => {}
-                    Err(e) => {
-                        debug!(error = %format!("{e:#}"), "cannot read the origin's fleet rollout file")
-                    }
-                }
-                let signature = |source: &ManifestSource| {
-                    source
-                        .signature
-                        .clone()
-                        .and_then(|s| String::from_utf8(s).ok())
-                };
+                self.side_files(fleet, revoked).await;
                 let ok = match &result {
                     Ok(Poll::Unchanged { .. }) => true,
-                    Ok(Poll::Changed { source, .. }) => signature(source).is_some(),
+                    Ok(Poll::Changed { source, .. }) => signature_of(source).is_some(),
                     Err(_) => false,
                 };
-                if !self.plan.finished(epoch, ok, now, random()) {
-                    return;
-                }
-                match result {
-                    Ok(Poll::Unchanged { etag }) => {
-                        if etag.is_some() {
-                            self.etag = etag;
-                        }
-                        self.origin_ok()
-                    }
-                    Ok(Poll::Changed {
-                        source,
-                        etag,
-                        signed,
-                    }) => match signature(&source) {
-                        None => self.failed(
-                            "the origin's release is not signed",
-                            format!("{}: no readable signature file beside it", source.location),
-                        ),
-                        Some(signature) => {
-                            // A manifest and signature that do not belong
-                            // together (read during a publish, or a manifest
-                            // edited without signing it again) are read
-                            // again once the signature changes; the next
-                            // polls ask for the signature alone, so an
-                            // origin left that way is not read whole at
-                            // every poll. The manifest held stays the one a
-                            // delta may start from.
-                            self.etag = etag;
-                            let text = if signed {
-                                Some(source.text.clone())
-                            } else {
-                                self.known.take().and_then(|k| k.text)
-                            };
-                            self.known = Some(Known {
-                                signature: signature.clone().into_bytes(),
-                                text,
-                            });
-                            self.origin_ok();
-                            // The same bytes signed now, after a torn
-                            // read of them, are told again.
-                            let told = (source.text.hash(), signed);
-                            if self.last_manifest.replace(told) == Some(told) {
-                                return;
-                            }
-                            self.tell(FetcherEvent::Manifest {
-                                location: source.location,
-                                text: source.text,
-                                signature,
-                            })
-                            .await;
-                        }
-                    },
-                    Err(e) => self.failed(
-                        "cannot read the origin's manifest",
-                        crate::http::describe(&e),
-                    ),
+                if self.plan.finished(epoch, ok, now, random()) {
+                    self.polled(result).await;
                 }
             }
             Outcome::Download {
@@ -682,41 +598,142 @@ impl Fetcher {
                     return;
                 }
                 self.tell(FetcherEvent::Ended).await;
-                match result {
-                    Ok(report) => {
-                        // The exact count, including bytes that were not a
-                        // whole chunk.
-                        self.origin_bytes.fetch_add(report.bytes, Ordering::Relaxed);
-                        self.origin_bytes.fetch_sub(counted, Ordering::Relaxed);
-                        self.origin_ok();
-                        self.done_with = Some(self.lacks.borrow().clone());
-                        let lacking = self.lacks.borrow().iter().any(|h| !stored.contains(h));
-                        if let Some((_, total)) = &mut self.downloading {
-                            *total += report.bytes;
-                        }
-                        if !lacking {
-                            if let Some((_, bytes)) = self.downloading.take() {
-                                info!(bytes, "download from the origin finished");
-                            }
-                        }
+                self.downloaded(result, counted, &stored);
+            }
+        }
+    }
+
+    /// What a poll read beside the manifest: the site's revocation list and
+    /// the fleet rollout file, told to the node when they changed.
+    async fn side_files(
+        &mut self,
+        fleet: anyhow::Result<Got>,
+        revoked: Option<anyhow::Result<Got>>,
+    ) {
+        if let (Some(got), Some((_, etag))) = (revoked, self.revoked.as_mut()) {
+            match got {
+                Ok(Got::Body(bytes, new)) => {
+                    *etag = new;
+                    self.tell(FetcherEvent::Revocations(bytes)).await;
+                }
+                Ok(Got::NotFound) => *etag = None,
+                Ok(Got::NotModified) => {}
+                Err(e) => {
+                    debug!(error = %format!("{e:#}"), "cannot read the site's published revocation list")
+                }
+            }
+        }
+        match fleet {
+            Ok(Got::Body(bytes, etag)) => {
+                self.fleet_etag = etag;
+                self.tell(FetcherEvent::Fleet(bytes)).await;
+            }
+            Ok(Got::NotFound) => self.fleet_etag = None,
+            Ok(Got::NotModified) => {}
+            Err(e) => {
+                debug!(error = %format!("{e:#}"), "cannot read the origin's fleet rollout file")
+            }
+        }
+    }
+
+    /// The manifest's poll counted: the node hears of a new release.
+    async fn polled(&mut self, result: anyhow::Result<Poll>) {
+        match result {
+            Ok(Poll::Unchanged { etag }) => {
+                if etag.is_some() {
+                    self.etag = etag;
+                }
+                self.origin_ok()
+            }
+            Ok(Poll::Changed {
+                source,
+                etag,
+                signed,
+            }) => match signature_of(&source) {
+                None => self.failed(
+                    "the origin's release is not signed",
+                    format!("{}: no readable signature file beside it", source.location),
+                ),
+                Some(signature) => {
+                    // A manifest and signature that do not belong
+                    // together (read during a publish, or a manifest
+                    // edited without signing it again) are read
+                    // again once the signature changes; the next
+                    // polls ask for the signature alone, so an
+                    // origin left that way is not read whole at
+                    // every poll. The manifest held stays the one a
+                    // delta may start from.
+                    self.etag = etag;
+                    let text = if signed {
+                        Some(source.text.clone())
+                    } else {
+                        self.known.take().and_then(|k| k.text)
+                    };
+                    self.known = Some(Known {
+                        signature: signature.clone().into_bytes(),
+                        text,
+                    });
+                    self.origin_ok();
+                    // The same bytes signed now, after a torn
+                    // read of them, are told again.
+                    let told = (source.text.hash(), signed);
+                    if self.last_manifest.replace(told) == Some(told) {
+                        return;
                     }
-                    Err(e) => {
-                        let what = match &e {
-                            FetchError::LocalDisk(_) => {
-                                "this node cannot store what the origin sends"
-                            }
-                            FetchError::Mismatch { .. } => {
-                                "the origin's files differ from its signed manifest"
-                            }
-                            _ => "download from the origin failed",
-                        };
-                        let reason = match crate::http::explain(&e) {
-                            Some(why) => format!("{why} ({e:#})"),
-                            None => format!("{e:#}"),
-                        };
-                        self.failed(what, reason);
+                    self.tell(FetcherEvent::Manifest {
+                        location: source.location,
+                        text: source.text,
+                        signature,
+                    })
+                    .await;
+                }
+            },
+            Err(e) => self.failed(
+                "cannot read the origin's manifest",
+                crate::http::describe(&e),
+            ),
+        }
+    }
+
+    /// A download's end counted: its bytes, and whether it left the site
+    /// lacking anything.
+    fn downloaded(
+        &mut self,
+        result: Result<FetchReport, FetchError>,
+        counted: u64,
+        stored: &HashSet<Hash>,
+    ) {
+        match result {
+            Ok(report) => {
+                // The exact count, including bytes that were not a
+                // whole chunk.
+                self.origin_bytes.fetch_add(report.bytes, Ordering::Relaxed);
+                self.origin_bytes.fetch_sub(counted, Ordering::Relaxed);
+                self.origin_ok();
+                self.done_with = Some(self.lacks.borrow().clone());
+                let lacking = self.lacks.borrow().iter().any(|h| !stored.contains(h));
+                if let Some((_, total)) = &mut self.downloading {
+                    *total += report.bytes;
+                }
+                if !lacking {
+                    if let Some((_, bytes)) = self.downloading.take() {
+                        info!(bytes, "download from the origin finished");
                     }
                 }
+            }
+            Err(e) => {
+                let what = match &e {
+                    FetchError::LocalDisk(_) => "this node cannot store what the origin sends",
+                    FetchError::Mismatch { .. } => {
+                        "the origin's files differ from its signed manifest"
+                    }
+                    _ => "download from the origin failed",
+                };
+                let reason = match crate::http::explain(&e) {
+                    Some(why) => format!("{why} ({e:#})"),
+                    None => format!("{e:#}"),
+                };
+                self.failed(what, reason);
             }
         }
     }
@@ -771,4 +788,12 @@ impl Fetcher {
 pub(crate) fn random() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+/// A source's signature as text, if it has a readable one.
+fn signature_of(source: &ManifestSource) -> Option<String> {
+    source
+        .signature
+        .clone()
+        .and_then(|s| String::from_utf8(s).ok())
 }

@@ -744,45 +744,7 @@ impl Network {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
-            } => {
-                let addr = endpoint.get_remote_address();
-                if endpoint.is_dialer() && self.static_peers.contains(addr) {
-                    self.static_known.insert(addr.clone(), peer_id);
-                }
-                let new = !self.connected.contains(&peer_id);
-                if self.recalled.remove(&peer_id) {
-                    // Found again: it is a peer like any other now.
-                    self.discovered.remove(&peer_id);
-                }
-                if new {
-                    self.peer_connected(peer_id, &addr.clone());
-                }
-                if new {
-                    self.publish_discovery(true);
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) => {
-                if !self.is_banned(&peer_id) {
-                    self.remembered.connected(
-                        peer_id,
-                        &info.listen_addrs,
-                        crate::node::now_unix_ms() / 1000,
-                    );
-                }
-                let mut known = false;
-                for addr in &info.listen_addrs {
-                    if self.static_peers.contains(addr) {
-                        known |= self.static_known.insert(addr.clone(), peer_id).is_none();
-                    }
-                }
-                if known {
-                    self.publish_discovery(true);
-                }
-            }
+            } => self.established(peer_id, endpoint.get_remote_address(), endpoint.is_dialer()),
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established,
@@ -792,56 +754,26 @@ impl Network {
                 self.emit(NetworkEvent::PeerDisconnected(peer_id));
                 self.publish_discovery(false);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-                let local = *self.swarm.local_peer_id();
-                let mut new = false;
-                for (peer, addr) in found {
-                    // mDNS found it: it is dialled and expired as mDNS says.
-                    self.recalled.remove(&peer);
-                    if !self.discovered.contains_key(&peer)
-                        && self.discovered.len() >= MAX_DISCOVERED
-                    {
-                        continue;
-                    }
-                    new |= !self.discovered.contains_key(&peer);
-                    let entry = self
-                        .discovered
-                        .entry(peer)
-                        .or_insert_with(|| (Vec::new(), std::time::Instant::now()));
-                    if !entry.0.contains(&addr) {
-                        entry.0.push(addr.clone());
-                    }
-                    // Only the lower PeerId dials (see the module docs).
-                    if local < peer && !self.connected.contains(&peer) && !self.is_banned(&peer) {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(vec![addr])
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        if let Err(e) = self.swarm.dial(opts) {
-                            debug!(%peer, error = %e, "dial after mDNS discovery failed");
-                        }
-                    }
-                }
-                if new {
-                    self.publish_discovery(true);
-                }
+            SwarmEvent::Behaviour(event) => self.behaviour(event),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, error = %error, "dial failed");
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
-                for (peer, addr) in gone {
-                    if let Some((addrs, _)) = self.discovered.get_mut(&peer) {
-                        addrs.retain(|a| *a != addr);
-                        if addrs.is_empty() {
-                            self.discovered.remove(&peer);
-                        }
-                    }
-                }
-                self.publish_discovery(false);
+            _ => {}
+        }
+    }
+
+    fn behaviour(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.identified(peer_id, &info.listen_addrs)
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => self.mdns_found(found),
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => self.mdns_expired(gone),
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
                 message,
-            })) => {
+            }) => {
                 self.emit(NetworkEvent::Gossip {
                     author: message.source,
                     topic: message.topic.into_string(),
@@ -850,53 +782,128 @@ impl Network {
                     data: message.data,
                 });
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+            BehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => {
+                self.rpc_message(peer, message)
+            }
+            BehaviourEvent::Rpc(request_response::Event::OutboundFailure {
+                request_id,
+                error,
                 peer,
-                message,
                 ..
-            })) => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    self.emit(NetworkEvent::Request {
-                        from: peer,
-                        request,
-                        channel,
-                    });
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(
-                request_response::Event::OutboundFailure {
-                    request_id,
-                    error,
-                    peer,
-                    ..
-                },
-            )) => {
+            }) => {
                 if let Some(reply) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(anyhow::anyhow!("request to {peer} failed: {error}")));
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+            BehaviourEvent::Ping(libp2p::ping::Event {
                 peer,
                 connection,
                 result: Err(error),
-            })) => {
+            }) => {
                 info!(%peer, %error, "peer stopped answering pings; closing its connection");
                 self.swarm.close_connection(connection);
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                debug!(peer = ?peer_id, error = %error, "dial failed");
-            }
             _ => {}
+        }
+    }
+
+    fn established(&mut self, peer_id: PeerId, addr: &Multiaddr, dialer: bool) {
+        if dialer && self.static_peers.contains(addr) {
+            self.static_known.insert(addr.clone(), peer_id);
+        }
+        let new = !self.connected.contains(&peer_id);
+        if self.recalled.remove(&peer_id) {
+            // Found again: it is a peer like any other now.
+            self.discovered.remove(&peer_id);
+        }
+        if new {
+            self.peer_connected(peer_id, addr);
+            self.publish_discovery(true);
+        }
+    }
+
+    /// A peer said where it listens (identify): remembered, and matched to
+    /// the static peers dialled at those addresses.
+    fn identified(&mut self, peer_id: PeerId, listen_addrs: &[Multiaddr]) {
+        if !self.is_banned(&peer_id) {
+            self.remembered
+                .connected(peer_id, listen_addrs, crate::node::now_unix_ms() / 1000);
+        }
+        let mut known = false;
+        for addr in listen_addrs {
+            if self.static_peers.contains(addr) {
+                known |= self.static_known.insert(addr.clone(), peer_id).is_none();
+            }
+        }
+        if known {
+            self.publish_discovery(true);
+        }
+    }
+
+    fn mdns_found(&mut self, found: Vec<(PeerId, Multiaddr)>) {
+        let local = *self.swarm.local_peer_id();
+        let mut new = false;
+        for (peer, addr) in found {
+            // mDNS found it: it is dialled and expired as mDNS says.
+            self.recalled.remove(&peer);
+            if !self.discovered.contains_key(&peer) && self.discovered.len() >= MAX_DISCOVERED {
+                continue;
+            }
+            new |= !self.discovered.contains_key(&peer);
+            let entry = self
+                .discovered
+                .entry(peer)
+                .or_insert_with(|| (Vec::new(), std::time::Instant::now()));
+            if !entry.0.contains(&addr) {
+                entry.0.push(addr.clone());
+            }
+            // Only the lower PeerId dials (see the module docs).
+            if local < peer && !self.connected.contains(&peer) && !self.is_banned(&peer) {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    debug!(%peer, error = %e, "dial after mDNS discovery failed");
+                }
+            }
+        }
+        if new {
+            self.publish_discovery(true);
+        }
+    }
+
+    fn mdns_expired(&mut self, gone: Vec<(PeerId, Multiaddr)>) {
+        for (peer, addr) in gone {
+            if let Some((addrs, _)) = self.discovered.get_mut(&peer) {
+                addrs.retain(|a| *a != addr);
+                if addrs.is_empty() {
+                    self.discovered.remove(&peer);
+                }
+            }
+        }
+        self.publish_discovery(false);
+    }
+
+    fn rpc_message(&mut self, peer: PeerId, message: request_response::Message<Request, Response>) {
+        match message {
+            request_response::Message::Request {
+                request, channel, ..
+            } => {
+                self.emit(NetworkEvent::Request {
+                    from: peer,
+                    request,
+                    channel,
+                });
+            }
+            request_response::Message::Response {
+                request_id,
+                response,
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
         }
     }
 }

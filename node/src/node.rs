@@ -305,13 +305,82 @@ pub async fn run(
 ) -> Result<Exit> {
     crate::http::configure(config.http.clone())?;
     let mut notifier = crate::platform::Notifier::from_env();
+    let (mut node, mut wiring) = Node::start(config).await?;
+    // Recovered, listening on the control socket, the swarm running.
+    notifier.ready();
+    let failure = node.run_loop(&mut wiring, &mut notifier, shutdown).await;
+    let leaving = node.leaving.take();
+    if leaving.is_some() {
+        // The service goes on in this process with the new lanup (or the
+        // old one again): systemd must not see it stopping.
+        info!("node stopping to hand over to a new lanup");
+        notifier.status("handing over to a new lanup");
+    } else {
+        info!("node stopping");
+        notifier.stopping();
+    }
+    wiring.cancel.cancel();
+    // What the audit log's writer still holds is written before the node
+    // ends.
+    drop(node);
+    let audit_thread = wiring.audit_thread;
+    let _ = tokio::task::spawn_blocking(move || audit_thread.join()).await;
+    if tokio::time::timeout(Duration::from_secs(5), wiring.children.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("parts of the node did not stop within 5 s");
+    }
+    match (failure, leaving) {
+        (Some(e), _) => Err(e),
+        (None, Some(handover)) => Ok(Exit::Update(Box::new(handover))),
+        (None, None) => Ok(Exit::Stopped),
+    }
+}
+
+/// What a running node holds beside the node itself: the channels that
+/// feed its loop, its parts' tasks, and what must outlive its loop.
+struct Wiring {
+    events: mpsc::Receiver<NetworkEvent>,
+    done: mpsc::Receiver<Done>,
+    found: mpsc::Receiver<FetcherEvent>,
+    control: mpsc::Receiver<crate::control::Incoming>,
+    damaged: mpsc::Receiver<Hash>,
+    /// The node's parts run as children of its task: stopped together by
+    /// `cancel`, and a part that ends by itself ends the node (with an
+    /// error the service manager sees) rather than leaving it half alive.
+    children: tokio::task::JoinSet<()>,
+    cancel: tokio_util::sync::CancellationToken,
+    audit_thread: std::thread::JoinHandle<()>,
+    /// Held until the node stops: the second of two nodes started together
+    /// on one state directory stops at it, before recovery or the channel.
+    _lock: crate::control::StateLock,
+}
+
+/// What a starting node finds on its disk, once an interrupted apply or
+/// update of lanup is resolved.
+struct Recovered {
+    lock: crate::control::StateLock,
+    key: SecretKey,
+    own_certificate: Option<lanup_protocol::membership::Certificate>,
+    gate: crate::membership::Gate,
+    applier: Option<Applier>,
+    installed: Option<std::sync::Arc<Manifest>>,
+    bases: crate::fetch_deltas::Bases,
+    last_apply: Option<Outcome>,
+    /// Releases not tried again: each try of one that did not install
+    /// stops the application (a lanup release, the node).
+    failed_releases: HashSet<String>,
+}
+
+/// Takes the state directory (one node at a time) and resolves what a
+/// stop left half done.
+async fn recover(config: &NodeConfig) -> Result<Recovered> {
     // Where this lanup is installed, before anything can rename it.
     let _ = crate::upgrade::binary();
     std::fs::create_dir_all(&config.state)
         .with_context(|| format!("cannot create state directory {}", config.state.display()))?;
-    // Held until the node stops: the second of two nodes started together
-    // on one state directory stops here, before recovery or the channel.
-    let _lock = crate::control::lock_state(&config.state)?;
+    let lock = crate::control::lock_state(&config.state)?;
     // An update of lanup itself cut short is resolved first (a trial node
     // leaves it to the node that started it).
     if !crate::upgrade::on_trial() {
@@ -319,7 +388,7 @@ pub async fn run(
     }
     crate::stage::rename_old_folders(&config.state);
     let key = crate::membership::identity(&config.state)?;
-    let own_certificate = own_certificate(&config, &key)?;
+    let own_certificate = own_certificate(config, &key)?;
     let mut gate = crate::membership::Gate::new(
         &config.site,
         &key.public(),
@@ -351,65 +420,387 @@ pub async fn run(
         .into_iter()
         .chain(lanup_last.clone())
         .max_by_key(|o| o.finished_at);
-    let psk = match &config.psk {
-        None => None,
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read psk {}", path.display()))?
-                .parse::<libp2p::pnet::PreSharedKey>()
-                .map_err(|e| anyhow::anyhow!("psk {}: {e}", path.display()))?,
-        ),
-    };
-    let (network, net, mut events) = Network::new(
-        key.to_libp2p(),
-        NetworkConfig {
-            listen: config.listen.clone(),
-            peers: config.peers.clone(),
-            psk,
-            mdns: config.mdns,
-            state: Some(config.state.clone()),
-        },
-    )?;
-    let local = net.local_peer_id();
-    info!(peer = %local, site = %config.site, origin = ?config.origin, "node starting");
-    // The node's parts run as children of this task: stopped together by
-    // `cancel`, and a part that ends by itself ends the node (with an
-    // error the service manager sees) rather than leaving it half alive.
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let mut children = tokio::task::JoinSet::new();
-    children.spawn(until(cancel.clone(), network.run()));
-    let store = ChunkStore::open(&config.state.join("chunks"))?;
-    let incoming = net.streams().accept(CHUNK_PROTOCOL)?;
-    let (damaged_tx, mut damaged) = mpsc::channel::<Hash>(64);
-    let metrics = crate::metrics::Metrics::new();
-    if let Some(listen) = config.metrics_listen.clone() {
-        // Bound before the node counts as started: a port in use is an
-        // error the operator sees at once.
-        let served = metrics.clone().serve(listen);
-        children.spawn(until(cancel.clone(), async move {
-            if let Err(e) = served.await {
-                error!(error = %format!("{e:#}"), "metrics endpoint stopped");
-            }
-        }));
-    }
-    children.spawn(until(
-        cancel.clone(),
-        chunks::serve(
-            incoming,
-            store.clone(),
-            Throttle::new(config.lan_rate),
-            damaged_tx.clone(),
-            metrics.clone(),
-            gate.admission(),
-        ),
-    ));
+    let failed_releases = last_apply
+        .iter()
+        .filter(|o| o.ending == Ending::RolledBack)
+        .chain(lanup_last.iter().filter(|o| o.ending != Ending::Committed))
+        .map(|o| o.version.clone())
+        .collect();
+    Ok(Recovered {
+        lock,
+        key,
+        own_certificate,
+        gate,
+        applier,
+        installed,
+        bases,
+        last_apply,
+        failed_releases,
+    })
+}
 
-    let announce_topic = format!("lanup/{}/announce", config.site);
-    let status_topic = format!("lanup/{}/status", config.site);
-    let rollout_topic = format!("lanup/{}/rollout", config.site);
-    net.subscribe(&announce_topic).await?;
-    net.subscribe(&status_topic).await?;
-    net.subscribe(&rollout_topic).await?;
+fn read_psk(config: &NodeConfig) -> Result<Option<libp2p::pnet::PreSharedKey>> {
+    let Some(path) = &config.psk else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read psk {}", path.display()))?;
+    text.parse::<libp2p::pnet::PreSharedKey>()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("psk {}: {e}", path.display()))
+}
+
+/// The handles a starting node gets from its parts, once they run.
+struct Parts {
+    recovered: Recovered,
+    net: NetworkClient,
+    store: ChunkStore,
+    metrics: crate::metrics::Metrics,
+    fetcher: FetcherHandle,
+    reporter: Option<crate::report::Reporter>,
+    done_tx: mpsc::Sender<Done>,
+    audit: std::sync::mpsc::SyncSender<Entry>,
+    guard: ReplayGuard,
+}
+
+impl Node {
+    /// Resolves what a stop left half done, starts the node's parts
+    /// (swarm, chunk server, metrics, control socket, fetcher, reporter)
+    /// and reads what the node holds.
+    async fn start(config: NodeConfig) -> Result<(Node, Wiring)> {
+        let recovered = recover(&config).await?;
+        let (network, net, events) = Network::new(
+            recovered.key.to_libp2p(),
+            NetworkConfig {
+                listen: config.listen.clone(),
+                peers: config.peers.clone(),
+                psk: read_psk(&config)?,
+                mdns: config.mdns,
+                state: Some(config.state.clone()),
+            },
+        )?;
+        info!(peer = %net.local_peer_id(), site = %config.site, origin = ?config.origin, "node starting");
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut children = tokio::task::JoinSet::new();
+        children.spawn(until(cancel.clone(), network.run()));
+        let store = ChunkStore::open(&config.state.join("chunks"))?;
+        let (damaged_tx, damaged) = mpsc::channel::<Hash>(64);
+        let metrics = crate::metrics::Metrics::new();
+        let serving = Serving {
+            net: &net,
+            store: &store,
+            metrics: &metrics,
+            damaged: &damaged_tx,
+            gate: &recovered.gate,
+        };
+        serving.start(&config, &mut children, &cancel)?;
+        let (audit, audit_thread, guard) = open_audit(&config)?;
+        let (done_tx, done) = mpsc::channel(1024);
+        let (control_tx, control) = mpsc::channel::<crate::control::Incoming>(16);
+        children.spawn(until(
+            cancel.clone(),
+            crate::control::listen(&config.state, control_tx)?,
+        ));
+        let (fetcher, found) = start_fetcher(&config, &store, &mut children, &cancel)?;
+        let reporter = config.report_to.clone().map(|url| {
+            let (reporter, task) = crate::report::start(
+                url,
+                config.report_interval,
+                recovered.key.clone(),
+                recovered.own_certificate.clone(),
+            );
+            children.spawn(until(cancel.clone(), task));
+            reporter
+        });
+        let parts = Parts {
+            recovered,
+            net,
+            store,
+            metrics,
+            fetcher,
+            reporter,
+            done_tx,
+            audit,
+            guard,
+        };
+        let (mut node, lock) = Node::new(config, parts).await?;
+        node.load(damaged_tx);
+        let wiring = Wiring {
+            events,
+            done,
+            found,
+            control,
+            damaged,
+            children,
+            cancel,
+            audit_thread,
+            _lock: lock,
+        };
+        Ok((node, wiring))
+    }
+
+    /// What the node holds at start: its rollout, its staged release (the
+    /// fetcher is told of it), and a look through its chunk store.
+    fn load(&mut self, damaged: mpsc::Sender<Hash>) {
+        if let Some(r) = &self.rollout {
+            info!(release = %r.version, id = %r.command.id, "following the rollout saved before the node stopped");
+        }
+        if let Some(m) = &self.installed {
+            info!(release = %m.release_name(), "installed release");
+        }
+        self.load_staged();
+        if let Some(t) = self.transfer.target() {
+            self.fetcher.holds(crate::release::Known {
+                signature: t.signature.clone().into_bytes(),
+                text: Some(t.text.clone()),
+            });
+        }
+        self.check_store(damaged);
+    }
+
+    /// The node, with its parts' handles; the state directory's lock,
+    /// held until it stops.
+    async fn new(config: NodeConfig, parts: Parts) -> Result<(Node, crate::control::StateLock)> {
+        let Parts {
+            recovered,
+            net,
+            store,
+            metrics,
+            fetcher,
+            reporter,
+            done_tx,
+            audit,
+            guard,
+        } = parts;
+        let local = net.local_peer_id();
+        let announce_topic = format!("lanup/{}/announce", config.site);
+        let status_topic = format!("lanup/{}/status", config.site);
+        let rollout_topic = format!("lanup/{}/rollout", config.site);
+        for topic in [&announce_topic, &status_topic, &rollout_topic] {
+            net.subscribe(topic).await?;
+        }
+        let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
+        let (pending, rejected) =
+            approvals::SavedRequests::load(&config.state, &config.trust_admin, &config.site);
+        let Recovered {
+            lock,
+            key: _,
+            own_certificate,
+            gate,
+            applier,
+            installed,
+            bases,
+            last_apply,
+            failed_releases,
+        } = recovered;
+        let node = Node {
+            gate,
+            own_certificate,
+            reporter,
+            metrics,
+            check: None,
+            leaving: None,
+            config,
+            net,
+            store,
+            local,
+            peers: BTreeMap::new(),
+            transfer: Transfers::default(),
+            done_tx,
+            suspects: HashMap::new(),
+            choice: None,
+            was_fetcher: false,
+            last_tick: Instant::now(),
+            woke_at: None,
+            has_settled: Default::default(),
+            early_heartbeat: None,
+            started: Instant::now(),
+            fetcher,
+            announce_topic,
+            status_topic,
+            validating: HashMap::new(),
+            refused: HashSet::new(),
+            applier,
+            installed,
+            bases: std::sync::Arc::new(bases),
+            applying: None,
+            failed_releases,
+            last_apply,
+            rollout_topic,
+            heard: HashMap::new(),
+            boot_ms: now_unix_ms(),
+            heartbeats_sent: 0,
+            last_sent: None,
+            tasks: tokio::task::JoinSet::new(),
+            lacking: None,
+            unanswered: HashMap::new(),
+            ticks: 0,
+            announce_until: 0,
+            rollout,
+            pending,
+            rejected,
+            waiting: None,
+            health_said: None,
+            audit_answers: std::sync::Arc::new(tokio::sync::Semaphore::new(record::AUDIT_ANSWERS)),
+            guard,
+            audit,
+            asked: HashMap::new(),
+            refusals: HashMap::new(),
+            refused_command: None,
+        };
+        Ok((node, lock))
+    }
+
+    /// The node's loop, until `shutdown`, a part that fails, or a hand-over
+    /// to a new lanup: the error that ended it, if one did.
+    async fn run_loop(
+        &mut self,
+        wiring: &mut Wiring,
+        notifier: &mut crate::platform::Notifier,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Option<anyhow::Error> {
+        let mut ticks = Ticks::new();
+        tokio::pin!(shutdown);
+        // Something happened since the node last looked whether its
+        // heartbeat changed: only then does it look (an idle node sleeps).
+        let mut changed = true;
+        while self.leaving.is_none() {
+            tokio::select! {
+                // Timers first: a flood from the network must not hold
+                // back the watchdog, the heartbeat or the fetcher's duty
+                // (each timer fires once per period, so it cannot starve
+                // the rest).
+                biased;
+                _ = &mut shutdown => return None,
+                _ = ticks.heartbeat.tick() => {
+                    if let Some(e) = self.tick(notifier).await {
+                        return Some(e);
+                    }
+                }
+                _ = ticks.changes.tick(), if changed => {
+                    changed = self.heartbeat(false).await;
+                    continue;
+                }
+                _ = ticks.quick.tick(), if !self.has_settled.get() || self.early_heartbeat.is_some() => {
+                    self.quick_tick().await;
+                }
+                // Ticks only while chunks move: an idle node sleeps.
+                _ = ticks.schedule.tick(), if self.moving() => {
+                    self.schedule();
+                    if self.was_fetcher {
+                        self.assign_duty();
+                    }
+                }
+                _ = ticks.have.tick(), if self.moving() => self.ask_have(),
+                Some(event) = wiring.events.recv() => self.on_network(event).await,
+                Some(d) = wiring.done.recv() => self.on_done(d).await,
+                Some(found) = wiring.found.recv() => self.on_fetcher(found),
+                Some((request, reply)) = wiring.control.recv() => self.control(request, reply),
+                Some(hash) = wiring.damaged.recv() => self.chunk_lost(hash),
+                Some(ended) = wiring.children.join_next() => {
+                    return Some(match ended {
+                        Ok(()) => anyhow::anyhow!("a part of the node stopped by itself"),
+                        Err(e) => anyhow::anyhow!("a part of the node failed: {e}"),
+                    });
+                }
+            }
+            changed = true;
+            self.answer_have_waiting().await;
+        }
+        None
+    }
+
+    /// While the node settles (or owes a newcomer a heartbeat).
+    async fn quick_tick(&mut self) {
+        if self.early_heartbeat.is_some_and(|at| at <= Instant::now()) {
+            self.early_heartbeat = None;
+            self.heartbeat(true).await;
+        }
+        self.fetcher_duties();
+    }
+}
+
+/// The node loop's timers.
+struct Ticks {
+    heartbeat: tokio::time::Interval,
+    schedule: tokio::time::Interval,
+    have: tokio::time::Interval,
+    /// While the node settles (or owes a newcomer a heartbeat).
+    quick: tokio::time::Interval,
+    /// A change the site must hear of goes out within this.
+    changes: tokio::time::Interval,
+}
+
+impl Ticks {
+    fn new() -> Ticks {
+        let every = |period| {
+            let mut interval = tokio::time::interval(period);
+            // After a freeze, one tick (that notices it), not a burst.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        };
+        Ticks {
+            heartbeat: every(HEARTBEAT),
+            schedule: every(Duration::from_millis(100)),
+            have: every(HAVE_INTERVAL),
+            quick: every(QUICK_TICK),
+            changes: every(heartbeat::CHANGE_GAP),
+        }
+    }
+}
+
+/// What serves the site from this node: chunks to peers, metrics to a
+/// scraper.
+struct Serving<'a> {
+    net: &'a NetworkClient,
+    store: &'a ChunkStore,
+    metrics: &'a crate::metrics::Metrics,
+    damaged: &'a mpsc::Sender<Hash>,
+    gate: &'a crate::membership::Gate,
+}
+
+impl Serving<'_> {
+    fn start(
+        &self,
+        config: &NodeConfig,
+        children: &mut tokio::task::JoinSet<()>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<()> {
+        if let Some(listen) = config.metrics_listen.clone() {
+            // Bound before the node counts as started: a port in use is an
+            // error the operator sees at once.
+            let served = self.metrics.clone().serve(listen);
+            children.spawn(until(cancel.clone(), async move {
+                if let Err(e) = served.await {
+                    error!(error = %format!("{e:#}"), "metrics endpoint stopped");
+                }
+            }));
+        }
+        let incoming = self.net.streams().accept(CHUNK_PROTOCOL)?;
+        children.spawn(until(
+            cancel.clone(),
+            chunks::serve(
+                incoming,
+                self.store.clone(),
+                Throttle::new(config.lan_rate),
+                self.damaged.clone(),
+                self.metrics.clone(),
+                self.gate.admission(),
+            ),
+        ));
+        Ok(())
+    }
+}
+
+/// The audit log's writer, and the commands it says were accepted (a
+/// replayed one is refused after a restart too).
+fn open_audit(
+    config: &NodeConfig,
+) -> Result<(
+    std::sync::mpsc::SyncSender<Entry>,
+    std::thread::JoinHandle<()>,
+    ReplayGuard,
+)> {
     let audit = Audit::new(&config.state);
     let mut guard = ReplayGuard::default();
     for entry in audit.read()?.iter().filter(|e| e.event == "accepted") {
@@ -419,214 +810,34 @@ pub async fn run(
             _ => {}
         }
     }
-    let (audit_tx, audit_thread) = audit_writer(audit)?;
-    let (done_tx, mut done) = mpsc::channel(1024);
-    let (control_tx, mut control) = mpsc::channel::<crate::control::Incoming>(16);
-    children.spawn(until(
-        cancel.clone(),
-        crate::control::listen(&config.state, control_tx)?,
-    ));
-    let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
-    let (pending, rejected) =
-        approvals::SavedRequests::load(&config.state, &config.trust_admin, &config.site);
-    let (fetcher, fetcher_handle, mut found) = Fetcher::new(
+    let (tx, thread) = audit_writer(audit)?;
+    Ok((tx, thread, guard))
+}
+
+/// The fetcher, running; its handle and what it finds.
+fn start_fetcher(
+    config: &NodeConfig,
+    store: &ChunkStore,
+    children: &mut tokio::task::JoinSet<()>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(FetcherHandle, mpsc::Receiver<FetcherEvent>)> {
+    let (fetcher, handle, found) = Fetcher::new(
         config.origin.clone(),
         config.origin_stall,
         Throttle::scheduled(config.wan_rate, &config.policy.wan_schedule),
         store.clone(),
         config.poll_interval,
     )?;
-    // With trusted admin keys, the site's revocation list is read from
-    // the origin too: an administrator revokes a node there without
-    // reaching any node of the site.
+    // With trusted admin keys, the site's revocation list is read from the
+    // origin too: an administrator revokes a node there without reaching
+    // any node of the site.
     let fetcher = if config.trust_admin.is_empty() {
         fetcher
     } else {
         fetcher.with_revocations(lanup_protocol::membership::revoked_file(&config.site))
     };
     children.spawn(fetcher.run(cancel.clone()));
-    let reporter = config.report_to.clone().map(|url| {
-        let (reporter, task) = crate::report::start(
-            url,
-            config.report_interval,
-            key.clone(),
-            own_certificate.clone(),
-        );
-        children.spawn(until(cancel.clone(), task));
-        reporter
-    });
-    let mut node = Node {
-        gate,
-        own_certificate,
-        reporter,
-        metrics,
-        check: None,
-        leaving: None,
-        config,
-        net,
-        store,
-        local,
-        peers: BTreeMap::new(),
-        transfer: Transfers::default(),
-        done_tx,
-        suspects: HashMap::new(),
-        choice: None,
-        was_fetcher: false,
-        last_tick: Instant::now(),
-        woke_at: None,
-        has_settled: Default::default(),
-        early_heartbeat: None,
-        started: Instant::now(),
-        fetcher: fetcher_handle,
-        announce_topic,
-        status_topic,
-        validating: HashMap::new(),
-        refused: HashSet::new(),
-        applier,
-        installed,
-        bases: std::sync::Arc::new(bases),
-        applying: None,
-        // A lanup release that did not install is not tried again either:
-        // each try stops the node.
-        failed_releases: last_apply
-            .iter()
-            .filter(|o| o.ending == Ending::RolledBack)
-            .chain(lanup_last.iter().filter(|o| o.ending != Ending::Committed))
-            .map(|o| o.version.clone())
-            .collect(),
-        last_apply,
-        rollout_topic,
-        heard: HashMap::new(),
-        boot_ms: now_unix_ms(),
-        heartbeats_sent: 0,
-        last_sent: None,
-        tasks: tokio::task::JoinSet::new(),
-        lacking: None,
-        unanswered: HashMap::new(),
-        ticks: 0,
-        announce_until: 0,
-        rollout,
-        pending,
-        rejected,
-        waiting: None,
-        health_said: None,
-        audit_answers: std::sync::Arc::new(tokio::sync::Semaphore::new(record::AUDIT_ANSWERS)),
-        guard,
-        audit: audit_tx,
-        asked: HashMap::new(),
-        refusals: HashMap::new(),
-        refused_command: None,
-    };
-    if let Some(r) = &node.rollout {
-        info!(release = %r.version, id = %r.command.id, "following the rollout saved before the node stopped");
-    }
-    if let Some(m) = &node.installed {
-        info!(release = %m.release_name(), "installed release");
-    }
-    node.load_staged();
-    if let Some(t) = node.transfer.target() {
-        node.fetcher.holds(crate::release::Known {
-            signature: t.signature.clone().into_bytes(),
-            text: Some(t.text.clone()),
-        });
-    }
-    node.check_store(damaged_tx);
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    // After a freeze, one tick (that notices it), not a burst of them.
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut schedule = tokio::time::interval(Duration::from_millis(100));
-    let mut have = tokio::time::interval(HAVE_INTERVAL);
-    // While the node settles (or owes a newcomer a heartbeat).
-    let mut quick = tokio::time::interval(QUICK_TICK);
-    // A change the site must hear of goes out within this.
-    let mut changes = tokio::time::interval(heartbeat::CHANGE_GAP);
-    for ticks in [&mut schedule, &mut have, &mut quick, &mut changes] {
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
-    // Recovered, listening on the control socket, the swarm running.
-    notifier.ready();
-    tokio::pin!(shutdown);
-    let mut failure = None;
-    // Something happened since the node last looked whether its heartbeat
-    // changed: only then does it look (an idle node sleeps).
-    let mut changed = true;
-    loop {
-        tokio::select! {
-            // Timers first: a flood from the network must not hold back
-            // the watchdog, the heartbeat or the fetcher's duty (each timer
-            // fires once per period, so it cannot starve the rest).
-            biased;
-            _ = &mut shutdown => break,
-            _ = heartbeat.tick() => {
-                if let Some(e) = node.tick(&mut notifier).await {
-                    failure = Some(e);
-                    break;
-                }
-            }
-            _ = changes.tick(), if changed => {
-                changed = node.heartbeat(false).await;
-                continue;
-            }
-            _ = quick.tick(), if !node.has_settled.get() || node.early_heartbeat.is_some() => {
-                if node.early_heartbeat.is_some_and(|at| at <= Instant::now()) {
-                    node.early_heartbeat = None;
-                    node.heartbeat(true).await;
-                }
-                node.fetcher_duties();
-            }
-            // Ticks only while chunks move: an idle node sleeps.
-            _ = schedule.tick(), if node.moving() => {
-                node.schedule();
-                if node.was_fetcher {
-                    node.assign_duty();
-                }
-            }
-            _ = have.tick(), if node.moving() => node.ask_have(),
-            Some(event) = events.recv() => node.on_network(event).await,
-            Some(d) = done.recv() => node.on_done(d).await,
-            Some(found) = found.recv() => node.on_fetcher(found),
-            Some((request, reply)) = control.recv() => node.control(request, reply),
-            Some(hash) = damaged.recv() => node.chunk_lost(hash),
-            Some(ended) = children.join_next() => {
-                failure = Some(match ended {
-                    Ok(()) => anyhow::anyhow!("a part of the node stopped by itself"),
-                    Err(e) => anyhow::anyhow!("a part of the node failed: {e}"),
-                });
-                break;
-            }
-        }
-        changed = true;
-        node.answer_have_waiting().await;
-        if node.leaving.is_some() {
-            break;
-        }
-    }
-    let leaving = node.leaving.take();
-    if leaving.is_some() {
-        // The service goes on in this process with the new lanup (or the
-        // old one again): systemd must not see it stopping.
-        info!("node stopping to hand over to a new lanup");
-        notifier.status("handing over to a new lanup");
-    } else {
-        info!("node stopping");
-        notifier.stopping();
-    }
-    cancel.cancel();
-    // What the audit log's writer still holds is written before the node
-    // ends.
-    drop(node);
-    let _ = tokio::task::spawn_blocking(move || audit_thread.join()).await;
-    if tokio::time::timeout(Duration::from_secs(5), children.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("parts of the node did not stop within 5 s");
-    }
-    match (failure, leaving) {
-        (Some(e), _) => Err(e),
-        (None, Some(handover)) => Ok(Exit::Update(Box::new(handover))),
-        (None, None) => Ok(Exit::Stopped),
-    }
+    Ok((handle, found))
 }
 
 impl Node {
@@ -978,6 +1189,23 @@ impl Node {
                 let _ = tx.send(Done::Chunk(release, result)).await;
             });
         }
+        self.start_staging();
+    }
+
+    /// Stages the target as its chunks come (the stager follows them), or
+    /// assembles it once all are held (after a stager failed, or for a
+    /// release too large to stage as it comes).
+    fn start_staging(&mut self) {
+        let Some(t) = self.transfer.target_mut() else {
+            return;
+        };
+        let dest = self
+            .config
+            .state
+            .join("staging")
+            .join(t.manifest.release_folder());
+        let tx = self.done_tx.clone();
+        let hash = t.hash;
         if !t.staged
             && !t.staging
             && !t.stager_failed
@@ -987,25 +1215,19 @@ impl Node {
             t.staging = true;
             let manifest = t.manifest.clone();
             let name = manifest.release_name();
-            let dest = self
-                .config
-                .state
-                .join("staging")
-                .join(manifest.release_folder());
             let state = self.config.state.clone();
-            let tx = self.done_tx.clone();
-            let hash = t.hash;
             let installed: Vec<_> = self.installed.iter().cloned().collect();
             t.stager = Some(crate::stage::start(
                 manifest,
                 self.store.clone(),
-                dest,
+                dest.clone(),
                 move || crate::stage::kept(&state, &[name], &installed),
                 t.held_order.clone(),
                 move |result| {
                     let _ = tx.blocking_send(Done::Staged(hash, result));
                 },
             ));
+            return;
         }
         let retry = t
             .stage_failed
@@ -1015,13 +1237,6 @@ impl Node {
             t.staging = true;
             let manifest = t.manifest.clone();
             let store = self.store.clone();
-            let dest = self
-                .config
-                .state
-                .join("staging")
-                .join(manifest.release_folder());
-            let tx = self.done_tx.clone();
-            let hash = t.hash;
             self.tasks.spawn(async move {
                 let result = tokio::task::spawn_blocking(move || {
                     crate::stage::clear_partial(&dest);

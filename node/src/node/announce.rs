@@ -59,44 +59,11 @@ impl Node {
             self.refuse(from, hash, &announce.release, &reason);
             return Some(MessageAcceptance::Reject);
         }
-        // Versions are compared within one application only (an older
-        // node does not say which: then as the release this node has).
-        let same_app = |m: &Manifest| announce.app.is_none() || announce.app == m.restart.app_name;
-        if let (Some(t), Ok(announced)) =
-            (self.transfer.target(), announce.release.parse::<Version>())
-        {
-            if same_app(&t.manifest)
-                && t.manifest
-                    .version
-                    .as_ref()
-                    .is_some_and(|have| announced <= *have)
-            {
-                let reason = format!(
-                    "not newer than {}, which this node has",
-                    t.manifest.release_name()
-                );
-                self.pass_over(from, hash, &announce.release, &reason);
-                // An honest peer that lags behind: not forwarded, not held
-                // against it.
-                return Some(MessageAcceptance::Ignore);
-            }
-        }
-        if let (Some(installed), Ok(announced)) =
-            (&self.installed, announce.release.parse::<Version>())
-        {
-            if same_app(installed)
-                && installed
-                    .version
-                    .as_ref()
-                    .is_some_and(|have| announced < *have)
-            {
-                let reason = format!(
-                    "older than {}, which is installed here",
-                    installed.release_name()
-                );
-                self.pass_over(from, hash, &announce.release, &reason);
-                return Some(MessageAcceptance::Ignore);
-            }
+        if let Some(reason) = self.not_newer(&announce) {
+            self.pass_over(from, hash, &announce.release, &reason);
+            // An honest peer that lags behind: not forwarded, not held
+            // against it.
+            return Some(MessageAcceptance::Ignore);
         }
         if self.refused.contains(&(from, hash)) {
             return Some(MessageAcceptance::Reject);
@@ -113,6 +80,40 @@ impl Node {
             let _ = tx.send(Done::Manifest(from, hash, result)).await;
         });
         None
+    }
+
+    /// Why an announced release is not newer than what this node has (the
+    /// release it takes up, or the installed one), if it is not.
+    fn not_newer(&self, announce: &Announce) -> Option<String> {
+        // Versions are compared within one application only (an older
+        // node does not say which: then as the release this node has).
+        let same_app = |m: &Manifest| announce.app.is_none() || announce.app == m.restart.app_name;
+        let announced = announce.release.parse::<Version>().ok()?;
+        if let Some(t) = self.transfer.target() {
+            if same_app(&t.manifest)
+                && t.manifest
+                    .version
+                    .as_ref()
+                    .is_some_and(|have| announced <= *have)
+            {
+                return Some(format!(
+                    "not newer than {}, which this node has",
+                    t.manifest.release_name()
+                ));
+            }
+        }
+        let installed = self.installed.as_ref()?;
+        let older = same_app(installed)
+            && installed
+                .version
+                .as_ref()
+                .is_some_and(|have| announced < *have);
+        older.then(|| {
+            format!(
+                "older than {}, which is installed here",
+                installed.release_name()
+            )
+        })
     }
 
     /// Adopts a manifest after checking it as `lanup inspect --trust` does,

@@ -106,115 +106,21 @@ impl Node {
             // Approved and started here already.
             return Ok(());
         }
-        let refuse = |node: &mut Node, reason: String| {
-            node.refuse_command(from, Some(&signed), &reason);
-            Err(reason)
-        };
-        if let Some(r) = self.rejected.iter().find(|r| r.id == id) {
-            let reason = format!("request {id} was rejected by {}: {}", r.key, r.reason);
-            return refuse(self, reason);
+        if let Some(reason) = self.request_closed(&command) {
+            self.refuse_command(from, Some(&signed), &reason);
+            return Err(reason);
         }
-        let site_now = now_unix_ms().saturating_add_signed(self.site_offset_ms());
-        if !approval::open(command.issued_at_ms, REQUEST_TTL_MS, site_now) {
-            let reason = format!(
-                "request {id} expired: it waited for approvals for {} and can no longer be approved",
-                humantime::format_duration(Duration::from_millis(REQUEST_TTL_MS))
-            );
-            self.pending.remove(&id);
-            return refuse(self, reason);
-        }
-        if command.issued_at_ms > site_now + lanup_protocol::rollout::MAX_SKEW_MS {
-            let reason =
-                lanup_protocol::rollout::Refusal::Future((command.issued_at_ms - site_now) / 1000)
-                    .to_string();
-            return refuse(self, reason);
-        }
-        let mut changed = false;
-        if !self.pending.contains_key(&id) {
-            if self.pending.len() >= MAX_PENDING {
-                let oldest = self
-                    .pending
-                    .iter()
-                    .min_by_key(|(_, p)| p.command.as_ref().map_or(0, |c| c.issued_at_ms))
-                    .map(|(id, _)| id.clone());
-                if let Some(old) = oldest {
-                    warn!(request = %old, "too many requests wait for approval; the oldest is dropped");
-                    self.pending.remove(&old);
-                }
-            }
-            info!(source = from, key = %signed.key, action = ?command.action, needed, "a change was requested; it waits for approval");
-            self.audit_entry(Entry {
-                event: "requested".into(),
-                key: Some(signed.key.clone()),
-                from: Some(from.to_owned()),
-                reason: command.reason.clone(),
-                ..command_fields(Some(&command))
-            });
-            let request = SignedCommand {
-                approvals: Vec::new(),
-                ..signed.clone()
-            };
-            self.pending.insert(
-                id.clone(),
-                Pending {
-                    signed: request,
-                    command: Some(command.clone()),
-                    refused: Vec::new(),
-                },
-            );
-            changed = true;
-        }
-        let trusted = self.config.trust_admin.clone();
-        let mut refused = Vec::new();
-        for a in signed.approvals.iter().take(MAX_APPROVALS_PER_MESSAGE) {
-            let Some(p) = self.pending.get_mut(&id) else {
-                break;
-            };
-            if p.signed.approvals.contains(a) {
-                continue;
-            }
-            let counted = approval::tally(&p.signed, &p.signed.approvals, &trusted, needed).keys;
-            let verdict = approval::counts(&p.signed, a, &trusted).and_then(|key| {
-                if counted.contains(&key) {
-                    Err(NotCounted::Again(key.to_string()))
-                } else {
-                    Ok(key)
-                }
-            });
-            match verdict {
-                Ok(key) => {
-                    p.signed.approvals.push(a.clone());
-                    changed = true;
-                    info!(request = %id, key = %key, "approval counted");
-                    self.audit_entry(Entry {
-                        event: "approved".into(),
-                        key: Some(key.to_string()),
-                        from: Some(from.to_owned()),
-                        ..command_fields(Some(&command))
-                    });
-                }
-                Err(e) => {
-                    let reason = e.to_string();
-                    let new = p.refused.len() < MAX_REFUSED && !p.refused.contains(&reason);
-                    if new {
-                        p.refused.push(reason.clone());
-                        warn!(request = %id, source = from, reason, "approval refused");
-                        self.audit_entry(Entry {
-                            event: "approval-refused".into(),
-                            key: Some(a.key.clone()),
-                            from: Some(from.to_owned()),
-                            reason: Some(reason.clone()),
-                            ..command_fields(Some(&command))
-                        });
-                    }
-                    refused.push(reason);
-                }
-            }
-        }
-        let Some(p) = self.pending.get(&id) else {
+        let mut changed = self.hold_request(from, &command, &signed, needed);
+        let (counted_any, refused) = self.count_approvals(from, &command, &signed, needed);
+        changed |= counted_any;
+        let trusted = &self.config.trust_admin;
+        let Some(keys) = self
+            .pending
+            .get(&id)
+            .map(|p| counted(&p.signed, &command, trusted))
+        else {
             return Ok(());
         };
-        let keys = counted(&p.signed, &command, &trusted);
         if keys.len() >= needed {
             let p = self.pending.remove(&id).map(|p| p.signed).unwrap_or(signed);
             self.save_requests();
@@ -242,6 +148,140 @@ impl Node {
             Some(reason) if !changed => Err(reason),
             _ => Ok(()),
         }
+    }
+
+    /// Why a request can no longer be approved (rejected, expired, or
+    /// issued in the site's future), if it cannot.
+    fn request_closed(&mut self, command: &Command) -> Option<String> {
+        let id = &command.id;
+        if let Some(r) = self.rejected.iter().find(|r| r.id == *id) {
+            return Some(format!(
+                "request {id} was rejected by {}: {}",
+                r.key, r.reason
+            ));
+        }
+        let site_now = now_unix_ms().saturating_add_signed(self.site_offset_ms());
+        if !approval::open(command.issued_at_ms, REQUEST_TTL_MS, site_now) {
+            self.pending.remove(id);
+            return Some(format!(
+                "request {id} expired: it waited for approvals for {} and can no longer be approved",
+                humantime::format_duration(Duration::from_millis(REQUEST_TTL_MS))
+            ));
+        }
+        if command.issued_at_ms > site_now + lanup_protocol::rollout::MAX_SKEW_MS {
+            let ahead = (command.issued_at_ms - site_now) / 1000;
+            return Some(lanup_protocol::rollout::Refusal::Future(ahead).to_string());
+        }
+        None
+    }
+
+    /// Holds a request this node did not hold (the oldest makes room
+    /// beyond [`MAX_PENDING`]); whether it is new.
+    fn hold_request(
+        &mut self,
+        from: &str,
+        command: &Command,
+        signed: &SignedCommand,
+        needed: usize,
+    ) -> bool {
+        if self.pending.contains_key(&command.id) {
+            return false;
+        }
+        if self.pending.len() >= MAX_PENDING {
+            let oldest = self
+                .pending
+                .iter()
+                .min_by_key(|(_, p)| p.command.as_ref().map_or(0, |c| c.issued_at_ms))
+                .map(|(id, _)| id.clone());
+            if let Some(old) = oldest {
+                warn!(request = %old, "too many requests wait for approval; the oldest is dropped");
+                self.pending.remove(&old);
+            }
+        }
+        info!(source = from, key = %signed.key, action = ?command.action, needed, "a change was requested; it waits for approval");
+        self.audit_entry(Entry {
+            event: "requested".into(),
+            key: Some(signed.key.clone()),
+            from: Some(from.to_owned()),
+            reason: command.reason.clone(),
+            ..command_fields(Some(command))
+        });
+        let request = SignedCommand {
+            approvals: Vec::new(),
+            ..signed.clone()
+        };
+        self.pending.insert(
+            command.id.clone(),
+            Pending {
+                signed: request,
+                command: Some(command.clone()),
+                refused: Vec::new(),
+            },
+        );
+        true
+    }
+
+    /// Adds the approvals `signed` carries to its held request, one by
+    /// one: whether any counted, and why the others did not.
+    fn count_approvals(
+        &mut self,
+        from: &str,
+        command: &Command,
+        signed: &SignedCommand,
+        needed: usize,
+    ) -> (bool, Vec<String>) {
+        let id = &command.id;
+        let trusted = self.config.trust_admin.clone();
+        let (mut changed, mut refused) = (false, Vec::new());
+        for a in signed.approvals.iter().take(MAX_APPROVALS_PER_MESSAGE) {
+            let Some(p) = self.pending.get_mut(id) else {
+                break;
+            };
+            if p.signed.approvals.contains(a) {
+                continue;
+            }
+            let counted = approval::tally(&p.signed, &p.signed.approvals, &trusted, needed).keys;
+            let verdict = approval::counts(&p.signed, a, &trusted).and_then(|key| {
+                if counted.contains(&key) {
+                    Err(NotCounted::Again(key.to_string()))
+                } else {
+                    Ok(key)
+                }
+            });
+            let entry = match verdict {
+                Ok(key) => {
+                    p.signed.approvals.push(a.clone());
+                    changed = true;
+                    info!(request = %id, key = %key, "approval counted");
+                    Some(Entry {
+                        event: "approved".into(),
+                        key: Some(key.to_string()),
+                        from: Some(from.to_owned()),
+                        ..command_fields(Some(command))
+                    })
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    let new = p.refused.len() < MAX_REFUSED && !p.refused.contains(&reason);
+                    refused.push(reason.clone());
+                    new.then(|| {
+                        p.refused.push(reason.clone());
+                        warn!(request = %id, source = from, reason, "approval refused");
+                        Entry {
+                            event: "approval-refused".into(),
+                            key: Some(a.key.clone()),
+                            from: Some(from.to_owned()),
+                            reason: Some(reason),
+                            ..command_fields(Some(command))
+                        }
+                    })
+                }
+            };
+            if let Some(entry) = entry {
+                self.audit_entry(entry);
+            }
+        }
+        (changed, refused)
     }
 
     /// Asks `peer` for the requests its heartbeat names that this node

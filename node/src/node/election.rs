@@ -267,10 +267,22 @@ impl Node {
             failing: self.origin_failing() || by_site.contains(&self.local),
             downloading: self.downloading(),
         };
-        let hearsay = self
-            .heard
+        let hearsay = if named {
+            self.hearsay_candidates(&by_site)
+        } else {
+            Vec::new()
+        };
+        self.election().choose(
+            std::iter::once(me).chain(peers.chain(heard).chain(hearsay).filter(|c| !banned(&c.id))),
+        )
+    }
+
+    /// Downloading fetchers that live nodes name, not heard here yet: a
+    /// node at a site whose nodes know only a bootstrap node or two hears
+    /// the others late, and must not start a second download meanwhile.
+    fn hearsay_candidates(&self, by_site: &HashSet<PeerId>) -> Vec<Candidate<PeerId>> {
+        self.heard
             .iter()
-            .filter(|_| named)
             .filter(|(author, h)| self.live(author, h.at, &h.heartbeat))
             .filter_map(|(_, h)| {
                 // Only a download under way: a newcomer must not start a
@@ -290,10 +302,7 @@ impl Node {
                     downloading: *downloading,
                 })
             })
-            .collect::<Vec<_>>();
-        self.election().choose(
-            std::iter::once(me).chain(peers.chain(heard).chain(hearsay).filter(|c| !banned(&c.id))),
-        )
+            .collect::<Vec<_>>()
     }
 
     /// Nodes that live nodes of the site say they saw make no progress as

@@ -283,24 +283,9 @@ impl Node {
         let t = self.transfer.target();
         let installed = self.installed_name();
         let last = self.last_apply.as_ref();
-        let target_failed = t.is_some_and(|t| {
-            last.is_some_and(|o| {
-                o.ending == Ending::RolledBack && o.version == t.manifest.release_name()
-            })
-        });
         Heartbeat {
             has_origin: self.config.origin.is_some(),
-            state: match t {
-                _ if self.applying.is_some() => "applying",
-                Some(t) if self.runs(&t.manifest) => "installed",
-                Some(_) if target_failed => "rolled-back",
-                None if installed.is_some() => "installed",
-                None => "idle",
-                Some(t) if t.staged => "staged",
-                Some(t) if t.staging => "staging",
-                Some(_) => "fetching",
-            }
-            .into(),
+            state: self.own_state().into(),
             installed_version: installed,
             lanup_version: Some(crate::upgrade::version().to_owned()),
             apply: match &self.applying {
@@ -322,39 +307,7 @@ impl Node {
             requests: self.pending.keys().cloned().collect(),
             membership: self.own_certificate.clone(),
             revocations: self.gate.revocations().cloned(),
-            last_error: self
-                .transfer
-                .disk_error()
-                .map(|e| format!("this node's disk: {e}"))
-                .or_else(|| t.and_then(|t| t.no_room.as_ref().map(|(r, _)| r.clone())))
-                .or_else(|| {
-                    t.and_then(|t| {
-                        t.stage_failed.as_ref().map(|(reason, _)| {
-                            format!("staging {} failed: {reason}", t.manifest.release_name())
-                        })
-                    })
-                })
-                .or_else(|| {
-                    let fetcher = self.fetcher.status();
-                    let retry = fetcher.retry_at.map_or(0, |at| {
-                        at.saturating_duration_since(Instant::now()).as_secs()
-                    });
-                    fetcher
-                        .error
-                        .map(|e| format!("origin: {e} (next try in {retry} s)"))
-                })
-                .or_else(|| {
-                    last.filter(|o| o.ending != Ending::Committed)
-                        .and_then(|o| o.reason.as_ref())
-                        .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str())))
-                })
-                .or_else(|| {
-                    // A patch or packed chunk that did not serve, while
-                    // the release it was for is being staged.
-                    t.filter(|t| !t.staged)?;
-                    let note = self.fetcher.status().fallbacks.pop()?;
-                    Some(format!("took plain chunks: {note}"))
-                }),
+            last_error: self.own_error(),
             release: t.map(|t| t.manifest.release_name()),
             staged_version: t.filter(|t| t.staged).map(|t| t.manifest.release_name()),
             bytes_have: t.map_or(0, |t| t.bytes_total - t.transfer.missing_bytes()),
@@ -380,6 +333,67 @@ impl Node {
                 .map(|(peer, _)| peer.to_string())
                 .collect(),
         }
+    }
+
+    /// What this node is doing, as `lanup status` names it.
+    fn own_state(&self) -> &'static str {
+        let t = self.transfer.target();
+        let installed = self.installed_name();
+        let target_failed = t.is_some_and(|t| {
+            self.last_apply.as_ref().is_some_and(|o| {
+                o.ending == Ending::RolledBack && o.version == t.manifest.release_name()
+            })
+        });
+        match t {
+            _ if self.applying.is_some() => "applying",
+            Some(t) if self.runs(&t.manifest) => "installed",
+            Some(_) if target_failed => "rolled-back",
+            None if installed.is_some() => "installed",
+            None => "idle",
+            Some(t) if t.staged => "staged",
+            Some(t) if t.staging => "staging",
+            Some(_) => "fetching",
+        }
+    }
+
+    /// The error this node shows the site, the most pressing first: its
+    /// disk, room for the release, staging, the origin, the last apply, a
+    /// patch that did not serve.
+    fn own_error(&self) -> Option<String> {
+        let t = self.transfer.target();
+        let last = self.last_apply.as_ref();
+        self.transfer
+            .disk_error()
+            .map(|e| format!("this node's disk: {e}"))
+            .or_else(|| t.and_then(|t| t.no_room.as_ref().map(|(r, _)| r.clone())))
+            .or_else(|| {
+                t.and_then(|t| {
+                    t.stage_failed.as_ref().map(|(reason, _)| {
+                        format!("staging {} failed: {reason}", t.manifest.release_name())
+                    })
+                })
+            })
+            .or_else(|| {
+                let fetcher = self.fetcher.status();
+                let retry = fetcher.retry_at.map_or(0, |at| {
+                    at.saturating_duration_since(Instant::now()).as_secs()
+                });
+                fetcher
+                    .error
+                    .map(|e| format!("origin: {e} (next try in {retry} s)"))
+            })
+            .or_else(|| {
+                last.filter(|o| o.ending != Ending::Committed)
+                    .and_then(|o| o.reason.as_ref())
+                    .map(|r| format!("{}: {r}", last.map_or("", |o| o.version.as_str())))
+            })
+            .or_else(|| {
+                // A patch or packed chunk that did not serve, while
+                // the release it was for is being staged.
+                t.filter(|t| !t.staged)?;
+                let note = self.fetcher.status().fallbacks.pop()?;
+                Some(format!("took plain chunks: {note}"))
+            })
     }
 
     /// Takes a heartbeat gossiped by `author` (passed on by `from`): only
@@ -416,51 +430,27 @@ impl Node {
             .heard
             .get(&author)
             .is_none_or(|old| (hb.boot_ms, hb.seq) > old.boot_seq);
-        if fresh {
-            let progress_at = match self.heard.get(&author) {
-                Some(old) if old.heartbeat.origin_received == hb.origin_received => old.progress_at,
-                _ => Instant::now(),
-            };
-            if !self.heard.contains_key(&author) && self.heard.len() >= MAX_HEARD {
-                // Beyond any real site: the author heard longest ago makes
-                // room (a flood of made-up authors cannot grow the map).
-                let oldest = self.heard.iter().min_by_key(|(_, h)| h.at).map(|(a, _)| *a);
-                if let Some(oldest) = oldest {
-                    self.heard.remove(&oldest);
-                }
-            }
-            self.heard.insert(
-                author,
-                Heard {
-                    boot_seq: (hb.boot_ms, hb.seq),
-                    at: Instant::now(),
-                    has_origin: hb.has_origin,
-                    progress_at,
-                    skew_ms: (hb.clock_ms > 0).then(|| hb.clock_ms as i64 - now_unix_ms() as i64),
-                    heartbeat: hb.clone(),
-                },
-            );
+        if !fresh {
+            return MessageAcceptance::Accept;
         }
+        self.remember_heard(author, &hb);
         // A command the author follows is asked of the peer that passed
         // the heartbeat on (it knows the command, or will).
-        if let Some(id) = hb.command_id.as_deref().filter(|_| fresh) {
+        if let Some(id) = hb.command_id.as_deref() {
             self.maybe_catch_up(from, id);
         }
-        if fresh
-            && !self.peers.contains_key(&author)
+        if !self.peers.contains_key(&author)
             && self.peers.len() < crate::network::TARGET_PEERS
             && !hb.listen.is_empty()
         {
             self.net
                 .heard_of(author, crate::remembered::usable(&hb.listen));
         }
-        if fresh {
-            self.unanswered.remove(&author);
-            self.catch_up_requests(from, &hb.requests);
-        }
+        self.unanswered.remove(&author);
+        self.catch_up_requests(from, &hb.requests);
         // The author's own record when it is a peer; one heard only
         // through others is kept in `heard`.
-        if let Some(info) = self.peers.get_mut(&author).filter(|_| fresh) {
+        if let Some(info) = self.peers.get_mut(&author) {
             info.heartbeat = Some((Instant::now(), hb));
             if std::mem::take(&mut info.silent) {
                 info!(peer = %author, "peer speaks again");
@@ -469,6 +459,34 @@ impl Node {
             }
         }
         MessageAcceptance::Accept
+    }
+
+    /// Keeps `author`'s newest heartbeat, with when it last made progress
+    /// downloading; the map stays bounded.
+    fn remember_heard(&mut self, author: PeerId, hb: &Heartbeat) {
+        let progress_at = match self.heard.get(&author) {
+            Some(old) if old.heartbeat.origin_received == hb.origin_received => old.progress_at,
+            _ => Instant::now(),
+        };
+        if !self.heard.contains_key(&author) && self.heard.len() >= MAX_HEARD {
+            // Beyond any real site: the author heard longest ago makes
+            // room (a flood of made-up authors cannot grow the map).
+            let oldest = self.heard.iter().min_by_key(|(_, h)| h.at).map(|(a, _)| *a);
+            if let Some(oldest) = oldest {
+                self.heard.remove(&oldest);
+            }
+        }
+        self.heard.insert(
+            author,
+            Heard {
+                boot_seq: (hb.boot_ms, hb.seq),
+                at: Instant::now(),
+                has_origin: hb.has_origin,
+                progress_at,
+                skew_ms: (hb.clock_ms > 0).then(|| hb.clock_ms as i64 - now_unix_ms() as i64),
+                heartbeat: hb.clone(),
+            },
+        );
     }
 }
 

@@ -471,68 +471,15 @@ impl Node {
     /// release here when this node's wave has come. A node the command does
     /// not name (it joined later) is in the last wave.
     pub(super) fn rollout_duties(&mut self) {
-        let Some(r) = &self.rollout else { return };
-        if r.halted.is_some() {
-            return;
-        }
-        let version = r.version.clone();
-        let stage = evaluate(&r.waves, &version, &self.reports(&version, &r.command.id));
-        let me = self.local.to_string();
-        let own_wave = r
-            .waves
-            .iter()
-            .position(|w| w.contains(&me))
-            .unwrap_or(r.waves.len().saturating_sub(1));
-        // A standby drawn after its active goes with the active's wave.
-        let my_wave = lanup_protocol::group::due_wave(&me, own_wave, &r.waves, &self.members());
-        let (id, back, waves_len, was_done) = (r.command.id.clone(), r.back, r.waves.len(), r.done);
-        let now = r.command.now;
-        let action = if back { "rollback" } else { "rollout" };
-        let due = match stage {
-            Stage::Halted { node, reason } => {
-                warn!(release = %version, %node, reason, "{action} halted: a node failed; no further wave applies");
-                self.audit_entry(Entry {
-                    event: "halted".into(),
-                    action: Some(action.into()),
-                    version: Some(version.clone()),
-                    id: Some(id),
-                    from: Some(node.clone()),
-                    reason: Some(reason.clone()),
-                    ..Entry::default_at(now_unix_ms())
-                });
-                if let Some(r) = &mut self.rollout {
-                    r.halted = Some((node, reason));
-                }
-                self.save_rollout();
-                return;
-            }
-            Stage::Done => {
-                if !was_done {
-                    info!(release = %version, "{action} done: every node runs it");
-                    self.audit_entry(Entry {
-                        event: "done".into(),
-                        action: Some(action.into()),
-                        version: Some(version.clone()),
-                        id: Some(id.clone()),
-                        reason: Some("every node runs it".into()),
-                        ..Entry::default_at(now_unix_ms())
-                    });
-                    if let Some(r) = &mut self.rollout {
-                        r.done = true;
-                    }
-                    self.save_rollout();
-                }
-                true
-            }
-            Stage::Wave(wave) => wave >= my_wave,
-        };
+        let Some(wave) = self.due_wave() else { return };
+        let version = wave.version.clone();
         let installed = if self.is_lanup_release(&version) {
             crate::upgrade::version() == version
         } else {
             self.installed_name().as_deref() == Some(version.as_str())
         };
         // A new lanup on trial follows the site but installs nothing.
-        if !due
+        if !wave.due
             || installed
             || crate::upgrade::on_trial()
             || self.applying.is_some()
@@ -544,12 +491,12 @@ impl Node {
             return;
         }
         // Its window and its redundancy group may hold it back.
-        if let Some(why) = self.held_back(&version, Some(&id), now) {
+        if let Some(why) = self.held_back(&version, Some(&wave.id), wave.now) {
             self.set_waiting(Some(why));
             return;
         }
         self.set_waiting(None);
-        let release = if back {
+        let release = if wave.back {
             self.stored_release(&version)
         } else {
             match self.staged_release(&version) {
@@ -558,9 +505,76 @@ impl Node {
                 Err(_) => return,
             }
         };
-        info!(release = %version, wave = my_wave + 1, "this node's {action} wave has come");
-        // In a rollout, the active member of a redundancy group hands
-        // over to its standby before it stops what it runs.
+        self.apply_wave(wave, release);
+    }
+
+    /// Where the rollout this node follows stands: None once it halted
+    /// (or there is none); whether this node's wave has come otherwise. A
+    /// halt and the end are written to the audit log once.
+    fn due_wave(&mut self) -> Option<DueWave> {
+        let r = self.rollout.as_ref().filter(|r| r.halted.is_none())?;
+        let version = r.version.clone();
+        let stage = evaluate(&r.waves, &version, &self.reports(&version, &r.command.id));
+        let me = self.local.to_string();
+        let own_wave = r
+            .waves
+            .iter()
+            .position(|w| w.contains(&me))
+            .unwrap_or(r.waves.len().saturating_sub(1));
+        // A standby drawn after its active goes with the active's wave.
+        let wave = lanup_protocol::group::due_wave(&me, own_wave, &r.waves, &self.members());
+        let mut due = DueWave {
+            id: r.command.id.clone(),
+            back: r.back,
+            waves: r.waves.len(),
+            now: r.command.now,
+            version,
+            wave,
+            due: false,
+        };
+        let was_done = r.done;
+        let action = due.action();
+        let entry = |event: &str, from: Option<String>, reason: String| Entry {
+            event: event.into(),
+            action: Some(action.into()),
+            version: Some(due.version.clone()),
+            id: Some(due.id.clone()),
+            from,
+            reason: Some(reason),
+            ..Entry::default_at(now_unix_ms())
+        };
+        match stage {
+            Stage::Halted { node, reason } => {
+                warn!(release = %due.version, %node, reason, "{action} halted: a node failed; no further wave applies");
+                self.audit_entry(entry("halted", Some(node.clone()), reason.clone()));
+                if let Some(r) = &mut self.rollout {
+                    r.halted = Some((node, reason));
+                }
+                self.save_rollout();
+                return None;
+            }
+            Stage::Done => {
+                if !was_done {
+                    info!(release = %due.version, "{action} done: every node runs it");
+                    self.audit_entry(entry("done", None, "every node runs it".into()));
+                    if let Some(r) = &mut self.rollout {
+                        r.done = true;
+                    }
+                    self.save_rollout();
+                }
+                due.due = true;
+            }
+            Stage::Wave(current) => due.due = current >= wave,
+        }
+        Some(due)
+    }
+
+    /// This node's wave came: it applies `release` (the active member of a
+    /// redundancy group hands over to its standby first), or says why it
+    /// cannot.
+    fn apply_wave(&mut self, wave: DueWave, release: Result<crate::apply::Release>) {
+        let (version, action) = (wave.version.clone(), wave.action());
+        info!(release = %version, wave = wave.wave + 1, "this node's {action} wave has come");
         let policy = &self.config.policy;
         let active = policy
             .member
@@ -575,15 +589,11 @@ impl Node {
             release.switchover = switchover;
             self.start_apply_release(release, None)
         });
-        match started {
-            Ok(()) => self.audit_entry(Entry {
-                event: "applying".into(),
-                action: Some(action.into()),
-                version: Some(version.clone()),
-                id: Some(id),
-                reason: Some(format!("wave {} of {}", my_wave + 1, waves_len)),
-                ..Entry::default_at(now_unix_ms())
-            }),
+        let (event, reason) = match started {
+            Ok(()) => (
+                "applying",
+                format!("wave {} of {}", wave.wave + 1, wave.waves),
+            ),
             Err(e) => {
                 let reason = format!("{e:#}");
                 warn!(error = %reason, "cannot install the {action}'s release");
@@ -599,16 +609,17 @@ impl Node {
                     downtime_ms: None,
                     finished_at: now_unix_ms() / 1000,
                 });
-                self.audit_entry(Entry {
-                    event: "apply-failed".into(),
-                    action: Some(action.into()),
-                    version: Some(version),
-                    id: Some(id),
-                    reason: Some(reason),
-                    ..Entry::default_at(now_unix_ms())
-                });
+                ("apply-failed", reason)
             }
-        }
+        };
+        self.audit_entry(Entry {
+            event: event.into(),
+            action: Some(action.into()),
+            version: Some(version),
+            id: Some(wave.id),
+            reason: Some(reason),
+            ..Entry::default_at(now_unix_ms())
+        });
     }
 
     pub(super) fn rollout_json(&self) -> serde_json::Value {
@@ -709,5 +720,29 @@ impl Node {
             rollback: true,
             switchover: None,
         })
+    }
+}
+
+/// The rollout this node follows, as its wave stands.
+struct DueWave {
+    version: String,
+    id: String,
+    back: bool,
+    /// This node's wave (from 0), and how many there are.
+    wave: usize,
+    waves: usize,
+    /// Windows are passed over (`--now`).
+    now: bool,
+    /// This node's wave has come.
+    due: bool,
+}
+
+impl DueWave {
+    fn action(&self) -> &'static str {
+        if self.back {
+            "rollback"
+        } else {
+            "rollout"
+        }
     }
 }

@@ -142,106 +142,8 @@ impl Node {
     }
 
     pub(super) fn answer(&mut self, request: ControlRequest) -> serde_json::Value {
-        let row = |peer: &PeerId, hb: Option<&Heartbeat>, last_seen_ms: Option<u64>| {
-            serde_json::json!({
-                "peer_id": peer.to_string(),
-                "installed_version": hb.and_then(|h| h.installed_version.clone()),
-                "lanup_version": hb.and_then(|h| h.lanup_version.clone()),
-                "apply": hb.and_then(|h| h.apply.clone()),
-                "apply_step": hb.and_then(|h| h.apply_step.clone()),
-                "last_error": hb.and_then(|h| h.last_error.clone()),
-                "failed_version": hb.and_then(|h| h.failed_version.clone()),
-                "state": hb.map_or("unknown", |h| h.state.as_str()),
-                "release": hb.and_then(|h| h.release.clone()),
-                "staged_version": hb.and_then(|h| h.staged_version.clone()),
-                "bytes_have": hb.map_or(0, |h| h.bytes_have),
-                "bytes_total": hb.map_or(0, |h| h.bytes_total),
-                "origin_bytes": hb.map_or(0, |h| h.origin_bytes),
-                "last_seen_ms": last_seen_ms,
-                "fetcher": false,
-                "group": hb.and_then(|h| h.member.as_ref()).map(|m| m.group.clone()),
-                "role": hb.and_then(|h| h.member.as_ref()).and_then(|m| m.role.clone()),
-                "priority": hb.and_then(|h| h.member.as_ref()).map(|m| m.priority),
-                "waiting": hb.and_then(|h| h.waiting.clone()),
-            })
-        };
         match request {
-            ControlRequest::Status => {
-                let own = self.own_heartbeat();
-                let mut mine = row(&self.local, Some(&own), Some(0));
-                let fetcher = self.fetcher();
-                // This node says it is the fetcher only once it has heard
-                // the site (settled), as it acts.
-                mine["fetcher"] =
-                    serde_json::json!(fetcher == Some(self.local) && self.was_fetcher);
-                mine["self"] = serde_json::json!(true);
-                let mut nodes = vec![mine];
-                // Peers that are not members, once only members are
-                // admitted, are no nodes of the site: named apart.
-                let now_s = now_unix_ms() / 1000;
-                let strangers: Vec<String> = self
-                    .peers
-                    .keys()
-                    .filter(|p| !self.gate.admits(p, now_s))
-                    .map(PeerId::to_string)
-                    .collect();
-                for (peer, info) in self
-                    .peers
-                    .iter()
-                    .filter(|(p, _)| self.gate.admits(p, now_s))
-                {
-                    let (hb, seen) = match &info.heartbeat {
-                        Some((at, hb)) => (Some(hb), Some(at.elapsed().as_millis() as u64)),
-                        None => (None, None),
-                    };
-                    let mut r = row(peer, hb, seen);
-                    r["fetcher"] = serde_json::json!(fetcher == Some(*peer));
-                    nodes.push(r);
-                }
-                for (author, heard) in self.heard_only() {
-                    let seen = heard.at.elapsed().as_millis() as u64;
-                    let mut r = row(author, Some(&heard.heartbeat), Some(seen));
-                    r["fetcher"] = serde_json::json!(fetcher == Some(*author));
-                    r["via_gossip"] = serde_json::json!(true);
-                    nodes.push(r);
-                }
-                for row in &mut nodes {
-                    let peer = row["peer_id"]
-                        .as_str()
-                        .and_then(|p| p.parse::<PeerId>().ok());
-                    let skew = match peer {
-                        Some(p) if p == self.local => Some(0),
-                        Some(p) => self.heard.get(&p).and_then(|h| h.skew_ms),
-                        None => None,
-                    };
-                    row["clock_skew_ms"] = serde_json::json!(skew);
-                }
-                let reports = self.reporter.as_ref().map(|r| {
-                    let said = r.said();
-                    serde_json::json!({
-                        "to": self.config.report_to,
-                        "sent_ms": said.sent_ms,
-                        "reports_sent": said.reports_sent,
-                        "bytes_sent": said.bytes_sent,
-                        "last_error": said.last_error,
-                    })
-                });
-                serde_json::json!({
-                    "site": self.config.site,
-                    "nodes": nodes,
-                    "rollout": self.rollout_json(),
-                    "requests": self.requests_json(),
-                    "site_clock_offset_ms": self.site_offset_ms(),
-                    "reports": reports,
-                    "membership": {
-                        "enrolled": self.own_certificate.is_some(),
-                        "members_only": self.gate.enforcing(now_s),
-                        "strangers": strangers,
-                        "revoked": self.gate.revoked_keys(),
-                        "revoked_issued": self.gate.revocations_issued(),
-                    },
-                })
-            }
+            ControlRequest::Status => self.status_json(),
             ControlRequest::Peers => serde_json::json!({
                 "peers": self.peers.keys().map(ToString::to_string).collect::<Vec<_>>()
             }),
@@ -253,6 +155,82 @@ impl Node {
                 serde_json::json!({ "error": "not here" })
             }
         }
+    }
+
+    /// `lanup status --json`: the site as this node sees it.
+    fn status_json(&self) -> serde_json::Value {
+        let now_s = now_unix_ms() / 1000;
+        // Peers that are not members, once only members are admitted, are
+        // no nodes of the site: named apart.
+        let strangers: Vec<String> = self
+            .peers
+            .keys()
+            .filter(|p| !self.gate.admits(p, now_s))
+            .map(PeerId::to_string)
+            .collect();
+        let reports = self.reporter.as_ref().map(|r| {
+            let said = r.said();
+            serde_json::json!({
+                "to": self.config.report_to,
+                "sent_ms": said.sent_ms,
+                "reports_sent": said.reports_sent,
+                "bytes_sent": said.bytes_sent,
+                "last_error": said.last_error,
+            })
+        });
+        serde_json::json!({
+            "site": self.config.site,
+            "nodes": self.node_rows(now_s),
+            "rollout": self.rollout_json(),
+            "requests": self.requests_json(),
+            "site_clock_offset_ms": self.site_offset_ms(),
+            "reports": reports,
+            "membership": {
+                "enrolled": self.own_certificate.is_some(),
+                "members_only": self.gate.enforcing(now_s),
+                "strangers": strangers,
+                "revoked": self.gate.revoked_keys(),
+                "revoked_issued": self.gate.revocations_issued(),
+            },
+        })
+    }
+
+    /// A row of `lanup status` for every node of the site this node hears:
+    /// itself first, its peers, then nodes heard only through them.
+    fn node_rows(&self, now_s: u64) -> Vec<serde_json::Value> {
+        let own = self.own_heartbeat();
+        let fetcher = self.fetcher();
+        let mut mine = status_row(&self.local, Some(&own), Some(0));
+        // This node says it is the fetcher only once it has heard the site
+        // (settled), as it acts.
+        mine["fetcher"] = serde_json::json!(fetcher == Some(self.local) && self.was_fetcher);
+        mine["self"] = serde_json::json!(true);
+        mine["clock_skew_ms"] = serde_json::json!(0);
+        let mut nodes = vec![mine];
+        let skew = |peer: &PeerId| self.heard.get(peer).and_then(|h| h.skew_ms);
+        for (peer, info) in self
+            .peers
+            .iter()
+            .filter(|(p, _)| self.gate.admits(p, now_s))
+        {
+            let (hb, seen) = match &info.heartbeat {
+                Some((at, hb)) => (Some(hb), Some(at.elapsed().as_millis() as u64)),
+                None => (None, None),
+            };
+            let mut r = status_row(peer, hb, seen);
+            r["fetcher"] = serde_json::json!(fetcher == Some(*peer));
+            r["clock_skew_ms"] = serde_json::json!(skew(peer));
+            nodes.push(r);
+        }
+        for (author, heard) in self.heard_only() {
+            let seen = heard.at.elapsed().as_millis() as u64;
+            let mut r = status_row(author, Some(&heard.heartbeat), Some(seen));
+            r["fetcher"] = serde_json::json!(fetcher == Some(*author));
+            r["via_gossip"] = serde_json::json!(true);
+            r["clock_skew_ms"] = serde_json::json!(skew(author));
+            nodes.push(r);
+        }
+        nodes
     }
 
     /// `lanup check` on this node: the origin is polled now by the site's
@@ -519,4 +497,35 @@ async fn ask_to_check(net: &NetworkClient, fetcher: PeerId) -> Result<bool, Chec
             CHECK_ASK.as_secs()
         ))),
     }
+}
+
+/// A node's row in `lanup status`, from its last heartbeat (None: it
+/// connected and has not spoken yet).
+fn status_row(
+    peer: &PeerId,
+    hb: Option<&Heartbeat>,
+    last_seen_ms: Option<u64>,
+) -> serde_json::Value {
+    let member = hb.and_then(|h| h.member.as_ref());
+    serde_json::json!({
+        "peer_id": peer.to_string(),
+        "installed_version": hb.and_then(|h| h.installed_version.clone()),
+        "lanup_version": hb.and_then(|h| h.lanup_version.clone()),
+        "apply": hb.and_then(|h| h.apply.clone()),
+        "apply_step": hb.and_then(|h| h.apply_step.clone()),
+        "last_error": hb.and_then(|h| h.last_error.clone()),
+        "failed_version": hb.and_then(|h| h.failed_version.clone()),
+        "state": hb.map_or("unknown", |h| h.state.as_str()),
+        "release": hb.and_then(|h| h.release.clone()),
+        "staged_version": hb.and_then(|h| h.staged_version.clone()),
+        "bytes_have": hb.map_or(0, |h| h.bytes_have),
+        "bytes_total": hb.map_or(0, |h| h.bytes_total),
+        "origin_bytes": hb.map_or(0, |h| h.origin_bytes),
+        "last_seen_ms": last_seen_ms,
+        "fetcher": false,
+        "group": member.map(|m| m.group.clone()),
+        "role": member.and_then(|m| m.role.clone()),
+        "priority": member.map(|m| m.priority),
+        "waiting": hb.and_then(|h| h.waiting.clone()),
+    })
 }
