@@ -257,13 +257,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     }
     let stats = served_stats(&site, &base)?;
     let results = node_results(&site)?;
-    // What the nodes themselves counted as taken from the origin.
-    let counted: u64 = site.status()?["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["origin_bytes"].as_u64())
-        .sum();
+    let counted = origin_bytes_counted(&site)?;
     site.stop();
     let _ = stop_origin.send(());
     let _ = site.rt.block_on(server);
@@ -276,6 +270,16 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         began.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+/// What the nodes themselves counted as taken from the origin.
+fn origin_bytes_counted(site: &Site) -> Result<u64> {
+    Ok(site.status()?["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["origin_bytes"].as_u64())
+        .sum())
 }
 
 /// The folder the demo works in: `dir` (empty or new), else a temporary

@@ -438,20 +438,17 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
                 std::thread::sleep(FLEET_LOOK);
             }
             FleetStep::Halt { site, reason } => {
-                file.state = FleetState::Halted {
+                let halted = FleetState::Halted {
                     site: site.clone(),
                     reason: reason.clone(),
                 };
-                file.updated_ms = now_ms();
-                write_file(&path, &file)?;
+                end(&path, &mut file, halted)?;
                 bars.finish();
                 eprintln!("fleet rollout of {version} halted by site {site}: {reason}; no further site begins");
                 return Ok(ExitCode::from(1));
             }
             FleetStep::Done => {
-                file.state = FleetState::Done;
-                file.updated_ms = now_ms();
-                write_file(&path, &file)?;
+                end(&path, &mut file, FleetState::Done)?;
                 bars.finish();
                 println!(
                     "fleet rollout of {version} done: every site of {} waves runs it",
@@ -461,6 +458,13 @@ pub(crate) fn rollout(r: FleetRollout<'_>) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// Writes the fleet rollout's end to its file.
+fn end(path: &Path, file: &mut FleetFile, state: FleetState) -> Result<()> {
+    file.state = state;
+    file.updated_ms = now_ms();
+    write_file(path, file)
 }
 
 /// Aborts the running fleet rollout: no further site begins, and those

@@ -561,52 +561,30 @@ impl Node {
     /// The node, with its parts' handles; the state directory's lock,
     /// held until it stops.
     async fn new(config: NodeConfig, parts: Parts) -> Result<(Node, crate::control::StateLock)> {
-        let Parts {
-            recovered,
-            net,
-            store,
-            metrics,
-            fetcher,
-            reporter,
-            done_tx,
-            audit,
-            guard,
-        } = parts;
-        let local = net.local_peer_id();
-        let announce_topic = format!("lanup/{}/announce", config.site);
-        let status_topic = format!("lanup/{}/status", config.site);
-        let rollout_topic = format!("lanup/{}/rollout", config.site);
+        let topic = |name: &str| format!("lanup/{}/{name}", config.site);
+        let (announce_topic, status_topic, rollout_topic) =
+            (topic("announce"), topic("status"), topic("rollout"));
         for topic in [&announce_topic, &status_topic, &rollout_topic] {
-            net.subscribe(topic).await?;
+            parts.net.subscribe(topic).await?;
         }
         let rollout = Rollout::load(&config.state, &config.trust_admin, &config.site);
         let (pending, rejected) =
             approvals::SavedRequests::load(&config.state, &config.trust_admin, &config.site);
-        let Recovered {
-            lock,
-            key: _,
-            own_certificate,
-            gate,
-            applier,
-            installed,
-            bases,
-            last_apply,
-            failed_releases,
-        } = recovered;
+        let r = parts.recovered;
         let node = Node {
-            gate,
-            own_certificate,
-            reporter,
-            metrics,
+            gate: r.gate,
+            own_certificate: r.own_certificate,
+            reporter: parts.reporter,
+            metrics: parts.metrics,
             check: None,
             leaving: None,
             config,
-            net,
-            store,
-            local,
+            local: parts.net.local_peer_id(),
+            net: parts.net,
+            store: parts.store,
             peers: BTreeMap::new(),
             transfer: Transfers::default(),
-            done_tx,
+            done_tx: parts.done_tx,
             suspects: HashMap::new(),
             choice: None,
             was_fetcher: false,
@@ -615,17 +593,17 @@ impl Node {
             has_settled: Default::default(),
             early_heartbeat: None,
             started: Instant::now(),
-            fetcher,
+            fetcher: parts.fetcher,
             announce_topic,
             status_topic,
             validating: HashMap::new(),
             refused: HashSet::new(),
-            applier,
-            installed,
-            bases: std::sync::Arc::new(bases),
+            applier: r.applier,
+            installed: r.installed,
+            bases: std::sync::Arc::new(r.bases),
             applying: None,
-            failed_releases,
-            last_apply,
+            failed_releases: r.failed_releases,
+            last_apply: r.last_apply,
             rollout_topic,
             heard: HashMap::new(),
             boot_ms: now_unix_ms(),
@@ -642,13 +620,13 @@ impl Node {
             waiting: None,
             health_said: None,
             audit_answers: std::sync::Arc::new(tokio::sync::Semaphore::new(record::AUDIT_ANSWERS)),
-            guard,
-            audit,
+            guard: parts.guard,
+            audit: parts.audit,
             asked: HashMap::new(),
             refusals: HashMap::new(),
             refused_command: None,
         };
-        Ok((node, lock))
+        Ok((node, r.lock))
     }
 
     /// The node's loop, until `shutdown`, a part that fails, or a hand-over

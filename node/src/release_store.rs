@@ -296,100 +296,152 @@ impl ReleaseStore {
         // reused.
         let (recent, recent_paths): (Vec<Manifest>, Vec<PathBuf>) =
             self.kept().into_iter().take(2).unzip();
-        // Packed copies made for earlier releases, by chunk.
-        let mut earlier: HashMap<Hash, Blob> = HashMap::new();
+        let mut plan = DeltaPlan::default();
         for m in &recent {
             for f in &m.files {
-                earlier.extend(f.packed.iter().map(|(c, b)| (*c, *b)));
+                plan.earlier.extend(f.packed.iter().map(|(c, b)| (*c, *b)));
             }
         }
-        let mut jobs = Vec::new();
-        let mut bundles: Vec<(usize, usize, Hash)> = Vec::new();
-        // Bundles made for earlier releases, by what they hold.
-        let mut made: HashMap<Hash, Blob> = HashMap::new();
         if opts.pack {
-            for m in &recent {
-                for b in &m.bundles {
-                    if let Some(files) = m.files.get(b.first..b.first + b.count) {
-                        made.insert(bundle_key(files), b.blob);
-                    }
+            self.plan_bundles(&recent, manifest, opts, &mut plan);
+            self.plan_runs(&recent, manifest, &mut plan);
+        }
+        self.plan_files(manifest, opts, &bases, &mut plan)?;
+        let level = opts.level.unwrap_or(delta::DEFAULT_LEVEL);
+        let jobs = std::mem::take(&mut plan.jobs);
+        let results = self.run_jobs(out, manifest, jobs, level)?;
+        let (packed, patches) = plan.take(results);
+        let packed = self.with_earlier(packed, &plan.earlier);
+        plan.record_bundles_and_runs(manifest);
+        for file in &mut manifest.files {
+            if opts.pack && lanup_protocol::delta::bundled(file) {
+                continue;
+            }
+            for chunk in &file.chunks {
+                if let Some(blob) = packed.get(&chunk.hash).filter(|b| b.size < chunk.size) {
+                    file.packed.insert(chunk.hash, *blob);
                 }
             }
-            let runs = lanup_protocol::delta::bundle_runs(&manifest.files);
-            let new_bytes: u64 = runs
-                .iter()
-                .filter(|(first, count)| {
-                    let key = bundle_key(&manifest.files[*first..first + count]);
-                    !made
-                        .get(&key)
-                        .is_some_and(|b| self.blob_path(&b.hash).is_file())
-                })
-                .flat_map(|(first, count)| &manifest.files[*first..first + count])
-                .filter_map(|f| f.size)
-                .sum();
-            let level = opts.level.unwrap_or(if new_bytes > FAST_BUNDLES_ABOVE {
-                delta::FAST_LEVEL
-            } else {
-                delta::DEFAULT_LEVEL
+        }
+        record_patches(manifest, patches);
+        Ok(recent_paths)
+    }
+
+    /// Packed copies of earlier releases' chunks whose blobs are still
+    /// stored serve this release too.
+    fn with_earlier(
+        &self,
+        mut packed: HashMap<Hash, Blob>,
+        earlier: &HashMap<Hash, Blob>,
+    ) -> HashMap<Hash, Blob> {
+        for (chunk, blob) in earlier {
+            if self.blob_path(&blob.hash).is_file() {
+                packed.entry(*chunk).or_insert(*blob);
+            }
+        }
+        packed
+    }
+
+    /// Whether a blob made for an earlier release is still stored.
+    fn still_made(&self, blob: Option<&Blob>) -> bool {
+        blob.is_some_and(|b| self.blob_path(&b.hash).is_file())
+    }
+
+    /// Bundles of small files: those an earlier release made are reused,
+    /// the rest are jobs (at a faster level when many bytes are new).
+    fn plan_bundles(
+        &self,
+        recent: &[Manifest],
+        manifest: &Manifest,
+        opts: &PublishDeltas,
+        plan: &mut DeltaPlan,
+    ) {
+        for m in recent {
+            for b in &m.bundles {
+                if let Some(files) = m.files.get(b.first..b.first + b.count) {
+                    plan.made.insert(bundle_key(files), b.blob);
+                }
+            }
+        }
+        let runs = lanup_protocol::delta::bundle_runs(&manifest.files);
+        let new_bytes: u64 = runs
+            .iter()
+            .filter(|(first, count)| {
+                let key = bundle_key(&manifest.files[*first..first + count]);
+                !self.still_made(plan.made.get(&key))
+            })
+            .flat_map(|(first, count)| &manifest.files[*first..first + count])
+            .filter_map(|f| f.size)
+            .sum();
+        let level = opts.level.unwrap_or(if new_bytes > FAST_BUNDLES_ABOVE {
+            delta::FAST_LEVEL
+        } else {
+            delta::DEFAULT_LEVEL
+        });
+        for (first, count) in runs {
+            let key = bundle_key(&manifest.files[first..first + count]);
+            plan.bundles.push((first, count, key));
+            if self.still_made(plan.made.get(&key)) {
+                continue;
+            }
+            plan.jobs.push(Job::Bundle {
+                first,
+                count,
+                key,
+                level,
             });
-            for (first, count) in runs {
-                let key = bundle_key(&manifest.files[first..first + count]);
-                bundles.push((first, count, key));
-                if made
-                    .get(&key)
-                    .is_some_and(|b| self.blob_path(&b.hash).is_file())
-                {
-                    continue;
-                }
-                jobs.push(Job::Bundle {
-                    first,
-                    count,
-                    key,
-                    level,
-                });
+        }
+    }
+
+    /// Runs of chunks packed together: those an earlier release made are
+    /// reused, the rest are jobs.
+    fn plan_runs(&self, recent: &[Manifest], manifest: &Manifest, plan: &mut DeltaPlan) {
+        for m in recent {
+            let order = ChunkOrder::new(&m.files);
+            for r in &m.runs {
+                plan.made_runs
+                    .insert(run_key(order.span(&m.files, r.first, r.count)), r.blob);
             }
         }
-        // Runs made for earlier releases, by the chunks they hold.
-        let mut runs: Vec<(usize, usize, Hash)> = Vec::new();
-        let mut made_runs: HashMap<Hash, Blob> = HashMap::new();
-        if opts.pack {
-            for m in &recent {
-                let order = ChunkOrder::new(&m.files);
-                for r in &m.runs {
-                    made_runs.insert(run_key(order.span(&m.files, r.first, r.count)), r.blob);
-                }
+        let order = ChunkOrder::new(&manifest.files);
+        // Where each file's chunks lie in it.
+        let offsets: Vec<Vec<u64>> = manifest
+            .files
+            .iter()
+            .map(|f| {
+                f.chunks
+                    .iter()
+                    .scan(0, |at, c| {
+                        *at += c.size;
+                        Some(*at - c.size)
+                    })
+                    .collect()
+            })
+            .collect();
+        for (first, count) in lanup_protocol::delta::run_spans(&manifest.files) {
+            let key = run_key(order.span(&manifest.files, first, count));
+            plan.runs.push((first, count, key));
+            if self.still_made(plan.made_runs.get(&key)) {
+                continue;
             }
-            let order = ChunkOrder::new(&manifest.files);
-            // Where each file's chunks lie in it.
-            let offsets: Vec<Vec<u64>> = manifest
-                .files
-                .iter()
-                .map(|f| {
-                    f.chunks
-                        .iter()
-                        .scan(0, |at, c| {
-                            *at += c.size;
-                            Some(*at - c.size)
-                        })
-                        .collect()
-                })
+            let pieces = (first..)
+                .zip(order.span(&manifest.files, first, count))
+                .map(|(at, (f, c))| (f, offsets[f][at - order.first_of(f)], c.size))
                 .collect();
-            for (first, count) in lanup_protocol::delta::run_spans(&manifest.files) {
-                let key = run_key(order.span(&manifest.files, first, count));
-                runs.push((first, count, key));
-                if made_runs
-                    .get(&key)
-                    .is_some_and(|b| self.blob_path(&b.hash).is_file())
-                {
-                    continue;
-                }
-                let pieces = (first..)
-                    .zip(order.span(&manifest.files, first, count))
-                    .map(|(at, (f, c))| (f, offsets[f][at - order.first_of(f)], c.size))
-                    .collect();
-                jobs.push(Job::Run { pieces, key });
-            }
+            plan.jobs.push(Job::Run { pieces, key });
         }
+    }
+
+    /// Each file's chunks to pack (once each, not those an earlier
+    /// release packed) and its patches from every base that holds a
+    /// different copy of it.
+    fn plan_files(
+        &self,
+        manifest: &Manifest,
+        opts: &PublishDeltas,
+        bases: &[Base],
+        plan: &mut DeltaPlan,
+    ) -> Result<()> {
         let mut packed_seen = HashSet::new();
         for (i, file) in manifest.files.iter().enumerate() {
             let size = file.size.unwrap_or_default();
@@ -406,19 +458,17 @@ impl ReleaseStore {
                 if !opts.pack || !packed_seen.insert(chunk.hash) {
                     continue;
                 }
-                if let Some(blob) = earlier.get(&chunk.hash) {
-                    if self.blob_path(&blob.hash).is_file() {
-                        continue;
-                    }
+                if self.still_made(plan.earlier.get(&chunk.hash)) {
+                    continue;
                 }
-                jobs.push(Job::Pack {
+                plan.jobs.push(Job::Pack {
                     file: i,
                     chunk: *chunk,
                     offset: here,
                 });
             }
             let mut from = HashSet::new();
-            for base in &bases {
+            for base in bases {
                 let Some((hash, path)) = base.counterpart(&file.name, size) else {
                     continue;
                 };
@@ -427,7 +477,7 @@ impl ReleaseStore {
                 }
                 let base_size = fs::metadata(&path)?.len();
                 for (index, segment) in segments(&file.chunks, base_size).into_iter().enumerate() {
-                    jobs.push(Job::Patch {
+                    plan.jobs.push(Job::Patch {
                         file: i,
                         base: hash,
                         base_path: path.clone(),
@@ -438,93 +488,7 @@ impl ReleaseStore {
                 tracing::debug!(file = %file.name, base = %base.name, "patching");
             }
         }
-        let level = opts.level.unwrap_or(delta::DEFAULT_LEVEL);
-        let results = self.run_jobs(out, manifest, jobs, level)?;
-        let mut packed: HashMap<Hash, Blob> = HashMap::new();
-        let mut patches: BTreeMap<(usize, Hash), Vec<(usize, Patch)>> = BTreeMap::new();
-        for result in results {
-            match result {
-                Done::Run { key, blob } => {
-                    made_runs.insert(key, blob);
-                }
-                Done::Bundle { key, blob } => {
-                    made.insert(key, blob);
-                }
-                Done::Packed { chunk, blob } => {
-                    packed.insert(chunk, blob);
-                }
-                Done::Patch {
-                    file,
-                    base,
-                    index,
-                    patch,
-                } => patches
-                    .entry((file, base))
-                    .or_default()
-                    .push((index, patch)),
-            }
-        }
-        for (chunk, blob) in &earlier {
-            if self.blob_path(&blob.hash).is_file() {
-                packed.entry(*chunk).or_insert(*blob);
-            }
-        }
-        for (first, count, key) in bundles {
-            let Some(blob) = made.get(&key) else { continue };
-            let holds: u64 = manifest.files[first..first + count]
-                .iter()
-                .filter_map(|f| f.size)
-                .sum();
-            if blob.size < holds {
-                manifest.bundles.push(lanup_protocol::manifest::Bundle {
-                    first,
-                    count,
-                    blob: *blob,
-                });
-            }
-        }
-        let order = ChunkOrder::new(&manifest.files);
-        for (first, count, key) in runs {
-            let Some(blob) = made_runs.get(&key) else {
-                continue;
-            };
-            let holds: u64 = order
-                .span(&manifest.files, first, count)
-                .map(|(_, c)| c.size)
-                .sum();
-            if blob.size < holds {
-                manifest.runs.push(lanup_protocol::manifest::Run {
-                    first,
-                    count,
-                    blob: *blob,
-                });
-            }
-        }
-        for file in &mut manifest.files {
-            if opts.pack && lanup_protocol::delta::bundled(file) {
-                continue;
-            }
-            for chunk in &file.chunks {
-                if let Some(blob) = packed.get(&chunk.hash).filter(|b| b.size < chunk.size) {
-                    file.packed.insert(chunk.hash, *blob);
-                }
-            }
-        }
-        for ((i, _), mut set) in patches {
-            let file = &mut manifest.files[i];
-            set.sort_by_key(|(index, _)| *index);
-            let total: u64 = set.iter().map(|(_, p)| p.blob.size).sum();
-            let by_chunks: u64 = file
-                .chunks
-                .iter()
-                .map(|c| lanup_protocol::delta::chunk_cost(file, c))
-                .sum();
-            let fits = set.iter().all(|(_, p)| p.blob.size <= p.length);
-            if fits && total < by_chunks {
-                file.patches.extend(set.into_iter().map(|(_, p)| p));
-            }
-        }
-        Ok(recent_paths)
+        Ok(())
     }
 
     /// Runs the encoder over every job on every core; each result's blob
@@ -807,6 +771,116 @@ fn read_base(given: &Path) -> Result<Base> {
         files.insert(name, (hash, entry.path().to_owned()));
     }
     Ok(Base::new(given.display().to_string(), files))
+}
+
+/// What a publish packs and patches: the jobs to run, and the bundles and
+/// runs of this release with those made before.
+#[derive(Default)]
+struct DeltaPlan {
+    jobs: Vec<Job>,
+    /// This release's bundles and runs: first file or chunk, count, key.
+    bundles: Vec<(usize, usize, Hash)>,
+    runs: Vec<(usize, usize, Hash)>,
+    /// Bundles and runs made (for earlier releases, or now), by key.
+    made: HashMap<Hash, Blob>,
+    made_runs: HashMap<Hash, Blob>,
+    /// Packed copies made for earlier releases, by chunk.
+    earlier: HashMap<Hash, Blob>,
+}
+
+/// Patches made, by file and base: each segment's, in order.
+type Patches = BTreeMap<(usize, Hash), Vec<(usize, Patch)>>;
+
+impl DeltaPlan {
+    /// Takes the jobs' results: bundles and runs join those made; packed
+    /// chunks and patches are returned.
+    fn take(&mut self, results: Vec<Done>) -> (HashMap<Hash, Blob>, Patches) {
+        let mut packed: HashMap<Hash, Blob> = HashMap::new();
+        let mut patches = Patches::new();
+        for result in results {
+            match result {
+                Done::Run { key, blob } => {
+                    self.made_runs.insert(key, blob);
+                }
+                Done::Bundle { key, blob } => {
+                    self.made.insert(key, blob);
+                }
+                Done::Packed { chunk, blob } => {
+                    packed.insert(chunk, blob);
+                }
+                Done::Patch {
+                    file,
+                    base,
+                    index,
+                    patch,
+                } => patches
+                    .entry((file, base))
+                    .or_default()
+                    .push((index, patch)),
+            }
+        }
+        (packed, patches)
+    }
+
+    /// Names in `manifest` each bundle and run smaller than what it holds.
+    fn record_bundles_and_runs(&self, manifest: &mut Manifest) {
+        for (first, count, key) in &self.bundles {
+            let (first, count) = (*first, *count);
+            let Some(blob) = self.made.get(key) else {
+                continue;
+            };
+            let holds: u64 = manifest.files[first..first + count]
+                .iter()
+                .filter_map(|f| f.size)
+                .sum();
+            if blob.size < holds {
+                manifest.bundles.push(lanup_protocol::manifest::Bundle {
+                    first,
+                    count,
+                    blob: *blob,
+                });
+            }
+        }
+        let order = ChunkOrder::new(&manifest.files);
+        let mut runs = Vec::new();
+        for (first, count, key) in &self.runs {
+            let (first, count) = (*first, *count);
+            let Some(blob) = self.made_runs.get(key) else {
+                continue;
+            };
+            let holds: u64 = order
+                .span(&manifest.files, first, count)
+                .map(|(_, c)| c.size)
+                .sum();
+            if blob.size < holds {
+                runs.push(lanup_protocol::manifest::Run {
+                    first,
+                    count,
+                    blob: *blob,
+                });
+            }
+        }
+        manifest.runs.extend(runs);
+    }
+}
+
+/// Names in `manifest` each file's patches, where all of them together
+/// cost less than its chunks.
+fn record_patches(manifest: &mut Manifest, patches: Patches) {
+    for ((i, _), mut set) in patches {
+        let file = &mut manifest.files[i];
+        set.sort_by_key(|(index, _)| *index);
+        let total: u64 = set.iter().map(|(_, p)| p.blob.size).sum();
+        let by_chunks: u64 = file
+            .chunks
+            .iter()
+            .map(|c| lanup_protocol::delta::chunk_cost(file, c))
+            .sum();
+        let fits = set.iter().all(|(_, p)| p.blob.size <= p.length);
+        if fits && total < by_chunks {
+            file.patches.extend(set.into_iter().map(|(_, p)| p));
+        }
+    }
 }
 
 #[cfg(test)]

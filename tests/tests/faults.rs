@@ -118,6 +118,20 @@ fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
             .join("\n----\n")
     );
     let lost = first[0];
+    let survivors: Vec<usize> = (0..4).filter(|&i| i != lost).collect();
+    let took_over = |site: &LoopSite| -> usize {
+        survivors
+            .iter()
+            .map(|&i| {
+                node_log(&site.states[i])
+                    .matches("this node is now the site's fetcher")
+                    .count()
+            })
+            .sum()
+    };
+    // Counted before the loss: a survivor can take over within
+    // milliseconds of its fetcher's connection closing.
+    let before = took_over(&site);
     match loss {
         Loss::Killed => site.procs[lost] = None, // SIGKILL, then reaped
         Loss::Stalled | Loss::FrozenThenWoken => {
@@ -131,18 +145,6 @@ fn site_loses_its_fetcher(loss: Loss) -> (u64, u64) {
     }
     let at_loss = served(&origin);
     let lost_at = Instant::now();
-    let survivors: Vec<usize> = (0..4).filter(|&i| i != lost).collect();
-    let took_over = |site: &LoopSite| -> usize {
-        survivors
-            .iter()
-            .map(|&i| {
-                node_log(&site.states[i])
-                    .matches("this node is now the site's fetcher")
-                    .count()
-            })
-            .sum()
-    };
-    let before = took_over(&site);
     wait_for("another node to take over", Duration::from_secs(30), || {
         took_over(&site) > before
     });
