@@ -316,34 +316,17 @@ fn resolve_app(a: AppFile) -> Result<AppConfig> {
     })
 }
 
-fn resolve(c: ConfigFile) -> Result<NodeConfig> {
-    let listen = multiaddrs(
-        "listen",
-        c.listen
-            .unwrap_or_else(|| vec![format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")]),
-    )?;
-    let peers = multiaddrs("peers", c.peers.unwrap_or_default())?;
-    let trust_publisher = c
-        .trust_publisher
-        .unwrap_or_default()
+/// Public keys named in the configuration's `what`.
+fn keys(what: &str, keys: Option<&[String]>) -> Result<Vec<PublicKey>> {
+    keys.unwrap_or_default()
         .iter()
-        .map(|k| k.parse::<PublicKey>().context("trust_publisher"))
-        .collect::<Result<Vec<_>>>()?;
-    let trust_admin = c
-        .trust_admin
-        .unwrap_or_default()
-        .iter()
-        .map(|k| k.parse::<PublicKey>().context("trust_admin"))
-        .collect::<Result<Vec<_>>>()?;
-    if trust_publisher.is_empty() {
-        bail!("no trusted publisher key: set trust_publisher (or --trust-publisher KEY); a node accepts only releases signed by a key it trusts");
-    }
-    if let Some(origin) = &c.origin {
-        if !(origin.starts_with("http://") || origin.starts_with("https://")) {
-            bail!("origin {origin:?}: expected an http:// or https:// URL of a release directory");
-        }
-    }
-    let members_only_from = match c.members_only_from.as_deref() {
+        .map(|k| k.parse::<PublicKey>().context(what.to_owned()))
+        .collect()
+}
+
+/// When only members are admitted: now (0), from a date, or never.
+fn members_only_from(date: Option<&str>) -> Result<Option<u64>> {
+    Ok(match date {
         None => None,
         Some("now") => Some(0),
         Some(date) => Some(
@@ -352,28 +335,39 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         ),
-    };
-    if members_only_from.is_some() && trust_admin.is_empty() {
-        bail!("members_only_from: membership certificates are signed by admin keys; set trust_admin too");
+    })
+}
+
+/// The origin and headquarters are reached over HTTP(S).
+fn check_urls(origin: Option<&str>, report_to: Option<&str>) -> Result<()> {
+    if let Some(origin) = origin {
+        if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            bail!("origin {origin:?}: expected an http:// or https:// URL of a release directory");
+        }
     }
-    crate::http::check(&crate::http::Settings {
-        ca_file: c.ca_file.clone(),
-        proxy: c.proxy.clone(),
-    })?;
-    if let Some(to) = &c.report_to {
+    if let Some(to) = report_to {
         if !(to.starts_with("http://") || to.starts_with("https://")) {
             bail!("report_to {to:?}: expected the http:// or https:// URL of headquarters' lanup origin");
         }
     }
-    if c.psk.is_some() {
-        if let Some(quic) = listen.iter().chain(&peers).find(|a| {
-            a.iter()
-                .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
-        }) {
-            bail!("{quic}: a private swarm (psk) runs over TCP only; QUIC would let peers without the key in");
-        }
+    Ok(())
+}
+
+/// A private swarm (psk) runs over TCP only: QUIC would let peers without
+/// the key in.
+fn check_no_quic<'a>(mut addrs: impl Iterator<Item = &'a Multiaddr>) -> Result<()> {
+    if let Some(quic) = addrs.find(|a| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+    }) {
+        bail!("{quic}: a private swarm (psk) runs over TCP only; QUIC would let peers without the key in");
     }
-    let site = c.site.unwrap_or_else(|| "default".into());
+    Ok(())
+}
+
+/// The site's name: it names its gossip topics and files.
+fn site_name(site: Option<String>) -> Result<String> {
+    let site = site.unwrap_or_else(|| "default".into());
     if site.is_empty()
         || !site
             .chars()
@@ -381,6 +375,34 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
     {
         bail!("site {site:?}: use letters, digits, '-', '_' or '.'");
     }
+    Ok(site)
+}
+
+fn resolve(c: ConfigFile) -> Result<NodeConfig> {
+    let listen = multiaddrs(
+        "listen",
+        c.listen
+            .unwrap_or_else(|| vec![format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")]),
+    )?;
+    let peers = multiaddrs("peers", c.peers.unwrap_or_default())?;
+    let trust_publisher = keys("trust_publisher", c.trust_publisher.as_deref())?;
+    let trust_admin = keys("trust_admin", c.trust_admin.as_deref())?;
+    if trust_publisher.is_empty() {
+        bail!("no trusted publisher key: set trust_publisher (or --trust-publisher KEY); a node accepts only releases signed by a key it trusts");
+    }
+    let members_only_from = members_only_from(c.members_only_from.as_deref())?;
+    if members_only_from.is_some() && trust_admin.is_empty() {
+        bail!("members_only_from: membership certificates are signed by admin keys; set trust_admin too");
+    }
+    crate::http::check(&crate::http::Settings {
+        ca_file: c.ca_file.clone(),
+        proxy: c.proxy.clone(),
+    })?;
+    check_urls(c.origin.as_deref(), c.report_to.as_deref())?;
+    if c.psk.is_some() {
+        check_no_quic(listen.iter().chain(&peers))?;
+    }
+    let site = site_name(c.site)?;
     let poll_interval = match c.poll_interval {
         // A release is picked up within about a minute; a conditional
         // poll of the manifest and the fleet rollout file that finds

@@ -217,30 +217,13 @@ pub async fn fetch_missing(
     let mut ahead: Option<Sent> = None;
     let mut quiet = 0;
     loop {
-        let want = |held: &HashSet<Hash>, h: &Hash| !held.contains(h) && wanted(h);
-        let sent = match (retry.take(), ahead.take()) {
-            (Some((file, mut cursor)), _) => {
-                cursor.unwant(|h| !want(&held, h));
-                let Some((start, end)) = cursor.resume() else {
-                    continue;
-                };
-                origin.send(&file, cursor, start, end)
-            }
-            (None, Some(mut sent)) => {
-                sent.cursor.unwant(|h| !want(&held, h));
-                if sent.cursor.is_done() {
-                    sent.answer.abort();
-                    continue;
-                }
-                sent
-            }
-            (None, None) => {
-                let Some(request) = next_request(manifest, |h| !want(&held, h)) else {
-                    break;
-                };
-                let cursor = Cursor::for_request(&request);
-                origin.send(&request.file, cursor, request.start, request.end)
-            }
+        let held_now = &held;
+        let sent = match next_sent(origin, manifest, &mut retry, &mut ahead, |h| {
+            !held_now.contains(h) && wanted(h)
+        }) {
+            Next::Read(sent) => sent,
+            Next::Again => continue,
+            Next::Done => break,
         };
         report.requests += 1;
         let file = sent.file.clone();
@@ -268,18 +251,13 @@ pub async fn fetch_missing(
                 return Err(e);
             }
             Err(Attempt::Cut(e)) => {
-                if report.bytes > before {
-                    quiet = 0;
-                } else {
-                    quiet += 1;
-                }
+                quiet = if report.bytes > before { 0 } else { quiet + 1 };
                 if quiet >= QUIET_ATTEMPTS {
                     if let Some(a) = ahead.take() {
                         a.answer.abort();
                     }
-                    return Err(FetchError::Network(e.context(format!(
-                        "{quiet} requests in a row to the origin received nothing"
-                    ))));
+                    let why = format!("{quiet} requests in a row to the origin received nothing");
+                    return Err(FetchError::Network(e.context(why)));
                 }
                 info!(file = %file, at = cursor.position(), error = %format!("{e:#}"), "origin request cut; resuming where it stopped");
                 if quiet > 0 {
@@ -297,6 +275,50 @@ pub async fn fetch_missing(
         "origin requests done"
     );
     Ok(report)
+}
+
+/// What a download reads next.
+enum Next {
+    Read(Sent),
+    /// Nothing to read from this one (what it held came another way).
+    Again,
+    /// Nothing wanted is left.
+    Done,
+}
+
+/// The next answer to read: a cut request resumed where it stopped, the
+/// request sent ahead, or a new one for the next chunks `want`ed.
+fn next_sent(
+    origin: &Origin,
+    manifest: &Manifest,
+    retry: &mut Option<(String, Cursor)>,
+    ahead: &mut Option<Sent>,
+    want: impl Fn(&Hash) -> bool,
+) -> Next {
+    match (retry.take(), ahead.take()) {
+        (Some((file, mut cursor)), _) => {
+            cursor.unwant(|h| !want(h));
+            let Some((start, end)) = cursor.resume() else {
+                return Next::Again;
+            };
+            Next::Read(origin.send(&file, cursor, start, end))
+        }
+        (None, Some(mut sent)) => {
+            sent.cursor.unwant(|h| !want(h));
+            if sent.cursor.is_done() {
+                sent.answer.abort();
+                return Next::Again;
+            }
+            Next::Read(sent)
+        }
+        (None, None) => {
+            let Some(request) = next_request(manifest, |h| !want(h)) else {
+                return Next::Done;
+            };
+            let cursor = Cursor::for_request(&request);
+            Next::Read(origin.send(&request.file, cursor, request.start, request.end))
+        }
+    }
 }
 
 /// Reads one answer, storing every wanted chunk it completes; sends the
@@ -320,17 +342,11 @@ async fn read_answer(
         Ok(answer) => answer?,
         Err(e) => return Err(Attempt::Cut(e.into())),
     };
-    // An origin that ignores Range answers 200 with the whole file: read
-    // it once, taking every chunk of it this node still lacks.
     let whole = response.status() == StatusCode::OK;
     if whole {
-        let Some(entry) = manifest.files.iter().find(|f| f.name == sent.file) else {
-            return Err(Attempt::Fatal(FetchError::Network(anyhow::anyhow!(
-                "{} is not in the manifest",
-                sent.file
-            ))));
-        };
-        *cursor = Cursor::for_file(entry, |h| !held.contains(h) && wanted(h));
+        // An origin that ignores Range answers 200 with the whole file:
+        // read it once, taking every chunk of it this node still lacks.
+        *cursor = whole_file(manifest, &sent.file, |h| !held.contains(h) && wanted(h))?;
         if let Some(a) = ahead.take() {
             a.answer.abort();
         }
@@ -343,51 +359,15 @@ async fn read_answer(
         }
     }
     loop {
-        let next = tokio::time::timeout(origin.stall, response.chunk()).await;
-        let body = match next {
-            Err(_) => {
-                return Err(Attempt::Cut(anyhow::anyhow!(
-                    "{url}: no byte from the origin for {:?} (at byte {})",
-                    origin.stall,
-                    cursor.position()
-                )))
-            }
-            Ok(Err(e)) => {
-                return Err(Attempt::Cut(
-                    anyhow::Error::new(e).context(format!("reading {url}")),
-                ))
-            }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(body))) => body,
+        let Some(body) = next_body(origin, &mut response, &url, cursor.position()).await? else {
+            break;
         };
         origin.wan.take(body.len()).await;
         report.bytes += body.len() as u64;
         origin
             .received
             .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for (at, chunk, data) in cursor.feed(&body) {
-            let stored = {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.put(&chunk, &data))
-                    .await
-                    .map_err(|e| Attempt::Cut(e.into()))?
-            };
-            match stored {
-                Ok(()) => {}
-                Err(StoreError::Corrupt { .. }) => {
-                    return Err(Attempt::Fatal(FetchError::Mismatch {
-                        url,
-                        start: at,
-                        end: at + chunk.size,
-                        hash: chunk.hash,
-                    }))
-                }
-                Err(e) => return Err(Attempt::Fatal(FetchError::LocalDisk(e))),
-            }
-            held.insert(chunk.hash);
-            report.chunks += 1;
-            on_chunk(&chunk);
-        }
+        store_completed(store, cursor.feed(&body), &url, held, report, on_chunk).await?;
         // Chunks that reached the node another way, or a role that ended:
         // what is no longer wanted is not read.
         cursor.unwant(|h| held.contains(h) || !wanted(h));
@@ -413,6 +393,77 @@ async fn read_answer(
         cursor.position(),
         cursor.end().unwrap_or_default()
     )))
+}
+
+/// The next piece of an answer's body: None at its end; a cut when the
+/// origin sent nothing for the stall timeout or the connection broke.
+async fn next_body(
+    origin: &Origin,
+    response: &mut reqwest::Response,
+    url: &str,
+    at: u64,
+) -> Result<Option<bytes::Bytes>, Attempt> {
+    match tokio::time::timeout(origin.stall, response.chunk()).await {
+        Err(_) => Err(Attempt::Cut(anyhow::anyhow!(
+            "{url}: no byte from the origin for {:?} (at byte {at})",
+            origin.stall
+        ))),
+        Ok(Err(e)) => Err(Attempt::Cut(
+            anyhow::Error::new(e).context(format!("reading {url}")),
+        )),
+        Ok(Ok(body)) => Ok(body),
+    }
+}
+
+/// A cursor over the whole of `file`, for an origin that answered a range
+/// with all of it.
+fn whole_file(
+    manifest: &Manifest,
+    file: &str,
+    wanted: impl Fn(&Hash) -> bool,
+) -> Result<Cursor, Attempt> {
+    let Some(entry) = manifest.files.iter().find(|f| f.name == file) else {
+        return Err(Attempt::Fatal(FetchError::Network(anyhow::anyhow!(
+            "{file} is not in the manifest"
+        ))));
+    };
+    Ok(Cursor::for_file(entry, wanted))
+}
+
+/// Stores the chunks an answer completed (each verified by the store),
+/// counting them and telling `on_chunk`.
+async fn store_completed(
+    store: &ChunkStore,
+    completed: Vec<(u64, Chunk, Vec<u8>)>,
+    url: &str,
+    held: &mut HashSet<Hash>,
+    report: &mut FetchReport,
+    on_chunk: &mut impl FnMut(&Chunk),
+) -> Result<(), Attempt> {
+    for (at, chunk, data) in completed {
+        let stored = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.put(&chunk, &data))
+                .await
+                .map_err(|e| Attempt::Cut(e.into()))?
+        };
+        match stored {
+            Ok(()) => {}
+            Err(StoreError::Corrupt { .. }) => {
+                return Err(Attempt::Fatal(FetchError::Mismatch {
+                    url: url.to_owned(),
+                    start: at,
+                    end: at + chunk.size,
+                    hash: chunk.hash,
+                }))
+            }
+            Err(e) => return Err(Attempt::Fatal(FetchError::LocalDisk(e))),
+        }
+        held.insert(chunk.hash);
+        report.chunks += 1;
+        on_chunk(&chunk);
+    }
+    Ok(())
 }
 
 /// The first byte a 206 answer holds, from its `Content-Range`.

@@ -231,15 +231,69 @@ pub async fn fetch_release(
     wanted: impl Fn(&Hash) -> bool,
     mut on_chunk: impl FnMut(&Chunk),
 ) -> Result<FetchReport, FetchError> {
-    let mut report = FetchReport::default();
-    // Bytes of chunks rebuilt or unpacked here, which the plain pass
-    // then finds held.
-    let mut gained = 0u64;
-    let checked = Mutex::new(HashSet::new());
-    let lacking = |h: &Hash| wanted(h) && !store.has(h);
+    let src = Inputs {
+        origin,
+        manifest,
+        store,
+        bases,
+        fallbacks,
+    };
+    let mut t = Tally::default();
     // Patches first: against a base, a changed file costs a fraction of
     // any compressed copy.
-    for file in &manifest.files {
+    patch_pass(&src, &mut t, &wanted, &mut on_chunk).await?;
+    // Then runs: what the site has no base for, compressed as a stream.
+    run_pass(&src, &mut t, &wanted, &mut on_chunk).await?;
+    // Then each chunk still lacking, packed where that pays.
+    packed_pass(&src, &mut t, &wanted, &mut on_chunk).await?;
+    bundle_pass(&src, &mut t, &wanted, &mut on_chunk).await?;
+    let mut report = t.report;
+    let plain = fetch_missing(origin, manifest, store, &wanted, &mut on_chunk).await?;
+    report.bytes += plain.bytes;
+    report.chunks += plain.chunks;
+    report.requests += plain.requests;
+    report.already_held = plain.already_held.saturating_sub(t.gained);
+    if report.patches + report.runs + report.packed + report.bundles > 0 {
+        info!(
+            patches = report.patches,
+            runs = report.runs,
+            packed = report.packed,
+            bundles = report.bundles,
+            bytes = report.bytes,
+            "took patches, runs, packed chunks and bundles from the origin"
+        );
+    }
+    Ok(report)
+}
+
+/// What every pass of a download reads.
+struct Inputs<'a> {
+    origin: &'a Origin,
+    manifest: &'a Manifest,
+    store: &'a ChunkStore,
+    bases: &'a Bases,
+    fallbacks: &'a Mutex<Fallbacks>,
+}
+
+/// What the passes took: the report, and the bytes of chunks rebuilt or
+/// unpacked here (which the plain pass then finds held).
+#[derive(Default)]
+struct Tally {
+    report: FetchReport,
+    gained: u64,
+}
+
+/// Patches, file by file; one that fails is planned again without its
+/// base.
+async fn patch_pass(
+    src: &Inputs<'_>,
+    t: &mut Tally,
+    wanted: &impl Fn(&Hash) -> bool,
+    on_chunk: &mut impl FnMut(&Chunk),
+) -> Result<(), FetchError> {
+    let checked = Mutex::new(HashSet::new());
+    let lacking = |h: &Hash| wanted(h) && !src.store.has(h);
+    for file in &src.manifest.files {
         // Every file of a validated manifest has its hash.
         let Some(file_hash) = file.hash else { continue };
         // Planned again after a patch fails: the next base, if any.
@@ -248,9 +302,9 @@ pub async fn fetch_release(
                 break;
             }
             let plan = {
-                let failed = fallbacks.lock().map_err(|_| poisoned())?;
+                let failed = src.fallbacks.lock().map_err(|_| poisoned())?;
                 plan_file(file, lacking, |b| {
-                    bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
+                    src.bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
                 })
             };
             for &i in &plan.patches {
@@ -258,14 +312,24 @@ pub async fn fetch_release(
                 if !patch_chunks(file, patch).any(|c| lacking(&c.hash)) {
                     continue;
                 }
-                match apply_one(origin, file, patch, store, bases, &checked, &mut report).await {
+                match apply_one(
+                    src.origin,
+                    file,
+                    patch,
+                    src.store,
+                    src.bases,
+                    &checked,
+                    &mut t.report,
+                )
+                .await
+                {
                     Ok(stored) => {
-                        report.patches += 1;
-                        gained += took(&stored, &mut report, &mut on_chunk);
+                        t.report.patches += 1;
+                        t.gained += took(&stored, &mut t.report, on_chunk);
                     }
                     Err(BlobError::Fetch(e)) => return Err(e),
                     Err(BlobError::Unusable(reason)) => {
-                        let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                        let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
                         f.patches.insert((file_hash, patch.from));
                         f.note(format!(
                             "{}: the patch from {} did not rebuild it: {reason}",
@@ -278,17 +342,28 @@ pub async fn fetch_release(
             break;
         }
     }
-    // Then runs: what the site has no base for, compressed as a stream.
-    if !manifest.runs.is_empty() {
-        let order = ChunkOrder::new(&manifest.files);
-        for i in runs_to_fetch(manifest, &order, lacking) {
-            let run = &manifest.runs[i];
+    Ok(())
+}
+
+/// Runs of chunks compressed as a stream, while they still pay.
+async fn run_pass(
+    src: &Inputs<'_>,
+    t: &mut Tally,
+    wanted: &impl Fn(&Hash) -> bool,
+    on_chunk: &mut impl FnMut(&Chunk),
+) -> Result<(), FetchError> {
+    let lacking = |h: &Hash| wanted(h) && !src.store.has(h);
+    if !src.manifest.runs.is_empty() {
+        let order = ChunkOrder::new(&src.manifest.files);
+        for i in runs_to_fetch(src.manifest, &order, lacking) {
+            let run = &src.manifest.runs[i];
             // Asked again: what a peer or an earlier run brought meanwhile
             // may make the chunks left cheaper one by one.
-            if !run_pays(manifest, &order, run, lacking) {
+            if !run_pays(src.manifest, &order, run, lacking) {
                 continue;
             }
-            if fallbacks
+            if src
+                .fallbacks
                 .lock()
                 .map_err(|_| poisoned())?
                 .packed
@@ -296,18 +371,28 @@ pub async fn fetch_release(
             {
                 continue;
             }
-            match unrun_one(origin, manifest, &order, run, store, &lacking, &mut report).await {
+            match unrun_one(
+                src.origin,
+                src.manifest,
+                &order,
+                run,
+                src.store,
+                &lacking,
+                &mut t.report,
+            )
+            .await
+            {
                 Ok(stored) => {
-                    report.runs += 1;
-                    gained += took(&stored, &mut report, &mut on_chunk);
+                    t.report.runs += 1;
+                    t.gained += took(&stored, &mut t.report, on_chunk);
                 }
                 Err(BlobError::Fetch(e)) => return Err(e),
                 Err(BlobError::Unusable(reason)) => {
                     let name = order
-                        .span(&manifest.files, run.first, 1)
+                        .span(&src.manifest.files, run.first, 1)
                         .next()
-                        .map_or("", |(f, _)| manifest.files[f].name.as_str());
-                    let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                        .map_or("", |(f, _)| src.manifest.files[f].name.as_str());
+                    let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
                     f.packed.insert(run.blob.hash);
                     f.note(format!(
                         "the run of {} chunks from \"{name}\" is unusable: {reason}",
@@ -317,21 +402,32 @@ pub async fn fetch_release(
             }
         }
     }
-    // Then each chunk still lacking, packed where that pays.
-    for file in &manifest.files {
+    Ok(())
+}
+
+/// Each chunk still lacking, packed where that pays.
+async fn packed_pass(
+    src: &Inputs<'_>,
+    t: &mut Tally,
+    wanted: &impl Fn(&Hash) -> bool,
+    on_chunk: &mut impl FnMut(&Chunk),
+) -> Result<(), FetchError> {
+    let lacking = |h: &Hash| wanted(h) && !src.store.has(h);
+    for file in &src.manifest.files {
         let Some(file_hash) = file.hash else { continue };
         if !file.chunks.iter().any(|c| lacking(&c.hash)) {
             continue;
         }
         let plan = {
-            let failed = fallbacks.lock().map_err(|_| poisoned())?;
+            let failed = src.fallbacks.lock().map_err(|_| poisoned())?;
             plan_file(file, lacking, |b| {
-                bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
+                src.bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
             })
         };
         for (chunk, blob) in &plan.packed {
             if !lacking(&chunk.hash)
-                || fallbacks
+                || src
+                    .fallbacks
                     .lock()
                     .map_err(|_| poisoned())?
                     .packed
@@ -339,16 +435,16 @@ pub async fn fetch_release(
             {
                 continue;
             }
-            match unpack_one(origin, chunk, blob, store, &mut report).await {
+            match unpack_one(src.origin, chunk, blob, src.store, &mut t.report).await {
                 Ok(()) => {
-                    report.packed += 1;
-                    report.chunks += 1;
-                    gained += chunk.size;
+                    t.report.packed += 1;
+                    t.report.chunks += 1;
+                    t.gained += chunk.size;
                     on_chunk(chunk);
                 }
                 Err(BlobError::Fetch(e)) => return Err(e),
                 Err(BlobError::Unusable(reason)) => {
-                    let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                    let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
                     f.packed.insert(blob.hash);
                     f.note(format!(
                         "{}: the packed copy of chunk {} is unusable: {reason}",
@@ -358,15 +454,27 @@ pub async fn fetch_release(
             }
         }
     }
-    let lacking: HashSet<Hash> = manifest
+    Ok(())
+}
+
+/// Bundles of small files still lacking.
+async fn bundle_pass(
+    src: &Inputs<'_>,
+    t: &mut Tally,
+    wanted: &impl Fn(&Hash) -> bool,
+    on_chunk: &mut impl FnMut(&Chunk),
+) -> Result<(), FetchError> {
+    let lacking: HashSet<Hash> = src
+        .manifest
         .files
         .iter()
         .flat_map(|f| f.chunks.iter().map(|c| c.hash))
-        .filter(|h| wanted(h) && !store.has(h))
+        .filter(|h| wanted(h) && !src.store.has(h))
         .collect();
-    for i in bundles_to_fetch(manifest, &lacking) {
-        let bundle = &manifest.bundles[i];
-        if fallbacks
+    for i in bundles_to_fetch(src.manifest, &lacking) {
+        let bundle = &src.manifest.bundles[i];
+        if src
+            .fallbacks
             .lock()
             .map_err(|_| poisoned())?
             .packed
@@ -374,38 +482,32 @@ pub async fn fetch_release(
         {
             continue;
         }
-        match unbundle_one(origin, manifest, bundle, store, &lacking, &mut report).await {
+        match unbundle_one(
+            src.origin,
+            src.manifest,
+            bundle,
+            src.store,
+            &lacking,
+            &mut t.report,
+        )
+        .await
+        {
             Ok(stored) => {
-                report.bundles += 1;
-                gained += took(&stored, &mut report, &mut on_chunk);
+                t.report.bundles += 1;
+                t.gained += took(&stored, &mut t.report, on_chunk);
             }
             Err(BlobError::Fetch(e)) => return Err(e),
             Err(BlobError::Unusable(reason)) => {
-                let mut f = fallbacks.lock().map_err(|_| poisoned())?;
+                let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
                 f.packed.insert(bundle.blob.hash);
                 f.note(format!(
                     "the bundle of {} files from \"{}\" is unusable: {reason}",
-                    bundle.count, manifest.files[bundle.first].name
+                    bundle.count, src.manifest.files[bundle.first].name
                 ));
             }
         }
     }
-    let plain = fetch_missing(origin, manifest, store, &wanted, &mut on_chunk).await?;
-    report.bytes += plain.bytes;
-    report.chunks += plain.chunks;
-    report.requests += plain.requests;
-    report.already_held = plain.already_held.saturating_sub(gained);
-    if report.patches + report.runs + report.packed + report.bundles > 0 {
-        info!(
-            patches = report.patches,
-            runs = report.runs,
-            packed = report.packed,
-            bundles = report.bundles,
-            bytes = report.bytes,
-            "took patches, runs, packed chunks and bundles from the origin"
-        );
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// Counts the chunks a patch or bundle yielded and tells `on_chunk` of
@@ -602,6 +704,77 @@ pub fn blob_url(base: &str, hash: &Hash) -> String {
 
 /// GETs a blob whole, resuming a cut request where it stopped, never
 /// holding more than its signed size, and checks its hash.
+/// Whether an answer for a blob carries on from the `data` held (a whole
+/// answer starts it again; a range from elsewhere does not serve), or why
+/// the blob cannot be had.
+fn takes_up(
+    response: &reqwest::Response,
+    data: &mut Vec<u8>,
+    url: &str,
+    blob: &Blob,
+) -> Result<bool, BlobError> {
+    match response.status() {
+        StatusCode::OK => data.clear(),
+        StatusCode::PARTIAL_CONTENT => {
+            if content_range_start(response) != Some(data.len() as u64) {
+                data.clear();
+                return Ok(false);
+            }
+        }
+        StatusCode::NOT_FOUND => {
+            return Err(BlobError::Unusable(format!(
+                "{url}: the origin does not have it"
+            )))
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            return Err(BlobError::Unusable(format!(
+                "{url}: shorter than the {} bytes the manifest names",
+                blob.size
+            )))
+        }
+        status => {
+            return Err(BlobError::Fetch(FetchError::Status {
+                url: url.to_owned(),
+                status: status.as_u16(),
+            }))
+        }
+    }
+    Ok(true)
+}
+
+/// Reads an answer's body into `data`, at the uplink's pace, until it
+/// ends (true), is cut or stalls (false: asked again from there).
+async fn read_body(
+    origin: &Origin,
+    mut response: reqwest::Response,
+    data: &mut Vec<u8>,
+    url: &str,
+    blob: &Blob,
+    report: &mut FetchReport,
+) -> Result<bool, BlobError> {
+    loop {
+        match tokio::time::timeout(origin.stall, response.chunk()).await {
+            Ok(Ok(Some(body))) => {
+                origin.wan.take(body.len()).await;
+                report.bytes += body.len() as u64;
+                origin
+                    .received
+                    .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if (data.len() + body.len()) as u64 > blob.size {
+                    return Err(BlobError::Unusable(format!(
+                        "{url}: more than the {} bytes the manifest names",
+                        blob.size
+                    )));
+                }
+                data.extend_from_slice(&body);
+            }
+            Ok(Ok(None)) => return Ok(true),
+            // Cut or stalled: asked again from where it stopped.
+            Ok(Err(_)) | Err(_) => return Ok(false),
+        }
+    }
+}
+
 async fn fetch_blob(
     origin: &Origin,
     blob: &Blob,
@@ -638,59 +811,11 @@ async fn fetch_blob(
                 continue;
             }
         };
-        match response.status() {
-            StatusCode::OK => data.clear(),
-            StatusCode::PARTIAL_CONTENT => {
-                if content_range_start(&response) != Some(data.len() as u64) {
-                    data.clear();
-                    quiet += 1;
-                    continue;
-                }
-            }
-            StatusCode::NOT_FOUND => {
-                return Err(BlobError::Unusable(format!(
-                    "{url}: the origin does not have it"
-                )))
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(BlobError::Unusable(format!(
-                    "{url}: shorter than the {} bytes the manifest names",
-                    blob.size
-                )))
-            }
-            status => {
-                return Err(BlobError::Fetch(FetchError::Status {
-                    url,
-                    status: status.as_u16(),
-                }))
-            }
+        if !takes_up(&response, &mut data, &url, blob)? {
+            quiet += 1;
+            continue;
         }
-        let mut response = response;
-        let mut ended = false;
-        loop {
-            match tokio::time::timeout(origin.stall, response.chunk()).await {
-                Ok(Ok(Some(body))) => {
-                    origin.wan.take(body.len()).await;
-                    report.bytes += body.len() as u64;
-                    origin
-                        .received
-                        .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if (data.len() + body.len()) as u64 > blob.size {
-                        return Err(BlobError::Unusable(format!(
-                            "{url}: more than the {} bytes the manifest names",
-                            blob.size
-                        )));
-                    }
-                    data.extend_from_slice(&body);
-                }
-                Ok(Ok(None)) => {
-                    ended = true;
-                    break;
-                }
-                // Cut or stalled: asked again from where it stopped.
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
+        let ended = read_body(origin, response, &mut data, &url, blob, report).await?;
         if ended && (data.len() as u64) < blob.size {
             // The whole answer came and it is short: the origin's copy is.
             return Err(BlobError::Unusable(format!(

@@ -53,39 +53,29 @@ pub struct Published {
 /// path in one streaming pass, then `AutoUpdater.xml` and its signature are
 /// written. Files are written under a temporary name and renamed into place,
 /// so a reader never sees half a file.
-pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
-    let dir = fs::canonicalize(&opts.dir)
-        .with_context(|| format!("release folder {}", opts.dir.display()))?;
-    if !dir.is_dir() {
-        bail!("release folder {}: not a directory", dir.display());
-    }
-    if let Some(expires) = opts.expires {
-        let now = OffsetDateTime::now_utc();
-        if expires <= now {
-            let rfc = |t: OffsetDateTime| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
-            };
-            bail!(
-                "--expires {}: that date has passed (now is {}); every node would refuse the release as expired, so give a later date",
-                rfc(expires),
-                rfc(now)
-            );
-        }
-    }
-    let planned = resolved(&opts.out)?;
-    if planned.starts_with(&dir) {
-        bail!(
-            "output folder {} is inside the release folder {}; choose an output folder elsewhere",
-            planned.display(),
-            dir.display()
-        );
-    }
+/// An expiry date must lie ahead: every node would refuse the release.
+fn check_expiry(expires: Option<OffsetDateTime>) -> Result<()> {
+    let now = OffsetDateTime::now_utc();
+    let Some(expires) = expires.filter(|at| *at <= now) else {
+        return Ok(());
+    };
+    let rfc = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    bail!(
+        "--expires {}: that date has passed (now is {}); every node would refuse the release as expired, so give a later date",
+        rfc(expires),
+        rfc(now)
+    )
+}
 
-    // Everything is read and checked before anything is written: a
-    // release no node would accept leaves the output folder as it was.
+/// The files of the release folder `dir`, with their names in the
+/// manifest: regular files only, names every node accepts (on Windows too,
+/// unless `linux_only`).
+fn sources(dir: &Path, linux_only: bool) -> Result<Vec<(PathBuf, String)>> {
     let mut sources = Vec::new();
-    for entry in walkdir::WalkDir::new(&dir).sort_by_file_name() {
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
         let entry =
             entry.with_context(|| format!("cannot read release folder {}", dir.display()))?;
         let path = entry.path();
@@ -102,7 +92,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         if !kind.is_file() {
             bail!("{}: not a regular file", path.display());
         }
-        let name = file_name_of(&dir, path)?;
+        let name = file_name_of(dir, path)?;
         check_file_name(&name).with_context(|| format!("{}", path.display()))?;
         if name.split('/').next() == Some(STORE_DIR) {
             bail!(
@@ -110,7 +100,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
                 path.display()
             );
         }
-        if !opts.linux_only {
+        if !linux_only {
             if let Some(why) = lanup_protocol::manifest::windows_refuses(&name) {
                 bail!(
                     "{}: {why}; a release installs on Windows nodes too, so rename it (or publish with --linux-only)",
@@ -120,7 +110,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
         }
         sources.push((path.to_owned(), name));
     }
-    if !opts.linux_only {
+    if !linux_only {
         if let Some((a, b)) =
             lanup_protocol::manifest::case_twins(sources.iter().map(|(_, n)| n.as_str()))
         {
@@ -130,6 +120,48 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
             );
         }
     }
+    Ok(sources)
+}
+
+/// A node accepts at most so many files, and a manifest so large.
+fn check_size(dir: &Path, manifest: &Manifest) -> Result<()> {
+    if manifest.files.len() > MAX_FILES {
+        bail!(
+            "{}: {} files, over the {MAX_FILES} a node accepts in one release; publish fewer files (archive the small ones together)",
+            dir.display(),
+            manifest.files.len()
+        );
+    }
+    let plain = manifest.to_xml()?.len() as u64;
+    if plain > MAX_MANIFEST_BYTES {
+        bail!(
+            "{}: {} files make a {plain}-byte manifest, over the {MAX_MANIFEST_BYTES} bytes a node accepts; publish fewer files (archive the small ones together)",
+            dir.display(),
+            manifest.files.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
+    let dir = fs::canonicalize(&opts.dir)
+        .with_context(|| format!("release folder {}", opts.dir.display()))?;
+    if !dir.is_dir() {
+        bail!("release folder {}: not a directory", dir.display());
+    }
+    check_expiry(opts.expires)?;
+    let planned = resolved(&opts.out)?;
+    if planned.starts_with(&dir) {
+        bail!(
+            "output folder {} is inside the release folder {}; choose an output folder elsewhere",
+            planned.display(),
+            dir.display()
+        );
+    }
+
+    // Everything is read and checked before anything is written: a
+    // release no node would accept leaves the output folder as it was.
+    let sources = sources(&dir, opts.linux_only)?;
     let files = crate::parallel::map(&sources, |(path, name)| digest_file(path, name))?;
 
     let mut manifest = Manifest {
@@ -146,21 +178,7 @@ pub fn publish(opts: &PublishOptions, key: &SecretKey) -> Result<Published> {
     manifest
         .validate()
         .context("the release would not be installable")?;
-    if manifest.files.len() > MAX_FILES {
-        bail!(
-            "{}: {} files, over the {MAX_FILES} a node accepts in one release; publish fewer files (archive the small ones together)",
-            dir.display(),
-            manifest.files.len()
-        );
-    }
-    let plain = manifest.to_xml()?.len() as u64;
-    if plain > MAX_MANIFEST_BYTES {
-        bail!(
-            "{}: {} files make a {plain}-byte manifest, over the {MAX_MANIFEST_BYTES} bytes a node accepts; publish fewer files (archive the small ones together)",
-            dir.display(),
-            manifest.files.len()
-        );
-    }
+    check_size(&dir, &manifest)?;
 
     fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create output folder {}", opts.out.display()))?;

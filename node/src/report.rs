@@ -129,41 +129,11 @@ async fn run(
             return std::future::pending().await;
         }
     };
-    // The report last taken by headquarters, and when the next is due
-    // without news.
-    let mut sent: Option<(Report, Instant)> = None;
-    // When the next attempt is due, and whether it is for news (a change,
-    // or a retry) rather than the periodic refresh.
-    let mut due: Option<Instant> = None;
-    let mut for_news = false;
-    let mut failures = 0u32;
-    let mut n = 0u64;
+    let mut plan = Plan::default();
     loop {
         let current = rx.borrow_and_update().clone();
-        match &current {
-            None => {
-                due = None;
-                for_news = false;
-            }
-            Some(r) => {
-                let news = sent.as_ref().is_none_or(|(s, _)| !s.same_news(r));
-                if news && !for_news {
-                    // Sooner than the refresh that may be due.
-                    n += 1;
-                    let at = Instant::now() + spread(&key, n, CHANGE_DELAY);
-                    due = Some(due.map_or(at, |d| d.min(at)));
-                    for_news = true;
-                } else if !news && for_news && failures == 0 {
-                    // The change was undone before it was told.
-                    for_news = false;
-                    due = None;
-                }
-                if due.is_none() {
-                    due = sent.as_ref().map(|(_, refresh_at)| *refresh_at);
-                }
-            }
-        }
-        let wait = due;
+        plan.look(current.as_ref(), &key);
+        let wait = plan.due;
         let sleep = async move {
             match wait {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -183,36 +153,13 @@ async fn run(
                 // The node's membership goes with it: headquarters that
                 // trusts admin keys counts only members' reports.
                 signed.membership = membership.clone();
-                let body = match serde_json::to_vec(&signed) {
-                    Ok(b) => b,
-                    Err(_) => continue,
-                };
+                let Ok(body) = serde_json::to_vec(&signed) else { continue };
                 let size = body.len() as u64;
-                let outcome = match client.post(&url).timeout(attempt_timeout(size)).header("content-type", "application/json").body(body).send().await {
-                    Ok(resp) if resp.status().is_success() => Ok(()),
-                    Ok(resp) => {
-                        let status = resp.status();
-                        let text = resp.text().await.unwrap_or_default();
-                        Err(format!("{url} answered {status}: {}", text.trim()))
-                    }
-                    Err(e) => Err(match crate::http::explain(&e) {
-                        Some(why) => format!("{url}: {why} ({e})"),
-                        None => format!("{url}: {e}"),
-                    }),
-                };
-                n += 1;
+                let outcome = post(&client, &url, body).await;
+                plan.n += 1;
                 match outcome {
                     Ok(()) => {
-                        if failures > 0 {
-                            info!(%url, after = failures, "site report sent again after failures");
-                        } else {
-                            debug!(%url, bytes = size, "site report sent");
-                        }
-                        failures = 0;
-                        let next = refresh - spread(&key, n, refresh / 10);
-                        sent = Some((r.clone(), Instant::now() + next));
-                        due = None;
-                        for_news = false;
+                        plan.sent(&url, r.clone(), size, &key, refresh);
                         said.send_modify(|s| {
                             s.sent_ms = Some(r.sent_at_ms);
                             s.reports_sent += 1;
@@ -221,23 +168,108 @@ async fn run(
                         });
                     }
                     Err(e) => {
-                        failures += 1;
-                        let pause = RETRY_FIRST
-                            .saturating_mul(1 << (failures - 1).min(10))
-                            .min(RETRY_MAX);
-                        let pause = pause + spread(&key, n, pause / 4);
-                        if failures == 1 {
-                            warn!(error = %e, retry_in = ?pause, "cannot send the site report; trying again");
-                        } else {
-                            debug!(error = %e, failures, retry_in = ?pause, "site report still not sent");
-                        }
-                        due = Some(Instant::now() + pause);
-                        for_news = true;
+                        plan.failed(&e, &key);
                         said.send_modify(|s| s.last_error = Some(e));
                     }
                 }
             }
         }
+    }
+}
+
+/// When the reporter sends next.
+#[derive(Default)]
+struct Plan {
+    /// The report last taken by headquarters, and when the next is due
+    /// without news.
+    sent: Option<(Report, Instant)>,
+    /// When the next attempt is due.
+    due: Option<Instant>,
+    /// Whether it is for news (a change, or a retry) rather than the
+    /// periodic refresh.
+    for_news: bool,
+    failures: u32,
+    /// Attempts so far: each spreads its wait differently.
+    n: u64,
+}
+
+impl Plan {
+    /// Looks at the node's report as it is now: news is sent soon.
+    fn look(&mut self, current: Option<&Report>, key: &SecretKey) {
+        let Some(r) = current else {
+            self.due = None;
+            self.for_news = false;
+            return;
+        };
+        let news = self.sent.as_ref().is_none_or(|(s, _)| !s.same_news(r));
+        if news && !self.for_news {
+            // Sooner than the refresh that may be due.
+            self.n += 1;
+            let at = Instant::now() + spread(key, self.n, CHANGE_DELAY);
+            self.due = Some(self.due.map_or(at, |d| d.min(at)));
+            self.for_news = true;
+        } else if !news && self.for_news && self.failures == 0 {
+            // The change was undone before it was told.
+            self.for_news = false;
+            self.due = None;
+        }
+        if self.due.is_none() {
+            self.due = self.sent.as_ref().map(|(_, refresh_at)| *refresh_at);
+        }
+    }
+
+    /// Headquarters took `r`: the next is due at the refresh.
+    fn sent(&mut self, url: &str, r: Report, size: u64, key: &SecretKey, refresh: Duration) {
+        if self.failures > 0 {
+            info!(%url, after = self.failures, "site report sent again after failures");
+        } else {
+            debug!(%url, bytes = size, "site report sent");
+        }
+        self.failures = 0;
+        let next = refresh - spread(key, self.n, refresh / 10);
+        self.sent = Some((r, Instant::now() + next));
+        self.due = None;
+        self.for_news = false;
+    }
+
+    /// Sending failed: tried again after a pause that doubles.
+    fn failed(&mut self, e: &str, key: &SecretKey) {
+        self.failures += 1;
+        let pause = RETRY_FIRST
+            .saturating_mul(1 << (self.failures - 1).min(10))
+            .min(RETRY_MAX);
+        let pause = pause + spread(key, self.n, pause / 4);
+        if self.failures == 1 {
+            warn!(error = %e, retry_in = ?pause, "cannot send the site report; trying again");
+        } else {
+            debug!(error = %e, failures = self.failures, retry_in = ?pause, "site report still not sent");
+        }
+        self.due = Some(Instant::now() + pause);
+        self.for_news = true;
+    }
+}
+
+/// POSTs a signed report to headquarters; why it was not taken.
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), String> {
+    let size = body.len() as u64;
+    let sent = client
+        .post(url)
+        .timeout(attempt_timeout(size))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(resp) if resp.status().is_success() => Ok(()),
+        Ok(resp) => {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            Err(format!("{url} answered {status}: {}", text.trim()))
+        }
+        Err(e) => Err(match crate::http::explain(&e) {
+            Some(why) => format!("{url}: {why} ({e})"),
+            None => format!("{url}: {e}"),
+        }),
     }
 }
 
