@@ -387,47 +387,15 @@ impl Applier {
             .as_ref()
             .and_then(|i| i.manifest.restart.app_name.clone());
         let name = self.app.name(old_name.as_deref());
-        if let Some((argv, timeout)) = &release.switchover {
-            if let Err(e) = self.app.run_bounded(argv, *timeout, "switchover_timeout") {
-                // Nothing was moved and nothing stopped: the prepared
-                // copy is dropped and the application runs on untouched.
-                let reason = format!("the switchover command `{}` failed: {e}", argv.join(" "));
-                let _ = ignore_missing(fs::remove_file(self.journal_path()));
-                let _ = fs::remove_dir_all(self.work());
-                let _ = fs::remove_dir_all(self.next_dir());
-                return self.failed(&version, from, reason, &mut say);
-            }
-            say(
-                "switchover",
-                format!("ran the switchover command `{}`", argv.join(" ")),
-            );
+        if let Err(reason) = self.switch_over(release, &mut say) {
+            return self.failed(&version, from, reason, &mut say);
         }
         let stopped = match self.app.stop(name) {
             Ok(s) => s,
             Err(e) => return self.roll_back(journal, format!("{e}"), &mut say),
         };
         let stopped_at = Instant::now();
-        say(
-            "stop",
-            if stopped.pids.is_empty() {
-                "the application was not running".to_owned()
-            } else {
-                let mut said = format!("stopped the application (pids {:?}", stopped.pids);
-                if !stopped.killed.is_empty() {
-                    said += &format!(
-                        "; {:?} ignored the stop request and were ended",
-                        stopped.killed
-                    );
-                }
-                if !stopped.ended.is_empty() {
-                    said += &format!(
-                        "; {:?} had no window to close and were ended",
-                        stopped.ended
-                    );
-                }
-                said + ")"
-            },
-        );
+        say("stop", stop_said(&stopped));
         fault("stopped");
         if let Err(e) = self.swap(&journal, &mut say) {
             return self.roll_back(journal, format!("{e:#}"), &mut say);
@@ -442,41 +410,18 @@ impl Applier {
             "journal swapped: the new files are in place".into(),
         );
         fault("swapped");
-        let mut downtime = None;
-        if journal.start_new {
-            let restart = &release.manifest.restart;
-            let new_name = restart.app_name.as_deref();
-            let started = match self.app.start(restart.exe.as_deref(), new_name) {
-                Ok(s) => s,
-                Err(e) => return self.roll_back(journal, e.to_string(), &mut say),
-            };
-            if !stopped.pids.is_empty() {
-                downtime = Some(stopped_at.elapsed());
+        let downtime = if journal.start_new {
+            match self.start_and_check(release, &stopped, stopped_at, &mut say) {
+                Ok(downtime) => downtime,
+                Err(reason) => return self.roll_back(journal, reason, &mut say),
             }
-            say("start", format!("started {version} ({started})"));
-            fault("started");
-            if let Err(e) = self.app.check_health(&started) {
-                return self.roll_back(journal, e.to_string(), &mut say);
-            }
-            say(
-                "health",
-                format!(
-                    "healthy: still running after {:?}{}",
-                    self.app.config.health_after,
-                    if self.app.config.health_command.is_some() {
-                        " and the health command passed"
-                    } else {
-                        ""
-                    }
-                ),
-            );
-            fault("healthy");
         } else {
             say(
                 "start",
                 "not started: the release's RestartApp says no".into(),
             );
-        }
+            None
+        };
         journal.phase = Phase::Committed;
         if let Err(e) = self.write_journal(&journal) {
             return self.roll_back(journal, format!("{e:#}"), &mut say);
@@ -484,6 +429,80 @@ impl Applier {
         fault("committed");
         self.finish_commit(&journal);
         fault("cleaned");
+        self.committed(version, from, downtime, &mut say)
+    }
+
+    /// The active member of a redundancy group hands over to its standby
+    /// before it stops what it runs: why it could not (nothing was moved
+    /// and nothing stopped, so the application runs on untouched).
+    fn switch_over(
+        &self,
+        release: &Release,
+        say: &mut dyn FnMut(&str, String),
+    ) -> Result<(), String> {
+        let Some((argv, timeout)) = &release.switchover else {
+            return Ok(());
+        };
+        if let Err(e) = self.app.run_bounded(argv, *timeout, "switchover_timeout") {
+            let _ = ignore_missing(fs::remove_file(self.journal_path()));
+            let _ = fs::remove_dir_all(self.work());
+            let _ = fs::remove_dir_all(self.next_dir());
+            return Err(format!(
+                "the switchover command `{}` failed: {e}",
+                argv.join(" ")
+            ));
+        }
+        say(
+            "switchover",
+            format!("ran the switchover command `{}`", argv.join(" ")),
+        );
+        Ok(())
+    }
+
+    /// Starts the new release and checks its health: how long the
+    /// application was down (if it ran before), or why it must roll back.
+    fn start_and_check(
+        &self,
+        release: &Release,
+        stopped: &crate::app::Stopped,
+        stopped_at: Instant,
+        say: &mut dyn FnMut(&str, String),
+    ) -> Result<Option<Duration>, String> {
+        let version = release.manifest.release_name();
+        let restart = &release.manifest.restart;
+        let new_name = restart.app_name.as_deref();
+        let started = self
+            .app
+            .start(restart.exe.as_deref(), new_name)
+            .map_err(|e| e.to_string())?;
+        let downtime = (!stopped.pids.is_empty()).then(|| stopped_at.elapsed());
+        say("start", format!("started {version} ({started})"));
+        fault("started");
+        self.app.check_health(&started).map_err(|e| e.to_string())?;
+        say(
+            "health",
+            format!(
+                "healthy: still running after {:?}{}",
+                self.app.config.health_after,
+                if self.app.config.health_command.is_some() {
+                    " and the health command passed"
+                } else {
+                    ""
+                }
+            ),
+        );
+        fault("healthy");
+        Ok(downtime)
+    }
+
+    /// The apply committed: its outcome, recorded, and the journal gone.
+    fn committed(
+        &self,
+        version: String,
+        from: Option<String>,
+        downtime: Option<Duration>,
+        say: &mut dyn FnMut(&str, String),
+    ) -> Outcome {
         let outcome = Outcome {
             version: version.clone(),
             from,
@@ -540,6 +559,73 @@ impl Applier {
     ) -> Result<Journal> {
         let manifest = &release.manifest;
         let version = manifest.release_name();
+        self.check_release(release, installed)?;
+        let install = self.install_dir();
+        let old_name = installed.and_then(|i| i.manifest.restart.app_name.as_deref());
+        // Anything there is left from a copy that was cut short.
+        ignore_missing(fs::remove_dir_all(self.work()))
+            .with_context(|| format!("cannot clear {}", self.work().display()))?;
+        let unchanged = match installed {
+            Some(i) => unchanged_files(install, &i.manifest, manifest)?,
+            None => HashSet::new(),
+        };
+        let copied = self.copy_new(release, &unchanged)?;
+        say(
+            "verify",
+            format!(
+                "checked and copied {} files ({}) into {}; {} unchanged files stay in place",
+                manifest.files.len() - unchanged.len(),
+                lanup_protocol::units::format_bytes(copied),
+                self.place(Place::New).display(),
+                unchanged.len()
+            ),
+        );
+        fault("copied");
+        self.record_next(release)?;
+        // The swap moves only what changes: files the installed release
+        // has and the new one does not, and files whose bytes or mode
+        // differ.
+        let old_files: BTreeSet<String> = installed
+            .map(|i| {
+                i.manifest
+                    .files
+                    .iter()
+                    .filter(|f| !unchanged.contains(&f.name))
+                    .map(|f| f.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let new_files = manifest
+            .files
+            .iter()
+            .filter(|f| !unchanged.contains(&f.name))
+            .map(|f| f.name.clone())
+            .collect();
+        let kind = |name: &str| match fs::symlink_metadata(install.join(name)) {
+            Ok(m) if m.is_dir() => Kind::Dir,
+            Ok(_) => Kind::File,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Kind::Missing,
+            Err(_) => Kind::File,
+        };
+        let mut journal = Journal::begin(
+            installed.map(|i| i.manifest.release_name()),
+            version,
+            &old_files,
+            new_files,
+            kind,
+        )?;
+        journal.was_running = !self.app.processes(self.app.name(old_name)).is_empty();
+        journal.start_new = manifest.restart.allow;
+        self.write_journal(&journal)?;
+        Ok(journal)
+    }
+
+    /// Checks before anything is copied: no apply unfinished, a release in
+    /// the right direction, processes it can tell as the application's, an
+    /// install directory, and files it may write.
+    fn check_release(&self, release: &Release, installed: Option<&Installed>) -> Result<()> {
+        let manifest = &release.manifest;
+        let version = manifest.release_name();
         if self.pending() {
             bail!(
                 "an earlier apply is unfinished ({}); the node resolves it when it starts",
@@ -587,75 +673,25 @@ impl Applier {
                 );
             }
         }
-        // Anything there is left from a copy that was cut short.
-        ignore_missing(fs::remove_dir_all(self.work()))
-            .with_context(|| format!("cannot clear {}", self.work().display()))?;
-        let unchanged = match installed {
-            Some(i) => unchanged_files(install, &i.manifest, manifest)?,
-            None => HashSet::new(),
-        };
-        let copied = self.copy_new(release, &unchanged)?;
-        say(
-            "verify",
-            format!(
-                "checked and copied {} files ({}) into {}; {} unchanged files stay in place",
-                manifest.files.len() - unchanged.len(),
-                lanup_protocol::units::format_bytes(copied),
-                self.place(Place::New).display(),
-                unchanged.len()
-            ),
-        );
-        fault("copied");
-        // The release being installed, recorded before the journal names it.
+        Ok(())
+    }
+
+    /// The release being installed, recorded before the journal names it.
+    fn record_next(&self, release: &Release) -> Result<()> {
         let next = self.next_dir();
         let _ = fs::remove_dir_all(&next);
         write_text_synced(&next.join(MANIFEST_FILE), &release.text)?;
         write_synced(&next.join(SIGNATURE_FILE), release.signature.as_bytes())?;
         let record = InstallRecord {
-            version: version.clone(),
-            install_dir: install.to_owned(),
+            version: release.manifest.release_name(),
+            install_dir: self.install_dir().to_owned(),
             installed_at: unix_now(),
         };
         write_synced(
             &next.join("install.json"),
             &serde_json::to_vec_pretty(&record)?,
         )?;
-        // The swap moves only what changes: files the installed release
-        // has and the new one does not, and files whose bytes or mode
-        // differ.
-        let old_files: BTreeSet<String> = installed
-            .map(|i| {
-                i.manifest
-                    .files
-                    .iter()
-                    .filter(|f| !unchanged.contains(&f.name))
-                    .map(|f| f.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let new_files = manifest
-            .files
-            .iter()
-            .filter(|f| !unchanged.contains(&f.name))
-            .map(|f| f.name.clone())
-            .collect();
-        let kind = |name: &str| match fs::symlink_metadata(install.join(name)) {
-            Ok(m) if m.is_dir() => Kind::Dir,
-            Ok(_) => Kind::File,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Kind::Missing,
-            Err(_) => Kind::File,
-        };
-        let mut journal = Journal::begin(
-            installed.map(|i| i.manifest.release_name()),
-            version,
-            &old_files,
-            new_files,
-            kind,
-        )?;
-        journal.was_running = !self.app.processes(self.app.name(old_name)).is_empty();
-        journal.start_new = manifest.restart.allow;
-        self.write_journal(&journal)?;
-        Ok(journal)
+        Ok(())
     }
 
     /// Copies every staged file but the `unchanged` ones into `new`,
@@ -827,6 +863,20 @@ impl Applier {
         Ok(())
     }
 
+    /// Stops the new release's process (if it started) and the old one's
+    /// (`old_name`), before a rollback moves files back.
+    fn stop_both(&self, old_name: Option<String>) {
+        let new_name = self.next_name();
+        for name in [new_name.as_deref(), old_name.as_deref()] {
+            if let Err(e) = self.app.stop(self.app.name(name)) {
+                warn!(error = %e, "cannot stop the application before the rollback");
+            }
+            if self.app.config.name.is_some() {
+                break;
+            }
+        }
+    }
+
     /// Puts the old release back: stops whatever runs, undoes the moves,
     /// starts the old application again if it was running, and records
     /// why. A rollback that cannot finish leaves the journal for the next
@@ -840,17 +890,7 @@ impl Applier {
         say("rollback", format!("rolling back: {reason}"));
         let installed = self.installed().ok().flatten();
         let old = installed.as_ref().map(|i| &i.manifest.restart);
-        let new_name = self.next_name();
-        let old_name = old.and_then(|r| r.app_name.clone());
-        // The new release's process (if it started) and the old one's.
-        for name in [new_name.as_deref(), old_name.as_deref()] {
-            if let Err(e) = self.app.stop(self.app.name(name)) {
-                warn!(error = %e, "cannot stop the application before the rollback");
-            }
-            if self.app.config.name.is_some() {
-                break;
-            }
-        }
+        self.stop_both(old.and_then(|r| r.app_name.clone()));
         fault("rollback-stopped");
         let mut undone = Ok(());
         for op in rollback_plan(&journal) {
@@ -1087,4 +1127,26 @@ pub fn parse_file(path: &Path) -> Result<Manifest> {
     let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     Manifest::parse_reader(io::BufReader::with_capacity(1 << 16, file))
         .with_context(|| format!("{}", path.display()))
+}
+
+/// What stopping the application did, as the apply's record says it.
+fn stop_said(stopped: &crate::app::Stopped) -> String {
+    if stopped.pids.is_empty() {
+        "the application was not running".to_owned()
+    } else {
+        let mut said = format!("stopped the application (pids {:?}", stopped.pids);
+        if !stopped.killed.is_empty() {
+            said += &format!(
+                "; {:?} ignored the stop request and were ended",
+                stopped.killed
+            );
+        }
+        if !stopped.ended.is_empty() {
+            said += &format!(
+                "; {:?} had no window to close and were ended",
+                stopped.ended
+            );
+        }
+        said + ")"
+    }
 }

@@ -68,6 +68,42 @@ pub enum ChunkError {
     },
 }
 
+/// Reads a chunk's length and bytes from `stream`, each read within
+/// [`CHUNK_STALL`]; None for a length other than the chunk's (a lie
+/// about it, not a hiccup).
+async fn read_body(
+    stream: &mut libp2p::Stream,
+    chunk: &Chunk,
+    failed: &impl Fn(anyhow::Error) -> ChunkError,
+    stalled: &impl Fn() -> ChunkError,
+) -> Result<Option<Vec<u8>>, ChunkError> {
+    let mut len = [0u8; 8];
+    tokio::time::timeout(CHUNK_STALL, stream.read_exact(&mut len))
+        .await
+        .map_err(|_| stalled())?
+        .map_err(|e| failed(e.into()))?;
+    let len = u64::from_le_bytes(len);
+    if len != chunk.size {
+        return Ok(None);
+    }
+    let mut data = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + READ_BLOCK).min(data.len());
+        let n = tokio::time::timeout(CHUNK_STALL, stream.read(&mut data[at..end]))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| failed(e.into()))?;
+        if n == 0 {
+            return Err(failed(anyhow::anyhow!(
+                "stream ended after {at} of {len} bytes"
+            )));
+        }
+        at += n;
+    }
+    Ok(Some(data))
+}
+
 /// Asks `peer` for `chunk`, checks it, and stores it.
 pub async fn fetch(
     mut control: libp2p_stream::Control,
@@ -115,34 +151,7 @@ pub async fn fetch(
             hash: chunk.hash,
         });
     }
-    let mut len = [0u8; 8];
-    tokio::time::timeout(CHUNK_STALL, stream.read_exact(&mut len))
-        .await
-        .map_err(|_| stalled())?
-        .map_err(|e| failed(e.into()))?;
-    let len = u64::from_le_bytes(len);
-    // A wrong length is a lie about the chunk, not a hiccup.
-    let data = if len == chunk.size {
-        let mut data = vec![0u8; len as usize];
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + READ_BLOCK).min(data.len());
-            let n = tokio::time::timeout(CHUNK_STALL, stream.read(&mut data[at..end]))
-                .await
-                .map_err(|_| stalled())?
-                .map_err(|e| failed(e.into()))?;
-            if n == 0 {
-                return Err(failed(anyhow::anyhow!(
-                    "stream ended after {at} of {len} bytes"
-                )));
-            }
-            at += n;
-        }
-        Some(data)
-    } else {
-        None
-    };
-    let Some(data) = data else {
+    let Some(data) = read_body(&mut stream, &chunk, &failed, &stalled).await? else {
         return Err(ChunkError::Corrupt {
             peer,
             hash: chunk.hash,

@@ -338,6 +338,21 @@ fn members_only_from(date: Option<&str>) -> Result<Option<u64>> {
     })
 }
 
+/// What the node reaches over the network can be reached: its
+/// authorities and proxy, its origin and headquarters, and a private swarm
+/// only over TCP.
+fn check_network(c: &ConfigFile, listen: &[Multiaddr], peers: &[Multiaddr]) -> Result<()> {
+    crate::http::check(&crate::http::Settings {
+        ca_file: c.ca_file.clone(),
+        proxy: c.proxy.clone(),
+    })?;
+    check_urls(c.origin.as_deref(), c.report_to.as_deref())?;
+    if c.psk.is_some() {
+        check_no_quic(listen.iter().chain(peers))?;
+    }
+    Ok(())
+}
+
 /// The origin and headquarters are reached over HTTP(S).
 fn check_urls(origin: Option<&str>, report_to: Option<&str>) -> Result<()> {
     if let Some(origin) = origin {
@@ -382,9 +397,10 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
     let listen = multiaddrs(
         "listen",
         c.listen
+            .clone()
             .unwrap_or_else(|| vec![format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")]),
     )?;
-    let peers = multiaddrs("peers", c.peers.unwrap_or_default())?;
+    let peers = multiaddrs("peers", c.peers.clone().unwrap_or_default())?;
     let trust_publisher = keys("trust_publisher", c.trust_publisher.as_deref())?;
     let trust_admin = keys("trust_admin", c.trust_admin.as_deref())?;
     if trust_publisher.is_empty() {
@@ -394,25 +410,13 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
     if members_only_from.is_some() && trust_admin.is_empty() {
         bail!("members_only_from: membership certificates are signed by admin keys; set trust_admin too");
     }
-    crate::http::check(&crate::http::Settings {
-        ca_file: c.ca_file.clone(),
-        proxy: c.proxy.clone(),
-    })?;
-    check_urls(c.origin.as_deref(), c.report_to.as_deref())?;
-    if c.psk.is_some() {
-        check_no_quic(listen.iter().chain(&peers))?;
-    }
+    check_network(&c, &listen, &peers)?;
     let site = site_name(c.site)?;
-    let poll_interval = match c.poll_interval {
-        // A release is picked up within about a minute; a conditional
-        // poll of the manifest and the fleet rollout file that finds
-        // neither changed was 0.9 KB on the wire
-        // (tests/bench/poll_cost.sh): 1.3 MB a day, 0.18 % of a 64 kbit/s
-        // link.
-        None => Duration::from_secs(60),
-        Some(v) => humantime::parse_duration(&v)
-            .with_context(|| format!("poll_interval {v:?}: expected a duration like 30s or 5m"))?,
-    };
+    // A release is picked up within about a minute; a conditional poll of
+    // the manifest and the fleet rollout file that finds neither changed
+    // was 0.9 KB on the wire (tests/bench/poll_cost.sh): 1.3 MB a day,
+    // 0.18 % of a 64 kbit/s link.
+    let poll_interval = duration("poll_interval", c.poll_interval, Duration::from_secs(60))?;
     let policy = crate::policy::Policy::resolve(
         crate::policy::PolicyFile {
             admin_threshold: c.admin_threshold,
@@ -451,12 +455,11 @@ fn resolve(c: ConfigFile) -> Result<NodeConfig> {
             Duration::from_secs(60),
         )?,
         report_to: c.report_to.as_deref().map(crate::report::report_url),
-        report_interval: match c.report_interval {
-            None => Duration::from_millis(lanup_protocol::report::REFRESH_MS),
-            Some(v) => humantime::parse_duration(&v).with_context(|| {
-                format!("report_interval {v:?}: expected a duration like 1h or 30m")
-            })?,
-        },
+        report_interval: duration(
+            "report_interval",
+            c.report_interval,
+            Duration::from_millis(lanup_protocol::report::REFRESH_MS),
+        )?,
         metrics_listen: c.metrics_listen,
         http: crate::http::Settings {
             ca_file: c.ca_file,

@@ -201,18 +201,7 @@ pub async fn fetch_missing(
     wanted: impl Fn(&Hash) -> bool,
     mut on_chunk: impl FnMut(&Chunk),
 ) -> Result<FetchReport, FetchError> {
-    let chunks = lanup_protocol::manifest::unique_chunks(&manifest.files);
-    let mut held: HashSet<Hash> = {
-        let store = store.clone();
-        let hashes: Vec<Hash> = chunks.keys().copied().collect();
-        tokio::task::spawn_blocking(move || hashes.into_iter().filter(|h| store.has(h)).collect())
-            .await
-            .map_err(|e| FetchError::Network(e.into()))?
-    };
-    let mut report = FetchReport {
-        already_held: held.iter().filter_map(|h| chunks.get(h)).sum(),
-        ..FetchReport::default()
-    };
+    let (mut held, mut report) = already_held(manifest, store).await?;
     let mut retry: Option<(String, Cursor)> = None;
     let mut ahead: Option<Sent> = None;
     let mut quiet = 0;
@@ -275,6 +264,26 @@ pub async fn fetch_missing(
         "origin requests done"
     );
     Ok(report)
+}
+
+/// The chunks of `manifest` the store holds (looked at off the node's
+/// task), and a report that counts their bytes.
+async fn already_held(
+    manifest: &Manifest,
+    store: &ChunkStore,
+) -> Result<(HashSet<Hash>, FetchReport), FetchError> {
+    let chunks = lanup_protocol::manifest::unique_chunks(&manifest.files);
+    let store = store.clone();
+    let hashes: Vec<Hash> = chunks.keys().copied().collect();
+    let held: HashSet<Hash> =
+        tokio::task::spawn_blocking(move || hashes.into_iter().filter(|h| store.has(h)).collect())
+            .await
+            .map_err(|e| FetchError::Network(e.into()))?;
+    let report = FetchReport {
+        already_held: held.iter().filter_map(|h| chunks.get(h)).sum(),
+        ..FetchReport::default()
+    };
+    Ok((held, report))
 }
 
 /// What a download reads next.

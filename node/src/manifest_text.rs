@@ -229,14 +229,7 @@ const OP_INSERT: u8 = 2;
 ///   ops: 1 skip u64 length u64 (copy from base) | 2 length u64 bytes | 0
 /// ```
 pub fn make_delta(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
-    let lines = |text: &[u8]| -> Vec<usize> {
-        let mut ends: Vec<usize> = newlines(text).map(|i| i + 1).collect();
-        if ends.last().is_none_or(|&e| e < text.len()) {
-            ends.push(text.len());
-        }
-        ends
-    };
-    let (base_ends, target_ends) = (lines(base), lines(target));
+    let (base_ends, target_ends) = (line_ends(base), line_ends(target));
     let (old, new) = (
         line_slices(base, &base_ends),
         line_slices(target, &target_ends),
@@ -302,6 +295,11 @@ pub fn make_delta(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
     flush_copy(&mut raw, &mut copy, &mut cursor);
     flush_insert(&mut raw, &mut insert);
     raw.push(OP_END);
+    compress_delta(&raw)
+}
+
+/// A delta's operations, compressed behind its magic.
+fn compress_delta(raw: &[u8]) -> io::Result<Vec<u8>> {
     let level = if raw.len() <= 1 << 20 {
         PUBLISH_LEVEL
     } else {
@@ -310,9 +308,19 @@ pub fn make_delta(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = DELTA_MAGIC.to_vec();
     let mut encoder = zstd::stream::write::Encoder::new(&mut out, level)?;
     encoder.window_log(WINDOW_LOG)?;
-    encoder.write_all(&raw)?;
+    encoder.write_all(raw)?;
     encoder.finish()?;
     Ok(out)
+}
+
+/// Where each line of `text` ends (past its newline; the last may have
+/// none).
+fn line_ends(text: &[u8]) -> Vec<usize> {
+    let mut ends: Vec<usize> = newlines(text).map(|i| i + 1).collect();
+    if ends.last().is_none_or(|&e| e < text.len()) {
+        ends.push(text.len());
+    }
+    ends
 }
 
 fn line_slices<'a>(text: &'a [u8], ends: &[usize]) -> Vec<&'a [u8]> {

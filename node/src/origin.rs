@@ -196,6 +196,16 @@ fn resolve(root: &Path, uri_path: &str) -> Option<PathBuf> {
     real.starts_with(root).then_some(real)
 }
 
+/// A file's validator: its size and modification time.
+fn etag_of(meta: &std::fs::Metadata) -> String {
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    format!("\"{:x}-{:x}\"", meta.len(), mtime.as_nanos())
+}
+
 async fn respond(
     shared: &Arc<Shared>,
     path: &Path,
@@ -208,12 +218,7 @@ async fn respond(
         return Err(std::io::ErrorKind::NotFound.into());
     }
     let len = meta.len();
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .unwrap_or_default();
-    let etag = format!("\"{len:x}-{:x}\"", mtime.as_nanos());
+    let etag = etag_of(&meta);
 
     let mut builder = Response::builder()
         .header(header::ETAG, &etag)

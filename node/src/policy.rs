@@ -272,6 +272,10 @@ mod tests {
             1,
             "wan_schedule rate \"fast\"",
         );
+    }
+
+    #[test]
+    fn a_valid_policy_names_its_thresholds_and_its_uplink_hours() {
         let p = Policy::resolve(
             PolicyFile {
                 admin_threshold: Some(2),

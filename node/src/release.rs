@@ -684,6 +684,41 @@ impl ManifestSource {
     }
 }
 
+/// The compressed manifest, if the signature (read now unless it was)
+/// holds over it, with the ETag to poll with; None when it does not (the
+/// manifest itself is read then).
+async fn signed_packed(
+    client: &reqwest::Client,
+    packed: Vec<u8>,
+    mut etag: Option<String>,
+    signature: &mut Option<Option<Vec<u8>>>,
+    (url, sig_url): (&str, &str),
+) -> Result<Option<(ManifestText, Option<String>)>> {
+    if signature.is_none() {
+        let (read, sig_etag) = get_signature(client, sig_url).await?;
+        *signature = Some(read);
+        etag = sig_etag;
+    }
+    let sig = signature.clone().flatten();
+    let checked = tokio::task::spawn_blocking(move || {
+        let text = ManifestText::from_packed(packed)?;
+        holds_over(&text, &sig.unwrap_or_default())?;
+        anyhow::Ok(text)
+    })
+    .await?;
+    match checked {
+        Ok(text) => Ok(Some((text, etag))),
+        Err(e) => {
+            tracing::warn!(
+                %url,
+                reason = %format!("{e:#}"),
+                "the compressed manifest is not the signed one; reading the manifest itself (publish again, or `lanup sign` the manifest, to write it anew)"
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// Reads a manifest whole (conditionally, given an ETag): the compressed
 /// copy first, taken when the signature holds over it, else the text. The
 /// signature is read after the manifest unless it was read already
@@ -700,37 +735,26 @@ async fn read_whole(
     match http_get_bounded(client, &packed_url, etag, MAX_PACKED_MANIFEST_BYTES).await? {
         Got::NotModified => return Ok(Poll::Unchanged { etag: None }),
         Got::NotFound => {}
-        Got::Body(packed, mut etag) => {
-            if signature.is_none() {
-                let (read, sig_etag) = get_signature(client, &sig_url).await?;
-                signature = Some(read);
-                etag = sig_etag;
-            }
-            let sig = signature.clone().flatten();
-            let checked = tokio::task::spawn_blocking(move || {
-                let text = ManifestText::from_packed(packed)?;
-                holds_over(&text, &sig.unwrap_or_default())?;
-                anyhow::Ok(text)
-            })
+        Got::Body(packed, etag) => {
+            let read = signed_packed(
+                client,
+                packed,
+                etag,
+                &mut signature,
+                (&packed_url, &sig_url),
+            )
             .await?;
-            match checked {
-                Ok(text) => {
-                    return Ok(Poll::Changed {
-                        source: ManifestSource {
-                            location: packed_url,
-                            text,
-                            signature: signature.flatten(),
-                            signature_location: sig_url,
-                        },
-                        etag,
-                        signed: true,
-                    })
-                }
-                Err(e) => tracing::warn!(
-                    url = %packed_url,
-                    reason = %format!("{e:#}"),
-                    "the compressed manifest is not the signed one; reading the manifest itself (publish again, or `lanup sign` the manifest, to write it anew)"
-                ),
+            if let Some((text, etag)) = read {
+                return Ok(Poll::Changed {
+                    source: ManifestSource {
+                        location: packed_url,
+                        text,
+                        signature: signature.flatten(),
+                        signature_location: sig_url,
+                    },
+                    etag,
+                    signed: true,
+                });
             }
         }
     }

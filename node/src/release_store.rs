@@ -531,17 +531,7 @@ impl ReleaseStore {
                 key,
                 level,
             } => {
-                let mut data = Vec::new();
-                for f in &manifest.files[first..first + count] {
-                    let path = out.join(&f.name);
-                    let start = data.len();
-                    fs::File::open(&path)
-                        .and_then(|mut r| r.read_to_end(&mut data))
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    if Some((data.len() - start) as u64) != f.size {
-                        bail!("{}: changed while it was being published", path.display());
-                    }
-                }
+                let data = read_bundled(out, &manifest.files[first..first + count])?;
                 let packed = delta::pack(&data, level)?;
                 let blob = self.write_blob(&packed)?;
                 Ok(Some(Done::Bundle { key, blob }))
@@ -771,6 +761,22 @@ fn read_base(given: &Path) -> Result<Base> {
         files.insert(name, (hash, entry.path().to_owned()));
     }
     Ok(Base::new(given.display().to_string(), files))
+}
+
+/// The bytes of `files`, published in `out`, one after the other.
+fn read_bundled(out: &Path, files: &[lanup_protocol::manifest::UpdateFile]) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    for f in files {
+        let path = out.join(&f.name);
+        let start = data.len();
+        fs::File::open(&path)
+            .and_then(|mut r| r.read_to_end(&mut data))
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if Some((data.len() - start) as u64) != f.size {
+            bail!("{}: changed while it was being published", path.display());
+        }
+    }
+    Ok(data)
 }
 
 /// What a publish packs and patches: the jobs to run, and the bundles and

@@ -288,20 +288,58 @@ fn stage(
     // already there are replaced, each by a rename.
     clear_partial(dest);
     std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let (mut open, places) = open_files(manifest, store, dest, &earlier)?;
+    // The earlier releases' manifests are not needed any more.
+    drop(earlier);
+    while open.count > 0 {
+        let Ok(hash) = rx.recv() else {
+            return Ok(false);
+        };
+        let at = places.of(&hash);
+        // Not needed (any more): a repeat, or a chunk of linked files.
+        if !at.iter().any(|&(_, i, j)| open.wants(i, j)) {
+            continue;
+        }
+        let data = store.get_verified(&hash).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                anyhow::Error::new(DamagedChunk(hash))
+                    .context(format!("chunk {hash} was damaged in the store"))
+            } else {
+                anyhow::Error::new(e).context(format!("cannot read chunk {hash} from the store"))
+            }
+        })?;
+        for &(_, i, j) in at {
+            if open.wants(i, j) {
+                write_chunk(&mut open, manifest, store, dest, (i, j), &data)?;
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Opens every file of the release to be written as its chunks come (a
+/// file an earlier staged release holds alike is linked in at once); the
+/// files still open, and where each chunk goes.
+fn open_files(
+    manifest: &Manifest,
+    store: &ChunkStore,
+    dest: &Path,
+    earlier: &[Staged],
+) -> Result<(Open, Places)> {
     let mut open = Open {
         files: vec![false; manifest.files.len()],
         parts: HashMap::new(),
         count: 0,
     };
     let mut places = Vec::new();
-    let index = index_earlier(&earlier);
+    let index = index_earlier(earlier);
     for (i, file) in manifest.files.iter().enumerate() {
         check_file_name(&file.name)?;
         let target = dest.join(&file.name);
         let dir = target.parent().unwrap_or(dest);
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let part = part_path(&target);
-        if let Some(same) = same_file(file, &earlier, &index) {
+        if let Some(same) = same_file(file, earlier, &index) {
             let _ = std::fs::remove_file(&part);
             if std::fs::hard_link(&same, &part).is_ok() {
                 crate::platform::rename(&part, &target)
@@ -353,70 +391,56 @@ fn stage(
             );
         }
     }
-    // The earlier releases' manifests are not needed any more.
-    drop((index, earlier));
     places.sort_unstable();
-    let places = Places(places);
-    while open.count > 0 {
-        let Ok(hash) = rx.recv() else {
-            return Ok(false);
-        };
-        let at = places.of(&hash);
-        // Not needed (any more): a repeat, or a chunk of linked files.
-        if !at.iter().any(|&(_, i, j)| open.wants(i, j)) {
-            continue;
-        }
-        let data = store.get_verified(&hash).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                anyhow::Error::new(DamagedChunk(hash))
-                    .context(format!("chunk {hash} was damaged in the store"))
-            } else {
-                anyhow::Error::new(e).context(format!("cannot read chunk {hash} from the store"))
-            }
-        })?;
-        for &(_, i, j) in at {
-            if !open.wants(i, j) {
-                continue;
-            }
-            let file = &manifest.files[i as usize];
-            let path = part_path(&dest.join(&file.name));
-            let Some(p) = open.parts.get_mut(&i) else {
-                // A file of one chunk is its chunk.
-                crate::platform::write_all_at(&open_part(&path, true)?, &data, 0)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                finish(None, file, dest, store)?;
-                open.files[i as usize] = false;
-                open.count -= 1;
-                continue;
-            };
-            let j = j as usize;
-            crate::platform::write_all_at(&open_part(&path, true)?, &data, p.offsets[j])
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            p.written[j] = true;
-            p.remaining -= 1;
-            p.unsynced += data.len() as u64;
-            if p.hashed == j {
-                p.hasher.get_or_insert_with(Default::default).update(&data);
-                p.hashed += 1;
-            }
-            advance(p, file, &path)?;
-            if (p.unsynced >= SYNC_EVERY || p.synced_at.elapsed() >= SYNC_AFTER) && p.remaining > 0
-            {
-                open_part(&path, true)?
-                    .sync_data()
-                    .with_context(|| format!("cannot sync {}", path.display()))?;
-                p.unsynced = 0;
-                p.synced_at = Instant::now();
-            }
-            if p.remaining == 0 {
-                let mut p = open.parts.remove(&i).expect("the part being finished");
-                finish(Some(&mut p), file, dest, store)?;
-                open.files[i as usize] = false;
-                open.count -= 1;
-            }
-        }
+    Ok((open, Places(places)))
+}
+
+/// Writes chunk `j` of file `i` into its part file; a file whose last chunk
+/// it was is finished (checked, synced, renamed into place).
+fn write_chunk(
+    open: &mut Open,
+    manifest: &Manifest,
+    store: &ChunkStore,
+    dest: &Path,
+    (i, j): (u32, u32),
+    data: &[u8],
+) -> Result<()> {
+    let file = &manifest.files[i as usize];
+    let path = part_path(&dest.join(&file.name));
+    let Some(p) = open.parts.get_mut(&i) else {
+        // A file of one chunk is its chunk.
+        crate::platform::write_all_at(&open_part(&path, true)?, data, 0)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        finish(None, file, dest, store)?;
+        open.files[i as usize] = false;
+        open.count -= 1;
+        return Ok(());
+    };
+    let j = j as usize;
+    crate::platform::write_all_at(&open_part(&path, true)?, data, p.offsets[j])
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    p.written[j] = true;
+    p.remaining -= 1;
+    p.unsynced += data.len() as u64;
+    if p.hashed == j {
+        p.hasher.get_or_insert_with(Default::default).update(data);
+        p.hashed += 1;
     }
-    Ok(true)
+    advance(p, file, &path)?;
+    if (p.unsynced >= SYNC_EVERY || p.synced_at.elapsed() >= SYNC_AFTER) && p.remaining > 0 {
+        open_part(&path, true)?
+            .sync_data()
+            .with_context(|| format!("cannot sync {}", path.display()))?;
+        p.unsynced = 0;
+        p.synced_at = Instant::now();
+    }
+    if p.remaining == 0 {
+        let mut p = open.parts.remove(&i).expect("the part being finished");
+        finish(Some(&mut p), file, dest, store)?;
+        open.files[i as usize] = false;
+        open.count -= 1;
+    }
+    Ok(())
 }
 
 /// Where a file is written before it is complete: a hidden name beside

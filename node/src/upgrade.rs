@@ -429,12 +429,7 @@ pub async fn hand_over(
                 warn!(error = %format!("{e:#}"), "cannot commit the update of lanup; putting the old lanup back");
                 return Err(give_up(state, &binary, || fail(format!("{e:#}"), true)));
             }
-            let old = beside(&binary, "old");
-            if std::fs::remove_file(&old).is_err() && old.exists() {
-                // Windows: the old binary is this process's image until it
-                // ends; the new lanup removes it.
-                let _ = write_synced(&leftover_path(state), old.to_string_lossy().as_bytes());
-            }
+            remove_old(state, &binary);
             let outcome = Outcome {
                 version: to.clone(),
                 from: Some(from.clone()),
@@ -454,6 +449,15 @@ pub async fn hand_over(
         }
     }
     Err(restart(&binary))
+}
+
+/// Removes the old binary once the new one is committed. On Windows it
+/// is this process's image until it ends: the new lanup removes it.
+fn remove_old(state: &Path, binary: &Path) {
+    let old = beside(binary, "old");
+    if std::fs::remove_file(&old).is_err() && old.exists() {
+        let _ = write_synced(&leftover_path(state), old.to_string_lossy().as_bytes());
+    }
 }
 
 /// How a trial of a new lanup ended.
@@ -509,6 +513,28 @@ fn swap(state: &Path, journal: &Journal, staged: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether the trial node's status proves it: it runs lanup `to` and,
+/// where the node had peers, hears one of them. Why not, if it does not.
+fn proves(status: &serde_json::Value, to: &str, had_peers: bool) -> Result<(), String> {
+    let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+    let me = nodes.iter().find(|n| n["self"] == true);
+    let running = me.and_then(|n| n["lanup_version"].as_str());
+    if running != Some(to) {
+        return Err(format!(
+            "it says it runs lanup {}",
+            running.unwrap_or("(none)")
+        ));
+    }
+    let heard = nodes
+        .iter()
+        .filter(|n| n["self"] != true)
+        .any(|n| n["last_seen_ms"].as_u64().is_some_and(|ms| ms < 5_000));
+    if had_peers && !heard {
+        return Err("it runs but has not heard any other node of the site".into());
+    }
+    Ok(())
+}
+
 /// Runs the new binary on trial until it answers as the new version and
 /// hears the site, or the time is up, or `stop` completes.
 async fn trial(
@@ -560,22 +586,10 @@ async fn trial(
             )
             .await;
             let Ok(Ok(status)) = asked else { continue };
-            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
-            let me = nodes.iter().find(|n| n["self"] == true);
-            let running = me.and_then(|n| n["lanup_version"].as_str());
-            if running != Some(to) {
-                last = format!("it says it runs lanup {}", running.unwrap_or("(none)"));
-                continue;
+            match proves(&status, to, handover.had_peers) {
+                Ok(()) => return Ok(()),
+                Err(why) => last = why,
             }
-            let heard = nodes
-                .iter()
-                .filter(|n| n["self"] != true)
-                .any(|n| n["last_seen_ms"].as_u64().is_some_and(|ms| ms < 5_000));
-            if handover.had_peers && !heard {
-                last = "it runs but has not heard any other node of the site".into();
-                continue;
-            }
-            return Ok(());
         }
     };
     let ended = tokio::select! {

@@ -34,9 +34,13 @@ pub struct Candidate<P> {
     pub has_origin: bool,
     /// Milliseconds since its last heartbeat (0 for the node deciding).
     pub silent_ms: u64,
-    /// Its origin keeps failing, or it made no origin progress while the
-    /// site lacked chunks (as it says, or as others saw).
+    /// Its origin keeps failing (as it says).
     pub failing: bool,
+    /// Nodes of the site could not reach it, or saw it make no origin
+    /// progress while the site lacked chunks: worse than an origin that
+    /// answers with an error (such a node retries; a suspected one may
+    /// never be heard from).
+    pub suspected: bool,
     /// It acts as the fetcher and its download from the origin is under
     /// way: it keeps the role while it is not failing.
     pub downloading: bool,
@@ -130,6 +134,7 @@ impl Election {
             has_origin,
             silent_ms: 0,
             failing: false,
+            suspected: false,
             downloading: false,
         };
         let others = others
@@ -139,6 +144,7 @@ impl Election {
                 has_origin,
                 silent_ms,
                 failing: false,
+                suspected: false,
                 downloading: false,
             });
         self.choose(std::iter::once(me).chain(others))
@@ -153,20 +159,22 @@ impl Election {
         let mut downloading: Option<P> = None;
         let mut healthy: Option<P> = None;
         let mut failing: Option<P> = None;
+        let mut suspected: Option<P> = None;
         for c in candidates {
             if !c.has_origin || c.silent_ms >= self.silent_ms {
                 continue;
             }
-            let best = match (c.failing, c.downloading) {
-                (true, _) => &mut failing,
-                (false, true) => &mut downloading,
-                (false, false) => &mut healthy,
+            let best = match (c.suspected, c.failing, c.downloading) {
+                (true, _, _) => &mut suspected,
+                (false, true, _) => &mut failing,
+                (false, false, true) => &mut downloading,
+                (false, false, false) => &mut healthy,
             };
             if best.as_ref().is_none_or(|b| c.id < *b) {
                 *best = Some(c.id);
             }
         }
-        downloading.or(healthy).or(failing)
+        downloading.or(healthy).or(failing).or(suspected)
     }
 
     /// Whether node `me` is the fetcher (see [`Election::fetcher`]).
@@ -236,6 +244,7 @@ mod tests {
             has_origin: true,
             silent_ms: 0,
             failing,
+            suspected: false,
             downloading,
         };
         assert_eq!(e.choose([c(5, false, true), c(3, false, false)]), Some(5));
@@ -264,6 +273,7 @@ mod tests {
             has_origin: true,
             silent_ms: 0,
             failing,
+            suspected: false,
             downloading: false,
         };
         assert_eq!(e.choose([c(5, false), c(3, true), c(7, false)]), Some(5));
@@ -283,5 +293,33 @@ mod tests {
         };
         assert_eq!(e.choose([silent, no_origin, c(9, true)]), Some(9));
         assert_eq!(e.choose([silent, no_origin]), None);
+    }
+
+    #[test]
+    fn a_node_the_site_cannot_reach_comes_after_nodes_whose_origin_failed() {
+        // Every node polled an origin with nothing published yet (an
+        // error), and the lowest cannot be reached: the next one fetches,
+        // not the one no one hears from.
+        let e = Election::STATIC_PEERS;
+        let c = |id: u32, suspected: bool| Candidate {
+            id,
+            has_origin: true,
+            silent_ms: 0,
+            failing: true,
+            suspected,
+            downloading: false,
+        };
+        assert_eq!(e.choose([c(3, true), c(5, false), c(7, false)]), Some(5));
+        let downloading = Candidate {
+            downloading: true,
+            failing: false,
+            ..c(2, true)
+        };
+        assert_eq!(
+            e.choose([downloading, c(5, false)]),
+            Some(5),
+            "a suspected download does not keep the role"
+        );
+        assert_eq!(e.choose([c(3, true)]), Some(3), "all suspected: someone");
     }
 }

@@ -420,6 +420,7 @@ impl<'m> Sim<'m> {
                     has_origin: true,
                     silent_ms: self.heard_ago(j)?,
                     failing: false,
+                    suspected: false,
                     downloading: self.downloading(j),
                 })
             });
@@ -428,6 +429,7 @@ impl<'m> Sim<'m> {
             has_origin: true,
             silent_ms: 0,
             failing: false,
+            suspected: false,
             downloading: self.downloading(i),
         };
         self.election.choose(std::iter::once(me).chain(others)) == Some(n.id)

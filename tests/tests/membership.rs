@@ -501,16 +501,6 @@ fn a_member_that_claims_the_fetcher_role_and_cannot_be_reached_is_passed_over_in
     let hang = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hang_url = format!("http://{}/", hang.local_addr().expect("addr"));
     let config = join(&claimer, &token, &origin.url, &publisher.1);
-    let mut cmd = node_command(&claimer, Some(&hang_url), &publisher.1, &site.site);
-    cmd.arg("--config")
-        .arg(config)
-        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[3])])
-        .args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[0])])
-        .arg("--no-mdns")
-        // Its firewall lets it reach node 0 alone (the others, higher,
-        // leave the dialling to it).
-        .env("LANUP_FAULT_NO_DIAL_OUT", "1");
-    site.start(3, cmd);
     for (i, config) in configs.iter().enumerate() {
         let mut cmd = node_command(&site.states[i], Some(&origin.url), &publisher.1, &site.site);
         cmd.arg("--config")
@@ -521,7 +511,26 @@ fn a_member_that_claims_the_fetcher_role_and_cannot_be_reached_is_passed_over_in
             cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[j])]);
         }
         site.start(i, cmd);
+        // Each member polls the origin before the next one comes (a node
+        // that hears only failing peers fetches): nothing is published
+        // yet, so every member counts its origin as failing. The claimer
+        // the site cannot reach must still come after them.
+        wait_for(
+            "a member to poll the empty origin",
+            Duration::from_secs(30),
+            || node_log(&site.states[i]).contains("cannot read the origin's manifest"),
+        );
     }
+    let mut cmd = node_command(&claimer, Some(&hang_url), &publisher.1, &site.site);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[3])])
+        .args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", site.ports[0])])
+        .arg("--no-mdns")
+        // Its firewall lets it reach node 0 alone (the others, higher,
+        // leave the dialling to it).
+        .env("LANUP_FAULT_NO_DIAL_OUT", "1");
+    site.start(3, cmd);
     // Every member takes node 3 for the site's fetcher.
     let claimer_id = lowest.public().peer_id();
     let fetcher_of = |state: &Path| -> Option<String> {

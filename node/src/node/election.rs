@@ -213,14 +213,7 @@ impl Node {
     /// downloads).
     fn choose_fetcher(&self, named: bool) -> Option<PeerId> {
         let by_site = self.suspected_by_site();
-        let suspect = |peer: &PeerId, hb: &Heartbeat| {
-            hb.origin_failing
-                || by_site.contains(peer)
-                || self
-                    .suspects
-                    .get(peer)
-                    .is_some_and(|at| at.elapsed() < FAILING_FOR)
-        };
+        let suspect = |peer: &PeerId| self.suspected(peer, &by_site);
         // Whether each node is live is the node's to judge (a heartbeat's
         // cadence varies): the election sees a live one as just heard.
         let quiet = |peer: &PeerId, at: Instant, hb: &Heartbeat| {
@@ -236,7 +229,8 @@ impl Node {
                 id: *peer,
                 has_origin: hb.has_origin,
                 silent_ms: quiet(peer, *at, hb),
-                failing: suspect(peer, hb),
+                failing: hb.origin_failing,
+                suspected: suspect(peer),
                 downloading: hb.downloading,
             })
         });
@@ -244,7 +238,8 @@ impl Node {
             id: *author,
             has_origin: h.has_origin,
             silent_ms: quiet(author, h.at, &h.heartbeat),
-            failing: suspect(author, &h.heartbeat),
+            failing: h.heartbeat.origin_failing,
+            suspected: suspect(author),
             downloading: h.heartbeat.downloading,
         });
         let now = self.now_ms();
@@ -264,7 +259,8 @@ impl Node {
             // A node the site revoked fetches nothing for it.
             has_origin: self.config.origin.is_some() && !self.revoked_here(),
             silent_ms: 0,
-            failing: self.origin_failing() || by_site.contains(&self.local),
+            failing: self.origin_failing(),
+            suspected: by_site.contains(&self.local),
             downloading: self.downloading(),
         };
         let hearsay = if named {
@@ -294,15 +290,23 @@ impl Node {
                     id,
                     has_origin: true,
                     silent_ms: 0,
-                    failing: by_site.contains(&id)
-                        || self
-                            .suspects
-                            .get(&id)
-                            .is_some_and(|at| at.elapsed() < FAILING_FOR),
+                    failing: false,
+                    suspected: self.suspected(&id, by_site),
                     downloading: *downloading,
                 })
             })
             .collect::<Vec<_>>()
+    }
+
+    /// Whether `peer` is suspected: by this node (it could not reach it, or
+    /// saw it make no progress as the fetcher) or by live nodes of the site
+    /// (`by_site`).
+    fn suspected(&self, peer: &PeerId, by_site: &HashSet<PeerId>) -> bool {
+        by_site.contains(peer)
+            || self
+                .suspects
+                .get(peer)
+                .is_some_and(|at| at.elapsed() < FAILING_FOR)
     }
 
     /// Nodes that live nodes of the site say they saw make no progress as
