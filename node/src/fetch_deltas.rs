@@ -275,6 +275,24 @@ struct Inputs<'a> {
     fallbacks: &'a Mutex<Fallbacks>,
 }
 
+impl Inputs<'_> {
+    /// Whether a compressed blob proved unusable before (its chunks are
+    /// taken another way).
+    fn gave_up_on(&self, blob: &Blob) -> Result<bool, FetchError> {
+        let f = self.fallbacks.lock().map_err(|_| poisoned())?;
+        Ok(f.packed.contains(&blob.hash))
+    }
+
+    /// A compressed blob proved unusable: not asked for again, and `why`
+    /// is shown.
+    fn give_up(&self, blob: &Blob, why: String) -> Result<(), FetchError> {
+        let mut f = self.fallbacks.lock().map_err(|_| poisoned())?;
+        f.packed.insert(blob.hash);
+        f.note(why);
+        Ok(())
+    }
+}
+
 /// What the passes took: the report, and the bytes of chunks rebuilt or
 /// unpacked here (which the plain pass then finds held).
 #[derive(Default)]
@@ -362,13 +380,7 @@ async fn run_pass(
             if !run_pays(src.manifest, &order, run, lacking) {
                 continue;
             }
-            if src
-                .fallbacks
-                .lock()
-                .map_err(|_| poisoned())?
-                .packed
-                .contains(&run.blob.hash)
-            {
+            if src.gave_up_on(&run.blob)? {
                 continue;
             }
             match unrun_one(
@@ -392,12 +404,11 @@ async fn run_pass(
                         .span(&src.manifest.files, run.first, 1)
                         .next()
                         .map_or("", |(f, _)| src.manifest.files[f].name.as_str());
-                    let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
-                    f.packed.insert(run.blob.hash);
-                    f.note(format!(
+                    let why = format!(
                         "the run of {} chunks from \"{name}\" is unusable: {reason}",
                         run.count
-                    ));
+                    );
+                    src.give_up(&run.blob, why)?;
                 }
             }
         }
@@ -425,14 +436,7 @@ async fn packed_pass(
             })
         };
         for (chunk, blob) in &plan.packed {
-            if !lacking(&chunk.hash)
-                || src
-                    .fallbacks
-                    .lock()
-                    .map_err(|_| poisoned())?
-                    .packed
-                    .contains(&blob.hash)
-            {
+            if !lacking(&chunk.hash) || src.gave_up_on(blob)? {
                 continue;
             }
             match unpack_one(src.origin, chunk, blob, src.store, &mut t.report).await {
@@ -444,12 +448,11 @@ async fn packed_pass(
                 }
                 Err(BlobError::Fetch(e)) => return Err(e),
                 Err(BlobError::Unusable(reason)) => {
-                    let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
-                    f.packed.insert(blob.hash);
-                    f.note(format!(
+                    let why = format!(
                         "{}: the packed copy of chunk {} is unusable: {reason}",
                         file.name, chunk.hash
-                    ));
+                    );
+                    src.give_up(blob, why)?;
                 }
             }
         }
@@ -473,13 +476,7 @@ async fn bundle_pass(
         .collect();
     for i in bundles_to_fetch(src.manifest, &lacking) {
         let bundle = &src.manifest.bundles[i];
-        if src
-            .fallbacks
-            .lock()
-            .map_err(|_| poisoned())?
-            .packed
-            .contains(&bundle.blob.hash)
-        {
+        if src.gave_up_on(&bundle.blob)? {
             continue;
         }
         match unbundle_one(
@@ -498,12 +495,11 @@ async fn bundle_pass(
             }
             Err(BlobError::Fetch(e)) => return Err(e),
             Err(BlobError::Unusable(reason)) => {
-                let mut f = src.fallbacks.lock().map_err(|_| poisoned())?;
-                f.packed.insert(bundle.blob.hash);
-                f.note(format!(
+                let why = format!(
                     "the bundle of {} files from \"{}\" is unusable: {reason}",
                     bundle.count, src.manifest.files[bundle.first].name
-                ));
+                );
+                src.give_up(&bundle.blob, why)?;
             }
         }
     }
