@@ -276,6 +276,20 @@ struct Inputs<'a> {
 }
 
 impl Inputs<'_> {
+    /// How to take what `file` lacks: from bases this node holds, but not
+    /// by a patch that failed before.
+    fn plan(
+        &self,
+        file: &UpdateFile,
+        file_hash: Hash,
+        lacking: impl Fn(&Hash) -> bool,
+    ) -> Result<lanup_protocol::delta::FilePlan, FetchError> {
+        let failed = self.fallbacks.lock().map_err(|_| poisoned())?;
+        Ok(plan_file(file, lacking, |b| {
+            self.bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
+        }))
+    }
+
     /// Whether a compressed blob proved unusable before (its chunks are
     /// taken another way).
     fn gave_up_on(&self, blob: &Blob) -> Result<bool, FetchError> {
@@ -319,12 +333,7 @@ async fn patch_pass(
             if !file.chunks.iter().any(|c| lacking(&c.hash)) {
                 break;
             }
-            let plan = {
-                let failed = src.fallbacks.lock().map_err(|_| poisoned())?;
-                plan_file(file, lacking, |b| {
-                    src.bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
-                })
-            };
+            let plan = src.plan(file, file_hash, lacking)?;
             for &i in &plan.patches {
                 let patch = &file.patches[i];
                 if !patch_chunks(file, patch).any(|c| lacking(&c.hash)) {
@@ -429,12 +438,7 @@ async fn packed_pass(
         if !file.chunks.iter().any(|c| lacking(&c.hash)) {
             continue;
         }
-        let plan = {
-            let failed = src.fallbacks.lock().map_err(|_| poisoned())?;
-            plan_file(file, lacking, |b| {
-                src.bases.holds(b) && !failed.patches.contains(&(file_hash, *b))
-            })
-        };
+        let plan = src.plan(file, file_hash, lacking)?;
         for (chunk, blob) in &plan.packed {
             if !lacking(&chunk.hash) || src.gave_up_on(blob)? {
                 continue;
