@@ -244,8 +244,8 @@ struct Node {
     audit_answers: std::sync::Arc<tokio::sync::Semaphore>,
     /// The last rollout command this node refused: (id, reason).
     refused_command: Option<(String, String)>,
-    /// Commands refused lately (by id and reason), so each is recorded once.
-    refusals: HashMap<(Option<String>, String), Instant>,
+    /// Commands refused lately, so each is recorded once.
+    refusals: rollout::Refusals,
     /// Commands named in peers' heartbeats that this node asked for, and
     /// when, so each is asked for again only after [`CATCH_UP_RETRY`].
     asked: HashMap<String, Instant>,
@@ -352,6 +352,7 @@ impl Node {
         }
         self.notice_freeze();
         wedge_fault(&self.started);
+        self.flood_fault();
         self.heartbeat(false).await;
         if crate::upgrade::orphaned() {
             return Some(anyhow::anyhow!(
@@ -548,7 +549,8 @@ impl Node {
                     .on_command(&format!("peer {from}"), signed, false)
                     .is_ok(),
                 Err(e) => {
-                    self.refuse_command(&format!("peer {from}"), None, &format!("malformed: {e}"));
+                    let reason = format!("malformed: {e}");
+                    self.refuse_command(&format!("peer {from}"), None, &reason, Some("malformed"));
                     false
                 }
             };

@@ -51,6 +51,8 @@ pub struct Remembered {
     changed: bool,
     seen_changed: bool,
     written: Option<Instant>,
+    /// The write under way off the swarm's task (its disk may be slow).
+    writing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Remembered {
@@ -79,6 +81,7 @@ impl Remembered {
             changed: false,
             seen_changed: false,
             written: None,
+            writing: None,
         };
         r.bound(now_s);
         r
@@ -131,8 +134,28 @@ impl Remembered {
     /// [`WRITE_EVERY`] passed since the last write (or none was made), or
     /// only the times seen changed and a day passed; or, `at_exit`,
     /// anything changed.
+    ///
+    /// Inside a runtime the file is written on a blocking thread (one
+    /// write at a time), so that the swarm's task never waits on the
+    /// disk; at exit, or outside a runtime, here.
     pub fn save_if_due(&mut self, at_exit: bool) {
-        let Some(path) = &self.path else { return };
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| !at_exit);
+        if let Some(w) = self.writing.as_ref().filter(|w| !w.is_finished()) {
+            if runtime.is_some() {
+                return;
+            }
+            // At exit the last write lands last: the one under way (an
+            // older list) ends first.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !w.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let since = self.written.map(|at| at.elapsed());
         let due = match since {
             _ if at_exit => self.changed || self.seen_changed,
@@ -149,8 +172,14 @@ impl Remembered {
             peers: self.peers.clone(),
         };
         let bytes = serde_json::to_vec(&saved).unwrap_or_default();
-        if let Err(e) = crate::apply::write_synced(path, &bytes) {
-            warn!(file = %path.display(), error = %e, "cannot keep the remembered peers");
+        let write = move || {
+            if let Err(e) = crate::apply::write_synced(&path, &bytes) {
+                warn!(file = %path.display(), error = %e, "cannot keep the remembered peers");
+            }
+        };
+        match runtime {
+            Some(runtime) => self.writing = Some(runtime.spawn_blocking(write)),
+            None => write(),
         }
         self.written = Some(Instant::now());
         self.changed = false;

@@ -189,6 +189,22 @@ pub enum Refusal {
     Replayed(String),
 }
 
+impl Refusal {
+    /// What is wrong with a command no trusted admin signed (unsigned,
+    /// malformed, an untrusted key, a bad signature); `None` for one a
+    /// trusted admin signed that came at the wrong time, for another site,
+    /// or again.
+    pub fn forgery(&self) -> Option<&'static str> {
+        match self {
+            Refusal::Unsigned => Some("unsigned"),
+            Refusal::Malformed(_) => Some("malformed"),
+            Refusal::UntrustedKey(_) => Some("untrusted key"),
+            Refusal::BadSignature(_) => Some("bad signature"),
+            _ => None,
+        }
+    }
+}
+
 /// Signs `command` with an admin key.
 pub fn sign(command: &Command, key: &SecretKey) -> SignedCommand {
     let text = serde_json::to_string(command).unwrap_or_default();

@@ -150,3 +150,137 @@ fn a_health_command_leaves_no_process_behind() {
     assert!(outcome.is_err_and(|e| e.contains("no answer")), "timed out");
     assert!(gone(pid), "the hung command's child {pid} still runs");
 }
+
+/// A peer floods the site with gossip while the site takes up a release:
+/// the fetcher still pings its watchdog every second, fetches the release
+/// (its duty) and says so in its heartbeat, and no other node takes over.
+/// (With the network's events ahead of the timers and of the node's own
+/// work in the loop, a flood that kept the events coming held all of that
+/// back.)
+#[test]
+fn a_gossip_flood_leaves_the_watchdog_the_heartbeat_and_the_fetchers_duty_on_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("app");
+    write(&app, "bin/app", &pseudo_random(300_000, 81));
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let key = keygen(tmp.path(), "publisher.key");
+    let origin = OriginProc::start(&www, None);
+    let v1 = publish(&app, "1.0", &origin.url, &key, &www);
+    let (_, admin) = keygen(tmp.path(), "admin.key");
+    let mut site = LoopSite::new(tmp.path(), 3);
+    let flood = |i: usize| tmp.path().join(format!("flood-{i}"));
+    let sockets: Vec<std::os::unix::net::UnixDatagram> = (0..3)
+        .map(|i| {
+            let path = tmp.path().join(format!("notify-{i}.sock"));
+            let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+            let mut cmd = site.command(i, Some(&origin.url), &v1.public);
+            cmd.args(["--trust-admin", &admin])
+                .env("NOTIFY_SOCKET", &path)
+                // Pings every heartbeat (1 s).
+                .env("WATCHDOG_USEC", "1000000")
+                .env("LANUP_FAULT_GOSSIP_FLOOD", flood(i));
+            site.start(i, cmd);
+            socket
+        })
+        .collect();
+    let pending = wait_staged(&site.state_refs(), "1.0", &v1, Duration::from_secs(60));
+    assert!(pending.is_empty(), "1.0 not staged on {pending:?}");
+    let fetcher = (0..3)
+        .find(|&i| node_log(&site.states[i]).contains("downloading release from the origin"))
+        .expect("a fetcher");
+    let (flooder, watcher) = ((fetcher + 1) % 3, (fetcher + 2) % 3);
+
+    write(tmp.path(), &format!("flood-{flooder}"), b"");
+    wait_for("the flood to start", Duration::from_secs(10), || {
+        node_log(&site.states[flooder]).contains("flooding the site")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    write(&app, "bin/app", &pseudo_random(300_000, 82));
+    let v2 = publish(&app, "2.0", &origin.url, &key, &www);
+    let _ = crate::service::messages(&sockets[fetcher], Duration::from_millis(1));
+    let asked = Instant::now();
+    let said = run(&["check", "--state", s(&site.states[watcher])]);
+    eprintln!(
+        "check took {:?}: {}{}",
+        asked.elapsed(),
+        String::from_utf8_lossy(&said.stdout),
+        String::from_utf8_lossy(&said.stderr)
+    );
+
+    // The watchdog: a ping about every second through the flood.
+    let mut pings = vec![asked];
+    while asked.elapsed() < Duration::from_secs(12) {
+        let got = crate::service::messages(&sockets[fetcher], Duration::from_millis(100));
+        pings.extend(
+            got.iter()
+                .filter(|m| *m == "WATCHDOG=1")
+                .map(|_| Instant::now()),
+        );
+    }
+    let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!("{} pings in 12 s, longest gap {longest:?}", pings.len() - 1);
+    assert!(
+        pings.len() > 8 && longest < Duration::from_millis(2500),
+        "the flooded fetcher's watchdog pings: {} in 12 s, longest gap {longest:?}",
+        pings.len() - 1
+    );
+
+    // The duty and the heartbeat: the fetcher took 2.0 up and the
+    // watcher heard it say so, while the flood went on.
+    let pending = wait_staged(
+        &[&site.states[fetcher], &site.states[watcher]],
+        "2.0",
+        &v2,
+        Duration::from_secs(30),
+    );
+    assert!(
+        pending.is_empty(),
+        "2.0 not staged on {pending:?} under the flood"
+    );
+    let fetcher_id = crate::apply::own_status(&site.states[fetcher])["peer_id"].clone();
+    wait_for(
+        "the watcher to hear the fetcher staged 2.0",
+        Duration::from_secs(10),
+        || {
+            crate::rollout::site_status(&site.states[watcher])["nodes"]
+                .as_array()
+                .is_some_and(|rows| {
+                    rows.iter().any(|r| {
+                        r["peer_id"] == fetcher_id && r["staged_version"].as_str() == Some("2.0")
+                    })
+                })
+        },
+    );
+    assert!(
+        flood(flooder).exists() && node_log(&site.states[flooder]).contains("flooding the site"),
+        "the flood went on"
+    );
+    assert_eq!(
+        site.downloaders(),
+        1,
+        "another node took the fetcher's duty over"
+    );
+    // Thousands of forged commands a second, from one peer: logged once
+    // (with its reason), not once each.
+    let flooded: u64 = node_log(&site.states[flooder])
+        .lines()
+        .filter_map(|l| l.split("sent=").nth(1)?.trim().parse::<u64>().ok())
+        .sum();
+    for i in [fetcher, watcher] {
+        let log = node_log(&site.states[i]);
+        let refused = log
+            .lines()
+            .filter(|l| l.contains("refused rollout command"))
+            .count();
+        assert!(
+            flooded > 5_000 && (1..=2).contains(&refused),
+            "node {i} logged {refused} refusals of the {flooded} forged commands"
+        );
+        assert!(
+            log.contains("does not match the command"),
+            "the reason is said"
+        );
+    }
+}

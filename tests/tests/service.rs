@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::common::{keygen, lanup_bin, node_command, s, Proc};
 
 /// Datagrams that arrive on `socket` within `wait`.
-fn messages(socket: &UnixDatagram, wait: Duration) -> Vec<String> {
+pub(crate) fn messages(socket: &UnixDatagram, wait: Duration) -> Vec<String> {
     messages_until(socket, wait, |_| false)
 }
 

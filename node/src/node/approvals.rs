@@ -107,7 +107,7 @@ impl Node {
             return Ok(());
         }
         if let Some(reason) = self.request_closed(&command) {
-            self.refuse_command(from, Some(&signed), &reason);
+            self.refuse_command(from, Some(&signed), &reason, None);
             return Err(reason);
         }
         let mut changed = self.hold_request(from, &command, &signed, needed);

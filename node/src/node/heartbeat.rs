@@ -378,9 +378,15 @@ impl Node {
                 let retry = fetcher.retry_at.map_or(0, |at| {
                     at.saturating_duration_since(Instant::now()).as_secs()
                 });
-                fetcher
-                    .error
-                    .map(|e| format!("origin: {e} (next try in {retry} s)"))
+                // A node that no longer fetches does not try again: its
+                // error is what it saw while it fetched, kept as long as
+                // it counts in the election.
+                let counts = self.was_fetcher || fetcher.failing();
+                let error = fetcher.error.filter(|_| counts);
+                error.map(|e| match self.was_fetcher {
+                    true => format!("origin: {e} (next try in {retry} s)"),
+                    false => format!("origin, when this node last fetched: {e}"),
+                })
             })
             .or_else(|| {
                 last.filter(|o| o.ending != Ending::Committed)
@@ -514,4 +520,70 @@ impl Node {
             }
         }
     }
+}
+
+/// With the `fault-injection` feature (tests only),
+/// `LANUP_FAULT_GOSSIP_FLOOD=PATH` has the node, while `PATH` exists,
+/// gossip forged rollout commands (each new, claiming a trusted admin's
+/// key, with a signature that does not verify) as fast as its swarm takes
+/// them: a peer that floods the site with what costs every receiver most.
+#[cfg(feature = "fault-injection")]
+impl Node {
+    pub(super) fn flood_fault(&mut self) {
+        use lanup_protocol::rollout::{Action, Command};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        static FLOODING: AtomicBool = AtomicBool::new(false);
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let Some(path) = std::env::var_os("LANUP_FAULT_GOSSIP_FLOOD") else {
+            return;
+        };
+        if !std::path::Path::new(&path).exists() || FLOODING.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        warn!("fault injected: flooding the site with forged commands");
+        let key = self.config.trust_admin.first().map(ToString::to_string);
+        let (net, topic, site) = (
+            self.net.clone(),
+            self.rollout_topic.clone(),
+            self.config.site.clone(),
+        );
+        // A second's worth at a time from several publishers (more than one
+        // message in flight to the swarm), then the next tick looks again.
+        let publisher = move |net: NetworkClient| {
+            let (topic, site, key) = (topic.clone(), site.clone(), key.clone());
+            async move {
+                let until = Instant::now() + HEARTBEAT;
+                let mut sent = 0u64;
+                while Instant::now() < until {
+                    let id = format!("{:032x}", SEQ.fetch_add(1, Ordering::Relaxed));
+                    let command = Command::new(&site, Action::Abort, now_unix_ms(), &id);
+                    let forged = SignedCommand {
+                        command: serde_json::to_string(&command).unwrap_or_default(),
+                        key: key.clone().unwrap_or_default(),
+                        signature: "ab".repeat(64),
+                        approvals: Vec::new(),
+                        plan: None,
+                    };
+                    if let Ok(data) = serde_json::to_vec(&forged) {
+                        sent += u64::from(net.publish(&topic, data).await.is_ok());
+                    }
+                }
+                sent
+            }
+        };
+        let publishers: Vec<_> = (0..4).map(|_| publisher(net.clone())).collect();
+        self.tasks.spawn(async move {
+            let sent: u64 = futures_util::future::join_all(publishers)
+                .await
+                .iter()
+                .sum();
+            info!(sent, "fault injected: flooded the site for a second");
+            FLOODING.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+impl Node {
+    pub(super) fn flood_fault(&mut self) {}
 }

@@ -35,6 +35,63 @@ pub(super) const ROLLOUT_FILE: &str = "rollout.json";
 
 /// How long a refused command stays refused without another log line.
 pub(super) const REFUSAL_QUIET: Duration = Duration::from_secs(600);
+/// Refusals remembered at most: past them, a refusal is counted, not
+/// logged, and the count is logged once a minute.
+const MAX_REFUSALS: usize = 1024;
+
+/// The rollout commands refused lately, so that each is logged and
+/// audited once however often it comes. A command a trusted admin signed
+/// (refused for its time, its site, or as a replay) counts by its id and
+/// reason; anything else (a forgery, a key no one trusts, malformed text:
+/// what a stranger can make up without end) by the peer that sent it and
+/// what is wrong with it.
+/// A refused command, as [`Refusals`] counts it.
+#[derive(Clone, Copy)]
+pub(super) enum Refused<'a> {
+    /// Signed by a trusted admin (the id, when its text parses) and
+    /// refused for `reason`.
+    Genuine {
+        id: Option<&'a str>,
+        reason: &'a str,
+    },
+    /// Not proven to be an admin's: what is wrong with it.
+    Forged(&'static str),
+}
+
+#[derive(Default)]
+pub(super) struct Refusals {
+    logged: HashMap<(Option<String>, String), Instant>,
+    /// Refusals not logged since the last count went out.
+    unlogged: u64,
+}
+
+impl Refusals {
+    /// Whether this refusal is to be logged and audited (it was not
+    /// lately, and there is room to remember it).
+    pub(super) fn first(&mut self, from: &str, refused: Refused<'_>) -> bool {
+        let key = match refused {
+            Refused::Genuine { id, reason } => (id.map(str::to_owned), reason.to_owned()),
+            Refused::Forged(what) => (None, format!("{from}: {what}")),
+        };
+        let quiet = self
+            .logged
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < REFUSAL_QUIET);
+        if quiet || self.logged.len() >= MAX_REFUSALS {
+            self.unlogged += 1;
+            return false;
+        }
+        self.logged.insert(key, Instant::now());
+        true
+    }
+
+    /// Forgets refusals past their quiet time; the count of refusals not
+    /// logged since the last call, if any.
+    pub(super) fn prune(&mut self) -> Option<u64> {
+        self.logged.retain(|_, at| at.elapsed() < REFUSAL_QUIET);
+        Some(std::mem::take(&mut self.unlogged)).filter(|&n| n > 0)
+    }
+}
 
 /// How long before a command a peer names, and that could not be had, is
 /// asked for again.
@@ -184,20 +241,19 @@ impl Node {
         from: &str,
         command: Option<&SignedCommand>,
         reason: &str,
+        forgery: Option<&'static str>,
     ) {
         let parsed = command.and_then(|c| serde_json::from_str::<Command>(&c.command).ok());
-        // A command peers keep offering is refused once: one WARN and one
-        // audit line per command and reason every ten minutes, however
-        // often it comes.
-        let key = (parsed.as_ref().map(|c| c.id.clone()), reason.to_owned());
-        if self
-            .refusals
-            .get(&key)
-            .is_some_and(|at| at.elapsed() < REFUSAL_QUIET)
-        {
+        let refused = match forgery {
+            Some(what) => Refused::Forged(what),
+            None => Refused::Genuine {
+                id: parsed.as_ref().map(|c| c.id.as_str()),
+                reason,
+            },
+        };
+        if !self.refusals.first(from, refused) {
             return;
         }
-        self.refusals.insert(key, Instant::now());
         warn!(source = from, reason, "refused rollout command");
         self.audit_entry(Entry {
             event: "refused".into(),
@@ -244,7 +300,7 @@ impl Node {
                         if offset < 0 { "ahead of" } else { "behind" }
                     ));
                 }
-                self.refuse_command(from, Some(&signed), &reason);
+                self.refuse_command(from, Some(&signed), &reason, refusal.forgery());
                 // A genuine command (a trusted key signed it) refused for its
                 // time: the rollout it starts cannot finish here, and the
                 // site is told why. Not for forgeries or replays.
@@ -409,7 +465,12 @@ impl Node {
         for signed in commands {
             let parsed = serde_json::from_str::<Command>(&signed.command).ok();
             let Some(command) = parsed else {
-                self.refuse_command(&format!("peer {peer}"), Some(&signed), "malformed");
+                self.refuse_command(
+                    &format!("peer {peer}"),
+                    Some(&signed),
+                    "malformed",
+                    Some("malformed"),
+                );
                 continue;
             };
             // Already followed, or older than what this node follows.
@@ -744,5 +805,47 @@ impl DueWave {
         } else {
             "rollout"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Refusals, Refused};
+
+    fn genuine<'a>(id: &'a str, reason: &'a str) -> Refused<'a> {
+        Refused::Genuine {
+            id: Some(id),
+            reason,
+        }
+    }
+
+    #[test]
+    fn forgeries_are_logged_once_per_sender_and_fault_and_genuine_commands_once_per_id() {
+        let mut refusals = Refusals::default();
+        // A peer making up commands, each with its own id and signature.
+        let logged = (0..10_000)
+            .filter(|_| refusals.first("peer A", Refused::Forged("bad signature")))
+            .count();
+        assert_eq!(logged, 1);
+        assert!(refusals.first("peer A", Refused::Forged("untrusted key")));
+        assert!(refusals.first("peer B", Refused::Forged("bad signature")));
+        // An admin's command refused for its time: once per id and reason.
+        assert!(refusals.first("peer A", genuine("c1", "stale")));
+        assert!(!refusals.first("peer B", genuine("c1", "stale")));
+        assert!(refusals.first("peer A", genuine("c1", "replayed")));
+        assert!(refusals.first("peer A", genuine("c2", "stale")));
+        assert_eq!(refusals.prune(), Some(10_000));
+        assert_eq!(refusals.prune(), None);
+    }
+
+    #[test]
+    fn refusals_remembered_are_bounded_and_the_rest_counted() {
+        let mut refusals = Refusals::default();
+        let logged = (0..5_000)
+            .filter(|i| refusals.first(&format!("peer {i}"), Refused::Forged("bad signature")))
+            .count();
+        assert_eq!(logged, super::MAX_REFUSALS);
+        assert_eq!(refusals.logged.len(), super::MAX_REFUSALS);
+        assert_eq!(refusals.prune(), Some(5_000 - super::MAX_REFUSALS as u64));
     }
 }

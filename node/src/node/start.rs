@@ -290,7 +290,7 @@ impl Node {
             guard: parts.guard,
             audit: parts.audit,
             asked: HashMap::new(),
-            refusals: HashMap::new(),
+            refusals: Default::default(),
             refused_command: None,
         };
         Ok((node, r.lock))
@@ -337,17 +337,19 @@ impl Node {
                     }
                 }
                 _ = ticks.have.tick(), if self.moving() => self.ask_have(),
-                Some(event) = wiring.events.recv() => self.on_network(event).await,
-                Some(d) = wiring.done.recv() => self.on_done(d).await,
-                Some(found) = wiring.found.recv() => self.on_fetcher(found),
-                Some((request, reply)) = wiring.control.recv() => self.control(request, reply),
-                Some(hash) = wiring.damaged.recv() => self.chunk_lost(hash),
                 Some(ended) = wiring.children.join_next() => {
                     return Some(match ended {
                         Ok(()) => anyhow::anyhow!("a part of the node stopped by itself"),
                         Err(e) => anyhow::anyhow!("a part of the node failed: {e}"),
                     });
                 }
+                // The node's own work (bounded by what it started) before
+                // what the network brings, which a peer can make endless.
+                Some((request, reply)) = wiring.control.recv() => self.control(request, reply),
+                Some(d) = wiring.done.recv() => self.on_done(d).await,
+                Some(found) = wiring.found.recv() => self.on_fetcher(found),
+                Some(hash) = wiring.damaged.recv() => self.chunk_lost(hash),
+                Some(event) = wiring.events.recv() => self.on_network(event).await,
             }
             changed = true;
             self.answer_have_waiting().await;

@@ -3,14 +3,14 @@
 //! `check`, `apply`, `rollout`), its site report, and the per-peer memory
 //! it keeps bounded.
 
-use super::rollout::{CATCH_UP_RETRY, REFUSAL_QUIET};
+use super::rollout::CATCH_UP_RETRY;
 use super::*;
 use lanup_protocol::report::{self, NodeState, Report, RolloutState};
 
 impl Node {
     /// Keeps what the node remembers per peer bounded: authors not heard
-    /// for ten minutes, catch-up questions past their retry, and (beyond a
-    /// thousand) the refusals remembered to warn once are forgotten.
+    /// for ten minutes, catch-up questions past their retry, and refusals
+    /// past their quiet time are forgotten.
     pub(super) fn prune(&mut self) {
         const FORGET: Duration = Duration::from_secs(600);
         // Once a minute, the application's output log is kept bounded.
@@ -26,7 +26,11 @@ impl Node {
         self.heard.retain(|_, h| h.at.elapsed() < FORGET);
         self.unanswered.retain(|_, at| at.elapsed() < FORGET);
         self.asked.retain(|_, at| at.elapsed() < CATCH_UP_RETRY);
-        self.refusals.retain(|_, at| at.elapsed() < REFUSAL_QUIET);
+        // Once a minute: how many refusals went unlogged.
+        let unlogged = self.ticks.is_multiple_of(60).then(|| self.refusals.prune());
+        if let Some(unlogged) = unlogged.flatten() {
+            warn!(unlogged, "refused more rollout commands than are logged one by one (one line per command, or per sender of forgeries, every ten minutes)");
+        }
         self.suspects.retain(|_, at| at.elapsed() < FAILING_FOR);
         if self.refused.len() > 1024 {
             self.refused.clear();
