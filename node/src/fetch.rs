@@ -58,7 +58,7 @@ const PIPELINE_AHEAD: u64 = 256 * 1024;
 /// window or two, not everything the connection's buffers hold. Bytes
 /// pushed to a node that then loses the fetcher's role cross the uplink
 /// for nothing.
-const MIN_WINDOW: u64 = 256 * 1024;
+const MIN_WINDOW: u64 = 128 * 1024;
 const WINDOW_TIME: Duration = Duration::from_millis(64);
 
 /// What a fetch took from the origin.
@@ -515,8 +515,8 @@ impl Reading {
     fn send_next_early(&mut self, origin: &Origin, file: &str, cursor: &Cursor) {
         let Some(end) = cursor.end() else { return };
         if self.next.is_none()
+            && (self.until.saturating_sub(PIPELINE_AHEAD)..=self.until).contains(&cursor.position())
             && self.until < end
-            && self.until - cursor.position() <= PIPELINE_AHEAD
         {
             let until = end.min(self.until + origin.window.bytes());
             self.next = Some((self.until, until, origin.get(file, self.until, until)));
@@ -697,6 +697,28 @@ pub fn assemble(manifest: &Manifest, store: &ChunkStore, dest: &Path) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_is_64_ms_of_the_rate_it_learnt_growing_at_most_twofold() {
+        let window = Window::default();
+        assert_eq!(window.bytes(), MIN_WINDOW);
+        // 4 MiB/s: a quarter MiB, reached in one doubling.
+        window.learn(MIN_WINDOW, Duration::from_millis(31));
+        assert_eq!(window.bytes(), 2 * MIN_WINDOW);
+        window.learn(4 << 20, Duration::from_secs(1));
+        assert_eq!(window.bytes(), (4u64 << 20) * 64 / 1000);
+        // A fast origin: doubling at a time up to MAX_SPAN.
+        let mut last = window.bytes();
+        for _ in 0..20 {
+            window.learn(window.bytes(), Duration::from_micros(10));
+            assert!(window.bytes() <= 2 * last && window.bytes() <= MAX_SPAN);
+            last = window.bytes();
+        }
+        assert_eq!(window.bytes(), MAX_SPAN);
+        // A slow link: down to the least at once.
+        window.learn(8_000, Duration::from_secs(1));
+        assert_eq!(window.bytes(), MIN_WINDOW);
+    }
 
     #[test]
     fn file_urls_escape_each_part() {
