@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use lanup_protocol::chunk::Chunk;
 use lanup_protocol::manifest::check_file_name;
-use lanup_protocol::plan::{next_request, Cursor, MAX_SPAN};
+use lanup_protocol::plan::{next_request, Cursor};
 use lanup_protocol::{Hash, Manifest};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use reqwest::header::{CONTENT_RANGE, RANGE};
@@ -50,16 +50,6 @@ const QUIET_ATTEMPTS: u32 = 5;
 /// next one is sent, so that the uplink does not idle for a round trip
 /// between requests. The two answers share the link for that long.
 const PIPELINE_AHEAD: u64 = 256 * 1024;
-
-/// The least one Range request asks for. A request asks for about
-/// [`WINDOW_TIME`] of the rate the origin's bytes arrive at (no more than
-/// [`MAX_SPAN`]), and the next is sent as it nears its end: what the origin
-/// can push towards a node that stops reading (a frozen machine) is a
-/// window or two, not everything the connection's buffers hold. Bytes
-/// pushed to a node that then loses the fetcher's role cross the uplink
-/// for nothing.
-const MIN_WINDOW: u64 = 128 * 1024;
-const WINDOW_TIME: Duration = Duration::from_millis(64);
 
 /// What a fetch took from the origin.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -95,36 +85,6 @@ pub struct Origin {
     /// Body bytes received, counted as they arrive (not per chunk): the
     /// node's measure of progress on a slow link.
     pub received: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// How many bytes one request asks for, learnt from the rate they
-    /// arrive at.
-    pub window: Window,
-}
-
-/// How many bytes one Range request asks for: about [`WINDOW_TIME`] of the
-/// rate the last window's bytes arrived at, at least [`MIN_WINDOW`], at
-/// most [`MAX_SPAN`], and at most twice the last.
-#[derive(Debug, Clone)]
-pub struct Window(std::sync::Arc<std::sync::atomic::AtomicU64>);
-
-impl Default for Window {
-    fn default() -> Window {
-        Window(std::sync::Arc::new(MIN_WINDOW.into()))
-    }
-}
-
-impl Window {
-    pub fn bytes(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Learns from a window of `bytes` read in `took`.
-    fn learn(&self, bytes: u64, took: Duration) {
-        let rate = bytes as f64 / took.as_secs_f64().max(1e-3);
-        let next = ((rate * WINDOW_TIME.as_secs_f64()) as u64)
-            .clamp(MIN_WINDOW, MAX_SPAN)
-            .min(self.bytes() * 2);
-        self.0.store(next, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 impl Origin {
@@ -179,13 +139,10 @@ pub fn file_url(base: &str, name: &str) -> String {
 struct Sent {
     file: String,
     cursor: Cursor,
-    /// The bytes the request asks for: its window of the cursor's.
+    /// The byte the request starts at.
     start: u64,
-    until: u64,
-    answer: Answer,
+    answer: tokio::task::JoinHandle<Result<reqwest::Response, Attempt>>,
 }
-
-type Answer = tokio::task::JoinHandle<Result<reqwest::Response, Attempt>>;
 
 /// How one request ended when it did not finish.
 enum Attempt {
@@ -196,28 +153,15 @@ enum Attempt {
 }
 
 impl Origin {
-    /// Sends a Range request for the first window of `[start, end)` of
-    /// `file`, for `cursor` to read.
+    /// Sends a Range request for `[start, end)` of `file`.
     fn send(&self, file: &str, cursor: Cursor, start: u64, end: u64) -> Sent {
-        let until = end.min(start + self.window.bytes());
-        Sent {
-            file: file.to_owned(),
-            cursor,
-            start,
-            until,
-            answer: self.get(file, start, until),
-        }
-    }
-
-    /// Sends a Range request for `[start, until)` of `file`.
-    fn get(&self, file: &str, start: u64, until: u64) -> Answer {
         let url = file_url(&self.base, file);
         let request = self
             .client
             .get(&url)
-            .header(RANGE, format!("bytes={start}-{}", until - 1));
+            .header(RANGE, format!("bytes={start}-{}", end - 1));
         let stall = self.stall;
-        tokio::spawn(async move {
+        let answer = tokio::spawn(async move {
             let response = tokio::time::timeout(stall, request.send())
                 .await
                 .map_err(|_| Attempt::Cut(anyhow::anyhow!("GET {url}: no answer for {stall:?}")))?
@@ -229,7 +173,13 @@ impl Origin {
                     status: status.as_u16(),
                 })),
             }
-        })
+        });
+        Sent {
+            file: file.to_owned(),
+            cursor,
+            start,
+            answer,
+        }
     }
 }
 
@@ -380,10 +330,9 @@ fn next_sent(
     }
 }
 
-/// Reads one answer, storing every wanted chunk it completes: window by
-/// window, each next one sent as the last nears its end; sends the next
-/// request (into `ahead`) when this one nears its end. On a cut, `cursor`
-/// holds where it stopped.
+/// Reads one answer, storing every wanted chunk it completes; sends the
+/// next request (into `ahead`) when this one nears its end. On a cut,
+/// `cursor` holds where it stopped.
 #[allow(clippy::too_many_arguments)]
 async fn read_answer(
     origin: &Origin,
@@ -398,7 +347,10 @@ async fn read_answer(
     on_chunk: &mut impl FnMut(&Chunk),
 ) -> Result<(), Attempt> {
     let url = file_url(&origin.base, &sent.file);
-    let mut response = open(sent.answer, &url, sent.start).await?;
+    let mut response = match sent.answer.await {
+        Ok(answer) => answer?,
+        Err(e) => return Err(Attempt::Cut(e.into())),
+    };
     let whole = response.status() == StatusCode::OK;
     if whole {
         // An origin that ignores Range answers 200 with the whole file:
@@ -407,25 +359,17 @@ async fn read_answer(
         if let Some(a) = ahead.take() {
             a.answer.abort();
         }
+    } else if let Some(first) = content_range_start(&response) {
+        if first != sent.start {
+            return Err(Attempt::Fatal(FetchError::Network(anyhow::anyhow!(
+                "{url}: asked for bytes from {}, the origin sent them from {first}",
+                sent.start
+            ))));
+        }
     }
-    let mut window = Reading::new(sent.start, sent.until);
     loop {
         let Some(body) = next_body(origin, &mut response, &url, cursor.position()).await? else {
-            if whole || !window.read_to_end(cursor, origin) {
-                break;
-            }
-            // The window is read: the next one goes on with this cursor.
-            let Some((start, until, answer)) = window.next(origin, &sent.file, cursor) else {
-                break;
-            };
-            response = open(answer, &url, start).await?;
-            if response.status() == StatusCode::OK {
-                return Err(Attempt::Cut(anyhow::anyhow!(
-                    "{url}: the origin stopped taking Range requests"
-                )));
-            }
-            window = Reading::new(start, until);
-            continue;
+            break;
         };
         origin.wan.take(body.len()).await;
         report.bytes += body.len() as u64;
@@ -438,9 +382,6 @@ async fn read_answer(
         cursor.unwant(|h| held.contains(h) || !wanted(h));
         if cursor.is_done() {
             return Ok(());
-        }
-        if !whole {
-            window.send_next_early(origin, &sent.file, cursor);
         }
         if !whole && ahead.is_none() && cursor.wanted_bytes() <= PIPELINE_AHEAD {
             let reading: HashSet<Hash> = cursor.wanted().collect();
@@ -461,97 +402,6 @@ async fn read_answer(
         cursor.position(),
         cursor.end().unwrap_or_default()
     )))
-}
-
-/// An answer's headers, awaited; one that starts elsewhere than `start`
-/// stops the download.
-async fn open(answer: Answer, url: &str, start: u64) -> Result<reqwest::Response, Attempt> {
-    let response = match answer.await {
-        Ok(answer) => answer?,
-        Err(e) => return Err(Attempt::Cut(e.into())),
-    };
-    if response.status() == StatusCode::PARTIAL_CONTENT {
-        if let Some(first) = content_range_start(&response).filter(|&f| f != start) {
-            return Err(Attempt::Fatal(FetchError::Network(anyhow::anyhow!(
-                "{url}: asked for bytes from {start}, the origin sent them from {first}"
-            ))));
-        }
-    }
-    Ok(response)
-}
-
-/// The window of a cursor's bytes being read, and the next one, sent
-/// before this one ends.
-struct Reading {
-    start: u64,
-    until: u64,
-    since: std::time::Instant,
-    next: Option<(u64, u64, Answer)>,
-}
-
-impl Reading {
-    fn new(start: u64, until: u64) -> Reading {
-        Reading {
-            start,
-            until,
-            since: std::time::Instant::now(),
-            next: None,
-        }
-    }
-
-    /// Whether the body ended at the window's end with more wanted (and
-    /// then how fast it came is learnt).
-    fn read_to_end(&self, cursor: &Cursor, origin: &Origin) -> bool {
-        let more = !cursor.is_done() && cursor.position() == self.until;
-        if more {
-            origin
-                .window
-                .learn(self.until - self.start, self.since.elapsed());
-        }
-        more
-    }
-
-    /// Sends the next window when this one nears its end.
-    fn send_next_early(&mut self, origin: &Origin, file: &str, cursor: &Cursor) {
-        let Some(end) = cursor.end() else { return };
-        if self.next.is_none()
-            && (self.until.saturating_sub(PIPELINE_AHEAD)..=self.until).contains(&cursor.position())
-            && self.until < end
-        {
-            let until = end.min(self.until + origin.window.bytes());
-            self.next = Some((self.until, until, origin.get(file, self.until, until)));
-        }
-    }
-
-    /// The next window: the one sent early, if it starts where the cursor
-    /// goes on (chunks that came another way meanwhile are skipped).
-    fn next(
-        &mut self,
-        origin: &Origin,
-        file: &str,
-        cursor: &mut Cursor,
-    ) -> Option<(u64, u64, Answer)> {
-        let early = self.next.take();
-        let (start, end) = cursor.resume()?;
-        match early {
-            Some(sent) if sent.0 == start => Some(sent),
-            other => {
-                if let Some((_, _, answer)) = other {
-                    answer.abort();
-                }
-                let until = end.min(start + origin.window.bytes());
-                Some((start, until, origin.get(file, start, until)))
-            }
-        }
-    }
-}
-
-impl Drop for Reading {
-    fn drop(&mut self) {
-        if let Some((_, _, answer)) = self.next.take() {
-            answer.abort();
-        }
-    }
 }
 
 /// The next piece of an answer's body: None at its end; a cut when the
@@ -697,28 +547,6 @@ pub fn assemble(manifest: &Manifest, store: &ChunkStore, dest: &Path) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_window_is_64_ms_of_the_rate_it_learnt_growing_at_most_twofold() {
-        let window = Window::default();
-        assert_eq!(window.bytes(), MIN_WINDOW);
-        // 4 MiB/s: a quarter MiB, reached in one doubling.
-        window.learn(MIN_WINDOW, Duration::from_millis(31));
-        assert_eq!(window.bytes(), 2 * MIN_WINDOW);
-        window.learn(4 << 20, Duration::from_secs(1));
-        assert_eq!(window.bytes(), (4u64 << 20) * 64 / 1000);
-        // A fast origin: doubling at a time up to MAX_SPAN.
-        let mut last = window.bytes();
-        for _ in 0..20 {
-            window.learn(window.bytes(), Duration::from_micros(10));
-            assert!(window.bytes() <= 2 * last && window.bytes() <= MAX_SPAN);
-            last = window.bytes();
-        }
-        assert_eq!(window.bytes(), MAX_SPAN);
-        // A slow link: down to the least at once.
-        window.learn(8_000, Duration::from_secs(1));
-        assert_eq!(window.bytes(), MIN_WINDOW);
-    }
 
     #[test]
     fn file_urls_escape_each_part() {

@@ -227,9 +227,6 @@ pub struct Fetcher {
     /// The poll or download under way (one at a time), with its epoch.
     jobs: JoinSet<(u64, Outcome)>,
     received: Arc<AtomicU64>,
-    /// How much one request to the origin asks for, learnt across
-    /// downloads.
-    window: crate::fetch::Window,
     origin_bytes: Arc<AtomicU64>,
     /// Until when (ms since `started`) the download may go on.
     lease: Arc<AtomicU64>,
@@ -306,7 +303,6 @@ impl Fetcher {
             status: status_tx,
             jobs: JoinSet::new(),
             received: received.clone(),
-            window: Default::default(),
             origin_bytes: origin_bytes.clone(),
             lease: Arc::default(),
             lacks: watch::Sender::new(Arc::default()),
@@ -531,7 +527,6 @@ impl Fetcher {
             wan: self.wan.clone(),
             stall: self.stall,
             received: self.received.clone(),
-            window: self.window.clone(),
         };
         self.progress = (self.received.load(Ordering::Relaxed), Instant::now());
         let store = self.store.clone();
