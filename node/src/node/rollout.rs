@@ -39,12 +39,6 @@ pub(super) const REFUSAL_QUIET: Duration = Duration::from_secs(600);
 /// logged, and the count is logged once a minute.
 const MAX_REFUSALS: usize = 1024;
 
-/// The rollout commands refused lately, so that each is logged and
-/// audited once however often it comes. A command a trusted admin signed
-/// (refused for its time, its site, or as a replay) counts by its id and
-/// reason; anything else (a forgery, a key no one trusts, malformed text:
-/// what a stranger can make up without end) by the peer that sent it and
-/// what is wrong with it.
 /// A refused command, as [`Refusals`] counts it.
 #[derive(Clone, Copy)]
 pub(super) enum Refused<'a> {
@@ -58,6 +52,12 @@ pub(super) enum Refused<'a> {
     Forged(&'static str),
 }
 
+/// The rollout commands refused lately, so that each is logged and
+/// audited once however often it comes. A command a trusted admin signed
+/// (refused for its time, its site, or as a replay) counts by its id and
+/// reason; anything else (a forgery, a key no one trusts, malformed text:
+/// what a stranger can make up without end) by the peer that sent it and
+/// what is wrong with it.
 #[derive(Default)]
 pub(super) struct Refusals {
     logged: HashMap<(Option<String>, String), Instant>,
