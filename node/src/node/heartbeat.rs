@@ -547,36 +547,24 @@ impl Node {
             self.rollout_topic.clone(),
             self.config.site.clone(),
         );
-        // A second's worth at a time from several publishers (more than one
-        // message in flight to the swarm), then the next tick looks again.
-        let publisher = move |net: NetworkClient| {
-            let (topic, site, key) = (topic.clone(), site.clone(), key.clone());
-            async move {
-                let until = Instant::now() + HEARTBEAT;
-                let mut sent = 0u64;
-                while Instant::now() < until {
-                    let id = format!("{:032x}", SEQ.fetch_add(1, Ordering::Relaxed));
-                    let command = Command::new(&site, Action::Abort, now_unix_ms(), &id);
-                    let forged = SignedCommand {
-                        command: serde_json::to_string(&command).unwrap_or_default(),
-                        key: key.clone().unwrap_or_default(),
-                        signature: "ab".repeat(64),
-                        approvals: Vec::new(),
-                        plan: None,
-                    };
-                    if let Ok(data) = serde_json::to_vec(&forged) {
-                        sent += u64::from(net.publish(&topic, data).await.is_ok());
-                    }
-                }
-                sent
-            }
-        };
-        let publishers: Vec<_> = (0..4).map(|_| publisher(net.clone())).collect();
+        // A second's worth at a time, then the next tick looks again.
         self.tasks.spawn(async move {
-            let sent: u64 = futures_util::future::join_all(publishers)
-                .await
-                .iter()
-                .sum();
+            let until = Instant::now() + HEARTBEAT;
+            let mut sent = 0u64;
+            while Instant::now() < until {
+                let id = format!("{:032x}", SEQ.fetch_add(1, Ordering::Relaxed));
+                let command = Command::new(&site, Action::Abort, now_unix_ms(), &id);
+                let forged = SignedCommand {
+                    command: serde_json::to_string(&command).unwrap_or_default(),
+                    key: key.clone().unwrap_or_default(),
+                    signature: "ab".repeat(64),
+                    approvals: Vec::new(),
+                    plan: None,
+                };
+                if let Ok(data) = serde_json::to_vec(&forged) {
+                    sent += u64::from(net.publish(&topic, data).await.is_ok());
+                }
+            }
             info!(sent, "fault injected: flooded the site for a second");
             FLOODING.store(false, Ordering::SeqCst);
         });
